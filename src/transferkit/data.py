@@ -1,0 +1,412 @@
+"""Image folders: discovery, seeded stratified splits, robust decoding, and transforms taken from
+the backbone's pretrained config."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import Dataset
+
+from transferkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+# Pillow refuses images over twice this many pixels by default; a decompression bomb of
+# 20,000 x 20,000 px would otherwise take 1.2 GB to decode. 64 megapixels covers real photos.
+MAX_IMAGE_PIXELS = 64_000_000
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def image_extensions() -> set[str]:
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+@dataclass
+class DatasetIndex:
+    """What was found in an image folder, split into train / val / test."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(path, reason) for every file that is not used."""
+    layout: str = "class-folders"
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {
+            split: {self.classes[k]: v for k, v in sorted(Counter(label for _, label in items).items())}
+            for split, items in self.splits.items()
+        }
+
+    def targets(self, split: str) -> list[int]:
+        return [label for _, label in self.splits[split]]
+
+    def drop(self, failures: dict[str, str]) -> None:
+        """Remove files that failed to decode from every split and list them as skipped."""
+        if not failures:
+            return
+        for split, items in self.splits.items():
+            self.splits[split] = [(path, label) for path, label in items if path not in failures]
+        self.skipped.extend(sorted(failures.items()))
+        for split in ("train", "val"):
+            present = {label for _, label in self.splits[split]}
+            missing = [self.classes[k] for k in range(len(self.classes)) if k not in present]
+            if missing:
+                raise DataError(
+                    f"after skipping {len(failures)} unreadable files, the {split} split has no images "
+                    f"of {', '.join(missing)}; add readable images to those class folders"
+                )
+
+    def write_splits(self, path: Path) -> None:
+        from transferkit._io import atomic_write
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["split", "path", "label", "class"])
+                for split, items in self.splits.items():
+                    for file, label in items:
+                        writer.writerow([split, file, label, self.classes[label]])
+
+        atomic_write(path, write)
+
+    def write_skipped(self, path: Path) -> None:
+        from transferkit._io import atomic_write
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["path", "reason"])
+                writer.writerows(self.skipped)
+
+        atomic_write(path, write)
+
+    @classmethod
+    def read_splits(cls, root: Path, classes: list[str], path: Path) -> DatasetIndex:
+        splits: dict[str, list[tuple[str, int]]] = {}
+        with path.open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                splits.setdefault(row["split"], []).append((row["path"], int(row["label"])))
+        return cls(root=root, classes=classes, splits=splits)
+
+
+def _visible(entry: os.DirEntry[str] | Path) -> bool:
+    name = entry.name
+    return not name.startswith(".") and name.lower() not in IGNORED_FILES
+
+
+def _list_class_files(folder: Path, extensions: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files anywhere below a class folder (nested folders count), sorted; symlinked
+    folders are not followed, so a symlink loop cannot hang discovery."""
+    images, skipped = [], []
+    for current, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower() in IGNORED_FILES:
+                continue
+            path = os.path.join(current, name)
+            if os.path.splitext(name)[1].lower() in extensions:
+                images.append(path)
+            else:
+                skipped.append((path, "not an image file extension"))
+    return images, skipped
+
+
+def _class_folders(root: Path) -> list[Path]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
+    by_lower: dict[str, list[str]] = {}
+    for folder in folders:
+        by_lower.setdefault(folder.name.lower(), []).append(folder.name)
+    clashes = [names for names in by_lower.values() if len(names) > 1]
+    if clashes:
+        listed = "; ".join(" vs ".join(names) for names in clashes)
+        raise DataError(
+            f"class folders in {root} differ only in case ({listed}); merge or rename them, "
+            "since they would be one class on Windows and macOS"
+        )
+    return folders
+
+
+def _read_class_tree(root: Path, extensions: set[str]) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    folders = _class_folders(root)
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in extensions]
+    if not folders:
+        if loose:
+            raise DataError(
+                f"found {len(loose)} images directly in {root} but no class folders; "
+                f"expected {root}/<class>/<image>.jpg, one folder per class"
+            )
+        raise DataError(
+            f"no images found in {root}; expected {root}/<class>/<image>.jpg or "
+            f"{root}/train/<class>/<image>.jpg"
+        )
+    classes: dict[str, list[str]] = {}
+    skipped = [(str(p), "image outside any class folder") for p in loose]
+    for folder in folders:
+        images, ignored = _list_class_files(folder, extensions)
+        classes[folder.name] = images
+        skipped += ignored
+    return classes, skipped
+
+
+def _check_classes(root: Path, classes: dict[str, list[str]]) -> None:
+    total = sum(len(v) for v in classes.values())
+    if total == 0:
+        raise DataError(
+            f"no images found in the class folders of {root} ({', '.join(classes)}); "
+            "expected image files such as .jpg or .png inside them"
+        )
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise DataError(
+            f"class folder(s) with no images in {root}: {', '.join(empty)}; add images or remove the folder"
+        )
+    if len(classes) < 2:
+        only = next(iter(classes))
+        raise DataError(
+            f"only one class ({only!r}) found in {root}; a classifier needs at least two class folders"
+        )
+
+
+def _stratified_split(
+    by_class: dict[int, list[str]], fractions: tuple[float, ...], seed: int
+) -> list[list[tuple[str, int]]]:
+    """Split each class on its own so every split keeps the class proportions."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[tuple[str, int]]] = [[] for _ in fractions]
+    for label, files in sorted(by_class.items()):
+        order = [files[i] for i in rng.permutation(len(files))]
+        counts = [int(round(len(files) * f)) for f in fractions[1:]]
+        # A class with few images keeps at least one in validation, and one in training.
+        if len(fractions) > 1 and fractions[1] > 0 and len(files) >= 2:
+            counts[0] = max(counts[0], 1)
+        while sum(counts) > len(files) - 1 and any(counts):
+            counts[counts.index(max(counts))] -= 1
+        start = len(files) - sum(counts)
+        parts[0] += [(f, label) for f in order[:start]]
+        for i, count in enumerate(counts, start=1):
+            parts[i] += [(f, label) for f in order[start : start + count]]
+            start += count
+    return parts
+
+
+def _limit_per_class(items: list[tuple[str, int]], limit: int, seed: int) -> list[tuple[str, int]]:
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, list[tuple[str, int]]] = {}
+    for item in items:
+        by_label.setdefault(item[1], []).append(item)
+    kept = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        if len(group) > limit:
+            group = [group[i] for i in sorted(rng.choice(len(group), limit, replace=False))]
+        kept += group
+    return kept
+
+
+def discover(
+    root: str | os.PathLike[str],
+    split: tuple[float, float, float] = (0.8, 0.16, 0.04),
+    seed: int = 42,
+    max_per_class: int | None = None,
+) -> DatasetIndex:
+    """Find classes and images; split them when the folder has no train/val folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} not found; expected a folder {root}/<class>/<image>.jpg")
+    extensions = image_extensions()
+    split_dirs = {
+        SPLIT_ALIASES[p.name.lower()]: p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.lower() in SPLIT_ALIASES
+    }
+    skipped: list[tuple[str, str]] = []
+    if "train" in split_dirs:
+        trees = {}
+        for name, folder in split_dirs.items():
+            trees[name], ignored = _read_class_tree(folder, extensions)
+            skipped += ignored
+        _check_classes(split_dirs["train"], trees["train"])
+        classes = sorted(trees["train"])
+        label_of = {name: i for i, name in enumerate(classes)}
+        for name, tree in trees.items():
+            unknown = sorted(set(tree) - set(classes))
+            if unknown:
+                raise DataError(
+                    f"{split_dirs[name]} has class folders that train/ lacks: {', '.join(unknown)}; "
+                    "every class needs training images"
+                )
+        splits = {
+            name: [(f, label_of[c]) for c in classes for f in tree.get(c, [])] for name, tree in trees.items()
+        }
+        if "val" not in splits:
+            # train/ + test/ only (chest X-rays): carve validation out of train, stratified.
+            val_share = split[1] / (split[0] + split[1])
+            by_class: dict[int, list[str]] = {}
+            for f, label in splits["train"]:
+                by_class.setdefault(label, []).append(f)
+            splits["train"], splits["val"] = _stratified_split(by_class, (1 - val_share, val_share), seed)
+        layout = "split-folders"
+    else:
+        tree, skipped = _read_class_tree(root, extensions)
+        _check_classes(root, tree)
+        classes = sorted(tree)
+        by_class = {i: tree[c] for i, c in enumerate(classes)}
+        fractions = split if split[2] > 0 else split[:2]
+        parts = _stratified_split(by_class, fractions, seed)
+        splits = dict(zip(SPLITS, parts))
+        layout = "class-folders"
+    splits = {name: splits[name] for name in SPLITS if name in splits and splits[name]}
+    if max_per_class is not None:
+        splits = {name: _limit_per_class(items, max_per_class, seed) for name, items in splits.items()}
+    return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped, layout=layout)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer images scaled to 8 bits; a plain convert would clip at 255."""
+    array = np.asarray(image)
+    top = 65535 if array.max() > 255 else 255
+    return Image.fromarray((array.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8))
+
+
+def load_image(path: str | os.PathLike[str], min_side: int | None = None) -> Image.Image:
+    """Decode any image Pillow reads as RGB, EXIF orientation applied.
+
+    ``min_side``: JPEGs are decoded at a reduced scale (Pillow's draft mode) as long as both
+    sides stay at least this large, which cuts decoding time several-fold for large photos.
+    Transparent images are composited on white, so their background does not turn black.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"{image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit"
+                )
+            if min_side and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                image = _to_8bit(image)
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
+            if image.mode in ("RGBA", "LA", "PA"):
+                background = Image.new("RGB", image.size, (255, 255, 255))
+                background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+                return background
+            return image.convert("RGB")
+
+
+def check_image(path: str) -> str | None:
+    """None if the image decodes, else a one-line reason."""
+    try:
+        load_image(path, min_side=32)
+    except Exception as error:  # any decoder failure means the file cannot be used
+        return f"{type(error).__name__}: {error}".splitlines()[0][:200] or type(error).__name__
+    return None
+
+
+def scan_images(paths: list[str], num_workers: int = 0) -> dict[str, str]:
+    """Decode every image once (JPEGs at reduced scale) and return {path: reason} for failures."""
+    if num_workers > 1 and len(paths) > 64:
+        with ProcessPoolExecutor(num_workers) as pool:
+            reasons = list(pool.map(check_image, paths, chunksize=32))
+    else:
+        reasons = [check_image(p) for p in paths]
+    return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+
+
+# --- transforms -------------------------------------------------------------------------------
+
+
+def resolve_preprocessing(model: torch.nn.Module, image_size: int | None = None) -> dict[str, Any]:
+    """Input size, interpolation, mean, std and crop from the backbone's pretrained config."""
+    import timm.data
+
+    config = dict(timm.data.resolve_model_data_config(model))
+    if image_size is not None:
+        config["input_size"] = (3, image_size, image_size)
+    config["mean"] = tuple(float(v) for v in config["mean"])
+    config["std"] = tuple(float(v) for v in config["std"])
+    config["input_size"] = tuple(int(v) for v in config["input_size"])
+    return config
+
+
+def resize_side(preprocessing: dict[str, Any]) -> int:
+    """The shorter side an image is resized to before the centre crop."""
+    size = preprocessing["input_size"][-1]
+    return int(np.floor(size / preprocessing.get("crop_pct", 1.0)))
+
+
+def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> Any:
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    size = preprocessing["input_size"][-1]
+    interpolation = InterpolationMode(preprocessing.get("interpolation", "bilinear"))
+    normalize = [T.ToTensor(), T.Normalize(preprocessing["mean"], preprocessing["std"])]
+    if augment == "none":
+        return T.Compose(
+            [T.Resize(resize_side(preprocessing), interpolation=interpolation), T.CenterCrop(size), *normalize]
+        )
+    if augment == "light":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation),
+                T.RandomHorizontalFlip(),
+                *normalize,
+            ]
+        )
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+            T.RandomRotation(15, interpolation=InterpolationMode.BILINEAR),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.05),
+            *normalize,
+        ]
+    )
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label) pairs; ``min_side`` enables reduced-scale JPEG decoding."""
+
+    def __init__(self, items: list[tuple[str, int]], transform: Any, min_side: int | None = None):
+        self.items = items
+        self.transform = transform
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        try:
+            image = load_image(path, self.min_side)
+        except Exception as error:
+            raise DataError(f"{path} could not be read ({error}); remove or replace the file") from None
+        return self.transform(image), label

@@ -1,0 +1,36 @@
+"""Errors a user can act on. The CLI prints their message on one line, without a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TransferkitError(Exception):
+    """Base class: the message says what was found, what is expected and how to fix it."""
+
+
+class ConfigError(TransferkitError, ValueError):
+    """One or more options are invalid; every problem is listed at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class DataError(TransferkitError):
+    """The image folder cannot be used as it is."""
+
+
+class WeightsUnavailableError(TransferkitError):
+    """Pretrained weights were asked for but cannot be loaded here."""
+
+
+class RunFolderError(TransferkitError):
+    """A run folder is missing, incomplete or from an incompatible version."""
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
+    """' Did you mean: a, b, c?' or '' when nothing is close."""
+    matches = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
+    return f" Did you mean: {', '.join(matches)}?" if matches else ""

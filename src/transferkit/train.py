@@ -1,0 +1,491 @@
+"""Two-phase transfer learning on Lightning.
+
+Phase 1 ("frozen"): the backbone is frozen and only the head trains. Without augmentation,
+every image's pooled backbone features are computed once and the head trains on those, so
+each epoch costs milliseconds instead of a pass through the backbone.
+Phase 2 ("finetune"): the top blocks are unfrozen and train at a lower learning rate on
+augmented images. The final model is the checkpoint with the lowest validation loss over both.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+from transferkit import models
+from transferkit._io import atomic_write, read_json, write_json, write_text
+from transferkit.config import PhaseConfig, TrainConfig, parse_unfreeze
+from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
+from transferkit.datasets import resolve_data_source
+from transferkit.errors import RunFolderError
+from transferkit.inference import image_loader, run_module
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT_VERSION = 1
+HISTORY_COLUMNS = [
+    "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+]
+
+
+class ClassifierModule(L.LightningModule):
+    """One training phase of a timm classifier, on images or on cached pooled features."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        phase: PhaseConfig,
+        inputs: str,
+        drop_rate: float,
+        batchnorm: str,
+        label_smoothing: float = 0.0,
+        class_weights: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.phase = phase
+        self.inputs = inputs
+        self.drop_rate = drop_rate
+        self.batchnorm = batchnorm
+        self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+        self.channels_last = inputs == "images"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inputs == "features":
+            # The same dropout and classifier that the timm model applies after pooling.
+            return models.get_head(self.model)(F.dropout(x, self.drop_rate, self.training))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def train(self, mode: bool = True) -> ClassifierModule:
+        super().train(mode)
+        if mode:
+            models.set_batchnorm_mode(self.model, self.batchnorm)
+        return self
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        accuracy = (logits.argmax(dim=1) == y).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log(f"{stage}_acc", accuracy, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(y), sync_dist=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_index: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        from timm.optim import create_optimizer_v2
+
+        phase = self.phase
+        groups = models.parameter_groups(self.model, phase.lr, phase.weight_decay)
+        optimizer = create_optimizer_v2(groups, opt=phase.optimizer, lr=phase.lr, weight_decay=phase.weight_decay)
+        if phase.scheduler == "constant":
+            return optimizer
+        if phase.scheduler == "step":
+            step = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, phase.epochs // 3), gamma=0.1)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": step, "interval": "epoch"}}
+        if phase.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=1)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": plateau, "interval": "epoch", "monitor": "val_loss"},
+            }
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(phase.warmup_epochs * total / max(1, phase.epochs)))
+
+        def cosine_with_warmup(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+
+class HistoryCallback(L.Callback):
+    """One history.csv row per epoch; a resumed epoch replaces its row rather than duplicating it."""
+
+    def __init__(self, path: Path, phase: str):
+        self.path = path
+        self.phase = phase
+        self.started = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+
+        def value(name: str) -> float | str:
+            return round(float(metrics[name]), 6) if name in metrics else ""
+
+        row = {
+            "phase": self.phase,
+            "epoch": trainer.current_epoch + 1,
+            "train_loss": value("train_loss_epoch"),
+            "train_acc": value("train_acc_epoch"),
+            "val_loss": value("val_loss"),
+            "val_acc": value("val_acc"),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        rows = [r for r in read_history(self.path) if (r["phase"], int(r["epoch"])) != (self.phase, row["epoch"])]
+        write_history(self.path, rows + [row])
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports; everything is also in ``run_dir``."""
+
+    run_dir: Path
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    metrics: dict[str, Any]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    best_phase: str = ""
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+def _parse_devices(devices: str) -> Any:
+    devices = str(devices)
+    if devices.isdigit() or devices == "-1":
+        return int(devices)
+    if "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    return devices
+
+
+def _default_run_dir(config: TrainConfig) -> Path:
+    name = Path(config.data.source).name or "data"
+    return Path("runs") / f"{name}-{config.model.name.replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _class_weights(index: DatasetIndex) -> torch.Tensor:
+    counts = torch.bincount(torch.tensor(index.targets("train")), minlength=len(index.classes)).float()
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
+
+
+def _train_loader(
+    dataset_or_items: Any, config: TrainConfig, preprocessing: dict[str, Any], augment: str, targets: list[int]
+) -> DataLoader:
+    sampler = None
+    if config.class_balance == "sample":
+        weights = _class_weights_for_samples(targets)
+        generator = torch.Generator().manual_seed(config.seed)
+        sampler = WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
+    if isinstance(dataset_or_items, TensorDataset):
+        return DataLoader(dataset_or_items, batch_size=config.data.batch_size, shuffle=sampler is None, sampler=sampler)
+    return image_loader(
+        dataset_or_items, preprocessing, config.data.batch_size, config.data.resolved_num_workers(),
+        augment=augment, shuffle=True, sampler=sampler,
+    )
+
+
+def _class_weights_for_samples(targets: list[int]) -> torch.Tensor:
+    labels = torch.tensor(targets)
+    counts = torch.bincount(labels).float()
+    return (1.0 / counts)[labels]
+
+
+def _inference_device(config: TrainConfig) -> str:
+    wants_gpu = config.accelerator in ("auto", "gpu", "cuda")
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+class _Run:
+    """State shared by the phases of one run; ``train`` drives it top to bottom."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, index: DatasetIndex):
+        self.config = config
+        self.run_dir = run_dir
+        self.index = index
+        self.progress_file = run_dir / "progress.json"
+        self.progress = read_json(self.progress_file) if self.progress_file.is_file() else {"phases": {}}
+        self.model = models.create_classifier(config.model, len(index.classes))
+        self.preprocessing = resolve_preprocessing(self.model, config.data.image_size)
+        self.class_weights = _class_weights(index) if config.class_balance == "weight" else None
+        self.features: dict[str, torch.Tensor] = {}
+
+    def _module(self, phase: PhaseConfig, inputs: str) -> ClassifierModule:
+        return ClassifierModule(
+            self.model, phase, inputs, self.config.model.drop_rate, self.config.batchnorm,
+            self.config.label_smoothing, self.class_weights,
+        )
+
+    def _trainer(self, name: str, phase: PhaseConfig) -> tuple[L.Trainer, ModelCheckpoint]:
+        config = self.config
+        checkpoint = ModelCheckpoint(
+            dirpath=self.run_dir / "checkpoints",
+            filename=f"{name}-best",
+            monitor="val_loss",
+            mode="min",
+            save_top_k=1,
+            save_last=True,
+            enable_version_counter=False,
+        )
+        checkpoint.CHECKPOINT_NAME_LAST = f"{name}-last"
+        callbacks = [
+            checkpoint,
+            EarlyStopping(monitor="val_loss", mode="min", patience=phase.patience),
+            HistoryCallback(self.run_dir / "history.csv", name),
+        ]
+        trainer = L.Trainer(
+            max_epochs=phase.epochs,
+            accelerator=config.accelerator,
+            devices=_parse_devices(config.devices),
+            num_nodes=config.num_nodes,
+            strategy=config.strategy,
+            precision=config.precision,
+            callbacks=callbacks,
+            logger=False,
+            enable_model_summary=False,
+            enable_progress_bar=config.progress,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            default_root_dir=self.run_dir,
+        )
+        return trainer, checkpoint
+
+    def _fit(self, name: str, phase: PhaseConfig, module: ClassifierModule, train: DataLoader, val: DataLoader) -> None:
+        if self.progress["phases"].get(name, {}).get("done"):
+            self._load_checkpoint(self.progress["phases"][name]["best_checkpoint"])
+            log.info("phase %s already finished; reusing its best checkpoint", name)
+            return
+        trainable, total = models.count_parameters(self.model)
+        log.info("phase %s: trainable %s / %s parameters", name, f"{trainable:,}", f"{total:,}")
+        L.seed_everything(self.config.seed, workers=True, verbose=False)
+        trainer, checkpoint = self._trainer(name, phase)
+        last = self.run_dir / "checkpoints" / f"{name}-last.ckpt"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*number of training batches.*")
+            trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        best = Path(checkpoint.best_model_path)
+        rows = [r for r in read_history(self.run_dir / "history.csv") if r["phase"] == name and r["val_loss"]]
+        best_row = min(rows, key=lambda r: float(r["val_loss"]))
+        self._load_checkpoint(str(best.relative_to(self.run_dir)))
+        self.progress["phases"][name] = {
+            "done": True,
+            "best_checkpoint": str(best.relative_to(self.run_dir)),
+            "best_val_loss": float(best_row["val_loss"]),
+            "best_val_acc": float(best_row["val_acc"]),
+            "best_epoch": int(best_row["epoch"]),
+            "epochs": len(rows),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+        }
+        if trainer.is_global_zero:
+            write_json(self.progress_file, self.progress)
+
+    def _load_checkpoint(self, relative: str) -> None:
+        checkpoint = torch.load(self.run_dir / relative, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        self.model.load_state_dict(state)
+
+    def frozen_phase(self) -> None:
+        phase = self.config.frozen
+        models.freeze_backbone(self.model)
+        cached = self.config.feature_cache and phase.augment == "none" and self.config.model.pretrained
+        if cached:
+            for split in self.index.splits:
+                self.features[split] = self._features(split)
+            train_data: Any = TensorDataset(self.features["train"], torch.tensor(self.index.targets("train")))
+            val: DataLoader = DataLoader(
+                TensorDataset(self.features["val"], torch.tensor(self.index.targets("val"))),
+                batch_size=self.config.data.batch_size,
+            )
+        else:
+            train_data = self.index.splits["train"]
+            val = self._image_loader("val")
+        train = _train_loader(train_data, self.config, self.preprocessing, phase.augment, self.index.targets("train"))
+        self._fit("frozen", phase, self._module(phase, "features" if cached else "images"), train, val)
+
+    def finetune_phase(self) -> None:
+        phase = self.config.finetune
+        count = models.unfreeze_top(self.model, parse_unfreeze(phase.unfreeze))
+        log.info("phase finetune: %d of %d backbone blocks train", count, len(models.backbone_blocks(self.model)))
+        train = _train_loader(
+            self.index.splits["train"], self.config, self.preprocessing, phase.augment, self.index.targets("train")
+        )
+        self._fit("finetune", phase, self._module(phase, "images"), train, self._image_loader("val"))
+
+    def _image_loader(self, split: str) -> DataLoader:
+        return image_loader(
+            self.index.splits[split], self.preprocessing, self.config.data.batch_size,
+            self.config.data.resolved_num_workers(),
+        )
+
+    def _features(self, split: str) -> torch.Tensor:
+        return run_module(
+            models.PooledFeatures(self.model),
+            self.index.splits[split],
+            self.preprocessing,
+            batch_size=64,
+            num_workers=self.config.data.resolved_num_workers(),
+            device=_inference_device(self.config),
+            progress=self.config.progress,
+            description=f"features {split}",
+        )
+
+    def best_phase(self) -> str:
+        done = self.progress["phases"]
+        return min(done, key=lambda name: done[name]["best_val_loss"])
+
+    def logits(self, split: str, phase: str) -> torch.Tensor:
+        if phase == "frozen" and split in self.features:
+            with torch.inference_mode():
+                return models.get_head(self.model.eval())(self.features[split])
+        return run_module(
+            self.model, self.index.splits[split], self.preprocessing, batch_size=64,
+            num_workers=self.config.data.resolved_num_workers(), device=_inference_device(self.config),
+            progress=self.config.progress, description=f"evaluate {split}",
+        )
+
+
+def split_metrics(logits: torch.Tensor, targets: list[int], num_classes: int) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predictions = logits.argmax(dim=1).numpy()
+    return {
+        "accuracy": float(accuracy_score(targets, predictions)),
+        "macro_f1": float(f1_score(targets, predictions, average="macro", labels=list(range(num_classes)), zero_division=0)),
+        "images": len(targets),
+    }
+
+
+def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool) -> DatasetIndex:
+    root = resolve_data_source(config.data.source, config.data.data_mirror, config.data.download)
+    splits_file = run_dir / "splits.csv"
+    if resuming and splits_file.is_file():
+        classes = read_json(run_dir / "classes.json")
+        index = DatasetIndex.read_splits(root, classes, splits_file)
+        skipped_file = run_dir / "skipped.csv"
+        if skipped_file.is_file():
+            with skipped_file.open(newline="", encoding="utf-8") as handle:
+                index.skipped = [(row["path"], row["reason"]) for row in csv.DictReader(handle)]
+        return index
+    index = discover(root, config.data.split, config.seed, config.data.max_per_class)
+    paths = [path for items in index.splits.values() for path, _ in items]
+    index.drop(scan_images(paths, config.data.resolved_num_workers()))
+    if index.skipped:
+        log.warning("skipped %d files that are not readable images (listed in skipped.csv)", len(index.skipped))
+    index.write_splits(splits_file)
+    index.write_skipped(run_dir / "skipped.csv")
+    write_json(run_dir / "classes.json", index.classes)
+    return index
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    values = json.loads(json.dumps(config.to_dict()))
+    values["format_version"] = RUN_FORMAT_VERSION
+    write_text(path, yaml.safe_dump(values, sort_keys=False))
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: {path} is missing")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    version = values.pop("format_version", None)
+    if version != RUN_FORMAT_VERSION:
+        raise RunFolderError(
+            f"{path} has format version {version!r}, this transferkit reads {RUN_FORMAT_VERSION}; "
+            "train again with this version"
+        )
+    config = TrainConfig.from_dict(values)
+    config.output = str(run_dir)
+    return config
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train a classifier as ``config`` says and write the run folder.
+
+    ``resume=True`` continues the run in ``config.output``: finished phases are skipped and an
+    interrupted phase continues from its last checkpoint.
+    """
+    started = time.perf_counter()
+    run_dir = Path(config.output) if config.output else _default_run_dir(config)
+    if not resume and (run_dir / "config.yaml").exists():
+        raise RunFolderError(
+            f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.output = str(run_dir)
+    save_config(config, run_dir / "config.yaml")
+    index = _prepare_index(config, run_dir, resume)
+    run = _Run(config, run_dir, index)
+    if config.frozen.epochs > 0:
+        run.frozen_phase()
+    if config.finetune.epochs > 0:
+        run.finetune_phase()
+
+    best = run.best_phase()
+    run._load_checkpoint(run.progress["phases"][best]["best_checkpoint"])
+    metrics: dict[str, Any] = {}
+    for split in ("val", "test"):
+        if split in index.splits:
+            logits = run.logits(split, best)
+            metrics[split] = split_metrics(logits, index.targets(split), len(index.classes))
+    elapsed = time.perf_counter() - started
+    metrics["best_phase"] = best
+    metrics["phases"] = run.progress["phases"]
+    # Wall time of the invocation that finished the run (after a resume, the resumed part).
+    metrics["train_seconds"] = round(elapsed, 2)
+    models.save_model_folder(run.model, run_dir / "model", index.classes, run.preprocessing, config.model)
+    write_json(run_dir / "metrics.json", metrics)
+    return TrainResult(
+        run_dir=run_dir, classes=index.classes, counts=index.counts(), metrics=metrics,
+        skipped=index.skipped, best_phase=best,
+    )
+
+
+def resume(run_dir: str | Path) -> TrainResult:
+    """Finish an interrupted run from its folder."""
+    return train(load_config(run_dir), resume=True)
