@@ -5,7 +5,7 @@ from transferkit.data import DatasetIndex, discover
 from transferkit.datasets import list_datasets, resolve_data_source
 from transferkit.errors import ConfigError, DataError, RunFolderError, TransferkitError, WeightsUnavailableError
 from transferkit.models import create_classifier, load_model
-from transferkit.train import TrainResult, load_config, resume, train
+from transferkit.training import TrainResult, load_config, resume, train
 
 __all__ = [
     "ConfigError",

@@ -139,7 +139,7 @@ def _print_train_summary(result: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from transferkit.train import resume, train
+    from transferkit.training import resume, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "verbose")}
     if args.resume:

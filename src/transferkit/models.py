@@ -116,8 +116,8 @@ def create_classifier(config: ModelConfig, num_classes: int) -> nn.Module:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsUnavailableError(
-                f"weights file {path} not found; pass a .pth/.safetensors state dict, "
-                "local-dir:FOLDER, or 'none' to train from scratch"
+                f"weights file {path} not found; pass --weights with a .pth/.safetensors state dict, "
+                "--weights local-dir:FOLDER, or --weights none to train from scratch"
             )
         model = timm.create_model(
             config.name,
@@ -244,7 +244,7 @@ def unfreeze_top(model: nn.Module, spec: int | float | None) -> int:
 
 
 def set_batchnorm_mode(model: nn.Module, policy: str) -> None:
-    """Apply the batch-norm policy after ``model.train()``.
+    """Put every batch norm in the mode the policy says; call it before each training step.
 
     'frozen': every batch norm stays in inference mode and keeps its ImageNet statistics; small
     fine-tuning batches estimate them worse, and some weights (TensorFlow's MobileNetV2) have
@@ -255,8 +255,7 @@ def set_batchnorm_mode(model: nn.Module, policy: str) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             trains = any(p.requires_grad for p in module.parameters(recurse=False))
-            if policy == "frozen" or not trains:
-                module.eval()
+            module.train(policy == "train" and trains)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

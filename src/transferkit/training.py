@@ -75,11 +75,10 @@ class ClassifierModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
-    def train(self, mode: bool = True) -> ClassifierModule:
-        super().train(mode)
-        if mode:
-            models.set_batchnorm_mode(self.model, self.batchnorm)
-        return self
+    def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+        # Lightning restores each submodule's mode itself around validation, bypassing any
+        # train() override, so the batch-norm policy is applied right before every step.
+        models.set_batchnorm_mode(self.model, self.batchnorm)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
@@ -332,7 +331,7 @@ class _Run:
     def frozen_phase(self) -> None:
         phase = self.config.frozen
         models.freeze_backbone(self.model)
-        cached = self.config.feature_cache and phase.augment == "none" and self.config.model.pretrained
+        cached = self.config.feature_cache and phase.augment == "none"
         if cached:
             for split in self.index.splits:
                 self.features[split] = self._features(split)
@@ -460,6 +459,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     config.output = str(run_dir)
     save_config(config, run_dir / "config.yaml")
     index = _prepare_index(config, run_dir, resume)
+    # The new head's initialisation draws from the global generator: seed before building it.
+    L.seed_everything(config.seed, workers=True, verbose=False)
     run = _Run(config, run_dir, index)
     if config.frozen.epochs > 0:
         run.frozen_phase()

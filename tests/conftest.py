@@ -1,0 +1,67 @@
+"""Real image folders made in tmp_path, and tiny real timm models with weights saved to a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+TINY_MODEL = "test_efficientnet"
+
+# Colours a tiny untrained backbone separates easily, so a short run learns them.
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+def make_image(path: Path, colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (40, 32)) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_folder(root: Path, per_class: int = 10, classes: tuple[str, ...] = ("blue", "red"), split: str = "") -> Path:
+    for k, name in enumerate(classes):
+        for i in range(per_class):
+            make_image(root / split / name / f"{name}_{i:03d}.jpg", COLOURS[name], seed=k * 1000 + i)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data", per_class=25)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dict of a real (tiny) timm model, saved as a user's weights file would be."""
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_MODEL, pretrained=False)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def tiny_options(data: Path, output: Path, weights: Path, **overrides: object) -> dict[str, object]:
+    """Flat options as the CLI builds them, for a run that takes seconds."""
+    options: dict[str, object] = {
+        "data.source": str(data),
+        "data.image_size": 64,
+        "data.batch_size": 16,
+        "data.num_workers": 0,
+        "model.name": TINY_MODEL,
+        "model.weights": str(weights),
+        "frozen.epochs": 4,
+        "frozen.lr": 0.01,
+        "finetune.epochs": 1,
+        "finetune.unfreeze": "2",
+        "output": str(output),
+        "progress": False,
+    }
+    options.update(overrides)
+    return options

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import COLOURS, make_folder, make_image
+from transferkit.data import discover, load_image, scan_images
+from transferkit.datasets import resolve_data_source
+from transferkit.errors import DataError
+
+
+def test_class_folders_are_split_80_16_4_stratified_and_seeded(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", per_class=50)
+    index = discover(root, seed=1)
+    assert index.classes == ["blue", "red"]
+    assert {s: len(v) for s, v in index.splits.items()} == {"train": 80, "val": 16, "test": 4}
+    for split, per_class in index.counts().items():
+        assert per_class["blue"] == per_class["red"], split
+    again = discover(root, seed=1)
+    assert again.splits == index.splits
+    other = discover(root, seed=2)
+    assert other.splits["val"] != index.splits["val"]
+    every = [p for items in index.splits.values() for p, _ in items]
+    assert len(every) == len(set(every)) == 100
+
+
+def test_custom_split_fractions(tmp_path: Path) -> None:
+    index = discover(make_folder(tmp_path / "d", per_class=20), split=(0.5, 0.5, 0.0))
+    assert {s: len(v) for s, v in index.splits.items()} == {"train": 20, "val": 20}
+
+
+def test_split_folders_with_valid_alias(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    make_folder(root, per_class=6, split="train")
+    make_folder(root, per_class=3, split="valid")
+    make_folder(root, per_class=2, split="test")
+    index = discover(root)
+    assert index.layout == "split-folders"
+    assert {s: len(v) for s, v in index.splits.items()} == {"train": 12, "val": 6, "test": 4}
+
+
+def test_train_and_test_folders_only_get_validation_carved_from_train(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    make_folder(root, per_class=30, split="train")
+    make_folder(root, per_class=5, split="test")
+    index = discover(root)
+    assert len(index.splits["test"]) == 10
+    assert len(index.splits["train"]) + len(index.splits["val"]) == 60
+    assert Counter(label for _, label in index.splits["val"]) == {0: 5, 1: 5}
+
+
+def test_max_per_class_takes_a_stratified_subset(tmp_path: Path) -> None:
+    index = discover(make_folder(tmp_path / "d", per_class=50), max_per_class=10)
+    assert index.counts()["train"] == {"blue": 10, "red": 10}
+
+
+def test_nested_folders_inside_a_class_count_and_hidden_files_are_ignored(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", per_class=10)
+    make_image(root / "red" / "more" / "deep.png", COLOURS["red"], seed=5)
+    (root / "red" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "red" / "Thumbs.db").write_bytes(b"\0\1")
+    (root / "red" / "notes.txt").write_text("not an image")
+    index = discover(root, split=(0.5, 0.5, 0.0))
+    assert sum(index.counts()["train"].values()) + sum(index.counts()["val"].values()) == 21
+    assert [Path(p).name for p, _ in index.skipped] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda root: root.mkdir(), "no images found in"),
+        (lambda root: make_folder(root, classes=("red",)), r"only one class \('red'\)"),
+        (lambda root: (make_folder(root), (root / "green").mkdir()), "with no images in .*: green"),
+        (lambda root: make_image(root / "a.jpg", (1, 2, 3), 0), "directly in .* but no class folders"),
+        (lambda root: (make_folder(root), make_folder(root, classes=("red",), split="Red")), "differ only in case"),
+    ],
+    ids=["empty", "single-class", "empty-class", "no-class-folders", "case-clash"],
+)
+def test_unusable_folders_get_one_clear_error(tmp_path: Path, build, message: str) -> None:
+    root = tmp_path / "d"
+    build(root)
+    with pytest.raises(DataError, match=message):
+        discover(root)
+
+
+def test_missing_folder_and_unknown_dataset_name() -> None:
+    with pytest.raises(DataError, match="neither a folder nor a registered dataset.*Did you mean: hymenoptera"):
+        resolve_data_source("hymenopter", data_mirror="/nonexistent")
+
+
+def test_registered_dataset_resolves_to_the_mirror(tmp_path: Path) -> None:
+    make_folder(tmp_path / "mirror" / "cifar10_subset", per_class=2)
+    assert resolve_data_source("cifar10", data_mirror=tmp_path / "mirror") == tmp_path / "mirror" / "cifar10_subset"
+    with pytest.raises(DataError, match="not in the mirror folders .* downloads are off"):
+        resolve_data_source("tf_flowers", data_mirror=tmp_path / "mirror", download=False)
+
+
+def test_image_modes_become_rgb(tmp_path: Path) -> None:
+    grey = tmp_path / "grey.png"
+    Image.new("L", (10, 8), 128).save(grey)
+    sixteen = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((8, 10), 65535, dtype=np.uint16)).save(sixteen)
+    palette = tmp_path / "palette.png"
+    transparent = Image.new("P", (10, 8), 0)
+    transparent.putpalette([0, 0, 0] * 256)
+    transparent.info["transparency"] = 0
+    transparent.save(palette, transparency=0)
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (10, 8), (255, 0, 0, 0)).save(rgba)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (10, 8), (0, 255, 255, 0)).save(cmyk)
+    for path, expected in [
+        (grey, (128, 128, 128)),
+        (sixteen, (255, 255, 255)),
+        (palette, (255, 255, 255)),  # fully transparent: composited on white, not black
+        (rgba, (255, 255, 255)),
+    ]:
+        image = load_image(path)
+        assert image.mode == "RGB" and image.size == (10, 8)
+        assert image.getpixel((5, 4)) == expected, path.name
+    red = load_image(cmyk).getpixel((5, 4))
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.new("RGB", (40, 20), (0, 0, 0)).save(path, exif=exif)
+    assert load_image(path).size == (20, 40)
+
+
+def test_large_jpegs_decode_at_reduced_scale_but_never_below_the_needed_size(tmp_path: Path) -> None:
+    path = make_image(tmp_path / "big.jpg", (10, 20, 30), seed=0, size=(2000, 1500))
+    image = load_image(path, min_side=256)
+    assert 256 <= min(image.size) < 1500
+
+
+def test_scan_lists_every_unreadable_file(tmp_path: Path) -> None:
+    good = make_image(tmp_path / "good.jpg", (10, 20, 30), seed=0, size=(200, 200))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:600])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    html = tmp_path / "page.jpg"
+    html.write_text("<html><body>404</body></html>")
+    failures = scan_images([str(p) for p in (good, truncated, empty, html)])
+    assert set(failures) == {str(truncated), str(empty), str(html)}
+    assert all(reason for reason in failures.values())

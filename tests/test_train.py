@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+from conftest import SHARED_DATASETS, make_folder, tiny_options
+from transferkit import models
+from transferkit.cli import build_train_config
+from transferkit.errors import RunFolderError
+from transferkit.training import load_config, resume, train
+
+
+def history(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "history.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_run_folder_holds_everything_to_rerun_evaluate_and_reuse(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    (image_folder / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    run_dir = tmp_path / "run"
+    result = train(build_train_config(tiny_options(image_folder, run_dir, tiny_weights)))
+
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.yaml", "classes.json", "history.csv", "metrics.json", "splits.csv", "skipped.csv", "model",
+        "checkpoints", "progress.json",
+    }
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
+        "frozen-best.ckpt", "frozen-last.ckpt", "finetune-best.ckpt", "finetune-last.ckpt",
+    }
+    assert json.loads((run_dir / "classes.json").read_text()) == ["blue", "red"] == result.classes
+    assert "broken.jpg" in (run_dir / "skipped.csv").read_text()
+    assert [Path(p).name for p, _ in result.skipped] == ["broken.jpg"]
+
+    rows = history(run_dir)
+    assert [r["phase"] for r in rows] == ["frozen"] * 4 + ["finetune"]
+    assert list(rows[0]) == ["phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    assert all(float(r["val_loss"]) > 0 and float(r["lr"]) > 0 for r in rows)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["val"]) >= {"accuracy", "macro_f1"} and set(metrics["test"]) >= {"accuracy", "macro_f1"}
+    assert metrics["train_seconds"] > 0
+    assert metrics["val"]["accuracy"] >= 0.8, "colour classes are easy; the head must learn them"
+
+    config = load_config(run_dir)
+    assert config.model.name == "test_efficientnet" and config.frozen.epochs == 4
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["image_size"] == 64
+
+    rebuilt = timm.create_model(f"local-dir:{run_dir / 'model'}", pretrained=True).eval()
+    saved, model_config = models.load_model(run_dir / "model")
+    assert model_config["label_names"] == ["blue", "red"]
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), saved(x), atol=1e-6)
+
+
+def test_frozen_phase_reads_each_image_through_the_backbone_once(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = {"images": 0}
+    original = models.PooledFeatures.forward
+
+    def counting(self: models.PooledFeatures, images: torch.Tensor) -> torch.Tensor:
+        seen["images"] += len(images)
+        return original(self, images)
+
+    # Count in eager mode: ONNX Runtime would run the exported graph, not this Python method.
+    monkeypatch.setattr("transferkit.inference.onnx_session", lambda *args, **kwargs: None)
+    monkeypatch.setattr(models.PooledFeatures, "forward", counting)
+    options = tiny_options(image_folder, tmp_path / "run", tiny_weights, **{"frozen.epochs": 6, "finetune.epochs": 0})
+    train(build_train_config(options))
+    assert seen["images"] == 50, "train + val + test images, once each, for 6 epochs"
+    assert len(history(tmp_path / "run")) == 6
+
+
+def test_feature_cache_matches_training_through_the_backbone(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    results = {}
+    for cache in (True, False):
+        options = tiny_options(
+            image_folder, tmp_path / f"run-{cache}", tiny_weights,
+            **{"frozen.epochs": 2, "finetune.epochs": 0, "feature_cache": cache, "model.drop_rate": 0.0},
+        )
+        results[cache] = [float(r["val_loss"]) for r in history(train(build_train_config(options)).run_dir)]
+    assert results[True] == pytest.approx(results[False], abs=1e-3)
+
+
+def test_existing_run_folder_is_not_overwritten(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
+    options = tiny_options(image_folder, tmp_path / "run", tiny_weights, **{"frozen.epochs": 1, "finetune.epochs": 0})
+    train(build_train_config(options))
+    with pytest.raises(RunFolderError, match="already holds a run; resume it with --resume"):
+        train(build_train_config(options))
+
+
+def test_killed_run_resumes_without_redoing_finished_work(tmp_path: Path, tiny_weights: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=40)
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
+        "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64",
+        "--num-workers", "0", "--frozen-epochs", "3", "--finetune-epochs", "12", "--finetune-patience", "12",
+        "--finetune-unfreeze", "all", "--progress", "false",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    last = run_dir / "checkpoints" / "finetune-last.ckpt"
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    frozen_before = [r for r in history(run_dir) if r["phase"] == "frozen"]
+    assert not (run_dir / "metrics.json").exists()
+
+    result = resume(run_dir)
+    rows = history(run_dir)
+    assert [r for r in rows if r["phase"] == "frozen"] == frozen_before, "the finished phase is not redone"
+    finetune_epochs = [int(r["epoch"]) for r in rows if r["phase"] == "finetune"]
+    assert finetune_epochs == list(range(1, len(finetune_epochs) + 1)), "no epoch twice, none missing"
+    assert result.metrics["val"]["accuracy"] >= 0.8
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    leftovers = [p.name for p in run_dir.rglob("*.tmp")]
+    assert not leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATASETS / "hymenoptera").is_dir(), reason="needs ../shared/datasets")
+def test_default_recipe_on_hymenoptera_reaches_093(tmp_path: Path) -> None:
+    options = {"data.source": "hymenoptera", "data.data_mirror": str(SHARED_DATASETS), "output": str(tmp_path / "run"),
+               "progress": False}
+    result = train(build_train_config(options))
+    assert result.metrics["val"]["accuracy"] >= 0.93
+    assert result.counts["train"] == {"ants": 123, "bees": 121}
+
+
+@pytest.mark.parametrize("policy", ["frozen", "train"])
+def test_batchnorm_policy_holds_through_a_real_finetune(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, policy: str
+) -> None:
+    options = tiny_options(
+        image_folder, tmp_path / "run", tiny_weights,
+        **{"frozen.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": "all", "batchnorm": policy},
+    )
+    train(build_train_config(options))
+    initial = torch.load(tiny_weights, weights_only=True)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "finetune-last.ckpt", weights_only=True)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    means = [k for k in initial if k.endswith("running_mean")]
+    unchanged = all(torch.equal(initial[k], state[k]) for k in means)
+    assert unchanged == (policy == "frozen")
