@@ -98,7 +98,6 @@ def _train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def build_train_config(options: dict[str, Any]) -> TrainConfig:
     """TrainConfig from flat CLI-style options ({'data.source': ..., 'frozen.epochs': ...})."""
-    config = TrainConfig.__new__(TrainConfig)
     sections = {
         "data": DataConfig(), "model": ModelConfig(),
         "frozen": dataclasses.replace(_default("frozen")), "finetune": dataclasses.replace(_default("finetune")),
@@ -113,8 +112,7 @@ def build_train_config(options: dict[str, Any]) -> TrainConfig:
         else:
             top[name] = value
     top.update(sections)
-    config = TrainConfig(**top)
-    return config
+    return TrainConfig(**top)
 
 
 def _default(section: str) -> PhaseConfig:

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from transferkit import models
-from transferkit._io import atomic_write, read_json, write_json, write_text
+from transferkit._io import read_json, write_json, write_text
 from transferkit.config import PhaseConfig, TrainConfig, parse_unfreeze
 from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
 from transferkit.datasets import resolve_data_source
