@@ -204,9 +204,11 @@ def _default_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{name}-{config.model.name.replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _class_weights(index: DatasetIndex) -> torch.Tensor:
-    counts = torch.bincount(torch.tensor(index.targets("train")), minlength=len(index.classes)).float()
-    return counts.sum() / (len(counts) * counts.clamp(min=1))
+def _class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, 1.0 for balanced data: loss weights, and per-sample sampling
+    weights when indexed by label (the sampler only needs them proportional)."""
+    counts = torch.bincount(torch.tensor(targets), minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp(min=1))
 
 
 def _train_loader(
@@ -214,7 +216,7 @@ def _train_loader(
 ) -> DataLoader:
     sampler = None
     if config.class_balance == "sample":
-        weights = _class_weights_for_samples(targets)
+        weights = _class_weights(targets, max(targets) + 1)[torch.tensor(targets)]
         generator = torch.Generator().manual_seed(config.seed)
         sampler = WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
     if isinstance(dataset_or_items, TensorDataset):
@@ -223,12 +225,6 @@ def _train_loader(
         dataset_or_items, preprocessing, config.data.batch_size, config.data.resolved_num_workers(),
         augment=augment, shuffle=True, sampler=sampler,
     )
-
-
-def _class_weights_for_samples(targets: list[int]) -> torch.Tensor:
-    labels = torch.tensor(targets)
-    counts = torch.bincount(labels).float()
-    return (1.0 / counts)[labels]
 
 
 def _inference_device(config: TrainConfig) -> str:
@@ -247,7 +243,9 @@ class _Run:
         self.progress = read_json(self.progress_file) if self.progress_file.is_file() else {"phases": {}}
         self.model = models.create_classifier(config.model, len(index.classes))
         self.preprocessing = resolve_preprocessing(self.model, config.data.image_size)
-        self.class_weights = _class_weights(index) if config.class_balance == "weight" else None
+        self.class_weights = (
+            _class_weights(index.targets("train"), len(index.classes)) if config.class_balance == "weight" else None
+        )
         self.features: dict[str, torch.Tensor] = {}
 
     def _module(self, phase: PhaseConfig, inputs: str) -> ClassifierModule:
@@ -361,17 +359,20 @@ class _Run:
             self.config.data.resolved_num_workers(),
         )
 
-    def _features(self, split: str) -> torch.Tensor:
+    def _run_on_split(self, module: nn.Module, split: str, description: str) -> torch.Tensor:
         return run_module(
-            models.PooledFeatures(self.model),
+            module,
             self.index.splits[split],
             self.preprocessing,
             batch_size=64,
             num_workers=self.config.data.resolved_num_workers(),
             device=_inference_device(self.config),
             progress=self.config.progress,
-            description=f"features {split}",
+            description=f"{description} {split}",
         )
+
+    def _features(self, split: str) -> torch.Tensor:
+        return self._run_on_split(models.PooledFeatures(self.model), split, "features")
 
     def best_phase(self) -> str:
         done = self.progress["phases"]
@@ -381,11 +382,7 @@ class _Run:
         if phase == "frozen" and split in self.features:
             with torch.inference_mode():
                 return models.get_head(self.model.eval())(self.features[split])
-        return run_module(
-            self.model, self.index.splits[split], self.preprocessing, batch_size=64,
-            num_workers=self.config.data.resolved_num_workers(), device=_inference_device(self.config),
-            progress=self.config.progress, description=f"evaluate {split}",
-        )
+        return self._run_on_split(self.model, split, "evaluate")
 
 
 def split_metrics(logits: torch.Tensor, targets: list[int], num_classes: int) -> dict[str, Any]:
