@@ -10,6 +10,9 @@ import timm
 import torch
 from PIL import Image
 
+from transferkit.cli import build_train_config
+from transferkit.training import train
+
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TINY_MODEL = "test_efficientnet"
 
@@ -62,6 +65,19 @@ def tiny_options(data: Path, output: Path, weights: Path, **overrides: object) -
         "finetune.unfreeze": "2",
         "output": str(output),
         "progress": False,
+        "report": False,
     }
     options.update(overrides)
     return options
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
+    """One finished tiny three-class run with its report and one unreadable file, shared by the
+    evaluate, predict and report tests (none of them changes it)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = make_folder(root / "data", per_class=20, classes=("blue", "green", "red"))
+    (data / "red" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    run_dir = root / "run"
+    train(build_train_config(tiny_options(data, run_dir, tiny_weights, report=True)))
+    return run_dir

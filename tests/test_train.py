@@ -35,7 +35,7 @@ def test_a_run_folder_holds_everything_to_rerun_evaluate_and_reuse(
 
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.yaml", "classes.json", "history.csv", "metrics.json", "splits.csv", "skipped.csv", "model",
-        "checkpoints", "progress.json",
+        "checkpoints", "progress.json", "evaluation",
     }
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
         "frozen-best.ckpt", "frozen-last.ckpt", "finetune-best.ckpt", "finetune-last.ckpt",
@@ -52,6 +52,13 @@ def test_a_run_folder_holds_everything_to_rerun_evaluate_and_reuse(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["val"]) >= {"accuracy", "macro_f1"} and set(metrics["test"]) >= {"accuracy", "macro_f1"}
     assert metrics["train_seconds"] > 0
+    for phase in ("frozen", "finetune"):
+        assert set(metrics["phases"][phase]["val"]) >= {"accuracy", "macro_f1", "log_loss"}, "phases side by side"
+    for split in ("val", "test"):
+        evaluation = json.loads((run_dir / "evaluation" / split / "metrics.json").read_text())
+        assert evaluation["accuracy"] == metrics[split]["accuracy"]
+        assert len(evaluation["per_class"]) == 2
+        assert len((run_dir / "evaluation" / split / "predictions.csv").read_text().splitlines()) == 1 + evaluation["images"]
     assert metrics["val"]["accuracy"] >= 0.8, "colour classes are easy; the head must learn them"
 
     config = load_config(run_dir)
@@ -112,7 +119,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path: Path, tiny_w
         sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
         "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64",
         "--num-workers", "0", "--frozen-epochs", "3", "--finetune-epochs", "12", "--finetune-patience", "12",
-        "--finetune-unfreeze", "all", "--progress", "false",
+        "--finetune-unfreeze", "all", "--no-progress",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

@@ -29,15 +29,6 @@ def _flag(prefix: str, name: str) -> str:
     return f"--{prefix}{name.replace('_', '-')}"
 
 
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _fractions(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(","))
@@ -49,8 +40,6 @@ def _converter(kind: Any) -> Any:
     text = str(kind)
     if "tuple" in text:
         return _fractions
-    if "bool" in text:
-        return _bool
     if "int" in text:
         return int
     if "float" in text:
@@ -70,10 +59,20 @@ def _add_fields(parser: argparse.ArgumentParser, kind: type, prefix: str, dest_p
             parser.add_argument(dest, nargs="?", default=None, help=help_text, metavar="DATA")
             continue
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if "bool" in str(spec.type):
+            group.add_argument(
+                spec.metadata.get("flag") or _flag(prefix, spec.name),
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (default: {'on' if default else 'off'})",
+            )
+            continue
         group.add_argument(
             spec.metadata.get("flag") or _flag(prefix, spec.name),
             dest=dest,
             type=_converter(spec.type),
+            metavar=spec.name.upper(),
             default=argparse.SUPPRESS,
             help=f"{help_text} (default: {shown})",
         )
@@ -153,6 +152,133 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="metrics of a trained run on one of its splits or on a labelled folder",
+        description="Metrics of a run's model; writes metrics.json and predictions.csv.",
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder (or its model/ folder with --data)")
+    parser.add_argument("data", metavar="DATA", nargs="?", help="labelled folder DATA/<class>/*; default: the run's own split")
+    parser.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate (default: test, else val)")
+    parser.add_argument("--output", metavar="DIR", help="folder for metrics.json and predictions.csv (default: RUN/evaluation/<name>)")
+    _add_inference_options(parser)
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tta", action="store_true", help="average each image with its mirror image")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar on inputs larger than one batch")
+
+
+def _predict_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="top-k labels for images or folders of images",
+        description="Top-k labels with probabilities for every image; unreadable files are listed and skipped.",
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder or its model/ folder")
+    parser.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
+    parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
+    _add_inference_options(parser)
+
+
+def _report_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report", help="the HTML report of one run, or of several side by side",
+        description="Figures and one self-contained HTML file with the configuration, data, metrics and figures.",
+    )
+    parser.add_argument("runs", metavar="RUN", nargs="+", help="run folders")
+    parser.add_argument("--output", metavar="FILE", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")
+
+
+def _print_metrics(metrics: dict[str, Any], title: str) -> None:
+    print(title)
+    rows = [("accuracy", metrics["accuracy"]), ("balanced accuracy", metrics["balanced_accuracy"])]
+    rows += [(f"top-{k} accuracy", v) for k, v in metrics["top_k_accuracy"].items()]
+    rows += [("macro F1", metrics["macro_f1"]), ("weighted F1", metrics["weighted_f1"]),
+             ("log loss", metrics["log_loss"]), ("calibration error (ECE)", metrics["expected_calibration_error"])]
+    for name, value in rows:
+        print(f"  {name:<24} {value:.4f}")
+    width = max(12, *(len(r["class"]) for r in metrics["per_class"]))
+    print(f"\n  {'class':<{width}} {'precision':>9} {'recall':>9} {'F1':>9} {'support':>8}")
+
+    def cell(value: float | None) -> str:
+        return f"{value:>9.4f}" if value is not None else f"{'-':>9}"
+
+    for row in metrics["per_class"]:
+        print(f"  {row['class']:<{width}} {cell(row['precision'])} {cell(row['recall'])} {cell(row['f1'])} {row['support']:>8}")
+    if metrics["most_confused"]:
+        top = metrics["most_confused"][0]
+        print(f"\n  most confused: {top['label']} predicted as {top['predicted']} ({top['count']} images)")
+
+
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from transferkit.evaluate import evaluate
+
+    evaluation = evaluate(
+        args.run, args.data, split=args.split, output=args.output, tta=args.tta,
+        batch_size=args.batch_size, progress=args.progress,
+    )
+    _print_skipped(evaluation.skipped)
+    _print_metrics(evaluation.metrics, f"{evaluation.name}: {evaluation.metrics['images']} images")
+    print(f"\nwritten to {evaluation.output}")
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from transferkit.evaluate import predict
+
+    if args.top_k < 1:
+        raise ConfigError([f"--top-k must be 1 or more, got {args.top_k}"])
+    result = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
+                     progress=args.progress)
+    _print_skipped(result.skipped)
+    if args.format == "json":
+        print(json.dumps({
+            "predictions": [
+                {"path": p.path, "top_k": [{"label": l, "probability": round(q, 6)} for l, q in zip(p.labels, p.probabilities)]}
+                for p in result.predictions
+            ],
+            "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
+        }, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        k = len(result.predictions[0].labels) if result.predictions else args.top_k
+        writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability"))])
+        for p in result.predictions:
+            writer.writerow([p.path, *(v for l, q in zip(p.labels, p.probabilities) for v in (l, f"{q:.6f}"))])
+    else:
+        width = max([len(p.path) for p in result.predictions] + [5])
+        for p in result.predictions:
+            ranked = "  ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probabilities))
+            print(f"{p.path:<{width}}  {ranked}")
+    if not result.predictions:
+        print("error: no readable images among the inputs", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from transferkit.report import write_report
+
+    path = write_report(args.runs, args.output)
+    print(f"report written to {path}")
+    return 0
+
+
+COMMANDS = {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report}
+
+
 def _quiet_libraries(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -168,11 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="transferkit", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _train_parser(subparsers)
+    _evaluate_parser(subparsers)
+    _predict_parser(subparsers)
+    _report_parser(subparsers)
     args = parser.parse_args(argv)
     _quiet_libraries(getattr(args, "verbose", False))
     try:
-        if args.command == "train":
-            return _run_train(args)
+        return COMMANDS[args.command](args)
     except ConfigError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -183,8 +311,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command}")
-    return 2
 
 
 if __name__ == "__main__":

@@ -227,6 +227,7 @@ class TrainConfig:
         default="32-true", metadata=_help("Lightning precision: 32-true, bf16-mixed, 16-mixed")
     )
     progress: bool = field(default=True, metadata=_help("show progress bars"))
+    report: bool = field(default=True, metadata=_help("write figures and report.html at the end"))
 
     def __post_init__(self) -> None:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]

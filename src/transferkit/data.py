@@ -234,7 +234,8 @@ def discover(
     max_per_class: int | None = None,
 ) -> DatasetIndex:
     """Find classes and images; split them when the folder has no train/val folders."""
-    root = Path(root)
+    # Absolute paths in splits.csv keep a run folder usable from any working directory.
+    root = Path(root).absolute()
     if not root.is_dir():
         raise DataError(f"{root} not found; expected a folder {root}/<class>/<image>.jpg")
     extensions = image_extensions()
@@ -283,6 +284,32 @@ def discover(
     if max_per_class is not None:
         splits = {name: _limit_per_class(items, max_per_class, seed) for name, items in splits.items()}
     return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped, layout=layout)
+
+
+def read_labelled_folder(
+    root: str | os.PathLike[str], classes: list[str]
+) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """(path, label) pairs of ``root/<class>/*`` labelled with a trained model's ``classes``.
+
+    The folder may hold only some of the classes; a class the model does not know is an error
+    that lists it, since its images could never be predicted right.
+    """
+    from transferkit.errors import close_matches
+
+    root = Path(root).absolute()
+    if not root.is_dir():
+        raise DataError(f"{root} not found; expected a folder {root}/<class>/<image>.jpg")
+    tree, skipped = _read_class_tree(root, image_extensions())
+    unknown = sorted(set(tree) - set(classes))
+    if unknown:
+        hints = "".join(close_matches(name, classes, n=1) for name in unknown)
+        raise DataError(
+            f"class folders in {root} that the model was not trained on: {', '.join(unknown)}; "
+            f"the model knows {', '.join(classes)}; rename or remove those folders.{hints}"
+        )
+    label_of = {name: i for i, name in enumerate(classes)}
+    items = [(path, label_of[name]) for name in sorted(tree, key=label_of.__getitem__) for path in tree[name]]
+    return items, skipped
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

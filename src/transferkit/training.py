@@ -30,12 +30,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from transferkit import models
-from transferkit._io import read_json, write_json, write_text
+from transferkit._io import read_csv_rows, read_json, write_json, write_text
 from transferkit.config import PhaseConfig, TrainConfig, parse_unfreeze
 from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
 from transferkit.datasets import resolve_data_source
 from transferkit.errors import RunFolderError
-from transferkit.inference import image_loader, run_module
+from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
+from transferkit.inference import image_loader, run_module, softmax
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.loss(logits, y)
+        # Validation loss is a measurement, not an objective: plain log loss, so that phases and
+        # runs trained with different smoothing or class weights compare on one scale.
+        loss = self.loss(logits, y) if stage == "train" else F.cross_entropy(logits, y)
         accuracy = (logits.argmax(dim=1) == y).float().mean()
         on_step = stage == "train"
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(y), sync_dist=True)
@@ -155,15 +158,8 @@ class HistoryCallback(L.Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - self.started, 3),
         }
-        rows = [r for r in read_history(self.path) if (r["phase"], int(r["epoch"])) != (self.phase, row["epoch"])]
+        rows = [r for r in read_csv_rows(self.path) if (r["phase"], int(r["epoch"])) != (self.phase, row["epoch"])]
         write_history(self.path, rows + [row])
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -305,7 +301,7 @@ class _Run:
         if trainer.interrupted:
             raise KeyboardInterrupt
         best = Path(checkpoint.best_model_path)
-        rows = [r for r in read_history(self.run_dir / "history.csv") if r["phase"] == name and r["val_loss"]]
+        rows = [r for r in read_csv_rows(self.run_dir / "history.csv") if r["phase"] == name and r["val_loss"]]
         best_row = min(rows, key=lambda r: float(r["val_loss"]))
         self._load_checkpoint(str(best.relative_to(self.run_dir)))
         self.progress["phases"][name] = {
@@ -384,16 +380,34 @@ class _Run:
                 return models.get_head(self.model.eval())(self.features[split])
         return self._run_on_split(self.model, split, "evaluate")
 
-
-def split_metrics(logits: torch.Tensor, targets: list[int], num_classes: int) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    predictions = logits.argmax(dim=1).numpy()
-    return {
-        "accuracy": float(accuracy_score(targets, predictions)),
-        "macro_f1": float(f1_score(targets, predictions, average="macro", labels=list(range(num_classes)), zero_division=0)),
-        "images": len(targets),
-    }
+    def evaluate_phases(self) -> dict[str, Any]:
+        """Judge every phase's best checkpoint on val and test, so the report can set frozen
+        features against fine-tuning; then save the best phase's model and its evaluations."""
+        splits = [split for split in ("val", "test") if split in self.index.splits]
+        phases = self.progress["phases"]
+        probabilities: dict[str, dict[str, Any]] = {}
+        for name in phases:
+            self._load_checkpoint(phases[name]["best_checkpoint"])
+            probabilities[name] = {split: softmax(self.logits(split, name)) for split in splits}
+            for split in splits:
+                phases[name][split] = headline(
+                    compute_metrics(probabilities[name][split], self.index.targets(split), self.index.classes)
+                )
+        best = self.best_phase()
+        self._load_checkpoint(phases[best]["best_checkpoint"])
+        models.save_model_folder(
+            self.model, self.run_dir / "model", self.index.classes, self.preprocessing, self.config.model
+        )
+        metrics: dict[str, Any] = {}
+        for split in splits:
+            evaluation = evaluation_from_probabilities(
+                split, self.index.classes, self.index.splits[split], probabilities[best][split]
+            )
+            evaluation.write(self.run_dir / "evaluation" / split)
+            metrics[split] = headline(evaluation.metrics)
+        metrics["best_phase"] = best
+        metrics["phases"] = phases
+        return metrics
 
 
 def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool) -> DatasetIndex:
@@ -402,10 +416,7 @@ def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool) -> Datase
     if resuming and splits_file.is_file():
         classes = read_json(run_dir / "classes.json")
         index = DatasetIndex.read_splits(root, classes, splits_file)
-        skipped_file = run_dir / "skipped.csv"
-        if skipped_file.is_file():
-            with skipped_file.open(newline="", encoding="utf-8") as handle:
-                index.skipped = [(row["path"], row["reason"]) for row in csv.DictReader(handle)]
+        index.skipped = [(row["path"], row["reason"]) for row in read_csv_rows(run_dir / "skipped.csv")]
         return index
     index = discover(root, config.data.split, config.seed, config.data.max_per_class)
     paths = [path for items in index.splits.values() for path, _ in items]
@@ -464,23 +475,18 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if config.finetune.epochs > 0:
         run.finetune_phase()
 
-    best = run.best_phase()
-    run._load_checkpoint(run.progress["phases"][best]["best_checkpoint"])
-    metrics: dict[str, Any] = {}
-    for split in ("val", "test"):
-        if split in index.splits:
-            logits = run.logits(split, best)
-            metrics[split] = split_metrics(logits, index.targets(split), len(index.classes))
+    metrics = run.evaluate_phases()
     elapsed = time.perf_counter() - started
-    metrics["best_phase"] = best
-    metrics["phases"] = run.progress["phases"]
     # Wall time of the invocation that finished the run (after a resume, the resumed part).
     metrics["train_seconds"] = round(elapsed, 2)
-    models.save_model_folder(run.model, run_dir / "model", index.classes, run.preprocessing, config.model)
     write_json(run_dir / "metrics.json", metrics)
+    if config.report:
+        from transferkit.report import write_report
+
+        write_report([run_dir])
     return TrainResult(
         run_dir=run_dir, classes=index.classes, counts=index.counts(), metrics=metrics,
-        skipped=index.skipped, best_phase=best,
+        skipped=index.skipped, best_phase=metrics["best_phase"],
     )
 
 

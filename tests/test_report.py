@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from transferkit.cli import main
+from transferkit.report import FIGURES, plot_confusion_matrix, read_run, write_figures
+
+SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)
+
+
+def embedded_images(page: str) -> list[Image.Image]:
+    return [
+        Image.open(io.BytesIO(base64.b64decode(data)))
+        for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    ]
+
+
+def test_training_writes_every_figure_as_a_readable_png(trained_run: Path) -> None:
+    for name in FIGURES:
+        path = trained_run / "figures" / f"{name}.png"
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            width, height = image.size
+        assert 400 <= width <= 4000 and 250 <= height <= 4000, f"{name}.png is {width}x{height}"
+
+
+def test_the_report_is_one_self_contained_file_with_every_section(trained_run: Path) -> None:
+    page = (trained_run / "report.html").read_text(encoding="utf-8")
+    for section in SECTIONS:
+        assert f'id="{section}"' in page, f"section {section} missing"
+    assert "truncated.jpg" in page, "skipped files are listed"
+    assert re.search(r'(src|href)="(?!data:)', page) is None, "nothing may load from outside the file"
+    images = embedded_images(page)
+    assert len(images) == len(FIGURES)
+    assert all(image.size[0] >= 400 for image in images)
+
+
+def test_report_of_two_runs_puts_them_side_by_side(trained_run: Path, tmp_path: Path) -> None:
+    second = tmp_path / "second"
+    shutil.copytree(trained_run, second)
+    output = tmp_path / "both.html"
+
+    assert main(["report", str(trained_run), str(second), "--output", str(output)]) == 0
+
+    page = output.read_text(encoding="utf-8")
+    comparison = page.split('id="comparison"')[1].split("</section>")[0]
+    assert "run" in comparison and "second" in comparison and "accuracy" in comparison
+    assert len(embedded_images(page)) == 2 * len(FIGURES)
+
+
+def test_confusion_matrix_stays_readable_with_many_classes(trained_run: Path) -> None:
+    classes = [f"class_{i:02d}" for i in range(60)]
+    counts = torch.eye(60, dtype=torch.int64) * 5
+    counts[3, 7] = 2
+    metrics = {"confusion_matrix": counts.tolist(), "confusion_matrix_normalized": (counts / counts.sum(1, keepdim=True)).tolist()}
+    figure = plot_confusion_matrix(metrics, classes, "test")
+    width, height = figure.get_size_inches() * figure.dpi
+    assert height >= 60 * 12, "at least about 12 pixels per class row"
+    labels = [tick.get_text() for tick in figure.axes[0].get_yticklabels()]
+    assert labels == classes, "every class is named, not numbered"
+
+
+def test_figures_are_redrawn_from_the_run_folder_alone(trained_run: Path, tmp_path: Path) -> None:
+    written = write_figures(read_run(trained_run), tmp_path / "figures")
+    assert set(written) == set(FIGURES)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
+def test_the_report_renders_in_a_real_browser_with_every_image_decoded(trained_run: Path, tmp_path: Path) -> None:
+    # Chromium loads the page and a probe script counts the images it actually decoded.
+    page = (trained_run / "report.html").read_text(encoding="utf-8")
+    probe = (
+        "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+        "document.body.setAttribute('data-decoded',i.filter(x=>x.complete&&x.naturalWidth>0).length);"
+        "document.body.setAttribute('data-sections',document.querySelectorAll('h2').length);});</script>"
+    )
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom",
+         probed.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert f'data-decoded="{len(FIGURES)}"' in dom
+    assert int(re.search(r'data-sections="(\d+)"', dom).group(1)) >= 5
