@@ -54,3 +54,24 @@ def test_bad_data_folder_is_a_one_line_error(tmp_path: Path) -> None:
     assert process.returncode == 2
     assert process.stderr.strip().count("\n") == 0
     assert "only one class ('red')" in process.stderr and "at least two class folders" in process.stderr
+
+
+def test_train_with_relative_paths_then_evaluate_from_elsewhere(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Users type relative paths; the run folder must still work once they cd elsewhere.
+    make_folder(tmp_path / "data", per_class=12)
+    monkeypatch.chdir(tmp_path)
+    code = main([
+        "train", "data", "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64",
+        "--num-workers", "0", "--frozen-epochs", "2", "--finetune-epochs", "1", "--no-progress", "--no-report",
+    ])
+    assert code == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert "run folder: " + str(run_dir) in capsys.readouterr().out
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(run_dir), "--split", "val", "--no-progress"]) == 0
+    assert "accuracy" in capsys.readouterr().out

@@ -458,7 +458,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     interrupted phase continues from its last checkpoint.
     """
     started = time.perf_counter()
-    run_dir = Path(config.output) if config.output else _default_run_dir(config)
+    # Absolute, because Lightning reports checkpoint paths absolute and they are stored relative.
+    run_dir = (Path(config.output) if config.output else _default_run_dir(config)).absolute()
     if not resume and (run_dir / "config.yaml").exists():
         raise RunFolderError(
             f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
