@@ -152,7 +152,9 @@ def test_embedded_efficientnet_lite0_weights_recognise_ants_and_bees() -> None:
         models.load_embedded_state_dict(imagenet, models.embedded_weights_file("tf_efficientnet_lite0"))
     )
     preprocessing = resolve_preprocessing(model)
-    assert preprocessing["mean"] == (0.5, 0.5, 0.5) and preprocessing["input_size"] == (3, 224, 224)
+    assert preprocessing["mean"] == (0.5, 0.5, 0.5)
+    assert preprocessing["input_size"] == (3, 256, 256), "the embedded weights' test size, not the 224 px they trained at"
+    assert resolve_preprocessing(model, image_size=180)["input_size"] == (3, 180, 180), "--image-size still wins"
     transform = create_transform(preprocessing)
     ants = sorted((SHARED_DATASETS / "hymenoptera" / "val" / "ants").glob("*.jpg"))[:6]
     bees = sorted((SHARED_DATASETS / "hymenoptera" / "val" / "bees").glob("*.jpg"))[:6]

@@ -188,8 +188,10 @@ def default_frozen_phase() -> PhaseConfig:
 
 
 def default_finetune_phase() -> PhaseConfig:
+    # Two epochs: each is a full pass through the backbone, the bulk of a CPU run's time. At 256 px
+    # a third took hymenoptera from ~52 s to 66-68 s, and tf_flowers from 0.9253 to 0.9293.
     return PhaseConfig(
-        epochs=3, lr=1e-4, weight_decay=1e-2, augment="light", patience=2, unfreeze="3", warmup_epochs=0.0
+        epochs=2, lr=1e-4, weight_decay=1e-2, augment="light", patience=2, unfreeze="3", warmup_epochs=0.0
     )
 
 

