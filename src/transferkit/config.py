@@ -26,6 +26,11 @@ def _help(text: str, **kwargs: Any) -> dict[str, Any]:
     return {"help": text, **kwargs}
 
 
+def default_num_workers() -> int:
+    """Image-decoding worker processes when none are asked for: one per core, at most 8."""
+    return min(os.cpu_count() or 1, 8)
+
+
 @dataclass
 class DataConfig:
     source: str = field(
@@ -86,7 +91,7 @@ class DataConfig:
         return found
 
     def resolved_num_workers(self) -> int:
-        return self.num_workers if self.num_workers is not None else min(os.cpu_count() or 1, 8)
+        return self.num_workers if self.num_workers is not None else default_num_workers()
 
 
 @dataclass

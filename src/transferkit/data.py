@@ -118,9 +118,10 @@ def _visible(entry: os.DirEntry[str] | Path) -> bool:
     return not name.startswith(".") and name.lower() not in IGNORED_FILES
 
 
-def _list_class_files(folder: Path, extensions: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files anywhere below a class folder (nested folders count), sorted; symlinked
-    folders are not followed, so a symlink loop cannot hang discovery."""
+def list_image_files(folder: Path, extensions: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files anywhere below ``folder`` (nested folders count) and the other files found;
+    hidden files are ignored and symlinked folders are not followed, so a symlink loop cannot
+    hang discovery."""
     images, skipped = [], []
     for current, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -166,7 +167,7 @@ def _read_class_tree(root: Path, extensions: set[str]) -> tuple[dict[str, list[s
     classes: dict[str, list[str]] = {}
     skipped = [(str(p), "image outside any class folder") for p in loose]
     for folder in folders:
-        images, ignored = _list_class_files(folder, extensions)
+        images, ignored = list_image_files(folder, extensions)
         classes[folder.name] = images
         skipped += ignored
     return classes, skipped
@@ -227,6 +228,15 @@ def _limit_per_class(items: list[tuple[str, int]], limit: int, seed: int) -> lis
     return kept
 
 
+def split_folders(root: Path) -> dict[str, Path]:
+    """{'train' | 'val' | 'test': folder} for the split folders directly in ``root``."""
+    return {
+        SPLIT_ALIASES[p.name.lower()]: p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.lower() in SPLIT_ALIASES
+    }
+
+
 def discover(
     root: str | os.PathLike[str],
     split: tuple[float, float, float] = (0.8, 0.16, 0.04),
@@ -239,11 +249,7 @@ def discover(
     if not root.is_dir():
         raise DataError(f"{root} not found; expected a folder {root}/<class>/<image>.jpg")
     extensions = image_extensions()
-    split_dirs = {
-        SPLIT_ALIASES[p.name.lower()]: p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.lower() in SPLIT_ALIASES
-    }
+    split_dirs = split_folders(root)
     skipped: list[tuple[str, str]] = []
     if "train" in split_dirs:
         trees = {}

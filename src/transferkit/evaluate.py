@@ -10,14 +10,17 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, read_csv_rows, write_json
-from transferkit.data import SPLIT_ALIASES, DatasetIndex, image_extensions, read_labelled_folder, scan_images
+from transferkit._io import atomic_write, write_json
+from transferkit.data import (
+    DatasetIndex, image_extensions, list_image_files, read_labelled_folder, scan_images, split_folders,
+)
 from transferkit.errors import DataError, RunFolderError
 from transferkit.inference import Classifier, load_classifier
 
@@ -61,6 +64,12 @@ def expected_calibration_error(bins: dict[str, Any]) -> float:
     )
 
 
+def label_losses(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's probability of its true label, and its log loss."""
+    label_probability = np.asarray(probabilities, dtype=np.float64)[np.arange(len(targets)), targets]
+    return label_probability, -np.log(np.clip(label_probability, 1e-15, None))
+
+
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 
@@ -92,8 +101,7 @@ def compute_metrics(
     with np.errstate(invalid="ignore", divide="ignore"):
         normalized = np.nan_to_num(confusion / confusion.sum(axis=1, keepdims=True))
     bins = reliability_bins(probabilities, targets)
-    label_probability = probabilities[np.arange(len(targets)), targets]
-    losses = -np.log(np.clip(label_probability, 1e-15, None))
+    label_probability, losses = label_losses(probabilities, targets)
 
     off_diagonal = [
         (int(confusion[t, p]), t, p) for t in labels for p in labels if t != p and confusion[t, p] > 0
@@ -170,16 +178,17 @@ class Evaluation:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "metrics.json", {"name": self.name, "skipped": len(self.skipped), **self.metrics})
         predictions = self.probabilities.argmax(axis=1)
+        label_probability, losses = label_losses(self.probabilities, self.targets)
 
         def write_rows(tmp: Path) -> None:
             with tmp.open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(PREDICTION_COLUMNS)
-                for path, label, predicted, row in zip(self.paths, self.targets, predictions, self.probabilities):
-                    label_probability = float(row[label])
+                rows = zip(self.paths, self.targets, predictions, self.probabilities, label_probability, losses)
+                for path, label, predicted, row, probability, loss in rows:
                     writer.writerow([
                         path, self.classes[label], self.classes[predicted], f"{row[predicted]:.6f}",
-                        f"{label_probability:.6f}", f"{-np.log(max(label_probability, 1e-15)):.6f}",
+                        f"{probability:.6f}", f"{loss:.6f}",
                     ])
 
         atomic_write(folder / "predictions.csv", write_rows)
@@ -197,21 +206,23 @@ def evaluation_from_probabilities(
     )
 
 
-def _run_split_items(run_dir: Path, split: str, classes: list[str]) -> list[tuple[str, int]]:
+def default_split(split_names: Iterable[str]) -> str:
+    """The split a run is judged on: test when the run has one, else validation."""
+    return "test" if "test" in split_names else "val"
+
+
+def _run_split_items(run_dir: Path, split: str | None, classes: list[str]) -> tuple[str, list[tuple[str, int]]]:
+    """(split, its items) from the run's splits.csv; ``split`` None means the default one."""
     splits_file = run_dir / "splits.csv"
     if not splits_file.is_file():
         raise RunFolderError(f"{run_dir} is not a finished run folder: {splits_file} is missing")
     index = DatasetIndex.read_splits(run_dir, classes, splits_file)
+    split = split or default_split(index.splits)
     if split not in index.splits:
         raise DataError(
             f"run {run_dir} has no {split} split (it has {', '.join(index.splits)}); choose one of those"
         )
-    return index.splits[split]
-
-
-def default_split(run_dir: str | os.PathLike[str]) -> str:
-    """The split a run is judged on: test when the run has one, else validation."""
-    return "test" if any(row["split"] == "test" for row in read_csv_rows(Path(run_dir) / "splits.csv")) else "val"
+    return split, index.splits[split]
 
 
 def evaluate(
@@ -234,14 +245,13 @@ def evaluate(
     run_dir = Path(run)
     classifier = load_classifier(run_dir)
     if data is None:
-        split = split or default_split(run_dir)
-        items = _run_split_items(run_dir, split, classifier.classes)
+        split, items = _run_split_items(run_dir, split, classifier.classes)
         skipped: list[tuple[str, str]] = []
         name = split
     else:
         root = Path(data)
         if split is not None:
-            folders = {SPLIT_ALIASES.get(p.name.lower()): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
+            folders = split_folders(root) if root.is_dir() else {}
             if split not in folders:
                 raise DataError(f"{root} has no {split} folder; point at a folder of class folders or drop --split")
             root = folders[split]
@@ -288,10 +298,7 @@ def collect_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[str], lis
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(
-                str(p) for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in extensions and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            found = sorted(list_image_files(path, extensions)[0])
             if not found:
                 skipped.append((str(path), "folder holds no image files"))
             files += found

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transferkit.config import default_num_workers
 from transferkit.data import ImageDataset, create_transform, resize_side
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class Classifier:
         """Class probabilities, one row per image path, in order."""
         if not paths:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
+        workers = default_num_workers() if num_workers is None else num_workers
         logits = run_module(
             self._module(tta), [(p, 0) for p in paths], self.preprocessing, batch_size=batch_size,
             num_workers=workers if len(paths) > batch_size else 0, device=self.device, progress=progress and len(paths) > batch_size,

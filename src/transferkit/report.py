@@ -206,14 +206,14 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunSummary:
     from transferkit.evaluate import default_split, evaluate
 
     run_dir = Path(run_dir)
-    split = default_split(run_dir)
-    evaluation_dir = run_dir / "evaluation" / split
-    if not (evaluation_dir / "metrics.json").is_file():
-        evaluate(run_dir, split=split)
     classes = read_json(run_dir / "classes.json")
     counts: dict[str, dict[str, int]] = {}
     for row in read_csv_rows(run_dir / "splits.csv"):
         counts.setdefault(row["split"], {name: 0 for name in classes})[row["class"]] += 1
+    split = default_split(counts)
+    evaluation_dir = run_dir / "evaluation" / split
+    if not (evaluation_dir / "metrics.json").is_file():
+        evaluate(run_dir, split=split)
     return RunSummary(
         run_dir=run_dir,
         config_text=(run_dir / "config.yaml").read_text(encoding="utf-8"),

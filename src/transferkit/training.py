@@ -385,16 +385,16 @@ class _Run:
         features against fine-tuning; then save the best phase's model and its evaluations."""
         splits = [split for split in ("val", "test") if split in self.index.splits]
         phases = self.progress["phases"]
+        best = self.best_phase()
         probabilities: dict[str, dict[str, Any]] = {}
-        for name in phases:
+        # The best phase goes last, so its weights are the ones left loaded for saving.
+        for name in sorted(phases, key=lambda name: name == best):
             self._load_checkpoint(phases[name]["best_checkpoint"])
             probabilities[name] = {split: softmax(self.logits(split, name)) for split in splits}
             for split in splits:
                 phases[name][split] = headline(
                     compute_metrics(probabilities[name][split], self.index.targets(split), self.index.classes)
                 )
-        best = self.best_phase()
-        self._load_checkpoint(phases[best]["best_checkpoint"])
         models.save_model_folder(
             self.model, self.run_dir / "model", self.index.classes, self.preprocessing, self.config.model
         )
