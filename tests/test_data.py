@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import COLOURS, make_folder, make_image
-from transferkit.data import discover, load_image, scan_images
+from transferkit.data import discover, load_image, preprocess_image, scan_images
 from transferkit.datasets import resolve_data_source
 from transferkit.errors import DataError
 
@@ -151,3 +151,20 @@ def test_scan_lists_every_unreadable_file(tmp_path: Path) -> None:
     failures = scan_images([str(p) for p in (good, truncated, empty, html)])
     assert set(failures) == {str(truncated), str(empty), str(html)}
     assert all(reason for reason in failures.values())
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(301, 199), (199, 301), (64, 64), (1000, 37)])
+def test_preprocessing_equals_timms_eval_transform(interpolation: str, size: tuple[int, int]) -> None:
+    """The torch-free preprocessing that ONNX inference and serving use must feed the model
+    exactly what timm's own eval transform would: a wrong crop quietly costs accuracy."""
+    import timm.data
+
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    preprocessing = {
+        "input_size": (3, 56, 56), "interpolation": interpolation, "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center",
+    }
+    reference = timm.data.create_transform(**preprocessing)(image).numpy()
+    np.testing.assert_allclose(preprocess_image(image, preprocessing), reference, rtol=0, atol=1e-6)

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 from conftest import COLOURS, make_folder, make_image
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
-from transferkit.data import create_transform, load_image, resize_side
+from transferkit.data import load_image, resize_side
 from transferkit.errors import DataError
 from transferkit.evaluate import compute_metrics, evaluate, predict
 from transferkit.inference import load_classifier
@@ -110,7 +110,7 @@ def eager_probabilities(run_dir: Path, paths: list[str]) -> np.ndarray:
     """The saved model rebuilt through timm alone, fed by hand: the reference for every output."""
     model = timm.create_model(f"local-dir:{run_dir / 'model'}", pretrained=True).eval()
     preprocessing = json.loads((run_dir / "model" / "config.json").read_text())["transferkit"]["preprocessing"]
-    transform = create_transform(preprocessing)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     batch = torch.stack([transform(load_image(p, resize_side(preprocessing))) for p in paths])
     with torch.no_grad():
         return model(batch).softmax(dim=1).numpy()

@@ -1,42 +1,70 @@
-"""transferkit: a folder of labelled images in, an accurate, deployable image classifier out."""
+"""transferkit: a folder of labelled images in, an accurate, deployable image classifier out.
 
-from transferkit.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig
-from transferkit.data import DatasetIndex, discover
-from transferkit.datasets import list_datasets, resolve_data_source
-from transferkit.evaluate import Evaluation, PredictionResult, compute_metrics, evaluate, predict
-from transferkit.errors import ConfigError, DataError, RunFolderError, TransferkitError, WeightsUnavailableError
-from transferkit.inference import Classifier, load_classifier
-from transferkit.models import create_classifier, load_model
-from transferkit.report import write_report
-from transferkit.training import TrainResult, load_config, resume, train
+Names load on first use (PEP 562), so ``import transferkit`` and the command line start
+without torch, and an exported ``.onnx`` model runs where torch is not installed.
+"""
 
-__all__ = [
-    "Classifier",
-    "ConfigError",
-    "DataConfig",
-    "DataError",
-    "DatasetIndex",
-    "Evaluation",
-    "ModelConfig",
-    "PhaseConfig",
-    "PredictionResult",
-    "RunFolderError",
-    "TrainConfig",
-    "TrainResult",
-    "TransferkitError",
-    "WeightsUnavailableError",
-    "compute_metrics",
-    "create_classifier",
-    "discover",
-    "evaluate",
-    "list_datasets",
-    "load_classifier",
-    "load_config",
-    "load_model",
-    "predict",
-    "resolve_data_source",
-    "resume",
-    "train",
-    "write_report",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# Functions named like their module load now: importing the submodule later would otherwise
+# bind ``transferkit.evaluate`` to the module, not the function. Both modules are torch-free.
+from transferkit.evaluate import Evaluation, PredictionResult, compute_metrics, evaluate, predict  # noqa: E402
+from transferkit.export import ExportResult, export  # noqa: E402
+
+_EXPORTS = {
+    "Classifier": "inference",
+    "ConfigError": "errors",
+    "DataConfig": "config",
+    "DataError": "errors",
+    "DatasetIndex": "data",
+    "ModelConfig": "config",
+    "PhaseConfig": "config",
+    "RunFolderError": "errors",
+    "TrainConfig": "config",
+    "TrainResult": "training",
+    "TransferkitError": "errors",
+    "WeightsUnavailableError": "errors",
+    "create_app": "serve",
+    "create_classifier": "models",
+    "discover": "data",
+    "list_datasets": "datasets",
+    "load_classifier": "inference",
+    "load_config": "training",
+    "load_model": "models",
+    "resolve_data_source": "datasets",
+    "resume": "training",
+    "summarize": "summary",
+    "train": "training",
+    "write_report": "report",
+}
+__all__ = sorted([*_EXPORTS, "Evaluation", "ExportResult", "PredictionResult", "compute_metrics", "evaluate", "export", "predict"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"transferkit.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from transferkit.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig
+    from transferkit.data import DatasetIndex, discover
+    from transferkit.datasets import list_datasets, resolve_data_source
+    from transferkit.errors import ConfigError, DataError, RunFolderError, TransferkitError, WeightsUnavailableError
+    from transferkit.inference import Classifier, load_classifier
+    from transferkit.models import create_classifier, load_model
+    from transferkit.report import write_report
+    from transferkit.serve import create_app
+    from transferkit.summary import summarize
+    from transferkit.training import TrainResult, load_config, resume, train

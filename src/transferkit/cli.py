@@ -157,7 +157,7 @@ def _evaluate_parser(subparsers: Any) -> None:
         "evaluate", help="metrics of a trained run on one of its splits or on a labelled folder",
         description="Metrics of a run's model; writes metrics.json and predictions.csv.",
     )
-    parser.add_argument("run", metavar="RUN", help="run folder (or its model/ folder with --data)")
+    parser.add_argument("run", metavar="RUN", help="run folder, or an exported .onnx file (which needs DATA)")
     parser.add_argument("data", metavar="DATA", nargs="?", help="labelled folder DATA/<class>/*; default: the run's own split")
     parser.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate (default: test, else val)")
     parser.add_argument("--output", metavar="DIR", help="folder for metrics.json and predictions.csv (default: RUN/evaluation/<name>)")
@@ -176,7 +176,7 @@ def _predict_parser(subparsers: Any) -> None:
         "predict", help="top-k labels for images or folders of images",
         description="Top-k labels with probabilities for every image; unreadable files are listed and skipped.",
     )
-    parser.add_argument("run", metavar="RUN", help="run folder or its model/ folder")
+    parser.add_argument("run", metavar="RUN", help="run folder, its model/ folder, or an exported .onnx file")
     parser.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
@@ -190,6 +190,21 @@ def _report_parser(subparsers: Any) -> None:
     )
     parser.add_argument("runs", metavar="RUN", nargs="+", help="run folders")
     parser.add_argument("--output", metavar="FILE", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")
+
+
+def _export_parser(subparsers: Any) -> None:
+    from transferkit.export import FORMATS, QUANTIZATIONS
+
+    parser = subparsers.add_parser(
+        "export", help="export a run's model to ONNX (float or int8) or TorchScript",
+        description="Export a run's model and check the file against the eager model on the validation split.",
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder")
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="dynamic int8 quantisation of the weights (ONNX only)")
+    parser.add_argument("--output", metavar="FILE", help="file to write (default: RUN/export/model[.int8].onnx or model.torchscript.pt)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch in the check (default: 64)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
 
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
@@ -268,6 +283,19 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from transferkit.export import export
+
+    result = export(args.run, format=args.format, quantize=args.quantize, output=args.output,
+                    batch_size=args.batch_size, progress=args.progress)
+    print(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.format}{'-' + result.quantize if result.quantize else ''})")
+    print(f"checked on {result.images} validation images against the eager float model:")
+    print(f"  max |probability difference|  {result.max_abs_diff:.2e}")
+    change = result.accuracy - result.reference_accuracy
+    print(f"  accuracy  exported {result.accuracy:.4f}  eager {result.reference_accuracy:.4f}  change {change:+.4f}")
+    return 0
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from transferkit.report import write_report
 
@@ -276,7 +304,10 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report}
+COMMANDS = {
+    "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
+    "export": _run_export,
+}
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -297,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _evaluate_parser(subparsers)
     _predict_parser(subparsers)
     _report_parser(subparsers)
+    _export_parser(subparsers)
     args = parser.parse_args(argv)
     _quiet_libraries(getattr(args, "verbose", False))
     try:
@@ -311,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (``| head``) has gone; Python would print a traceback flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Image folders: discovery, seeded stratified splits, robust decoding, and transforms taken from
-the backbone's pretrained config."""
+the backbone's pretrained config.
+
+Nothing here imports torch at module level: an exported ``.onnx`` model is read, preprocessed
+and run with Pillow, NumPy and ONNX Runtime alone."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import warnings
@@ -11,14 +15,15 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
-from torch.utils.data import Dataset
 
 from transferkit.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -325,20 +330,21 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray((array.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8))
 
 
-def load_image(path: str | os.PathLike[str], min_side: int | None = None) -> Image.Image:
-    """Decode any image Pillow reads as RGB, EXIF orientation applied.
+def load_image(
+    source: str | os.PathLike[str] | IO[bytes], min_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """Decode any image Pillow reads (a path or a binary file) as RGB, EXIF orientation applied.
 
     ``min_side``: JPEGs are decoded at a reduced scale (Pillow's draft mode) as long as both
     sides stay at least this large, which cuts decoding time several-fold for large photos.
     Transparent images are composited on white, so their background does not turn black.
+    The pixel count is checked from the header, before anything is decoded.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise DataError(
-                    f"{image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit"
-                )
+        with Image.open(source) as image:
+            if image.width * image.height > max_pixels:
+                raise DataError(f"{image.width}x{image.height} pixels is over the {max_pixels:,}-pixel limit")
             if min_side and image.format == "JPEG":
                 image.draft("RGB", (min_side, min_side))
             image.load()
@@ -399,17 +405,43 @@ def resize_side(preprocessing: dict[str, Any]) -> int:
     return int(np.floor(size / preprocessing.get("crop_pct", 1.0)))
 
 
+RESAMPLING = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+
+
+def preprocess_image(image: Image.Image, preprocessing: dict[str, Any]) -> np.ndarray:
+    """The evaluation transform as a float32 CHW array: resize the shorter side, centre crop,
+    scale to [0, 1], normalize. It computes exactly what timm's eval transform (torchvision's
+    Resize, CenterCrop, ToTensor, Normalize) computes, without torch; a test holds them equal."""
+    size = preprocessing["input_size"][-1]
+    short = resize_side(preprocessing)
+    width, height = image.size
+    if width <= height:
+        new_size = (short, int(short * height / width))
+    else:
+        new_size = (int(short * width / height), short)
+    image = image.resize(new_size, RESAMPLING[preprocessing.get("interpolation", "bilinear")])
+    left, top = int(round((new_size[0] - size) / 2.0)), int(round((new_size[1] - size) / 2.0))
+    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / np.float32(255)
+    array = (array - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(preprocessing["std"], np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _preprocess_to_tensor(image: Image.Image, preprocessing: dict[str, Any]) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(preprocess_image(image, preprocessing))
+
+
 def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> Any:
     from torchvision import transforms as T
     from torchvision.transforms import InterpolationMode
 
+    if augment == "none":
+        # A partial of a module-level function pickles, so spawned DataLoader workers can take it.
+        return functools.partial(_preprocess_to_tensor, preprocessing=preprocessing)
     size = preprocessing["input_size"][-1]
     interpolation = InterpolationMode(preprocessing.get("interpolation", "bilinear"))
     normalize = [T.ToTensor(), T.Normalize(preprocessing["mean"], preprocessing["std"])]
-    if augment == "none":
-        return T.Compose(
-            [T.Resize(resize_side(preprocessing), interpolation=interpolation), T.CenterCrop(size), *normalize]
-        )
     if augment == "light":
         return T.Compose(
             [
@@ -429,8 +461,8 @@ def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> An
     )
 
 
-class ImageDataset(Dataset):
-    """(image tensor, label) pairs; ``min_side`` enables reduced-scale JPEG decoding."""
+class ImageDataset:
+    """(image tensor, label) pairs for a DataLoader; ``min_side`` enables reduced-scale JPEG decoding."""
 
     def __init__(self, items: list[tuple[str, int]], transform: Any, min_side: int | None = None):
         self.items = items

@@ -211,7 +211,7 @@ def default_split(split_names: Iterable[str]) -> str:
     return "test" if "test" in split_names else "val"
 
 
-def _run_split_items(run_dir: Path, split: str | None, classes: list[str]) -> tuple[str, list[tuple[str, int]]]:
+def run_split_items(run_dir: Path, split: str | None, classes: list[str]) -> tuple[str, list[tuple[str, int]]]:
     """(split, its items) from the run's splits.csv; ``split`` None means the default one."""
     splits_file = run_dir / "splits.csv"
     if not splits_file.is_file():
@@ -241,11 +241,14 @@ def evaluate(
     fine); a folder holding train/val/test folders is read at ``split`` (default test).
     Without ``data``, the run's own ``split`` is used (default: test, else val). The metrics
     and one row per image are written to ``output`` (default ``RUN/evaluation/<name>``).
+    ``run`` may also be an exported ``.onnx`` file, which then needs ``data``.
     """
     run_dir = Path(run)
     classifier = load_classifier(run_dir)
     if data is None:
-        split, items = _run_split_items(run_dir, split, classifier.classes)
+        if run_dir.suffix.lower() == ".onnx":
+            raise DataError(f"{run_dir} is a model file without data splits; give a labelled folder DATA to evaluate on")
+        split, items = run_split_items(run_dir, split, classifier.classes)
         skipped: list[tuple[str, str]] = []
         name = split
     else:
@@ -270,7 +273,9 @@ def evaluate(
     evaluation = evaluation_from_probabilities(name, classifier.classes, items, probabilities)
     evaluation.skipped = skipped
     evaluation.metrics["tta"] = tta
-    evaluation.write(Path(output) if output else run_dir / "evaluation" / (name + ("-tta" if tta else "")))
+    # An exported file keeps its evaluations beside it, as a run keeps them in its folder.
+    home = run_dir.parent if run_dir.suffix.lower() == ".onnx" else run_dir
+    evaluation.write(Path(output) if output else home / "evaluation" / (name + ("-tta" if tta else "")))
     return evaluation
 
 

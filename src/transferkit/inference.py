@@ -1,56 +1,178 @@
-"""Batch inference over image files: backbone features for the frozen phase, logits for
-evaluation. On CPU the module runs through ONNX Runtime, measured 4x faster than eager PyTorch
-for EfficientNet-Lite0 on a 2-core machine; eager PyTorch (channels_last) is the fallback."""
+"""Batch inference over image files.
+
+A ``Classifier`` is class names, preprocessing and a forward function from a float32 NCHW
+batch to logits. An exported ``.onnx`` file gives one through ONNX Runtime alone, without
+importing torch or timm. A run folder gives one through the same ONNX Runtime path on CPU
+(measured 4x faster than eager PyTorch for EfficientNet-Lite0 on a 2-core machine), or
+through eager PyTorch on a GPU or where ONNX cannot express the model.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
-import tempfile
 import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
 from transferkit.config import default_num_workers
-from transferkit.data import ImageDataset, create_transform, resize_side
+from transferkit.data import load_image, preprocess_image, resize_side
+from transferkit.errors import DataError, RunFolderError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
+Forward = Callable[[np.ndarray], np.ndarray]
+"""A float32 (N, 3, H, W) batch in, (N, classes or features) out."""
 
-def onnx_session(module: nn.Module, input_size: tuple[int, ...], path: Path | None = None) -> Any | None:
-    """Export ``module`` with a dynamic batch axis and open an ORT session; None if either fails."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    module = module.eval()
-    with tempfile.TemporaryDirectory() as work:
-        target = path or Path(work) / "module.onnx"
+ONNX_INPUT = "input"
+ONNX_OUTPUT = "logits"
+ONNX_METADATA_KEY = "transferkit"
+ONNX_OPSET = 17
+
+
+# --- the input pipeline ---------------------------------------------------------------------
+
+
+def preprocessed_batches(
+    paths: list[str], preprocessing: dict[str, Any], batch_size: int = 64, num_workers: int = 0
+) -> Iterator[np.ndarray]:
+    """Decoded, preprocessed images in order, ``batch_size`` at a time.
+
+    Threads, not processes: Pillow's decoder and resize and NumPy's arithmetic release the GIL
+    (measured 670 img/s with 2 threads against 564 img/s for a 2-process DataLoader on
+    tf_flowers), and there is no process start-up. At most two batches are in flight, so a
+    slow model never makes the images pile up in memory.
+    """
+    min_side = resize_side(preprocessing)
+
+    def load(path: str) -> np.ndarray:
         try:
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    module,
-                    (torch.zeros(1, *input_size),),
-                    str(target),
-                    input_names=["input"],
-                    output_names=["output"],
-                    dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                    opset_version=17,
-                    dynamo=False,
-                )
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.log_severity_level = 3
-            return ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # an architecture ONNX cannot express: eager still works
-            log.info("ONNX export of %s failed (%s); using eager PyTorch", type(module).__name__, error)
-            return None
+            return preprocess_image(load_image(path, min_side), preprocessing)
+        except Exception as error:
+            raise DataError(f"{path} could not be read ({error}); remove or replace the file") from None
+
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        pending: deque[Future[np.ndarray]] = deque()
+        remaining = iter(paths)
+        while True:
+            for path in remaining:
+                pending.append(pool.submit(load, path))
+                if len(pending) >= 2 * batch_size:
+                    break
+            if not pending:
+                return
+            yield np.stack([pending.popleft().result() for _ in range(min(batch_size, len(pending)))])
+
+
+def run_forward(
+    forward: Forward,
+    paths: list[str],
+    preprocessing: dict[str, Any],
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = False,
+    description: str = "",
+) -> np.ndarray:
+    """``forward`` of every image, in order, without augmentation."""
+    from tqdm.auto import tqdm
+
+    workers = default_num_workers() if num_workers is None else num_workers
+    batches = preprocessed_batches(paths, preprocessing, batch_size, workers)
+    total = -(-len(paths) // batch_size)
+    outputs = [forward(batch) for batch in tqdm(batches, total=total, desc=description, disable=not progress,
+                                                leave=False, unit="batch")]
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# --- forward functions ------------------------------------------------------------------------
+
+
+def create_session(model: str | os.PathLike[str] | bytes) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_forward(session: Any) -> Forward:
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def export_onnx(module: nn.Module, input_size: tuple[int, ...], target: str | os.PathLike[str] | io.BytesIO) -> None:
+    """``module`` as ONNX with a dynamic batch axis, input ``input`` and output ``logits``."""
+    import torch
+
+    module = module.eval()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, *input_size),),
+            target if isinstance(target, io.BytesIO) else str(target),
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
+            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+
+
+def onnx_session(module: nn.Module, input_size: tuple[int, ...]) -> Any | None:
+    """An ONNX Runtime session of ``module``, exported in memory; None if ONNX cannot express it."""
+    try:
+        buffer = io.BytesIO()
+        export_onnx(module, input_size, buffer)
+        return create_session(buffer.getvalue())
+    except Exception as error:  # an architecture ONNX cannot express: eager still works
+        log.info("ONNX export of %s failed (%s); using eager PyTorch", type(module).__name__, error)
+        return None
+
+
+def torch_forward(module: nn.Module, device: str) -> Forward:
+    import torch
+
+    module = module.eval().to(device)
+    if device == "cpu":
+        module = module.to(memory_format=torch.channels_last)
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(batch).to(device)
+        if device == "cpu":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return module(images).float().cpu().numpy()
+
+    return forward
+
+
+def module_forward(module: nn.Module, input_size: tuple[int, ...], device: str) -> Forward:
+    """ONNX Runtime on CPU when the module exports, eager PyTorch otherwise."""
+    session = onnx_session(module, input_size) if device == "cpu" else None
+    return onnx_forward(session) if session is not None else torch_forward(module, device)
+
+
+# --- torch-side helpers for training -----------------------------------------------------------
 
 
 def image_loader(
@@ -62,9 +184,14 @@ def image_loader(
     shuffle: bool = False,
     sampler: Any = None,
 ) -> DataLoader:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from transferkit.data import ImageDataset, create_transform
+
     dataset = ImageDataset(items, create_transform(preprocessing, augment), min_side=resize_side(preprocessing))
     return DataLoader(
-        dataset,
+        dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
@@ -83,75 +210,44 @@ def run_module(
     device: str = "cpu",
     progress: bool = False,
     description: str = "",
-    session: Any | None = None,
 ) -> torch.Tensor:
-    """Outputs of ``module`` for every image, in order, without augmentation.
-
-    ``session`` is an ONNX Runtime session of ``module`` made earlier; on CPU one is made
-    here when none is given.
-    """
-    from tqdm.auto import tqdm
+    """Outputs of ``module`` for every image, in order, without augmentation."""
+    import torch
 
     if not items:
         return torch.empty(0)
-    loader = image_loader(items, preprocessing, batch_size, num_workers)
-    if session is None and device == "cpu":
-        session = onnx_session(module, preprocessing["input_size"])
-    if session is None:
-        module = module.eval().to(device)
-        if device == "cpu":
-            module = module.to(memory_format=torch.channels_last)
-    outputs = []
-    with torch.inference_mode():
-        for images, _ in tqdm(loader, desc=description, disable=not progress, leave=False, unit="batch"):
-            if session is not None:
-                outputs.append(torch.from_numpy(session.run(None, {"input": images.numpy()})[0]))
-            else:
-                if device == "cpu":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                outputs.append(module(images.to(device)).float().cpu())
-    return torch.cat(outputs)
+    forward = module_forward(module, preprocessing["input_size"], device)
+    outputs = run_forward(forward, [path for path, _ in items], preprocessing, batch_size, num_workers, progress, description)
+    return torch.from_numpy(outputs)
 
 
-def softmax(logits: torch.Tensor) -> np.ndarray:
-    return torch.softmax(logits.float(), dim=1).numpy()
-
-
-class FlipAverage(nn.Module):
-    """Test-time augmentation: the log of the mean softmax over the image and its mirror image."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probabilities = (self.model(x).softmax(dim=1) + self.model(torch.flip(x, dims=[3])).softmax(dim=1)) / 2
-        return probabilities.clamp_min(1e-12).log()
+# --- the classifier -----------------------------------------------------------------------------
 
 
 class Classifier:
     """A trained classifier with its class names and preprocessing, ready for batch inference.
 
-    The ONNX Runtime session is built on first use and kept, so a server or a loop of calls
-    pays for the export once.
+    ``info`` says where it came from (architecture, source file); servers show it.
     """
 
-    def __init__(self, model: nn.Module, classes: list[str], preprocessing: dict[str, Any], device: str | None = None):
-        self.model = model.eval()
-        self.classes = classes
+    def __init__(self, forward: Forward, classes: list[str], preprocessing: dict[str, Any], info: dict[str, Any] | None = None):
+        self.forward = forward
+        self.classes = list(classes)
         self.preprocessing = preprocessing
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._sessions: dict[bool, Any] = {}
+        self.info = info or {}
 
-    def _module(self, tta: bool) -> nn.Module:
-        return FlipAverage(self.model) if tta else self.model
+    def probabilities_of_batch(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Class probabilities of a preprocessed batch; ``tta`` averages each image with its mirror image."""
+        probabilities = softmax(self.forward(batch))
+        if tta:
+            probabilities = (probabilities + softmax(self.forward(np.ascontiguousarray(batch[..., ::-1])))) / 2
+        return probabilities
 
-    def _session(self, tta: bool) -> Any | None:
-        if self.device != "cpu":
-            return None
-        if tta not in self._sessions:
-            self._sessions[tta] = onnx_session(self._module(tta), self.preprocessing["input_size"])
-        return self._sessions[tta]
+    def probabilities_of_images(self, images: list[Image.Image], tta: bool = False) -> np.ndarray:
+        """Class probabilities of decoded RGB images, one row per image."""
+        if not images:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return self.probabilities_of_batch(np.stack([preprocess_image(image, self.preprocessing) for image in images]), tta)
 
     def probabilities(
         self,
@@ -164,28 +260,61 @@ class Classifier:
         """Class probabilities, one row per image path, in order."""
         if not paths:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        workers = default_num_workers() if num_workers is None else num_workers
-        logits = run_module(
-            self._module(tta), [(p, 0) for p in paths], self.preprocessing, batch_size=batch_size,
-            num_workers=workers if len(paths) > batch_size else 0, device=self.device, progress=progress and len(paths) > batch_size,
-            description="predict", session=self._session(tta),
+        return run_forward(
+            lambda batch: self.probabilities_of_batch(batch, tta), paths, self.preprocessing, batch_size,
+            num_workers, progress=progress and len(paths) > batch_size, description="predict",
         )
-        return softmax(logits)
 
 
-def load_classifier(path: str | os.PathLike[str], device: str | None = None) -> Classifier:
-    """A Classifier from a run folder or from its ``model/`` folder."""
+def onnx_metadata(classes: list[str], preprocessing: dict[str, Any], info: dict[str, Any]) -> dict[str, str]:
+    """What an exported file carries so it can be used alone: class names, preprocessing, origin."""
+    content = {
+        "classes": list(classes),
+        "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()},
+        **info,
+    }
+    return {ONNX_METADATA_KEY: json.dumps(content)}
+
+
+def load_onnx_classifier(path: str | os.PathLike[str]) -> Classifier:
+    """A Classifier from a ``.onnx`` file written by ``transferkit export``; needs no torch."""
+    path = Path(path)
+    try:
+        session = create_session(path)
+    except Exception as error:
+        raise RunFolderError(f"{path} is not a readable ONNX model ({str(error).splitlines()[0]})") from None
+    found = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+    if not found:
+        raise RunFolderError(
+            f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`"
+        )
+    content = json.loads(found)
+    preprocessing = dict(content.pop("preprocessing"))
+    preprocessing["input_size"] = tuple(preprocessing["input_size"])
+    classes = content.pop("classes")
+    return Classifier(onnx_forward(session), classes, preprocessing, {**content, "source": str(path)})
+
+
+def load_classifier(path: str | os.PathLike[str], device: str | None = None, eager: bool = False) -> Classifier:
+    """A Classifier from a run folder, its ``model/`` folder, or an exported ``.onnx`` file.
+
+    ``eager`` runs a run's model in PyTorch even on CPU: the reference exports are checked against.
+    """
+    folder = Path(path)
+    if folder.suffix.lower() == ".onnx" and folder.is_file():
+        return load_onnx_classifier(folder)
+    import torch
+
+    from transferkit.data import resolve_preprocessing
     from transferkit.models import load_model
 
-    folder = Path(path)
     if (folder / "model" / "config.json").is_file():
         folder = folder / "model"
     model, config = load_model(folder)
-    preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {})
-    if not preprocessing:
-        from transferkit.data import resolve_preprocessing
-
-        preprocessing = resolve_preprocessing(model)
+    preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {}) or resolve_preprocessing(model)
     preprocessing["input_size"] = tuple(preprocessing["input_size"])
     classes = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
-    return Classifier(model, list(classes), preprocessing, device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    forward = torch_forward(model, device) if eager else module_forward(model, preprocessing["input_size"], device)
+    info = {"architecture": config["architecture"], "source": str(folder)}
+    return Classifier(forward, list(classes), preprocessing, info)

@@ -390,7 +390,7 @@ class _Run:
         # The best phase goes last, so its weights are the ones left loaded for saving.
         for name in sorted(phases, key=lambda name: name == best):
             self._load_checkpoint(phases[name]["best_checkpoint"])
-            probabilities[name] = {split: softmax(self.logits(split, name)) for split in splits}
+            probabilities[name] = {split: softmax(self.logits(split, name).numpy()) for split in splits}
             for split in splits:
                 phases[name][split] = headline(
                     compute_metrics(probabilities[name][split], self.index.targets(split), self.index.classes)

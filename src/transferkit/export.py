@@ -1,0 +1,196 @@
+"""Export a trained run to ONNX (float or int8) or TorchScript. Every export checks itself: the
+exported file is loaded back the way a user would load it and run on the run's validation
+images next to the eager PyTorch model.
+
+torch is imported inside the functions, so ``import transferkit`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit._io import atomic_write
+from transferkit.errors import ConfigError, RunFolderError
+from transferkit.inference import (
+    Classifier, export_onnx, load_classifier, load_onnx_classifier, onnx_metadata, run_forward, softmax, torch_forward,
+)
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+QUANTIZATIONS = ("int8",)
+TORCHSCRIPT_METADATA_FILE = "transferkit.json"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    quantize: str | None
+    size_bytes: int
+    images: int
+    """Validation images the export was checked on."""
+    max_abs_diff: float
+    """Largest difference of any class probability between the export and the eager model."""
+    accuracy: float
+    reference_accuracy: float
+    """The eager float model's accuracy on the same images."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+def _default_path(run_dir: Path, format: str, quantize: str | None) -> Path:
+    name = "model.torchscript.pt" if format == "torchscript" else f"model{'.' + quantize if quantize else ''}.onnx"
+    return run_dir / "export" / name
+
+
+def _check_options(format: str, quantize: str | None) -> None:
+    problems = []
+    if format not in FORMATS:
+        problems.append(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        problems.append(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if quantize is not None and format != "onnx":
+        problems.append("--quantize int8 works on ONNX only; use --format onnx")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _write_onnx(model: Any, classifier_info: dict[str, Any], path: Path, quantize: str | None) -> None:
+    import onnx
+
+    def write(tmp: Path) -> None:
+        export_onnx(model, classifier_info["preprocessing"]["input_size"], tmp)
+        if quantize == "int8":
+            _quantize_int8(tmp)
+        proto = onnx.load(str(tmp))
+        metadata = onnx_metadata(
+            classifier_info["classes"], classifier_info["preprocessing"],
+            {k: v for k, v in classifier_info.items() if k not in ("classes", "preprocessing")},
+        )
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(tmp))
+
+    atomic_write(path, write)
+
+
+def _quantize_int8(path: Path) -> None:
+    """Dynamic int8 quantisation of the weights in place, after ORT's recommended pre-processing
+    (shape inference and graph optimisation)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    root = logging.getLogger()
+    level = root.level
+    # The quantiser logs a warning on the root logger for every shape tensor it rightly skips.
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            prepared = Path(work) / "prepared.onnx"
+            quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+            quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def _write_torchscript(model: Any, classifier_info: dict[str, Any], path: Path) -> None:
+    import warnings
+
+    import torch
+
+    size = classifier_info["preprocessing"]["input_size"]
+    with warnings.catch_warnings(), torch.no_grad():
+        # torch.jit is deprecated upstream in favour of torch.export, but still runs everywhere
+        # TorchScript does (C++ libtorch, older mobile runtimes), which is why people ask for it.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model.eval(), torch.zeros(1, *size))
+    extra = {TORCHSCRIPT_METADATA_FILE: json.dumps(classifier_info)}
+    atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+
+
+def _load_torchscript(path: Path) -> Classifier:
+    import warnings
+
+    import torch
+
+    extra = {TORCHSCRIPT_METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    info = json.loads(extra[TORCHSCRIPT_METADATA_FILE])
+    forward = torch_forward(module, "cpu")
+    return Classifier(forward, info.pop("classes"), info.pop("preprocessing"), info)
+
+
+def export(
+    run: str | os.PathLike[str],
+    format: str = "onnx",
+    quantize: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> ExportResult:
+    """Export a run's model and check the file against the eager model on the validation split.
+
+    ONNX files have a dynamic batch axis, input ``input`` (float32 NCHW, preprocessed) and
+    output ``logits``; the class names and preprocessing are in the metadata property
+    ``transferkit`` (JSON), so ``load_classifier`` and ``transferkit predict`` use the file
+    alone. The default output is ``RUN/export/model[.int8].onnx`` or
+    ``RUN/export/model.torchscript.pt``.
+    """
+    from transferkit.evaluate import run_split_items
+    from transferkit.models import load_model
+
+    _check_options(format, quantize)
+    run_dir = Path(run)
+    if run_dir.name == "model" and (run_dir.parent / "splits.csv").is_file():
+        run_dir = run_dir.parent
+    if not (run_dir / "model" / "config.json").is_file():
+        raise RunFolderError(f"{run_dir} is not a finished run folder: {run_dir / 'model'} is missing")
+    model, config = load_model(run_dir / "model")
+    reference = load_classifier(run_dir, device="cpu", eager=True)
+    _, items = run_split_items(run_dir, "val", reference.classes)
+    paths = [path for path, _ in items]
+    targets = np.array([label for _, label in items])
+
+    info = {
+        "classes": reference.classes,
+        "preprocessing": reference.preprocessing,
+        "architecture": config["architecture"],
+        "format": format + (f"-{quantize}" if quantize else ""),
+    }
+    path = Path(output) if output else _default_path(run_dir, format, quantize)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if format == "onnx":
+        _write_onnx(model, info, path, quantize)
+        exported = load_onnx_classifier(path)
+    else:
+        _write_torchscript(model, info, path)
+        exported = _load_torchscript(path)
+
+    options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
+    expected = softmax(run_forward(reference.forward, paths, reference.preprocessing, description="eager", **options))
+    actual = softmax(run_forward(exported.forward, paths, exported.preprocessing, description="export", **options))
+    result = ExportResult(
+        path=path,
+        format=format,
+        quantize=quantize,
+        size_bytes=path.stat().st_size,
+        images=len(paths),
+        max_abs_diff=float(np.abs(actual - expected).max()) if len(paths) else 0.0,
+        accuracy=float((actual.argmax(axis=1) == targets).mean()) if len(paths) else float("nan"),
+        reference_accuracy=float((expected.argmax(axis=1) == targets).mean()) if len(paths) else float("nan"),
+    )
+    log.debug("exported %s: max |difference| %.2e on %d images", path, result.max_abs_diff, result.images)
+    return result
+

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from transferkit._io import read_csv_rows
+from transferkit.cli import main
+from transferkit.evaluate import evaluate, predict
+from transferkit.export import export
+from transferkit.inference import load_classifier
+
+
+def val_paths(run_dir: Path) -> list[str]:
+    return [row["path"] for row in read_csv_rows(run_dir / "splits.csv") if row["split"] == "val"]
+
+
+def test_onnx_export_matches_the_eager_model_and_carries_its_metadata(trained_run: Path, tmp_path: Path) -> None:
+    result = export(trained_run, output=tmp_path / "model.onnx")
+
+    assert result.path.is_file() and result.size_bytes == result.path.stat().st_size
+    assert result.images == len(val_paths(trained_run))
+    assert result.max_abs_diff <= 1e-4
+    assert result.accuracy == result.reference_accuracy
+
+    proto = onnx.load(str(result.path))
+    metadata = json.loads({p.key: p.value for p in proto.metadata_props}["transferkit"])
+    assert metadata["classes"] == ["blue", "green", "red"]
+    assert metadata["preprocessing"]["input_size"] == [3, 64, 64]
+    assert metadata["architecture"] == "test_efficientnet"
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        outputs = session.run(None, {"input": np.zeros((batch, 3, 64, 64), np.float32)})[0]
+        assert outputs.shape == (batch, 3), "the batch axis is dynamic"
+
+
+def test_int8_export_is_smaller_and_stays_close(trained_run: Path, tmp_path: Path) -> None:
+    float_result = export(trained_run, output=tmp_path / "model.onnx")
+    int8 = export(trained_run, quantize="int8", output=tmp_path / "model.int8.onnx")
+
+    assert int8.size_bytes < 0.5 * float_result.size_bytes
+    # Stated tolerance for dynamic int8: probabilities within 0.25, accuracy within 10 points.
+    assert 0 < int8.max_abs_diff <= 0.25
+    assert abs(int8.accuracy - int8.reference_accuracy) <= 0.10
+    assert load_classifier(int8.path).classes == ["blue", "green", "red"]
+
+
+def test_torchscript_export_matches_the_eager_model(trained_run: Path, tmp_path: Path) -> None:
+    import torch
+
+    result = export(trained_run, format="torchscript", output=tmp_path / "model.pt")
+
+    assert result.max_abs_diff <= 1e-5 and result.accuracy == result.reference_accuracy
+    extra = {"transferkit.json": ""}
+    module = torch.jit.load(str(result.path), _extra_files=extra)
+    assert json.loads(extra["transferkit.json"])["classes"] == ["blue", "green", "red"]
+    assert module(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_predict_and_evaluate_take_the_onnx_file_like_the_run(trained_run: Path, tmp_path: Path) -> None:
+    onnx_file = export(trained_run, output=tmp_path / "model.onnx").path
+    paths = val_paths(trained_run)
+
+    from_run = predict(trained_run, paths, top_k=3)
+    from_file = predict(onnx_file, paths, top_k=3)
+    assert [p.labels for p in from_file.predictions] == [p.labels for p in from_run.predictions]
+    np.testing.assert_allclose(
+        [p.probabilities for p in from_file.predictions], [p.probabilities for p in from_run.predictions], atol=1e-5
+    )
+
+    data = trained_run.parent / "data"
+    evaluation = evaluate(onnx_file, data)
+    assert evaluation.output == tmp_path / "evaluation" / "data"
+    assert evaluation.metrics["images"] == 60
+    assert [Path(path).name for path, _ in evaluation.skipped] == ["truncated.jpg"]
+
+
+def test_onnx_predict_runs_without_torch_or_timm(trained_run: Path, tmp_path: Path) -> None:
+    onnx_file = export(trained_run, output=tmp_path / "model.onnx").path
+    image = val_paths(trained_run)[0]
+    # None in sys.modules makes any import of torch or timm fail, as on a machine without them.
+    script = (
+        "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None; sys.modules['torchvision'] = None\n"
+        "from transferkit.cli import main\n"
+        f"sys.exit(main(['predict', {str(onnx_file)!r}, {image!r}, '--format', 'json', '--top-k', '1']))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+    assert completed.returncode == 0, completed.stderr
+    top = json.loads(completed.stdout)["predictions"][0]["top_k"][0]
+    expected = predict(trained_run, [image], top_k=1).predictions[0]
+    assert top["label"] == expected.labels[0]
+    assert top["probability"] == pytest.approx(expected.probabilities[0], abs=1e-5)
+
+
+def test_export_problems_are_one_line_each(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(trained_run), "--format", "torchscript", "--quantize", "int8"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --quantize int8 works on ONNX only; use --format onnx"
+
+    assert main(["export", str(tmp_path)]) == 2
+    assert "is not a finished run folder" in capsys.readouterr().err
+
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_text("hello")
+    assert main(["predict", str(not_onnx), str(not_onnx)]) == 2
+    assert "is not a readable ONNX model" in capsys.readouterr().err
+
+    onnx_file = export(trained_run, output=tmp_path / "exported.onnx").path
+    assert main(["evaluate", str(onnx_file)]) == 2
+    assert "give a labelled folder DATA" in capsys.readouterr().err
+
+
+def test_export_command_prints_the_check(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "cli.onnx"
+    assert main(["export", str(trained_run), "--output", str(target), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"exported {target}" in out
+    assert "max |probability difference|" in out and "accuracy  exported" in out
+    assert target.is_file()
