@@ -207,6 +207,26 @@ def _export_parser(subparsers: Any) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
 
+def _serve_parser(subparsers: Any) -> None:
+    from transferkit.serve import ServeLimits
+
+    defaults = ServeLimits()
+    parser = subparsers.add_parser(
+        "serve", help="a web page and REST API for a run or an exported .onnx file",
+        description="GET / (a page to drop an image on), POST /predict, GET /model, GET /health.",
+    )
+    parser.add_argument("model", metavar="RUN_OR_ONNX", help="run folder or exported .onnx file")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help=f"labels per image (default: {defaults.top_k})")
+    parser.add_argument("--max-file-mb", type=float, default=defaults.max_file_bytes / 2**20,
+                        help=f"largest accepted file in MiB (default: {defaults.max_file_bytes / 2**20:g})")
+    parser.add_argument("--max-files", type=int, default=defaults.max_files,
+                        help=f"most files per request (default: {defaults.max_files})")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help=f"most pixels per image (default: {defaults.max_pixels:,})")
+
+
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     print(title)
     rows = [("accuracy", metrics["accuracy"]), ("balanced accuracy", metrics["balanced_accuracy"])]
@@ -296,6 +316,16 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from transferkit.serve import ServeLimits, serve
+
+    limits = ServeLimits(top_k=args.top_k, max_file_bytes=int(args.max_file_mb * 2**20), max_files=args.max_files,
+                         max_pixels=args.max_pixels)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve(args.model, host=args.host, port=args.port, limits=limits)
+    return 0
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from transferkit.report import write_report
 
@@ -306,7 +336,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
-    "export": _run_export,
+    "export": _run_export, "serve": _run_serve,
 }
 
 
@@ -329,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _predict_parser(subparsers)
     _report_parser(subparsers)
     _export_parser(subparsers)
+    _serve_parser(subparsers)
     args = parser.parse_args(argv)
     _quiet_libraries(getattr(args, "verbose", False))
     try:
