@@ -10,10 +10,12 @@ from conftest import make_folder
 from transferkit.cli import main
 
 
-def test_help_lists_the_train_command_and_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_every_command_and_the_train_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "train" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    for command in ("train", "evaluate", "predict", "report", "export", "serve", "summary"):
+        assert f"    {command}" in listed, command
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out

@@ -227,6 +227,17 @@ def _serve_parser(subparsers: Any) -> None:
                         help=f"most pixels per image (default: {defaults.max_pixels:,})")
 
 
+def _summary_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "summary", help="the model layer by layer: type, output shape, parameters, which phase trains it",
+        description="Prints the table and writes it with an architecture diagram (architecture.txt, architecture.png).",
+    )
+    parser.add_argument("source", metavar="RUN_OR_MODEL_NAME", help="run folder, or any timm model name (trained with the default recipe)")
+    parser.add_argument("--depth", type=int, help="levels of sub-modules to list (default: down to the blocks fine-tuning unfreezes)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="head size for a model name (default: 1000)")
+    parser.add_argument("--output", metavar="DIR", help="folder for the files (default: the run folder, or . for a model name)")
+
+
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     print(title)
     rows = [("accuracy", metrics["accuracy"]), ("balanced accuracy", metrics["balanced_accuracy"])]
@@ -326,6 +337,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_summary(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transferkit.summary import summarize, write_summary
+
+    summary = summarize(args.source, depth=args.depth, num_classes=args.num_classes)
+    is_run = (Path(args.source) / "model").is_dir()
+    folder = Path(args.output) if args.output else Path(args.source) if is_run else Path(".")
+    stem = "architecture" if is_run else args.source.replace("/", "_").replace(":", "_") + "-architecture"
+    print(summary.table())
+    table, image = write_summary(summary, folder, stem)
+    print(f"\nwritten to {table} and {image}")
+    return 0
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from transferkit.report import write_report
 
@@ -336,7 +362,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
-    "export": _run_export, "serve": _run_serve,
+    "export": _run_export, "serve": _run_serve, "summary": _run_summary,
 }
 
 
@@ -360,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _report_parser(subparsers)
     _export_parser(subparsers)
     _serve_parser(subparsers)
+    _summary_parser(subparsers)
     args = parser.parse_args(argv)
     _quiet_libraries(getattr(args, "verbose", False))
     try:
