@@ -343,7 +343,7 @@ def _run_summary(args: argparse.Namespace) -> int:
     from transferkit.summary import summarize, write_summary
 
     summary = summarize(args.source, depth=args.depth, num_classes=args.num_classes)
-    is_run = (Path(args.source) / "model").is_dir()
+    is_run = (Path(args.source) / "model" / "config.json").is_file()
     folder = Path(args.output) if args.output else Path(args.source) if is_run else Path(".")
     stem = "architecture" if is_run else args.source.replace("/", "_").replace(":", "_") + "-architecture"
     print(summary.table())

@@ -433,12 +433,12 @@ def _preprocess_to_tensor(image: Image.Image, preprocessing: dict[str, Any]) -> 
 
 
 def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> Any:
-    from torchvision import transforms as T
-    from torchvision.transforms import InterpolationMode
-
     if augment == "none":
         # A partial of a module-level function pickles, so spawned DataLoader workers can take it.
         return functools.partial(_preprocess_to_tensor, preprocessing=preprocessing)
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
     size = preprocessing["input_size"][-1]
     interpolation = InterpolationMode(preprocessing.get("interpolation", "bilinear"))
     normalize = [T.ToTensor(), T.Normalize(preprocessing["mean"], preprocessing["std"])]

@@ -20,7 +20,8 @@ import numpy as np
 from transferkit._io import atomic_write
 from transferkit.errors import ConfigError, RunFolderError
 from transferkit.inference import (
-    Classifier, export_onnx, load_classifier, load_onnx_classifier, onnx_metadata, run_forward, softmax, torch_forward,
+    ONNX_METADATA_KEY, Classifier, classifier_from_metadata, classifier_metadata, export_onnx, load_onnx_classifier,
+    load_run_model, run_forward, softmax, torch_forward,
 )
 
 log = logging.getLogger(__name__)
@@ -65,19 +66,15 @@ def _check_options(format: str, quantize: str | None) -> None:
         raise ConfigError(problems)
 
 
-def _write_onnx(model: Any, classifier_info: dict[str, Any], path: Path, quantize: str | None) -> None:
+def _write_onnx(model: Any, metadata: dict[str, Any], path: Path, quantize: str | None) -> None:
     import onnx
 
     def write(tmp: Path) -> None:
-        export_onnx(model, classifier_info["preprocessing"]["input_size"], tmp)
+        export_onnx(model, metadata["preprocessing"]["input_size"], tmp)
         if quantize == "int8":
             _quantize_int8(tmp)
         proto = onnx.load(str(tmp))
-        metadata = onnx_metadata(
-            classifier_info["classes"], classifier_info["preprocessing"],
-            {k: v for k, v in classifier_info.items() if k not in ("classes", "preprocessing")},
-        )
-        onnx.helper.set_model_props(proto, metadata)
+        onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata)})
         onnx.save(proto, str(tmp))
 
     atomic_write(path, write)
@@ -102,18 +99,18 @@ def _quantize_int8(path: Path) -> None:
         root.setLevel(level)
 
 
-def _write_torchscript(model: Any, classifier_info: dict[str, Any], path: Path) -> None:
+def _write_torchscript(model: Any, metadata: dict[str, Any], path: Path) -> None:
     import warnings
 
     import torch
 
-    size = classifier_info["preprocessing"]["input_size"]
+    size = metadata["preprocessing"]["input_size"]
     with warnings.catch_warnings(), torch.no_grad():
         # torch.jit is deprecated upstream in favour of torch.export, but still runs everywhere
         # TorchScript does (C++ libtorch, older mobile runtimes), which is why people ask for it.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model.eval(), torch.zeros(1, *size))
-    extra = {TORCHSCRIPT_METADATA_FILE: json.dumps(classifier_info)}
+    extra = {TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)}
     atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
 
 
@@ -126,9 +123,7 @@ def _load_torchscript(path: Path) -> Classifier:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    info = json.loads(extra[TORCHSCRIPT_METADATA_FILE])
-    forward = torch_forward(module, "cpu")
-    return Classifier(forward, info.pop("classes"), info.pop("preprocessing"), info)
+    return classifier_from_metadata(torch_forward(module, "cpu"), json.loads(extra[TORCHSCRIPT_METADATA_FILE]), str(path))
 
 
 def export(
@@ -149,7 +144,6 @@ def export(
     ``RUN/export/model.torchscript.pt``.
     """
     from transferkit.evaluate import run_split_items
-    from transferkit.models import load_model
 
     _check_options(format, quantize)
     run_dir = Path(run)
@@ -157,25 +151,19 @@ def export(
         run_dir = run_dir.parent
     if not (run_dir / "model" / "config.json").is_file():
         raise RunFolderError(f"{run_dir} is not a finished run folder: {run_dir / 'model'} is missing")
-    model, config = load_model(run_dir / "model")
-    reference = load_classifier(run_dir, device="cpu", eager=True)
+    model, reference = load_run_model(run_dir)
     _, items = run_split_items(run_dir, "val", reference.classes)
     paths = [path for path, _ in items]
     targets = np.array([label for _, label in items])
 
-    info = {
-        "classes": reference.classes,
-        "preprocessing": reference.preprocessing,
-        "architecture": config["architecture"],
-        "format": format + (f"-{quantize}" if quantize else ""),
-    }
+    metadata = {**classifier_metadata(reference), "format": format + (f"-{quantize}" if quantize else "")}
     path = Path(output) if output else _default_path(run_dir, format, quantize)
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
-        _write_onnx(model, info, path, quantize)
+        _write_onnx(model, metadata, path, quantize)
         exported = load_onnx_classifier(path)
     else:
-        _write_torchscript(model, info, path)
+        _write_torchscript(model, metadata, path)
         exported = _load_torchscript(path)
 
     options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}

@@ -266,14 +266,19 @@ class Classifier:
         )
 
 
-def onnx_metadata(classes: list[str], preprocessing: dict[str, Any], info: dict[str, Any]) -> dict[str, str]:
+def classifier_metadata(classifier: Classifier) -> dict[str, Any]:
     """What an exported file carries so it can be used alone: class names, preprocessing, origin."""
-    content = {
-        "classes": list(classes),
-        "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()},
-        **info,
-    }
-    return {ONNX_METADATA_KEY: json.dumps(content)}
+    preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in classifier.preprocessing.items()}
+    origin = {k: v for k, v in classifier.info.items() if k != "source"}
+    return {"classes": classifier.classes, "preprocessing": preprocessing, **origin}
+
+
+def classifier_from_metadata(forward: Forward, metadata: dict[str, Any], source: str) -> Classifier:
+    """The inverse of ``classifier_metadata``, for a file loaded from ``source``."""
+    content = dict(metadata)
+    preprocessing = dict(content.pop("preprocessing"))
+    preprocessing["input_size"] = tuple(preprocessing["input_size"])
+    return Classifier(forward, content.pop("classes"), preprocessing, {**content, "source": source})
 
 
 def load_onnx_classifier(path: str | os.PathLike[str]) -> Classifier:
@@ -288,33 +293,33 @@ def load_onnx_classifier(path: str | os.PathLike[str]) -> Classifier:
         raise RunFolderError(
             f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`"
         )
-    content = json.loads(found)
-    preprocessing = dict(content.pop("preprocessing"))
-    preprocessing["input_size"] = tuple(preprocessing["input_size"])
-    classes = content.pop("classes")
-    return Classifier(onnx_forward(session), classes, preprocessing, {**content, "source": str(path)})
+    return classifier_from_metadata(onnx_forward(session), json.loads(found), str(path))
 
 
-def load_classifier(path: str | os.PathLike[str], device: str | None = None, eager: bool = False) -> Classifier:
-    """A Classifier from a run folder, its ``model/`` folder, or an exported ``.onnx`` file.
-
-    ``eager`` runs a run's model in PyTorch even on CPU: the reference exports are checked against.
-    """
-    folder = Path(path)
-    if folder.suffix.lower() == ".onnx" and folder.is_file():
-        return load_onnx_classifier(folder)
-    import torch
-
+def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Classifier]:
+    """The torch model of a run folder (or its ``model/`` folder) in eval mode, with a
+    Classifier that runs it eagerly on CPU."""
     from transferkit.data import resolve_preprocessing
     from transferkit.models import load_model
 
+    folder = Path(path)
     if (folder / "model" / "config.json").is_file():
         folder = folder / "model"
     model, config = load_model(folder)
     preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {}) or resolve_preprocessing(model)
     preprocessing["input_size"] = tuple(preprocessing["input_size"])
     classes = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    forward = torch_forward(model, device) if eager else module_forward(model, preprocessing["input_size"], device)
     info = {"architecture": config["architecture"], "source": str(folder)}
-    return Classifier(forward, list(classes), preprocessing, info)
+    return model, Classifier(torch_forward(model, "cpu"), list(classes), preprocessing, info)
+
+
+def load_classifier(path: str | os.PathLike[str], device: str | None = None) -> Classifier:
+    """A Classifier from a run folder, its ``model/`` folder, or an exported ``.onnx`` file."""
+    if Path(path).suffix.lower() == ".onnx" and Path(path).is_file():
+        return load_onnx_classifier(path)
+    import torch
+
+    model, classifier = load_run_model(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    classifier.forward = module_forward(model, classifier.preprocessing["input_size"], device)
+    return classifier

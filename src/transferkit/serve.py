@@ -148,8 +148,7 @@ def serve(
     limits: ServeLimits | None = None,
 ) -> None:
     """Serve ``model`` until interrupted."""
-    _require_fastapi()
+    app = create_app(model, limits)
     import uvicorn
 
-    app = create_app(model, limits)
     uvicorn.run(app, host=host, port=port, log_level="warning")

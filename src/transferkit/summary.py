@@ -75,16 +75,15 @@ def _load(source: str, num_classes: int) -> tuple[nn.Module, dict[str, Any], dic
     """(model, preprocessing, phases) from a run folder, or a model name with the default recipe."""
     from transferkit.config import ModelConfig, default_finetune_phase, default_frozen_phase
     from transferkit.data import resolve_preprocessing
-    from transferkit.inference import load_classifier
-    from transferkit.models import create_classifier, load_model
+    from transferkit.inference import load_run_model
+    from transferkit.models import create_classifier
     from transferkit.training import load_config
 
     path = Path(source)
     if (path / "model" / "config.json").is_file():
-        model, _ = load_model(path / "model")
+        model, classifier = load_run_model(path)
         config = load_config(path)
-        preprocessing = load_classifier(path, device="cpu", eager=True).preprocessing
-        return model, preprocessing, {"frozen": config.frozen, "finetune": config.finetune}
+        return model, classifier.preprocessing, {"frozen": config.frozen, "finetune": config.finetune}
     try:
         model = create_classifier(ModelConfig(name=source), num_classes)
     except WeightsUnavailableError:
