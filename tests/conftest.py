@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,30 @@ def make_image(path: Path, colour: tuple[int, int, int], seed: int, size: tuple[
     return path
 
 
-def make_folder(root: Path, per_class: int = 10, classes: tuple[str, ...] = ("blue", "red"), split: str = "") -> Path:
+def make_folder(
+    root: Path, per_class: int = 10, classes: tuple[str, ...] = ("blue", "red"), split: str = "", first_seed: int = 0
+) -> Path:
     for k, name in enumerate(classes):
         for i in range(per_class):
-            make_image(root / split / name / f"{name}_{i:03d}.jpg", COLOURS[name], seed=k * 1000 + i)
+            make_image(root / split / name / f"{name}_{i:03d}.jpg", COLOURS[name], seed=first_seed + k * 1000 + i)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Session fixtures write their feature cache here, never into the user's own cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("cache")
+        patch.setenv("TRANSFERKIT_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test starts with an empty feature cache: what one test computed never leaks into another."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(folder))
+    return folder / "features"
 
 
 @pytest.fixture

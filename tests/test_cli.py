@@ -20,7 +20,8 @@ def test_help_lists_every_command_and_the_train_options(capsys: pytest.CaptureFi
         main(["train", "--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--weights", "--split", "--frozen-epochs", "--finetune-unfreeze", "--resume",
-                 "--class-balance", "--batchnorm", "--precision", "--devices", "--max-per-class"):
+                 "--class-balance", "--batchnorm", "--precision", "--devices", "--max-per-class", "--splits-from",
+                 "--cache-dir"):
         assert flag in text, flag
 
 
@@ -31,6 +32,7 @@ def test_help_lists_every_command_and_the_train_options(capsys: pytest.CaptureFi
         (["--frozen-optimizer", "lion"], "--frozen-optimizer must be one of adamw, adam, sgd, rmsprop"),
         (["--finetune-unfreeze", "many"], "--finetune-unfreeze must be a block count"),
         (["--model", "efficientnet_lite9"], "unknown model 'efficientnet_lite9'.*Did you mean"),
+        (["--splits-from", "no-such-run"], "no-such-run has no splits.csv, classes.json, skipped.csv"),
     ],
 )
 def test_config_errors_are_one_line_each_without_a_traceback(
@@ -45,6 +47,7 @@ def test_config_errors_are_one_line_each_without_a_traceback(
 
     assert re.search(message, error), error
     assert all(line.startswith("error: ") for line in error.strip().splitlines())
+    assert not (tmp_path / "run" / "config.yaml").exists(), "nothing to resume: the same command can run again"
 
 
 def test_bad_data_folder_is_a_one_line_error(tmp_path: Path) -> None:

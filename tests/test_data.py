@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import csv
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import COLOURS, make_folder, make_image
+from transferkit.cli import main
 from transferkit.data import discover, load_image, preprocess_image, scan_images
 from transferkit.datasets import resolve_data_source
 from transferkit.errors import DataError
@@ -168,3 +171,50 @@ def test_preprocessing_equals_timms_eval_transform(interpolation: str, size: tup
     }
     reference = timm.data.create_transform(**preprocessing)(image).numpy()
     np.testing.assert_allclose(preprocess_image(image, preprocessing), reference, rtol=0, atol=1e-6)
+
+
+def duplicated_folder(root: Path) -> Path:
+    """train/ and val/ with one image in both splits, one filed under two classes, one twice in a class."""
+    make_folder(root, per_class=12, split="train")
+    make_folder(root, per_class=4, split="val", first_seed=500)
+    leaked = root / "train" / "red" / "red_000.jpg"
+    shutil.copy(leaked, root / "val" / "red" / "copy_of_train.jpg")
+    shutil.copy(root / "train" / "red" / "red_001.jpg", root / "train" / "blue" / "actually_red.jpg")
+    shutil.copy(root / "train" / "blue" / "blue_002.jpg", root / "train" / "blue" / "blue_002 (1).jpg")
+    return root
+
+
+def test_identical_images_are_listed_by_kind_and_dropped_on_request(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = duplicated_folder(tmp_path / "data")
+    common = ["--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64",
+              "--num-workers", "0", "--frozen-epochs", "1", "--finetune-epochs", "0", "--no-progress", "--no-report"]
+    assert main(["train", str(data), "--output", str(tmp_path / "kept"), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "3 groups of identical images (1 across splits, 1 under two classes" in printed
+    with (tmp_path / "kept" / "duplicates.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {r["group"] for r in rows} == {"1", "2", "3"}
+    assert sum(1 for _ in (tmp_path / "kept" / "splits.csv").open()) - 1 == 12 * 2 + 4 * 2 + 3, "listed, not dropped"
+
+    assert main(["train", str(data), "--output", str(tmp_path / "dropped"), "--drop-duplicates", *common]) == 0
+    with (tmp_path / "dropped" / "skipped.csv").open() as handle:
+        skipped = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(handle)}
+    assert skipped["copy_of_train.jpg"].startswith("duplicate of") and "train/red/red_000.jpg" in skipped["copy_of_train.jpg"]
+    assert "filed under blue and red" in skipped["actually_red.jpg"] and "filed under blue and red" in skipped["red_001.jpg"]
+    assert len([name for name in skipped if name.startswith("blue_002")]) == 1, "one copy of a same-class pair stays"
+    used = (tmp_path / "dropped" / "splits.csv").read_text()
+    assert all(name not in used for name in ("copy_of_train.jpg", "actually_red.jpg", "train/red/red_001.jpg"))
+
+
+def test_class_imbalance_is_reported_with_the_fix(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_folder(tmp_path / "data", per_class=6, classes=("blue",))
+    make_folder(data, per_class=20, classes=("red",), first_seed=500)
+    assert main(["train", str(data), "--output", str(tmp_path / "run"), "--model", "test_efficientnet",
+                 "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0", "--frozen-epochs", "1",
+                 "--finetune-epochs", "0", "--no-progress", "--no-report"]) == 0
+    printed = capsys.readouterr().out
+    assert "class imbalance: red has 3.2x the training images of blue; --class-balance weight" in printed

@@ -167,3 +167,51 @@ def test_batchnorm_policy_holds_through_a_real_finetune(
     means = [k for k in initial if k.endswith("running_mean")]
     unchanged = all(torch.equal(initial[k], state[k]) for k in means)
     assert unchanged == (policy == "frozen")
+
+
+def test_the_same_seed_gives_identical_metrics_on_cpu(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
+    def outcome(name: str) -> tuple[list[dict[str, str]], dict]:
+        # Its own feature cache, so both runs compute everything; two decoding workers with
+        # augmentation, the parts most likely to break determinism.
+        options = tiny_options(
+            image_folder, tmp_path / name, tiny_weights,
+            **{"frozen.epochs": 2, "finetune.epochs": 2, "finetune.patience": 2, "finetune.augment": "strong",
+               "data.num_workers": 2, "cache_dir": str(tmp_path / f"cache-{name}")},
+        )
+        metrics = train(build_train_config(options)).metrics
+        rows = [{k: v for k, v in row.items() if k != "seconds"} for row in history(tmp_path / name)]
+        metrics.pop("train_seconds")
+        metrics.pop("features")
+        return rows, metrics
+
+    first, second = outcome("first"), outcome("second")
+    assert len(first[0]) == 4
+    assert first == second
+
+
+def test_two_cpu_processes_split_the_data_and_rank_zero_writes_the_run(tmp_path: Path, tiny_weights: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=25)
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
+        "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--batch-size", "16",
+        "--num-workers", "0", "--frozen-epochs", "2", "--finetune-epochs", "2", "--finetune-patience", "2",
+        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress",
+    ]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stderr.count("phase finetune: trainable") == 2, "both processes trained"
+    assert process.stdout.count("run folder:") == 1, "one summary, from rank zero"
+
+    # 40 training images, batches of 16: one process takes 3 steps an epoch; two processes that
+    # each get a disjoint half (Lightning's DistributedSampler) take 2.
+    for phase in ("frozen", "finetune"):
+        checkpoint = torch.load(run_dir / "checkpoints" / f"{phase}-last.ckpt", map_location="cpu", weights_only=True)
+        assert checkpoint["global_step"] == 2 * 2, phase
+    assert [(r["phase"], r["epoch"]) for r in history(run_dir)] == [
+        ("frozen", "1"), ("frozen", "2"), ("finetune", "1"), ("finetune", "2"),
+    ], "each epoch recorded once"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] >= 0.75
+    assert (run_dir / "report.html").is_file() and (run_dir / "model" / "model.safetensors").is_file()
+    assert not list(run_dir.rglob("*.tmp"))

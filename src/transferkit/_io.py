@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +49,33 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def write_csv_rows(path: str | os.PathLike[str], columns: list[str], rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def cache_home() -> Path:
+    """Where transferkit keeps what it can rebuild: $TRANSFERKIT_CACHE, else the user's cache folder."""
+    if os.environ.get("TRANSFERKIT_CACHE"):
+        return Path(os.environ["TRANSFERKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transferkit"
+
+
+def content_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> bytes:
+    """SHA-256 of a file's bytes: the same image under any name or folder has one digest."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def content_digests(paths: list[str], threads: int = 4) -> list[bytes]:
+    # hashlib releases the GIL on large buffers, so threads overlap reading and hashing.
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(content_digest, paths))

@@ -47,10 +47,13 @@ def _converter(kind: Any) -> Any:
     return str
 
 
-def _add_fields(parser: argparse.ArgumentParser, kind: type, prefix: str, dest_prefix: str, defaults: Any) -> None:
+def _add_fields(
+    parser: argparse.ArgumentParser, kind: type, prefix: str, dest_prefix: str, defaults: Any,
+    skip: frozenset[str] = frozenset(),
+) -> None:
     group = parser.add_argument_group(dest_prefix or "run")
     for spec in dataclasses.fields(kind):
-        if spec.name in TOP_LEVEL_SKIP and kind is TrainConfig:
+        if (spec.name in TOP_LEVEL_SKIP and kind is TrainConfig) or spec.name in skip:
             continue
         default = getattr(defaults, spec.name)
         help_text = spec.metadata.get("help", "")
@@ -124,8 +127,20 @@ def _print_train_summary(result: Any) -> None:
     print(f"\nclasses ({len(result.classes)}): {', '.join(result.classes)}")
     for split, counts in result.counts.items():
         print(f"  {split:<5} {sum(counts.values()):>6} images  " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    train_counts = result.counts["train"]
+    largest, smallest = max(train_counts, key=train_counts.get), min(train_counts, key=train_counts.get)
+    ratio = train_counts[largest] / max(1, train_counts[smallest])
+    if ratio >= 1.5:
+        hint = "" if "class_balance: none" not in (result.run_dir / "config.yaml").read_text() else (
+            "; --class-balance weight or sample evens it out")
+        print(f"class imbalance: {largest} has {ratio:.1f}x the training images of {smallest}{hint}")
+    duplicates = result.duplicates
+    if duplicates.get("groups"):
+        print(f"{duplicates['groups']} groups of identical images ({duplicates['across_splits']} across splits, "
+              f"{duplicates['across_classes']} under two classes; see {result.run_dir / 'duplicates.csv'})")
     if result.skipped:
-        print(f"skipped {len(result.skipped)} unreadable or non-image files (see {result.run_dir / 'skipped.csv'})")
+        print(f"skipped {len(result.skipped)} unreadable, non-image or duplicate files "
+              f"(see {result.run_dir / 'skipped.csv'})")
     best = metrics["phases"][result.best_phase]
     print(f"best validation accuracy: {best['best_val_acc']:.4f} ({result.best_phase} phase, epoch {best['best_epoch']})")
     print(f"validation accuracy of the saved model: {metrics['val']['accuracy']:.4f}  macro F1: {metrics['val']['macro_f1']:.4f}")
@@ -148,7 +163,8 @@ def _run_train(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(f"\ninterrupted; finish the run with: transferkit train --resume {config.output}", file=sys.stderr)
             return 130
-    _print_train_summary(result)
+    if result.metrics:  # empty on the other processes of a multi-process run
+        _print_train_summary(result)
     return 0
 
 
@@ -388,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(subparsers)
     _summary_parser(subparsers)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        # Lightning sets its loggers to INFO when imported: import it first, then quiet them.
+        import lightning  # noqa: F401
     _quiet_libraries(getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)

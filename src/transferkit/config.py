@@ -57,11 +57,22 @@ class DataConfig:
         default=None,
         metadata=_help("keep at most N images per class in each split (stratified, seeded)"),
     )
+    drop_duplicates: bool = field(
+        default=False,
+        metadata=_help(
+            "drop byte-identical copies of an image (one is kept, train first) and every copy of an "
+            "image filed under two classes; without it they are only listed in duplicates.csv"
+        ),
+    )
+    splits_from: str | None = field(
+        default=None,
+        metadata=_help("reuse the train/val/test split of an earlier run folder, so runs compare on the same images"),
+    )
     data_mirror: str | None = field(
         default=None,
         metadata=_help(
             "folder holding local copies of registered datasets "
-            "(default: $TRANSFERKIT_DATA_MIRROR, then ~/.cache/transferkit/datasets)"
+            "(default: $TRANSFERKIT_DATA_MIRROR, then $TRANSFERKIT_CACHE/datasets, ~/.cache/transferkit/datasets)"
         ),
     )
     download: bool = field(
@@ -224,7 +235,14 @@ class TrainConfig:
     )
     feature_cache: bool = field(
         default=True,
-        metadata=_help("train the frozen-phase head on backbone features computed once per image"),
+        metadata=_help(
+            "train the frozen-phase head on backbone features computed once per image and kept "
+            "in the feature cache for later runs"
+        ),
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata=_help("feature cache folder (default: $TRANSFERKIT_CACHE/features, else ~/.cache/transferkit/features)"),
     )
     accelerator: str = field(default="auto", metadata=_help("Lightning accelerator: auto, cpu, gpu, ..."))
     devices: str = field(default="auto", metadata=_help("Lightning devices: auto, a count or a list"))

@@ -59,6 +59,8 @@ class DatasetIndex:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) for every file that is not used."""
     layout: str = "class-folders"
+    duplicates: list[list[tuple[str, str, int]]] = field(default_factory=list)
+    """Groups of byte-identical images found in the splits, each as (split, path, label)."""
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
@@ -69,21 +71,56 @@ class DatasetIndex:
     def targets(self, split: str) -> list[int]:
         return [label for _, label in self.splits[split]]
 
-    def drop(self, failures: dict[str, str]) -> None:
-        """Remove files that failed to decode from every split and list them as skipped."""
-        if not failures:
+    def drop(self, reasons: dict[str, str]) -> None:
+        """Remove files (unreadable, duplicates) from every split and list them as skipped."""
+        if not reasons:
             return
         for split, items in self.splits.items():
-            self.splits[split] = [(path, label) for path, label in items if path not in failures]
-        self.skipped.extend(sorted(failures.items()))
+            self.splits[split] = [(path, label) for path, label in items if path not in reasons]
+        self.skipped.extend(sorted(reasons.items()))
         for split in ("train", "val"):
             present = {label for _, label in self.splits[split]}
             missing = [self.classes[k] for k in range(len(self.classes)) if k not in present]
             if missing:
                 raise DataError(
-                    f"after skipping {len(failures)} unreadable files, the {split} split has no images "
-                    f"of {', '.join(missing)}; add readable images to those class folders"
+                    f"after skipping {len(reasons)} unreadable or duplicate files, the {split} split has no "
+                    f"images of {', '.join(missing)}; add readable images to those class folders"
                 )
+
+    def find_duplicates(self) -> None:
+        """Group byte-identical images (by content hash) into ``duplicates``."""
+        from transferkit._io import content_digests
+
+        entries = [(split, path, label) for split, items in self.splits.items() for path, label in items]
+        groups: dict[bytes, list[tuple[str, str, int]]] = {}
+        for entry, digest in zip(entries, content_digests([path for _, path, _ in entries])):
+            groups.setdefault(digest, []).append(entry)
+        self.duplicates = [group for group in groups.values() if len(group) > 1]
+
+    def duplicate_kinds(self) -> dict[str, int]:
+        """How many groups leak across splits, and how many file one image under two classes."""
+        return {
+            "groups": len(self.duplicates),
+            "across_splits": sum(len({split for split, _, _ in group}) > 1 for group in self.duplicates),
+            "across_classes": sum(len({label for _, _, label in group}) > 1 for group in self.duplicates),
+        }
+
+    def drop_duplicates(self) -> int:
+        """Keep one copy of each group, the first in train / val / test order; drop every copy of an
+        image filed under two classes, whose label cannot be trusted. Returns the files dropped."""
+        reasons: dict[str, str] = {}
+        for group in self.duplicates:
+            classes = sorted({self.classes[label] for _, _, label in group})
+            if len(classes) > 1:
+                for _, path, _ in group:
+                    reasons[path] = f"duplicate: the same image is filed under {' and '.join(classes)}"
+                continue
+            keep = min(group, key=lambda entry: SPLITS.index(entry[0]))
+            for _, path, _ in group:
+                if path != keep[1]:
+                    reasons[path] = f"duplicate of {keep[1]}"
+        self.drop(reasons)
+        return len(reasons)
 
     def write_splits(self, path: Path) -> None:
         from transferkit._io import atomic_write
@@ -97,6 +134,26 @@ class DatasetIndex:
                         writer.writerow([split, file, label, self.classes[label]])
 
         atomic_write(path, write)
+
+    def write_duplicates(self, path: Path) -> None:
+        from transferkit._io import atomic_write
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["group", "split", "class", "path"])
+                for number, group in enumerate(self.duplicates, 1):
+                    writer.writerows([number, split, self.classes[label], file] for split, file, label in group)
+
+        atomic_write(path, write)
+
+    def read_duplicates(self, path: Path) -> None:
+        groups: dict[str, list[tuple[str, str, int]]] = {}
+        if path.is_file():
+            with path.open(newline="", encoding="utf-8") as handle:
+                for row in csv.DictReader(handle):
+                    groups.setdefault(row["group"], []).append((row["split"], row["path"], self.classes.index(row["class"])))
+        self.duplicates = list(groups.values())
 
     def write_skipped(self, path: Path) -> None:
         from transferkit._io import atomic_write

@@ -1,14 +1,14 @@
 """The dataset registry: a name resolves to a local image folder.
 
 Lookup order for a registered name: the mirror folder (``--data-mirror``, then
-``$TRANSFERKIT_DATA_MIRROR``, then ``~/.cache/transferkit/datasets``), which may hold a copy
+``$TRANSFERKIT_DATA_MIRROR``, then ``$TRANSFERKIT_CACHE/datasets``, by default
+``~/.cache/transferkit/datasets``), which may hold a copy
 under any of the entry's folder names; otherwise, when downloads are allowed, the public archive
 is downloaded into the cache mirror, its checksum verified, and unpacked.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transferkit._io import cache_home, content_digest
 from transferkit.errors import DataError, close_matches
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def list_datasets() -> list[str]:
 
 
 def default_mirror() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transferkit" / "datasets"
+    return cache_home() / "datasets"
 
 
 def mirror_folders(data_mirror: str | os.PathLike[str] | None) -> list[Path]:
@@ -144,14 +145,6 @@ def resolve_data_source(
     return download_dataset(spec, default_mirror())
 
 
-def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_dataset(spec: DatasetSpec, mirror: Path) -> Path:
     """Download, verify, unpack into ``mirror/<name>``; a failure leaves no partial folder."""
     from tqdm.auto import tqdm
@@ -174,7 +167,7 @@ def download_dataset(spec: DatasetSpec, mirror: Path) -> Path:
                 f"could not download dataset {spec.name!r} from {spec.url} ({error}); "
                 f"when offline, put a copy at {target} or pass --data-mirror FOLDER"
             ) from None
-        digest = sha256_of(archive)
+        digest = content_digest(archive).hex()
         if spec.sha256 is None:
             log.warning("dataset %s: no published checksum; downloaded archive sha256=%s", spec.name, digest)
         elif digest != spec.sha256:

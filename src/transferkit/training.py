@@ -9,11 +9,10 @@ augmented images. The final model is the checkpoint with the lowest validation l
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -30,17 +30,19 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from transferkit import models
-from transferkit._io import read_csv_rows, read_json, write_json, write_text
+from transferkit._io import read_csv_rows, read_json, write_csv_rows, write_json, write_text
 from transferkit.config import PhaseConfig, TrainConfig, parse_unfreeze
 from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
 from transferkit.datasets import resolve_data_source
 from transferkit.errors import RunFolderError
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
+from transferkit.features import FeatureCache, FeatureStats
 from transferkit.inference import image_loader, run_module, softmax
 
 log = logging.getLogger(__name__)
 
 RUN_FORMAT_VERSION = 1
+RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
 HISTORY_COLUMNS = [
     "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
 ]
@@ -77,8 +79,10 @@ class ClassifierModule(L.LightningModule):
         return self.model(x)
 
     def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
-        # Lightning restores each submodule's mode itself around validation, bypassing any
-        # train() override, so the batch-norm policy is applied right before every step.
+        # Lightning keeps whatever mode each submodule is in when fit starts (inference on the
+        # features, an ONNX export, left the backbone in eval mode, so dropout was off) and restores
+        # it around validation, bypassing any train() override: the modes are set before every step.
+        self.train()
         models.set_batchnorm_mode(self.model, self.batchnorm)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -159,15 +163,7 @@ class HistoryCallback(L.Callback):
             "seconds": round(time.perf_counter() - self.started, 3),
         }
         rows = [r for r in read_csv_rows(self.path) if (r["phase"], int(r["epoch"])) != (self.phase, row["epoch"])]
-        write_history(self.path, rows + [row])
-
-
-def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+        write_csv_rows(self.path, HISTORY_COLUMNS, rows + [row])
 
 
 @dataclass
@@ -180,6 +176,8 @@ class TrainResult:
     metrics: dict[str, Any]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     best_phase: str = ""
+    duplicates: dict[str, int] = field(default_factory=dict)
+    """Counts of identical-image groups: groups, across_splits, across_classes."""
 
     @property
     def model_dir(self) -> Path:
@@ -193,6 +191,14 @@ def _parse_devices(devices: str) -> Any:
     if "," in devices:
         return [int(d) for d in devices.split(",") if d.strip()]
     return devices
+
+
+def _process_rank() -> int:
+    """This process's global rank: from Lightning once training set it up, else from the
+    launcher's environment (0 when training alone)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))
 
 
 def _default_run_dir(config: TrainConfig) -> Path:
@@ -243,6 +249,7 @@ class _Run:
             _class_weights(index.targets("train"), len(index.classes)) if config.class_balance == "weight" else None
         )
         self.features: dict[str, torch.Tensor] = {}
+        self.feature_stats: FeatureStats | None = None
 
     def _module(self, phase: PhaseConfig, inputs: str) -> ClassifierModule:
         return ClassifierModule(
@@ -301,9 +308,13 @@ class _Run:
         if trainer.interrupted:
             raise KeyboardInterrupt
         best = Path(checkpoint.best_model_path)
+        # Every process continues from the best weights; only rank zero records the phase.
+        self._load_checkpoint(str(best.relative_to(self.run_dir)))
+        self.progress["phases"][name] = {"done": True, "best_checkpoint": str(best.relative_to(self.run_dir))}
+        if not trainer.is_global_zero:
+            return
         rows = [r for r in read_csv_rows(self.run_dir / "history.csv") if r["phase"] == name and r["val_loss"]]
         best_row = min(rows, key=lambda r: float(r["val_loss"]))
-        self._load_checkpoint(str(best.relative_to(self.run_dir)))
         self.progress["phases"][name] = {
             "done": True,
             "best_checkpoint": str(best.relative_to(self.run_dir)),
@@ -314,8 +325,7 @@ class _Run:
             "trainable_parameters": trainable,
             "total_parameters": total,
         }
-        if trainer.is_global_zero:
-            write_json(self.progress_file, self.progress)
+        write_json(self.progress_file, self.progress)
 
     def _load_checkpoint(self, relative: str) -> None:
         checkpoint = torch.load(self.run_dir / relative, map_location="cpu", weights_only=True)
@@ -327,8 +337,7 @@ class _Run:
         models.freeze_backbone(self.model)
         cached = self.config.feature_cache and phase.augment == "none"
         if cached:
-            for split in self.index.splits:
-                self.features[split] = self._features(split)
+            self._compute_features()
             train_data: Any = TensorDataset(self.features["train"], torch.tensor(self.index.targets("train")))
             val: DataLoader = DataLoader(
                 TensorDataset(self.features["val"], torch.tensor(self.index.targets("val"))),
@@ -356,19 +365,36 @@ class _Run:
         )
 
     def _run_on_split(self, module: nn.Module, split: str, description: str) -> torch.Tensor:
+        return self._run_on_items(module, self.index.splits[split], f"{description} {split}")
+
+    def _run_on_items(self, module: nn.Module, items: list[tuple[str, int]], description: str) -> torch.Tensor:
         return run_module(
             module,
-            self.index.splits[split],
+            items,
             self.preprocessing,
             batch_size=64,
             num_workers=self.config.data.resolved_num_workers(),
             device=_inference_device(self.config),
             progress=self.config.progress,
-            description=f"{description} {split}",
+            description=description,
         )
 
-    def _features(self, split: str) -> torch.Tensor:
-        return self._run_on_split(models.PooledFeatures(self.model), split, "features")
+    def _compute_features(self) -> None:
+        """Pooled features of every split, from the persistent cache where it has them."""
+        cache = FeatureCache.for_backbone(
+            self.model, self.preprocessing, self.config.model.global_pool, self.config.cache_dir
+        )
+        paths = [path for items in self.index.splits.values() for path, _ in items]
+
+        def compute(missing: list[str]) -> np.ndarray:
+            return self._run_on_items(models.PooledFeatures(self.model), [(p, 0) for p in missing], "features").numpy()
+
+        features, stats = cache.features(paths, compute)
+        start = 0
+        for split, items in self.index.splits.items():
+            self.features[split] = torch.from_numpy(features[start : start + len(items)])
+            start += len(items)
+        self.feature_stats = stats
 
     def best_phase(self) -> str:
         done = self.progress["phases"]
@@ -410,22 +436,48 @@ class _Run:
         return metrics
 
 
-def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool) -> DatasetIndex:
+def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool, write: bool = True) -> DatasetIndex:
     root = resolve_data_source(config.data.source, config.data.data_mirror, config.data.download)
     splits_file = run_dir / "splits.csv"
     if resuming and splits_file.is_file():
-        classes = read_json(run_dir / "classes.json")
-        index = DatasetIndex.read_splits(root, classes, splits_file)
-        index.skipped = [(row["path"], row["reason"]) for row in read_csv_rows(run_dir / "skipped.csv")]
+        return _read_index(root, run_dir)
+    if config.data.splits_from:
+        index = _read_index(root, Path(config.data.splits_from))
+    else:
+        index = discover(root, config.data.split, config.seed, config.data.max_per_class)
+        paths = [path for items in index.splits.values() for path, _ in items]
+        index.drop(scan_images(paths, config.data.resolved_num_workers()))
+        index.find_duplicates()
+        if index.duplicates and write:
+            kinds = index.duplicate_kinds()
+            log.warning(
+                "%d groups of identical images (%d across splits, %d under two classes), listed in duplicates.csv%s",
+                kinds["groups"], kinds["across_splits"], kinds["across_classes"],
+                "; dropping them" if config.data.drop_duplicates else "; --drop-duplicates drops them",
+            )
+        if config.data.drop_duplicates:
+            index.drop_duplicates()
+    if not write:
         return index
-    index = discover(root, config.data.split, config.seed, config.data.max_per_class)
-    paths = [path for items in index.splits.values() for path, _ in items]
-    index.drop(scan_images(paths, config.data.resolved_num_workers()))
     if index.skipped:
-        log.warning("skipped %d files that are not readable images (listed in skipped.csv)", len(index.skipped))
+        log.warning("skipped %d files (listed in skipped.csv)", len(index.skipped))
     index.write_splits(splits_file)
     index.write_skipped(run_dir / "skipped.csv")
+    index.write_duplicates(run_dir / "duplicates.csv")
     write_json(run_dir / "classes.json", index.classes)
+    return index
+
+
+def _read_index(root: Path, run_dir: Path) -> DatasetIndex:
+    """The split an earlier (or this) run wrote: the same images, classes and skipped files."""
+    missing = [name for name in ("splits.csv", "classes.json", "skipped.csv") if not (run_dir / name).is_file()]
+    if missing:
+        raise RunFolderError(
+            f"{run_dir} has no {', '.join(missing)}; --splits-from needs the folder of a run that got past its data scan"
+        )
+    index = DatasetIndex.read_splits(root, read_json(run_dir / "classes.json"), run_dir / "splits.csv")
+    index.skipped = [(row["path"], row["reason"]) for row in read_csv_rows(run_dir / "skipped.csv")]
+    index.read_duplicates(run_dir / "duplicates.csv")
     return index
 
 
@@ -458,28 +510,46 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     interrupted phase continues from its last checkpoint.
     """
     started = time.perf_counter()
+    # Several processes (DDP) each run this function; the others are launched by Lightning with
+    # the same command line, or by torchrun / SLURM. Only rank zero writes the run folder.
+    main_process = _process_rank() == 0
+    if config.output:
+        output = Path(config.output)
+    elif not main_process and os.environ.get(RUN_DIR_ENV):
+        output = Path(os.environ[RUN_DIR_ENV])  # the folder rank zero named with its own clock
+    else:
+        output = _default_run_dir(config)
     # Absolute, because Lightning reports checkpoint paths absolute and they are stored relative.
-    run_dir = (Path(config.output) if config.output else _default_run_dir(config)).absolute()
-    if not resume and (run_dir / "config.yaml").exists():
+    run_dir = output.absolute()
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    if main_process and not resume and (run_dir / "config.yaml").exists():
         raise RunFolderError(
             f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     config.output = str(run_dir)
-    save_config(config, run_dir / "config.yaml")
-    index = _prepare_index(config, run_dir, resume)
+    index = _prepare_index(config, run_dir, resume, write=main_process)
     # The new head's initialisation draws from the global generator: seed before building it.
     L.seed_everything(config.seed, workers=True, verbose=False)
     run = _Run(config, run_dir, index)
+    # Saved once the data and the model are usable: a bad folder, model name or weights file
+    # leaves no half-made run, so the same command can simply run again.
+    if main_process:
+        save_config(config, run_dir / "config.yaml")
     if config.frozen.epochs > 0:
         run.frozen_phase()
     if config.finetune.epochs > 0:
         run.finetune_phase()
+    if _process_rank() != 0:
+        # Another process of a multi-process run: rank zero evaluates and writes the results.
+        return TrainResult(run_dir=run_dir, classes=index.classes, counts=index.counts(), metrics={})
 
     metrics = run.evaluate_phases()
     elapsed = time.perf_counter() - started
     # Wall time of the invocation that finished the run (after a resume, the resumed part).
     metrics["train_seconds"] = round(elapsed, 2)
+    if run.feature_stats is not None:
+        metrics["features"] = run.feature_stats.as_dict()
     write_json(run_dir / "metrics.json", metrics)
     if config.report:
         from transferkit.report import write_report
@@ -487,7 +557,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         write_report([run_dir])
     return TrainResult(
         run_dir=run_dir, classes=index.classes, counts=index.counts(), metrics=metrics,
-        skipped=index.skipped, best_phase=metrics["best_phase"],
+        skipped=index.skipped, best_phase=metrics["best_phase"], duplicates=index.duplicate_kinds(),
     )
 
 
