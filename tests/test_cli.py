@@ -14,7 +14,7 @@ def test_help_lists_every_command_and_the_train_options(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["--help"])
     listed = capsys.readouterr().out
-    for command in ("train", "evaluate", "predict", "report", "export", "serve", "summary"):
+    for command in ("train", "compare", "evaluate", "predict", "report", "export", "serve", "summary"):
         assert f"    {command}" in listed, command
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -23,6 +23,12 @@ def test_help_lists_every_command_and_the_train_options(capsys: pytest.CaptureFi
                  "--class-balance", "--batchnorm", "--precision", "--devices", "--max-per-class", "--splits-from",
                  "--cache-dir"):
         assert flag in text, flag
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--strategies", "--models", "--epochs", "--max-per-class", "--weights", "--hidden-size", "--seed"):
+        assert flag in text, flag
+    assert "--model " not in text and "--batchnorm" not in text, "each strategy sets these itself"
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # Functions named like their module load now: importing the submodule later would otherwise
-# bind ``transferkit.evaluate`` to the module, not the function. Both modules are torch-free.
+# bind ``transferkit.evaluate`` to the module, not the function. These modules are torch-free.
+from transferkit.compare import Comparison, compare  # noqa: E402
 from transferkit.evaluate import Evaluation, PredictionResult, compute_metrics, evaluate, predict  # noqa: E402
 from transferkit.export import ExportResult, export  # noqa: E402
 
@@ -42,7 +43,7 @@ _EXPORTS = {
     "train": "training",
     "write_report": "report",
 }
-__all__ = sorted([*_EXPORTS, "Evaluation", "ExportResult", "PredictionResult", "compute_metrics", "evaluate", "export", "predict"])
+__all__ = sorted([*_EXPORTS, "Comparison", "compare", "Evaluation", "ExportResult", "PredictionResult", "compute_metrics", "evaluate", "export", "predict"])
 
 
 def __getattr__(name: str) -> Any:

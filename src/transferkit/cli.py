@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from transferkit.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig
+from transferkit.config import DEFAULT_MODEL, DataConfig, ModelConfig, PhaseConfig, TrainConfig
 from transferkit.errors import ConfigError, TransferkitError
 
 # (dataclass, flag prefix, TrainConfig attribute)
@@ -165,6 +165,55 @@ def _run_train(args: argparse.Namespace) -> int:
             return 130
     if result.metrics:  # empty on the other processes of a multi-process run
         _print_train_summary(result)
+    return 0
+
+
+def _compare_parser(subparsers: Any) -> None:
+    from transferkit.compare import STRATEGIES
+
+    parser = subparsers.add_parser(
+        "compare", help="train one dataset with several strategies (and backbones) and compare them",
+        description="Strategies: " + "; ".join(f"{name}: {text}" for name, text in STRATEGIES.items())
+        + ". Every run gets the same split, seed, epoch budget and early stopping. Rerun to resume.",
+    )
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated strategies (default: {','.join(STRATEGIES)})")
+    parser.add_argument("--models", default=DEFAULT_MODEL, help=f"comma-separated timm model names (default: {DEFAULT_MODEL})")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs for every phase of every run (default: 5)")
+    parser.add_argument("--patience", type=int, default=3,
+                        help="every phase stops after this many epochs without a lower validation loss (default: 3)")
+    parser.add_argument("--unfreeze", default="3", help="blocks the fine-tune strategy unfreezes (default: 3)")
+    parser.add_argument("--output", metavar="DIR", help="comparison folder (default: runs/compare-<data>)")
+    defaults = TrainConfig.__new__(TrainConfig)
+    for spec in dataclasses.fields(TrainConfig):
+        setattr(defaults, spec.name, spec.default_factory() if callable(spec.default_factory) else spec.default)
+    _add_fields(parser, DataConfig, "", "data", defaults.data, skip=frozenset({"splits_from"}))
+    _add_fields(parser, ModelConfig, "", "model", defaults.model, skip=frozenset({"name", "hidden_size"}))
+    parser.add_argument("--hidden-size", type=int, default=1024, help="hidden layer width of frozen-dense (default: 1024)")
+    _add_fields(parser, TrainConfig, "", "", defaults, skip=frozenset({"output", "batchnorm"}))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from transferkit.compare import compare
+
+    own = {"command", "verbose", "strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size"}
+    options = {k: v for k, v in vars(args).items() if k not in own and k != "data.source" and v is not None}
+    if not getattr(args, "data.source"):
+        raise ConfigError(["DATA is required: give an image folder or a registered dataset name"])
+    try:
+        comparison = compare(
+            getattr(args, "data.source"),
+            strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+            models=[m.strip() for m in args.models.split(",") if m.strip()],
+            epochs=args.epochs, output=args.output, patience=args.patience, hidden_size=args.hidden_size,
+            unfreeze=args.unfreeze, options=options,
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to continue (finished runs are kept)", file=sys.stderr)
+        return 130
+    print(comparison.table())
+    print(f"\ncomparison written to {comparison.output} (comparison.csv, comparison.html)")
     return 0
 
 
@@ -378,7 +427,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
-    "export": _run_export, "serve": _run_serve, "summary": _run_summary,
+    "export": _run_export, "serve": _run_serve, "summary": _run_summary, "compare": _run_compare,
 }
 
 
@@ -397,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="transferkit", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _train_parser(subparsers)
+    _compare_parser(subparsers)
     _evaluate_parser(subparsers)
     _predict_parser(subparsers)
     _report_parser(subparsers)
@@ -404,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(subparsers)
     _summary_parser(subparsers)
     args = parser.parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "compare"):
         # Lightning sets its loggers to INFO when imported: import it first, then quiet them.
         import lightning  # noqa: F401
     _quiet_libraries(getattr(args, "verbose", False))

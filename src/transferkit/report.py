@@ -279,7 +279,13 @@ HEADLINE = [
 ]
 
 
+class Markup(str):
+    """A table cell that is HTML already (a link), shown as is."""
+
+
 def _format(value: Any) -> str:
+    if isinstance(value, Markup):
+        return value
     if value is None:
         return "–"
     if isinstance(value, float):

@@ -1,0 +1,307 @@
+"""Train one dataset several ways and set the runs side by side.
+
+The strategies are the four of the seeds' study, plus the frozen backbone with transferkit's own
+plain head:
+
+========== ==================================================== =====================================
+strategy   what trains                                          the seeds' name
+========== ==================================================== =====================================
+scratch    random initialisation, every layer; batch norm       "scratch"
+           learns its statistics
+frozen     ImageNet backbone frozen; a new linear head          (the seeds' "pretrain", without the
+                                                                dense layer)
+frozen-    ImageNet backbone frozen; a head with a hidden       "pretrain" (Dense(1024))
+dense      dense layer (``--hidden-size``, default 1024)
+fine-tune  the head on frozen features first, then the top      "fine tuning" (top 140 layers)
+           blocks (``--unfreeze``, default 3) at a lower
+           learning rate: transferkit's default recipe
+full       ImageNet weights as the start, every layer at once   "initialize pretrain"
+========== ==================================================== =====================================
+
+Every run gets the same split (the first run's, reused through ``splits_from``), seed, epoch
+budget per phase and early-stopping rule, so differences come from the strategy alone. The runs
+that freeze the same backbone share its features through the persistent feature cache.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit._io import atomic_write, read_csv_rows, read_json, write_csv_rows, write_json, write_text
+from transferkit.config import DEFAULT_MODEL
+from transferkit.errors import ConfigError, close_matches
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = {
+    "scratch": "random initialisation, every layer trained (the seeds' 'scratch')",
+    "frozen": "ImageNet backbone frozen, a new linear head",
+    "frozen-dense": "ImageNet backbone frozen, a head with a hidden dense layer (the seeds' 'pretrain')",
+    "fine-tune": "head on frozen features, then the top blocks unfrozen (the seeds' 'fine tuning')",
+    "full": "ImageNet weights as the start, every layer trained at once (the seeds' 'initialize pretrain')",
+}
+COLUMNS = [
+    "strategy", "model", "best_val_accuracy", "test_accuracy", "macro_f1", "epochs_to_best", "epochs",
+    "wall_seconds", "features_from_cache", "trainable_parameters", "total_parameters", "run",
+]
+# Learning rates of the phases that train the backbone: random weights need a larger step than
+# pretrained ones, which a large step would wreck.
+SCRATCH_LR = 1e-3
+PRETRAINED_LR = 1e-4
+
+
+def strategy_options(strategy: str, epochs: int, patience: int, hidden_size: int, unfreeze: str) -> dict[str, Any]:
+    """Flat train options (as ``build_train_config`` takes them) that make a run follow ``strategy``."""
+    head_only = {"frozen.epochs": epochs, "frozen.patience": patience, "finetune.epochs": 0}
+    through_backbone = {
+        "frozen.epochs": 0, "finetune.epochs": epochs, "finetune.patience": patience, "finetune.unfreeze": "all",
+    }
+    if strategy == "scratch":
+        return {**through_backbone, "model.weights": "none", "finetune.lr": SCRATCH_LR, "batchnorm": "train"}
+    if strategy == "frozen":
+        return head_only
+    if strategy == "frozen-dense":
+        return {**head_only, "model.hidden_size": hidden_size}
+    if strategy == "fine-tune":
+        return {
+            "frozen.epochs": epochs, "frozen.patience": patience, "finetune.epochs": epochs,
+            "finetune.patience": patience, "finetune.unfreeze": unfreeze, "finetune.lr": PRETRAINED_LR,
+        }
+    if strategy == "full":
+        return {**through_backbone, "finetune.lr": PRETRAINED_LR}
+    raise ConfigError([f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.{close_matches(strategy, STRATEGIES)}"])
+
+
+@dataclass
+class Comparison:
+    """A finished comparison; everything is also in ``output``."""
+
+    output: Path
+    rows: list[dict[str, Any]]
+
+    def table(self) -> str:
+        header = ["strategy", "model", "best val acc", "test acc", "macro F1", "epochs to best", "wall s",
+                  "cached features", "trainable / total params"]
+        lines = [header]
+        for row in self.rows:
+            lines.append([
+                row["strategy"], row["model"], _number(row["best_val_accuracy"]), _number(row["test_accuracy"]),
+                _number(row["macro_f1"]), str(row["epochs_to_best"]), f"{row['wall_seconds']:.1f}",
+                "-" if row["features_from_cache"] is None else str(row["features_from_cache"]),
+                f"{row['trainable_parameters']:,} / {row['total_parameters']:,}",
+            ])
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def run_name(strategy: str, model: str, several_models: bool) -> str:
+    return f"{strategy}-{model.replace('/', '_')}" if several_models else strategy
+
+
+def _check_settings(output: Path, settings: dict[str, Any]) -> None:
+    """A comparison folder is resumed only with the settings it was started with."""
+    path = output / "comparison.json"
+    if path.is_file():
+        earlier = read_json(path)
+        if earlier != settings:
+            changed = sorted(key for key in set(earlier) | set(settings) if earlier.get(key) != settings.get(key))
+            raise ConfigError([
+                f"{output} holds a comparison with other settings ({', '.join(changed)} differ); "
+                "rerun it with the same options or choose another --output"
+            ])
+    write_json(path, settings)
+
+
+def compare(
+    source: str,
+    strategies: list[str] | tuple[str, ...] = tuple(STRATEGIES),
+    models: list[str] | tuple[str, ...] = (DEFAULT_MODEL,),
+    epochs: int = 5,
+    output: str | os.PathLike[str] | None = None,
+    patience: int = 3,
+    hidden_size: int = 1024,
+    unfreeze: str = "3",
+    options: dict[str, Any] | None = None,
+) -> Comparison:
+    """Train ``source`` with every strategy and model; write the table, figures and HTML page.
+
+    ``options`` are flat train options applied to every run (``{"data.max_per_class": 300,
+    "data.image_size": 224, ...}``, as ``build_train_config`` takes them). Rerunning with the
+    same arguments resumes: finished runs are kept, an interrupted one continues.
+    """
+    from transferkit.cli import build_train_config
+    from transferkit.training import resume, train
+
+    problems = [f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}{close_matches(s, STRATEGIES)}"
+                for s in strategies if s not in STRATEGIES]
+    if not strategies:
+        problems.append("--strategies is empty; choose from " + ", ".join(STRATEGIES))
+    if not models:
+        problems.append("--models is empty; give at least one timm model name")
+    if epochs < 1:
+        problems.append(f"--epochs must be at least 1, got {epochs}")
+    if len(set(strategies)) != len(strategies) or len(set(models)) != len(models):
+        problems.append("--strategies and --models must not repeat a name")
+    if problems:
+        raise ConfigError(problems)
+    options = dict(options or {})
+    output = Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}"
+    output = output.absolute()
+    output.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "source": source, "strategies": list(strategies), "models": list(models), "epochs": epochs,
+        "patience": patience, "hidden_size": hidden_size, "unfreeze": unfreeze, "options": options,
+    }
+    _check_settings(output, settings)
+
+    run_dirs: list[tuple[str, str, Path]] = []
+    first_run: Path | None = None
+    for model in models:
+        for strategy in strategies:
+            run_dir = output / run_name(strategy, model, len(models) > 1)
+            run_dirs.append((strategy, model, run_dir))
+            if (run_dir / "metrics.json").is_file():
+                log.info("%s: finished earlier, kept", run_dir.name)
+            elif (run_dir / "config.yaml").is_file():
+                log.info("%s: interrupted earlier, resuming", run_dir.name)
+                resume(run_dir)
+            else:
+                run_options = {
+                    **options, **strategy_options(strategy, epochs, patience, hidden_size, unfreeze),
+                    "data.source": source, "model.name": model, "output": str(run_dir),
+                }
+                if first_run is not None:
+                    run_options["data.splits_from"] = str(first_run)
+                log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
+                train(build_train_config(run_options))
+            first_run = first_run or run_dir
+
+    rows = [_row(strategy, model, run_dir) for strategy, model, run_dir in run_dirs]
+    comparison = Comparison(output=output, rows=rows)
+    write_csv_rows(output / "comparison.csv", COLUMNS, rows)
+    figures = write_comparison_figures(comparison)
+    write_comparison_page(comparison, figures)
+    return comparison
+
+
+def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
+    metrics = read_json(run_dir / "metrics.json")
+    phases = metrics["phases"]
+    best_phase = metrics["best_phase"]
+    order = [name for name in ("frozen", "finetune") if name in phases]
+    # Epochs of the phases before the best one count: fine-tuning starts after the head's epochs.
+    epochs_before = sum(phases[name]["epochs"] for name in order[: order.index(best_phase)])
+    judged = metrics.get("test") or metrics["val"]
+    return {
+        "strategy": strategy,
+        "model": model,
+        "best_val_accuracy": max(phases[name]["best_val_acc"] for name in order),
+        "test_accuracy": metrics["test"]["accuracy"] if "test" in metrics else None,
+        "macro_f1": judged["macro_f1"],
+        "epochs_to_best": epochs_before + phases[best_phase]["best_epoch"],
+        "epochs": sum(phases[name]["epochs"] for name in order),
+        "wall_seconds": float(metrics["train_seconds"]),
+        # Runs after the first that freeze the same backbone read its features instead of computing them.
+        "features_from_cache": metrics["features"]["from_cache"] if "features" in metrics else None,
+        "trainable_parameters": max(phases[name]["trainable_parameters"] for name in order),
+        "total_parameters": phases[order[0]]["total_parameters"],
+        "run": run_dir.name,
+    }
+
+
+# --- figures and page ---------------------------------------------------------------------------
+
+
+def write_comparison_figures(comparison: Comparison) -> dict[str, Path]:
+    """Validation accuracy and loss of every run on one epoch axis, and a bar chart of accuracy."""
+    from transferkit.report import FIGURE_DPI, _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    # Runs that share a frozen phase (frozen, fine-tune) draw the same first epochs: distinct
+    # markers keep both visible.
+    markers = "os^Dv<>PX*"
+    for number, row in enumerate(comparison.rows):
+        history = read_csv_rows(comparison.output / row["run"] / "history.csv")
+        x = np.arange(1, len(history) + 1)
+        label = row["run"]
+        for axis, column in ((axes[0], "val_acc"), (axes[1], "val_loss")):
+            values = [float(h[column]) if h[column] else np.nan for h in history]
+            (line,) = axis.plot(x, values, marker=markers[number % len(markers)], markersize=5, fillstyle="none",
+                                label=label)
+            phases = [h["phase"] for h in history]
+            if "finetune" in phases and phases.index("finetune") > 0:
+                # Where a two-phase run switches from the head to fine-tuning.
+                axis.axvline(phases.index("finetune") + 0.5, color=line.get_color(), linestyle=":", linewidth=1)
+    # A run from scratch starts with losses orders of magnitude above the others.
+    axes[1].set_yscale("log")
+    for axis, title in ((axes[0], "Validation accuracy"), (axes[1], "Validation loss (cross-entropy, log scale)")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch (all phases; dotted: fine-tuning starts)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    curves = comparison.output / "curves.png"
+    atomic_write(curves, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
+    plt.close(figure)
+
+    has_test = all(row["test_accuracy"] is not None for row in comparison.rows)
+    key, split = ("test_accuracy", "test") if has_test else ("best_val_accuracy", "validation")
+    figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(comparison.rows) + 2), 4), constrained_layout=True)
+    names = [row["run"] for row in comparison.rows]
+    values = [row[key] for row in comparison.rows]
+    bars = axis.bar(names, values, color="#2e86c1")
+    for bar, value in zip(bars, values):
+        axis.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", fontsize=9)
+    axis.set_ylim(0, 1.1)
+    axis.set_ylabel(f"{split} accuracy")
+    axis.set_title(f"{split.capitalize()} accuracy by strategy")
+    axis.tick_params(axis="x", rotation=20)
+    bars_path = comparison.output / "accuracy.png"
+    atomic_write(bars_path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
+    plt.close(figure)
+    return {"curves": curves, "accuracy": bars_path}
+
+
+def write_comparison_page(comparison: Comparison, figures: dict[str, Path]) -> Path:
+    """``comparison.html``: the table, both figures embedded, and a link to each run's report."""
+    from transferkit.report import STYLE, Markup, _image, _table
+
+    rows = []
+    for row in comparison.rows:
+        report = comparison.output / row["run"] / "report.html"
+        link = (f'<a href="{html.escape(row["run"])}/report.html">{html.escape(row["run"])}</a>'
+                if report.is_file() else html.escape(row["run"]))
+        rows.append([
+            row["strategy"], row["model"], row["best_val_accuracy"], row["test_accuracy"], row["macro_f1"],
+            row["epochs_to_best"], f"{row['wall_seconds']:.1f}", row["features_from_cache"],
+            f"{row['trainable_parameters']:,} / {row['total_parameters']:,}", Markup(link),
+        ])
+    descriptions = "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>"
+        for name, text in STRATEGIES.items() if any(r["strategy"] == name for r in comparison.rows)
+    )
+    table = _table(["strategy", "model", "best val accuracy", "test accuracy", "macro F1", "epochs to best",
+                    "wall seconds", "features from cache", "trainable / total parameters", "run"], rows)
+    title = f"transferkit comparison: {comparison.output.name}"
+    page = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>Every run used the same split, seed, epoch budget per phase and early-stopping rule.</p>"
+        f"<ul>{descriptions}</ul>{table}"
+        f"<h2>Validation curves</h2>{_image(figures['curves'], 'validation curves')}"
+        f"<h2>Accuracy</h2>{_image(figures['accuracy'], 'accuracy by strategy')}</body></html>"
+    )
+    path = comparison.output / "comparison.html"
+    write_text(path, page)
+    return path

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import csv
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import SHARED_DATASETS, TINY_MODEL, make_folder
+from transferkit.cli import main
+from transferkit.compare import STRATEGIES, compare
+from transferkit.errors import ConfigError
+
+
+def tiny_run_options(weights: Path) -> dict[str, object]:
+    return {
+        "data.image_size": 64, "data.batch_size": 16, "data.num_workers": 0, "model.weights": str(weights),
+        "frozen.lr": 0.01, "progress": False,
+    }
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def comparison_folder(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    data = make_folder(root / "data", per_class=20, classes=("blue", "green", "red"))
+    output = root / "comparison"
+    compare(str(data), models=[TINY_MODEL], epochs=2, output=output, hidden_size=32,
+            unfreeze="2", options=tiny_run_options(tiny_weights))
+    return output
+
+
+def test_every_strategy_trains_what_it_says_on_one_split(comparison_folder: Path) -> None:
+    rows = {row["strategy"]: row for row in read_rows(comparison_folder / "comparison.csv")}
+    assert list(rows) == list(STRATEGIES)
+    trainable = {name: int(row["trainable_parameters"]) for name, row in rows.items()}
+    total = int(rows["full"]["total_parameters"])
+    assert trainable["scratch"] == trainable["full"] == total, "every layer trains"
+    assert trainable["frozen"] < trainable["frozen-dense"] < total, "the dense layer adds parameters"
+    assert trainable["frozen"] < trainable["fine-tune"] < total, "the top blocks train, the bottom does not"
+    for row in rows.values():
+        assert 0 <= float(row["best_val_accuracy"]) <= 1 and 0 <= float(row["test_accuracy"]) <= 1
+        assert 1 <= int(row["epochs_to_best"]) <= int(row["epochs"]) <= 4
+        assert float(row["wall_seconds"]) > 0
+    assert int(rows["fine-tune"]["epochs"]) > 2, "head epochs, then fine-tuning epochs"
+
+    splits = {name: (comparison_folder / name / "splits.csv").read_text() for name in STRATEGIES}
+    assert len(set(splits.values())) == 1, "every run trains and is judged on the same images"
+    configs = {name: (comparison_folder / name / "config.yaml").read_text() for name in STRATEGIES}
+    assert "weights: none" in configs["scratch"] and "batchnorm: train" in configs["scratch"]
+    assert "hidden_size: 32" in configs["frozen-dense"]
+
+
+def test_runs_that_freeze_the_backbone_share_its_features(comparison_folder: Path) -> None:
+    rows = {row["strategy"]: row for row in read_rows(comparison_folder / "comparison.csv")}
+    images = sum(1 for _ in (comparison_folder / "frozen" / "splits.csv").open()) - 1
+    assert rows["frozen"]["features_from_cache"] == "0", "the first frozen run computes them"
+    assert rows["frozen-dense"]["features_from_cache"] == rows["fine-tune"]["features_from_cache"] == str(images)
+    assert rows["scratch"]["features_from_cache"] == rows["full"]["features_from_cache"] == "", "no frozen phase"
+
+
+def test_comparison_page_and_figures(comparison_folder: Path) -> None:
+    for name in ("curves.png", "accuracy.png"):
+        with Image.open(comparison_folder / name) as image:
+            image.load()
+            assert image.width > 800 and image.height > 300
+    page = (comparison_folder / "comparison.html").read_text()
+    assert page.count("data:image/png;base64,") == 2, "both figures are embedded"
+    links = re.findall(r'href="([^"]+)"', page)
+    assert sorted(links) == sorted(f"{name}/report.html" for name in STRATEGIES)
+    assert all((comparison_folder / link).is_file() for link in links)
+    for text in STRATEGIES.values():
+        assert text.replace("'", "&#x27;") in page
+
+
+def test_rerun_keeps_finished_runs_and_other_settings_are_refused(comparison_folder: Path, tiny_weights: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in comparison_folder.glob("*/metrics.json")}
+    data = read_rows(comparison_folder / "frozen" / "splits.csv")[0]["path"]
+    source = str(Path(data).parents[1])
+    started = time.perf_counter()
+    compare(source, models=[TINY_MODEL], epochs=2, output=comparison_folder, hidden_size=32,
+            unfreeze="2", options=tiny_run_options(tiny_weights))
+    assert time.perf_counter() - started < 30
+    assert {p: p.stat().st_mtime_ns for p in comparison_folder.glob("*/metrics.json")} == before
+    with pytest.raises(ConfigError, match="other settings \\(epochs differ\\)"):
+        compare(source, models=[TINY_MODEL], epochs=3, output=comparison_folder, hidden_size=32,
+                unfreeze="2", options=tiny_run_options(tiny_weights))
+
+
+def test_killed_comparison_resumes_without_redoing_finished_runs(tmp_path: Path, tiny_weights: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=40)
+    output = tmp_path / "comparison"
+    command = [
+        sys.executable, "-m", "transferkit.cli", "compare", str(data), "--strategies", "frozen,full",
+        "--models", TINY_MODEL, "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
+        "--epochs", "12", "--patience", "12", "--output", str(output), "--no-progress", "--no-report",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = output / "full" / "checkpoints" / "finetune-last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the comparison finished before it could be killed"
+    frozen_metrics = (output / "frozen" / "metrics.json").stat().st_mtime_ns
+    assert not (output / "full" / "metrics.json").exists()
+
+    assert main(command[3:]) == 0
+    assert (output / "frozen" / "metrics.json").stat().st_mtime_ns == frozen_metrics, "finished run kept"
+    epochs = [int(r["epoch"]) for r in read_rows(output / "full" / "history.csv")]
+    assert epochs == list(range(1, len(epochs) + 1)), "the killed run continued: no epoch twice, none missing"
+    assert [r["strategy"] for r in read_rows(output / "comparison.csv")] == ["frozen", "full"]
+
+
+def test_compare_command_prints_the_table_and_rejects_unknown_strategies(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_folder(tmp_path / "data", per_class=12)
+    common = ["--models", TINY_MODEL, "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
+              "--epochs", "1", "--no-progress", "--no-report", "--output", str(tmp_path / "out")]
+    assert main(["compare", str(data), "--strategies", "frozen,fine-tun", *common]) == 2
+    error = capsys.readouterr().err
+    assert "unknown strategy 'fine-tun'" in error and "did you mean" in error.lower()
+    assert main(["compare", str(data), "--strategies", "frozen,fine-tune", "--max-per-class", "8", *common]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^frozen\s+test_efficientnet\s+\d\.\d{4}", printed, re.M)
+    assert re.search(r"^fine-tune\s+test_efficientnet\s+\d\.\d{4}", printed, re.M)
+    train_rows = [r for r in read_rows(tmp_path / "out" / "frozen" / "splits.csv") if r["split"] == "train"]
+    assert len(train_rows) == 16, "--max-per-class 8 keeps 8 training images of each class"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATASETS / "hymenoptera").is_dir(), reason="needs ../shared/datasets")
+def test_pretrained_strategies_beat_scratch_on_hymenoptera(tmp_path: Path) -> None:
+    comparison = compare(
+        str(SHARED_DATASETS / "hymenoptera"), strategies=["scratch", "frozen"], epochs=2,
+        output=tmp_path / "comparison",
+        options={"data.max_per_class": 40, "data.image_size": 160, "progress": False, "report": False},
+    )
+    accuracy = {row["strategy"]: row["best_val_accuracy"] for row in comparison.rows}
+    assert accuracy["frozen"] >= 0.85 and accuracy["frozen"] > accuracy["scratch"] + 0.2
