@@ -84,3 +84,24 @@ def test_an_unreadable_shard_is_skipped_with_a_warning(
     assert stats.from_cache == 3 and computed["calls"] == 1
     np.testing.assert_array_equal(again, features)
     assert "ignoring unreadable shard" in caplog.text and "broken.npz" in caplog.text
+
+
+def test_every_digest_matches_again_including_those_ending_in_a_zero_byte(tmp_path: Path) -> None:
+    import hashlib
+
+    paths = []
+    for i in range(2000):  # one SHA-256 in 256 ends in a zero byte
+        content = f"image {i}".encode()
+        if hashlib.sha256(content).digest()[-1] == 0 or len(paths) < 3:
+            path = tmp_path / f"{i}.bin"
+            path.write_bytes(content)
+            paths.append(str(path))
+    assert any(hashlib.sha256(Path(p).read_bytes()).digest()[-1] == 0 for p in paths)
+    cache = FeatureCache(tmp_path / "features")
+
+    def compute(missing: list[str]) -> np.ndarray:
+        return np.ones((len(missing), 2), np.float32)
+
+    cache.features(paths, compute)
+    _, stats = cache.features(paths, compute)
+    assert stats.from_cache == len(paths)

@@ -7,7 +7,7 @@ same backbone, or a re-run with another head reads them instead of decoding and 
 Keys: the backbone (architecture, a digest of its weights, the preprocessing and the pooling)
 names a folder; each image is keyed by the SHA-256 of its file's bytes, so renaming or moving a
 file keeps its features and editing it does not. A folder holds shards (``*.npz`` with
-``digests`` and ``features``); new features go into a new shard written atomically, so a killed
+``digests``, n x 32 bytes, and ``features``); new features go into a new shard written atomically, so a killed
 run or two runs at once never leave a file that a later run trips on.
 """
 
@@ -89,17 +89,21 @@ class FeatureCache:
             try:
                 with np.load(shard, allow_pickle=False) as data:
                     digests, features = data["digests"], data["features"]
+                if digests.dtype != np.uint8 or digests.shape != (len(features), DIGEST_BYTES):
+                    raise ValueError(f"digests of shape {digests.shape} and type {digests.dtype}")
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
                 log.warning("feature cache: ignoring unreadable shard %s (%s)", shard, error)
                 continue
-            for digest, row in zip(digests.tolist(), features):
+            for digest, row in zip((d.tobytes() for d in digests), features):
                 if digest in wanted and digest not in found:
                     found[digest] = row
         return found
 
     def _store(self, digests: list[bytes], features: np.ndarray) -> None:
         shard = self.folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
-        array = np.array(digests, dtype=f"S{DIGEST_BYTES}")
+        # Raw bytes, not a NumPy bytes string: that type drops trailing zero bytes, so one
+        # digest in 256 would never match again.
+        array = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), DIGEST_BYTES)
 
         def write(tmp: Path) -> None:
             with tmp.open("wb") as handle:
