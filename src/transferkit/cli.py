@@ -81,15 +81,21 @@ def _add_fields(
         )
 
 
+def _default_values() -> TrainConfig:
+    """TrainConfig's defaults without validation (which would reject the empty DATA), for --help."""
+    defaults = TrainConfig.__new__(TrainConfig)
+    for spec in dataclasses.fields(TrainConfig):
+        setattr(defaults, spec.name, spec.default_factory() if callable(spec.default_factory) else spec.default)
+    return defaults
+
+
 def _train_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
         help="train a classifier on an image folder or a registered dataset",
         description="Two phases: a new head on frozen backbone features, then fine-tuning the top blocks.",
     )
-    defaults = TrainConfig.__new__(TrainConfig)
-    for spec in dataclasses.fields(TrainConfig):
-        setattr(defaults, spec.name, spec.default_factory() if callable(spec.default_factory) else spec.default)
+    defaults = _default_values()
     for kind, prefix, attribute in SECTIONS:
         _add_fields(parser, kind, prefix, attribute, getattr(defaults, attribute))
     _add_fields(parser, TrainConfig, "", "", defaults)
@@ -131,8 +137,10 @@ def _print_train_summary(result: Any) -> None:
     largest, smallest = max(train_counts, key=train_counts.get), min(train_counts, key=train_counts.get)
     ratio = train_counts[largest] / max(1, train_counts[smallest])
     if ratio >= 1.5:
-        hint = "" if "class_balance: none" not in (result.run_dir / "config.yaml").read_text() else (
-            "; --class-balance weight or sample evens it out")
+        from transferkit.training import load_config
+
+        balanced = load_config(result.run_dir).class_balance != "none"
+        hint = "" if balanced else "; --class-balance weight or sample evens it out"
         print(f"class imbalance: {largest} has {ratio:.1f}x the training images of {smallest}{hint}")
     duplicates = result.duplicates
     if duplicates.get("groups"):
@@ -184,9 +192,7 @@ def _compare_parser(subparsers: Any) -> None:
                         help="every phase stops after this many epochs without a lower validation loss (default: 3)")
     parser.add_argument("--unfreeze", default="3", help="blocks the fine-tune strategy unfreezes (default: 3)")
     parser.add_argument("--output", metavar="DIR", help="comparison folder (default: runs/compare-<data>)")
-    defaults = TrainConfig.__new__(TrainConfig)
-    for spec in dataclasses.fields(TrainConfig):
-        setattr(defaults, spec.name, spec.default_factory() if callable(spec.default_factory) else spec.default)
+    defaults = _default_values()
     _add_fields(parser, DataConfig, "", "data", defaults.data, skip=frozenset({"splits_from"}))
     _add_fields(parser, ModelConfig, "", "model", defaults.model, skip=frozenset({"name", "hidden_size"}))
     parser.add_argument("--hidden-size", type=int, default=1024, help="hidden layer width of frozen-dense (default: 1024)")
