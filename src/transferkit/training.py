@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
@@ -102,6 +103,27 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_index: int) -> None:
         self._step(batch, "val")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores weights, optimizer and loop position but not the random generators;
+        # with them, a resumed run draws the shuffles, augmentations and dropout masks of a run
+        # that was never stopped, and ends with the same metrics.
+        states = _collect_rng_states()
+        if "numpy" in states:  # plain lists, so the checkpoint loads with weights_only=True
+            kind, keys, position, has_gauss, gauss = states["numpy"]
+            states["numpy"] = (kind, keys.tolist(), position, has_gauss, gauss)
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        if "numpy" in states:
+            kind, keys, position, has_gauss, gauss = states["numpy"]
+            states = {**states, "numpy": (kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)}
+        if not torch.cuda.is_available():
+            states = {k: v for k, v in states.items() if k != "torch.cuda"}
+        _set_rng_states(states)
 
     def configure_optimizers(self) -> Any:
         from timm.optim import create_optimizer_v2
