@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,3 +106,25 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) ->
     run_dir = root / "run"
     train(build_train_config(tiny_options(data, run_dir, tiny_weights, report=True)))
     return run_dir
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """The real app under uvicorn on a free loopback port, in a thread of the test process."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)

@@ -29,13 +29,18 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def fixture_options(output: Path, weights: Path) -> dict[str, object]:
+    # Its own feature cache: other fixtures' runs on the same images must not count as this one's.
+    return {**tiny_run_options(weights), "cache_dir": str(output.parent / "cache")}
+
+
 @pytest.fixture(scope="module")
 def comparison_folder(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
     root = tmp_path_factory.mktemp("compare")
     data = make_folder(root / "data", per_class=20, classes=("blue", "green", "red"))
     output = root / "comparison"
-    compare(str(data), models=[TINY_MODEL], epochs=2, output=output, hidden_size=32,
-            unfreeze="2", options=tiny_run_options(tiny_weights))
+    compare(str(data), models=[TINY_MODEL], epochs=2, output=output, hidden_size=32, unfreeze="2",
+            options=fixture_options(output, tiny_weights))
     return output
 
 
@@ -88,12 +93,12 @@ def test_rerun_keeps_finished_runs_and_other_settings_are_refused(comparison_fol
     source = str(Path(data).parents[1])
     started = time.perf_counter()
     compare(source, models=[TINY_MODEL], epochs=2, output=comparison_folder, hidden_size=32,
-            unfreeze="2", options=tiny_run_options(tiny_weights))
+            unfreeze="2", options=fixture_options(comparison_folder, tiny_weights))
     assert time.perf_counter() - started < 30
     assert {p: p.stat().st_mtime_ns for p in comparison_folder.glob("*/metrics.json")} == before
     with pytest.raises(ConfigError, match="other settings \\(epochs differ\\)"):
         compare(source, models=[TINY_MODEL], epochs=3, output=comparison_folder, hidden_size=32,
-                unfreeze="2", options=tiny_run_options(tiny_weights))
+                unfreeze="2", options=fixture_options(comparison_folder, tiny_weights))
 
 
 def test_killed_comparison_resumes_without_redoing_finished_runs(tmp_path: Path, tiny_weights: Path) -> None:

@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import COLOURS, make_image
+from conftest import COLOURS, make_image, serving
 from transferkit._io import read_csv_rows
 from transferkit.evaluate import predict
 from transferkit.serve import ServeLimits, create_app
@@ -21,29 +18,10 @@ from transferkit.serve import ServeLimits, create_app
 LIMITS = ServeLimits(top_k=2, max_file_bytes=20_000, max_files=3, max_pixels=1_000_000)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained_run: Path) -> Iterator[str]:
-    """The real app under uvicorn on loopback, in a thread of the test process."""
-    import uvicorn
-
-    port = free_port()
-    config = uvicorn.Config(create_app(trained_run, LIMITS), host="127.0.0.1", port=port, log_level="error")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(trained_run, LIMITS)) as url:
+        yield url
 
 
 def val_images(run_dir: Path) -> list[str]:
@@ -92,12 +70,12 @@ def test_bad_requests_get_clear_4xx_answers_and_the_server_keeps_serving(server:
     noise = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
     cases = {
         "no file": (requests.post(f"{server}/predict", timeout=10), 400, "no image in the request"),
-        "text saved as .jpg": (post(server, ("notes.jpg", b"hello, not a picture")), 415, "notes.jpg is not an image"),
-        "empty file": (post(server, ("empty.jpg", b"")), 415, "empty.jpg is empty"),
-        "truncated jpeg": (post(server, ("cut.jpg", good[: len(good) // 2])), 415, "cut.jpg is not an image that can be read"),
+        "text saved as .jpg": (post(server, ("notes.jpg", b"hello, not a picture")), 415, "notes.jpg: not an image in any format Pillow reads"),
+        "empty file": (post(server, ("empty.jpg", b"")), 415, "empty.jpg: empty file (0 bytes)"),
+        "truncated jpeg": (post(server, ("cut.jpg", good[: len(good) // 2])), 415, "cut.jpg: truncated or corrupt image data"),
         "file too large": (post(server, ("noise.png", png_bytes(Image.fromarray(noise)))), 413, "noise.png is over the 20,000-byte limit"),
         "request too large": (post(server, ("huge.bin", bytes(100_000))), 413, "request of 100,"),
-        "decompression bomb": (post(server, ("bomb.png", png_bytes(Image.new("1", (4000, 4000))))), 413, "4000x4000 pixels is over the 1,000,000-pixel limit"),
+        "decompression bomb": (post(server, ("bomb.png", png_bytes(Image.new("1", (4000, 4000))))), 413, "bomb.png: 4000x4000 pixels is over the 1,000,000-pixel limit; send a smaller image"),
         "too many files": (post(server, *[(f"{i}.jpg", good) for i in range(4)]), 400, "Too many files"),
         "top_k out of range": (post(server, ("good.jpg", good), top_k=9), 422, "top_k must be between 1 and 3"),
     }

@@ -31,8 +31,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         tmp.unlink(missing_ok=True)
 
 
+# File names on Linux are bytes, not always valid UTF-8; Python carries the odd bytes as lone
+# surrogates, and this error handler writes them back as the same bytes, so a listed path still
+# opens the file instead of the write failing.
+PATH_ERRORS = "surrogateescape"
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors=PATH_ERRORS))
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
@@ -47,7 +53,7 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file with a header; no rows when the file does not exist yet."""
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
         return list(csv.DictReader(handle))
 
 

@@ -4,14 +4,18 @@ dataclasses so ``--help`` and the Python API never drift apart."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
+import difflib
+import io
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
+from transferkit._io import read_csv_rows
 from transferkit.config import DEFAULT_MODEL, DataConfig, ModelConfig, PhaseConfig, TrainConfig
 from transferkit.errors import ConfigError, TransferkitError
 
@@ -219,6 +223,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         print("\ninterrupted; rerun the same command to continue (finished runs are kept)", file=sys.stderr)
         return 130
     print(comparison.table())
+    skipped = read_csv_rows(comparison.skipped_list)
+    if skipped:
+        print(f"\nskipped {len(skipped)} unreadable, non-image or duplicate files (see {comparison.skipped_list})")
     print(f"\ncomparison written to {comparison.output} (comparison.csv, comparison.html)")
     return 0
 
@@ -448,8 +455,41 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("TQDM_MININTERVAL", "0.5")
 
 
+def _tolerate_odd_file_names() -> None:
+    """A file name that is not valid UTF-8 reaches Python as lone surrogates; on a UTF-8 stream
+    they are written back as the original bytes (the name ``ls`` shows), elsewhere escaped,
+    instead of an encoding error after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            utf8 = codecs.lookup(stream.encoding).name == "utf-8"
+            stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line naming the fix, with the closest option for a misspelt one.
+
+    Abbreviations are off: ``--frozen-epoch 3`` is reported as a typo of ``--frozen-epochs``
+    instead of being taken silently, and a new option can never change what an old one meant.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+    def unknown_options(self, unknown: list[str]) -> NoReturn:
+        options = [name for action in self._actions for name in action.option_strings]
+        described = []
+        for word in unknown:
+            name = word.split("=", 1)[0]
+            closest = difflib.get_close_matches(name, options, n=1, cutoff=0.6) if word.startswith("-") else []
+            described.append(f"{word} (did you mean {closest[0]}?)" if closest else word)
+        self.error(f"unrecognized arguments: {', '.join(described)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="transferkit", description=__doc__)
+    parser = _Parser(prog="transferkit", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _train_parser(subparsers)
     _compare_parser(subparsers)
@@ -459,7 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _export_parser(subparsers)
     _serve_parser(subparsers)
     _summary_parser(subparsers)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subparsers.choices[args.command].unknown_options(unknown)
+    _tolerate_odd_file_names()
     if args.command in ("train", "compare"):
         # Lightning sets its loggers to INFO when imported: import it first, then quiet them.
         import lightning  # noqa: F401

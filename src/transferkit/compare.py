@@ -86,6 +86,11 @@ class Comparison:
     output: Path
     rows: list[dict[str, Any]]
 
+    @property
+    def skipped_list(self) -> Path:
+        """The files every run left out, with reasons: the runs share the first run's split."""
+        return self.output / self.rows[0]["run"] / "skipped.csv"
+
     def table(self) -> str:
         header = ["strategy", "model", "best val acc", "test acc", "macro F1", "epochs to best", "wall s",
                   "cached features", "trainable / total params"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, close_matches
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
@@ -268,8 +269,32 @@ class TrainConfig:
             found.append("--frozen-epochs and --finetune-epochs are both 0: nothing would train")
         if self.num_nodes < 1:
             found.append(f"--num-nodes must be at least 1, got {self.num_nodes}")
+        found += self._engine_problems()
         if found:
             raise ConfigError(found)
+
+    def _engine_problems(self) -> list[str]:
+        """Lightning's own names, checked before any work; Lightning would fail only once the
+        data had been scanned and the features computed. Lightning is imported only to check a
+        value that is not the default."""
+        if (self.accelerator, self.strategy, self.precision) == ("auto", "auto", "32-true"):
+            return []
+        from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        choices = {
+            "accelerator": ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())],
+            "strategy": ["auto", *StrategyRegistry.available_strategies()],
+            "precision": [*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)],
+        }
+        found = []
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                shown = ", ".join(allowed[:8]) + (", ..." if len(allowed) > 8 else "")
+                found.append(f"--{name} {value!r} is not one Lightning knows ({shown}).{close_matches(value, allowed)}")
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ and run with Pillow, NumPy and ONNX Runtime alone."""
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import logging
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from transferkit._io import PATH_ERRORS, atomic_write, content_digests
 from transferkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -75,8 +77,10 @@ class DatasetIndex:
         """Remove files (unreadable, duplicates) from every split and list them as skipped."""
         if not reasons:
             return
-        for split, items in self.splits.items():
+        for split, items in list(self.splits.items()):
             self.splits[split] = [(path, label) for path, label in items if path not in reasons]
+            if split == "test" and not self.splits[split]:
+                del self.splits[split]  # a small test split of broken files: the run goes on without one
         self.skipped.extend(sorted(reasons.items()))
         for split in ("train", "val"):
             present = {label for _, label in self.splits[split]}
@@ -89,7 +93,6 @@ class DatasetIndex:
 
     def find_duplicates(self) -> None:
         """Group byte-identical images (by content hash) into ``duplicates``."""
-        from transferkit._io import content_digests
 
         entries = [(split, path, label) for split, items in self.splits.items() for path, label in items]
         groups: dict[bytes, list[tuple[str, str, int]]] = {}
@@ -123,10 +126,9 @@ class DatasetIndex:
         return len(reasons)
 
     def write_splits(self, path: Path) -> None:
-        from transferkit._io import atomic_write
 
         def write(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8") as handle:
+            with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["split", "path", "label", "class"])
                 for split, items in self.splits.items():
@@ -136,10 +138,9 @@ class DatasetIndex:
         atomic_write(path, write)
 
     def write_duplicates(self, path: Path) -> None:
-        from transferkit._io import atomic_write
 
         def write(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8") as handle:
+            with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["group", "split", "class", "path"])
                 for number, group in enumerate(self.duplicates, 1):
@@ -150,16 +151,15 @@ class DatasetIndex:
     def read_duplicates(self, path: Path) -> None:
         groups: dict[str, list[tuple[str, str, int]]] = {}
         if path.is_file():
-            with path.open(newline="", encoding="utf-8") as handle:
+            with path.open(newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
                 for row in csv.DictReader(handle):
                     groups.setdefault(row["group"], []).append((row["split"], row["path"], self.classes.index(row["class"])))
         self.duplicates = list(groups.values())
 
     def write_skipped(self, path: Path) -> None:
-        from transferkit._io import atomic_write
 
         def write(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8") as handle:
+            with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["path", "reason"])
                 writer.writerows(self.skipped)
@@ -169,7 +169,7 @@ class DatasetIndex:
     @classmethod
     def read_splits(cls, root: Path, classes: list[str], path: Path) -> DatasetIndex:
         splits: dict[str, list[tuple[str, int]]] = {}
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
             for row in csv.DictReader(handle):
                 splits.setdefault(row["split"], []).append((row["path"], int(row["label"])))
         return cls(root=root, classes=classes, splits=splits)
@@ -186,7 +186,9 @@ def list_image_files(folder: Path, extensions: set[str]) -> tuple[list[str], lis
     hang discovery."""
     images, skipped = [], []
     for current, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        linked = [d for d in dirs if os.path.islink(os.path.join(current, d))]
+        skipped += [(os.path.join(current, d), "symbolic link to a folder, not followed") for d in sorted(linked)]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in linked)
         for name in sorted(files):
             if name.startswith(".") or name.lower() in IGNORED_FILES:
                 continue
@@ -387,6 +389,39 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray((array.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8))
 
 
+class UnreadableImage(DataError):
+    """A file transferkit cannot use as an image; ``str()`` is the one-line reason.
+
+    ``too_large``: over the pixel limit (a decompression-bomb guard) rather than broken.
+    """
+
+    def __init__(self, reason: str, too_large: bool = False):
+        super().__init__(reason)
+        self.too_large = too_large
+
+
+def _size_of(source: str | os.PathLike[str] | IO[bytes]) -> int:
+    if hasattr(source, "seek"):
+        return source.seek(0, os.SEEK_END)
+    return os.stat(source).st_size
+
+
+def _reason(error: Exception, source: str | os.PathLike[str] | IO[bytes]) -> str:
+    """What a user can act on, instead of the decoder's exception."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found (a broken symbolic link, or removed while running)"
+    if isinstance(error, PermissionError):
+        return "permission denied; make the file readable"
+    if isinstance(error, OSError) and error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if isinstance(error, IsADirectoryError):
+        return "a folder, not a file"
+    if isinstance(error, UnidentifiedImageError):
+        return "empty file (0 bytes)" if _size_of(source) == 0 else "not an image in any format Pillow reads"
+    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return f"truncated or corrupt image data ({detail})"
+
+
 def load_image(
     source: str | os.PathLike[str] | IO[bytes], min_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> Image.Image:
@@ -394,35 +429,49 @@ def load_image(
 
     ``min_side``: JPEGs are decoded at a reduced scale (Pillow's draft mode) as long as both
     sides stay at least this large, which cuts decoding time several-fold for large photos.
-    Transparent images are composited on white, so their background does not turn black.
-    The pixel count is checked from the header, before anything is decoded.
+    Transparent images are composited on white, so their background does not turn black; an
+    animated image gives its first frame. The pixel count is checked from the header, before
+    anything is decoded. Any failure is an :class:`UnreadableImage` with a one-line reason.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(source) as image:
-            if image.width * image.height > max_pixels:
-                raise DataError(f"{image.width}x{image.height} pixels is over the {max_pixels:,}-pixel limit")
-            if min_side and image.format == "JPEG":
-                image.draft("RGB", (min_side, min_side))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                image = _to_8bit(image)
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")
-            if image.mode in ("RGBA", "LA", "PA"):
-                background = Image.new("RGB", image.size, (255, 255, 255))
-                background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-                return background
-            return image.convert("RGB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if image.width * image.height > max_pixels:
+                    raise UnreadableImage(
+                        f"{image.width}x{image.height} pixels is over the {max_pixels:,}-pixel limit", too_large=True
+                    )
+                if min_side and image.format == "JPEG":
+                    image.draft("RGB", (min_side, min_side))
+                image.load()
+                return _to_rgb(ImageOps.exif_transpose(image))
+    except UnreadableImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard fires on the header, above its limit, before ours can read the size.
+        raise UnreadableImage(f"over the {max_pixels:,}-pixel limit", too_large=True) from None
+    except Exception as error:  # any decoder failure means the file cannot be used
+        raise UnreadableImage(_reason(error, source)) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = _to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
 
 
 def check_image(path: str) -> str | None:
     """None if the image decodes, else a one-line reason."""
     try:
         load_image(path, min_side=32)
-    except Exception as error:  # any decoder failure means the file cannot be used
-        return f"{type(error).__name__}: {error}".splitlines()[0][:200] or type(error).__name__
+    except UnreadableImage as error:
+        return str(error)
     return None
 
 

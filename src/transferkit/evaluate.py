@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, write_json
+from transferkit._io import PATH_ERRORS, atomic_write, write_json
 from transferkit.data import (
     DatasetIndex, image_extensions, list_image_files, read_labelled_folder, scan_images, split_folders,
 )
@@ -181,7 +181,7 @@ class Evaluation:
         label_probability, losses = label_losses(self.probabilities, self.targets)
 
         def write_rows(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8") as handle:
+            with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
                 writer = csv.writer(handle)
                 writer.writerow(PREDICTION_COLUMNS)
                 rows = zip(self.paths, self.targets, predictions, self.probabilities, label_probability, losses)
@@ -303,11 +303,12 @@ def collect_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[str], lis
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(list_image_files(path, extensions)[0])
+            found, ignored = list_image_files(path, extensions)
             if not found:
                 skipped.append((str(path), "folder holds no image files"))
-            files += found
-        elif path.is_file():
+            files += sorted(found)
+            skipped += ignored
+        elif path.is_file() or path.is_symlink():  # a broken or looping link gets its reason from the decoder
             files.append(str(path))
         else:
             skipped.append((str(path), "no such file or folder"))

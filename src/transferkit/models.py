@@ -352,7 +352,16 @@ def load_model(folder: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
     config_file = folder / "config.json"
     if not config_file.is_file() or not (folder / "model.safetensors").is_file():
         raise RunFolderError(f"{folder} is not a model folder: expected config.json and model.safetensors")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFolderError(f"{config_file} is not valid JSON ({error}); train or export the model again") from None
+    missing = [key for key in ("architecture", "num_classes") if key not in config]
+    if missing:
+        raise RunFolderError(
+            f"{config_file} has no {', '.join(missing)}: not a transferkit or timm model folder "
+            "(or one from an incompatible version); train the model again"
+        )
     extra = config.get("transferkit") or {}
     if extra.get("format_version", MODEL_FORMAT_VERSION) > MODEL_FORMAT_VERSION:
         raise RunFolderError(
@@ -375,5 +384,12 @@ def load_model(folder: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
                 nn.Linear(extra["hidden_size"], config["num_classes"]),
             ),
         )
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except (RuntimeError, OSError) as error:
+        reason = " ".join(str(error).split())[:240]  # PyTorch's first line only says "Error(s) in loading"
+        raise RunFolderError(
+            f"{folder / 'model.safetensors'} does not fit the model config.json describes ({reason}); "
+            "train or export the model again"
+        ) from None
     return model.eval(), config

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.data import load_image
-from transferkit.errors import DataError, TransferkitError
+from transferkit.data import UnreadableImage, load_image
+from transferkit.errors import TransferkitError
 from transferkit.inference import Classifier, load_classifier
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse
-    from PIL import UnidentifiedImageError
 
     classifier = model if isinstance(model, Classifier) else load_classifier(model)
     limits = limits or ServeLimits()
@@ -92,13 +91,10 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
     def decode(name: str, data: bytes) -> Any:
         try:
             return load_image(io.BytesIO(data), max_pixels=limits.max_pixels)
-        except DataError as error:  # the pixel limit, checked on the header
-            raise HTTPException(413, f"{name}: {error}; send a smaller image") from None
-        except UnidentifiedImageError:
-            raise HTTPException(415, f"{name} is not an image in any format Pillow reads") from None
-        except (OSError, ValueError, SyntaxError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise HTTPException(415, f"{name} is not an image that can be read ({reason})") from None
+        except UnreadableImage as error:
+            if error.too_large:
+                raise HTTPException(413, f"{name}: {error}; send a smaller image") from None
+            raise HTTPException(415, f"{name}: {error}") from None
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int | None = None) -> dict[str, Any]:
@@ -122,8 +118,6 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
             data = await upload.read(limits.max_file_bytes + 1)
             if len(data) > limits.max_file_bytes:
                 raise HTTPException(413, f"{name} is over the {limits.max_file_bytes:,}-byte limit")
-            if not data:
-                raise HTTPException(415, f"{name} is empty")
             images.append(await run_in_threadpool(decode, name, data))
             names.append(name)
         probabilities = await run_in_threadpool(classifier.probabilities_of_images, images)
