@@ -19,7 +19,7 @@ import numpy as np
 
 from transferkit._io import PATH_ERRORS, atomic_write, write_json
 from transferkit.data import (
-    DatasetIndex, image_extensions, list_image_files, read_labelled_folder, scan_images, split_folders,
+    DatasetIndex, image_extensions, list_image_files, read_labelled_folder, split_folders,
 )
 from transferkit.errors import DataError, RunFolderError
 from transferkit.inference import Classifier, load_classifier
@@ -259,17 +259,18 @@ def evaluate(
                 raise DataError(f"{root} has no {split} folder; point at a folder of class folders or drop --split")
             root = folders[split]
         items, skipped = read_labelled_folder(root, classifier.classes)
-        failures = scan_images([path for path, _ in items], num_workers or 0)
-        skipped += sorted(failures.items())
-        items = [item for item in items if item[0] not in failures]
-        if not items:
-            raise DataError(f"no readable images in {root}; expected {root}/<class>/<image>.jpg")
         name = root.name
+    unreadable: dict[str, str] = {}
+    probabilities = classifier.probabilities(
+        [path for path, _ in items], batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress,
+        unreadable=unreadable,
+    )
+    skipped += sorted(unreadable.items())
+    items = [item for item in items if item[0] not in unreadable]
+    if not items:
+        raise DataError(f"no readable images in {data or run_dir}; expected <class>/<image>.jpg folders")
     if skipped:
         log.warning("skipped %d files that are not readable images", len(skipped))
-    probabilities = classifier.probabilities(
-        [path for path, _ in items], batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress
-    )
     evaluation = evaluation_from_probabilities(name, classifier.classes, items, probabilities)
     evaluation.skipped = skipped
     evaluation.metrics["tta"] = tta
@@ -330,14 +331,12 @@ def predict(
     """
     classifier = run if isinstance(run, Classifier) else load_classifier(run)
     files, skipped = collect_images(inputs)
-    failures = scan_images(files, num_workers or 0)
-    skipped += sorted(failures.items())
-    files = [path for path in files if path not in failures]
-    if not files:
-        return PredictionResult([], skipped)
+    unreadable: dict[str, str] = {}
     probabilities = classifier.probabilities(
-        files, batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress
+        files, batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress, unreadable=unreadable
     )
+    skipped += sorted(unreadable.items())
+    files = [path for path in files if path not in unreadable]
     k = max(1, min(top_k, len(classifier.classes)))
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     predictions = [

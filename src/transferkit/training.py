@@ -323,12 +323,14 @@ class _Run:
         L.seed_everything(self.config.seed, workers=True, verbose=False)
         trainer, checkpoint = self._trainer(name, phase)
         last = self.run_dir / "checkpoints" / f"{name}-last.ckpt"
+        started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*number of training batches.*")
             trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
         if trainer.interrupted:
             raise KeyboardInterrupt
+        fit_seconds = time.perf_counter() - started
         best = Path(checkpoint.best_model_path)
         # Every process continues from the best weights; only rank zero records the phase.
         self._load_checkpoint(str(best.relative_to(self.run_dir)))
@@ -346,6 +348,8 @@ class _Run:
             "epochs": len(rows),
             "trainable_parameters": trainable,
             "total_parameters": total,
+            # Training only, this process: features computed before the phase are in metrics["features"].
+            "fit_seconds": round(fit_seconds, 3),
         }
         write_json(self.progress_file, self.progress)
 
