@@ -24,12 +24,11 @@ from pathlib import Path
 
 import requests
 
+from _results import write_section
 from transferkit._io import read_csv_rows
 from transferkit.export import export
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- export_serve:begin -->", "<!-- export_serve:end -->"
 BATCH = 16
 
 
@@ -114,13 +113,7 @@ def main() -> None:
                   if latency else "not served | | ")
         lines.append(f"| {name} | {size} | {parity} | {accuracy} | {change} | {timing} |")
     table = "\n".join(lines)
-    text = RESULTS.read_text()
-    section = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Export and serving\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_section("export_serve", "Export and serving", table)
     print(table)
 
 

@@ -51,10 +51,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from _results import write_section
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 RAW = HERE / "peers.json"
-BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
 CONTENDERS = ("transferkit", "fastai", "tutorial", "keras")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MODEL = "tf_efficientnet_lite0"
@@ -378,13 +378,7 @@ def main() -> None:
         entry["contenders"] = {**raw.get(dataset, {}).get("contenders", {}), **entry["contenders"]}
         raw[dataset] = entry
         RAW.write_text(json.dumps(raw, indent=2) + "\n")
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{table(list(raw.values()))}\n{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Against fastai, the PyTorch tutorial and Keras\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    write_section("peers", "Against fastai, the PyTorch tutorial and Keras", table(list(raw.values())))
     print(table(list(raw.values())))
 
 

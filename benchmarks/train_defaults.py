@@ -21,11 +21,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from _results import write_section
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 RAW = HERE / "train_defaults.json"
 TARGETS = {"hymenoptera": (0.95, 60.0), "tf_flowers": (0.93, 600.0)}
-BEGIN, END = "<!-- train_defaults:begin -->", "<!-- train_defaults:end -->"
 
 
 def run(dataset: str, seed: int, mirror: str) -> dict[str, object]:
@@ -89,13 +89,7 @@ def main() -> None:
             results[(name, seed)] = run(name, seed, args.mirror)
             RAW.write_text(json.dumps(list(results.values()), indent=1) + "\n")
     rows = sorted(results.values(), key=lambda r: (r["dataset"], r["seed"] != 42, r["seed"]))
-    section = f"{BEGIN}\n{table(rows)}\n{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n## Default recipe\n\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_section("train_defaults", "Default recipe", table(rows))
     print(table(rows))
 
 
