@@ -17,6 +17,7 @@ from conftest import SHARED_DATASETS, make_folder, tiny_options
 from transferkit import models
 from transferkit.cli import build_train_config
 from transferkit.errors import RunFolderError
+from transferkit.evaluate import evaluate
 from transferkit.training import load_config, resume, train
 
 
@@ -91,17 +92,25 @@ def test_frozen_phase_reads_each_image_through_the_backbone_once(
     assert len(history(tmp_path / "run")) == 6
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "step", "plateau"])
 def test_feature_cache_matches_training_through_the_backbone(
-    image_folder: Path, tmp_path: Path, tiny_weights: Path
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, scheduler: str
 ) -> None:
+    # On features the head trains a whole epoch per Lightning step, stepping its own schedule.
     results = {}
     for cache in (True, False):
         options = tiny_options(
             image_folder, tmp_path / f"run-{cache}", tiny_weights,
-            **{"frozen.epochs": 2, "finetune.epochs": 0, "feature_cache": cache, "model.drop_rate": 0.0},
+            **{"frozen.epochs": 3, "frozen.scheduler": scheduler, "finetune.epochs": 0, "feature_cache": cache,
+               "model.drop_rate": 0.0},
         )
-        results[cache] = [float(r["val_loss"]) for r in history(train(build_train_config(options)).run_dir)]
-    assert results[True] == pytest.approx(results[False], abs=1e-3)
+        rows = history(train(build_train_config(options)).run_dir)
+        results[cache] = {name: [float(r[name]) for r in rows] for name in ("val_loss", "train_loss", "lr")}
+    for name in ("val_loss", "train_loss"):
+        assert results[True][name] == pytest.approx(results[False][name], abs=1e-3), name
+    assert results[True]["lr"] == pytest.approx(results[False]["lr"], rel=1e-6)
+    if scheduler != "plateau":
+        assert len(set(results[True]["lr"])) == 3, "the learning rate moves every epoch"
 
 
 def test_existing_run_folder_is_not_overwritten(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
@@ -111,34 +120,50 @@ def test_existing_run_folder_is_not_overwritten(image_folder: Path, tmp_path: Pa
         train(build_train_config(options))
 
 
-def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(tmp_path: Path, tiny_weights: Path) -> None:
+# Killed in the features phase (head-only checkpoints, a whole epoch per Lightning step) or in
+# fine-tuning (full checkpoints, after a finished phase).
+@pytest.mark.parametrize(
+    "killed_in, epochs",
+    [("frozen", {"frozen": 150, "finetune": 1}), ("finetune", {"frozen": 3, "finetune": 12})],
+    ids=["killed-in-frozen", "killed-in-finetune"],
+)
+def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
+    tmp_path: Path, tiny_weights: Path, killed_in: str, epochs: dict[str, int]
+) -> None:
     data = make_folder(tmp_path / "data", per_class=40)
 
     def command(run_dir: Path) -> list[str]:
         return [
             sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
             "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64",
-            "--num-workers", "0", "--frozen-epochs", "3", "--finetune-epochs", "12", "--finetune-patience", "12",
-            "--finetune-unfreeze", "all", "--no-progress", "--cache-dir", str(tmp_path / f"cache-{run_dir.name}"),
+            "--num-workers", "0", "--finetune-unfreeze", "all", "--no-progress",
+            "--cache-dir", str(tmp_path / f"cache-{run_dir.name}"),
+            *(f"--{phase}-{option}={count}" for phase, count in epochs.items() for option in ("epochs", "patience")),
         ]
 
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(command(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    last = run_dir / "checkpoints" / "finetune-last.ckpt"
+    last = run_dir / "checkpoints" / f"{killed_in}-last.ckpt"
     while not last.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    frozen_before = [r for r in history(run_dir) if r["phase"] == "frozen"]
+    rows_before = history(run_dir)
+    assert rows_before[-1]["phase"] == killed_in and int(rows_before[-1]["epoch"]) < epochs[killed_in]
     assert not (run_dir / "metrics.json").exists()
 
     result = resume(run_dir)
     rows = history(run_dir)
-    assert [r for r in rows if r["phase"] == "frozen"] == frozen_before, "the finished phase is not redone"
-    finetune_epochs = [int(r["epoch"]) for r in rows if r["phase"] == "finetune"]
-    assert finetune_epochs == list(range(1, 13)), "no epoch twice, none missing"
+    if killed_in == "finetune":
+        assert [r for r in rows if r["phase"] == "frozen"] == [r for r in rows_before if r["phase"] == "frozen"], (
+            "the finished phase is not redone"
+        )
+    for phase, count in epochs.items():
+        assert [int(r["epoch"]) for r in rows if r["phase"] == phase] == list(range(1, count + 1)), (
+            f"{phase}: no epoch twice, none missing"
+        )
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert not [p.name for p in run_dir.rglob("*.tmp")]
 
@@ -151,6 +176,44 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(tmp_path: Path
             assert result.metrics[split][name] == pytest.approx(uninterrupted[split][name], abs=1e-6), (split, name)
     losses = [float(r["train_loss"]) for r in history(tmp_path / "whole")]
     assert [float(r["train_loss"]) for r in rows] == pytest.approx(losses, abs=1e-6)
+
+
+def test_a_diverged_finetune_is_set_aside_for_the_features_phase_on_its_pretrained_backbone(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    # A fine-tuning learning rate that sends the whole backbone to NaN.
+    options = tiny_options(
+        image_folder, tmp_path / "run", tiny_weights,
+        **{"finetune.lr": 1.0, "finetune.unfreeze": "all", "finetune.optimizer": "sgd"},
+    )
+    result = train(build_train_config(options))
+    assert result.best_phase == "frozen"
+    assert result.metrics["phases"]["finetune"]["diverged"] and "val" not in result.metrics["phases"]["finetune"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "frozen-best.ckpt").stat().st_size < (checkpoints / "finetune-best.ckpt").stat().st_size / 10, (
+        "the features phase checkpoints its head, not the unchanged backbone"
+    )
+
+    saved, _ = models.load_model(tmp_path / "run" / "model")
+    head = models.classifier_path(saved) + "."
+    pretrained = torch.load(tiny_weights, weights_only=True)
+    changed = [k for k, v in pretrained.items() if not k.startswith(head) and not torch.equal(saved.state_dict()[k], v)]
+    assert not changed, "fine-tuning's backbone was saved under the features phase's head"
+    assert evaluate(tmp_path / "run", split="val").metrics["accuracy"] == result.metrics["val"]["accuracy"]
+
+
+def test_when_every_phase_diverges_train_says_so_in_one_line(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
+    command = [
+        sys.executable, "-m", "transferkit.cli", "train", str(image_folder), "--output", str(tmp_path / "run"),
+        "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
+        "--frozen-optimizer", "sgd", "--frozen-lr", "1e30", "--finetune-optimizer", "sgd", "--finetune-lr", "1e30",
+        "--no-progress", "--no-report",
+    ]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert process.returncode != 0
+    assert "Traceback" not in process.stderr
+    assert "every phase diverged" in process.stderr.strip().splitlines()[-1]
+    assert "--frozen-lr" in process.stderr and "--finetune-lr" in process.stderr
 
 
 @pytest.mark.slow

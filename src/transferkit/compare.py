@@ -211,7 +211,7 @@ def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
     return {
         "strategy": strategy,
         "model": model,
-        "best_val_accuracy": max(phases[name]["best_val_acc"] for name in order),
+        "best_val_accuracy": max(phases[name]["best_val_acc"] for name in order if not phases[name].get("diverged")),
         "test_accuracy": metrics["test"]["accuracy"] if "test" in metrics else None,
         "macro_f1": judged["macro_f1"],
         "epochs_to_best": epochs_before + phases[best_phase]["best_epoch"],

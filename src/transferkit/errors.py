@@ -30,6 +30,10 @@ class RunFolderError(TransferkitError):
     """A run folder is missing, incomplete or from an incompatible version."""
 
 
+class TrainingDivergedError(TransferkitError):
+    """No phase left usable weights: every validation loss was NaN or infinite."""
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
     """' Did you mean: a, b, c?' or '' when nothing is close."""
     matches = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)

@@ -35,7 +35,7 @@ from transferkit._io import read_csv_rows, read_json, write_csv_rows, write_json
 from transferkit.config import PhaseConfig, TrainConfig, parse_unfreeze
 from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
 from transferkit.datasets import resolve_data_source
-from transferkit.errors import RunFolderError
+from transferkit.errors import RunFolderError, TrainingDivergedError
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
 from transferkit.features import FeatureCache, FeatureStats
 from transferkit.inference import image_loader, run_module, softmax
@@ -50,7 +50,13 @@ HISTORY_COLUMNS = [
 
 
 class ClassifierModule(L.LightningModule):
-    """One training phase of a timm classifier, on images or on cached pooled features."""
+    """One training phase of a timm classifier, on images or on cached pooled features.
+
+    On features, each Lightning step is a whole epoch (the loader yields the epoch's features in
+    its shuffled or sampled order as one batch) and the step trains on it in minibatches of
+    ``batch_size``: the same updates as one step per minibatch, without Lightning's per-step cost,
+    which was most of the phase when a step is one linear layer.
+    """
 
     def __init__(
         self,
@@ -61,15 +67,21 @@ class ClassifierModule(L.LightningModule):
         batchnorm: str,
         label_smoothing: float = 0.0,
         class_weights: torch.Tensor | None = None,
+        batch_size: int = 32,
     ):
         super().__init__()
         self.model = model
         self.phase = phase
         self.inputs = inputs
+        self.batch_size = batch_size
+        self.automatic_optimization = inputs == "images"
         self.drop_rate = drop_rate
         self.batchnorm = batchnorm
         self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
         self.channels_last = inputs == "images"
+        # On features only the head changes, so only the head is checkpointed (see on_save_checkpoint)
+        # and a resumed phase keeps the frozen backbone it was built with.
+        self.strict_loading = inputs == "images"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs == "features":
@@ -83,6 +95,11 @@ class ClassifierModule(L.LightningModule):
         # Lightning keeps whatever mode each submodule is in when fit starts (inference on the
         # features, an ONNX export, left the backbone in eval mode, so dropout was off) and restores
         # it around validation, bypassing any train() override: the modes are set before every step.
+        if self.inputs == "features":
+            # Only the head runs; walking every backbone module each step cost more than the step.
+            self.training = True
+            models.get_head(self.model).train()
+            return
         self.train()
         models.set_batchnorm_mode(self.model, self.batchnorm)
 
@@ -99,7 +116,38 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        if self.automatic_optimization:
+            return self._step(batch, "train")
+        return self._train_epoch_on_features(batch)
+
+    def _train_epoch_on_features(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        features, targets = batch
+        losses, correct = [], []
+        for x, y in zip(features.split(self.batch_size), targets.split(self.batch_size)):
+            logits = self(x)
+            loss = self.loss(logits, y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            if self.phase.scheduler == "cosine":
+                scheduler.step()
+            losses.append(loss.detach() * len(y))
+            correct.append((logits.argmax(dim=1) == y).sum())
+        if self.phase.scheduler == "step":  # after the epoch's last batch, where Lightning steps it
+            scheduler.step()
+        count = len(targets)
+        loss, accuracy = torch.stack(losses).sum() / count, torch.stack(correct).sum() / count
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=count, sync_dist=True)
+        self.log("train_acc", accuracy, prog_bar=True, on_step=True, on_epoch=True, batch_size=count, sync_dist=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Lightning steps schedulers only under automatic optimization; plateau needs the epoch's
+        # validation loss, which is known by now.
+        if not self.automatic_optimization and self.phase.scheduler == "plateau":
+            self.lr_schedulers().step(self.trainer.callback_metrics["val_loss"])
 
     def validation_step(self, batch: Any, batch_index: int) -> None:
         self._step(batch, "val")
@@ -113,6 +161,13 @@ class ClassifierModule(L.LightningModule):
             kind, keys, position, has_gauss, gauss = states["numpy"]
             states["numpy"] = (kind, keys.tolist(), position, has_gauss, gauss)
         checkpoint["rng_states"] = states
+        if self.inputs == "features":
+            # The backbone is the pretrained one, unchanged: saving it twice an epoch cost more than
+            # training the head (13.6 MB each for the default). _Run._load_checkpoint restores it.
+            head = f"model.{models.classifier_path(self.model)}."
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k.startswith(head) or not k.startswith("model.")
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
@@ -138,11 +193,14 @@ class ClassifierModule(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": step, "interval": "epoch"}}
         if phase.scheduler == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=1)
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": plateau, "interval": "epoch", "monitor": "val_loss"},
-            }
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+            # Under manual optimization on_train_epoch_end steps it and Lightning rejects a monitor.
+            monitor = {"monitor": "val_loss"} if self.automatic_optimization else {}
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "interval": "epoch", **monitor}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))  # this also sets up the train loader
+        if not self.automatic_optimization:
+            # One loader batch an epoch, split into minibatches; each process trains on its share.
+            samples = math.ceil(len(self.trainer.train_dataloader.dataset) / self.trainer.world_size)
+            total = math.ceil(samples / self.batch_size) * phase.epochs
         warmup = int(round(phase.warmup_epochs * total / max(1, phase.epochs)))
 
         def cosine_with_warmup(step: int) -> float:
@@ -235,6 +293,19 @@ def _class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
     return counts.sum() / (num_classes * counts.clamp(min=1))
 
 
+class FeatureTensors(TensorDataset):
+    """Cached features indexed a whole batch at once: one sample at a time, then stacked, took as
+    long as training the head on them."""
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return [tensor[indices] for tensor in self.tensors]
+
+
+def _whole_split_loader(dataset: FeatureTensors, shuffle: bool = False, sampler: Any = None) -> DataLoader:
+    """The whole split as one batch, in the sampler's order: ClassifierModule splits it into minibatches."""
+    return DataLoader(dataset, batch_size=len(dataset), shuffle=shuffle, sampler=sampler, collate_fn=list)
+
+
 def _train_loader(
     dataset_or_items: Any, config: TrainConfig, preprocessing: dict[str, Any], augment: str, targets: list[int]
 ) -> DataLoader:
@@ -243,8 +314,8 @@ def _train_loader(
         weights = _class_weights(targets, max(targets) + 1)[torch.tensor(targets)]
         generator = torch.Generator().manual_seed(config.seed)
         sampler = WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
-    if isinstance(dataset_or_items, TensorDataset):
-        return DataLoader(dataset_or_items, batch_size=config.data.batch_size, shuffle=sampler is None, sampler=sampler)
+    if isinstance(dataset_or_items, FeatureTensors):
+        return _whole_split_loader(dataset_or_items, shuffle=sampler is None, sampler=sampler)
     return image_loader(
         dataset_or_items, preprocessing, config.data.batch_size, config.data.resolved_num_workers(),
         augment=augment, shuffle=True, sampler=sampler,
@@ -272,11 +343,12 @@ class _Run:
         )
         self.features: dict[str, torch.Tensor] = {}
         self.feature_stats: FeatureStats | None = None
+        self.backbone_pretrained = True
 
     def _module(self, phase: PhaseConfig, inputs: str) -> ClassifierModule:
         return ClassifierModule(
             self.model, phase, inputs, self.config.model.drop_rate, self.config.batchnorm,
-            self.config.label_smoothing, self.class_weights,
+            self.config.label_smoothing, self.class_weights, self.config.data.batch_size,
         )
 
     def _trainer(self, name: str, phase: PhaseConfig) -> tuple[L.Trainer, ModelCheckpoint]:
@@ -315,7 +387,7 @@ class _Run:
 
     def _fit(self, name: str, phase: PhaseConfig, module: ClassifierModule, train: DataLoader, val: DataLoader) -> None:
         if self.progress["phases"].get(name, {}).get("done"):
-            self._load_checkpoint(self.progress["phases"][name]["best_checkpoint"])
+            self._load_best_weights()
             log.info("phase %s already finished; reusing its best checkpoint", name)
             return
         trainable, total = models.count_parameters(self.model)
@@ -331,32 +403,52 @@ class _Run:
         if trainer.interrupted:
             raise KeyboardInterrupt
         fit_seconds = time.perf_counter() - started
-        best = Path(checkpoint.best_model_path)
+        best = str(Path(checkpoint.best_model_path).relative_to(self.run_dir))
+        # Lightning scores a NaN validation loss as infinite; EarlyStopping ends the phase there.
+        diverged = checkpoint.best_model_score is None or not math.isfinite(float(checkpoint.best_model_score))
+        record: dict[str, Any] = {"done": True, "best_checkpoint": best, "diverged": diverged}
+        self.progress["phases"][name] = record
         # Every process continues from the best weights; only rank zero records the phase.
-        self._load_checkpoint(str(best.relative_to(self.run_dir)))
-        self.progress["phases"][name] = {"done": True, "best_checkpoint": str(best.relative_to(self.run_dir))}
+        self._load_best_weights()
         if not trainer.is_global_zero:
             return
         rows = [r for r in read_csv_rows(self.run_dir / "history.csv") if r["phase"] == name and r["val_loss"]]
-        best_row = min(rows, key=lambda r: float(r["val_loss"]))
-        self.progress["phases"][name] = {
-            "done": True,
-            "best_checkpoint": str(best.relative_to(self.run_dir)),
-            "best_val_loss": float(best_row["val_loss"]),
-            "best_val_acc": float(best_row["val_acc"]),
-            "best_epoch": int(best_row["epoch"]),
-            "epochs": len(rows),
-            "trainable_parameters": trainable,
-            "total_parameters": total,
+        if diverged:
+            log.warning(
+                "phase %s diverged: its validation loss is not finite, so its weights are not used; "
+                "lower --%s-lr (now %g)", name, name, phase.lr,
+            )
+        else:
+            best_row = min((r for r in rows if math.isfinite(float(r["val_loss"]))), key=lambda r: float(r["val_loss"]))
+            record.update(
+                best_val_loss=float(best_row["val_loss"]), best_val_acc=float(best_row["val_acc"]),
+                best_epoch=int(best_row["epoch"]),
+            )
+        record.update(
+            epochs=len(rows), trainable_parameters=trainable, total_parameters=total,
             # Training only, this process: features computed before the phase are in metrics["features"].
-            "fit_seconds": round(fit_seconds, 3),
-        }
+            fit_seconds=round(fit_seconds, 3),
+        )
         write_json(self.progress_file, self.progress)
+
+    def _usable_phases(self) -> dict[str, dict[str, Any]]:
+        return {name: phase for name, phase in self.progress["phases"].items() if not phase.get("diverged")}
+
+    def _load_best_weights(self) -> None:
+        """The best weights so far: the last phase that did not diverge (the next phase starts from them)."""
+        usable = self._usable_phases()
+        if usable:
+            self._load_checkpoint(usable[list(usable)[-1]]["best_checkpoint"])
 
     def _load_checkpoint(self, relative: str) -> None:
         checkpoint = torch.load(self.run_dir / relative, map_location="cpu", weights_only=True)
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        self.model.load_state_dict(state)
+        if len(state) < len(self.model.state_dict()) and not self.backbone_pretrained:
+            # A head-only checkpoint of the features phase, loaded after fine-tuning changed the
+            # backbone: that phase's model is the pretrained backbone under its head.
+            with torch.random.fork_rng():
+                state = {**models.create_classifier(self.config.model, len(self.index.classes)).state_dict(), **state}
+        self.model.load_state_dict(state, strict=len(state) == len(self.model.state_dict()))
 
     def frozen_phase(self) -> None:
         phase = self.config.frozen
@@ -364,10 +456,9 @@ class _Run:
         cached = self.config.feature_cache and phase.augment == "none"
         if cached:
             self._compute_features()
-            train_data: Any = TensorDataset(self.features["train"], torch.tensor(self.index.targets("train")))
-            val: DataLoader = DataLoader(
-                TensorDataset(self.features["val"], torch.tensor(self.index.targets("val"))),
-                batch_size=self.config.data.batch_size,
+            train_data: Any = FeatureTensors(self.features["train"], torch.tensor(self.index.targets("train")))
+            val: DataLoader = _whole_split_loader(
+                FeatureTensors(self.features["val"], torch.tensor(self.index.targets("val")))
             )
         else:
             train_data = self.index.splits["train"]
@@ -377,6 +468,7 @@ class _Run:
 
     def finetune_phase(self) -> None:
         phase = self.config.finetune
+        self.backbone_pretrained = False
         count = models.unfreeze_top(self.model, parse_unfreeze(phase.unfreeze))
         log.info("phase finetune: %d of %d backbone blocks train", count, len(models.backbone_blocks(self.model)))
         train = _train_loader(
@@ -423,8 +515,13 @@ class _Run:
         self.feature_stats = stats
 
     def best_phase(self) -> str:
-        done = self.progress["phases"]
-        return min(done, key=lambda name: done[name]["best_val_loss"])
+        usable = self._usable_phases()
+        if not usable:
+            raise TrainingDivergedError(
+                f"every phase diverged (validation loss not finite) in {self.run_dir}; "
+                "train again with lower --frozen-lr and --finetune-lr"
+            )
+        return min(usable, key=lambda name: usable[name]["best_val_loss"])
 
     def logits(self, split: str, phase: str) -> torch.Tensor:
         if phase == "frozen" and split in self.features:
@@ -436,8 +533,8 @@ class _Run:
         """Judge every phase's best checkpoint on val and test, so the report can set frozen
         features against fine-tuning; then save the best phase's model and its evaluations."""
         splits = [split for split in ("val", "test") if split in self.index.splits]
-        phases = self.progress["phases"]
         best = self.best_phase()
+        phases = self._usable_phases()
         probabilities: dict[str, dict[str, Any]] = {}
         # The best phase goes last, so its weights are the ones left loaded for saving.
         for name in sorted(phases, key=lambda name: name == best):
@@ -458,7 +555,7 @@ class _Run:
             evaluation.write(self.run_dir / "evaluation" / split)
             metrics[split] = headline(evaluation.metrics)
         metrics["best_phase"] = best
-        metrics["phases"] = phases
+        metrics["phases"] = self.progress["phases"]
         return metrics
 
 
