@@ -9,7 +9,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import timm
+import torch
 
+from conftest import TINY_MODEL
+from transferkit import inference
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
 from transferkit.evaluate import evaluate, predict
@@ -123,3 +127,35 @@ def test_export_command_prints_the_check(trained_run: Path, tmp_path: Path, caps
     assert f"exported {target}" in out
     assert "max |probability difference|" in out and "accuracy  exported" in out
     assert target.is_file()
+
+
+def test_the_onnx_export_is_reused_until_the_weights_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "ONNX_CACHE_KEEP", 2)
+    model = timm.create_model(TINY_MODEL, num_classes=2).eval()
+    size = (3, 64, 64)
+    batch = np.random.default_rng(0).standard_normal((2, *size)).astype(np.float32)
+
+    def through_onnx() -> np.ndarray:
+        return inference.onnx_forward(inference.onnx_session(model, size))(batch)
+
+    def eager() -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(batch)).numpy()
+
+    def exports() -> list[Path]:
+        return sorted(inference.onnx_cache_folder().glob("*.onnx"))
+
+    assert np.allclose(through_onnx(), eager(), atol=1e-5)
+    kept = exports()
+    assert len(kept) == 1
+    assert np.allclose(through_onnx(), eager(), atol=1e-5) and exports() == kept, "the second session reads the export"
+
+    for _ in range(2):  # retrained weights: never a stale export, and only the newest two are kept
+        with torch.no_grad():
+            model.get_classifier().bias += 1.0
+        assert np.allclose(through_onnx(), eager(), atol=1e-5)
+    assert len(exports()) == 2 and kept[0] not in exports()
+
+    for path in exports():
+        path.write_bytes(b"not a model any more")
+    assert np.allclose(through_onnx(), eager(), atol=1e-5), "a damaged cache file is exported again"
