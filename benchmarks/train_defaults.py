@@ -3,7 +3,7 @@
     python benchmarks/train_defaults.py [--datasets hymenoptera,tf_flowers] [--seeds 42,1,2]
                                         [--mirror ../shared/datasets]
 
-Each (dataset, seed) trains in a fresh process with an empty feature cache, timed from the
+Each (dataset, seed) trains in a fresh process with empty caches, timed from the
 command's start (imports included), the way a user meets it the first time. Raw results accumulate in benchmarks/train_defaults.json,
 keyed by dataset and seed, so a slow dataset can be measured with fewer seeds in a separate
 call; the table between the markers in benchmarks/RESULTS.md is rebuilt from all of them.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -33,10 +34,10 @@ def run(dataset: str, seed: int, mirror: str) -> dict[str, object]:
         run_dir = Path(work) / "run"
         started = time.perf_counter()
         subprocess.run(
-            # An empty feature cache: every run is timed as a first run on the data.
+            # Empty caches (features, ONNX exports): every run is timed as a first run on the data.
             [sys.executable, "-m", "transferkit.cli", "train", dataset, "--data-mirror", mirror,
              "--output", str(run_dir), "--seed", str(seed), "--no-progress", "--cache-dir", str(Path(work) / "cache")],
-            check=True, stdout=subprocess.DEVNULL,
+            check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TRANSFERKIT_CACHE": str(Path(work) / "cache-home")},
         )
         wall = time.perf_counter() - started
         metrics = json.loads((run_dir / "metrics.json").read_text())
