@@ -181,10 +181,10 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
 def test_a_diverged_finetune_is_set_aside_for_the_features_phase_on_its_pretrained_backbone(
     image_folder: Path, tmp_path: Path, tiny_weights: Path
 ) -> None:
-    # A fine-tuning learning rate that sends the whole backbone to NaN.
+    # A fine-tuning learning rate that sends the whole backbone to NaN from the first step.
     options = tiny_options(
         image_folder, tmp_path / "run", tiny_weights,
-        **{"finetune.lr": 1.0, "finetune.unfreeze": "all", "finetune.optimizer": "sgd"},
+        **{"finetune.lr": 1e6, "finetune.warmup_epochs": 0.0, "finetune.unfreeze": "all", "finetune.optimizer": "sgd"},
     )
     result = train(build_train_config(options))
     assert result.best_phase == "frozen"

@@ -201,14 +201,17 @@ def parse_unfreeze(spec: str) -> int | float | None:
 
 def default_frozen_phase() -> PhaseConfig:
     # The head trains on cached features, so many cheap epochs cost seconds.
-    return PhaseConfig(epochs=30, lr=1e-3, weight_decay=1e-2, augment="none", patience=5, unfreeze="0")
+    return PhaseConfig(
+        epochs=30, lr=1e-3, weight_decay=1e-2, augment="none", patience=5, unfreeze="0", warmup_epochs=1.0
+    )
 
 
 def default_finetune_phase() -> PhaseConfig:
     # Two epochs: each is a full pass through the backbone, the bulk of a CPU run's time. At 256 px
     # a third took hymenoptera from ~52 s to 66-68 s, and tf_flowers from 0.9253 to 0.9293.
+    # Half an epoch of warm-up eases the just-unfrozen blocks in (DEVELOPERS.md has the runs).
     return PhaseConfig(
-        epochs=2, lr=1e-4, weight_decay=1e-2, augment="light", patience=2, unfreeze="3", warmup_epochs=0.0
+        epochs=2, lr=1e-4, weight_decay=1e-2, augment="light", patience=2, unfreeze="3", warmup_epochs=0.5
     )
 
 
