@@ -175,8 +175,9 @@ def export_digest(module: nn.Module, input_size: tuple[int, ...]) -> str:
 
     own_files = {sys.modules[type(m).__module__] for m in module.modules() if type(m).__module__.startswith("transferkit")}
     own_code = sorted(inspect.getsource(source) for source in own_files)
-    described = [type(module).__qualname__, repr(module), *own_code, str(input_size), torch.__version__, timm.__version__]
-    digest = hashlib.sha256("|".join([*described, str(ONNX_OPSET)]).encode())
+    described = [type(module).__qualname__, repr(module), *own_code, str(input_size), torch.__version__,
+                 timm.__version__, str(ONNX_OPSET)]
+    digest = hashlib.sha256("|".join(described).encode())
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
