@@ -193,7 +193,7 @@ class ClassifierModule(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": step, "interval": "epoch"}}
         if phase.scheduler == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=1)
-            # Under manual optimization on_train_epoch_end steps it and Lightning rejects a monitor.
+            # Under manual optimization on_train_epoch_end steps it; Lightning would warn that it ignores a monitor.
             monitor = {"monitor": "val_loss"} if self.automatic_optimization else {}
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "interval": "epoch", **monitor}}
         total = max(1, int(self.trainer.estimated_stepping_batches))  # this also sets up the train loader
