@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -57,12 +56,18 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
 def write_csv_rows(path: str | os.PathLike[str], columns: list[str], rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    write_csv(path, columns, ([row.get(column, "") for column in columns] for row in rows))
 
 
 def cache_home() -> Path:
@@ -70,6 +75,13 @@ def cache_home() -> Path:
     if os.environ.get("TRANSFERKIT_CACHE"):
         return Path(os.environ["TRANSFERKIT_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transferkit"
+
+
+def update_with_tensors(digest: Any, named_tensors: Iterable[tuple[str, Any]]) -> None:
+    """Feed each tensor's name, shape, dtype and bytes to a hashlib ``digest``."""
+    for name, tensor in named_tensors:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
 def content_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> bytes:

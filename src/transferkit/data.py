@@ -6,7 +6,6 @@ and run with Pillow, NumPy and ONNX Runtime alone."""
 
 from __future__ import annotations
 
-import csv
 import errno
 import functools
 import logging
@@ -21,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from transferkit._io import PATH_ERRORS, atomic_write, content_digests
+from transferkit._io import content_digests, read_csv_rows, write_csv
 from transferkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -93,7 +92,6 @@ class DatasetIndex:
 
     def find_duplicates(self) -> None:
         """Group byte-identical images (by content hash) into ``duplicates``."""
-
         entries = [(split, path, label) for split, items in self.splits.items() for path, label in items]
         groups: dict[bytes, list[tuple[str, str, int]]] = {}
         for entry, digest in zip(entries, content_digests([path for _, path, _ in entries])):
@@ -126,52 +124,31 @@ class DatasetIndex:
         return len(reasons)
 
     def write_splits(self, path: Path) -> None:
-
-        def write(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["split", "path", "label", "class"])
-                for split, items in self.splits.items():
-                    for file, label in items:
-                        writer.writerow([split, file, label, self.classes[label]])
-
-        atomic_write(path, write)
+        rows = ([split, file, label, self.classes[label]] for split, items in self.splits.items() for file, label in items)
+        write_csv(path, ["split", "path", "label", "class"], rows)
 
     def write_duplicates(self, path: Path) -> None:
-
-        def write(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["group", "split", "class", "path"])
-                for number, group in enumerate(self.duplicates, 1):
-                    writer.writerows([number, split, self.classes[label], file] for split, file, label in group)
-
-        atomic_write(path, write)
+        rows = (
+            [number, split, self.classes[label], file]
+            for number, group in enumerate(self.duplicates, 1)
+            for split, file, label in group
+        )
+        write_csv(path, ["group", "split", "class", "path"], rows)
 
     def read_duplicates(self, path: Path) -> None:
         groups: dict[str, list[tuple[str, str, int]]] = {}
-        if path.is_file():
-            with path.open(newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
-                for row in csv.DictReader(handle):
-                    groups.setdefault(row["group"], []).append((row["split"], row["path"], self.classes.index(row["class"])))
+        for row in read_csv_rows(path):
+            groups.setdefault(row["group"], []).append((row["split"], row["path"], self.classes.index(row["class"])))
         self.duplicates = list(groups.values())
 
     def write_skipped(self, path: Path) -> None:
-
-        def write(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["path", "reason"])
-                writer.writerows(self.skipped)
-
-        atomic_write(path, write)
+        write_csv(path, ["path", "reason"], self.skipped)
 
     @classmethod
     def read_splits(cls, root: Path, classes: list[str], path: Path) -> DatasetIndex:
         splits: dict[str, list[tuple[str, int]]] = {}
-        with path.open(newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
-            for row in csv.DictReader(handle):
-                splits.setdefault(row["split"], []).append((row["path"], int(row["label"])))
+        for row in read_csv_rows(path):
+            splits.setdefault(row["split"], []).append((row["path"], int(row["label"])))
         return cls(root=root, classes=classes, splits=splits)
 
 

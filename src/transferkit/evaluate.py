@@ -7,7 +7,6 @@ it computes it; the tests hold every number against scikit-learn on the same pre
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import PATH_ERRORS, atomic_write, write_json
+from transferkit._io import write_csv, write_json
 from transferkit.data import (
     DatasetIndex, image_extensions, list_image_files, read_labelled_folder, split_folders,
 )
@@ -180,18 +179,13 @@ class Evaluation:
         predictions = self.probabilities.argmax(axis=1)
         label_probability, losses = label_losses(self.probabilities, self.targets)
 
-        def write_rows(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
-                writer = csv.writer(handle)
-                writer.writerow(PREDICTION_COLUMNS)
-                rows = zip(self.paths, self.targets, predictions, self.probabilities, label_probability, losses)
-                for path, label, predicted, row, probability, loss in rows:
-                    writer.writerow([
-                        path, self.classes[label], self.classes[predicted], f"{row[predicted]:.6f}",
-                        f"{probability:.6f}", f"{loss:.6f}",
-                    ])
-
-        atomic_write(folder / "predictions.csv", write_rows)
+        rows = (
+            [path, self.classes[label], self.classes[predicted], f"{row[predicted]:.6f}", f"{probability:.6f}", f"{loss:.6f}"]
+            for path, label, predicted, row, probability, loss in zip(
+                self.paths, self.targets, predictions, self.probabilities, label_probability, losses
+            )
+        )
+        write_csv(folder / "predictions.csv", PREDICTION_COLUMNS, rows)
         self.output = folder
 
 

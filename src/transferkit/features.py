@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, cache_home, content_digests
+from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,7 @@ def backbone_digest(model: Any, preprocessing: dict[str, Any], global_pool: str)
         "preprocessing": preprocessing,
     }
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        if name.startswith(head_prefix):
-            continue
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    update_with_tensors(digest, ((k, v) for k, v in model.state_dict().items() if not k.startswith(head_prefix)))
     return digest.hexdigest()[:32]
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, cache_home
+from transferkit._io import atomic_write, cache_home, update_with_tensors
 from transferkit.config import default_num_workers
 from transferkit.data import load_image, preprocess_image, resize_side
 from transferkit.errors import DataError, RunFolderError
@@ -178,9 +178,7 @@ def export_digest(module: nn.Module, input_size: tuple[int, ...]) -> str:
     described = [type(module).__qualname__, repr(module), *own_code, str(input_size), torch.__version__,
                  timm.__version__, str(ONNX_OPSET)]
     digest = hashlib.sha256("|".join(described).encode())
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    update_with_tensors(digest, module.state_dict().items())
     return digest.hexdigest()[:32]
 
 
