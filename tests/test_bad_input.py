@@ -3,8 +3,12 @@ used (converted to RGB) or skipped with the same reason everywhere, and nothing 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +35,11 @@ EXPECTED = {
     "dangling.jpg": "file not found (a broken symbolic link",
     "loop": "symbolic link to a folder, not followed",
     "notes.txt": "not an image file extension",
+    "pipe.jpg": "not a regular file (a FIFO)",
+    "zero.jpg": "not a regular file (a character device)",
     "animated.gif": "used",
     "sixteen.png": "used",
+    "float.tif": "used",
     "palette.png": "used",
     "cmyk.jpg": "used",
     "rotated.jpg": "used",
@@ -63,10 +70,13 @@ def add_messy_files(folder: Path) -> None:
     (folder / "dangling.jpg").symlink_to(folder / "moved_away.jpg")
     (folder / "loop").symlink_to(folder, target_is_directory=True)
     (folder / "notes.txt").write_text("not an image")
+    os.mkfifo(folder / "pipe.jpg")  # no writer: a reader that opens it waits forever
+    (folder / "zero.jpg").symlink_to("/dev/zero")  # endless zero bytes, and a size of 0
 
     frames = [Image.new("RGB", (30, 30), COLOURS["red"]), Image.new("RGB", (30, 30), COLOURS["blue"])]
     frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     Image.fromarray(np.full((20, 30), 50_000, dtype=np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(np.full((20, 30), 0.8, dtype=np.float32)).save(folder / "float.tif")
     palette = Image.new("P", (30, 20), 1)
     palette.putpalette([0, 0, 0, *COLOURS["red"]] + [0] * 762)
     palette.save(folder / "palette.png", transparency=0)
@@ -99,6 +109,15 @@ def assert_expected_fates(used: list[str], skipped: list[tuple[str, str]] | list
         assert listed[name].startswith(reason), (name, listed[name])
     ignored = {name for name, fate in EXPECTED.items() if fate == "ignored"}
     assert not ignored & (names | set(listed))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hang_watchdog() -> Iterator[None]:
+    """A command that opens the corpus's FIFO blocks forever: dump every thread's stack and end
+    the session with a failure rather than hang CI."""
+    faulthandler.dump_traceback_later(900, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +195,7 @@ def test_serve_answers_each_upload_with_the_reason_the_folder_commands_give(mess
     # A form upload is bytes: links and folders do not arise, hidden files are not hidden, and
     # the content, not the extension, decides (notes.txt is judged as an image and is not one).
     uploads = {name: fate for name, fate in EXPECTED.items()
-               if fate != "ignored" and not (folder / name).is_symlink() and name != "inside.png"}
+               if fate != "ignored" and not (folder / name).is_symlink() and (folder / name).is_file()}
     uploads["notes.txt"] = "not an image in any format Pillow reads"
     uploads["bomb.png"] = f"over the {limits.max_pixels:,}-pixel limit; send a smaller image"
     with serving(create_app(messy_run, limits)) as url:
@@ -212,3 +231,38 @@ def test_class_folders_differing_only_in_case_are_one_clear_error(
     assert len(error.splitlines()) == 1
     assert "differ only in case (Red vs red)" in error
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+FIFO_SCRIPT = """
+import json, sys
+from pathlib import Path
+from transferkit.data import UnreadableImage, discover, load_image, read_image
+from transferkit.evaluate import collect_images
+
+root = Path(sys.argv[1])
+pipe, zero = root / "red" / "pipe.jpg", root / "red" / "zero.jpg"
+found = {"discover": discover(root, split=(0.5, 0.5, 0.0)).skipped,
+         "predict": collect_images([root / "red", pipe, zero])[1], "load_image": [], "read_image": []}
+for path in (pipe, zero):
+    for name, read in (("load_image", load_image), ("read_image", read_image)):
+        try:
+            read(path)
+        except UnreadableImage as error:
+            found[name].append([str(path), str(error)])
+print(json.dumps(found))
+"""
+
+
+def test_fifos_and_devices_are_skipped_before_anything_opens_them(tmp_path: Path) -> None:
+    """Each reader on its own, in a child process with a time limit, so a hang is a failure."""
+    root = make_folder(tmp_path / "data", per_class=2)
+    pipe, zero = root / "red" / "pipe.jpg", root / "red" / "zero.jpg"
+    os.mkfifo(pipe)
+    zero.symlink_to("/dev/zero")
+    done = subprocess.run([sys.executable, "-c", FIFO_SCRIPT, str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    expected = [[str(pipe), "not a regular file (a FIFO)"], [str(zero), "not a regular file (a character device)"]]
+    assert found["discover"] == expected
+    assert found["predict"] == expected * 2, "in a folder and named on the command line"
+    assert found["load_image"] == found["read_image"] == expected

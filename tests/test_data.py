@@ -1,8 +1,16 @@
 from __future__ import annotations
 
 import csv
+import json
+import logging
+import os
+import select
 import shutil
+import signal
+import tempfile
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +226,81 @@ def test_class_imbalance_is_reported_with_the_fix(
                  "--finetune-epochs", "0", "--no-progress", "--no-report"]) == 0
     printed = capsys.readouterr().out
     assert "class imbalance: red has 3.2x the training images of blue; --class-balance weight" in printed
+
+
+def test_float_images_are_scaled_not_blackened(tmp_path: Path) -> None:
+    """Float TIFFs (microscopy, remote sensing) usually hold [0, 1]; a plain convert clips them to black."""
+    unit = np.full((8, 10), 0.5, np.float32)
+    unit[0, :3] = [np.nan, np.inf, -np.inf]
+    Image.fromarray(unit).save(tmp_path / "unit.tif")
+    Image.fromarray(np.full((8, 10), 1000.0, np.float32)).save(tmp_path / "counts.tif")
+    Image.fromarray(np.full((8, 10), 3e6, np.float32)).save(tmp_path / "huge.tif")
+    unit_image = load_image(tmp_path / "unit.tif")
+    assert unit_image.getpixel((5, 4)) == (127, 127, 127)
+    assert [unit_image.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (255, 255, 255), (0, 0, 0)], "nan, +inf, -inf"
+    assert load_image(tmp_path / "counts.tif").getpixel((5, 4)) == (3, 3, 3), "a 16-bit range, as a 16-bit TIFF would be"
+    assert load_image(tmp_path / "huge.tif").getpixel((5, 4)) == (255, 255, 255), "beyond 16 bits: by its maximum"
+
+
+def test_a_class_with_one_image_is_named_when_it_gets_no_validation_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_folder(tmp_path / "d", per_class=10, classes=("blue", "red"))
+    make_folder(root, per_class=1, classes=("green",))
+    with caplog.at_level(logging.WARNING, logger="transferkit.data"):
+        index = discover(root)
+    assert "green" not in index.counts()["val"]
+    assert "single image get no validation image: green;" in caplog.text
+    assert "blue" not in caplog.text and "red" not in caplog.text
+
+
+def run_as_unprivileged(function: Callable[[], object], timeout: float = 60) -> object:
+    """``function()`` in a forked child that cannot override file permissions: as root (where a
+    mode of 000 stops nothing) it becomes ``nobody`` first. Its result comes back as JSON."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            with os.fdopen(write_end, "w") as out:
+                json.dump(function(), out)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    with os.fdopen(read_end) as answer:
+        while not select.select([answer], [], [], 0.5)[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError("the unprivileged child hung")
+        text = answer.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged child failed"
+    return json.loads(text)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX permissions and fork")
+def test_images_in_a_folder_that_cannot_be_listed_are_listed_as_skipped() -> None:
+    # Below /tmp and not pytest's root-only temporary folder, so the unprivileged child reaches it.
+    root = Path(tempfile.mkdtemp(prefix="transferkit-unlisted-"))
+    locked = root / "red" / "locked"
+    try:
+        root.chmod(0o755)
+        make_folder(root, per_class=6)
+        make_image(locked / "hidden_from_listing.jpg", COLOURS["red"], seed=3)
+        for folder in [root, *root.rglob("*")]:
+            folder.chmod(0o755 if folder.is_dir() else 0o644)
+        locked.chmod(0o000)
+        index = run_as_unprivileged(lambda: discover(root, split=(0.5, 0.5, 0.0)).skipped)
+    finally:
+        if locked.exists():
+            locked.chmod(0o755)
+        shutil.rmtree(root)
+    assert index == [[str(locked), "folder cannot be listed: permission denied; make it readable"]]

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,10 @@ from PIL import Image
 
 from conftest import tiny_options
 from transferkit.cli import build_train_config
+from transferkit import features as features_module
+from transferkit._io import write_text
 from transferkit.features import FeatureCache
+from transferkit.inference import run_forward
 from transferkit.training import train
 
 
@@ -61,34 +67,50 @@ def test_features_follow_file_content_not_names(
     assert other_size["features"]["from_cache"] == 0, "another input size is another backbone key"
 
 
-def test_an_unreadable_shard_is_skipped_with_a_warning(
-    tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture
+def first_byte_features(paths: list[str], digests: dict[str, bytes]) -> np.ndarray:
+    """A stand-in for the backbone that, like the real pass, reads each file once and records its digest."""
+    rows = []
+    for path in paths:
+        content = Path(path).read_bytes()
+        digests[path] = hashlib.sha256(content).digest()
+        rows.append([float(content[-1])] * 4)
+    return np.array(rows, np.float32)
+
+
+def numbered_files(folder: Path, count: int, start: int = 0) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        paths.append(folder / f"{i}.bin")
+        paths[-1].write_bytes(f"image {i}".encode() + bytes([i % 256]))
+    return [str(p) for p in paths]
+
+
+def warnings_from(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "transferkit.features" and r.levelno >= logging.WARNING]
+
+
+def test_an_unreadable_shard_is_moved_aside_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = FeatureCache(tmp_path / "features" / "backbone")
-    images = []
-    for i in range(3):
-        images.append(tmp_path / f"{i}.png")
-        Image.new("RGB", (8, 8), (i, 0, 0)).save(images[-1])
-    paths = [str(p) for p in images]
-    computed = {"calls": 0}
-
-    def compute(missing: list[str]) -> np.ndarray:
-        computed["calls"] += 1
-        return np.array([[float(Path(p).stem)] * 4 for p in missing], np.float32)
-
-    features, stats = cache.features(paths, compute)
+    paths = numbered_files(tmp_path / "images", 3)
+    features, stats = cache.features(paths, first_byte_features)
     assert stats.from_cache == 0 and features[:, 0].tolist() == [0.0, 1.0, 2.0]
     (cache.folder / "broken.npz").write_bytes(b"PK\x03\x04 not a whole zip file")
     with caplog.at_level(logging.WARNING, logger="transferkit.features"):
-        again, stats = cache.features(paths, compute)
-    assert stats.from_cache == 3 and computed["calls"] == 1
-    np.testing.assert_array_equal(again, features)
-    assert "ignoring unreadable shard" in caplog.text and "broken.npz" in caplog.text
+        again, stats = cache.features(paths, first_byte_features)
+        assert stats.from_cache == 3
+        np.testing.assert_array_equal(again, features)
+        assert len(warnings_from(caplog)) == 1
+        assert "ignoring unreadable shard" in caplog.text and "broken.npz" in caplog.text
+        caplog.clear()
+        _, stats = cache.features(paths, first_byte_features)
+    assert stats.from_cache == 3 and warnings_from(caplog) == [], "the next run does not trip on it again"
+    assert "broken.npz" not in {p.name for p in cache.folder.glob("*.npz")}
 
 
 def test_every_digest_matches_again_including_those_ending_in_a_zero_byte(tmp_path: Path) -> None:
-    import hashlib
-
     paths = []
     for i in range(2000):  # one SHA-256 in 256 ends in a zero byte
         content = f"image {i}".encode()
@@ -98,10 +120,112 @@ def test_every_digest_matches_again_including_those_ending_in_a_zero_byte(tmp_pa
             paths.append(str(path))
     assert any(hashlib.sha256(Path(p).read_bytes()).digest()[-1] == 0 for p in paths)
     cache = FeatureCache(tmp_path / "features")
-
-    def compute(missing: list[str]) -> np.ndarray:
-        return np.ones((len(missing), 2), np.float32)
-
-    cache.features(paths, compute)
-    _, stats = cache.features(paths, compute)
+    cache.features(paths, first_byte_features)
+    _, stats = cache.features(paths, first_byte_features)
     assert stats.from_cache == len(paths)
+
+
+MEAN_COLOUR = {"input_size": (3, 8, 8), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0,
+               "interpolation": "bilinear"}
+
+
+def mean_colour(paths: list[str], digests: dict[str, bytes]) -> np.ndarray:
+    """The real input pipeline with a forward that is each image's mean colour."""
+    return run_forward(lambda batch: batch.mean(axis=(2, 3)), paths, MEAN_COLOUR, num_workers=1, digests=digests)
+
+
+def test_a_file_rewritten_during_the_feature_pass_never_poisons_the_cache(tmp_path: Path) -> None:
+    old, new = (200, 30, 30), (30, 30, 200)
+    photo, copy = tmp_path / "photo.png", tmp_path / "copy.png"
+    Image.new("RGB", (16, 16), old).save(photo)
+    shutil.copy(photo, copy)
+    old_content = photo.read_bytes()
+    cache = FeatureCache(tmp_path / "features")
+
+    def rewrite_then_compute(paths: list[str], digests: dict[str, bytes]) -> np.ndarray:
+        # Another program saves over the photo after it was hashed, before it is decoded.
+        Image.new("RGB", (16, 16), new).save(photo)
+        return mean_colour(paths, digests)
+
+    first, _ = cache.features([str(photo), str(copy)], rewrite_then_compute)
+    np.testing.assert_allclose(first[0], np.array(new) / 255, atol=1e-3, err_msg="the photo as decoded")
+    np.testing.assert_allclose(first[1], np.array(old) / 255, atol=1e-3, err_msg="its old twin, unchanged")
+
+    photo.write_bytes(old_content)
+    again, stats = cache.features([str(photo), str(copy)], mean_colour)
+    np.testing.assert_allclose(again, [np.array(old) / 255] * 2, atol=1e-3)
+    assert stats.from_cache == 2
+    Image.new("RGB", (16, 16), new).save(photo)
+    third, stats = cache.features([str(photo)], mean_colour)
+    assert stats.from_cache == 1, "the rewritten content was stored under its own digest"
+    np.testing.assert_allclose(third[0], np.array(new) / 255, atol=1e-3)
+
+
+def test_runs_that_store_the_same_images_twice_are_merged_into_one_shard(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "features"
+    paths = numbered_files(tmp_path / "images", 3)
+
+    def alongside_another_cold_run(missing: list[str], digests: dict[str, bytes]) -> np.ndarray:
+        # A second run on the same images finds the cache as empty as this one did.
+        FeatureCache(folder).features(paths, first_byte_features)
+        return first_byte_features(missing, digests)
+
+    FeatureCache(folder).features(paths, alongside_another_cold_run)
+    assert len(list(folder.glob("*.npz"))) == 2, "both runs stored the same three images"
+    for start in range(3, 2 + features_module.COMPACT_AT):  # one shard more than a folder may hold
+        FeatureCache(folder).features(numbered_files(tmp_path / "images", 1, start), first_byte_features)
+    assert len(list(folder.glob("*.npz"))) == features_module.COMPACT_AT + 1
+    everything = numbered_files(tmp_path / "images", 2 + features_module.COMPACT_AT)
+    with caplog.at_level(logging.INFO, logger="transferkit.features"):
+        merged, stats = FeatureCache(folder).features(everything, first_byte_features)
+    assert stats.from_cache == len(everything) and merged[:, 0].tolist() == [float(i) for i in range(len(everything))]
+    shards = list(folder.glob("*.npz"))
+    assert len(shards) == 1 and "merged" in caplog.text
+    with np.load(shards[0]) as data:
+        assert len(data["digests"]) == len(everything), "each image once"
+    again, stats = FeatureCache(folder).features(everything, first_byte_features)
+    assert stats.from_cache == len(everything)
+    np.testing.assert_array_equal(again, merged)
+
+
+def test_cache_files_follow_the_umask_so_a_team_can_share_them(tmp_path: Path) -> None:
+    previous = os.umask(0o002)
+    try:
+        cache = FeatureCache(tmp_path / "features")
+        cache.features(numbered_files(tmp_path / "images", 2), first_byte_features)
+        write_text(tmp_path / "notes.txt", "shared")
+    finally:
+        os.umask(previous)
+    (shard,) = cache.folder.glob("*.npz")
+    assert stat.S_IMODE(shard.stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "notes.txt").stat().st_mode) == 0o664
+
+
+def unwritable_cache(tmp_path: Path) -> Path:
+    """A cache folder below a regular file: no user, root included, can create it."""
+    (tmp_path / "not-a-folder").write_text("a file where the cache folder's parent should be")
+    return tmp_path / "not-a-folder" / "features"
+
+
+def test_an_unwritable_cache_costs_time_never_the_features(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = FeatureCache(unwritable_cache(tmp_path) / "backbone")
+    paths = numbered_files(tmp_path / "images", 3)
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        for _ in range(2):
+            features, stats = cache.features(paths, first_byte_features)
+            assert features[:, 0].tolist() == [0.0, 1.0, 2.0] and stats.from_cache == 0
+    (warning,) = warnings_from(caplog)
+    assert "cannot store features in" in warning and "writable folder" in warning
+
+
+def test_training_goes_on_with_an_unwritable_cache_and_learns_the_same(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        metrics = frozen_run(image_folder, tmp_path / "uncached", tiny_weights, cache_dir=str(unwritable_cache(tmp_path)))
+    assert metrics["features"]["images"] == 50 and metrics["features"]["from_cache"] == 0
+    assert len(warnings_from(caplog)) == 1
+    frozen_run(image_folder, tmp_path / "cached", tiny_weights)
+    assert val_losses(tmp_path / "uncached") == val_losses(tmp_path / "cached"), "the same features either way"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -25,9 +28,31 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; a plain open() would follow the umask, so a cache or run
+        # folder shared by a team stays readable by it.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (setting it to read it
+    would briefly give files made by other threads the wrong mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 # File names on Linux are bytes, not always valid UTF-8; Python carries the odd bytes as lone
@@ -84,10 +109,58 @@ def update_with_tensors(digest: Any, named_tensors: Iterable[tuple[str, Any]]) -
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
+FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device or socket where a file was expected: reading it could block forever or never end."""
+
+
+def irregular_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is ("a FIFO", ...)."""
+    return None if stat.S_ISREG(mode) else FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
+
+
+def not_regular_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is no file to read (a FIFO would block a reader forever, /dev/zero never
+    ends), found without opening it; None for a regular file or one that cannot be looked at,
+    whose reason the decoder gives."""
+    try:
+        kind = irregular_kind(os.stat(path).st_mode)
+    except OSError:
+        return None
+    return f"not a regular file ({kind})" if kind else None
+
+
+def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
+    """``open(path, "rb")`` that refuses anything but a regular file, before reading a byte.
+
+    Non-blocking, so opening a FIFO with no writer returns at once instead of waiting forever;
+    the flag changes nothing for a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        kind = irregular_kind(os.fstat(fd).st_mode)
+        if kind == "a folder":
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a file", os.fsdecode(path))
+        if kind:
+            raise NotRegularFile(errno.EINVAL, f"not a regular file ({kind})", os.fsdecode(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def content_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> bytes:
     """SHA-256 of a file's bytes: the same image under any name or folder has one digest."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.digest()

@@ -6,8 +6,11 @@ and run with Pillow, NumPy and ONNX Runtime alone."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import hashlib
+import io
 import logging
 import os
 import warnings
@@ -20,7 +23,9 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from transferkit._io import content_digests, read_csv_rows, write_csv
+from transferkit._io import (
+    NotRegularFile, content_digests, not_regular_reason, open_regular, read_csv_rows, write_csv,
+)
 from transferkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -157,12 +162,24 @@ def _visible(entry: os.DirEntry[str] | Path) -> bool:
     return not name.startswith(".") and name.lower() not in IGNORED_FILES
 
 
+def _unlisted_reason(error: OSError) -> str:
+    if isinstance(error, PermissionError):
+        return "folder cannot be listed: permission denied; make it readable"
+    return f"folder cannot be listed: {(error.strerror or type(error).__name__).lower()}"
+
+
 def list_image_files(folder: Path, extensions: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files anywhere below ``folder`` (nested folders count) and the other files found;
     hidden files are ignored and symlinked folders are not followed, so a symlink loop cannot
-    hang discovery."""
-    images, skipped = [], []
-    for current, dirs, files in os.walk(folder, followlinks=False):
+    hang discovery. A folder that cannot be listed is listed as skipped: its images would
+    otherwise vanish without a word."""
+    images: list[str] = []
+    skipped: list[tuple[str, str]] = []
+
+    def unlisted(error: OSError) -> None:
+        skipped.append((error.filename or str(folder), _unlisted_reason(error)))
+
+    for current, dirs, files in os.walk(folder, onerror=unlisted, followlinks=False):
         linked = [d for d in dirs if os.path.islink(os.path.join(current, d))]
         skipped += [(os.path.join(current, d), "symbolic link to a folder, not followed") for d in sorted(linked)]
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in linked)
@@ -171,7 +188,11 @@ def list_image_files(folder: Path, extensions: set[str]) -> tuple[list[str], lis
                 continue
             path = os.path.join(current, name)
             if os.path.splitext(name)[1].lower() in extensions:
-                images.append(path)
+                reason = not_regular_reason(path)
+                if reason:
+                    skipped.append((path, reason))
+                else:
+                    images.append(path)
             else:
                 skipped.append((path, "not an image file extension"))
     return images, skipped
@@ -234,9 +255,16 @@ def _check_classes(root: Path, classes: dict[str, list[str]]) -> None:
 
 
 def _stratified_split(
-    by_class: dict[int, list[str]], fractions: tuple[float, ...], seed: int
+    by_class: dict[int, list[str]], fractions: tuple[float, ...], seed: int, classes: list[str]
 ) -> list[list[tuple[str, int]]]:
     """Split each class on its own so every split keeps the class proportions."""
+    alone = [classes[label] for label, files in sorted(by_class.items()) if len(files) < 2]
+    if alone and len(fractions) > 1 and fractions[1] > 0:
+        # Its one image must train; validation then cannot tell whether the class is learnt.
+        log.warning(
+            "class(es) with a single image get no validation image: %s; add images to those class folders",
+            ", ".join(alone),
+        )
     rng = np.random.default_rng(seed)
     parts: list[list[tuple[str, int]]] = [[] for _ in fractions]
     for label, files in sorted(by_class.items()):
@@ -316,7 +344,8 @@ def discover(
             by_class: dict[int, list[str]] = {}
             for f, label in splits["train"]:
                 by_class.setdefault(label, []).append(f)
-            splits["train"], splits["val"] = _stratified_split(by_class, (1 - val_share, val_share), seed)
+            carve = (1 - val_share, val_share)
+            splits["train"], splits["val"] = _stratified_split(by_class, carve, seed, classes)
         layout = "split-folders"
     else:
         tree, skipped = _read_class_tree(root, extensions)
@@ -324,7 +353,7 @@ def discover(
         classes = sorted(tree)
         by_class = {i: tree[c] for i, c in enumerate(classes)}
         fractions = split if split[2] > 0 else split[:2]
-        parts = _stratified_split(by_class, fractions, seed)
+        parts = _stratified_split(by_class, fractions, seed, classes)
         splits = dict(zip(SPLITS, parts))
         layout = "class-folders"
     splits = {name: splits[name] for name in SPLITS if name in splits and splits[name]}
@@ -360,10 +389,18 @@ def read_labelled_folder(
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer images scaled to 8 bits; a plain convert would clip at 255."""
-    array = np.asarray(image)
-    top = 65535 if array.max() > 255 else 255
-    return Image.fromarray((array.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8))
+    """16-bit, 32-bit integer and floating-point images scaled to 8 bits; a plain convert would
+    clip at 255, and turn a float image in [0, 1] (the usual scientific TIFF) black."""
+    array = np.asarray(image).astype(np.float32)
+    finite = array[np.isfinite(array)]
+    peak = float(finite.max()) if finite.size else 0.0
+    if image.mode == "F" and peak <= 1.0:
+        top = 1.0
+    else:
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    # NaN marks missing data: black, as is the bottom of the range; +inf is the top.
+    array = np.nan_to_num(array, nan=0.0, posinf=top, neginf=0.0)
+    return Image.fromarray((array * np.float32(255.0 / top)).clip(0, 255).astype(np.uint8))
 
 
 class UnreadableImage(DataError):
@@ -385,6 +422,8 @@ def _size_of(source: str | os.PathLike[str] | IO[bytes]) -> int:
 
 def _reason(error: Exception, source: str | os.PathLike[str] | IO[bytes]) -> str:
     """What a user can act on, instead of the decoder's exception."""
+    if isinstance(error, NotRegularFile):
+        return error.strerror
     if isinstance(error, FileNotFoundError):
         return "file not found (a broken symbolic link, or removed while running)"
     if isinstance(error, PermissionError):
@@ -413,7 +452,10 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
+            # A path is opened here, not by Pillow, so a FIFO or device is refused before a read
+            # that would block forever.
+            opened: Any = contextlib.nullcontext(source) if hasattr(source, "read") else open_regular(source)
+            with opened as handle, Image.open(handle) as image:
                 if image.width * image.height > max_pixels:
                     raise UnreadableImage(
                         f"{image.width}x{image.height} pixels is over the {max_pixels:,}-pixel limit", too_large=True
@@ -431,8 +473,19 @@ def load_image(
         raise UnreadableImage(_reason(error, source)) from None
 
 
+def read_image(path: str | os.PathLike[str], min_side: int | None = None) -> tuple[Image.Image, bytes]:
+    """``load_image`` of a path, with the SHA-256 of exactly the bytes decoded: the file is read
+    once, so a file rewritten meanwhile can never have one content's digest and another's pixels."""
+    try:
+        with open_regular(path) as handle:
+            data = handle.read()
+    except OSError as error:
+        raise UnreadableImage(_reason(error, path)) from None
+    return load_image(io.BytesIO(data), min_side), hashlib.sha256(data).digest()
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         image = _to_8bit(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import write_csv, write_json
+from transferkit._io import not_regular_reason, write_csv, write_json
 from transferkit.data import (
     DatasetIndex, image_extensions, list_image_files, read_labelled_folder, split_folders,
 )
@@ -303,6 +303,8 @@ def collect_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[str], lis
                 skipped.append((str(path), "folder holds no image files"))
             files += sorted(found)
             skipped += ignored
+        elif reason := not_regular_reason(path):  # a FIFO would hang the decoder, /dev/zero never ends
+            skipped.append((str(path), reason))
         elif path.is_file() or path.is_symlink():  # a broken or looping link gets its reason from the decoder
             files.append(str(path))
         else:

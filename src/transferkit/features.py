@@ -8,7 +8,11 @@ Keys: the backbone (architecture, a digest of its weights, the preprocessing and
 names a folder; each image is keyed by the SHA-256 of its file's bytes, so renaming or moving a
 file keeps its features and editing it does not. A folder holds shards (``*.npz`` with
 ``digests``, n x 32 bytes, and ``features``); new features go into a new shard written atomically, so a killed
-run or two runs at once never leave a file that a later run trips on.
+run or two runs at once never leave a file that a later run trips on. Once a folder holds more
+than ``COMPACT_AT`` shards, a run merges them into one.
+
+The cache only ever saves time: a folder that cannot be read or written is warned about once,
+and the features are computed as if it were empty.
 """
 
 from __future__ import annotations
@@ -32,6 +36,22 @@ from transferkit._io import atomic_write, cache_home, content_digests, update_wi
 log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32
+COMPACT_AT = 8
+"""Shards a folder may hold before they are merged: every run that computes something adds one,
+and every run reads them all."""
+
+Compute = Callable[[list[str], dict[str, bytes]], np.ndarray]
+"""Features of each path, one row per path in order; it records in the dict the SHA-256 of the
+bytes each row was computed from (``run_forward(..., digests=)`` does)."""
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(folder: Path, kind: str, message: str, *args: object) -> None:
+    """One warning per cache folder and kind of trouble in a process: a compare of many runs says it once."""
+    if (str(folder), kind) not in _warned:
+        _warned.add((str(folder), kind))
+        log.warning(message, *args)
 
 
 def feature_cache_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -77,52 +97,131 @@ class FeatureCache:
     ) -> FeatureCache:
         return cls(feature_cache_folder(cache_dir) / backbone_digest(model, preprocessing, global_pool))
 
+    def _read_shard(self, shard: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            with np.load(shard, allow_pickle=False) as data:
+                digests, features = data["digests"], data["features"]
+            if digests.dtype != np.uint8 or digests.shape != (len(features), DIGEST_BYTES):
+                raise ValueError(f"digests of shape {digests.shape} and type {digests.dtype}")
+        except FileNotFoundError:  # merged into another shard by a run going on at the same time
+            return None
+        except OSError as error:  # not ours to remove: another user's shard, a failing disk
+            _warn_once(shard, "read", "feature cache: ignoring unreadable shard %s (%s); make it readable",
+                       shard, error)
+            return None
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            # Moved aside, so the next run neither trips on it nor warns again.
+            aside = shard.with_name(shard.name + ".unreadable")
+            try:
+                os.replace(shard, aside)
+                done = f"moved it aside to {aside.name}"
+            except OSError:
+                done = "delete it"
+            _warn_once(shard, "read", "feature cache: ignoring unreadable shard %s (%s); %s", shard, error, done)
+            return None
+        return digests, features
+
     def _load(self, wanted: set[bytes]) -> dict[bytes, np.ndarray]:
         found: dict[bytes, np.ndarray] = {}
-        if not self.folder.is_dir():
+        try:
+            shards = sorted(self.folder.glob("*.npz")) if self.folder.is_dir() else []
+        except OSError as error:
+            _warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
+                       self.folder, error)
             return found
-        for shard in sorted(self.folder.glob("*.npz")):
-            try:
-                with np.load(shard, allow_pickle=False) as data:
-                    digests, features = data["digests"], data["features"]
-                if digests.dtype != np.uint8 or digests.shape != (len(features), DIGEST_BYTES):
-                    raise ValueError(f"digests of shape {digests.shape} and type {digests.dtype}")
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-                log.warning("feature cache: ignoring unreadable shard %s (%s)", shard, error)
+        read: list[tuple[Path, np.ndarray, np.ndarray]] = []
+        for shard in shards:
+            content = self._read_shard(shard)
+            if content is None:
                 continue
+            digests, features = content
+            read.append((shard, digests, features))
             for digest, row in zip((d.tobytes() for d in digests), features):
                 if digest in wanted and digest not in found:
                     found[digest] = row
+        if len(read) > COMPACT_AT:
+            self._compact(read)
         return found
 
-    def _store(self, digests: list[bytes], features: np.ndarray) -> None:
+    def _compact(self, shards: list[tuple[Path, np.ndarray, np.ndarray]]) -> None:
+        """Merge shards into one, each digest once (two cold runs store the same images twice).
+        The merged shard is in place before any shard it replaces goes, so nothing is lost to a
+        kill; two runs compacting at once leave two shards, both correct."""
+        try:
+            digests = np.concatenate([digests for _, digests, _ in shards])
+            features = np.concatenate([features for _, _, features in shards])
+        except ValueError as error:  # shards of other widths: leave them to be read one by one
+            log.info("feature cache: not merging the shards of %s (%s)", self.folder, error)
+            return
+        _, first = np.unique(digests, axis=0, return_index=True)
+        keep = np.sort(first)
+        if self._write(digests[keep], features[keep]):
+            for shard, _, _ in shards:
+                try:
+                    shard.unlink(missing_ok=True)
+                except OSError as error:  # another user's shard in a sticky shared folder: a duplicate, no more
+                    log.info("feature cache: could not remove merged shard %s (%s)", shard, error)
+            log.info("feature cache: merged %d shards of %s into one (%d images)",
+                     len(shards), self.folder, len(keep))
+
+    def _write(self, digests: np.ndarray, features: np.ndarray) -> bool:
+        """A new shard; False, with one warning, where the folder cannot take it."""
         shard = self.folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
-        # Raw bytes, not a NumPy bytes string: that type drops trailing zero bytes, so one
-        # digest in 256 would never match again.
-        array = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), DIGEST_BYTES)
 
         def write(tmp: Path) -> None:
             with tmp.open("wb") as handle:
-                np.savez(handle, digests=array, features=features.astype(np.float32, copy=False))
+                np.savez(handle, digests=digests, features=features.astype(np.float32, copy=False))
 
-        atomic_write(shard, write)
+        try:
+            atomic_write(shard, write)
+        except OSError as error:  # read-only, full, or not a folder at all: the features still are right
+            _warn_once(self.folder, "write", "feature cache: cannot store features in %s (%s); they are "
+                       "computed again next run; set --cache-dir or TRANSFERKIT_CACHE to a writable folder",
+                       self.folder, error)
+            return False
+        return True
 
-    def features(self, paths: list[str], compute: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, FeatureStats]:
+    def _store(self, digests: list[bytes], features: np.ndarray) -> None:
+        # Raw bytes, not a NumPy bytes string: that type drops trailing zero bytes, so one
+        # digest in 256 would never match again.
+        array = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), DIGEST_BYTES)
+        self._write(array, features)
+
+    def _compute(self, paths: list[str], compute: Compute) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
+        """Rows of ``paths`` and the digests of the bytes they came from; stored under those."""
+        decoded: dict[str, bytes] = {}
+        rows = np.asarray(compute(paths, decoded), dtype=np.float32)
+        if len(rows) != len(paths):
+            raise RuntimeError(f"feature pass gave {len(rows)} rows for {len(paths)} images")
+        fresh = {decoded[path]: row for path, row in zip(paths, rows) if path in decoded}
+        if fresh:
+            self._store(list(fresh), np.stack(list(fresh.values())))
+        return dict(zip(paths, rows)), decoded
+
+    def features(self, paths: list[str], compute: Compute) -> tuple[np.ndarray, FeatureStats]:
         """Features for every path, in order: read from the cache, ``compute`` the rest (one call,
-        each distinct image once) and store them."""
+        each distinct image once) and store them under the digest of the bytes they were
+        computed from, never the one looked up: a file rewritten in between must not leave the
+        new image's features under the old content."""
         started = time.perf_counter()
         digests = content_digests(paths)
         known = self._load(set(digests))
+        hits = sum(digest in known for digest in digests)
         missing: dict[bytes, str] = {}
         for path, digest in zip(paths, digests):
             if digest not in known:
                 missing.setdefault(digest, path)
+        rows: dict[str, np.ndarray] = {}
         if missing:
-            computed = np.asarray(compute(list(missing.values())), dtype=np.float32)
-            self._store(list(missing), computed)
-            known.update(zip(missing, computed))
-        hits = sum(digest not in missing for digest in digests)
-        result = np.stack([known[digest] for digest in digests]) if paths else np.zeros((0, 0), np.float32)
+            rows, decoded = self._compute(list(missing.values()), compute)
+            changed = {digest for digest, path in missing.items() if decoded.get(path) != digest}
+            known.update((digest, rows[path]) for digest, path in missing.items() if digest not in changed)
+            # Files that shared a rewritten file's old content each get their own row.
+            again = [path for path, digest in zip(paths, digests) if digest in changed and path not in rows]
+            if again:
+                rows.update(self._compute(again, compute)[0])
+        result = [rows[path] if path in rows else known[digest] for path, digest in zip(paths, digests)]
+        features = np.stack(result) if paths else np.zeros((0, 0), np.float32)
         stats = FeatureStats(images=len(paths), from_cache=hits, seconds=time.perf_counter() - started)
         log.info("features: %d images, %d from the cache (%s), %.1f s", len(paths), hits, self.folder, stats.seconds)
-        return result, stats
+        return features, stats

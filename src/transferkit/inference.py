@@ -26,7 +26,7 @@ import numpy as np
 
 from transferkit._io import atomic_write, cache_home, update_with_tensors
 from transferkit.config import default_num_workers
-from transferkit.data import load_image, preprocess_image, resize_side
+from transferkit.data import load_image, preprocess_image, read_image, resize_side
 from transferkit.errors import DataError, RunFolderError
 
 if TYPE_CHECKING:
@@ -55,11 +55,14 @@ def preprocessed_batches(
     batch_size: int = 64,
     num_workers: int = 0,
     unreadable: dict[str, str] | None = None,
+    digests: dict[str, bytes] | None = None,
 ) -> Iterator[np.ndarray]:
     """Decoded, preprocessed images in order, ``batch_size`` at a time (fewer where files fail).
 
     ``unreadable``: when given, a file that cannot be used is recorded there with its reason and
     left out, so each image is decoded once; without it, such a file is an error.
+    ``digests``: when given, each file is read once and the SHA-256 of the bytes decoded is
+    recorded there, so what is keyed by content is keyed by the content actually used.
 
     Threads, not processes: Pillow's decoder and resize and NumPy's arithmetic release the GIL
     (measured 670 img/s with 2 threads against 564 img/s for a 2-process DataLoader on
@@ -70,7 +73,10 @@ def preprocessed_batches(
 
     def load(path: str) -> np.ndarray | None:
         try:
-            return preprocess_image(load_image(path, min_side), preprocessing)
+            if digests is None:
+                return preprocess_image(load_image(path, min_side), preprocessing)
+            image, digests[path] = read_image(path, min_side)
+            return preprocess_image(image, preprocessing)
         except Exception as error:
             if unreadable is None:
                 raise DataError(f"{path} could not be read ({error}); remove or replace the file") from None
@@ -102,13 +108,14 @@ def run_forward(
     progress: bool = False,
     description: str = "",
     unreadable: dict[str, str] | None = None,
+    digests: dict[str, bytes] | None = None,
 ) -> np.ndarray:
     """``forward`` of every image, in order, without augmentation; see ``preprocessed_batches``
-    for ``unreadable``."""
+    for ``unreadable`` and ``digests``."""
     from tqdm.auto import tqdm
 
     workers = default_num_workers() if num_workers is None else num_workers
-    batches = preprocessed_batches(paths, preprocessing, batch_size, workers, unreadable)
+    batches = preprocessed_batches(paths, preprocessing, batch_size, workers, unreadable, digests)
     total = -(-len(paths) // batch_size)
     outputs = [forward(batch) for batch in tqdm(batches, total=total, desc=description, disable=not progress,
                                                 leave=False, unit="batch")]
@@ -278,14 +285,19 @@ def run_module(
     device: str = "cpu",
     progress: bool = False,
     description: str = "",
+    digests: dict[str, bytes] | None = None,
 ) -> torch.Tensor:
-    """Outputs of ``module`` for every image, in order, without augmentation."""
+    """Outputs of ``module`` for every image, in order, without augmentation; see
+    ``preprocessed_batches`` for ``digests``."""
     import torch
 
     if not items:
         return torch.empty(0)
     forward = module_forward(module, preprocessing["input_size"], device)
-    outputs = run_forward(forward, [path for path, _ in items], preprocessing, batch_size, num_workers, progress, description)
+    outputs = run_forward(
+        forward, [path for path, _ in items], preprocessing, batch_size, num_workers, progress, description,
+        digests=digests,
+    )
     return torch.from_numpy(outputs)
 
 

@@ -485,7 +485,9 @@ class _Run:
     def _run_on_split(self, module: nn.Module, split: str, description: str) -> torch.Tensor:
         return self._run_on_items(module, self.index.splits[split], f"{description} {split}")
 
-    def _run_on_items(self, module: nn.Module, items: list[tuple[str, int]], description: str) -> torch.Tensor:
+    def _run_on_items(
+        self, module: nn.Module, items: list[tuple[str, int]], description: str, digests: dict[str, bytes] | None = None
+    ) -> torch.Tensor:
         return run_module(
             module,
             items,
@@ -495,6 +497,7 @@ class _Run:
             device=_inference_device(self.config),
             progress=self.config.progress,
             description=description,
+            digests=digests,
         )
 
     def _compute_features(self) -> None:
@@ -504,8 +507,9 @@ class _Run:
         )
         paths = [path for items in self.index.splits.values() for path, _ in items]
 
-        def compute(missing: list[str]) -> np.ndarray:
-            return self._run_on_items(models.PooledFeatures(self.model), [(p, 0) for p in missing], "features").numpy()
+        def compute(missing: list[str], digests: dict[str, bytes]) -> np.ndarray:
+            pooled = models.PooledFeatures(self.model)
+            return self._run_on_items(pooled, [(p, 0) for p in missing], "features", digests).numpy()
 
         features, stats = cache.features(paths, compute)
         start = 0
