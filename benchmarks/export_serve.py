@@ -25,6 +25,7 @@ from pathlib import Path
 import requests
 
 from _results import write_section
+from _serving import wait_until_serving
 from transferkit._io import read_csv_rows
 from transferkit.export import export
 
@@ -37,16 +38,7 @@ def serve_latency(model: Path, images: list[bytes], count: int, port: int) -> di
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"server for {model} did not start: {server.stderr.read().decode() if server.stderr else ''}")
-            time.sleep(0.2)
+        wait_until_serving(url, server, timeout=120)
         session = requests.Session()
         for data in images[:5]:  # warm-up: first requests pay for lazy initialisation
             session.post(f"{url}/predict", files={"file": ("warm.jpg", data)}, timeout=60).raise_for_status()

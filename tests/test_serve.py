@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 import io
+import select
 import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +19,8 @@ from PIL import Image
 
 from conftest import COLOURS, make_image, serving
 from transferkit._io import read_csv_rows
+from transferkit.cli import main
+from transferkit.errors import ConfigError
 from transferkit.evaluate import predict
 from transferkit.serve import ServeLimits, create_app
 
@@ -113,3 +122,166 @@ def test_the_page_shows_the_predicted_class_of_an_uploaded_image(server: str, tr
     assert labels == expected.labels
     assert shown == f"{100 * expected.probabilities[0]:.1f}%"
     assert Image.open(tmp_path / "page.png").size[0] > 300
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_chunked_upload_is_refused_as_its_bytes_arrive(server: str) -> None:
+    """No Content-Length to check up front: the server must count the bytes, not spool them all."""
+    port = int(server.rsplit(":", 1)[1])
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=xx\r\n\r\n")
+    part = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n\r\n'
+    chunk = bytes(64 * 1024)
+    offered, sent, answer = 64 * 2**20, 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(head + b"%x\r\n%s\r\n" % (len(part), part))
+        while sent < offered and not select.select([client], [], [], 0)[0]:
+            try:
+                client.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        if sent == offered:  # all of it taken in: end the upload so the answer can come
+            end = b"\r\n--xx--\r\n"
+            client.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+        with contextlib.suppress(ConnectionResetError):
+            while data := client.recv(65536):
+                answer += data
+
+    # What is sent before the answer is the limit plus the two sockets' buffers, not the 64 MiB offered.
+    assert sent < offered / 4, f"{sent:,} bytes taken in before the answer"
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"is over the limit of 3 files of 20,000 bytes" in answer
+    assert requests.get(f"{server}/health", timeout=10).status_code == 200
+
+
+SERVE_OPTIONS = ["--top-k", "2", "--max-file-mb", "0.02", "--max-files", "3", "--max-pixels", "1000000",
+                 "--max-queued", "4", "--max-connections", "250", "--header-timeout", "4", "--body-timeout", "3"]
+
+
+@pytest.fixture(scope="module")
+def process(trained_run: Path) -> Iterator[tuple[str, int]]:
+    """`transferkit serve` in its own process, as a user starts it, so its memory can be read."""
+    port = free_port()
+    command = [sys.executable, "-m", "transferkit.cli", "serve", str(trained_run), "--port", str(port), *SERVE_OPTIONS]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def resident_mib(pid: int, field: str = "VmRSS") -> float:
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+CONCURRENT_CLIENTS = 24
+MEMORY_BOUND_MIB = 100
+
+
+def test_concurrent_clients_are_queued_or_told_to_retry_and_memory_stays_bounded(
+    process: tuple[str, int], tmp_path: Path
+) -> None:
+    url, pid = process
+    # 1000 x 1000 transparent PNGs: 4 KB each to send, 4 MB each to decode.
+    sheer = png_bytes(Image.new("RGBA", (1000, 1000), (220, 40, 40, 128)))
+    good = make_image(tmp_path / "good.jpg", COLOURS["red"], seed=1).read_bytes()
+    post(url, ("good.jpg", good))  # the first request pays for lazy initialisation
+    idle = resident_mib(pid)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    start = threading.Barrier(CONCURRENT_CLIENTS)
+    answers: list[requests.Response] = []
+
+    def client(n: int) -> None:
+        start.wait()
+        answers.append(post(url, *[(f"{n}-{i}.png", sheer) for i in range(3)]))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CONCURRENT_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    peak = resident_mib(pid, "VmHWM")
+
+    statuses = sorted(answer.status_code for answer in answers)
+    assert len(answers) == CONCURRENT_CLIENTS and set(statuses) == {200, 503}, statuses
+    for answer in answers:
+        if answer.status_code == 503:
+            assert int(answer.headers["retry-after"]) >= 1 and "busy" in answer.json()["detail"]
+        else:
+            assert [p["filename"][-5:] for p in answer.json()["predictions"]] == ["0.png", "1.png", "2.png"]
+    assert peak - idle < MEMORY_BOUND_MIB, f"{idle:.0f} MiB idle, {peak:.0f} MiB at the peak"
+    assert post(url, ("good.jpg", good)).json()["predictions"][0]["top_k"][0]["label"] == "red"
+
+
+def test_slow_clients_are_cut_off_and_health_answers_meanwhile(process: tuple[str, int]) -> None:
+    url, _ = process
+    port = int(url.rsplit(":", 1)[1])
+
+    def connect(request: bytes) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(request)
+        return client
+
+    with contextlib.ExitStack() as stack:
+        started = time.monotonic()
+        # Half a request line and headers, then nothing: the slow-loris pattern.
+        slow = [stack.enter_context(connect(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")) for _ in range(200)]
+        # Complete headers, then a trickle of the promised body.
+        uploading = stack.enter_context(connect(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000\r\n"
+            b"Content-Type: multipart/form-data; boundary=xx\r\n\r\n--xx\r\n"))
+        assert requests.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
+        # Past --max-connections 250, a new connection is refused at once instead of held.
+        extra = [stack.enter_context(connect(b"GET /health HTTP/1.1\r\n")) for _ in range(60)]
+        time.sleep(0.5)
+        refused = select.select(extra, [], [], 0)[0]
+        assert time.monotonic() - started < 4, "the cap was checked after the header timeout"
+        assert 0 < len(refused) < len(extra)
+        for client in refused:
+            with contextlib.suppress(ConnectionResetError):
+                assert client.recv(4096).startswith(b"HTTP/1.1 503"), "a refused connection is told why"
+
+        assert uploading.recv(4096).startswith(b"HTTP/1.1 408")
+        # --header-timeout 4: every half-sent request is closed by the server, not left to pile up.
+        for client in slow:
+            client.settimeout(max(0.1, started + 4 + 5 - time.monotonic()))
+            with contextlib.suppress(ConnectionResetError):
+                assert client.recv(4096) == b""
+    assert requests.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
+
+
+def test_bad_serve_options_are_one_line_each_before_the_model_loads(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["serve", str(trained_run), "--port", "99999", "--top-k", "0", "--max-files", "-1",
+                 "--max-queued", "0", "--header-timeout", "0"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        "error: --port must be between 1 and 65535, got 99999",
+        "error: --top-k must be above 0, got 0",
+        "error: --max-files must be above 0, got -1",
+        "error: --max-queued must be above 0, got 0",
+        "error: --header-timeout must be above 0, got 0",
+    ]
+    with pytest.raises(ConfigError) as raised:
+        ServeLimits(max_pixels=0, body_timeout=-1)
+    assert raised.value.problems == ["serve limit max_pixels must be above 0, got 0",
+                                     "serve limit body_timeout must be above 0, got -1"]

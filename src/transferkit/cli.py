@@ -303,6 +303,16 @@ def _serve_parser(subparsers: Any) -> None:
                         help=f"most files per request (default: {defaults.max_files})")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                         help=f"most pixels per image (default: {defaults.max_pixels:,})")
+    parser.add_argument("--max-queued", type=int, default=defaults.max_queued,
+                        help=f"most prediction requests admitted at once; more are answered 503 (default: {defaults.max_queued})")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help=f"most open connections; more are refused (default: {defaults.max_connections})")
+    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout, metavar="SECONDS",
+                        help=f"time a client has to send its request headers (default: {defaults.header_timeout:g})")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout, metavar="SECONDS",
+                        help=f"time a client has to upload its files (default: {defaults.body_timeout:g})")
+    parser.add_argument("--keep-alive-timeout", type=float, default=defaults.keep_alive_timeout, metavar="SECONDS",
+                        help=f"time an idle connection stays open (default: {defaults.keep_alive_timeout:g})")
 
 
 def _summary_parser(subparsers: Any) -> None:
@@ -408,8 +418,18 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     from transferkit.serve import ServeLimits, serve
 
+    # Checked before the model loads, every problem at once.
+    problems = [] if 1 <= args.port <= 65535 else [f"--port must be between 1 and 65535, got {args.port}"]
+    positive = ("top_k", "max_file_mb", "max_files", "max_pixels", "max_queued", "max_connections",
+                "header_timeout", "body_timeout", "keep_alive_timeout")
+    problems += [f"--{name.replace('_', '-')} must be above 0, got {getattr(args, name):g}"
+                 for name in positive if not getattr(args, name) > 0]
+    if problems:
+        raise ConfigError(problems)
     limits = ServeLimits(top_k=args.top_k, max_file_bytes=int(args.max_file_mb * 2**20), max_files=args.max_files,
-                         max_pixels=args.max_pixels)
+                         max_pixels=args.max_pixels, max_queued=args.max_queued, max_connections=args.max_connections,
+                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                         keep_alive_timeout=args.keep_alive_timeout)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     serve(args.model, host=args.host, port=args.port, limits=limits)
     return 0
