@@ -93,3 +93,24 @@ def test_the_report_renders_in_a_real_browser_with_every_image_decoded(trained_r
     ).stdout
     assert f'data-decoded="{len(FIGURES)}"' in dom
     assert int(re.search(r'data-sections="(\d+)"', dom).group(1)) >= 5
+
+
+def test_class_names_with_dollar_signs_are_drawn_literally_in_every_figure(tmp_path: Path, tiny_weights: Path) -> None:
+    from conftest import COLOURS, make_image, tiny_options
+    from transferkit.cli import build_train_config
+    from transferkit.training import train
+
+    # matplotlib reads $...$ as maths: "US$_$x" failed the whole report, "a$b$c" drew "abc" in italics.
+    names = {"US$_$x": COLOURS["blue"], "a$b$c": COLOURS["red"], "plain": COLOURS["green"]}
+    for k, (name, colour) in enumerate(names.items()):
+        for i in range(12):
+            make_image(tmp_path / "data" / name / f"{i}.jpg", colour, seed=100 * k + i)
+    run_dir = tmp_path / "run"
+    train(build_train_config(tiny_options(tmp_path / "data", run_dir, tiny_weights, report=True)))
+    assert {p.name for p in (run_dir / "figures").glob("*.png")} == {f"{name}.png" for name in FIGURES}
+
+    run = read_run(run_dir)
+    figure = plot_confusion_matrix(run.evaluation, run.classes, run.split)
+    figure.canvas.draw()  # drawn by the caller, outside the report's own settings
+    labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
+    assert labels == sorted(names) and all(not label.get_parse_math() for label in figure.axes[0].get_yticklabels())

@@ -7,8 +7,10 @@ them as PNG, ``write_report`` embeds them in one HTML file that needs no server.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,34 @@ def _pyplot() -> Any:
     return plt
 
 
+def literal_text() -> Any:
+    """Text drawn as written: matplotlib reads ``$...$`` as maths, so a class named ``US$_$x``
+    (or a file name with two dollar signs) would fail the whole report."""
+    return _pyplot().rc_context({"text.parse_math": False})
+
+
+def _literal(plot: Callable[..., Any]) -> Callable[..., Any]:
+    """``plot`` builds its figure under ``literal_text``; every text in it stays literal when the
+    caller draws or saves it later, outside that context."""
+
+    @functools.wraps(plot)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        from matplotlib.text import Text
+
+        with literal_text():
+            figure = plot(*args, **kwargs)
+        if figure is not None:
+            for text in figure.findobj(Text):
+                text.set_parse_math(False)
+        return figure
+
+    return build
+
+
 # --- figures ----------------------------------------------------------------------------------
 
 
+@_literal
 def plot_training_curves(history: list[dict[str, Any]]) -> Any:
     """Accuracy and loss, train and validation, both phases on one epoch axis."""
     plt = _pyplot()
@@ -64,6 +91,7 @@ def plot_training_curves(history: list[dict[str, Any]]) -> Any:
     return figure
 
 
+@_literal
 def plot_per_class_f1(metrics: dict[str, Any], split: str) -> Any:
     """Horizontal bars of every class's F1, worst at the top."""
     plt = _pyplot()
@@ -83,6 +111,7 @@ def plot_per_class_f1(metrics: dict[str, Any], split: str) -> Any:
     return figure
 
 
+@_literal
 def plot_confusion_matrix(metrics: dict[str, Any], classes: list[str], split: str) -> Any:
     """Colour by row share (recall); counts written in cells while they stay legible."""
     plt = _pyplot()
@@ -109,6 +138,7 @@ def plot_confusion_matrix(metrics: dict[str, Any], classes: list[str], split: st
     return figure
 
 
+@_literal
 def plot_reliability(metrics: dict[str, Any], split: str) -> Any:
     """Accuracy against confidence per bin, with the share of images per bin below."""
     plt = _pyplot()
@@ -142,6 +172,7 @@ def _thumbnail(path: str, side: int) -> Any:
     return np.asarray(image)
 
 
+@_literal
 def plot_image_grid(rows: list[dict[str, Any]], title: str) -> Any:
     """Images with true and predicted labels; wrong predictions in red with a red frame."""
     plt = _pyplot()
@@ -255,7 +286,8 @@ def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path
         if figure is None:
             continue
         path = folder / f"{name}.png"
-        atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
+        with literal_text():  # tick labels are laid out again when drawn
+            atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
         plt.close(figure)
         written[name] = path
     return written
