@@ -98,7 +98,13 @@ def test_run_folders_from_an_incompatible_version_are_one_clear_error(
     written = json.loads(model_config.read_text())
     for damage, message in [
         ({k: v for k, v in written.items() if k != "architecture"}, "config.json has no architecture: not a transferkit or timm model folder"),
-        ({**written, "num_classes": 7}, "model.safetensors does not fit the model config.json describes \\(.*size mismatch for classifier.weight"),
+        (
+            {**written, "num_classes": 7, "label_names": [*written["label_names"], "a", "b", "c", "d"]},
+            "model.safetensors does not fit the model config.json describes \\(.*size mismatch for classifier.weight",
+        ),
+        # One name short: every prediction would carry its neighbour's name.
+        ({**written, "label_names": written["label_names"][:-1]}, "config.json names 2 labels for 3 classes"),
+        ({**written, "label_names": [written["label_names"][0]] * 3}, "config.json names 3 labels for 3 classes \\(label_names must list each class once"),
         ({**written, "transferkit": {**written["transferkit"], "format_version": 9}}, "was written by a newer transferkit \\(format 9\\); upgrade transferkit"),
     ]:
         model_config.write_text(json.dumps(damage))
@@ -106,6 +112,87 @@ def test_run_folders_from_an_incompatible_version_are_one_clear_error(
             assert main(command) == 2
             error = capsys.readouterr().err
             assert error.count("\n") == 1 and re.search(message, error), (command, error)
+
+
+def test_non_finite_and_out_of_range_numbers_are_all_refused_at_once_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_folder(tmp_path / "data", per_class=3)
+    # Each of these passed the checks before (NaN compares false with every bound) and either
+    # trained on two images or failed with a traceback after the data scan.
+    code = main([
+        "train", str(data), "--output", str(tmp_path / "run"), "--split", "nan,0.5,0.5", "--frozen-lr", "nan",
+        "--frozen-warmup-epochs", "inf", "--finetune-lr", "1e38", "--seed", "-1", "--devices", "0",
+        "--finetune-weight-decay=-inf", "--label-smoothing", "nan", "--accelerator", "gpu",
+    ])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert errors == [
+        "error: --label-smoothing must be a finite number, got nan",
+        "error: --split needs three finite fractions, got nan,0.5,0.5; e.g. --split 0.8,0.16,0.04",
+        "error: --frozen-lr must be a finite number, got nan",
+        "error: --frozen-warmup-epochs must be a finite number, got inf",
+        "error: --finetune-weight-decay must be a finite number, got -inf",
+        "error: --finetune-lr must be above 0 and at most 1e+30, got 1e+38",
+        "error: --seed must be between 0 and 4294967295, got -1",
+        "error: --devices must be auto, a count of 1 or more (-1 for all) or a list like 0,1, got '0'",
+    ]
+    assert not (tmp_path / "run").exists(), "checked before the data scan"
+
+    # Valid names, impossible here: Lightning's own judgement, still before the data scan.
+    code = main(["train", str(data), "--output", str(tmp_path / "run"), "--accelerator", "gpu"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(errors) == 1 and "--accelerator gpu" in errors[0] and "No supported gpu backend" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_unusable_files_and_folders_are_one_line_errors(
+    trained_run: Path, tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    import torch
+
+    data = make_folder(tmp_path / "data", per_class=3)
+    tiny = ["--model", "test_efficientnet", "--image-size", "64", "--num-workers", "0", "--no-progress"]
+
+    def one_line_error(arguments: list[str]) -> str:
+        code = main(arguments)
+        error = capsys.readouterr().err
+        assert code == 2 and error.count("\n") == 1 and error.startswith("error: "), (arguments, error)
+        return error
+
+    # --output that cannot be a run folder: a file, or a place nothing can be written.
+    (tmp_path / "a-file").write_text("x")
+    error = one_line_error(["train", str(data), "--output", str(tmp_path / "a-file"), *tiny])
+    assert "is an existing file, not a folder; choose another --output" in error
+    error = one_line_error(["train", str(data), "--output", "/proc/self/transferkit-run", *tiny])
+    assert "cannot create the run folder /proc/self/transferkit-run" in error
+
+    # --weights that are not weights, or a pickle that would run code.
+    (tmp_path / "notes.txt").write_text("these are not weights")
+    error = one_line_error(["train", str(data), "--output", str(tmp_path / "r1"), *tiny, "--weights", str(tmp_path / "notes.txt")])
+    assert "notes.txt cannot be loaded as weights of test_efficientnet (not a PyTorch or safetensors weights file)" in error
+    torch.save({"conv_stem.weight": print}, tmp_path / "code.pth")  # unpickling it calls into builtins
+    error = one_line_error(["train", str(data), "--output", str(tmp_path / "r2"), *tiny, "--weights", str(tmp_path / "code.pth")])
+    assert "code.pth cannot be loaded as weights of test_efficientnet (holds pickled code, refused: Unsupported global" in error
+
+    # A run folder whose files were damaged after they were written.
+    for name in ("classes.json", "progress.json", "config.yaml", "model/model.safetensors"):
+        run_dir = tmp_path / name.replace("/", "-")
+        shutil.copytree(trained_run, run_dir)
+        damaged = run_dir / name
+        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+        (run_dir / "metrics.json").unlink()
+        command = ["predict", str(run_dir), str(data)] if name.startswith("model/") else ["train", "--resume", str(run_dir)]
+        error = one_line_error(command)
+        assert str(damaged.name) in error and ("is damaged" in error or "does not fit" in error), error
+    run_dir = tmp_path / "broken-metrics"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "metrics.json").write_text('{"val": ')
+    (run_dir / "evaluation" / "val" / "metrics.json").write_text("{")
+    error = one_line_error(["report", str(run_dir)])
+    assert "metrics.json is damaged" in error
 
 
 def test_bad_data_folder_is_a_one_line_error(tmp_path: Path) -> None:

@@ -70,7 +70,15 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The JSON in ``path``; a damaged file is a one-line ``RunFolderError`` naming it."""
+    from transferkit.errors import RunFolderError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFolderError(
+            f"{path} is damaged ({error}); restore it, or run again the command that wrote it"
+        ) from None
 
 
 def read_csv_rows(path: Path) -> list[dict[str, str]]:

@@ -10,14 +10,16 @@ import difflib
 import io
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from transferkit._io import read_csv_rows
 from transferkit.config import DEFAULT_MODEL, DataConfig, ModelConfig, PhaseConfig, TrainConfig
-from transferkit.errors import ConfigError, TransferkitError
+from transferkit.errors import ConfigError, Interrupted, TransferkitError
 
 # (dataclass, flag prefix, TrainConfig attribute)
 SECTIONS: list[tuple[type, str, str]] = [
@@ -162,19 +164,32 @@ def _print_train_summary(result: Any) -> None:
     print(f"run folder: {result.run_dir}")
 
 
+def _exit_status(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal, as a shell reports a process a signal ended: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT)
+
+
+def _how_to_finish(config: TrainConfig) -> str:
+    from pathlib import Path
+
+    if config.output and (Path(config.output) / "config.yaml").is_file():
+        return f"finish the run with: transferkit train --resume {config.output}"
+    return "nothing was trained yet; run the same command again"
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    from transferkit.training import resume, train
+    from transferkit.training import load_config, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "verbose")}
-    if args.resume:
-        result = resume(args.resume)
-    else:
-        config = build_train_config(options)
-        try:
-            result = train(config)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; finish the run with: transferkit train --resume {config.output}", file=sys.stderr)
-            return 130
+    config = load_config(args.resume) if args.resume else build_train_config(options)
+    try:
+        result = train(config, resume=bool(args.resume))
+    except KeyboardInterrupt as interrupt:
+        print(f"\ninterrupted; {_how_to_finish(config)}", file=sys.stderr)
+        return _exit_status(interrupt)
+    except OSError as error:  # a full disk or a folder that became unwritable, mid-run
+        print(f"error: {_os_error(error)}; {_how_to_finish(config)}", file=sys.stderr)
+        return 1
     if result.metrics:  # empty on the other processes of a multi-process run
         _print_train_summary(result)
     return 0
@@ -219,9 +234,9 @@ def _run_compare(args: argparse.Namespace) -> int:
             epochs=args.epochs, output=args.output, patience=args.patience, hidden_size=args.hidden_size,
             unfreeze=args.unfreeze, options=options,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("\ninterrupted; rerun the same command to continue (finished runs are kept)", file=sys.stderr)
-        return 130
+        return _exit_status(interrupt)
     print(comparison.table())
     skipped = read_csv_rows(comparison.skipped_list)
     if skipped:
@@ -485,6 +500,24 @@ def _tolerate_odd_file_names() -> None:
             stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 
+def _os_error(error: OSError) -> str:
+    """'could not write FILE: No space left on device' rather than a traceback."""
+    where = f" {error.filename}" if error.filename else ""
+    return f"could not read or write{where}: {error.strerror or error}"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, docker stop, a scheduler's time limit) stops a command the way Ctrl-C does:
+    it unwinds, so temporary files are removed and the user is told how to continue."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 class _Parser(argparse.ArgumentParser):
     """Errors as one line naming the fix, with the closest option for a misspelt one.
 
@@ -523,11 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         subparsers.choices[args.command].unknown_options(unknown)
     _tolerate_odd_file_names()
-    if args.command in ("train", "compare"):
-        # Lightning sets its loggers to INFO when imported: import it first, then quiet them.
-        import lightning  # noqa: F401
-    _quiet_libraries(getattr(args, "verbose", False))
+    _stop_on_sigterm()
     try:
+        if args.command in ("train", "compare"):
+            # Lightning sets its loggers to INFO when imported: import it first, then quiet them.
+            import lightning  # noqa: F401
+        _quiet_libraries(getattr(args, "verbose", False))
         return COMMANDS[args.command](args)
     except ConfigError as error:
         for problem in error.problems:
@@ -536,13 +570,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TransferkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return _exit_status(interrupt)
     except BrokenPipeError:
         # The reader (``| head``) has gone; Python would print a traceback flushing stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as error:
+        print(f"error: {_os_error(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ and each names the flag to change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,41 @@ GLOBAL_POOLS = ("avg", "max", "avgmax")
 
 def _help(text: str, **kwargs: Any) -> dict[str, Any]:
     return {"help": text, **kwargs}
+
+
+def _non_finite(section: Any, flag_prefix: str = "") -> list[str]:
+    """NaN or infinity in any number of ``section``: every range check below compares false
+    with NaN, so ``--split nan,0.5,0.5`` would pass them all and train on two images."""
+    found = []
+    for spec in dataclasses.fields(section):
+        value = getattr(section, spec.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
+            shown = ",".join(map(str, numbers)) if isinstance(value, tuple) else value
+            found.append(f"--{flag_prefix}{spec.name.replace('_', '-')} must be a finite number, got {shown}")
+    return found
+
+
+MAX_SEED = 2**32 - 1  # NumPy's and Lightning's seeding take unsigned 32-bit seeds
+MAX_LR = 1e30
+"""Beyond it an optimizer's step overflows float32 (Adam divides the rate by 0.1 on its first step)
+and fails mid-phase with a traceback; a large rate below it diverges, which train reports in one line."""
+
+
+def parse_devices(devices: str) -> int | list[int] | str:
+    """Lightning's ``devices``: 'auto', a count (-1 for all), or a comma-separated list of indices."""
+    text = str(devices).strip()
+    if text == "auto":
+        return text
+    if "," in text:
+        indices = [part.strip() for part in text.split(",") if part.strip()]
+        if not indices or not all(part.isdigit() for part in indices):
+            raise ValueError(text)
+        return [int(part) for part in indices]
+    count = int(text)
+    if count == 0 or count < -1:
+        raise ValueError(text)
+    return count
 
 
 def default_num_workers() -> int:
@@ -85,15 +121,17 @@ class DataConfig:
         found = []
         if not self.source:
             found.append("DATA is required: give an image folder or a registered dataset name")
-        if len(self.split) != 3 or any(f < 0 for f in self.split):
+        if not all(math.isfinite(f) for f in self.split):
+            found.append(f"--split needs three finite fractions, got {','.join(map(str, self.split))}; e.g. --split 0.8,0.16,0.04")
+        elif len(self.split) != 3 or any(f < 0 for f in self.split):
             found.append(f"--split needs three non-negative fractions, got {self.split}")
         elif abs(sum(self.split) - 1.0) > 1e-6 or self.split[0] <= 0 or self.split[1] <= 0:
             found.append(
                 f"--split fractions must sum to 1 with train and val above 0, got {self.split}; "
                 "e.g. --split 0.8,0.16,0.04"
             )
-        if self.image_size is not None and self.image_size < 32:
-            found.append(f"--image-size must be at least 32, got {self.image_size}")
+        if self.image_size is not None and not 32 <= self.image_size <= 4096:
+            found.append(f"--image-size must be between 32 and 4096, got {self.image_size}")
         if self.batch_size < 1:
             found.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -124,8 +162,8 @@ class ModelConfig:
     global_pool: str = field(default="avg", metadata=_help(f"pooling: {', '.join(GLOBAL_POOLS)}"))
 
     def problems(self) -> list[str]:
-        found = []
-        if not 0 <= self.drop_rate < 1:
+        found = _non_finite(self)
+        if math.isfinite(self.drop_rate) and not 0 <= self.drop_rate < 1:
             found.append(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
         if self.hidden_size is not None and self.hidden_size < 1:
             found.append(f"--hidden-size must be at least 1, got {self.hidden_size}")
@@ -159,21 +197,21 @@ class PhaseConfig:
     )
 
     def problems(self, flag_prefix: str) -> list[str]:
-        found = []
         p = flag_prefix
+        found = _non_finite(self, f"{p}-")
         if self.epochs < 0:
             found.append(f"--{p}-epochs must be 0 or more, got {self.epochs}")
-        if self.lr <= 0:
-            found.append(f"--{p}-lr must be above 0, got {self.lr}")
+        if math.isfinite(self.lr) and not 0 < self.lr <= MAX_LR:
+            found.append(f"--{p}-lr must be above 0 and at most {MAX_LR:g}, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             found.append(f"--{p}-optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:
             found.append(f"--{p}-scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.augment not in AUGMENTATIONS:
             found.append(f"--{p}-augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
-        if self.weight_decay < 0:
+        if math.isfinite(self.weight_decay) and self.weight_decay < 0:
             found.append(f"--{p}-weight-decay must be 0 or more, got {self.weight_decay}")
-        if self.warmup_epochs < 0:
+        if math.isfinite(self.warmup_epochs) and self.warmup_epochs < 0:
             found.append(f"--{p}-warmup-epochs must be 0 or more, got {self.warmup_epochs}")
         if self.patience < 1:
             found.append(f"--{p}-patience must be at least 1, got {self.patience}")
@@ -260,18 +298,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]
-        found = self.data.problems() + self.model.problems()
+        found = _non_finite(self) + self.data.problems() + self.model.problems()
         found += self.frozen.problems("frozen") + self.finetune.problems("finetune")
         if self.class_balance not in CLASS_BALANCE:
             found.append(f"--class-balance must be one of {', '.join(CLASS_BALANCE)}, got {self.class_balance!r}")
         if self.batchnorm not in BATCHNORM_POLICIES:
             found.append(f"--batchnorm must be one of {', '.join(BATCHNORM_POLICIES)}, got {self.batchnorm!r}")
-        if not 0 <= self.label_smoothing < 1:
+        if math.isfinite(self.label_smoothing) and not 0 <= self.label_smoothing < 1:
             found.append(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.frozen.epochs == 0 and self.finetune.epochs == 0:
             found.append("--frozen-epochs and --finetune-epochs are both 0: nothing would train")
         if self.num_nodes < 1:
             found.append(f"--num-nodes must be at least 1, got {self.num_nodes}")
+        if not 0 <= self.seed <= MAX_SEED:
+            found.append(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        try:
+            parse_devices(self.devices)
+        except ValueError:
+            found.append(
+                f"--devices must be auto, a count of 1 or more (-1 for all) or a list like 0,1, got {self.devices!r}"
+            )
         found += self._engine_problems()
         if found:
             raise ConfigError(found)

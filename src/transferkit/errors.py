@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -32,6 +33,22 @@ class RunFolderError(TransferkitError):
 
 class TrainingDivergedError(TransferkitError):
     """No phase left usable weights: every validation loss was NaN or infinite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (SIGINT or SIGTERM) and stopped where it was; ``signum``
+    says which, so the exit status can follow the shell's 128 + signal convention."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def refused_pickle(error: BaseException) -> str | None:
+    """The line of torch's ``weights_only`` refusal that names what it refused ("Unsupported
+    global: GLOBAL builtins.print"), or None for any other error; the rest is a dozen lines of advice."""
+    refused = re.search(r"Unsupported global[^\n]*", str(error))
+    return refused.group(0).strip() if refused else None
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 
 from transferkit._io import atomic_write, write_json
 from transferkit.config import ModelConfig
-from transferkit.errors import ConfigError, RunFolderError, WeightsUnavailableError, close_matches
+from transferkit.errors import ConfigError, RunFolderError, WeightsUnavailableError, close_matches, refused_pickle
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,26 @@ def create_classifier(config: ModelConfig, num_classes: int) -> nn.Module:
                 f"weights file {path} not found; pass --weights with a .pth/.safetensors state dict, "
                 "--weights local-dir:FOLDER, or --weights none to train from scratch"
             )
-        model = timm.create_model(
-            config.name,
-            pretrained=True,
-            pretrained_cfg_overlay={"file": str(path)},
-            num_classes=num_classes,
-            **head_args,
-        )
+        try:
+            model = timm.create_model(
+                config.name,
+                pretrained=True,
+                pretrained_cfg_overlay={"file": str(path)},
+                num_classes=num_classes,
+                **head_args,
+            )
+        except Exception as error:  # not a state dict, a pickle that would run code, a wrong model
+            text = str(error)
+            if refused := refused_pickle(error):
+                reason = f"holds pickled code, refused: {refused}"
+            elif "state_dict" in text:  # a real state dict of another architecture: say what does not fit
+                reason = " ".join(text.split())[:200]
+            else:
+                reason = "not a PyTorch or safetensors weights file"
+            raise WeightsUnavailableError(
+                f"--weights {path} cannot be loaded as weights of {config.name} ({reason}); pass a .pth or "
+                ".safetensors state dict of that architecture (tensors only: pickled code is refused)"
+            ) from None
     elif (embedded := embedded_weights_file(config.name)) is not None:
         model = timm.create_model(config.name, pretrained=False, **head_args)
         model.load_state_dict(load_embedded_state_dict(model, embedded))
@@ -346,6 +359,7 @@ def save_model_folder(
 def load_model(folder: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved classifier (any head) in eval mode; returns (model, config.json)."""
     import timm
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -361,6 +375,16 @@ def load_model(folder: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         raise RunFolderError(
             f"{config_file} has no {', '.join(missing)}: not a transferkit or timm model folder "
             "(or one from an incompatible version); train the model again"
+        )
+    labels = config.get("label_names")
+    if labels is not None and (
+        not isinstance(labels, list) or len(labels) != config["num_classes"] or len(set(map(str, labels))) != len(labels)
+    ):
+        count = len(labels) if isinstance(labels, list) else "no list of"
+        raise RunFolderError(
+            f"{config_file} names {count} labels for {config['num_classes']} classes (label_names must list each "
+            "class once, in the order of the model's outputs); predictions would carry the wrong names, "
+            "so fix label_names or train the model again"
         )
     extra = config.get("transferkit") or {}
     if extra.get("format_version", MODEL_FORMAT_VERSION) > MODEL_FORMAT_VERSION:
@@ -386,7 +410,7 @@ def load_model(folder: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         )
     try:
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (RuntimeError, OSError) as error:
+    except (RuntimeError, OSError, SafetensorError) as error:
         reason = " ".join(str(error).split())[:240]  # PyTorch's first line only says "Error(s) in loading"
         raise RunFolderError(
             f"{folder / 'model.safetensors'} does not fit the model config.json describes ({reason}); "

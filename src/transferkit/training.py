@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,12 +31,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from transferkit import models
+from transferkit import models, runs
 from transferkit._io import read_csv_rows, read_json, write_csv_rows, write_json, write_text
-from transferkit.config import PhaseConfig, TrainConfig, parse_unfreeze
+from transferkit.config import PhaseConfig, TrainConfig, parse_devices, parse_unfreeze
 from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
 from transferkit.datasets import resolve_data_source
-from transferkit.errors import RunFolderError, TrainingDivergedError
+from transferkit.checkpoints import SafeCheckpointIO, checkpoint_problem, load_checkpoint
+from transferkit.errors import ConfigError, Interrupted, RunFolderError, TrainingDivergedError
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
 from transferkit.features import FeatureCache, FeatureStats
 from transferkit.inference import image_loader, run_module, softmax
@@ -264,15 +266,6 @@ class TrainResult:
         return self.run_dir / "model"
 
 
-def _parse_devices(devices: str) -> Any:
-    devices = str(devices)
-    if devices.isdigit() or devices == "-1":
-        return int(devices)
-    if "," in devices:
-        return [int(d) for d in devices.split(",") if d.strip()]
-    return devices
-
-
 def _process_rank() -> int:
     """This process's global rank: from Lightning once training set it up, else from the
     launcher's environment (0 when training alone)."""
@@ -371,7 +364,7 @@ class _Run:
         trainer = L.Trainer(
             max_epochs=phase.epochs,
             accelerator=config.accelerator,
-            devices=_parse_devices(config.devices),
+            devices=parse_devices(config.devices),
             num_nodes=config.num_nodes,
             strategy=config.strategy,
             precision=config.precision,
@@ -382,11 +375,47 @@ class _Run:
             num_sanity_val_steps=0,
             log_every_n_steps=1,
             default_root_dir=self.run_dir,
+            plugins=[SafeCheckpointIO()],
         )
         return trainer, checkpoint
 
+    def _finished(self, name: str) -> bool:
+        """Whether phase ``name`` finished in an earlier invocation and its best checkpoint still
+        loads; a damaged one sends the phase back to training, with a warning."""
+        record = self.progress["phases"].get(name, {})
+        if not record.get("done"):
+            return False
+        best = self.run_dir / record["best_checkpoint"]
+        problem = checkpoint_problem(best)
+        if problem is None:
+            return True
+        log.warning("phase %s: its best checkpoint %s is damaged (%s); training the phase again", name, best, problem)
+        del self.progress["phases"][name]
+        if _process_rank() == 0:
+            os.replace(best, best.with_name(best.name + ".damaged"))
+            # The last checkpoint of a finished phase resumes to its end, with no epochs left to train.
+            (self.run_dir / "checkpoints" / f"{name}-last.ckpt").unlink(missing_ok=True)
+        return False
+
+    def _resume_from(self, name: str) -> Path | None:
+        """The checkpoint an interrupted phase continues from: the last one, else the best one
+        (a few epochs lost), else none (the phase starts again); never a traceback."""
+        for kind in ("last", "best"):
+            path = self.run_dir / "checkpoints" / f"{name}-{kind}.ckpt"
+            if not path.is_file():
+                continue
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if _process_rank() == 0:  # every process makes the same choice; one renames
+                damaged = path.with_name(path.name + ".damaged")
+                os.replace(path, damaged)
+                log.warning("phase %s: checkpoint %s is damaged (%s), kept as %s; trying an earlier one",
+                            name, path, problem, damaged.name)
+        return None
+
     def _fit(self, name: str, phase: PhaseConfig, module: ClassifierModule, train: DataLoader, val: DataLoader) -> None:
-        if self.progress["phases"].get(name, {}).get("done"):
+        if self._finished(name):
             self._load_best_weights()
             log.info("phase %s already finished; reusing its best checkpoint", name)
             return
@@ -394,14 +423,19 @@ class _Run:
         log.info("phase %s: trainable %s / %s parameters", name, f"{trainable:,}", f"{total:,}")
         L.seed_everything(self.config.seed, workers=True, verbose=False)
         trainer, checkpoint = self._trainer(name, phase)
-        last = self.run_dir / "checkpoints" / f"{name}-last.ckpt"
+        resume_from = self._resume_from(name)
         started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*number of training batches.*")
-            trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
+            try:
+                trainer.fit(module, train, val, ckpt_path=resume_from, weights_only=True)
+            except SystemExit:
+                # Lightning ends a fit stopped by Ctrl-C with sys.exit(1), and one stopped by SIGTERM
+                # with a SystemExit without a code, which would exit 0 with no model and no word.
+                raise Interrupted(signal.SIGTERM if trainer.received_sigterm else signal.SIGINT) from None
         if trainer.interrupted:
-            raise KeyboardInterrupt
+            raise Interrupted(signal.SIGTERM if trainer.received_sigterm else signal.SIGINT)
         fit_seconds = time.perf_counter() - started
         best = str(Path(checkpoint.best_model_path).relative_to(self.run_dir))
         # Lightning scores a NaN validation loss as infinite; EarlyStopping ends the phase there.
@@ -441,7 +475,7 @@ class _Run:
             self._load_checkpoint(usable[list(usable)[-1]]["best_checkpoint"])
 
     def _load_checkpoint(self, relative: str) -> None:
-        checkpoint = torch.load(self.run_dir / relative, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(self.run_dir / relative)
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         if len(state) < len(self.model.state_dict()) and not self.backbone_pretrained:
             # A head-only checkpoint of the features phase, loaded after fine-tuning changed the
@@ -618,16 +652,43 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RunFolderError(f"{run_dir} is not a run folder: {path} is missing")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise RunFolderError(f"{path} is damaged ({reason}); restore it, or train again into a new --output") from None
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{path} is damaged (not a mapping of options); restore it, or train again into a new --output")
     version = values.pop("format_version", None)
     if version != RUN_FORMAT_VERSION:
         raise RunFolderError(
             f"{path} has format version {version!r}, this transferkit reads {RUN_FORMAT_VERSION}; "
             "train again with this version"
         )
-    config = TrainConfig.from_dict(values)
+    try:
+        config = TrainConfig.from_dict(values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # a section that is not a mapping, a value of the wrong kind
+        raise RunFolderError(f"{path} is damaged ({error}); restore it, or train again into a new --output") from None
     config.output = str(run_dir)
     return config
+
+
+def _check_engine(config: TrainConfig) -> None:
+    """Lightning's judgement of accelerator, devices, strategy and precision on this machine
+    (``--accelerator gpu`` where no GPU is visible), before the data scan rather than after it."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        L.Trainer(
+            accelerator=config.accelerator, devices=parse_devices(config.devices), num_nodes=config.num_nodes,
+            strategy=config.strategy, precision=config.precision, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )
+    except MisconfigurationException as error:
+        raise ConfigError([f"--accelerator {config.accelerator} --devices {config.devices} --strategy "
+                           f"{config.strategy} --precision {config.precision}: {error}"]) from None
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
@@ -637,6 +698,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     interrupted phase continues from its last checkpoint.
     """
     started = time.perf_counter()
+    _check_engine(config)
     # Several processes (DDP) each run this function; the others are launched by Lightning with
     # the same command line, or by torchrun / SLURM. Only rank zero writes the run folder.
     main_process = _process_rank() == 0
@@ -649,11 +711,21 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     # Absolute, because Lightning reports checkpoint paths absolute and they are stored relative.
     run_dir = output.absolute()
     os.environ[RUN_DIR_ENV] = str(run_dir)
-    if main_process and not resume and (run_dir / "config.yaml").exists():
-        raise RunFolderError(
-            f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not main_process:  # rank zero holds the folder for the whole run
+        return _train_in(run_dir, config, resume, started)
+    runs.prepare_folder(run_dir)
+    with runs.claim(run_dir):
+        if not resume and (run_dir / "config.yaml").exists():
+            if runs.holds_work(run_dir):
+                raise RunFolderError(
+                    f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
+                )
+            log.info("%s holds a start that failed before training; starting again", run_dir)
+        return _train_in(run_dir, config, resume, started)
+
+
+def _train_in(run_dir: Path, config: TrainConfig, resume: bool, started: float) -> TrainResult:
+    main_process = _process_rank() == 0
     config.output = str(run_dir)
     index = _prepare_index(config, run_dir, resume, write=main_process)
     # The new head's initialisation draws from the global generator: seed before building it.

@@ -1,0 +1,65 @@
+"""How training checkpoints are written and read: safely on a full disk, and never as code.
+
+Lightning's own atomic save builds the file elsewhere and moves it, which across file systems
+(a Docker volume, NFS) is a plain copy: a full disk leaves a half-written ``-last.ckpt`` that
+every resume then fails on. Here the file is written and flushed next to its destination and
+renamed, so a checkpoint on disk is always a whole one. Every checkpoint is read with
+``weights_only=True``, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says, so a crafted
+checkpoint in a run folder cannot run code on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from transferkit._io import atomic_write
+from transferkit.errors import refused_pickle
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when ``path`` loads as a checkpoint, else why not, in a few words."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as error:  # truncated, not a zip, refused pickle: all mean "unusable"
+        if refused := refused_pickle(error):
+            return f"holds something other than tensors, refused: {refused}"
+        return " ".join(str(error).split())[:160] or type(error).__name__
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return "not a training checkpoint"
+    return None
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint plugin with the writes and reads described above."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        # Serialised in memory first, as Lightning does: a failing write is then the OSError of a
+        # plain file write (ENOSPC names the file), not torch's stream-writer RuntimeError.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                handle.write(buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())  # the rename must not overtake the data on a power cut
+
+        atomic_write(path, write)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Callable[..., Any] | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_checkpoint(path)

@@ -1,0 +1,247 @@
+"""Run folders under accident and attack, with real processes, real signals and real failing writes:
+two trains into one folder, Ctrl-C and SIGTERM, a full disk mid-checkpoint, damaged checkpoints,
+and a checkpoint crafted to run code on ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_folder
+from transferkit.checkpoints import checkpoint_problem
+from transferkit.training import resume
+
+
+def train_command(data: Path, run_dir: Path, weights: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
+        "--model", "test_efficientnet", "--weights", str(weights), "--image-size", "64", "--num-workers", "0",
+        "--finetune-unfreeze", "all", "--no-progress", "--no-report", *extra,
+    ]
+
+
+def start(command: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
+
+
+def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path.name} appeared: {process.communicate()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    return [p.name for p in run_dir.rglob("*.tmp")]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data", per_class=30)
+
+
+# A features phase of a few seconds: the process is surely inside it when its first checkpoint
+# appears, and a resume takes seconds.
+LONG_FROZEN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "1")
+# A run of minutes, for a test that ends it itself: the first run is still training whatever the test does.
+LONG_RUN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "300", "--finetune-patience", "300")
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_in_a_phase_exits_non_zero_says_how_to_resume_and_resume_finishes(
+    data: Path, tmp_path: Path, tiny_weights: Path, signum: int, status: int
+) -> None:
+    run_dir = tmp_path / "run"
+    process = start(train_command(data, run_dir, tiny_weights, *LONG_FROZEN))
+    wait_for(run_dir / "checkpoints" / "frozen-last.ckpt", process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == status, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted; finish the run with: transferkit train --resume {run_dir}"
+    assert not leftovers(run_dir)
+    assert not (run_dir / "metrics.json").exists()
+    # The claim on the folder ended with the process: the promised command works.
+    finished = subprocess.run(
+        [sys.executable, "-m", "transferkit.cli", "train", "--resume", str(run_dir)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_sigterm_while_the_report_is_drawn_leaves_no_temporary_file(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    figures = run_dir / "figures"
+    shutil.rmtree(figures, ignore_errors=True)
+    process = start([sys.executable, "-m", "transferkit.cli", "report", str(run_dir)])
+    deadline = time.monotonic() + 120
+    while not (figures.is_dir() and any(figures.glob(".*.tmp"))):
+        assert process.poll() is None, "the report finished before a figure was caught being written"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert not leftovers(run_dir)
+
+
+def test_a_second_train_into_the_same_output_is_refused_while_the_first_runs(
+    data: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    first = start(train_command(data, run_dir, tiny_weights, *LONG_RUN))
+    try:
+        wait_for(run_dir / "checkpoints" / "frozen-last.ckpt", first)
+        config_before = (run_dir / "config.yaml").read_text()
+        second = subprocess.run(
+            train_command(data, run_dir, tiny_weights, "--seed", "7"), capture_output=True, text=True, timeout=120
+        )
+        assert second.returncode == 2
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert f"{run_dir} is being written by another transferkit process (pid {first.pid})" in second.stderr
+        resumed = subprocess.run(
+            [sys.executable, "-m", "transferkit.cli", "train", "--resume", str(run_dir)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert resumed.returncode == 2 and "being written by another transferkit process" in resumed.stderr
+        assert (run_dir / "config.yaml").read_text() == config_before, "the first run's config is untouched"
+    finally:
+        first.kill()
+        first.wait()
+    # Killed, the first run no longer holds the folder, and its work is there to resume, not to overwrite.
+    again = subprocess.run(train_command(data, run_dir, tiny_weights), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already holds a run; resume it with --resume" in again.stderr
+
+
+def test_a_start_killed_before_training_does_not_block_the_same_command(tmp_path: Path, tiny_weights: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=150)
+    run_dir = tmp_path / "run"
+    killed = start(train_command(data, run_dir, tiny_weights, "--frozen-epochs", "1", "--finetune-epochs", "0"))
+    wait_for(run_dir / "config.yaml", killed)
+    killed.kill()  # during the feature pass, before anything was trained
+    killed.wait()
+    assert not list((run_dir / "checkpoints").glob("*.ckpt")), "killed too late for this test"
+    again = subprocess.run(
+        train_command(data, run_dir, tiny_weights, "--frozen-epochs", "1", "--finetune-epochs", "0"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    assert (run_dir / "metrics.json").is_file()
+
+
+def test_a_full_disk_while_checkpointing_leaves_only_whole_checkpoints_and_resume_finishes(
+    data: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    command = train_command(data, run_dir, tiny_weights, "--frozen-epochs", "2", "--finetune-epochs", "2")
+    head_only = 100_000  # features-phase checkpoints hold the head (about 30 KB); fine-tuning's hold the model
+
+    def small_disk() -> None:
+        # Writes past this size fail with EFBIG, as writes to a full disk fail with ENOSPC.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (head_only * 5, head_only * 5))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert process.returncode == 1, process.stderr
+    assert "Traceback" not in process.stderr
+    last_line = process.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: could not read or write") and "File too large" in last_line, last_line
+    assert last_line.endswith(f"finish the run with: transferkit train --resume {run_dir}")
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in checkpoints] == ["frozen-best.ckpt", "frozen-last.ckpt"]
+    assert all(checkpoint_problem(p) is None for p in checkpoints), "no half-written checkpoint"
+    assert not leftovers(run_dir)
+
+    result = resume(run_dir)
+    assert result.metrics["phases"]["finetune"]["epochs"] == 2
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def finished_run(data: Path, run_dir: Path, weights: Path) -> None:
+    finished = subprocess.run(
+        train_command(data, run_dir, weights, "--frozen-epochs", "3", "--finetune-epochs", "2"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+
+def unfinish(run_dir: Path, phase: str) -> None:
+    """The state a run killed inside ``phase`` leaves: the phase is not recorded as done, no metrics."""
+    progress = json.loads((run_dir / "progress.json").read_text())
+    del progress["phases"][phase]
+    (run_dir / "progress.json").write_text(json.dumps(progress))
+    (run_dir / "metrics.json").unlink()
+
+
+def test_a_damaged_checkpoint_on_resume_falls_back_with_a_warning(
+    data: Path, tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    finished_run(data, run_dir, tiny_weights)
+    unfinish(run_dir, "finetune")
+    last = run_dir / "checkpoints" / "finetune-last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # what a full disk left before the fix
+
+    result = resume(run_dir)
+    assert "finetune-last.ckpt is damaged" in caplog.text and "trying an earlier one" in caplog.text
+    assert (run_dir / "checkpoints" / "finetune-last.ckpt.damaged").is_file()
+    assert result.metrics["phases"]["finetune"]["done"]
+
+    # A finished phase whose best checkpoint was damaged afterwards is trained again, not lost.
+    caplog.clear()
+    best = run_dir / "checkpoints" / "frozen-best.ckpt"
+    best.write_bytes(b"not a checkpoint")
+    unfinish(run_dir, "finetune")
+    result = resume(run_dir)
+    assert "its best checkpoint" in caplog.text and "training the phase again" in caplog.text
+    assert result.metrics["phases"]["frozen"]["epochs"] == 3 and checkpoint_problem(best) is None
+
+
+class _RunsCode:
+    """Unpickling this creates a file: the proof that a checkpoint ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_never_unpickles_code_whatever_the_environment_says(
+    data: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    finished_run(data, run_dir, tiny_weights)
+    # A crafted last checkpoint of an unfinished phase: the one resume continues from.
+    marker = tmp_path / "code-ran"
+    last = run_dir / "checkpoints" / "finetune-last.ckpt"
+    crafted = torch.load(last, weights_only=True)
+    crafted["payload"] = _RunsCode(marker)
+    torch.save(crafted, last)
+    unfinish(run_dir, "finetune")
+
+    environment = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    resumed = subprocess.run(
+        [sys.executable, "-m", "transferkit.cli", "train", "--resume", str(run_dir)],
+        capture_output=True, text=True, timeout=300, env=environment,
+    )
+    assert not marker.exists(), "the checkpoint ran code"
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finetune-last.ckpt is damaged (holds something other than tensors, refused: Unsupported global" in resumed.stderr
