@@ -195,6 +195,29 @@ def test_unusable_files_and_folders_are_one_line_errors(
     assert "metrics.json is damaged" in error
 
 
+def test_train_piped_to_a_file_prints_one_line_per_epoch_and_no_progress_bar(tmp_path: Path, tiny_weights: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=12)
+    process = subprocess.run(
+        [sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(tmp_path / "run"),
+         "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
+         "--frozen-epochs", "6", "--frozen-patience", "6", "--finetune-epochs", "2", "--no-report"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 0, process.stderr
+    lines = process.stdout.splitlines()
+    epoch_line = re.compile(
+        r"^(frozen  |finetune) +\d+/\d+  train loss \d\.\d{4} acc \d\.\d{4}  val loss \d\.\d{4} acc \d\.\d{4}  "
+        r"lr \d\.\d\de-\d\d  \d+\.\d s$"
+    )
+    epochs = [line for line in lines if epoch_line.match(line)]
+    history = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()[1:]
+    assert [line.split()[:2] for line in epochs] == [[row.split(",")[0], f"{row.split(',')[1]}/{6 if row.startswith('frozen') else 2}"] for row in history]
+    assert lines[len(epochs)] == "" and lines[-1] == f"run folder: {tmp_path / 'run'}", "epoch lines, then the summary"
+    # Not a terminal: no bar redrawn with carriage returns, on either stream.
+    assert "\r" not in process.stdout + process.stderr and "it/s" not in process.stdout + process.stderr
+    assert len(lines) + len(process.stderr.splitlines()) < 30
+
+
 def test_bad_data_folder_is_a_one_line_error(tmp_path: Path) -> None:
     make_folder(tmp_path / "data", per_class=3, classes=("red",))
     process = subprocess.run(

@@ -181,6 +181,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from transferkit.training import load_config, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "verbose")}
+    # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
+    options.setdefault("progress", sys.stderr.isatty())
     config = load_config(args.resume) if args.resume else build_train_config(options)
     try:
         result = train(config, resume=bool(args.resume))
@@ -224,6 +226,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     own = {"command", "verbose", "strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size"}
     options = {k: v for k, v in vars(args).items() if k not in own and k != "data.source" and v is not None}
+    options.setdefault("progress", sys.stderr.isatty())
     if not getattr(args, "data.source"):
         raise ConfigError(["DATA is required: give an image folder or a registered dataset name"])
     try:
@@ -479,10 +482,28 @@ COMMANDS = {
 }
 
 
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is when a line is logged, not the stream of the first
+    call: ``main`` may run many times in one process (tests, notebooks) with stdout replaced."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _quiet_libraries(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transferkit").setLevel(logging.INFO)
+    # The epoch lines are the run's console output, not diagnostics: bare, on stdout, like the summary.
+    epochs = logging.getLogger("transferkit.epochs")
+    epochs.propagate = False
+    if not epochs.handlers:
+        epochs.addHandler(_StdoutHandler())
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(level)
     if not verbose:

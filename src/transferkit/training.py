@@ -43,6 +43,8 @@ from transferkit.features import FeatureCache, FeatureStats
 from transferkit.inference import image_loader, run_module, softmax
 
 log = logging.getLogger(__name__)
+epoch_log = logging.getLogger("transferkit.epochs")
+"""One line per epoch: the console a person reads, as Keras, fastai and Ultralytics print."""
 
 RUN_FORMAT_VERSION = 1
 RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
@@ -246,6 +248,21 @@ class HistoryCallback(L.Callback):
         }
         rows = [r for r in read_csv_rows(self.path) if (r["phase"], int(r["epoch"])) != (self.phase, row["epoch"])]
         write_csv_rows(self.path, HISTORY_COLUMNS, rows + [row])
+        epoch_log.info(format_epoch(row, trainer.max_epochs))
+
+
+def format_epoch(row: dict[str, Any], epochs: int | None) -> str:
+    """``frozen    3/30  train loss 0.4127 acc 0.8934  val loss 0.3018 acc 0.9346  lr 9.71e-04  0.1 s``"""
+
+    def number(name: str) -> str:
+        return f"{row[name]:.4f}" if isinstance(row[name], float) else "-"
+
+    width = len(str(epochs or row["epoch"]))
+    return (
+        f"{row['phase']:<8} {row['epoch']:>{width}}/{epochs or '?'}  "
+        f"train loss {number('train_loss')} acc {number('train_acc')}  "
+        f"val loss {number('val_loss')} acc {number('val_acc')}  lr {row['lr']:.2e}  {row['seconds']:.1f} s"
+    )
 
 
 @dataclass
@@ -344,7 +361,7 @@ class _Run:
             self.config.label_smoothing, self.class_weights, self.config.data.batch_size,
         )
 
-    def _trainer(self, name: str, phase: PhaseConfig) -> tuple[L.Trainer, ModelCheckpoint]:
+    def _trainer(self, name: str, phase: PhaseConfig, progress_bar: bool) -> tuple[L.Trainer, ModelCheckpoint]:
         config = self.config
         checkpoint = ModelCheckpoint(
             dirpath=self.run_dir / "checkpoints",
@@ -371,7 +388,7 @@ class _Run:
             callbacks=callbacks,
             logger=False,
             enable_model_summary=False,
-            enable_progress_bar=config.progress,
+            enable_progress_bar=progress_bar,
             num_sanity_val_steps=0,
             log_every_n_steps=1,
             default_root_dir=self.run_dir,
@@ -422,7 +439,8 @@ class _Run:
         trainable, total = models.count_parameters(self.model)
         log.info("phase %s: trainable %s / %s parameters", name, f"{trainable:,}", f"{total:,}")
         L.seed_everything(self.config.seed, workers=True, verbose=False)
-        trainer, checkpoint = self._trainer(name, phase)
+        # On cached features an epoch is one step of milliseconds: its line says all a bar would.
+        trainer, checkpoint = self._trainer(name, phase, self.config.progress and module.inputs == "images")
         resume_from = self._resume_from(name)
         started = time.perf_counter()
         with warnings.catch_warnings():
