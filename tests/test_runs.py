@@ -19,6 +19,8 @@ import torch
 
 from conftest import make_folder
 from transferkit.checkpoints import checkpoint_problem
+from transferkit.errors import RunFolderError
+from transferkit.runs import PhaseRecord, RunFolder, is_onnx_file, model_folder
 from transferkit.training import resume
 
 
@@ -245,3 +247,47 @@ def test_resume_never_unpickles_code_whatever_the_environment_says(
     assert not marker.exists(), "the checkpoint ran code"
     assert resumed.returncode == 0, resumed.stderr
     assert "finetune-last.ckpt is damaged (holds something other than tensors, refused: Unsupported global" in resumed.stderr
+
+
+def test_every_record_written_back_gives_the_same_bytes(trained_run: Path, tmp_path: Path) -> None:
+    """Run folders written before the typed records existed still load, and load to the same file."""
+    folder, copy = RunFolder(trained_run), RunFolder(tmp_path / "copy")
+    copy.write_config(folder.read_config())
+    copy.write_index(folder.read_index(tmp_path))
+    for epoch in folder.read_history():
+        copy.write_epoch(epoch)
+    copy.write_progress(folder.read_progress())
+    metrics = folder.read_metrics()
+    assert metrics is not None
+    copy.write_metrics(metrics)
+    for name in ("config_file", "classes_file", "splits_file", "skipped_file", "duplicates_file", "history_file",
+                 "progress_file", "metrics_file"):
+        assert getattr(copy, name).read_bytes() == getattr(folder, name).read_bytes(), name
+
+    best = metrics.phases[metrics.best_phase]
+    assert isinstance(best, PhaseRecord) and best.done and best.val is not None
+    assert best.best_val_loss == min(p.best_val_loss for p in metrics.usable_phases().values())
+    assert metrics.judged == (metrics.test or metrics.val) and set(metrics.val) >= {"accuracy", "macro_f1"}
+    assert [e.phase for e in folder.read_history()][0] == "frozen"
+    assert (folder.root / best.best_checkpoint).is_file()
+
+
+def test_a_run_folder_says_what_it_holds(trained_run: Path, tmp_path: Path) -> None:
+    folder = RunFolder(trained_run)
+    assert folder.is_run() and folder.is_finished() and folder.has_model() and folder.holds_work()
+    assert folder.has_evaluation("test") and not folder.has_evaluation("nowhere")
+    assert RunFolder.containing(folder.model_dir).root == trained_run
+    assert model_folder(trained_run) == folder.model_dir == model_folder(folder.model_dir)
+    assert folder.checkpoint("frozen", "best") == trained_run / "checkpoints" / "frozen-best.ckpt"
+    assert folder.export_file("onnx", "int8") == trained_run / "export" / "model.int8.onnx"
+
+    empty = RunFolder(tmp_path)
+    assert not (empty.is_run() or empty.is_finished() or empty.has_model() or empty.holds_work())
+    assert empty.read_progress() == {} and empty.read_metrics() is None and empty.read_history() == []
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "folder.onnx").mkdir()
+    assert is_onnx_file(tmp_path / "model.onnx") and not is_onnx_file(tmp_path / "folder.onnx")
+    with pytest.raises(RunFolderError, match="is not a run folder: .*config.yaml is missing"):
+        empty.read_config()
+    with pytest.raises(RunFolderError, match="has no splits.csv, classes.json, skipped.csv; --splits-from"):
+        empty.read_index(tmp_path)

@@ -35,7 +35,7 @@ _EXPORTS = {
     "discover": "data",
     "list_datasets": "datasets",
     "load_classifier": "inference",
-    "load_config": "training",
+    "load_config": "runs",
     "load_model": "models",
     "resolve_data_source": "datasets",
     "resume": "training",
@@ -68,4 +68,5 @@ if TYPE_CHECKING:
     from transferkit.report import write_report
     from transferkit.serve import create_app
     from transferkit.summary import summarize
-    from transferkit.training import TrainResult, load_config, resume, train
+    from transferkit.runs import load_config
+    from transferkit.training import TrainResult, resume, train

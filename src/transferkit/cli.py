@@ -17,9 +17,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from transferkit._io import read_csv_rows
 from transferkit.config import DEFAULT_MODEL, DataConfig, ModelConfig, PhaseConfig, TrainConfig
 from transferkit.errors import ConfigError, Interrupted, TransferkitError
+from transferkit.runs import RunFolder
 
 # (dataclass, flag prefix, TrainConfig attribute)
 SECTIONS: list[tuple[type, str, str]] = [
@@ -135,7 +135,7 @@ def _default(section: str) -> PhaseConfig:
 
 
 def _print_train_summary(result: Any) -> None:
-    metrics = result.metrics
+    metrics = result.run_metrics
     print(f"\nclasses ({len(result.classes)}): {', '.join(result.classes)}")
     for split, counts in result.counts.items():
         print(f"  {split:<5} {sum(counts.values()):>6} images  " + "  ".join(f"{k}={v}" for k, v in counts.items()))
@@ -143,24 +143,23 @@ def _print_train_summary(result: Any) -> None:
     largest, smallest = max(train_counts, key=train_counts.get), min(train_counts, key=train_counts.get)
     ratio = train_counts[largest] / max(1, train_counts[smallest])
     if ratio >= 1.5:
-        from transferkit.training import load_config
-
-        balanced = load_config(result.run_dir).class_balance != "none"
+        balanced = RunFolder(result.run_dir).read_config().class_balance != "none"
         hint = "" if balanced else "; --class-balance weight or sample evens it out"
         print(f"class imbalance: {largest} has {ratio:.1f}x the training images of {smallest}{hint}")
+    folder = RunFolder(result.run_dir)
     duplicates = result.duplicates
     if duplicates.get("groups"):
         print(f"{duplicates['groups']} groups of identical images ({duplicates['across_splits']} across splits, "
-              f"{duplicates['across_classes']} under two classes; see {result.run_dir / 'duplicates.csv'})")
+              f"{duplicates['across_classes']} under two classes; see {folder.duplicates_file})")
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable, non-image or duplicate files "
-              f"(see {result.run_dir / 'skipped.csv'})")
-    best = metrics["phases"][result.best_phase]
-    print(f"best validation accuracy: {best['best_val_acc']:.4f} ({result.best_phase} phase, epoch {best['best_epoch']})")
-    print(f"validation accuracy of the saved model: {metrics['val']['accuracy']:.4f}  macro F1: {metrics['val']['macro_f1']:.4f}")
-    if "test" in metrics:
-        print(f"test accuracy: {metrics['test']['accuracy']:.4f}  macro F1: {metrics['test']['macro_f1']:.4f}")
-    print(f"wall time: {metrics['train_seconds']:.1f} s")
+              f"(see {folder.skipped_file})")
+    best = metrics.phases[metrics.best_phase]
+    print(f"best validation accuracy: {best.best_val_acc:.4f} ({metrics.best_phase} phase, epoch {best.best_epoch})")
+    print(f"validation accuracy of the saved model: {metrics.val['accuracy']:.4f}  macro F1: {metrics.val['macro_f1']:.4f}")
+    if metrics.test is not None:
+        print(f"test accuracy: {metrics.test['accuracy']:.4f}  macro F1: {metrics.test['macro_f1']:.4f}")
+    print(f"wall time: {metrics.train_seconds:.1f} s")
     print(f"run folder: {result.run_dir}")
 
 
@@ -170,9 +169,7 @@ def _exit_status(interrupt: KeyboardInterrupt) -> int:
 
 
 def _how_to_finish(config: TrainConfig) -> str:
-    from pathlib import Path
-
-    if config.output and (Path(config.output) / "config.yaml").is_file():
+    if config.output and RunFolder(config.output).is_run():
         return f"finish the run with: transferkit train --resume {config.output}"
     return "nothing was trained yet; run the same command again"
 
@@ -241,7 +238,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         print("\ninterrupted; rerun the same command to continue (finished runs are kept)", file=sys.stderr)
         return _exit_status(interrupt)
     print(comparison.table())
-    skipped = read_csv_rows(comparison.skipped_list)
+    skipped = comparison.skipped()
     if skipped:
         print(f"\nskipped {len(skipped)} unreadable, non-image or duplicate files (see {comparison.skipped_list})")
     print(f"\ncomparison written to {comparison.output} (comparison.csv, comparison.html)")
@@ -459,7 +456,7 @@ def _run_summary(args: argparse.Namespace) -> int:
     from transferkit.summary import summarize, write_summary
 
     summary = summarize(args.source, depth=args.depth, num_classes=args.num_classes)
-    is_run = (Path(args.source) / "model" / "config.json").is_file()
+    is_run = RunFolder(args.source).has_model()
     folder = Path(args.output) if args.output else Path(args.source) if is_run else Path(".")
     stem = "architecture" if is_run else args.source.replace("/", "_").replace(":", "_") + "-architecture"
     print(summary.table())

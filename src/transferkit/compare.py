@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, read_csv_rows, read_json, write_csv_rows, write_json, write_text
+from transferkit._io import atomic_write, read_json, write_csv_rows, write_json, write_text
 from transferkit.config import DEFAULT_MODEL
-from transferkit.errors import ConfigError, close_matches
+from transferkit.errors import ConfigError, RunFolderError, close_matches
+from transferkit.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,15 @@ class Comparison:
     @property
     def skipped_list(self) -> Path:
         """The files every run left out, with reasons: the runs share the first run's split."""
-        return self.output / self.rows[0]["run"] / "skipped.csv"
+        return self.run_folder(0).skipped_file
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file the runs left out."""
+        return self.run_folder(0).skipped()
+
+    def run_folder(self, number: int) -> RunFolder:
+        """The run folder of row ``number``."""
+        return RunFolder(self.output / self.rows[number]["run"])
 
     def table(self) -> str:
         header = ["strategy", "model", "best val acc", "test acc", "macro F1", "epochs to best", "wall s",
@@ -176,9 +185,9 @@ def compare(
         for strategy in strategies:
             run_dir = output / run_name(strategy, model, len(models) > 1)
             run_dirs.append((strategy, model, run_dir))
-            if (run_dir / "metrics.json").is_file():
+            if RunFolder(run_dir).is_finished():
                 log.info("%s: finished earlier, kept", run_dir.name)
-            elif (run_dir / "config.yaml").is_file():
+            elif RunFolder(run_dir).is_run():
                 log.info("%s: interrupted earlier, resuming", run_dir.name)
                 resume(run_dir)
             else:
@@ -201,26 +210,26 @@ def compare(
 
 
 def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
-    metrics = read_json(run_dir / "metrics.json")
-    phases = metrics["phases"]
-    best_phase = metrics["best_phase"]
+    metrics = RunFolder(run_dir).read_metrics()
+    if metrics is None:
+        raise RunFolderError(f"{run_dir} has not finished; rerun the comparison to finish it")
+    phases = metrics.phases
     order = [name for name in ("frozen", "finetune") if name in phases]
     # Epochs of the phases before the best one count: fine-tuning starts after the head's epochs.
-    epochs_before = sum(phases[name]["epochs"] for name in order[: order.index(best_phase)])
-    judged = metrics.get("test") or metrics["val"]
+    epochs_before = sum(phases[name].epochs for name in order[: order.index(metrics.best_phase)])
     return {
         "strategy": strategy,
         "model": model,
-        "best_val_accuracy": max(phases[name]["best_val_acc"] for name in order if not phases[name].get("diverged")),
-        "test_accuracy": metrics["test"]["accuracy"] if "test" in metrics else None,
-        "macro_f1": judged["macro_f1"],
-        "epochs_to_best": epochs_before + phases[best_phase]["best_epoch"],
-        "epochs": sum(phases[name]["epochs"] for name in order),
-        "wall_seconds": float(metrics["train_seconds"]),
+        "best_val_accuracy": max(phase.best_val_acc for phase in metrics.usable_phases().values()),
+        "test_accuracy": metrics.test["accuracy"] if metrics.test is not None else None,
+        "macro_f1": metrics.judged["macro_f1"],
+        "epochs_to_best": epochs_before + phases[metrics.best_phase].best_epoch,
+        "epochs": sum(phases[name].epochs for name in order),
+        "wall_seconds": float(metrics.train_seconds),
         # Runs after the first that freeze the same backbone read its features instead of computing them.
-        "features_from_cache": metrics["features"]["from_cache"] if "features" in metrics else None,
-        "trainable_parameters": max(phases[name]["trainable_parameters"] for name in order),
-        "total_parameters": phases[order[0]]["total_parameters"],
+        "features_from_cache": metrics.features["from_cache"] if metrics.features is not None else None,
+        "trainable_parameters": max(phases[name].trainable_parameters for name in order),
+        "total_parameters": phases[order[0]].total_parameters,
         "run": run_dir.name,
     }
 
@@ -238,14 +247,14 @@ def write_comparison_figures(comparison: Comparison) -> dict[str, Path]:
     # markers keep both visible.
     markers = "os^Dv<>PX*"
     for number, row in enumerate(comparison.rows):
-        history = read_csv_rows(comparison.output / row["run"] / "history.csv")
+        history = comparison.run_folder(number).read_history()
         x = np.arange(1, len(history) + 1)
         label = row["run"]
         for axis, column in ((axes[0], "val_acc"), (axes[1], "val_loss")):
-            values = [float(h[column]) if h[column] else np.nan for h in history]
+            values = [np.nan if getattr(h, column) is None else getattr(h, column) for h in history]
             (line,) = axis.plot(x, values, marker=markers[number % len(markers)], markersize=5, fillstyle="none",
                                 label=label)
-            phases = [h["phase"] for h in history]
+            phases = [h.phase for h in history]
             if "finetune" in phases and phases.index("finetune") > 0:
                 # Where a two-phase run switches from the head to fine-tuning.
                 axis.axvline(phases.index("finetune") + 0.5, color=line.get_color(), linestyle=":", linewidth=1)
@@ -283,9 +292,9 @@ def write_comparison_page(comparison: Comparison, figures: dict[str, Path]) -> P
     from transferkit.report import STYLE, Markup, _image, _table
 
     rows = []
-    for row in comparison.rows:
-        report = comparison.output / row["run"] / "report.html"
-        link = (f'<a href="{html.escape(row["run"])}/report.html">{html.escape(row["run"])}</a>'
+    for number, row in enumerate(comparison.rows):
+        report = comparison.run_folder(number).report_file
+        link = (f'<a href="{html.escape(row["run"])}/{report.name}">{html.escape(row["run"])}</a>'
                 if report.is_file() else html.escape(row["run"]))
         rows.append([
             row["strategy"], row["model"], row["best_val_accuracy"], row["test_accuracy"], row["macro_f1"],

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import not_regular_reason, write_csv, write_json
-from transferkit.data import (
-    DatasetIndex, image_extensions, list_image_files, read_labelled_folder, split_folders,
-)
-from transferkit.errors import DataError, RunFolderError
+from transferkit.data import image_extensions, list_image_files, read_labelled_folder, split_folders
+from transferkit.errors import DataError
 from transferkit.inference import Classifier, load_classifier
+from transferkit.runs import RunFolder, evaluation_files, is_onnx_file
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +172,10 @@ class Evaluation:
     output: Path | None = None
 
     def write(self, folder: Path) -> None:
-        """metrics.json and predictions.csv (one row per image) in ``folder``."""
+        """The metrics and the predictions (one row per image) in ``folder``."""
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "metrics.json", {"name": self.name, "skipped": len(self.skipped), **self.metrics})
+        metrics_file, predictions_file = evaluation_files(folder)
+        write_json(metrics_file, {"name": self.name, "skipped": len(self.skipped), **self.metrics})
         predictions = self.probabilities.argmax(axis=1)
         label_probability, losses = label_losses(self.probabilities, self.targets)
 
@@ -185,7 +185,7 @@ class Evaluation:
                 self.paths, self.targets, predictions, self.probabilities, label_probability, losses
             )
         )
-        write_csv(folder / "predictions.csv", PREDICTION_COLUMNS, rows)
+        write_csv(predictions_file, PREDICTION_COLUMNS, rows)
         self.output = folder
 
 
@@ -206,17 +206,14 @@ def default_split(split_names: Iterable[str]) -> str:
 
 
 def run_split_items(run_dir: Path, split: str | None, classes: list[str]) -> tuple[str, list[tuple[str, int]]]:
-    """(split, its items) from the run's splits.csv; ``split`` None means the default one."""
-    splits_file = run_dir / "splits.csv"
-    if not splits_file.is_file():
-        raise RunFolderError(f"{run_dir} is not a finished run folder: {splits_file} is missing")
-    index = DatasetIndex.read_splits(run_dir, classes, splits_file)
-    split = split or default_split(index.splits)
-    if split not in index.splits:
+    """(split, its items) from the run's split; ``split`` None means the default one."""
+    splits = RunFolder(run_dir).read_splits(classes)
+    split = split or default_split(splits)
+    if split not in splits:
         raise DataError(
-            f"run {run_dir} has no {split} split (it has {', '.join(index.splits)}); choose one of those"
+            f"run {run_dir} has no {split} split (it has {', '.join(splits)}); choose one of those"
         )
-    return split, index.splits[split]
+    return split, splits[split]
 
 
 def evaluate(
@@ -240,7 +237,7 @@ def evaluate(
     run_dir = Path(run)
     classifier = load_classifier(run_dir)
     if data is None:
-        if run_dir.suffix.lower() == ".onnx":
+        if is_onnx_file(run_dir):
             raise DataError(f"{run_dir} is a model file without data splits; give a labelled folder DATA to evaluate on")
         split, items = run_split_items(run_dir, split, classifier.classes)
         skipped: list[tuple[str, str]] = []
@@ -269,8 +266,8 @@ def evaluate(
     evaluation.skipped = skipped
     evaluation.metrics["tta"] = tta
     # An exported file keeps its evaluations beside it, as a run keeps them in its folder.
-    home = run_dir.parent if run_dir.suffix.lower() == ".onnx" else run_dir
-    evaluation.write(Path(output) if output else home / "evaluation" / (name + ("-tta" if tta else "")))
+    home = RunFolder(run_dir.parent if is_onnx_file(run_dir) else run_dir)
+    evaluation.write(Path(output) if output else home.evaluation_dir(name + ("-tta" if tta else "")))
     return evaluation
 
 

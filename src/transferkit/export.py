@@ -19,6 +19,7 @@ import numpy as np
 
 from transferkit._io import atomic_write
 from transferkit.errors import ConfigError, RunFolderError
+from transferkit.runs import RunFolder
 from transferkit.inference import (
     ONNX_METADATA_KEY, Classifier, classifier_from_metadata, classifier_metadata, export_onnx, load_onnx_classifier,
     load_run_model, run_forward, softmax, torch_forward,
@@ -47,11 +48,6 @@ class ExportResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
-
-
-def _default_path(run_dir: Path, format: str, quantize: str | None) -> Path:
-    name = "model.torchscript.pt" if format == "torchscript" else f"model{'.' + quantize if quantize else ''}.onnx"
-    return run_dir / "export" / name
 
 
 def _check_options(format: str, quantize: str | None) -> None:
@@ -146,18 +142,17 @@ def export(
     from transferkit.evaluate import run_split_items
 
     _check_options(format, quantize)
-    run_dir = Path(run)
-    if run_dir.name == "model" and (run_dir.parent / "splits.csv").is_file():
-        run_dir = run_dir.parent
-    if not (run_dir / "model" / "config.json").is_file():
-        raise RunFolderError(f"{run_dir} is not a finished run folder: {run_dir / 'model'} is missing")
+    folder = RunFolder.containing(run)
+    run_dir = folder.root
+    if not folder.has_model():
+        raise RunFolderError(f"{run_dir} is not a finished run folder: {folder.model_dir} is missing")
     model, reference = load_run_model(run_dir)
     _, items = run_split_items(run_dir, "val", reference.classes)
     paths = [path for path, _ in items]
     targets = np.array([label for _, label in items])
 
     metadata = {**classifier_metadata(reference), "format": format + (f"-{quantize}" if quantize else "")}
-    path = Path(output) if output else _default_path(run_dir, format, quantize)
+    path = Path(output) if output else folder.export_file(format, quantize)
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         _write_onnx(model, metadata, path, quantize)

@@ -28,6 +28,7 @@ from transferkit._io import atomic_write, cache_home, update_with_tensors
 from transferkit.config import default_num_workers
 from transferkit.data import load_image, preprocess_image, read_image, resize_side
 from transferkit.errors import DataError, RunFolderError
+from transferkit.runs import is_onnx_file, model_folder
 
 if TYPE_CHECKING:
     import torch
@@ -385,9 +386,7 @@ def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Classifier]
     from transferkit.data import resolve_preprocessing
     from transferkit.models import load_model
 
-    folder = Path(path)
-    if (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
+    folder = model_folder(path)
     model, config = load_model(folder)
     preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {}) or resolve_preprocessing(model)
     preprocessing["input_size"] = tuple(preprocessing["input_size"])
@@ -398,7 +397,7 @@ def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Classifier]
 
 def load_classifier(path: str | os.PathLike[str], device: str | None = None) -> Classifier:
     """A Classifier from a run folder, its ``model/`` folder, or an exported ``.onnx`` file."""
-    if Path(path).suffix.lower() == ".onnx" and Path(path).is_file():
+    if is_onnx_file(path):
         return load_onnx_classifier(path)
     import torch
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, read_csv_rows, read_json, write_text
+from transferkit._io import atomic_write, write_text
+from transferkit.runs import EpochRecord, PhaseRecord, RunFolder, RunMetrics
 
 FIGURE_DPI = 110
 GRID_IMAGES = 16
@@ -224,9 +225,10 @@ class RunSummary:
     config_text: str
     classes: list[str]
     counts: dict[str, dict[str, int]]
-    skipped: list[dict[str, str]]
-    history: list[dict[str, Any]]
-    train_metrics: dict[str, Any]
+    skipped: list[tuple[str, str]]
+    history: list[EpochRecord]
+    train_metrics: RunMetrics | None
+    """None for a run that has not finished training."""
     split: str
     evaluation: dict[str, Any]
     predictions: list[dict[str, Any]]
@@ -236,26 +238,28 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunSummary:
     """Everything the report needs; evaluates the run's default split if not done yet."""
     from transferkit.evaluate import default_split, evaluate
 
-    run_dir = Path(run_dir)
-    classes = read_json(run_dir / "classes.json")
+    folder = RunFolder(run_dir)
+    classes = folder.classes()
     counts: dict[str, dict[str, int]] = {}
-    for row in read_csv_rows(run_dir / "splits.csv"):
-        counts.setdefault(row["split"], {name: 0 for name in classes})[row["class"]] += 1
+    for split, items in folder.read_splits(classes).items():
+        counts[split] = {name: 0 for name in classes}
+        for _, label in items:
+            counts[split][classes[label]] += 1
     split = default_split(counts)
-    evaluation_dir = run_dir / "evaluation" / split
-    if not (evaluation_dir / "metrics.json").is_file():
-        evaluate(run_dir, split=split)
+    if not folder.has_evaluation(split):
+        evaluate(folder.root, split=split)
+    evaluation, predictions = folder.read_evaluation(split)
     return RunSummary(
-        run_dir=run_dir,
-        config_text=(run_dir / "config.yaml").read_text(encoding="utf-8"),
+        run_dir=folder.root,
+        config_text=folder.config_text(),
         classes=classes,
         counts=counts,
-        skipped=read_csv_rows(run_dir / "skipped.csv"),
-        history=read_csv_rows(run_dir / "history.csv"),
-        train_metrics=read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {},
+        skipped=folder.skipped(),
+        history=folder.read_history(),
+        train_metrics=folder.read_metrics(),
         split=split,
-        evaluation=read_json(evaluation_dir / "metrics.json"),
-        predictions=read_csv_rows(evaluation_dir / "predictions.csv"),
+        evaluation=evaluation,
+        predictions=predictions,
     )
 
 
@@ -265,11 +269,11 @@ FIGURES = ("training_curves", "per_class_f1", "confusion_matrix", "reliability",
 def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path]:
     """Every figure of a run as PNG in ``folder`` (default RUN/figures); returns name -> path."""
     plt = _pyplot()
-    folder = folder or run.run_dir / "figures"
+    folder = folder or RunFolder(run.run_dir).figures_dir
     folder.mkdir(parents=True, exist_ok=True)
     metrics = run.evaluation
     builders = {
-        "training_curves": lambda: plot_training_curves(run.history) if run.history else None,
+        "training_curves": lambda: plot_training_curves([e.as_row() for e in run.history]) if run.history else None,
         "per_class_f1": lambda: plot_per_class_f1(metrics, run.split),
         "confusion_matrix": lambda: plot_confusion_matrix(metrics, run.classes, run.split),
         "reliability": lambda: plot_reliability(metrics, run.split),
@@ -342,18 +346,18 @@ def _image(path: Path, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
-def _phase_rows(train_metrics: dict[str, Any]) -> list[list[Any]]:
+def _phase_rows(phases: dict[str, PhaseRecord]) -> list[list[Any]]:
     rows = []
-    for name, phase in train_metrics.get("phases", {}).items():
+    for name, phase in phases.items():
         row = [
             "frozen features (head only)" if name == "frozen" else "fine-tuned",
-            phase.get("epochs"), phase.get("best_epoch"),
-            f"{phase.get('trainable_parameters', 0):,} / {phase.get('total_parameters', 0):,}",
-            phase.get("best_val_loss"),
+            phase.epochs, phase.best_epoch,
+            f"{phase.trainable_parameters or 0:,} / {phase.total_parameters or 0:,}",
+            phase.best_val_loss,
         ]
-        for split in ("val", "test"):
-            row.append((phase.get(split) or {}).get("accuracy"))
-            row.append((phase.get(split) or {}).get("macro_f1"))
+        for judged in (phase.val, phase.test):
+            row.append((judged or {}).get("accuracy"))
+            row.append((judged or {}).get("macro_f1"))
         rows.append(row)
     return rows
 
@@ -373,14 +377,14 @@ def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
         parts.append("<h3>Most confused pairs</h3>")
         parts.append(_table(["true class", "predicted as", "images"],
                             [[r["label"], r["predicted"], r["count"]] for r in metrics["most_confused"]]))
-    if run.train_metrics.get("phases"):
+    if run.train_metrics is not None and run.train_metrics.phases:
         parts.append('<h2 id="phases">Frozen features against fine-tuning</h2>')
-        parts.append(f'<p>The saved model comes from the <b>{html.escape(str(run.train_metrics.get("best_phase")))}</b> '
+        parts.append(f'<p>The saved model comes from the <b>{html.escape(run.train_metrics.best_phase)}</b> '
                      "phase (lowest validation loss).</p>")
         parts.append(_table(
             ["phase", "epochs", "best epoch", "trainable / total parameters", "best val loss",
              "val accuracy", "val macro F1", "test accuracy", "test macro F1"],
-            _phase_rows(run.train_metrics),
+            _phase_rows(run.train_metrics.phases),
         ))
     parts.append('<h2 id="figures">Figures</h2>')
     captions = {
@@ -399,7 +403,7 @@ def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
     ))
     if run.skipped:
         parts.append(f"<p>{len(run.skipped)} files skipped as unreadable:</p>")
-        parts.append(_table(["file", "reason"], [[r["path"], r["reason"]] for r in run.skipped[:200]]))
+        parts.append(_table(["file", "reason"], [[path, reason] for path, reason in run.skipped[:200]]))
     else:
         parts.append("<p>No files were skipped.</p>")
     parts.append('<h2 id="configuration">Configuration</h2>')
@@ -415,7 +419,7 @@ def _comparison_section(runs: list[RunSummary]) -> str:
     rows = [[label, *(v.get(label) for v in values)] for label in keys]
     rows.insert(0, ["split", *(run.split for run in runs)])
     rows.append(["model", *(_model_name(run) for run in runs)])
-    rows.append(["train seconds", *(run.train_metrics.get("train_seconds") for run in runs)])
+    rows.append(["train seconds", *(run.train_metrics and run.train_metrics.train_seconds for run in runs)])
     return '<section id="comparison"><h1>Runs side by side</h1>' + _table(["", *names], rows) + "</section>"
 
 
@@ -429,7 +433,7 @@ def write_report(runs: list[str | os.PathLike[str]], output: str | os.PathLike[s
     """Write the HTML report of one run (default RUN/report.html) or several side by side."""
     summaries = [read_run(run) for run in runs]
     if output is None:
-        output = summaries[0].run_dir / "report.html" if len(summaries) == 1 else Path("report.html")
+        output = RunFolder(summaries[0].run_dir).report_file if len(summaries) == 1 else Path("report.html")
     output = Path(output)
     sections = []
     if len(summaries) > 1:

@@ -1,27 +1,398 @@
-"""Claiming a run folder, so that two trains never write into the same one.
+"""The run folder: every file a run writes, named in one place (``RunFolder``, whose attributes
+list them) and read back as typed records (``EpochRecord``, ``PhaseRecord``, ``RunMetrics``) that
+write the same JSON and CSV as before they existed, so older run folders still load.
 
-A run folder is claimed with an exclusive ``flock`` on a lock file inside it, held while the
-process runs. The kernel releases the lock when the process ends in any way (SIGKILL included),
-so a killed run never leaves a stale claim that blocks ``--resume``; a second ``train`` into the
-same ``--output`` is refused at once instead of mixing its config with the first run's history,
-metrics and model.
+Claiming: a run folder is claimed with an exclusive ``flock`` on a lock file inside it, held while
+the process runs. The kernel releases the lock when the process ends in any way (SIGKILL
+included), so a killed run never leaves a stale claim that blocks ``--resume``; a second ``train``
+into the same ``--output`` is refused at once instead of mixing its config with the first run's
+history, metrics and model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from transferkit.errors import RunFolderError
+from transferkit._io import read_csv_rows, read_json, write_csv_rows, write_json, write_text
+from transferkit.config import TrainConfig
+from transferkit.errors import ConfigError, RunFolderError
 
+if TYPE_CHECKING:
+    from transferkit.data import DatasetIndex
+
+RUN_FORMAT_VERSION = 1
 LOCK_FILE = ".transferkit.lock"
-WORK_FILES = ("progress.json", "metrics.json", "history.csv")
-"""What a run has produced once it has trained; a folder with only the files written at the start
-(config, splits) holds a start that failed before any work and may be reused."""
+HISTORY_COLUMNS = [
+    "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+]
+MODEL_CONFIG = "config.json"
+"""What makes a folder a model folder: timm's local-dir config beside the weights."""
+
+
+# --- what a path is ---------------------------------------------------------------------------
+
+
+def is_onnx_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an exported ``.onnx`` model file."""
+    return Path(path).suffix.lower() == ".onnx" and Path(path).is_file()
+
+
+def is_model_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a saved model folder (a run's ``model/``)."""
+    return (Path(path) / MODEL_CONFIG).is_file()
+
+
+def model_folder(path: str | os.PathLike[str]) -> Path:
+    """The model folder of a run folder; any other path as given (a model folder already)."""
+    folder = RunFolder(path)
+    return folder.model_dir if folder.has_model() else folder.root
+
+
+def evaluation_files(folder: Path) -> tuple[Path, Path]:
+    """(metrics.json, predictions.csv) of one evaluation, in a run or wherever ``--output`` put it."""
+    return folder / "metrics.json", folder / "predictions.csv"
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+def _number(text: str, kind: type = float) -> Any:
+    return kind(text) if text != "" else None
+
+
+@dataclass
+class EpochRecord:
+    """One row of history.csv; a metric that was not measured is None (an empty cell)."""
+
+    phase: str
+    epoch: int
+    train_loss: float | None = None
+    train_acc: float | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    lr: float | None = None
+    seconds: float | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {k: "" if v is None else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> EpochRecord:
+        values = {name: _number(row[name]) for name in HISTORY_COLUMNS[2:]}
+        return cls(phase=row["phase"], epoch=int(row["epoch"]), **values)
+
+
+@dataclass
+class PhaseRecord:
+    """What a phase left behind: in progress.json while the run trains, in metrics.json after.
+
+    Fields left None are not written, so the JSON holds what is known and no more: a diverged
+    phase has no best epoch, a phase is judged on val and test only once the run is evaluated.
+    """
+
+    done: bool = False
+    best_checkpoint: str = ""
+    """Relative to the run folder."""
+    diverged: bool = False
+    best_val_loss: float | None = None
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    epochs: int | None = None
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+    fit_seconds: float | None = None
+    """Training only, on the process that recorded the phase."""
+    val: dict[str, Any] | None = None
+    """Headline metrics of the phase's best checkpoint on the validation split."""
+    test: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PhaseRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _phases_from_dict(values: dict[str, Any]) -> dict[str, PhaseRecord]:
+    return {name: PhaseRecord.from_dict(record) for name, record in values.items()}
+
+
+@dataclass
+class RunMetrics:
+    """metrics.json of a finished run: the saved model judged on each split, and every phase."""
+
+    best_phase: str
+    phases: dict[str, PhaseRecord]
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Headline metrics of the saved model per split (val, and test where the run has one)."""
+    train_seconds: float = 0.0
+    """Wall time of the invocation that finished the run (after a resume, the resumed part)."""
+    features: dict[str, Any] | None = None
+    """How the frozen phase's features were had (FeatureStats), where it trained on features."""
+
+    @property
+    def val(self) -> dict[str, Any]:
+        return self.splits["val"]
+
+    @property
+    def test(self) -> dict[str, Any] | None:
+        return self.splits.get("test")
+
+    @property
+    def judged(self) -> dict[str, Any]:
+        """The split a run is judged on: test when it has one, else validation."""
+        return self.test or self.val
+
+    def usable_phases(self) -> dict[str, PhaseRecord]:
+        """The phases that did not diverge, in training order."""
+        return {name: phase for name, phase in self.phases.items() if not phase.diverged}
+
+    def to_dict(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            **self.splits,
+            "best_phase": self.best_phase,
+            "phases": {name: phase.to_dict() for name, phase in self.phases.items()},
+            "train_seconds": self.train_seconds,
+        }
+        if self.features is not None:
+            values["features"] = self.features
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunMetrics:
+        return cls(
+            best_phase=values["best_phase"],
+            phases=_phases_from_dict(values["phases"]),
+            splits={split: values[split] for split in ("val", "test") if split in values},
+            train_seconds=values.get("train_seconds", 0.0),
+            features=values.get("features"),
+        )
+
+
+# --- the folder -------------------------------------------------------------------------------
+
+
+class _File:
+    """A path inside the run folder, as an attribute: ``folder.metrics_file``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, folder: RunFolder, owner: type | None = None) -> Path:
+        return folder.root / self.name
+
+
+class RunFolder:
+    """A run folder: its paths, what state it is in, and its files as typed records."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    @classmethod
+    def containing(cls, path: str | os.PathLike[str]) -> RunFolder:
+        """The run folder of ``path``, which names a run folder or its ``model/`` folder."""
+        path = Path(path)
+        if path.name == "model" and cls(path.parent).splits_file.is_file():
+            return cls(path.parent)
+        return cls(path)
+
+    config_file = _File("config.yaml")
+    """The resolved TrainConfig, with the format version."""
+    classes_file = _File("classes.json")
+    """Class names in label order."""
+    splits_file = _File("splits.csv")
+    """Every image with its split and label, by absolute path."""
+    skipped_file = _File("skipped.csv")
+    """Files that were not used, with the reason."""
+    duplicates_file = _File("duplicates.csv")
+    """Groups of byte-identical images."""
+    history_file = _File("history.csv")
+    """One EpochRecord per epoch of each phase."""
+    progress_file = _File("progress.json")
+    """Each finished phase's PhaseRecord; what ``--resume`` reads."""
+    metrics_file = _File("metrics.json")
+    """The finished run's RunMetrics."""
+    checkpoints_dir = _File("checkpoints")
+    """``<phase>-best.ckpt`` and ``<phase>-last.ckpt`` (see ``checkpoint``)."""
+    model_dir = _File("model")
+    """The saved classifier in timm's local-dir layout."""
+    figures_dir = _File("figures")
+    """The report's figures, as PNG."""
+    report_file = _File("report.html")
+    export_dir = _File("export")
+    """What ``transferkit export`` writes by default (see ``export_file``)."""
+
+    def evaluation_dir(self, name: str) -> Path:
+        """One evaluation's metrics and predictions (see ``evaluation_files``)."""
+        return self.root / "evaluation" / name
+
+    @staticmethod
+    def checkpoint_stem(phase: str, kind: str) -> str:
+        """``<phase>-best`` or ``<phase>-last``: the name Lightning's ModelCheckpoint is given."""
+        return f"{phase}-{kind}"
+
+    def checkpoint(self, phase: str, kind: str) -> Path:
+        return self.checkpoints_dir / f"{self.checkpoint_stem(phase, kind)}.ckpt"
+
+    def export_file(self, format: str, quantize: str | None = None) -> Path:
+        """Where ``transferkit export`` writes by default."""
+        name = "model.torchscript.pt" if format == "torchscript" else f"model{'.' + quantize if quantize else ''}.onnx"
+        return self.export_dir / name
+
+    # state
+    def is_run(self) -> bool:
+        """Whether a train has started here (its config is written once data and model are usable)."""
+        return self.config_file.is_file()
+
+    def is_finished(self) -> bool:
+        return self.metrics_file.is_file()
+
+    def has_model(self) -> bool:
+        return is_model_folder(self.model_dir)
+
+    def has_evaluation(self, name: str) -> bool:
+        return evaluation_files(self.evaluation_dir(name))[0].is_file()
+
+    def holds_work(self) -> bool:
+        """Whether a train here got as far as training (a checkpoint or a result); a folder with only
+        the files written at the start (config, splits) holds a start that failed before any work
+        and may be reused."""
+        results = (self.progress_file, self.metrics_file, self.history_file)
+        return any(path.is_file() for path in results) or any(self.checkpoints_dir.glob("*.ckpt"))
+
+    # config
+    def write_config(self, config: TrainConfig) -> None:
+        values = json.loads(json.dumps(config.to_dict()))
+        values["format_version"] = RUN_FORMAT_VERSION
+        import yaml
+
+        write_text(self.config_file, yaml.safe_dump(values, sort_keys=False))
+
+    def config_text(self) -> str:
+        return self.config_file.read_text(encoding="utf-8")
+
+    def read_config(self) -> TrainConfig:
+        """The run's TrainConfig, with ``output`` set to this folder; a damaged file is one line."""
+        import yaml
+
+        path = self.config_file
+        if not path.is_file():
+            raise RunFolderError(f"{self.root} is not a run folder: {path} is missing")
+        damaged = "restore it, or train again into a new --output"
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as error:
+            reason = " ".join(str(error).split())[:160]
+            raise RunFolderError(f"{path} is damaged ({reason}); {damaged}") from None
+        if not isinstance(values, dict):
+            raise RunFolderError(f"{path} is damaged (not a mapping of options); {damaged}")
+        version = values.pop("format_version", None)
+        if version != RUN_FORMAT_VERSION:
+            raise RunFolderError(
+                f"{path} has format version {version!r}, this transferkit reads {RUN_FORMAT_VERSION}; "
+                "train again with this version"
+            )
+        try:
+            config = TrainConfig.from_dict(values)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as error:  # a section that is not a mapping, a value of the wrong kind
+            raise RunFolderError(f"{path} is damaged ({error}); {damaged}") from None
+        config.output = str(self.root)
+        return config
+
+    # index
+    def write_index(self, index: DatasetIndex) -> None:
+        index.write_splits(self.splits_file)
+        index.write_skipped(self.skipped_file)
+        index.write_duplicates(self.duplicates_file)
+        write_json(self.classes_file, index.classes)
+
+    def has_index(self) -> bool:
+        return self.splits_file.is_file()
+
+    def read_index(self, root: Path) -> DatasetIndex:
+        """The split this run wrote: the same images, classes, skipped files and duplicates."""
+        from transferkit.data import DatasetIndex
+
+        needed = (self.splits_file, self.classes_file, self.skipped_file)
+        missing = [path.name for path in needed if not path.is_file()]
+        if missing:
+            raise RunFolderError(
+                f"{self.root} has no {', '.join(missing)}; "
+                "--splits-from needs the folder of a run that got past its data scan"
+            )
+        index = DatasetIndex.read_splits(root, self.classes(), self.splits_file)
+        index.skipped = self.skipped()
+        index.read_duplicates(self.duplicates_file)
+        return index
+
+    def classes(self) -> list[str]:
+        return read_json(self.classes_file)
+
+    def read_splits(self, classes: list[str]) -> dict[str, list[tuple[str, int]]]:
+        """Each split's (path, label) items, in the order the run wrote them."""
+        from transferkit.data import DatasetIndex
+
+        if not self.splits_file.is_file():
+            raise RunFolderError(f"{self.root} is not a finished run folder: {self.splits_file} is missing")
+        return DatasetIndex.read_splits(self.root, classes, self.splits_file).splits
+
+    def skipped(self) -> list[tuple[str, str]]:
+        return [(row["path"], row["reason"]) for row in read_csv_rows(self.skipped_file)]
+
+    # history
+    def read_history(self) -> list[EpochRecord]:
+        return [EpochRecord.from_row(row) for row in read_csv_rows(self.history_file)]
+
+    def write_epoch(self, record: EpochRecord) -> None:
+        """Add an epoch's row; a resumed epoch replaces its row rather than duplicating it."""
+        rows = [r.as_row() for r in self.read_history() if (r.phase, r.epoch) != (record.phase, record.epoch)]
+        write_csv_rows(self.history_file, HISTORY_COLUMNS, rows + [record.as_row()])
+
+    # progress and metrics
+    def read_progress(self) -> dict[str, PhaseRecord]:
+        """Each phase's record so far, in training order; none before the first phase ends."""
+        if not self.progress_file.is_file():
+            return {}
+        return _phases_from_dict(read_json(self.progress_file)["phases"])
+
+    def write_progress(self, phases: dict[str, PhaseRecord]) -> None:
+        write_json(self.progress_file, {"phases": {name: phase.to_dict() for name, phase in phases.items()}})
+
+    def read_metrics(self) -> RunMetrics | None:
+        """The finished run's metrics; None while it has not finished."""
+        return RunMetrics.from_dict(read_json(self.metrics_file)) if self.metrics_file.is_file() else None
+
+    def write_metrics(self, metrics: RunMetrics) -> None:
+        write_json(self.metrics_file, metrics.to_dict())
+
+    def read_evaluation(self, name: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """(metrics, one prediction row per image) of the evaluation ``name``."""
+        metrics_file, predictions_file = evaluation_files(self.evaluation_dir(name))
+        return read_json(metrics_file), read_csv_rows(predictions_file)
+
+
+def load_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
+    """The TrainConfig a run was trained with, read from its folder."""
+    return RunFolder(run_dir).read_config()
+
+
+# --- claiming ---------------------------------------------------------------------------------
 
 
 def prepare_folder(run_dir: Path) -> None:
@@ -70,4 +441,4 @@ def claim(run_dir: Path) -> Iterator[None]:
 
 def holds_work(run_dir: Path) -> bool:
     """Whether an earlier train in ``run_dir`` got as far as training (a checkpoint or a result)."""
-    return any((run_dir / name).is_file() for name in WORK_FILES) or any((run_dir / "checkpoints").glob("*.ckpt"))
+    return RunFolder(run_dir).holds_work()

@@ -77,12 +77,12 @@ def _load(source: str, num_classes: int) -> tuple[nn.Module, dict[str, Any], dic
     from transferkit.data import resolve_preprocessing
     from transferkit.inference import load_run_model
     from transferkit.models import create_classifier
-    from transferkit.training import load_config
+    from transferkit.runs import RunFolder
 
-    path = Path(source)
-    if (path / "model" / "config.json").is_file():
-        model, classifier = load_run_model(path)
-        config = load_config(path)
+    folder = RunFolder(source)
+    if folder.has_model():
+        model, classifier = load_run_model(folder.root)
+        config = folder.read_config()
         return model, classifier.preprocessing, {"frozen": config.frozen, "finetune": config.finetune}
     try:
         model = create_classifier(ModelConfig(name=source), num_classes)

@@ -9,7 +9,6 @@ augmented images. The final model is the checkpoint with the lowest validation l
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,7 +23,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import yaml
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
@@ -32,7 +30,6 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from transferkit import models, runs
-from transferkit._io import read_csv_rows, read_json, write_csv_rows, write_json, write_text
 from transferkit.config import PhaseConfig, TrainConfig, parse_devices, parse_unfreeze
 from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
 from transferkit.datasets import resolve_data_source
@@ -41,16 +38,13 @@ from transferkit.errors import ConfigError, Interrupted, RunFolderError, Trainin
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
 from transferkit.features import FeatureCache, FeatureStats
 from transferkit.inference import image_loader, run_module, softmax
+from transferkit.runs import EpochRecord, PhaseRecord, RunFolder, RunMetrics, load_config
 
 log = logging.getLogger(__name__)
 epoch_log = logging.getLogger("transferkit.epochs")
 """One line per epoch: the console a person reads, as Keras, fastai and Ultralytics print."""
 
-RUN_FORMAT_VERSION = 1
 RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
-HISTORY_COLUMNS = [
-    "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-]
 
 
 class ClassifierModule(L.LightningModule):
@@ -218,10 +212,10 @@ class ClassifierModule(L.LightningModule):
 
 
 class HistoryCallback(L.Callback):
-    """One history.csv row per epoch; a resumed epoch replaces its row rather than duplicating it."""
+    """One history row per epoch of ``phase``."""
 
-    def __init__(self, path: Path, phase: str):
-        self.path = path
+    def __init__(self, folder: RunFolder, phase: str):
+        self.folder = folder
         self.phase = phase
         self.started = 0.0
 
@@ -233,35 +227,34 @@ class HistoryCallback(L.Callback):
             return
         metrics = trainer.callback_metrics
 
-        def value(name: str) -> float | str:
-            return round(float(metrics[name]), 6) if name in metrics else ""
+        def value(name: str) -> float | None:
+            return round(float(metrics[name]), 6) if name in metrics else None
 
-        row = {
-            "phase": self.phase,
-            "epoch": trainer.current_epoch + 1,
-            "train_loss": value("train_loss_epoch"),
-            "train_acc": value("train_acc_epoch"),
-            "val_loss": value("val_loss"),
-            "val_acc": value("val_acc"),
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "seconds": round(time.perf_counter() - self.started, 3),
-        }
-        rows = [r for r in read_csv_rows(self.path) if (r["phase"], int(r["epoch"])) != (self.phase, row["epoch"])]
-        write_csv_rows(self.path, HISTORY_COLUMNS, rows + [row])
-        epoch_log.info(format_epoch(row, trainer.max_epochs))
+        record = EpochRecord(
+            phase=self.phase,
+            epoch=trainer.current_epoch + 1,
+            train_loss=value("train_loss_epoch"),
+            train_acc=value("train_acc_epoch"),
+            val_loss=value("val_loss"),
+            val_acc=value("val_acc"),
+            lr=trainer.optimizers[0].param_groups[0]["lr"],
+            seconds=round(time.perf_counter() - self.started, 3),
+        )
+        self.folder.write_epoch(record)
+        epoch_log.info(format_epoch(record, trainer.max_epochs))
 
 
-def format_epoch(row: dict[str, Any], epochs: int | None) -> str:
+def format_epoch(record: EpochRecord, epochs: int | None) -> str:
     """``frozen    3/30  train loss 0.4127 acc 0.8934  val loss 0.3018 acc 0.9346  lr 9.71e-04  0.1 s``"""
 
-    def number(name: str) -> str:
-        return f"{row[name]:.4f}" if isinstance(row[name], float) else "-"
+    def number(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "-"
 
-    width = len(str(epochs or row["epoch"]))
+    width = len(str(epochs or record.epoch))
     return (
-        f"{row['phase']:<8} {row['epoch']:>{width}}/{epochs or '?'}  "
-        f"train loss {number('train_loss')} acc {number('train_acc')}  "
-        f"val loss {number('val_loss')} acc {number('val_acc')}  lr {row['lr']:.2e}  {row['seconds']:.1f} s"
+        f"{record.phase:<8} {record.epoch:>{width}}/{epochs or '?'}  "
+        f"train loss {number(record.train_loss)} acc {number(record.train_acc)}  "
+        f"val loss {number(record.val_loss)} acc {number(record.val_acc)}  lr {record.lr or 0:.2e}  {record.seconds or 0:.1f} s"
     )
 
 
@@ -280,7 +273,12 @@ class TrainResult:
 
     @property
     def model_dir(self) -> Path:
-        return self.run_dir / "model"
+        return RunFolder(self.run_dir).model_dir
+
+    @property
+    def run_metrics(self) -> RunMetrics:
+        """``metrics`` as typed records (rank zero of a multi-process run has them)."""
+        return RunMetrics.from_dict(self.metrics)
 
 
 def _process_rank() -> int:
@@ -343,9 +341,9 @@ class _Run:
     def __init__(self, config: TrainConfig, run_dir: Path, index: DatasetIndex):
         self.config = config
         self.run_dir = run_dir
+        self.folder = RunFolder(run_dir)
         self.index = index
-        self.progress_file = run_dir / "progress.json"
-        self.progress = read_json(self.progress_file) if self.progress_file.is_file() else {"phases": {}}
+        self.progress = self.folder.read_progress()
         self.model = models.create_classifier(config.model, len(index.classes))
         self.preprocessing = resolve_preprocessing(self.model, config.data.image_size)
         self.class_weights = (
@@ -364,19 +362,19 @@ class _Run:
     def _trainer(self, name: str, phase: PhaseConfig, progress_bar: bool) -> tuple[L.Trainer, ModelCheckpoint]:
         config = self.config
         checkpoint = ModelCheckpoint(
-            dirpath=self.run_dir / "checkpoints",
-            filename=f"{name}-best",
+            dirpath=self.folder.checkpoints_dir,
+            filename=RunFolder.checkpoint_stem(name, "best"),
             monitor="val_loss",
             mode="min",
             save_top_k=1,
             save_last=True,
             enable_version_counter=False,
         )
-        checkpoint.CHECKPOINT_NAME_LAST = f"{name}-last"
+        checkpoint.CHECKPOINT_NAME_LAST = RunFolder.checkpoint_stem(name, "last")
         callbacks = [
             checkpoint,
             EarlyStopping(monitor="val_loss", mode="min", patience=phase.patience),
-            HistoryCallback(self.run_dir / "history.csv", name),
+            HistoryCallback(self.folder, name),
         ]
         trainer = L.Trainer(
             max_epochs=phase.epochs,
@@ -399,26 +397,26 @@ class _Run:
     def _finished(self, name: str) -> bool:
         """Whether phase ``name`` finished in an earlier invocation and its best checkpoint still
         loads; a damaged one sends the phase back to training, with a warning."""
-        record = self.progress["phases"].get(name, {})
-        if not record.get("done"):
+        record = self.progress.get(name)
+        if record is None or not record.done:
             return False
-        best = self.run_dir / record["best_checkpoint"]
+        best = self.run_dir / record.best_checkpoint
         problem = checkpoint_problem(best)
         if problem is None:
             return True
         log.warning("phase %s: its best checkpoint %s is damaged (%s); training the phase again", name, best, problem)
-        del self.progress["phases"][name]
+        del self.progress[name]
         if _process_rank() == 0:
             os.replace(best, best.with_name(best.name + ".damaged"))
             # The last checkpoint of a finished phase resumes to its end, with no epochs left to train.
-            (self.run_dir / "checkpoints" / f"{name}-last.ckpt").unlink(missing_ok=True)
+            self.folder.checkpoint(name, "last").unlink(missing_ok=True)
         return False
 
     def _resume_from(self, name: str) -> Path | None:
         """The checkpoint an interrupted phase continues from: the last one, else the best one
         (a few epochs lost), else none (the phase starts again); never a traceback."""
         for kind in ("last", "best"):
-            path = self.run_dir / "checkpoints" / f"{name}-{kind}.ckpt"
+            path = self.folder.checkpoint(name, kind)
             if not path.is_file():
                 continue
             problem = checkpoint_problem(path)
@@ -458,39 +456,35 @@ class _Run:
         best = str(Path(checkpoint.best_model_path).relative_to(self.run_dir))
         # Lightning scores a NaN validation loss as infinite; EarlyStopping ends the phase there.
         diverged = checkpoint.best_model_score is None or not math.isfinite(float(checkpoint.best_model_score))
-        record: dict[str, Any] = {"done": True, "best_checkpoint": best, "diverged": diverged}
-        self.progress["phases"][name] = record
+        record = PhaseRecord(done=True, best_checkpoint=best, diverged=diverged)
+        self.progress[name] = record
         # Every process continues from the best weights; only rank zero records the phase.
         self._load_best_weights()
         if not trainer.is_global_zero:
             return
-        rows = [r for r in read_csv_rows(self.run_dir / "history.csv") if r["phase"] == name and r["val_loss"]]
+        epochs = [e for e in self.folder.read_history() if e.phase == name and e.val_loss is not None]
         if diverged:
             log.warning(
                 "phase %s diverged: its validation loss is not finite, so its weights are not used; "
                 "lower --%s-lr (now %g)", name, name, phase.lr,
             )
         else:
-            best_row = min((r for r in rows if math.isfinite(float(r["val_loss"]))), key=lambda r: float(r["val_loss"]))
-            record.update(
-                best_val_loss=float(best_row["val_loss"]), best_val_acc=float(best_row["val_acc"]),
-                best_epoch=int(best_row["epoch"]),
-            )
-        record.update(
-            epochs=len(rows), trainable_parameters=trainable, total_parameters=total,
-            # Training only, this process: features computed before the phase are in metrics["features"].
-            fit_seconds=round(fit_seconds, 3),
-        )
-        write_json(self.progress_file, self.progress)
+            best_epoch = min((e for e in epochs if math.isfinite(e.val_loss)), key=lambda e: e.val_loss)
+            record.best_val_loss, record.best_val_acc = best_epoch.val_loss, best_epoch.val_acc
+            record.best_epoch = best_epoch.epoch
+        record.epochs, record.trainable_parameters, record.total_parameters = len(epochs), trainable, total
+        # Training only, this process: features computed before the phase are in metrics["features"].
+        record.fit_seconds = round(fit_seconds, 3)
+        self.folder.write_progress(self.progress)
 
-    def _usable_phases(self) -> dict[str, dict[str, Any]]:
-        return {name: phase for name, phase in self.progress["phases"].items() if not phase.get("diverged")}
+    def _usable_phases(self) -> dict[str, PhaseRecord]:
+        return {name: phase for name, phase in self.progress.items() if not phase.diverged}
 
     def _load_best_weights(self) -> None:
         """The best weights so far: the last phase that did not diverge (the next phase starts from them)."""
         usable = self._usable_phases()
         if usable:
-            self._load_checkpoint(usable[list(usable)[-1]]["best_checkpoint"])
+            self._load_checkpoint(usable[list(usable)[-1]].best_checkpoint)
 
     def _load_checkpoint(self, relative: str) -> None:
         checkpoint = load_checkpoint(self.run_dir / relative)
@@ -577,7 +571,7 @@ class _Run:
                 f"every phase diverged (validation loss not finite) in {self.run_dir}; "
                 "train again with lower --frozen-lr and --finetune-lr"
             )
-        return min(usable, key=lambda name: usable[name]["best_val_loss"])
+        return min(usable, key=lambda name: usable[name].best_val_loss)
 
     def logits(self, split: str, phase: str) -> torch.Tensor:
         if phase == "frozen" and split in self.features:
@@ -585,7 +579,7 @@ class _Run:
                 return models.get_head(self.model.eval())(self.features[split])
         return self._run_on_split(self.model, split, "evaluate")
 
-    def evaluate_phases(self) -> dict[str, Any]:
+    def evaluate_phases(self) -> RunMetrics:
         """Judge every phase's best checkpoint on val and test, so the report can set frozen
         features against fine-tuning; then save the best phase's model and its evaluations."""
         splits = [split for split in ("val", "test") if split in self.index.splits]
@@ -594,34 +588,32 @@ class _Run:
         probabilities: dict[str, dict[str, Any]] = {}
         # The best phase goes last, so its weights are the ones left loaded for saving.
         for name in sorted(phases, key=lambda name: name == best):
-            self._load_checkpoint(phases[name]["best_checkpoint"])
+            self._load_checkpoint(phases[name].best_checkpoint)
             probabilities[name] = {split: softmax(self.logits(split, name).numpy()) for split in splits}
             for split in splits:
-                phases[name][split] = headline(
+                setattr(phases[name], split, headline(
                     compute_metrics(probabilities[name][split], self.index.targets(split), self.index.classes)
-                )
+                ))
         models.save_model_folder(
-            self.model, self.run_dir / "model", self.index.classes, self.preprocessing, self.config.model
+            self.model, self.folder.model_dir, self.index.classes, self.preprocessing, self.config.model
         )
-        metrics: dict[str, Any] = {}
+        metrics = RunMetrics(best_phase=best, phases=self.progress)
         for split in splits:
             evaluation = evaluation_from_probabilities(
                 split, self.index.classes, self.index.splits[split], probabilities[best][split]
             )
-            evaluation.write(self.run_dir / "evaluation" / split)
-            metrics[split] = headline(evaluation.metrics)
-        metrics["best_phase"] = best
-        metrics["phases"] = self.progress["phases"]
+            evaluation.write(self.folder.evaluation_dir(split))
+            metrics.splits[split] = headline(evaluation.metrics)
         return metrics
 
 
 def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool, write: bool = True) -> DatasetIndex:
     root = resolve_data_source(config.data.source, config.data.data_mirror, config.data.download)
-    splits_file = run_dir / "splits.csv"
-    if resuming and splits_file.is_file():
-        return _read_index(root, run_dir)
+    folder = RunFolder(run_dir)
+    if resuming and folder.has_index():
+        return folder.read_index(root)
     if config.data.splits_from:
-        index = _read_index(root, Path(config.data.splits_from))
+        index = RunFolder(config.data.splits_from).read_index(root)
     else:
         index = discover(root, config.data.split, config.seed, config.data.max_per_class)
         paths = [path for items in index.splits.values() for path, _ in items]
@@ -630,8 +622,8 @@ def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool, write: bo
         if index.duplicates and write:
             kinds = index.duplicate_kinds()
             log.warning(
-                "%d groups of identical images (%d across splits, %d under two classes), listed in duplicates.csv%s",
-                kinds["groups"], kinds["across_splits"], kinds["across_classes"],
+                "%d groups of identical images (%d across splits, %d under two classes), listed in %s%s",
+                kinds["groups"], kinds["across_splits"], kinds["across_classes"], folder.duplicates_file.name,
                 "; dropping them" if config.data.drop_duplicates else "; --drop-duplicates drops them",
             )
         if config.data.drop_duplicates:
@@ -639,58 +631,9 @@ def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool, write: bo
     if not write:
         return index
     if index.skipped:
-        log.warning("skipped %d files (listed in skipped.csv)", len(index.skipped))
-    index.write_splits(splits_file)
-    index.write_skipped(run_dir / "skipped.csv")
-    index.write_duplicates(run_dir / "duplicates.csv")
-    write_json(run_dir / "classes.json", index.classes)
+        log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
+    folder.write_index(index)
     return index
-
-
-def _read_index(root: Path, run_dir: Path) -> DatasetIndex:
-    """The split an earlier (or this) run wrote: the same images, classes and skipped files."""
-    missing = [name for name in ("splits.csv", "classes.json", "skipped.csv") if not (run_dir / name).is_file()]
-    if missing:
-        raise RunFolderError(
-            f"{run_dir} has no {', '.join(missing)}; --splits-from needs the folder of a run that got past its data scan"
-        )
-    index = DatasetIndex.read_splits(root, read_json(run_dir / "classes.json"), run_dir / "splits.csv")
-    index.skipped = [(row["path"], row["reason"]) for row in read_csv_rows(run_dir / "skipped.csv")]
-    index.read_duplicates(run_dir / "duplicates.csv")
-    return index
-
-
-def save_config(config: TrainConfig, path: Path) -> None:
-    values = json.loads(json.dumps(config.to_dict()))
-    values["format_version"] = RUN_FORMAT_VERSION
-    write_text(path, yaml.safe_dump(values, sort_keys=False))
-
-
-def load_config(run_dir: str | Path) -> TrainConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder: {path} is missing")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (UnicodeDecodeError, yaml.YAMLError) as error:
-        reason = " ".join(str(error).split())[:160]
-        raise RunFolderError(f"{path} is damaged ({reason}); restore it, or train again into a new --output") from None
-    if not isinstance(values, dict):
-        raise RunFolderError(f"{path} is damaged (not a mapping of options); restore it, or train again into a new --output")
-    version = values.pop("format_version", None)
-    if version != RUN_FORMAT_VERSION:
-        raise RunFolderError(
-            f"{path} has format version {version!r}, this transferkit reads {RUN_FORMAT_VERSION}; "
-            "train again with this version"
-        )
-    try:
-        config = TrainConfig.from_dict(values)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as error:  # a section that is not a mapping, a value of the wrong kind
-        raise RunFolderError(f"{path} is damaged ({error}); restore it, or train again into a new --output") from None
-    config.output = str(run_dir)
-    return config
 
 
 def _check_engine(config: TrainConfig) -> None:
@@ -733,7 +676,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         return _train_in(run_dir, config, resume, started)
     runs.prepare_folder(run_dir)
     with runs.claim(run_dir):
-        if not resume and (run_dir / "config.yaml").exists():
+        if not resume and RunFolder(run_dir).config_file.exists():
             if runs.holds_work(run_dir):
                 raise RunFolderError(
                     f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
@@ -752,7 +695,7 @@ def _train_in(run_dir: Path, config: TrainConfig, resume: bool, started: float) 
     # Saved once the data and the model are usable: a bad folder, model name or weights file
     # leaves no half-made run, so the same command can simply run again.
     if main_process:
-        save_config(config, run_dir / "config.yaml")
+        run.folder.write_config(config)
     if config.frozen.epochs > 0:
         run.frozen_phase()
     if config.finetune.epochs > 0:
@@ -762,19 +705,17 @@ def _train_in(run_dir: Path, config: TrainConfig, resume: bool, started: float) 
         return TrainResult(run_dir=run_dir, classes=index.classes, counts=index.counts(), metrics={})
 
     metrics = run.evaluate_phases()
-    elapsed = time.perf_counter() - started
-    # Wall time of the invocation that finished the run (after a resume, the resumed part).
-    metrics["train_seconds"] = round(elapsed, 2)
+    metrics.train_seconds = round(time.perf_counter() - started, 2)
     if run.feature_stats is not None:
-        metrics["features"] = run.feature_stats.as_dict()
-    write_json(run_dir / "metrics.json", metrics)
+        metrics.features = run.feature_stats.as_dict()
+    run.folder.write_metrics(metrics)
     if config.report:
         from transferkit.report import write_report
 
         write_report([run_dir])
     return TrainResult(
-        run_dir=run_dir, classes=index.classes, counts=index.counts(), metrics=metrics,
-        skipped=index.skipped, best_phase=metrics["best_phase"], duplicates=index.duplicate_kinds(),
+        run_dir=run_dir, classes=index.classes, counts=index.counts(), metrics=metrics.to_dict(),
+        skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(),
     )
 
 
