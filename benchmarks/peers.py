@@ -223,7 +223,8 @@ def throughput(data: Path, run_dir: Path, batch_size: int = 64) -> dict[str, flo
     import transferkit
     from transferkit import models
     from transferkit.data import resolve_preprocessing
-    from transferkit.inference import module_forward, run_module
+    from transferkit.features import extract_features
+    from transferkit.inference import create_forward
 
     torch.set_num_threads(os.cpu_count() or 1)
     _, items = labelled_files(data / "train")
@@ -233,7 +234,7 @@ def throughput(data: Path, run_dir: Path, batch_size: int = 64) -> dict[str, flo
     workers = os.cpu_count() or 1
 
     def forward_rate(module: Any, images: int) -> float:
-        forward = module_forward(module, size, "cpu")
+        forward = create_forward(module, size, "onnx")
         batch = np.random.default_rng(0).standard_normal((batch_size, *size)).astype(np.float32)
         forward(batch)  # warm-up: first-call allocations are not throughput
         started = time.perf_counter()
@@ -243,9 +244,10 @@ def throughput(data: Path, run_dir: Path, batch_size: int = 64) -> dict[str, flo
 
     features = models.PooledFeatures(model)
     raw_features = forward_rate(features, 512)
-    run_module(features, items[:batch_size], preprocessing, batch_size, workers)  # warm-up, as above
+    paths = [path for path, _ in items]
+    extract_features(model, paths[:batch_size], preprocessing, "onnx", batch_size, workers)  # warm-up, as above
     started = time.perf_counter()
-    run_module(features, items, preprocessing, batch_size, workers)
+    extract_features(model, paths, preprocessing, "onnx", batch_size, workers)
     feature_pass = len(items) / (time.perf_counter() - started)
 
     raw_classifier = forward_rate(model, 512)

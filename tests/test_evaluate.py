@@ -16,7 +16,7 @@ from transferkit.cli import main
 from transferkit.data import load_image, resize_side
 from transferkit.errors import DataError
 from transferkit.evaluate import compute_metrics, evaluate, predict
-from transferkit.inference import load_classifier
+from transferkit.inference import load_predictor
 
 CLASSES = ["cat", "dog", "fox", "owl", "yak"]
 
@@ -193,4 +193,4 @@ def test_evaluate_with_flip_tta_on_the_runs_own_test_split(trained_run: Path) ->
 
 
 def test_classifier_loads_from_the_run_or_its_model_folder(trained_run: Path) -> None:
-    assert load_classifier(trained_run).classes == load_classifier(trained_run / "model").classes == ["blue", "green", "red"]
+    assert load_predictor(trained_run).classes == load_predictor(trained_run / "model").classes == ["blue", "green", "red"]

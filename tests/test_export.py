@@ -13,12 +13,12 @@ import timm
 import torch
 
 from conftest import TINY_MODEL
-from transferkit import inference
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
 from transferkit.evaluate import evaluate, predict
 from transferkit.export import export
-from transferkit.inference import load_classifier
+from transferkit.inference import load_predictor
+from transferkit.onnx import cached_session, onnx_cache_folder, session_forward
 
 
 def val_paths(run_dir: Path) -> list[str]:
@@ -52,7 +52,7 @@ def test_int8_export_is_smaller_and_stays_close(trained_run: Path, tmp_path: Pat
     # Stated tolerance for dynamic int8: probabilities within 0.25, accuracy within 10 points.
     assert 0 < int8.max_abs_diff <= 0.25
     assert abs(int8.accuracy - int8.reference_accuracy) <= 0.10
-    assert load_classifier(int8.path).classes == ["blue", "green", "red"]
+    assert load_predictor(int8.path).classes == ["blue", "green", "red"]
 
 
 def test_torchscript_export_matches_the_eager_model(trained_run: Path, tmp_path: Path) -> None:
@@ -130,20 +130,20 @@ def test_export_command_prints_the_check(trained_run: Path, tmp_path: Path, caps
 
 
 def test_the_onnx_export_is_reused_until_the_weights_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inference, "ONNX_CACHE_KEEP", 2)
+    monkeypatch.setattr("transferkit.onnx.ONNX_CACHE_KEEP", 2)
     model = timm.create_model(TINY_MODEL, num_classes=2).eval()
     size = (3, 64, 64)
     batch = np.random.default_rng(0).standard_normal((2, *size)).astype(np.float32)
 
     def through_onnx() -> np.ndarray:
-        return inference.onnx_forward(inference.onnx_session(model, size))(batch)
+        return session_forward(cached_session(model, size))(batch)
 
     def eager() -> np.ndarray:
         with torch.no_grad():
             return model(torch.from_numpy(batch)).numpy()
 
     def exports() -> list[Path]:
-        return sorted(inference.onnx_cache_folder().glob("*.onnx"))
+        return sorted(onnx_cache_folder().glob("*.onnx"))
 
     assert np.allclose(through_onnx(), eager(), atol=1e-5)
     kept = exports()

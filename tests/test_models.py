@@ -3,16 +3,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
+import timm.data
 import torch
 from torch import nn
 
-from conftest import SHARED_DATASETS, TINY_MODEL
+from conftest import SHARED_DATASETS, TINY_MODEL, make_folder, tiny_options
 from transferkit import models
+from transferkit.cli import build_train_config
 from transferkit.config import ModelConfig
-from transferkit.data import create_transform, load_image, resolve_preprocessing
+from transferkit.data import load_image, resolve_preprocessing
 from transferkit.errors import ConfigError, WeightsUnavailableError
+from transferkit.export import export
+from transferkit.inference import load_predictor, preprocessed_batches, softmax
+from transferkit.loaders import create_transform
 
 
 def tiny(weights: Path, **kwargs: object) -> nn.Module:
@@ -98,7 +104,7 @@ def test_parameter_groups_hold_only_trainable_parameters_without_decay_on_norms(
 
 def test_hidden_dense_head(tiny_weights: Path) -> None:
     model = tiny(tiny_weights, hidden_size=32)
-    linear_layers = [m for m in models.get_head(model).modules() if isinstance(m, nn.Linear)]
+    linear_layers = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linear_layers] == [(model.num_features, 32), (32, 3)]
     models.freeze_backbone(model)
     assert trainable_names(model) == {f"classifier.{i}.{k}" for i in (0, 3) for k in ("weight", "bias")}
@@ -142,6 +148,54 @@ def test_hidden_head_model_folder_rebuilds_with_load_model(tmp_path: Path, tiny_
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x), loaded(x))
+
+
+ARCHITECTURES = ["test_efficientnet", "test_convnext", "test_resnet", "test_vit"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_blocks_cover_the_backbone_once_and_the_top_block_unfreezes_first(architecture: str) -> None:
+    model = models.create_classifier(ModelConfig(name=architecture, weights="none"), num_classes=3)
+    blocks = models.backbone_blocks(model)
+    head = {f"{models.classifier_path(model)}.{n}" for n, _ in model.get_classifier().named_parameters()}
+    named = [name for block in blocks for name in block]
+    assert len(named) == len(set(named)) and set(named) | head == {n for n, _ in model.named_parameters()}
+    assert len(blocks) >= 4 and all(len(block) > 2 for block in blocks), "no block is a lone norm"
+    assert models.unfreeze_top(model, 1) == 1
+    assert trainable_names(model) == head | set(blocks[-1])
+    models.freeze_backbone(model)
+    assert trainable_names(model) == head
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_architecture_trains_saves_reloads_exports_and_predicts_alike(architecture: str, tmp_path: Path) -> None:
+    from transferkit.training import train
+
+    data = make_folder(tmp_path / "data", per_class=8)
+    options = tiny_options(
+        data, tmp_path / "run", Path("none"),
+        **{"model.name": architecture, "frozen.epochs": 1, "finetune.epochs": 1, "finetune.unfreeze": "1"},
+    )
+    run_dir = train(build_train_config(options)).run_dir
+    predictor = load_predictor(run_dir)
+    assert predictor.preprocessing["input_size"] == (3, 64, 64)
+
+    rebuilt = timm.create_model(f"local-dir:{run_dir / 'model'}", pretrained=True).eval()
+    data_config = timm.data.resolve_data_config({}, model=rebuilt)
+    assert tuple(data_config["input_size"]) == (3, 64, 64), "timm reads the size trained at from the model folder"
+    assert data_config["mean"] == pytest.approx(predictor.preprocessing["mean"])
+    assert data_config["std"] == pytest.approx(predictor.preprocessing["std"])
+
+    exported = export(run_dir, output=tmp_path / "model.onnx")
+    assert exported.max_abs_diff < 1e-4
+
+    paths = sorted(str(path) for path in data.rglob("*.jpg"))
+    batch = np.concatenate(list(preprocessed_batches(paths, predictor.preprocessing)))
+    with torch.no_grad():
+        expected = softmax(rebuilt(torch.from_numpy(batch)).numpy())
+    assert expected.shape == (len(paths), 2) and np.isfinite(expected).all()
+    for source in (run_dir, run_dir / "model", tmp_path / "model.onnx"):
+        assert np.allclose(load_predictor(source).probabilities(paths), expected, atol=1e-5), source
 
 
 @pytest.mark.skipif(not (SHARED_DATASETS / "hymenoptera").is_dir(), reason="needs ../shared/datasets")

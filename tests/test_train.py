@@ -84,7 +84,7 @@ def test_frozen_phase_reads_each_image_through_the_backbone_once(
         return original(self, images)
 
     # Count in eager mode: ONNX Runtime would run the exported graph, not this Python method.
-    monkeypatch.setattr("transferkit.inference.onnx_session", lambda *args, **kwargs: None)
+    monkeypatch.setattr("transferkit.inference.cached_session", lambda *args, **kwargs: None)
     monkeypatch.setattr(models.PooledFeatures, "forward", counting)
     options = tiny_options(image_folder, tmp_path / "run", tiny_weights, **{"frozen.epochs": 6, "finetune.epochs": 0})
     train(build_train_config(options))

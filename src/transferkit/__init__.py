@@ -18,13 +18,13 @@ from transferkit.evaluate import Evaluation, PredictionResult, compute_metrics, 
 from transferkit.export import ExportResult, export  # noqa: E402
 
 _EXPORTS = {
-    "Classifier": "inference",
     "ConfigError": "errors",
     "DataConfig": "config",
     "DataError": "errors",
     "DatasetIndex": "data",
     "ModelConfig": "config",
     "PhaseConfig": "config",
+    "Predictor": "inference",
     "RunFolderError": "errors",
     "TrainConfig": "config",
     "TrainResult": "training",
@@ -35,6 +35,7 @@ _EXPORTS = {
     "discover": "data",
     "list_datasets": "datasets",
     "load_classifier": "inference",
+    "load_predictor": "inference",
     "load_config": "runs",
     "load_model": "models",
     "resolve_data_source": "datasets",
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     from transferkit.data import DatasetIndex, discover
     from transferkit.datasets import list_datasets, resolve_data_source
     from transferkit.errors import ConfigError, DataError, RunFolderError, TransferkitError, WeightsUnavailableError
-    from transferkit.inference import Classifier, load_classifier
+    from transferkit.inference import Predictor, load_classifier, load_predictor
     from transferkit.models import create_classifier, load_model
     from transferkit.report import write_report
     from transferkit.serve import create_app

@@ -1,14 +1,13 @@
-"""Image folders: discovery, seeded stratified splits, robust decoding, and transforms taken from
-the backbone's pretrained config.
+"""Image folders: discovery, seeded stratified splits, robust decoding, and preprocessing taken
+from the backbone's pretrained config. Torch DataLoaders and augmentation are in ``loaders``.
 
-Nothing here imports torch at module level: an exported ``.onnx`` model is read, preprocessed
-and run with Pillow, NumPy and ONNX Runtime alone."""
+Nothing here imports torch: an exported ``.onnx`` model is read, preprocessed and run with
+Pillow, NumPy and ONNX Runtime alone."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import io
 import logging
@@ -560,58 +559,3 @@ def preprocess_image(image: Image.Image, preprocessing: dict[str, Any]) -> np.nd
     array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / np.float32(255)
     array = (array - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(preprocessing["std"], np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-def _preprocess_to_tensor(image: Image.Image, preprocessing: dict[str, Any]) -> torch.Tensor:
-    import torch
-
-    return torch.from_numpy(preprocess_image(image, preprocessing))
-
-
-def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> Any:
-    if augment == "none":
-        # A partial of a module-level function pickles, so spawned DataLoader workers can take it.
-        return functools.partial(_preprocess_to_tensor, preprocessing=preprocessing)
-    from torchvision import transforms as T
-    from torchvision.transforms import InterpolationMode
-
-    size = preprocessing["input_size"][-1]
-    interpolation = InterpolationMode(preprocessing.get("interpolation", "bilinear"))
-    normalize = [T.ToTensor(), T.Normalize(preprocessing["mean"], preprocessing["std"])]
-    if augment == "light":
-        return T.Compose(
-            [
-                T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation),
-                T.RandomHorizontalFlip(),
-                *normalize,
-            ]
-        )
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=interpolation),
-            T.RandomHorizontalFlip(),
-            T.RandomRotation(15, interpolation=InterpolationMode.BILINEAR),
-            T.ColorJitter(0.3, 0.3, 0.3, 0.05),
-            *normalize,
-        ]
-    )
-
-
-class ImageDataset:
-    """(image tensor, label) pairs for a DataLoader; ``min_side`` enables reduced-scale JPEG decoding."""
-
-    def __init__(self, items: list[tuple[str, int]], transform: Any, min_side: int | None = None):
-        self.items = items
-        self.transform = transform
-        self.min_side = min_side
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.items[index]
-        try:
-            image = load_image(path, self.min_side)
-        except Exception as error:
-            raise DataError(f"{path} could not be read ({error}); remove or replace the file") from None
-        return self.transform(image), label

@@ -19,7 +19,7 @@ import numpy as np
 from transferkit._io import not_regular_reason, write_csv, write_json
 from transferkit.data import image_extensions, list_image_files, read_labelled_folder, split_folders
 from transferkit.errors import DataError
-from transferkit.inference import Classifier, load_classifier
+from transferkit.inference import Predictor, load_predictor
 from transferkit.runs import RunFolder, evaluation_files, is_onnx_file
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def evaluate(
     ``run`` may also be an exported ``.onnx`` file, which then needs ``data``.
     """
     run_dir = Path(run)
-    classifier = load_classifier(run_dir)
+    classifier = load_predictor(run_dir)
     if data is None:
         if is_onnx_file(run_dir):
             raise DataError(f"{run_dir} is a model file without data splits; give a labelled folder DATA to evaluate on")
@@ -310,7 +310,7 @@ def collect_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[str], lis
 
 
 def predict(
-    run: str | os.PathLike[str] | Classifier,
+    run: str | os.PathLike[str] | Predictor,
     inputs: list[str | os.PathLike[str]],
     top_k: int = 5,
     batch_size: int = 64,
@@ -322,7 +322,7 @@ def predict(
 
     Files that are not readable images are listed in ``skipped``, never fatal.
     """
-    classifier = run if isinstance(run, Classifier) else load_classifier(run)
+    classifier = run if isinstance(run, Predictor) else load_predictor(run)
     files, skipped = collect_images(inputs)
     unreadable: dict[str, str] = {}
     probabilities = classifier.probabilities(

@@ -21,9 +21,10 @@ from transferkit._io import atomic_write
 from transferkit.errors import ConfigError, RunFolderError
 from transferkit.runs import RunFolder
 from transferkit.inference import (
-    ONNX_METADATA_KEY, Classifier, classifier_from_metadata, classifier_metadata, export_onnx, load_onnx_classifier,
-    load_run_model, run_forward, softmax, torch_forward,
+    Predictor, load_onnx_predictor, load_run_model, predictor_from_metadata, predictor_metadata, run_forward, softmax,
+    torch_forward,
 )
+from transferkit.onnx import ONNX_METADATA_KEY, export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _write_torchscript(model: Any, metadata: dict[str, Any], path: Path) -> None
     atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
 
 
-def _load_torchscript(path: Path) -> Classifier:
+def _load_torchscript(path: Path) -> Predictor:
     import warnings
 
     import torch
@@ -119,7 +120,7 @@ def _load_torchscript(path: Path) -> Classifier:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return classifier_from_metadata(torch_forward(module, "cpu"), json.loads(extra[TORCHSCRIPT_METADATA_FILE]), str(path))
+    return predictor_from_metadata(torch_forward(module, "cpu"), json.loads(extra[TORCHSCRIPT_METADATA_FILE]), str(path))
 
 
 def export(
@@ -135,7 +136,7 @@ def export(
 
     ONNX files have a dynamic batch axis, input ``input`` (float32 NCHW, preprocessed) and
     output ``logits``; the class names and preprocessing are in the metadata property
-    ``transferkit`` (JSON), so ``load_classifier`` and ``transferkit predict`` use the file
+    ``transferkit`` (JSON), so ``load_predictor`` and ``transferkit predict`` use the file
     alone. The default output is ``RUN/export/model[.int8].onnx`` or
     ``RUN/export/model.torchscript.pt``.
     """
@@ -151,12 +152,12 @@ def export(
     paths = [path for path, _ in items]
     targets = np.array([label for _, label in items])
 
-    metadata = {**classifier_metadata(reference), "format": format + (f"-{quantize}" if quantize else "")}
+    metadata = {**predictor_metadata(reference), "format": format + (f"-{quantize}" if quantize else "")}
     path = Path(output) if output else folder.export_file(format, quantize)
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         _write_onnx(model, metadata, path, quantize)
-        exported = load_onnx_classifier(path)
+        exported = load_onnx_predictor(path)
     else:
         _write_torchscript(model, metadata, path)
         exported = _load_torchscript(path)

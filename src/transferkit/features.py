@@ -1,4 +1,5 @@
-"""A persistent cache of pooled backbone features, shared by every run on the machine.
+"""Feature extraction (pooled, pre-logits backbone features) and a persistent cache of them,
+shared by every run on the machine.
 
 A frozen backbone maps an image to the same features every time, so they are computed once per
 image and kept: a second ``train`` on the same data, every run of a ``compare`` that freezes the
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
+from transferkit.inference import create_forward, run_forward
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ and every run reads them all."""
 
 Compute = Callable[[list[str], dict[str, bytes]], np.ndarray]
 """Features of each path, one row per path in order; it records in the dict the SHA-256 of the
-bytes each row was computed from (``run_forward(..., digests=)`` does)."""
+bytes each row was computed from (``extract_features(..., digests=)`` does)."""
 
 _warned: set[tuple[str, str]] = set()
 
@@ -73,6 +75,28 @@ def backbone_digest(model: Any, preprocessing: dict[str, Any], global_pool: str)
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     update_with_tensors(digest, ((k, v) for k, v in model.state_dict().items() if not k.startswith(head_prefix)))
     return digest.hexdigest()[:32]
+
+
+def extract_features(
+    model: Any,
+    paths: list[str],
+    preprocessing: dict[str, Any],
+    backend: str,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = False,
+    digests: dict[str, bytes] | None = None,
+) -> np.ndarray:
+    """Pooled (pre-logits) features of ``model``'s backbone for every path, in order, without
+    augmentation: exactly what its classifier sees, dropout aside.
+
+    ``backend``: one of ``inference.BACKENDS``; "onnx" exports the backbone once (kept in the
+    ONNX cache) and runs it in ONNX Runtime. ``digests``: see ``inference.preprocessed_batches``.
+    """
+    from transferkit.models import PooledFeatures
+
+    forward = create_forward(PooledFeatures(model), preprocessing["input_size"], backend)
+    return run_forward(forward, paths, preprocessing, batch_size, num_workers, progress, "features", digests=digests)
 
 
 @dataclass

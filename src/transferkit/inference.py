@@ -1,6 +1,6 @@
-"""Batch inference over image files.
+"""Batch inference over image files: the predictor and its input pipeline.
 
-A ``Classifier`` is class names, preprocessing and a forward function from a float32 NCHW
+A ``Predictor`` is class names, preprocessing and a forward function from a float32 NCHW
 batch to logits. An exported ``.onnx`` file gives one through ONNX Runtime alone, without
 importing torch or timm. A run folder gives one through the same ONNX Runtime path on CPU
 (measured 4x faster than eager PyTorch for EfficientNet-Lite0 on a 2-core machine), or
@@ -9,13 +9,9 @@ through eager PyTorch on a GPU or where ONNX cannot express the model.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
-import sys
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,27 +20,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, cache_home, update_with_tensors
 from transferkit.config import default_num_workers
 from transferkit.data import load_image, preprocess_image, read_image, resize_side
 from transferkit.errors import DataError, RunFolderError
 from transferkit.runs import is_onnx_file, model_folder
+from transferkit.onnx import ONNX_METADATA_KEY, cached_session, create_session, session_forward
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
     from torch import nn
-    from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
 Forward = Callable[[np.ndarray], np.ndarray]
 """A float32 (N, 3, H, W) batch in, (N, classes or features) out."""
-
-ONNX_INPUT = "input"
-ONNX_OUTPUT = "logits"
-ONNX_METADATA_KEY = "transferkit"
-ONNX_OPSET = 17
 
 
 # --- the input pipeline ---------------------------------------------------------------------
@@ -131,100 +120,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # --- forward functions ------------------------------------------------------------------------
 
 
-def create_session(model: str | os.PathLike[str] | bytes) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def onnx_forward(session: Any) -> Forward:
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
-
-
-def export_onnx(module: nn.Module, input_size: tuple[int, ...], target: str | os.PathLike[str] | io.BytesIO) -> None:
-    """``module`` as ONNX with a dynamic batch axis, input ``input`` and output ``logits``."""
-    import torch
-
-    module = module.eval()
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (torch.zeros(1, *input_size),),
-            target if isinstance(target, io.BytesIO) else str(target),
-            input_names=[ONNX_INPUT],
-            output_names=[ONNX_OUTPUT],
-            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-        )
-
-
-ONNX_CACHE_KEEP = 16
-"""Exports kept in the cache folder, the most recently used first (about 14 MB each for the default)."""
-
-
-def onnx_cache_folder() -> Path:
-    return cache_home() / "onnx"
-
-
-def export_digest(module: nn.Module, input_size: tuple[int, ...]) -> str:
-    """Names everything an export depends on: the module tree as printed (classes, layer
-    settings), the source files of transferkit's own modules in it, the versions of torch and timm
-    (their modules' code), every tensor of its state and the input size."""
-    import inspect
-
-    import timm
-    import torch
-
-    own_files = {sys.modules[type(m).__module__] for m in module.modules() if type(m).__module__.startswith("transferkit")}
-    own_code = sorted(inspect.getsource(source) for source in own_files)
-    described = [type(module).__qualname__, repr(module), *own_code, str(input_size), torch.__version__,
-                 timm.__version__, str(ONNX_OPSET)]
-    digest = hashlib.sha256("|".join(described).encode())
-    update_with_tensors(digest, module.state_dict().items())
-    return digest.hexdigest()[:32]
-
-
-def onnx_session(module: nn.Module, input_size: tuple[int, ...]) -> Any | None:
-    """An ONNX Runtime session of ``module``; None if ONNX cannot express it.
-
-    The export (0.4 s for the default backbone, seconds for larger ones, on every predict,
-    evaluate and feature pass) is kept in the cache folder and reused while the module and its
-    weights are the same.
-    """
-    try:
-        path = onnx_cache_folder() / f"{export_digest(module, input_size)}.onnx"
-        if path.is_file():
-            try:
-                session = create_session(str(path))
-                os.utime(path)  # recently used: kept when older exports are pruned
-                return session
-            except Exception as error:  # a damaged cache file is only a cache miss
-                log.info("cached export %s unusable (%s); exporting again", path, error)
-        buffer = io.BytesIO()
-        export_onnx(module, input_size, buffer)
-        _store_export(path, buffer.getvalue())
-        return create_session(buffer.getvalue())
-    except Exception as error:  # an architecture ONNX cannot express: eager still works
-        log.info("ONNX export of %s failed (%s); using eager PyTorch", type(module).__name__, error)
-        return None
-
-
-def _store_export(path: Path, model: bytes) -> None:
-    try:
-        atomic_write(path, lambda tmp: tmp.write_bytes(model))
-        exports = sorted(path.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for stale in exports[ONNX_CACHE_KEEP:]:
-            stale.unlink(missing_ok=True)
-    except OSError as error:  # a read-only or full cache folder costs time, never the result
-        log.info("could not keep the ONNX export in %s (%s)", path.parent, error)
-
-
 def torch_forward(module: nn.Module, device: str) -> Forward:
     import torch
 
@@ -242,70 +137,30 @@ def torch_forward(module: nn.Module, device: str) -> Forward:
     return forward
 
 
-def module_forward(module: nn.Module, input_size: tuple[int, ...], device: str) -> Forward:
-    """ONNX Runtime on CPU when the module exports, eager PyTorch otherwise."""
-    session = onnx_session(module, input_size) if device == "cpu" else None
-    return onnx_forward(session) if session is not None else torch_forward(module, device)
+BACKENDS = ("onnx", "cpu", "cuda")
+"""Where a module runs: "onnx" is ONNX Runtime on CPU through the export cache (eager PyTorch on
+CPU where ONNX cannot express the module); "cpu" and "cuda" are eager PyTorch on that device."""
 
 
-# --- torch-side helpers for training -----------------------------------------------------------
+def default_backend(device: str) -> str:
+    """ONNX Runtime on CPU (4x eager PyTorch for EfficientNet-Lite0 on 2 cores), eager PyTorch on a GPU."""
+    return "onnx" if device == "cpu" else device
 
 
-def image_loader(
-    items: list[tuple[str, int]],
-    preprocessing: dict[str, Any],
-    batch_size: int,
-    num_workers: int,
-    augment: str = "none",
-    shuffle: bool = False,
-    sampler: Any = None,
-) -> DataLoader:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from transferkit.data import ImageDataset, create_transform
-
-    dataset = ImageDataset(items, create_transform(preprocessing, augment), min_side=resize_side(preprocessing))
-    return DataLoader(
-        dataset,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
+def create_forward(module: nn.Module, input_size: tuple[int, ...], backend: str) -> Forward:
+    """``module`` as a forward function on ``backend`` (one of ``BACKENDS``)."""
+    if backend == "onnx":
+        session = cached_session(module, input_size)
+        if session is not None:
+            return session_forward(session)
+        backend = "cpu"
+    return torch_forward(module, backend)
 
 
-def run_module(
-    module: nn.Module,
-    items: list[tuple[str, int]],
-    preprocessing: dict[str, Any],
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: str = "cpu",
-    progress: bool = False,
-    description: str = "",
-    digests: dict[str, bytes] | None = None,
-) -> torch.Tensor:
-    """Outputs of ``module`` for every image, in order, without augmentation; see
-    ``preprocessed_batches`` for ``digests``."""
-    import torch
-
-    if not items:
-        return torch.empty(0)
-    forward = module_forward(module, preprocessing["input_size"], device)
-    outputs = run_forward(
-        forward, [path for path, _ in items], preprocessing, batch_size, num_workers, progress, description,
-        digests=digests,
-    )
-    return torch.from_numpy(outputs)
+# --- the predictor ------------------------------------------------------------------------------
 
 
-# --- the classifier -----------------------------------------------------------------------------
-
-
-class Classifier:
+class Predictor:
     """A trained classifier with its class names and preprocessing, ready for batch inference.
 
     ``info`` says where it came from (architecture, source file); servers show it.
@@ -350,23 +205,23 @@ class Classifier:
         return probabilities.reshape(-1, len(self.classes))
 
 
-def classifier_metadata(classifier: Classifier) -> dict[str, Any]:
+def predictor_metadata(predictor: Predictor) -> dict[str, Any]:
     """What an exported file carries so it can be used alone: class names, preprocessing, origin."""
-    preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in classifier.preprocessing.items()}
-    origin = {k: v for k, v in classifier.info.items() if k != "source"}
-    return {"classes": classifier.classes, "preprocessing": preprocessing, **origin}
+    preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in predictor.preprocessing.items()}
+    origin = {k: v for k, v in predictor.info.items() if k != "source"}
+    return {"classes": predictor.classes, "preprocessing": preprocessing, **origin}
 
 
-def classifier_from_metadata(forward: Forward, metadata: dict[str, Any], source: str) -> Classifier:
-    """The inverse of ``classifier_metadata``, for a file loaded from ``source``."""
+def predictor_from_metadata(forward: Forward, metadata: dict[str, Any], source: str) -> Predictor:
+    """The inverse of ``predictor_metadata``, for a file loaded from ``source``."""
     content = dict(metadata)
     preprocessing = dict(content.pop("preprocessing"))
     preprocessing["input_size"] = tuple(preprocessing["input_size"])
-    return Classifier(forward, content.pop("classes"), preprocessing, {**content, "source": source})
+    return Predictor(forward, content.pop("classes"), preprocessing, {**content, "source": source})
 
 
-def load_onnx_classifier(path: str | os.PathLike[str]) -> Classifier:
-    """A Classifier from a ``.onnx`` file written by ``transferkit export``; needs no torch."""
+def load_onnx_predictor(path: str | os.PathLike[str]) -> Predictor:
+    """A Predictor from a ``.onnx`` file written by ``transferkit export``; needs no torch."""
     path = Path(path)
     try:
         session = create_session(path)
@@ -377,12 +232,12 @@ def load_onnx_classifier(path: str | os.PathLike[str]) -> Classifier:
         raise RunFolderError(
             f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`"
         )
-    return classifier_from_metadata(onnx_forward(session), json.loads(found), str(path))
+    return predictor_from_metadata(session_forward(session), json.loads(found), str(path))
 
 
-def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Classifier]:
+def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Predictor]:
     """The torch model of a run folder (or its ``model/`` folder) in eval mode, with a
-    Classifier that runs it eagerly on CPU."""
+    Predictor that runs it eagerly on CPU."""
     from transferkit.data import resolve_preprocessing
     from transferkit.models import load_model
 
@@ -392,16 +247,20 @@ def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Classifier]
     preprocessing["input_size"] = tuple(preprocessing["input_size"])
     classes = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
     info = {"architecture": config["architecture"], "source": str(folder)}
-    return model, Classifier(torch_forward(model, "cpu"), list(classes), preprocessing, info)
+    return model, Predictor(torch_forward(model, "cpu"), list(classes), preprocessing, info)
 
 
-def load_classifier(path: str | os.PathLike[str], device: str | None = None) -> Classifier:
-    """A Classifier from a run folder, its ``model/`` folder, or an exported ``.onnx`` file."""
+def load_predictor(path: str | os.PathLike[str], device: str | None = None) -> Predictor:
+    """A Predictor from a run folder, its ``model/`` folder, or an exported ``.onnx`` file."""
     if is_onnx_file(path):
-        return load_onnx_classifier(path)
+        return load_onnx_predictor(path)
     import torch
 
-    model, classifier = load_run_model(path)
+    model, predictor = load_run_model(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    classifier.forward = module_forward(model, classifier.preprocessing["input_size"], device)
-    return classifier
+    predictor.forward = create_forward(model, predictor.preprocessing["input_size"], default_backend(device))
+    return predictor
+
+
+load_classifier = load_predictor
+"""The name README documented before ``Predictor``; kept so that code written against it runs."""

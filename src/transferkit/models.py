@@ -3,7 +3,12 @@
 The classifier is a plain timm model whose own head (global pool, dropout, classifier) is reset
 for the new classes, so the saved model folder is a timm local-dir that
 ``timm.create_model("local-dir:...", pretrained=True)`` rebuilds anywhere. A hidden dense layer
-(``hidden_size``) is the one head timm cannot describe; ``load_model`` rebuilds it.
+(``hidden_size``) is the one head timm cannot describe; ``create_head`` builds it for both
+``create_classifier`` and ``load_model``.
+
+timm's names keep timm's meanings: ``forward_features`` is the unpooled map, pooled features are
+``forward_pooled`` (``forward_head(..., pre_logits=True)``), and the classifier is
+``get_classifier()``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from transferkit._io import atomic_write, write_json
 from transferkit.config import ModelConfig
@@ -92,8 +98,9 @@ def _check_model_name(name: str) -> None:
         )
 
 
-def create_classifier(config: ModelConfig, num_classes: int) -> nn.Module:
-    """A timm model with pretrained backbone weights (unless weights='none') and a new head."""
+def create_classifier(config: ModelConfig, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """A timm model with pretrained backbone weights (unless weights='none') and a new head, for
+    square inputs of ``image_size`` (default: the weights' own size)."""
     import timm
 
     _check_model_name(config.name)
@@ -153,17 +160,23 @@ def create_classifier(config: ModelConfig, num_classes: int) -> nn.Module:
             model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": EMBEDDED_TEST_INPUT_SIZE[config.name]}
     else:
         model = _create_from_hub(config.name, num_classes, head_args)
+    if image_size:
+        _fit_input_size(model, image_size)
     if config.hidden_size:
-        set_classifier(
-            model,
-            nn.Sequential(
-                nn.Linear(model.num_features, config.hidden_size),
-                nn.ReLU(inplace=True),
-                nn.Dropout(config.drop_rate),
-                nn.Linear(config.hidden_size, num_classes),
-            ),
-        )
+        _replace_classifier(model, create_head(model.num_features, num_classes, config.hidden_size, config.drop_rate))
     return model
+
+
+def _fit_input_size(model: nn.Module, image_size: int) -> None:
+    """Models with position embeddings (ViT, Swin) take one input size, fixed when built; a CNN
+    takes any. Their embeddings are resampled to ``image_size``, and the size travels with the
+    saved model (``img_size`` in its model_args) so that timm rebuilds the same shapes."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if not hasattr(model, "set_input_size") or getattr(patch_embed, "img_size", None) in (None, (image_size, image_size)):
+        return
+    model.set_input_size(img_size=(image_size, image_size))
+    architecture_args = {**model.pretrained_cfg.get("architecture_args", {}), "img_size": image_size}
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture_args": architecture_args}
 
 
 def _create_from_hub(name: str, num_classes: int, head_args: dict[str, Any]) -> nn.Module:
@@ -195,18 +208,36 @@ def classifier_path(model: nn.Module) -> str:
     return model.pretrained_cfg.get("classifier", "classifier")
 
 
-def get_head(model: nn.Module) -> nn.Module:
-    return model.get_submodule(classifier_path(model))
+def create_head(num_features: int, num_classes: int, hidden_size: int = 0, drop_rate: float = 0.0) -> nn.Module:
+    """The classifier on pooled features: one linear layer, or with ``hidden_size`` a hidden dense
+    layer (linear, ReLU, dropout, linear). The dropout before it is timm's own (``drop_rate``)."""
+    if not hidden_size:
+        return nn.Linear(num_features, num_classes)
+    return nn.Sequential(
+        nn.Linear(num_features, hidden_size),
+        nn.ReLU(inplace=True),
+        nn.Dropout(drop_rate),
+        nn.Linear(hidden_size, num_classes),
+    )
 
 
-def set_classifier(model: nn.Module, head: nn.Module) -> None:
+def _replace_classifier(model: nn.Module, head: nn.Module) -> None:
+    """Put ``head`` where ``get_classifier()`` finds it; timm's ``reset_classifier`` makes only linear heads."""
     parent, _, attribute = classifier_path(model).rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attribute, head)
 
 
-def forward_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Pooled backbone features: exactly what the head sees (dropout aside)."""
+def forward_pooled(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pooled (pre-logits) features: exactly what the classifier sees, dropout aside. timm's
+    ``forward_features`` is the map before pooling."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def classify_pooled(model: nn.Module, pooled: torch.Tensor, drop_rate: float) -> torch.Tensor:
+    """Logits of pooled features: the dropout and classifier that ``forward_head`` applies after
+    ``pre_logits``, in the classifier's own train or eval mode."""
+    classifier = model.get_classifier()
+    return classifier(F.dropout(pooled, drop_rate, classifier.training))
 
 
 class PooledFeatures(nn.Module):
@@ -217,7 +248,7 @@ class PooledFeatures(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return forward_features(self.model, images)
+        return forward_pooled(self.model, images)
 
 
 # --- freezing ------------------------------------------------------------------------------
@@ -227,20 +258,29 @@ def backbone_blocks(model: nn.Module) -> list[list[str]]:
     """Parameter names of each backbone block, bottom (stem) to top, without the head.
 
     Blocks are timm's fine-grained ``group_matcher`` groups: for EfficientNet the stem and each
-    inverted-residual block (the last one carries conv_head), for ResNet each residual block.
+    stage (the last one carries conv_head), for ResNet each residual block, for ViT each
+    transformer block, for ConvNeXt each block (a stage's downsampling goes with its first).
     """
     from timm.models._manipulate import group_parameters
 
-    head_names = {f"{classifier_path(model)}.{n}" for n, _ in get_head(model).named_parameters()}
+    head_names = {f"{classifier_path(model)}.{n}" for n, _ in model.get_classifier().named_parameters()}
     groups = group_parameters(model, model.group_matcher(coarse=False))
-    blocks = [[n for n in names if n not in head_names] for _, names in sorted(groups.items())]
-    return [block for block in blocks if block]
+    blocks: list[list[str]] = []
+    for _, names in sorted(groups.items()):
+        backbone = [n for n in names if n not in head_names]
+        if backbone and len(backbone) < len(names) and blocks:
+            # The classifier's group also holds the norm timm applies to the pooled features
+            # (ConvNeXt's head.norm, ViT's fc_norm): not a block of its own, it trains with the top one.
+            blocks[-1].extend(backbone)
+        elif backbone:
+            blocks.append(backbone)
+    return blocks
 
 
 def freeze_backbone(model: nn.Module) -> None:
     for parameter in model.parameters():
         parameter.requires_grad = False
-    for parameter in get_head(model).parameters():
+    for parameter in model.get_classifier().parameters():
         parameter.requires_grad = True
 
 
@@ -399,15 +439,8 @@ def load_model(folder: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
         **(config.get("model_args") or {}),
     )
     if extra.get("hidden_size"):
-        set_classifier(
-            model,
-            nn.Sequential(
-                nn.Linear(model.num_features, extra["hidden_size"]),
-                nn.ReLU(inplace=True),
-                nn.Dropout(extra.get("drop_rate", 0.0)),
-                nn.Linear(extra["hidden_size"], config["num_classes"]),
-            ),
-        )
+        head = create_head(model.num_features, config["num_classes"], extra["hidden_size"], extra.get("drop_rate", 0.0))
+        _replace_classifier(model, head)
     try:
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
     except (RuntimeError, OSError, SafetensorError) as error:

@@ -36,7 +36,7 @@ import numpy as np
 
 from transferkit.data import UnreadableImage, load_image, preprocess_image, resize_side
 from transferkit.errors import ConfigError, TransferkitError
-from transferkit.inference import Classifier, load_classifier
+from transferkit.inference import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +140,13 @@ def _bounded_receive(receive: Receive, limits: ServeLimits) -> Receive:
     return bounded
 
 
-def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits | None = None) -> Any:
-    """The FastAPI application for a run folder, an exported ``.onnx`` file or a Classifier."""
+def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | None = None) -> Any:
+    """The FastAPI application for a run folder, an exported ``.onnx`` file or a Predictor."""
     _require_fastapi()
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    classifier = model if isinstance(model, Classifier) else load_classifier(model)
+    predictor = model if isinstance(model, Predictor) else load_predictor(model)
     limits = limits or ServeLimits()
     page = resources.files("transferkit").joinpath("static/serve.html").read_text(encoding="utf-8")
     app = FastAPI(title="transferkit", summary="image classification", version="1")
@@ -155,7 +155,7 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
     # runtime's working memory, which it keeps once grown.
     worker = ThreadPoolExecutor(1, thread_name_prefix="transferkit-predict")
     admitted = 0
-    side = resize_side(classifier.preprocessing)
+    side = resize_side(predictor.preprocessing)
     release_memory = _memory_releaser()
 
     @app.exception_handler(Exception)
@@ -174,10 +174,10 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
     @app.get("/model")
     def describe() -> dict[str, Any]:
         return {
-            "classes": classifier.classes,
-            "num_classes": len(classifier.classes),
-            "architecture": classifier.info.get("architecture"),
-            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in classifier.preprocessing.items()},
+            "classes": predictor.classes,
+            "num_classes": len(predictor.classes),
+            "architecture": predictor.info.get("architecture"),
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in predictor.preprocessing.items()},
             "limits": asdict(limits),
         }
 
@@ -185,7 +185,7 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
         """One image as the model's input; the decoded picture is dropped as soon as it is resized."""
         try:
             return preprocess_image(load_image(file, min_side=side, max_pixels=limits.max_pixels),
-                                    classifier.preprocessing)
+                                    predictor.preprocessing)
         except UnreadableImage as error:
             if error.too_large:
                 raise HTTPException(413, f"{name}: {error}; send a smaller image") from None
@@ -194,7 +194,7 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
     def classify(files: list[tuple[str, IO[bytes]]]) -> np.ndarray:
         try:
             inputs = [preprocessed(name, file) for name, file in files]
-            return np.concatenate([classifier.probabilities_of_batch(np.stack(inputs[i:i + BATCH_SIZE]))
+            return np.concatenate([predictor.probabilities_of_batch(np.stack(inputs[i:i + BATCH_SIZE]))
                                    for i in range(0, len(inputs), BATCH_SIZE)])
         finally:
             release_memory()
@@ -202,9 +202,9 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
     @app.post("/predict")
     async def predict(request: Request, top_k: int | None = None) -> dict[str, Any]:
         nonlocal admitted
-        k = min(limits.top_k, len(classifier.classes)) if top_k is None else top_k
-        if not 1 <= k <= len(classifier.classes):
-            raise HTTPException(422, f"top_k must be between 1 and {len(classifier.classes)}, got {k}")
+        k = min(limits.top_k, len(predictor.classes)) if top_k is None else top_k
+        if not 1 <= k <= len(predictor.classes):
+            raise HTTPException(422, f"top_k must be between 1 and {len(predictor.classes)}, got {k}")
         declared = int(request.headers.get("content-length") or 0)
         if declared > limits.max_request_bytes:
             raise HTTPException(413, f"request of {declared:,} bytes is over the limit of "
@@ -236,7 +236,7 @@ def create_app(model: str | os.PathLike[str] | Classifier, limits: ServeLimits |
             "predictions": [
                 {
                     "filename": name,
-                    "top_k": [{"label": classifier.classes[i], "probability": float(row[i])} for i in ranked],
+                    "top_k": [{"label": predictor.classes[i], "probability": float(row[i])} for i in ranked],
                 }
                 for name, row, ranked in zip(names, probabilities, order)
             ]
@@ -302,7 +302,7 @@ def server_options(limits: ServeLimits) -> dict[str, Any]:
 
 
 def serve(
-    model: str | os.PathLike[str] | Classifier,
+    model: str | os.PathLike[str] | Predictor,
     host: str = "127.0.0.1",
     port: int = 8000,
     limits: ServeLimits | None = None,

@@ -36,8 +36,9 @@ from transferkit.datasets import resolve_data_source
 from transferkit.checkpoints import SafeCheckpointIO, checkpoint_problem, load_checkpoint
 from transferkit.errors import ConfigError, Interrupted, RunFolderError, TrainingDivergedError
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
-from transferkit.features import FeatureCache, FeatureStats
-from transferkit.inference import image_loader, run_module, softmax
+from transferkit.features import FeatureCache, FeatureStats, extract_features
+from transferkit.inference import create_forward, default_backend, run_forward, softmax
+from transferkit.loaders import image_loader
 from transferkit.runs import EpochRecord, PhaseRecord, RunFolder, RunMetrics, load_config
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ class ClassifierModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs == "features":
-            # The same dropout and classifier that the timm model applies after pooling.
-            return models.get_head(self.model)(F.dropout(x, self.drop_rate, self.training))
+            return models.classify_pooled(self.model, x, self.drop_rate)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
@@ -96,7 +96,7 @@ class ClassifierModule(L.LightningModule):
         if self.inputs == "features":
             # Only the head runs; walking every backbone module each step cost more than the step.
             self.training = True
-            models.get_head(self.model).train()
+            self.model.get_classifier().train()
             return
         self.train()
         models.set_batchnorm_mode(self.model, self.batchnorm)
@@ -330,9 +330,9 @@ def _train_loader(
     )
 
 
-def _inference_device(config: TrainConfig) -> str:
+def _inference_backend(config: TrainConfig) -> str:
     wants_gpu = config.accelerator in ("auto", "gpu", "cuda")
-    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+    return default_backend("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
 class _Run:
@@ -344,7 +344,7 @@ class _Run:
         self.folder = RunFolder(run_dir)
         self.index = index
         self.progress = self.folder.read_progress()
-        self.model = models.create_classifier(config.model, len(index.classes))
+        self.model = models.create_classifier(config.model, len(index.classes), config.data.image_size)
         self.preprocessing = resolve_preprocessing(self.model, config.data.image_size)
         self.class_weights = (
             _class_weights(index.targets("train"), len(index.classes)) if config.class_balance == "weight" else None
@@ -493,7 +493,7 @@ class _Run:
             # A head-only checkpoint of the features phase, loaded after fine-tuning changed the
             # backbone: that phase's model is the pretrained backbone under its head.
             with torch.random.fork_rng():
-                state = {**models.create_classifier(self.config.model, len(self.index.classes)).state_dict(), **state}
+                state = {**models.create_classifier(self.config.model, len(self.index.classes), self.config.data.image_size).state_dict(), **state}
         self.model.load_state_dict(state, strict=len(state) == len(self.model.state_dict()))
 
     def frozen_phase(self) -> None:
@@ -529,22 +529,17 @@ class _Run:
         )
 
     def _run_on_split(self, module: nn.Module, split: str, description: str) -> torch.Tensor:
-        return self._run_on_items(module, self.index.splits[split], f"{description} {split}")
-
-    def _run_on_items(
-        self, module: nn.Module, items: list[tuple[str, int]], description: str, digests: dict[str, bytes] | None = None
-    ) -> torch.Tensor:
-        return run_module(
-            module,
-            items,
-            self.preprocessing,
-            batch_size=64,
-            num_workers=self.config.data.resolved_num_workers(),
-            device=_inference_device(self.config),
-            progress=self.config.progress,
-            description=description,
-            digests=digests,
+        """Outputs of ``module`` for every image of ``split``, in order, without augmentation."""
+        items = self.index.splits[split]
+        if not items:
+            return torch.empty(0)
+        forward = create_forward(module, self.preprocessing["input_size"], _inference_backend(self.config))
+        outputs = run_forward(
+            forward, [path for path, _ in items], self.preprocessing, batch_size=64,
+            num_workers=self.config.data.resolved_num_workers(), progress=self.config.progress,
+            description=f"{description} {split}",
         )
+        return torch.from_numpy(outputs)
 
     def _compute_features(self) -> None:
         """Pooled features of every split, from the persistent cache where it has them."""
@@ -554,8 +549,10 @@ class _Run:
         paths = [path for items in self.index.splits.values() for path, _ in items]
 
         def compute(missing: list[str], digests: dict[str, bytes]) -> np.ndarray:
-            pooled = models.PooledFeatures(self.model)
-            return self._run_on_items(pooled, [(p, 0) for p in missing], "features", digests).numpy()
+            return extract_features(
+                self.model, missing, self.preprocessing, backend=_inference_backend(self.config),
+                num_workers=self.config.data.resolved_num_workers(), progress=self.config.progress, digests=digests,
+            )
 
         features, stats = cache.features(paths, compute)
         start = 0
@@ -576,7 +573,7 @@ class _Run:
     def logits(self, split: str, phase: str) -> torch.Tensor:
         if phase == "frozen" and split in self.features:
             with torch.inference_mode():
-                return models.get_head(self.model.eval())(self.features[split])
+                return models.classify_pooled(self.model.eval(), self.features[split], 0.0)
         return self._run_on_split(self.model, split, "evaluate")
 
     def evaluate_phases(self) -> RunMetrics:

@@ -1,0 +1,97 @@
+"""Torch DataLoaders and augmentation for training; decoding and preprocessing themselves are
+torch-free, in ``data``."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from transferkit.data import load_image, preprocess_image, resize_side
+from transferkit.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
+
+def _preprocess_to_tensor(image: Image.Image, preprocessing: dict[str, Any]) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(preprocess_image(image, preprocessing))
+
+
+def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> Any:
+    """The image-to-tensor transform: the eval preprocessing, or it behind random crops and flips
+    (``light``) and rotation and colour jitter as well (``strong``)."""
+    if augment == "none":
+        # A partial of a module-level function pickles, so spawned DataLoader workers can take it.
+        return functools.partial(_preprocess_to_tensor, preprocessing=preprocessing)
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    size = preprocessing["input_size"][-1]
+    interpolation = InterpolationMode(preprocessing.get("interpolation", "bilinear"))
+    normalize = [T.ToTensor(), T.Normalize(preprocessing["mean"], preprocessing["std"])]
+    if augment == "light":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation),
+                T.RandomHorizontalFlip(),
+                *normalize,
+            ]
+        )
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+            T.RandomRotation(15, interpolation=InterpolationMode.BILINEAR),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.05),
+            *normalize,
+        ]
+    )
+
+
+class ImageDataset:
+    """(image tensor, label) pairs for a DataLoader; ``min_side`` enables reduced-scale JPEG decoding."""
+
+    def __init__(self, items: list[tuple[str, int]], transform: Any, min_side: int | None = None):
+        self.items = items
+        self.transform = transform
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        try:
+            image = load_image(path, self.min_side)
+        except Exception as error:
+            raise DataError(f"{path} could not be read ({error}); remove or replace the file") from None
+        return self.transform(image), label
+
+
+def image_loader(
+    items: list[tuple[str, int]],
+    preprocessing: dict[str, Any],
+    batch_size: int,
+    num_workers: int,
+    augment: str = "none",
+    shuffle: bool = False,
+    sampler: Any = None,
+) -> DataLoader:
+    import torch
+    from torch.utils.data import DataLoader
+
+    dataset = ImageDataset(items, create_transform(preprocessing, augment), min_side=resize_side(preprocessing))
+    return DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
