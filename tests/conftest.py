@@ -16,7 +16,7 @@ import timm
 import torch
 from PIL import Image
 
-from transferkit.cli import build_train_config
+from transferkit.config import TrainConfig
 from transferkit.training import train
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -75,10 +75,10 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def tiny_options(data: Path, output: Path, weights: Path, **overrides: object) -> dict[str, object]:
-    """Flat options as the CLI builds them, for a run that takes seconds."""
+def tiny_config(output: Path, weights: Path, **overrides: object) -> TrainConfig:
+    """A config for a run that takes seconds; ``overrides`` are flat options, as
+    ``TrainConfig.from_options`` takes them (``**{"frozen.epochs": 6}``)."""
     options: dict[str, object] = {
-        "data.source": str(data),
         "data.image_size": 64,
         "data.batch_size": 16,
         "data.num_workers": 0,
@@ -93,7 +93,7 @@ def tiny_options(data: Path, output: Path, weights: Path, **overrides: object) -
         "report": False,
     }
     options.update(overrides)
-    return options
+    return TrainConfig.from_options(options)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +104,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) ->
     data = make_folder(root / "data", per_class=20, classes=("blue", "green", "red"))
     (data / "red" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     run_dir = root / "run"
-    train(build_train_config(tiny_options(data, run_dir, tiny_weights, report=True)))
+    train(data, tiny_config(run_dir, tiny_weights, report=True))
     return run_dir
 
 

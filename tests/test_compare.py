@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import SHARED_DATASETS, TINY_MODEL, make_folder
 from transferkit.cli import main
-from transferkit.compare import STRATEGIES, compare
+from transferkit.compare import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings, compare
+from transferkit.config import TrainConfig
 from transferkit.errors import ConfigError
 
 
@@ -32,6 +33,34 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def fixture_options(output: Path, weights: Path) -> dict[str, object]:
     # Its own feature cache: other fixtures' runs on the same images must not count as this one's.
     return {**tiny_run_options(weights), "cache_dir": str(output.parent / "cache")}
+
+
+def test_each_strategy_is_a_function_from_the_shared_config_to_its_runs() -> None:
+    shared = TrainConfig.from_options({"data.image_size": 64, "seed": 3})
+    untouched = TrainConfig.from_options({"data.image_size": 64, "seed": 3})
+    settings = StrategySettings(epochs=4, patience=2, hidden_size=32, unfreeze="2")
+    configs = {name: STRATEGY_FUNCTIONS[name](shared, settings) for name in STRATEGIES}
+    assert shared == untouched, "the shared config is not changed"
+    assert all(c.data == shared.data and c.seed == 3 for c in configs.values()), "what the user set holds"
+    phases = {name: (c.frozen.epochs, c.finetune.epochs, c.finetune.unfreeze) for name, c in configs.items()}
+    assert phases == {
+        "scratch": (0, 4, "all"), "frozen": (4, 0, "3"), "frozen-dense": (4, 0, "3"), "fine-tune": (4, 4, "2"),
+        "full": (0, 4, "all"),
+    }
+    assert configs["scratch"].model.weights == "none" and configs["scratch"].batchnorm == "train"
+    assert [name for name, c in configs.items() if c.model.hidden_size == 32] == ["frozen-dense"]
+    assert all(c.frozen.patience == 2 for c in configs.values() if c.frozen.epochs)
+    assert all(c.finetune.patience == 2 for c in configs.values() if c.finetune.epochs)
+
+
+def test_bad_train_options_are_refused_with_the_comparisons_own_problems(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        compare(str(tmp_path), strategies=["frozen"], epochs=0, output=tmp_path / "out",
+                options={"data.batch_size": 0, "frozen.epoch": 3})
+    assert raised.value.problems[0] == "--epochs must be at least 1, got 0"
+    assert raised.value.problems[1].startswith("'frozen.epoch' is not a TrainConfig option. Did you mean: frozen.epochs")
+    assert raised.value.problems[2] == "--batch-size must be at least 1, got 0"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_options
-from transferkit.cli import build_train_config
+from conftest import tiny_config
 from transferkit import features as features_module
 from transferkit._io import write_text
 from transferkit.features import FeatureCache
@@ -22,13 +21,13 @@ from transferkit.training import train
 
 
 def frozen_run(data: Path, output: Path, weights: Path, **overrides: object) -> dict:
-    options = tiny_options(data, output, weights, **{"frozen.epochs": 3, "finetune.epochs": 0, **overrides})
-    return train(build_train_config(options)).metrics
+    config = tiny_config(output, weights, **{"frozen.epochs": 3, "finetune.epochs": 0, **overrides})
+    return train(data, config).metrics
 
 
 def two_phase_run(data: Path, output: Path, weights: Path) -> dict:
-    options = tiny_options(data, output, weights, **{"frozen.epochs": 3, "finetune.epochs": 2, "finetune.patience": 2})
-    return train(build_train_config(options)).metrics
+    config = tiny_config(output, weights, **{"frozen.epochs": 3, "finetune.epochs": 2, "finetune.patience": 2})
+    return train(data, config).metrics
 
 
 def val_losses(run_dir: Path) -> list[str]:

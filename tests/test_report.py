@@ -96,8 +96,7 @@ def test_the_report_renders_in_a_real_browser_with_every_image_decoded(trained_r
 
 
 def test_class_names_with_dollar_signs_are_drawn_literally_in_every_figure(tmp_path: Path, tiny_weights: Path) -> None:
-    from conftest import COLOURS, make_image, tiny_options
-    from transferkit.cli import build_train_config
+    from conftest import COLOURS, make_image, tiny_config
     from transferkit.training import train
 
     # matplotlib reads $...$ as maths: "US$_$x" failed the whole report, "a$b$c" drew "abc" in italics.
@@ -106,7 +105,7 @@ def test_class_names_with_dollar_signs_are_drawn_literally_in_every_figure(tmp_p
         for i in range(12):
             make_image(tmp_path / "data" / name / f"{i}.jpg", colour, seed=100 * k + i)
     run_dir = tmp_path / "run"
-    train(build_train_config(tiny_options(tmp_path / "data", run_dir, tiny_weights, report=True)))
+    train(tmp_path / "data", tiny_config(run_dir, tiny_weights, report=True))
     assert {p.name for p in (run_dir / "figures").glob("*.png")} == {f"{name}.png" for name in FIGURES}
 
     run = read_run(run_dir)

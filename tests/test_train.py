@@ -12,13 +12,14 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import SHARED_DATASETS, make_folder, tiny_config
 
-from conftest import SHARED_DATASETS, make_folder, tiny_options
 from transferkit import models
-from transferkit.cli import build_train_config
+from transferkit.config import TrainConfig
 from transferkit.errors import RunFolderError
 from transferkit.evaluate import evaluate
-from transferkit.training import load_config, resume, train
+from transferkit.runs import load_config
+from transferkit.training import resume, train
 
 
 def history(run_dir: Path) -> list[dict[str, str]]:
@@ -31,7 +32,7 @@ def test_a_run_folder_holds_everything_to_rerun_evaluate_and_reuse(
 ) -> None:
     (image_folder / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     run_dir = tmp_path / "run"
-    result = train(build_train_config(tiny_options(image_folder, run_dir, tiny_weights)))
+    result = train(image_folder, tiny_config(run_dir, tiny_weights))
 
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.yaml", "classes.json", "history.csv", "metrics.json", "splits.csv", "skipped.csv", "model",
@@ -86,8 +87,8 @@ def test_frozen_phase_reads_each_image_through_the_backbone_once(
     # Count in eager mode: ONNX Runtime would run the exported graph, not this Python method.
     monkeypatch.setattr("transferkit.inference.cached_session", lambda *args, **kwargs: None)
     monkeypatch.setattr(models.PooledFeatures, "forward", counting)
-    options = tiny_options(image_folder, tmp_path / "run", tiny_weights, **{"frozen.epochs": 6, "finetune.epochs": 0})
-    train(build_train_config(options))
+    config = tiny_config(tmp_path / "run", tiny_weights, **{"frozen.epochs": 6, "finetune.epochs": 0})
+    train(image_folder, config)
     assert seen["images"] == 50, "train + val + test images, once each, for 6 epochs"
     assert len(history(tmp_path / "run")) == 6
 
@@ -99,12 +100,12 @@ def test_feature_cache_matches_training_through_the_backbone(
     # On features the head trains a whole epoch per Lightning step, stepping its own schedule.
     results = {}
     for cache in (True, False):
-        options = tiny_options(
-            image_folder, tmp_path / f"run-{cache}", tiny_weights,
+        config = tiny_config(
+            tmp_path / f"run-{cache}", tiny_weights,
             **{"frozen.epochs": 3, "frozen.scheduler": scheduler, "finetune.epochs": 0, "feature_cache": cache,
                "model.drop_rate": 0.0},
         )
-        rows = history(train(build_train_config(options)).run_dir)
+        rows = history(train(image_folder, config).run_dir)
         results[cache] = {name: [float(r[name]) for r in rows] for name in ("val_loss", "train_loss", "lr")}
     for name in ("val_loss", "train_loss"):
         assert results[True][name] == pytest.approx(results[False][name], abs=1e-3), name
@@ -114,10 +115,10 @@ def test_feature_cache_matches_training_through_the_backbone(
 
 
 def test_existing_run_folder_is_not_overwritten(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
-    options = tiny_options(image_folder, tmp_path / "run", tiny_weights, **{"frozen.epochs": 1, "finetune.epochs": 0})
-    train(build_train_config(options))
+    config = tiny_config(tmp_path / "run", tiny_weights, **{"frozen.epochs": 1, "finetune.epochs": 0})
+    train(image_folder, config)
     with pytest.raises(RunFolderError, match="already holds a run; resume it with --resume"):
-        train(build_train_config(options))
+        train(image_folder, config)
 
 
 # Killed in the features phase (head-only checkpoints, a whole epoch per Lightning step) or in
@@ -182,11 +183,11 @@ def test_a_diverged_finetune_is_set_aside_for_the_features_phase_on_its_pretrain
     image_folder: Path, tmp_path: Path, tiny_weights: Path
 ) -> None:
     # A fine-tuning learning rate that sends the whole backbone to NaN from the first step.
-    options = tiny_options(
-        image_folder, tmp_path / "run", tiny_weights,
+    config = tiny_config(
+        tmp_path / "run", tiny_weights,
         **{"finetune.lr": 1e6, "finetune.warmup_epochs": 0.0, "finetune.unfreeze": "all", "finetune.optimizer": "sgd"},
     )
-    result = train(build_train_config(options))
+    result = train(image_folder, config)
     assert result.best_phase == "frozen"
     assert result.metrics["phases"]["finetune"]["diverged"] and "val" not in result.metrics["phases"]["finetune"]
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -219,9 +220,10 @@ def test_when_every_phase_diverges_train_says_so_in_one_line(image_folder: Path,
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATASETS / "hymenoptera").is_dir(), reason="needs ../shared/datasets")
 def test_default_recipe_on_hymenoptera_reaches_093(tmp_path: Path) -> None:
-    options = {"data.source": "hymenoptera", "data.data_mirror": str(SHARED_DATASETS), "output": str(tmp_path / "run"),
-               "progress": False}
-    result = train(build_train_config(options))
+    config = TrainConfig.from_options(
+        {"data.data_mirror": str(SHARED_DATASETS), "output": str(tmp_path / "run"), "progress": False}
+    )
+    result = train("hymenoptera", config)
     assert result.metrics["val"]["accuracy"] >= 0.93
     assert result.counts["train"] == {"ants": 123, "bees": 121}
 
@@ -230,11 +232,11 @@ def test_default_recipe_on_hymenoptera_reaches_093(tmp_path: Path) -> None:
 def test_batchnorm_policy_holds_through_a_real_finetune(
     image_folder: Path, tmp_path: Path, tiny_weights: Path, policy: str
 ) -> None:
-    options = tiny_options(
-        image_folder, tmp_path / "run", tiny_weights,
+    config = tiny_config(
+        tmp_path / "run", tiny_weights,
         **{"frozen.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": "all", "batchnorm": policy},
     )
-    train(build_train_config(options))
+    train(image_folder, config)
     initial = torch.load(tiny_weights, weights_only=True)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "finetune-last.ckpt", weights_only=True)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
@@ -247,12 +249,12 @@ def test_the_same_seed_gives_identical_metrics_on_cpu(image_folder: Path, tmp_pa
     def outcome(name: str) -> tuple[list[dict[str, str]], dict]:
         # Its own feature cache, so both runs compute everything; two decoding workers with
         # augmentation, the parts most likely to break determinism.
-        options = tiny_options(
-            image_folder, tmp_path / name, tiny_weights,
+        config = tiny_config(
+            tmp_path / name, tiny_weights,
             **{"frozen.epochs": 2, "finetune.epochs": 2, "finetune.patience": 2, "finetune.augment": "strong",
                "data.num_workers": 2, "cache_dir": str(tmp_path / f"cache-{name}")},
         )
-        metrics = train(build_train_config(options)).metrics
+        metrics = train(image_folder, config).metrics
         rows = [{k: v for k, v in row.items() if k != "seconds"} for row in history(tmp_path / name)]
         metrics.pop("train_seconds")
         metrics.pop("features")

@@ -17,8 +17,16 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from transferkit.config import DEFAULT_MODEL, DataConfig, ModelConfig, PhaseConfig, TrainConfig
-from transferkit.errors import ConfigError, Interrupted, TransferkitError
+from transferkit.config import (
+    DATA_HELP,
+    DEFAULT_MODEL,
+    DataConfig,
+    ModelConfig,
+    PhaseConfig,
+    TrainConfig,
+    source_problems,
+)
+from transferkit.errors import ConfigError, Interrupted, TransferkitError, raise_together
 from transferkit.runs import RunFolder
 
 # (dataclass, flag prefix, TrainConfig attribute)
@@ -64,9 +72,6 @@ def _add_fields(
         default = getattr(defaults, spec.name)
         help_text = spec.metadata.get("help", "")
         dest = f"{dest_prefix}.{spec.name}" if dest_prefix else spec.name
-        if spec.metadata.get("positional"):
-            parser.add_argument(dest, nargs="?", default=None, help=help_text, metavar="DATA")
-            continue
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         if "bool" in str(spec.type):
             group.add_argument(
@@ -87,21 +92,15 @@ def _add_fields(
         )
 
 
-def _default_values() -> TrainConfig:
-    """TrainConfig's defaults without validation (which would reject the empty DATA), for --help."""
-    defaults = TrainConfig.__new__(TrainConfig)
-    for spec in dataclasses.fields(TrainConfig):
-        setattr(defaults, spec.name, spec.default_factory() if callable(spec.default_factory) else spec.default)
-    return defaults
-
-
 def _train_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
         help="train a classifier on an image folder or a registered dataset",
         description="Two phases: a new head on frozen backbone features, then fine-tuning the top blocks.",
     )
-    defaults = _default_values()
+    # DATA is optional here only because --resume takes the run's own; without it, it is required.
+    parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
+    defaults = TrainConfig()
     for kind, prefix, attribute in SECTIONS:
         _add_fields(parser, kind, prefix, attribute, getattr(defaults, attribute))
     _add_fields(parser, TrainConfig, "", "", defaults)
@@ -110,28 +109,9 @@ def _train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def build_train_config(options: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from flat CLI-style options ({'data.source': ..., 'frozen.epochs': ...})."""
-    sections = {
-        "data": DataConfig(), "model": ModelConfig(),
-        "frozen": dataclasses.replace(_default("frozen")), "finetune": dataclasses.replace(_default("finetune")),
-    }
-    top: dict[str, Any] = {}
-    for key, value in options.items():
-        if value is None:
-            continue
-        section, _, name = key.rpartition(".")
-        if section:
-            setattr(sections[section], name, value)
-        else:
-            top[name] = value
-    top.update(sections)
-    return TrainConfig(**top)
-
-
-def _default(section: str) -> PhaseConfig:
-    spec = {f.name: f for f in dataclasses.fields(TrainConfig)}[section]
-    return spec.default_factory()  # type: ignore[misc]
+def _train_config(source: str | None, options: dict[str, Any]) -> TrainConfig:
+    """The config the flags describe; a missing DATA is reported with every other problem."""
+    return raise_together(source_problems(source), lambda: TrainConfig.from_options(options))
 
 
 def _print_train_summary(result: Any) -> None:
@@ -168,26 +148,27 @@ def _exit_status(interrupt: KeyboardInterrupt) -> int:
     return 128 + (interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT)
 
 
-def _how_to_finish(config: TrainConfig) -> str:
-    if config.output and RunFolder(config.output).is_run():
-        return f"finish the run with: transferkit train --resume {config.output}"
+def _how_to_finish(resumed: str | None, config: TrainConfig | None) -> str:
+    output = config.output if config else resumed  # train sets config.output once it has chosen the folder
+    if output and RunFolder(output).is_run():
+        return f"finish the run with: transferkit train --resume {output}"
     return "nothing was trained yet; run the same command again"
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from transferkit.training import load_config, train
+    from transferkit.training import resume, train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "verbose")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose")}
     # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
     options.setdefault("progress", sys.stderr.isatty())
-    config = load_config(args.resume) if args.resume else build_train_config(options)
+    config = None if args.resume else _train_config(args.source, options)
     try:
-        result = train(config, resume=bool(args.resume))
+        result = resume(args.resume) if config is None else train(args.source, config)
     except KeyboardInterrupt as interrupt:
-        print(f"\ninterrupted; {_how_to_finish(config)}", file=sys.stderr)
+        print(f"\ninterrupted; {_how_to_finish(args.resume, config)}", file=sys.stderr)
         return _exit_status(interrupt)
     except OSError as error:  # a full disk or a folder that became unwritable, mid-run
-        print(f"error: {_os_error(error)}; {_how_to_finish(config)}", file=sys.stderr)
+        print(f"error: {_os_error(error)}; {_how_to_finish(args.resume, config)}", file=sys.stderr)
         return 1
     if result.metrics:  # empty on the other processes of a multi-process run
         _print_train_summary(result)
@@ -210,7 +191,8 @@ def _compare_parser(subparsers: Any) -> None:
                         help="every phase stops after this many epochs without a lower validation loss (default: 3)")
     parser.add_argument("--unfreeze", default="3", help="blocks the fine-tune strategy unfreezes (default: 3)")
     parser.add_argument("--output", metavar="DIR", help="comparison folder (default: runs/compare-<data>)")
-    defaults = _default_values()
+    parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
+    defaults = TrainConfig()
     _add_fields(parser, DataConfig, "", "data", defaults.data, skip=frozenset({"splits_from"}))
     _add_fields(parser, ModelConfig, "", "model", defaults.model, skip=frozenset({"name", "hidden_size"}))
     parser.add_argument("--hidden-size", type=int, default=1024, help="hidden layer width of frozen-dense (default: 1024)")
@@ -222,13 +204,14 @@ def _run_compare(args: argparse.Namespace) -> int:
     from transferkit.compare import compare
 
     own = {"command", "verbose", "strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size"}
-    options = {k: v for k, v in vars(args).items() if k not in own and k != "data.source" and v is not None}
+    options = {k: v for k, v in vars(args).items() if k not in own and k != "source"}
     options.setdefault("progress", sys.stderr.isatty())
-    if not getattr(args, "data.source"):
-        raise ConfigError(["DATA is required: give an image folder or a registered dataset name"])
+    problems = source_problems(args.source)
+    if problems:
+        raise ConfigError(problems)
     try:
         comparison = compare(
-            getattr(args, "data.source"),
+            args.source,
             strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
             models=[m.strip() for m in args.models.split(",") if m.strip()],
             epochs=args.epochs, output=args.output, patience=args.patience, hidden_size=args.hidden_size,

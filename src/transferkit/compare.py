@@ -28,15 +28,16 @@ from __future__ import annotations
 import html
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from transferkit._io import atomic_write, read_json, write_csv_rows, write_json, write_text
-from transferkit.config import DEFAULT_MODEL
-from transferkit.errors import ConfigError, RunFolderError, close_matches
+from transferkit.config import DEFAULT_MODEL, TrainConfig
+from transferkit.errors import ConfigError, RunFolderError, close_matches, raise_together
 from transferkit.runs import RunFolder
 
 log = logging.getLogger(__name__)
@@ -58,26 +59,66 @@ SCRATCH_LR = 1e-3
 PRETRAINED_LR = 1e-4
 
 
-def strategy_options(strategy: str, epochs: int, patience: int, hidden_size: int, unfreeze: str) -> dict[str, Any]:
-    """Flat train options (as ``build_train_config`` takes them) that make a run follow ``strategy``."""
-    head_only = {"frozen.epochs": epochs, "frozen.patience": patience, "finetune.epochs": 0}
-    through_backbone = {
-        "frozen.epochs": 0, "finetune.epochs": epochs, "finetune.patience": patience, "finetune.unfreeze": "all",
-    }
-    if strategy == "scratch":
-        return {**through_backbone, "model.weights": "none", "finetune.lr": SCRATCH_LR, "batchnorm": "train"}
-    if strategy == "frozen":
-        return head_only
-    if strategy == "frozen-dense":
-        return {**head_only, "model.hidden_size": hidden_size}
-    if strategy == "fine-tune":
-        return {
-            "frozen.epochs": epochs, "frozen.patience": patience, "finetune.epochs": epochs,
-            "finetune.patience": patience, "finetune.unfreeze": unfreeze, "finetune.lr": PRETRAINED_LR,
-        }
-    if strategy == "full":
-        return {**through_backbone, "finetune.lr": PRETRAINED_LR}
-    raise ConfigError([f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.{close_matches(strategy, STRATEGIES)}"])
+@dataclass(frozen=True)
+class StrategySettings:
+    """What a strategy sets besides its own choices: the same budget for every run, and the
+    knobs of the strategies that have one."""
+
+    epochs: int
+    patience: int
+    hidden_size: int
+    unfreeze: str
+
+
+Strategy = Callable[[TrainConfig, StrategySettings], TrainConfig]
+
+
+def _head_only(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return replace(
+        config, frozen=replace(config.frozen, epochs=settings.epochs, patience=settings.patience),
+        finetune=replace(config.finetune, epochs=0),
+    )
+
+
+def _through_backbone(config: TrainConfig, settings: StrategySettings, lr: float) -> TrainConfig:
+    return replace(
+        config, frozen=replace(config.frozen, epochs=0),
+        finetune=replace(config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze="all", lr=lr),
+    )
+
+
+def scratch(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return replace(
+        _through_backbone(config, settings, SCRATCH_LR), model=replace(config.model, weights="none"), batchnorm="train"
+    )
+
+
+def frozen(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return _head_only(config, settings)
+
+
+def frozen_dense(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return replace(_head_only(config, settings), model=replace(config.model, hidden_size=settings.hidden_size))
+
+
+def fine_tune(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return replace(
+        config, frozen=replace(config.frozen, epochs=settings.epochs, patience=settings.patience),
+        finetune=replace(
+            config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze=settings.unfreeze,
+            lr=PRETRAINED_LR,
+        ),
+    )
+
+
+def full(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return _through_backbone(config, settings, PRETRAINED_LR)
+
+
+STRATEGY_FUNCTIONS: dict[str, Strategy] = {
+    "scratch": scratch, "frozen": frozen, "frozen-dense": frozen_dense, "fine-tune": fine_tune, "full": full,
+}
+"""Each strategy as a function from the shared config to its run's config, in ``STRATEGIES``' order."""
 
 
 @dataclass
@@ -151,10 +192,10 @@ def compare(
     """Train ``source`` with every strategy and model; write the table, figures and HTML page.
 
     ``options`` are flat train options applied to every run (``{"data.max_per_class": 300,
-    "data.image_size": 224, ...}``, as ``build_train_config`` takes them). Rerunning with the
-    same arguments resumes: finished runs are kept, an interrupted one continues.
+    "data.image_size": 224, ...}``, as ``TrainConfig.from_options`` takes them); each strategy
+    then sets its own phases. Rerunning with the same arguments resumes: finished runs are kept,
+    an interrupted one continues.
     """
-    from transferkit.cli import build_train_config
     from transferkit.training import resume, train
 
     problems = [f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}{close_matches(s, STRATEGIES)}"
@@ -167,9 +208,9 @@ def compare(
         problems.append(f"--epochs must be at least 1, got {epochs}")
     if len(set(strategies)) != len(strategies) or len(set(models)) != len(models):
         problems.append("--strategies and --models must not repeat a name")
-    if problems:
-        raise ConfigError(problems)
     options = dict(options or {})
+    shared = raise_together(problems, lambda: TrainConfig.from_options(options))
+    strategy_settings = StrategySettings(epochs, patience, hidden_size, unfreeze)
     output = Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}"
     output = output.absolute()
     output.mkdir(parents=True, exist_ok=True)
@@ -191,14 +232,12 @@ def compare(
                 log.info("%s: interrupted earlier, resuming", run_dir.name)
                 resume(run_dir)
             else:
-                run_options = {
-                    **options, **strategy_options(strategy, epochs, patience, hidden_size, unfreeze),
-                    "data.source": source, "model.name": model, "output": str(run_dir),
-                }
+                config = STRATEGY_FUNCTIONS[strategy](shared, strategy_settings)
+                config = replace(config, model=replace(config.model, name=model), output=str(run_dir))
                 if first_run is not None:
-                    run_options["data.splits_from"] = str(first_run)
+                    config = replace(config, data=replace(config.data, splits_from=str(first_run)))
                 log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
-                train(build_train_config(run_options))
+                train(source, config)
             first_run = first_run or run_dir
 
     rows = [_row(strategy, model, run_dir) for strategy, model, run_dir in run_dirs]

@@ -1,7 +1,9 @@
 """One typed dataclass per stage. Every field's ``help`` becomes the CLI's ``--help``.
 
 Problems are collected and raised together (``ConfigError``) so a user fixes them in one go,
-and each names the flag to change.
+and each names the flag to change. The data a run trains on is not part of its config: it is
+``train``'s first parameter (``transferkit.train("photos/", TrainConfig())``), so a config holds
+only how to train and has no required value disguised as a default.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import dataclasses
 import math
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transferkit.errors import ConfigError, close_matches
+from transferkit.errors import ConfigError, close_matches, raise_together
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
@@ -68,16 +71,20 @@ def default_num_workers() -> int:
     return min(os.cpu_count() or 1, 8)
 
 
+DATA_HELP = (
+    "an image folder (DATA/<class>/* or DATA/{train,val[,test]}/<class>/*) or the name of a registered dataset"
+)
+DATA_REQUIRED = "DATA is required: give an image folder or a registered dataset name"
+
+
+def source_problems(source: str | os.PathLike[str] | None) -> list[str]:
+    """The data source's problems, to be raised with the config's: empty is the only one known
+    before the folder is read."""
+    return [] if source is not None and os.fspath(source).strip() else [DATA_REQUIRED]
+
+
 @dataclass
 class DataConfig:
-    source: str = field(
-        default="",
-        metadata=_help(
-            "an image folder (DATA/<class>/* or DATA/{train,val[,test]}/<class>/*) "
-            "or the name of a registered dataset",
-            positional=True,
-        ),
-    )
     split: tuple[float, float, float] = field(
         default=(0.8, 0.16, 0.04),
         metadata=_help("train,val,test fractions used when DATA has no split folders"),
@@ -119,8 +126,6 @@ class DataConfig:
 
     def problems(self) -> list[str]:
         found = []
-        if not self.source:
-            found.append("DATA is required: give an image folder or a registered dataset name")
         if not all(math.isfinite(f) for f in self.split):
             found.append(f"--split needs three finite fractions, got {','.join(map(str, self.split))}; e.g. --split 0.8,0.16,0.04")
         elif len(self.split) != 3 or any(f < 0 for f in self.split):
@@ -345,8 +350,42 @@ class TrainConfig:
                 found.append(f"--{name} {value!r} is not one Lightning knows ({shown}).{close_matches(value, allowed)}")
         return found
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> TrainConfig:
+        """The defaults with flat overrides named like the flags: ``{"frozen.epochs": 10, "seed": 0}``
+        for ``--frozen-epochs 10 --seed 0``. Unknown keys and invalid values are raised together."""
+        values = cls().to_dict()
+        known = [f"{key}.{name}" for key, section in values.items() if isinstance(section, dict) for name in section]
+        known += [key for key, value in values.items() if not isinstance(value, dict)]
+        found = []
+        for key, value in options.items():
+            section, _, name = key.rpartition(".")
+            target = values.get(section) if section else values
+            if not isinstance(target, dict) or name not in target or isinstance(target[name], dict):
+                found.append(f"{key!r} is not a TrainConfig option.{close_matches(key, known)}")
+            else:
+                target[name] = value
+        return raise_together(found, lambda: cls.from_dict(values))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_record(self, source: str) -> dict[str, Any]:
+        """What a run folder saves: these values with the data source first in ``data``, the
+        layout config.yaml has had since format 1, so earlier run folders still resume."""
+        values = self.to_dict()
+        values["data"] = {"source": source, **values["data"]}
+        return values
+
+    @classmethod
+    def from_record(cls, values: dict[str, Any]) -> tuple[str, TrainConfig]:
+        """``to_record``'s inverse: the data source and the config. A record without a source
+        raises ``ValueError``, as a value of the wrong kind does."""
+        data = values.get("data")
+        source = data.get("source") if isinstance(data, dict) else None
+        if not isinstance(source, str) or not source:
+            raise ValueError("it names no data.source")
+        return source, cls.from_dict({**values, "data": {k: v for k, v in data.items() if k != "source"}})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

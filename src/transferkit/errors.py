@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class TransferkitError(Exception):
@@ -42,6 +45,18 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def raise_together(found: list[str], build: Callable[[], T]) -> T:
+    """``build()``'s result; or, when ``found`` holds problems or ``build`` raises a
+    ``ConfigError``, one ``ConfigError`` with all of them, so a user fixes them in one go."""
+    try:
+        result = build()
+    except ConfigError as error:
+        raise ConfigError(found + error.problems) from None
+    if found:
+        raise ConfigError(found)
+    return result
 
 
 def refused_pickle(error: BaseException) -> str | None:

@@ -275,8 +275,8 @@ class RunFolder:
         return any(path.is_file() for path in results) or any(self.checkpoints_dir.glob("*.ckpt"))
 
     # config
-    def write_config(self, config: TrainConfig) -> None:
-        values = json.loads(json.dumps(config.to_dict()))
+    def write_config(self, source: str, config: TrainConfig) -> None:
+        values = json.loads(json.dumps(config.to_record(source)))
         values["format_version"] = RUN_FORMAT_VERSION
         import yaml
 
@@ -287,6 +287,10 @@ class RunFolder:
 
     def read_config(self) -> TrainConfig:
         """The run's TrainConfig, with ``output`` set to this folder; a damaged file is one line."""
+        return self.read_record()[1]
+
+    def read_record(self) -> tuple[str, TrainConfig]:
+        """The data source the run was trained on and its TrainConfig (``output`` set to this folder)."""
         import yaml
 
         path = self.config_file
@@ -307,13 +311,13 @@ class RunFolder:
                 "train again with this version"
             )
         try:
-            config = TrainConfig.from_dict(values)
+            source, config = TrainConfig.from_record(values)
         except ConfigError:
             raise
         except (TypeError, ValueError) as error:  # a section that is not a mapping, a value of the wrong kind
             raise RunFolderError(f"{path} is damaged ({error}); {damaged}") from None
         config.output = str(self.root)
-        return config
+        return source, config
 
     # index
     def write_index(self, index: DatasetIndex) -> None:

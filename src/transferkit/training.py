@@ -30,16 +30,16 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from transferkit import models, runs
-from transferkit.config import PhaseConfig, TrainConfig, parse_devices, parse_unfreeze
+from transferkit.checkpoints import SafeCheckpointIO, checkpoint_problem, load_checkpoint
+from transferkit.config import PhaseConfig, TrainConfig, parse_devices, parse_unfreeze, source_problems
 from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
 from transferkit.datasets import resolve_data_source
-from transferkit.checkpoints import SafeCheckpointIO, checkpoint_problem, load_checkpoint
 from transferkit.errors import ConfigError, Interrupted, RunFolderError, TrainingDivergedError
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
 from transferkit.features import FeatureCache, FeatureStats, extract_features
 from transferkit.inference import create_forward, default_backend, run_forward, softmax
 from transferkit.loaders import image_loader
-from transferkit.runs import EpochRecord, PhaseRecord, RunFolder, RunMetrics, load_config
+from transferkit.runs import EpochRecord, PhaseRecord, RunFolder, RunMetrics
 
 log = logging.getLogger(__name__)
 epoch_log = logging.getLogger("transferkit.epochs")
@@ -289,8 +289,8 @@ def _process_rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0))
 
 
-def _default_run_dir(config: TrainConfig) -> Path:
-    name = Path(config.data.source).name or "data"
+def _default_run_dir(source: str, config: TrainConfig) -> Path:
+    name = Path(source).name or "data"
     return Path("runs") / f"{name}-{config.model.name.replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -604,8 +604,10 @@ class _Run:
         return metrics
 
 
-def _prepare_index(config: TrainConfig, run_dir: Path, resuming: bool, write: bool = True) -> DatasetIndex:
-    root = resolve_data_source(config.data.source, config.data.data_mirror, config.data.download)
+def _prepare_index(
+    source: str, config: TrainConfig, run_dir: Path, resuming: bool, write: bool = True
+) -> DatasetIndex:
+    root = resolve_data_source(source, config.data.data_mirror, config.data.download)
     folder = RunFolder(run_dir)
     if resuming and folder.has_index():
         return folder.read_index(root)
@@ -649,12 +651,22 @@ def _check_engine(config: TrainConfig) -> None:
                            f"{config.strategy} --precision {config.precision}: {error}"]) from None
 
 
-def train(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train a classifier as ``config`` says and write the run folder.
+def train(data: str | os.PathLike[str], config: TrainConfig | None = None) -> TrainResult:
+    """Train a classifier on ``data`` as ``config`` says (default: ``TrainConfig()``) and write
+    the run folder, ``config.output``.
 
-    ``resume=True`` continues the run in ``config.output``: finished phases are skipped and an
-    interrupted phase continues from its last checkpoint.
+    ``data`` is an image folder (``DATA/<class>/*`` or ``DATA/{train,val[,test]}/<class>/*``) or
+    the name of a registered dataset.
     """
+    problems = source_problems(data)
+    if problems:
+        raise ConfigError(problems)
+    return _train(os.fspath(data), config if config is not None else TrainConfig(), resume=False)
+
+
+def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
+    """``resume=True`` continues the run in ``config.output``: finished phases are skipped and an
+    interrupted phase continues from its last checkpoint."""
     started = time.perf_counter()
     _check_engine(config)
     # Several processes (DDP) each run this function; the others are launched by Lightning with
@@ -665,12 +677,12 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     elif not main_process and os.environ.get(RUN_DIR_ENV):
         output = Path(os.environ[RUN_DIR_ENV])  # the folder rank zero named with its own clock
     else:
-        output = _default_run_dir(config)
+        output = _default_run_dir(source, config)
     # Absolute, because Lightning reports checkpoint paths absolute and they are stored relative.
     run_dir = output.absolute()
     os.environ[RUN_DIR_ENV] = str(run_dir)
     if not main_process:  # rank zero holds the folder for the whole run
-        return _train_in(run_dir, config, resume, started)
+        return _train_in(run_dir, source, config, resume, started)
     runs.prepare_folder(run_dir)
     with runs.claim(run_dir):
         if not resume and RunFolder(run_dir).config_file.exists():
@@ -679,20 +691,20 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                     f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
                 )
             log.info("%s holds a start that failed before training; starting again", run_dir)
-        return _train_in(run_dir, config, resume, started)
+        return _train_in(run_dir, source, config, resume, started)
 
 
-def _train_in(run_dir: Path, config: TrainConfig, resume: bool, started: float) -> TrainResult:
+def _train_in(run_dir: Path, source: str, config: TrainConfig, resume: bool, started: float) -> TrainResult:
     main_process = _process_rank() == 0
     config.output = str(run_dir)
-    index = _prepare_index(config, run_dir, resume, write=main_process)
+    index = _prepare_index(source, config, run_dir, resume, write=main_process)
     # The new head's initialisation draws from the global generator: seed before building it.
     L.seed_everything(config.seed, workers=True, verbose=False)
     run = _Run(config, run_dir, index)
     # Saved once the data and the model are usable: a bad folder, model name or weights file
     # leaves no half-made run, so the same command can simply run again.
     if main_process:
-        run.folder.write_config(config)
+        run.folder.write_config(source, config)
     if config.frozen.epochs > 0:
         run.frozen_phase()
     if config.finetune.epochs > 0:
@@ -718,4 +730,5 @@ def _train_in(run_dir: Path, config: TrainConfig, resume: bool, started: float) 
 
 def resume(run_dir: str | Path) -> TrainResult:
     """Finish an interrupted run from its folder."""
-    return train(load_config(run_dir), resume=True)
+    source, config = RunFolder(run_dir).read_record()
+    return _train(source, config, resume=True)
