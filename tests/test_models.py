@@ -10,9 +10,8 @@ import timm.data
 import torch
 from torch import nn
 
-from conftest import SHARED_DATASETS, TINY_MODEL, make_folder, tiny_options
+from conftest import SHARED_DATASETS, TINY_MODEL, make_folder, tiny_config
 from transferkit import models
-from transferkit.cli import build_train_config
 from transferkit.config import ModelConfig
 from transferkit.data import load_image, resolve_preprocessing
 from transferkit.errors import ConfigError, WeightsUnavailableError
@@ -172,11 +171,11 @@ def test_every_architecture_trains_saves_reloads_exports_and_predicts_alike(arch
     from transferkit.training import train
 
     data = make_folder(tmp_path / "data", per_class=8)
-    options = tiny_options(
-        data, tmp_path / "run", Path("none"),
+    config = tiny_config(
+        tmp_path / "run", Path("none"),
         **{"model.name": architecture, "frozen.epochs": 1, "finetune.epochs": 1, "finetune.unfreeze": "1"},
     )
-    run_dir = train(build_train_config(options)).run_dir
+    run_dir = train(data, config).run_dir
     predictor = load_predictor(run_dir)
     assert predictor.preprocessing["input_size"] == (3, 64, 64)
 

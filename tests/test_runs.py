@@ -252,7 +252,7 @@ def test_resume_never_unpickles_code_whatever_the_environment_says(
 def test_every_record_written_back_gives_the_same_bytes(trained_run: Path, tmp_path: Path) -> None:
     """Run folders written before the typed records existed still load, and load to the same file."""
     folder, copy = RunFolder(trained_run), RunFolder(tmp_path / "copy")
-    copy.write_config(folder.read_config())
+    copy.write_config(*folder.read_record())
     copy.write_index(folder.read_index(tmp_path))
     for epoch in folder.read_history():
         copy.write_epoch(epoch)
