@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import stat
 import tempfile
 import threading
@@ -23,9 +24,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temporary(path)
     try:
         write(tmp)
         # mkstemp makes the file 0600; a plain open() would follow the umask, so a cache or run
@@ -34,6 +33,25 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# The signals a user stops a command with; their handlers raise (KeyboardInterrupt, Interrupted).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _create_temporary(path: Path) -> Path:
+    """An empty temporary file beside ``path``. Ctrl-C or SIGTERM arriving between its creation and
+    the caller's ``try`` would leave it behind (a test caught exactly that), so they wait, blocked,
+    until the caller holds the name; then they raise inside its ``finally``."""
+    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if block else None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        return Path(name)
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 _umask_lock = threading.Lock()

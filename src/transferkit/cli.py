@@ -507,6 +507,10 @@ def _os_error(error: OSError) -> str:
     return f"could not read or write{where}: {error.strerror or error}"
 
 
+_stopped_by: int | None = None
+"""The signal that asked this process to stop, once one has."""
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM (kill, docker stop, a scheduler's time limit) stops a command the way Ctrl-C does:
     it unwinds, so temporary files are removed and the user is told how to continue."""
@@ -514,6 +518,8 @@ def _stop_on_sigterm() -> None:
         return
 
     def stop(signum: int, frame: Any) -> None:
+        global _stopped_by
+        _stopped_by = signum
         raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, stop)
@@ -581,6 +587,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"error: {_os_error(error)}", file=sys.stderr)
         return 1
+    except Exception:
+        # The stop raised inside a library that wrapped it in an error of its own (matplotlib,
+        # drawing, turned one into a TypeError): it is still the stop the user asked for.
+        if _stopped_by is None:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + _stopped_by
 
 
 if __name__ == "__main__":
