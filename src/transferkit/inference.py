@@ -27,7 +27,6 @@ from transferkit.runs import is_onnx_file, model_folder
 from transferkit.onnx import ONNX_METADATA_KEY, cached_session, create_session, session_forward
 
 if TYPE_CHECKING:
-    from PIL import Image
     from torch import nn
 
 log = logging.getLogger(__name__)
@@ -178,12 +177,6 @@ class Predictor:
         if tta:
             probabilities = (probabilities + softmax(self.forward(np.ascontiguousarray(batch[..., ::-1])))) / 2
         return probabilities
-
-    def probabilities_of_images(self, images: list[Image.Image], tta: bool = False) -> np.ndarray:
-        """Class probabilities of decoded RGB images, one row per image."""
-        if not images:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return self.probabilities_of_batch(np.stack([preprocess_image(image, self.preprocessing) for image in images]), tta)
 
     def probabilities(
         self,
