@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from transferkit.config import TrainConfig
-from transferkit.training import train
+from transferkit import train
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TINY_MODEL = "test_efficientnet"

@@ -47,7 +47,7 @@ def test_the_saved_record_keeps_the_run_folder_layout_with_the_source_first() ->
 
 
 def test_train_without_data_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from transferkit.training import train
+    from transferkit import train
 
     with pytest.raises(ConfigError, match="DATA is required"):
         train("", TrainConfig(output=str(tmp_path / "run")))

@@ -17,7 +17,7 @@ from transferkit import features as features_module
 from transferkit._io import write_text
 from transferkit.features import FeatureCache
 from transferkit.inference import run_forward
-from transferkit.training import train
+from transferkit import train
 
 
 def frozen_run(data: Path, output: Path, weights: Path, **overrides: object) -> dict:

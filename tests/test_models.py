@@ -168,7 +168,7 @@ def test_blocks_cover_the_backbone_once_and_the_top_block_unfreezes_first(archit
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_every_architecture_trains_saves_reloads_exports_and_predicts_alike(architecture: str, tmp_path: Path) -> None:
-    from transferkit.training import train
+    from transferkit import train
 
     data = make_folder(tmp_path / "data", per_class=8)
     config = tiny_config(

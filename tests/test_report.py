@@ -97,7 +97,7 @@ def test_the_report_renders_in_a_real_browser_with_every_image_decoded(trained_r
 
 def test_class_names_with_dollar_signs_are_drawn_literally_in_every_figure(tmp_path: Path, tiny_weights: Path) -> None:
     from conftest import COLOURS, make_image, tiny_config
-    from transferkit.training import train
+    from transferkit import train
 
     # matplotlib reads $...$ as maths: "US$_$x" failed the whole report, "a$b$c" drew "abc" in italics.
     names = {"US$_$x": COLOURS["blue"], "a$b$c": COLOURS["red"], "plain": COLOURS["green"]}

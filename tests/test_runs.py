@@ -21,7 +21,7 @@ from conftest import make_folder
 from transferkit.checkpoints import checkpoint_problem
 from transferkit.errors import RunFolderError
 from transferkit.runs import PhaseRecord, RunFolder, is_onnx_file, model_folder
-from transferkit.training import resume
+from transferkit import resume
 
 
 def train_command(data: Path, run_dir: Path, weights: Path, *extra: str) -> list[str]:

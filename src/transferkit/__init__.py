@@ -27,7 +27,7 @@ _EXPORTS = {
     "Predictor": "inference",
     "RunFolderError": "errors",
     "TrainConfig": "config",
-    "TrainResult": "training",
+    "TrainResult": "training.recipe",
     "TransferkitError": "errors",
     "WeightsUnavailableError": "errors",
     "create_app": "serve",
@@ -39,9 +39,9 @@ _EXPORTS = {
     "load_config": "runs",
     "load_model": "models",
     "resolve_data_source": "datasets",
-    "resume": "training",
+    "resume": "training.recipe",
     "summarize": "summary",
-    "train": "training",
+    "train": "training.recipe",
     "write_report": "report",
 }
 __all__ = sorted([*_EXPORTS, "Comparison", "compare", "Evaluation", "ExportResult", "PredictionResult", "compute_metrics", "evaluate", "export", "predict"])
@@ -70,4 +70,4 @@ if TYPE_CHECKING:
     from transferkit.serve import create_app
     from transferkit.summary import summarize
     from transferkit.runs import load_config
-    from transferkit.training import TrainResult, resume, train
+    from transferkit.training.recipe import TrainResult, resume, train

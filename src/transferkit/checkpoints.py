@@ -16,8 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from transferkit._io import atomic_write
 from transferkit.errors import refused_pickle
@@ -40,22 +42,46 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def collect_random_state() -> dict[str, Any]:
+    """The torch, NumPy and Python generators, in types ``weights_only`` loading accepts: with
+    them a resumed run draws the shuffles, augmentations and dropout masks of one never stopped."""
+    states = _collect_rng_states()
+    if "numpy" in states:
+        kind, keys, position, has_gauss, gauss = states["numpy"]
+        states["numpy"] = (kind, keys.tolist(), position, has_gauss, gauss)
+    return states
+
+
+def restore_random_state(states: dict[str, Any]) -> None:
+    if "numpy" in states:
+        kind, keys, position, has_gauss, gauss = states["numpy"]
+        states = {**states, "numpy": (kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)}
+    if not torch.cuda.is_available():
+        states = {k: v for k, v in states.items() if k != "torch.cuda"}
+    _set_rng_states(states)
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``checkpoint`` so that ``path`` always holds a whole one."""
+    # Serialised in memory first, as Lightning does: a failing write is then the OSError of a
+    # plain file write (ENOSPC names the file), not torch's stream-writer RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename must not overtake the data on a power cut
+
+    atomic_write(path, write)
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint plugin with the writes and reads described above."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        # Serialised in memory first, as Lightning does: a failing write is then the OSError of a
-        # plain file write (ENOSPC names the file), not torch's stream-writer RuntimeError.
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-
-        def write(tmp: Path) -> None:
-            with tmp.open("wb") as handle:
-                handle.write(buffer.getbuffer())
-                handle.flush()
-                os.fsync(handle.fileno())  # the rename must not overtake the data on a power cut
-
-        atomic_write(path, write)
+        save_checkpoint(checkpoint, path)
 
     def load_checkpoint(
         self, path: Any, map_location: Callable[..., Any] | None = None, weights_only: bool | None = None

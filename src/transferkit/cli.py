@@ -148,27 +148,29 @@ def _exit_status(interrupt: KeyboardInterrupt) -> int:
     return 128 + (interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT)
 
 
-def _how_to_finish(resumed: str | None, config: TrainConfig | None) -> str:
-    output = config.output if config else resumed  # train sets config.output once it has chosen the folder
+def _how_to_finish(output: str | None) -> str:
     if output and RunFolder(output).is_run():
         return f"finish the run with: transferkit train --resume {output}"
     return "nothing was trained yet; run the same command again"
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from transferkit.training import resume, train
+    from transferkit.training.recipe import resolve_run_dir, resume, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose")}
     # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
     options.setdefault("progress", sys.stderr.isatty())
     config = None if args.resume else _train_config(args.source, options)
+    if config is not None:  # named here, so that a stopped run can say where it is
+        config = dataclasses.replace(config, output=str(resolve_run_dir(args.source, config)))
+    output = args.resume if config is None else config.output
     try:
         result = resume(args.resume) if config is None else train(args.source, config)
     except KeyboardInterrupt as interrupt:
-        print(f"\ninterrupted; {_how_to_finish(args.resume, config)}", file=sys.stderr)
+        print(f"\ninterrupted; {_how_to_finish(output)}", file=sys.stderr)
         return _exit_status(interrupt)
     except OSError as error:  # a full disk or a folder that became unwritable, mid-run
-        print(f"error: {_os_error(error)}; {_how_to_finish(args.resume, config)}", file=sys.stderr)
+        print(f"error: {_os_error(error)}; {_how_to_finish(output)}", file=sys.stderr)
         return 1
     if result.metrics:  # empty on the other processes of a multi-process run
         _print_train_summary(result)

@@ -200,6 +200,10 @@ class PhaseConfig:
         default="all",
         metadata=_help("backbone blocks to train: N top blocks, a fraction like 0.3, or 'all'"),
     )
+    head_lr_multiplier: float = field(
+        default=1.0,
+        metadata=_help("the head's learning rate as a multiple of lr while backbone blocks train with it"),
+    )
 
     def problems(self, flag_prefix: str) -> list[str]:
         p = flag_prefix
@@ -218,6 +222,8 @@ class PhaseConfig:
             found.append(f"--{p}-weight-decay must be 0 or more, got {self.weight_decay}")
         if math.isfinite(self.warmup_epochs) and self.warmup_epochs < 0:
             found.append(f"--{p}-warmup-epochs must be 0 or more, got {self.warmup_epochs}")
+        if math.isfinite(self.head_lr_multiplier) and self.head_lr_multiplier <= 0:
+            found.append(f"--{p}-head-lr-multiplier must be above 0, got {self.head_lr_multiplier}")
         if self.patience < 1:
             found.append(f"--{p}-patience must be at least 1, got {self.patience}")
         try:

@@ -326,10 +326,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float, head_lr_multiplier: float = 1.0
+) -> list[dict[str, Any]]:
     """Trainable parameters only, split into head / backbone and decay / no decay.
 
-    Norms and biases (1-D tensors) get no weight decay, as in timm's own optimizer factory.
+    Norms and biases (1-D tensors) get no weight decay, as in timm's own optimizer factory. While
+    backbone blocks train, the head's groups carry ``lr_scale = head_lr_multiplier`` (timm's key
+    for a group's multiple of the scheduled rate): fastai's discriminative rates, a new head
+    learning faster than the pretrained layers under it. Alone, the head trains at ``lr``.
     """
     head_prefix = classifier_path(model) + "."
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -339,11 +344,15 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
         part = "head" if name.startswith(head_prefix) else "backbone"
         decay = parameter.ndim > 1
         groups.setdefault((part, decay), []).append(parameter)
-    return [
-        {"name": f"{part}{'' if decay else '_no_decay'}", "params": params, "lr": lr,
-         "weight_decay": weight_decay if decay else 0.0}
-        for (part, decay), params in sorted(groups.items())
-    ]
+    backbone_trains = any(part == "backbone" for part, _ in groups)
+    result = []
+    for (part, decay), params in sorted(groups.items()):
+        scale = head_lr_multiplier if part == "head" and backbone_trains else 1.0
+        result.append({
+            "name": f"{part}{'' if decay else '_no_decay'}", "params": params, "lr": lr * scale, "lr_scale": scale,
+            "weight_decay": weight_decay if decay else 0.0,
+        })
+    return result
 
 
 # --- the saved model folder --------------------------------------------------------------------

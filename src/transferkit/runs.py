@@ -304,7 +304,9 @@ class RunFolder:
             raise RunFolderError(f"{path} is damaged ({reason}); {damaged}") from None
         if not isinstance(values, dict):
             raise RunFolderError(f"{path} is damaged (not a mapping of options); {damaged}")
-        version = values.pop("format_version", None)
+        if "format_version" not in values:  # written last: a file cut short loses it
+            raise RunFolderError(f"{path} is damaged (no format_version); {damaged}")
+        version = values.pop("format_version")
         if version != RUN_FORMAT_VERSION:
             raise RunFolderError(
                 f"{path} has format version {version!r}, this transferkit reads {RUN_FORMAT_VERSION}; "

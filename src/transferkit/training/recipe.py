@@ -1,0 +1,302 @@
+"""Two-phase transfer learning, top to bottom.
+
+Phase 1 ("frozen"): the backbone is frozen and only the head trains. Without augmentation,
+every image's pooled features are computed once (and cached), and the head trains on them in a
+plain loop (``head``), each epoch in milliseconds. With augmentation it trains on images.
+Phase 2 ("finetune"): the top blocks are unfrozen and train at a lower learning rate on
+augmented images (``images``). The final model is the phase with the lowest validation loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from transferkit import models, runs
+from transferkit.config import TrainConfig, parse_devices, parse_unfreeze, source_problems
+from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
+from transferkit.datasets import resolve_data_source
+from transferkit.errors import ConfigError, RunFolderError
+from transferkit.features import FeatureCache, FeatureStats, extract_features
+from transferkit.inference import default_backend
+from transferkit.loaders import image_loader
+from transferkit.runs import PhaseRecord, RunFolder, RunMetrics
+from transferkit.training.evaluation import evaluate_phases
+from transferkit.training.head import LabelledFeatures, train_head
+from transferkit.training.images import FineTuning, ImageClassifier, fit_on_images
+from transferkit.training.phase import class_weights, create_sampler, training_loss
+from transferkit.training.progress import PhaseProgress
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run reports; everything is also in ``run_dir``."""
+
+    run_dir: Path
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    metrics: dict[str, Any]
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    best_phase: str = ""
+    duplicates: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Counts of identical-image groups: groups, across_splits, across_classes."""
+
+    @property
+    def model_dir(self) -> Path:
+        return RunFolder(self.run_dir).model_dir
+
+    @property
+    def run_metrics(self) -> RunMetrics:
+        """``metrics`` as typed records (rank zero of a multi-process run has them)."""
+        return RunMetrics.from_dict(self.metrics)
+
+
+def train(data: str | os.PathLike[str], config: TrainConfig | None = None) -> TrainResult:
+    """Train a classifier on ``data`` as ``config`` says (default: ``TrainConfig()``) and write
+    the run folder (``config.output``, else ``resolve_run_dir``'s choice).
+
+    ``data`` is an image folder (``DATA/<class>/*`` or ``DATA/{train,val[,test]}/<class>/*``) or
+    the name of a registered dataset.
+    """
+    problems = source_problems(data)
+    if problems:
+        raise ConfigError(problems)
+    return _train(os.fspath(data), config if config is not None else TrainConfig(), resume=False)
+
+
+def resume(run_dir: str | Path) -> TrainResult:
+    """Finish an interrupted run from its folder: finished phases are skipped and an interrupted
+    phase continues from its last checkpoint."""
+    source, config = RunFolder(run_dir).read_record()
+    return _train(source, config, resume=True)
+
+
+def resolve_run_dir(data: str | os.PathLike[str], config: TrainConfig) -> Path:
+    """The folder a train of ``data`` writes: ``config.output``, else ``runs/<data>-<model>-<time>``.
+
+    Absolute, because Lightning reports checkpoint paths absolute and they are stored relative.
+    Every process of a multi-process run (launched by Lightning with the same command line, or
+    by torchrun or SLURM) resolves the folder rank zero named with its own clock.
+    """
+    if config.output:
+        return Path(config.output).absolute()
+    if _process_rank() != 0 and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    name = Path(os.fspath(data)).name or "data"
+    return Path("runs", f"{name}-{config.model.name.replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}").absolute()
+
+
+def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
+    started = time.perf_counter()
+    trainer_options = _trainer_options(config)
+    run_dir = resolve_run_dir(source, config)
+    config = dataclasses.replace(config, output=str(run_dir))  # the caller's config stays as it was
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning launches
+    if _process_rank() != 0:  # rank zero holds the folder for the whole run
+        return _train_in(RunFolder(run_dir), source, config, resume, trainer_options, started)
+    runs.prepare_folder(run_dir)
+    with runs.claim(run_dir):
+        if not resume and RunFolder(run_dir).config_file.exists():
+            if runs.holds_work(run_dir):
+                raise RunFolderError(
+                    f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
+                )
+            log.info("%s holds a start that failed before training; starting again", run_dir)
+        return _train_in(RunFolder(run_dir), source, config, resume, trainer_options, started)
+
+
+def _train_in(
+    folder: RunFolder, source: str, config: TrainConfig, resume: bool, trainer_options: dict[str, Any], started: float
+) -> TrainResult:
+    """The recipe: data, model, the head phase, fine-tuning, evaluation, the saved model."""
+    main_process = _process_rank() == 0
+    index = _prepare_index(source, config, folder, resume, write=main_process)
+    classes, targets = index.classes, index.targets("train")
+
+    # The new head's initialisation draws from the global generator: seed before building it.
+    L.seed_everything(config.seed, workers=True, verbose=False)
+
+    def create_model() -> nn.Module:
+        return models.create_classifier(config.model, len(classes), config.data.image_size)
+
+    model = create_model()
+    preprocessing = resolve_preprocessing(model, config.data.image_size)
+    # Saved once the data and the model are usable: a bad folder, model name or weights file
+    # leaves no half-made run, so the same command can simply run again.
+    if main_process:
+        folder.write_config(source, config)
+    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model)
+    loss = training_loss(
+        config.label_smoothing, class_weights(targets, len(classes)) if config.class_balance == "weight" else None
+    )
+    sampler = create_sampler(targets, len(classes), config.seed, config.class_balance)
+    workers = config.data.resolved_num_workers()
+
+    def images(split: str, augment: str = "none") -> Any:
+        training = split == "train"
+        return image_loader(
+            index.splits[split], preprocessing, config.data.batch_size, workers, augment=augment,
+            sampler=sampler if training else None,
+        )
+
+    def on_images(name: str, unfreeze: int | float | None) -> Any:
+        phase = getattr(config, name)
+        finetuning = FineTuning(name, phase, unfreeze, config.batchnorm)
+        return lambda resume_from: fit_on_images(
+            ImageClassifier(model, loss, finetuning), images("train", phase.augment), images("val"),
+            folder=folder, name=name, resume_from=resume_from, trainer_options=trainer_options,
+            progress_bar=config.progress,
+        )
+
+    features: dict[str, torch.Tensor] = {}
+    feature_stats: FeatureStats | None = None
+    if config.frozen.epochs > 0:
+        if config.feature_cache and config.frozen.augment == "none":
+            features, feature_stats = _pooled_features(model, index, preprocessing, config)
+            train_split, val_split = (
+                LabelledFeatures(features[split], torch.tensor(index.targets(split))) for split in ("train", "val")
+            )
+
+            def on_features(resume_from: Path | None) -> PhaseRecord:
+                return train_head(
+                    model, config.frozen, train_split, val_split, loss=loss, sampler=sampler,
+                    batch_size=config.data.batch_size, drop_rate=config.model.drop_rate, folder=folder,
+                    name="frozen", resume_from=resume_from, write=main_process,
+                )
+
+            _run_phase("frozen", on_features, model, progress, config.seed, config.frozen.lr)
+        else:
+            _run_phase("frozen", on_images("frozen", unfreeze=0), model, progress, config.seed, config.frozen.lr)
+    if config.finetune.epochs > 0:
+        progress.backbone_pretrained = False
+        fit = on_images("finetune", parse_unfreeze(config.finetune.unfreeze))
+        _run_phase("finetune", fit, model, progress, config.seed, config.finetune.lr)
+    if not main_process:
+        # Another process of a multi-process run: rank zero evaluates and writes the results.
+        return TrainResult(run_dir=folder.root, classes=classes, counts=index.counts(), metrics={})
+
+    metrics = evaluate_phases(
+        model, progress, index, preprocessing, features, backend=_inference_backend(config),
+        num_workers=workers, progress_bar=config.progress,
+    )
+    models.save_model_folder(model, folder.model_dir, classes, preprocessing, config.model)
+    metrics.train_seconds = round(time.perf_counter() - started, 2)
+    if feature_stats is not None:
+        metrics.features = feature_stats.as_dict()
+    folder.write_metrics(metrics)
+    if config.report:
+        from transferkit.report import write_report
+
+        write_report([folder.root])
+    return TrainResult(
+        run_dir=folder.root, classes=classes, counts=index.counts(), metrics=metrics.to_dict(),
+        skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(),
+    )
+
+
+def _run_phase(name: str, fit: Any, model: nn.Module, progress: PhaseProgress, seed: int, lr: float) -> None:
+    """Train phase ``name`` with ``fit(resume_from)`` unless an earlier invocation finished it;
+    either way ``model`` ends with the best usable weights so far."""
+    if progress.finished(name):
+        progress.load_last_usable(model)
+        log.info("phase %s already finished; reusing its best checkpoint", name)
+        return
+    # Seeded again, so that a phase draws the same shuffles, augmentations and dropout masks
+    # whether the phase before it ran in this process or in an earlier one.
+    L.seed_everything(seed, workers=True, verbose=False)
+    record = fit(progress.resume_from(name))
+    progress.record(name, record, f"--{name}-lr", lr)
+    progress.load_last_usable(model)
+
+
+def _pooled_features(
+    model: nn.Module, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
+) -> tuple[dict[str, torch.Tensor], FeatureStats]:
+    """Pooled features of every split, from the persistent cache where it has them."""
+    cache = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
+    paths = [path for items in index.splits.values() for path, _ in items]
+
+    def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
+        return extract_features(
+            model, missing, preprocessing, backend=_inference_backend(config),
+            num_workers=config.data.resolved_num_workers(), progress=config.progress, digests=digests,
+        )
+
+    array, stats = cache.features(paths, compute)
+    features, start = {}, 0
+    for split, items in index.splits.items():
+        features[split] = torch.from_numpy(array[start : start + len(items)])
+        start += len(items)
+    return features, stats
+
+
+def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool, write: bool) -> DatasetIndex:
+    root = resolve_data_source(source, config.data.data_mirror, config.data.download)
+    if resuming and folder.has_index():
+        return folder.read_index(root)
+    if config.data.splits_from:
+        index = RunFolder(config.data.splits_from).read_index(root)
+    else:
+        index = discover(root, config.data.split, config.seed, config.data.max_per_class)
+        paths = [path for items in index.splits.values() for path, _ in items]
+        index.drop(scan_images(paths, config.data.resolved_num_workers()))
+        index.find_duplicates()
+        if index.duplicates and write:
+            kinds = index.duplicate_kinds()
+            log.warning(
+                "%d groups of identical images (%d across splits, %d under two classes), listed in %s%s",
+                kinds["groups"], kinds["across_splits"], kinds["across_classes"], folder.duplicates_file.name,
+                "; dropping them" if config.data.drop_duplicates else "; --drop-duplicates drops them",
+            )
+        if config.data.drop_duplicates:
+            index.drop_duplicates()
+    if not write:
+        return index
+    if index.skipped:
+        log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
+    folder.write_index(index)
+    return index
+
+
+def _trainer_options(config: TrainConfig) -> dict[str, Any]:
+    """Lightning's accelerator, devices, strategy and precision, judged by Lightning on this
+    machine (``--accelerator gpu`` where no GPU is visible) before the data scan rather than after it."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    options = {
+        "accelerator": config.accelerator, "devices": parse_devices(config.devices), "num_nodes": config.num_nodes,
+        "strategy": config.strategy, "precision": config.precision,
+    }
+    try:
+        L.Trainer(**options, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False)
+    except MisconfigurationException as error:
+        raise ConfigError([f"--accelerator {config.accelerator} --devices {config.devices} --strategy "
+                           f"{config.strategy} --precision {config.precision}: {error}"]) from None
+    return options
+
+
+def _process_rank() -> int:
+    """This process's global rank: from Lightning once training set it up, else from the
+    launcher's environment (0 when training alone)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def _inference_backend(config: TrainConfig) -> str:
+    wants_gpu = config.accelerator in ("auto", "gpu", "cuda")
+    return default_backend("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
