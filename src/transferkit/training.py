@@ -32,13 +32,14 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from transferkit import models, runs
 from transferkit.checkpoints import SafeCheckpointIO, checkpoint_problem, load_checkpoint
 from transferkit.config import PhaseConfig, TrainConfig, parse_devices, parse_unfreeze, source_problems
-from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
-from transferkit.datasets import resolve_data_source
+from transferkit.data.folders import DatasetIndex, discover
+from transferkit.data.images import scan_images
+from transferkit.data.loaders import image_loader, resolve_preprocessing
+from transferkit.data.registry import resolve_data_source
 from transferkit.errors import ConfigError, Interrupted, RunFolderError, TrainingDivergedError
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
 from transferkit.features import FeatureCache, FeatureStats, extract_features
 from transferkit.inference import create_forward, default_backend, run_forward, softmax
-from transferkit.loaders import image_loader
 from transferkit.runs import EpochRecord, PhaseRecord, RunFolder, RunMetrics
 
 log = logging.getLogger(__name__)
