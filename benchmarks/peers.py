@@ -97,10 +97,10 @@ def labelled_files(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 def embedded_state(model: Any) -> dict[str, Any]:
     """The embedded EfficientNet-Lite0 ImageNet weights as ``model``'s state dict (head excluded)."""
-    from transferkit import models
+    from transferkit import weights
 
     reference = __import__("timm").create_model(MODEL, pretrained=False)
-    state = models.load_embedded_state_dict(reference, models.embedded_weights_file(MODEL))
+    state = weights.load_embedded_state_dict(reference, weights.embedded_weights_file(MODEL))
     wanted = model.state_dict()
     return {k: v for k, v in state.items() if k in wanted}
 
@@ -222,7 +222,7 @@ def throughput(data: Path, run_dir: Path, batch_size: int = 64) -> dict[str, flo
 
     import transferkit
     from transferkit import models
-    from transferkit.data import resolve_preprocessing
+    from transferkit.data.loaders import resolve_preprocessing
     from transferkit.features import extract_features
     from transferkit.inference import create_forward
 

@@ -236,7 +236,8 @@ def test_class_folders_differing_only_in_case_are_one_clear_error(
 FIFO_SCRIPT = """
 import json, sys
 from pathlib import Path
-from transferkit.data import UnreadableImage, discover, load_image, read_image
+from transferkit.data.folders import discover
+from transferkit.data.images import UnreadableImage, load_image, read_image
 from transferkit.evaluate import collect_images
 
 root = Path(sys.argv[1])

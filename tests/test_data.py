@@ -19,8 +19,9 @@ from PIL import Image
 
 from conftest import COLOURS, make_folder, make_image
 from transferkit.cli import main
-from transferkit.data import discover, load_image, preprocess_image, scan_images
-from transferkit.datasets import resolve_data_source
+from transferkit.data.folders import discover
+from transferkit.data.images import load_image, preprocess_image, scan_images
+from transferkit.data.registry import resolve_data_source
 from transferkit.errors import DataError
 
 
@@ -247,7 +248,7 @@ def test_a_class_with_one_image_is_named_when_it_gets_no_validation_image(
 ) -> None:
     root = make_folder(tmp_path / "d", per_class=10, classes=("blue", "red"))
     make_folder(root, per_class=1, classes=("green",))
-    with caplog.at_level(logging.WARNING, logger="transferkit.data"):
+    with caplog.at_level(logging.WARNING, logger="transferkit.data.folders"):
         index = discover(root)
     assert "green" not in index.counts()["val"]
     assert "single image get no validation image: green;" in caplog.text

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 from conftest import COLOURS, make_folder, make_image
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
-from transferkit.data import load_image, resize_side
+from transferkit.data.images import load_image, resize_side
 from transferkit.errors import DataError
 from transferkit.evaluate import compute_metrics, evaluate, predict
 from transferkit.inference import load_predictor

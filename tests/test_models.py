@@ -13,11 +13,12 @@ from torch import nn
 from conftest import SHARED_DATASETS, TINY_MODEL, make_folder, tiny_config
 from transferkit import models
 from transferkit.config import ModelConfig
-from transferkit.data import load_image, resolve_preprocessing
+from transferkit.data.images import load_image
+from transferkit.data.loaders import create_transform, resolve_preprocessing
 from transferkit.errors import ConfigError, WeightsUnavailableError
 from transferkit.export import export
 from transferkit.inference import load_predictor, preprocessed_batches, softmax
-from transferkit.loaders import create_transform
+from transferkit.weights import embedded_weights_file, load_embedded_state_dict
 
 
 def tiny(weights: Path, **kwargs: object) -> nn.Module:
@@ -202,7 +203,7 @@ def test_embedded_efficientnet_lite0_weights_recognise_ants_and_bees() -> None:
     model = models.create_classifier(ModelConfig(), num_classes=2).eval()
     imagenet = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     imagenet.load_state_dict(
-        models.load_embedded_state_dict(imagenet, models.embedded_weights_file("tf_efficientnet_lite0"))
+        load_embedded_state_dict(imagenet, embedded_weights_file("tf_efficientnet_lite0"))
     )
     preprocessing = resolve_preprocessing(model)
     assert preprocessing["mean"] == (0.5, 0.5, 0.5)

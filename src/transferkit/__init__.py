@@ -21,7 +21,7 @@ _EXPORTS = {
     "ConfigError": "errors",
     "DataConfig": "config",
     "DataError": "errors",
-    "DatasetIndex": "data",
+    "DatasetIndex": "data.folders",
     "ModelConfig": "config",
     "PhaseConfig": "config",
     "Predictor": "inference",
@@ -32,13 +32,13 @@ _EXPORTS = {
     "WeightsUnavailableError": "errors",
     "create_app": "serve",
     "create_classifier": "models",
-    "discover": "data",
-    "list_datasets": "datasets",
+    "discover": "data.folders",
+    "list_datasets": "data.registry",
     "load_classifier": "inference",
     "load_predictor": "inference",
     "load_config": "runs",
     "load_model": "models",
-    "resolve_data_source": "datasets",
+    "resolve_data_source": "data.registry",
     "resume": "training.recipe",
     "summarize": "summary",
     "train": "training.recipe",
@@ -61,8 +61,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from transferkit.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig
-    from transferkit.data import DatasetIndex, discover
-    from transferkit.datasets import list_datasets, resolve_data_source
+    from transferkit.data.folders import DatasetIndex, discover
+    from transferkit.data.registry import list_datasets, resolve_data_source
     from transferkit.errors import ConfigError, DataError, RunFolderError, TransferkitError, WeightsUnavailableError
     from transferkit.inference import Predictor, load_classifier, load_predictor
     from transferkit.models import create_classifier, load_model

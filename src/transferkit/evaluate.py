@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import not_regular_reason, write_csv, write_json
-from transferkit.data import image_extensions, list_image_files, read_labelled_folder, split_folders
+from transferkit.data.folders import image_extensions, list_image_files, read_labelled_folder, split_folders
 from transferkit.errors import DataError
 from transferkit.inference import Predictor, load_predictor
 from transferkit.runs import RunFolder, evaluation_files, is_onnx_file

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from transferkit.config import default_num_workers
-from transferkit.data import load_image, preprocess_image, read_image, resize_side
+from transferkit.data.images import load_image, preprocess_image, read_image, resize_side
 from transferkit.errors import DataError, RunFolderError
 from transferkit.runs import is_onnx_file, model_folder
 from transferkit.onnx import ONNX_METADATA_KEY, cached_session, create_session, session_forward
@@ -231,7 +231,7 @@ def load_onnx_predictor(path: str | os.PathLike[str]) -> Predictor:
 def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Predictor]:
     """The torch model of a run folder (or its ``model/`` folder) in eval mode, with a
     Predictor that runs it eagerly on CPU."""
-    from transferkit.data import resolve_preprocessing
+    from transferkit.data.loaders import resolve_preprocessing
     from transferkit.models import load_model
 
     folder = model_folder(path)

@@ -166,7 +166,7 @@ def plot_reliability(metrics: dict[str, Any], split: str) -> Any:
 
 
 def _thumbnail(path: str, side: int) -> Any:
-    from transferkit.data import load_image
+    from transferkit.data.images import load_image
 
     image = load_image(path, min_side=side)
     image.thumbnail((side, side))

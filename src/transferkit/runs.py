@@ -27,7 +27,7 @@ from transferkit.config import TrainConfig
 from transferkit.errors import ConfigError, RunFolderError
 
 if TYPE_CHECKING:
-    from transferkit.data import DatasetIndex
+    from transferkit.data.folders import DatasetIndex
 
 RUN_FORMAT_VERSION = 1
 LOCK_FILE = ".transferkit.lock"
@@ -333,7 +333,7 @@ class RunFolder:
 
     def read_index(self, root: Path) -> DatasetIndex:
         """The split this run wrote: the same images, classes, skipped files and duplicates."""
-        from transferkit.data import DatasetIndex
+        from transferkit.data.folders import DatasetIndex
 
         needed = (self.splits_file, self.classes_file, self.skipped_file)
         missing = [path.name for path in needed if not path.is_file()]
@@ -352,7 +352,7 @@ class RunFolder:
 
     def read_splits(self, classes: list[str]) -> dict[str, list[tuple[str, int]]]:
         """Each split's (path, label) items, in the order the run wrote them."""
-        from transferkit.data import DatasetIndex
+        from transferkit.data.folders import DatasetIndex
 
         if not self.splits_file.is_file():
             raise RunFolderError(f"{self.root} is not a finished run folder: {self.splits_file} is missing")

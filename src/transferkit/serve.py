@@ -34,7 +34,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from transferkit.data import UnreadableImage, load_image, preprocess_image, resize_side
+from transferkit.data.images import UnreadableImage, load_image, preprocess_image, resize_side
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.inference import Predictor, load_predictor
 

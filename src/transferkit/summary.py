@@ -74,7 +74,7 @@ class ModelSummary:
 def _load(source: str, num_classes: int) -> tuple[nn.Module, dict[str, Any], dict[str, PhaseConfig]]:
     """(model, preprocessing, phases) from a run folder, or a model name with the default recipe."""
     from transferkit.config import ModelConfig, default_finetune_phase, default_frozen_phase
-    from transferkit.data import resolve_preprocessing
+    from transferkit.data.loaders import resolve_preprocessing
     from transferkit.inference import load_run_model
     from transferkit.models import create_classifier
     from transferkit.runs import RunFolder

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from transferkit import models
-from transferkit.data import DatasetIndex
+from transferkit.data.folders import DatasetIndex
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
 from transferkit.inference import create_forward, run_forward, softmax
 from transferkit.runs import RunMetrics

@@ -23,12 +23,13 @@ from torch import nn
 
 from transferkit import models, runs
 from transferkit.config import TrainConfig, parse_devices, parse_unfreeze, source_problems
-from transferkit.data import DatasetIndex, discover, resolve_preprocessing, scan_images
-from transferkit.datasets import resolve_data_source
+from transferkit.data.folders import DatasetIndex, discover
+from transferkit.data.images import scan_images
+from transferkit.data.loaders import image_loader, resolve_preprocessing
+from transferkit.data.registry import resolve_data_source
 from transferkit.errors import ConfigError, RunFolderError
 from transferkit.features import FeatureCache, FeatureStats, extract_features
 from transferkit.inference import default_backend
-from transferkit.loaders import image_loader
 from transferkit.runs import PhaseRecord, RunFolder, RunMetrics
 from transferkit.training.evaluation import evaluate_phases
 from transferkit.training.head import LabelledFeatures, train_head

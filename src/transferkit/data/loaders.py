@@ -1,5 +1,5 @@
-"""Torch DataLoaders and augmentation for training; decoding and preprocessing themselves are
-torch-free, in ``data``."""
+"""Torch DataLoaders and augmentation for training, and the preprocessing a backbone's pretrained
+config asks for; decoding and the eval transform themselves are torch-free, in ``data.images``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,29 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from transferkit.data import load_image, preprocess_image, resize_side
+from transferkit.data.images import load_image, preprocess_image, resize_side
 from transferkit.errors import DataError
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import DataLoader
+
+
+def resolve_preprocessing(model: torch.nn.Module, image_size: int | None = None) -> dict[str, Any]:
+    """Input size, interpolation, mean, std and crop from the backbone's pretrained config.
+
+    Where the weights name a test-time size (timm's ``test_input_size``), that size is used for
+    every phase: the frozen features are only as good as the resolution they are computed at.
+    """
+    import timm.data
+
+    config = dict(timm.data.resolve_model_data_config(model, use_test_size=True))
+    if image_size is not None:
+        config["input_size"] = (3, image_size, image_size)
+    config["mean"] = tuple(float(v) for v in config["mean"])
+    config["std"] = tuple(float(v) for v in config["std"])
+    config["input_size"] = tuple(int(v) for v in config["input_size"])
+    return config
 
 
 def _preprocess_to_tensor(image: Image.Image, preprocessing: dict[str, Any]) -> torch.Tensor:
