@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from transferkit.engine import lightning_option_problems, parse_devices
 from transferkit.errors import ConfigError, close_matches, raise_together
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -48,22 +48,6 @@ MAX_SEED = 2**32 - 1  # NumPy's and Lightning's seeding take unsigned 32-bit see
 MAX_LR = 1e30
 """Beyond it an optimizer's step overflows float32 (Adam divides the rate by 0.1 on its first step)
 and fails mid-phase with a traceback; a large rate below it diverges, which train reports in one line."""
-
-
-def parse_devices(devices: str) -> int | list[int] | str:
-    """Lightning's ``devices``: 'auto', a count (-1 for all), or a comma-separated list of indices."""
-    text = str(devices).strip()
-    if text == "auto":
-        return text
-    if "," in text:
-        indices = [part.strip() for part in text.split(",") if part.strip()]
-        if not indices or not all(part.isdigit() for part in indices):
-            raise ValueError(text)
-        return [int(part) for part in indices]
-    count = int(text)
-    if count == 0 or count < -1:
-        raise ValueError(text)
-    return count
 
 
 def default_num_workers() -> int:
@@ -329,32 +313,9 @@ class TrainConfig:
             found.append(
                 f"--devices must be auto, a count of 1 or more (-1 for all) or a list like 0,1, got {self.devices!r}"
             )
-        found += self._engine_problems()
+        found += lightning_option_problems(self.accelerator, self.strategy, self.precision)
         if found:
             raise ConfigError(found)
-
-    def _engine_problems(self) -> list[str]:
-        """Lightning's own names, checked before any work; Lightning would fail only once the
-        data had been scanned and the features computed. Lightning is imported only to check a
-        value that is not the default."""
-        if (self.accelerator, self.strategy, self.precision) == ("auto", "auto", "32-true"):
-            return []
-        from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
-        from lightning.pytorch.accelerators import AcceleratorRegistry
-        from lightning.pytorch.strategies import StrategyRegistry
-
-        choices = {
-            "accelerator": ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())],
-            "strategy": ["auto", *StrategyRegistry.available_strategies()],
-            "precision": [*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)],
-        }
-        found = []
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                shown = ", ".join(allowed[:8]) + (", ..." if len(allowed) > 8 else "")
-                found.append(f"--{name} {value!r} is not one Lightning knows ({shown}).{close_matches(value, allowed)}")
-        return found
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> TrainConfig:

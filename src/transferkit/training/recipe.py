@@ -21,8 +21,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from transferkit import models, runs
-from transferkit.config import TrainConfig, parse_devices, parse_unfreeze, source_problems
+from transferkit import engine, models, runs
+from transferkit.config import TrainConfig, parse_unfreeze, source_problems
 from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import image_loader, resolve_preprocessing
@@ -102,7 +102,9 @@ def resolve_run_dir(data: str | os.PathLike[str], config: TrainConfig) -> Path:
 
 def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
     started = time.perf_counter()
-    trainer_options = _trainer_options(config)
+    trainer_options = engine.trainer_options(
+        config.accelerator, config.devices, config.num_nodes, config.strategy, config.precision
+    )
     run_dir = resolve_run_dir(source, config)
     config = dataclasses.replace(config, output=str(run_dir))  # the caller's config stays as it was
     os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning launches
@@ -270,24 +272,6 @@ def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming
         log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
     folder.write_index(index)
     return index
-
-
-def _trainer_options(config: TrainConfig) -> dict[str, Any]:
-    """Lightning's accelerator, devices, strategy and precision, judged by Lightning on this
-    machine (``--accelerator gpu`` where no GPU is visible) before the data scan rather than after it."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    options = {
-        "accelerator": config.accelerator, "devices": parse_devices(config.devices), "num_nodes": config.num_nodes,
-        "strategy": config.strategy, "precision": config.precision,
-    }
-    try:
-        L.Trainer(**options, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False)
-    except MisconfigurationException as error:
-        raise ConfigError([f"--accelerator {config.accelerator} --devices {config.devices} --strategy "
-                           f"{config.strategy} --precision {config.precision}: {error}"]) from None
-    return options
 
 
 def _process_rank() -> int:
