@@ -27,7 +27,8 @@ from transferkit.figures import (
     plot_training_curves,
     sample_rows,
 )
-from transferkit.runs import EpochRecord, PhaseRecord, RunFolder, RunMetrics
+from transferkit.records import EpochRecord, PhaseRecord, RunMetrics
+from transferkit.runs import RunFolder
 
 
 # --- run folders ------------------------------------------------------------------------------
