@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from transferkit.cli import main
-from transferkit.report import FIGURES, plot_confusion_matrix, read_run, write_figures
+from transferkit.figures import plot_confusion_matrix
+from transferkit.report import FIGURES, read_run, write_figures
 
 SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)
 

@@ -20,7 +20,8 @@ import torch
 from conftest import make_folder
 from transferkit.checkpoints import checkpoint_problem
 from transferkit.errors import RunFolderError
-from transferkit.runs import PhaseRecord, RunFolder, is_onnx_file, model_folder
+from transferkit.records import PhaseRecord
+from transferkit.runs import RunFolder, is_onnx_file, model_folder
 from transferkit import resume
 
 

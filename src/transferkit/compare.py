@@ -278,7 +278,7 @@ def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
 
 def write_comparison_figures(comparison: Comparison) -> dict[str, Path]:
     """Validation accuracy and loss of every run on one epoch axis, and a bar chart of accuracy."""
-    from transferkit.report import FIGURE_DPI, _pyplot
+    from transferkit.figures import FIGURE_DPI, _pyplot
 
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)

@@ -12,7 +12,7 @@ from transferkit import models
 from transferkit.data.folders import DatasetIndex
 from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
 from transferkit.inference import create_forward, run_forward, softmax
-from transferkit.runs import RunMetrics
+from transferkit.records import RunMetrics
 from transferkit.training.progress import PhaseProgress
 
 

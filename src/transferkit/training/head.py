@@ -24,7 +24,8 @@ from torch.nn import functional as F
 from transferkit import models
 from transferkit.checkpoints import collect_random_state, load_checkpoint, restore_random_state, save_checkpoint
 from transferkit.config import PhaseConfig
-from transferkit.runs import EpochRecord, PhaseRecord, RunFolder
+from transferkit.records import EpochRecord, PhaseRecord
+from transferkit.runs import RunFolder
 from transferkit.training.phase import EpochSampler, Schedule, log_trainable, record_epoch, set_learning_rates
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from transferkit import models
 from transferkit.checkpoints import SafeCheckpointIO, collect_random_state, restore_random_state
 from transferkit.config import PhaseConfig
 from transferkit.errors import Interrupted
-from transferkit.runs import EpochRecord, PhaseRecord, RunFolder
+from transferkit.records import EpochRecord, PhaseRecord
+from transferkit.runs import RunFolder
 from transferkit.training.phase import Schedule, log_trainable, record_epoch, set_learning_rates
 
 log = logging.getLogger(__name__)

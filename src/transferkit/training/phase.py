@@ -14,7 +14,8 @@ from torch import nn
 
 from transferkit import models
 from transferkit.config import PhaseConfig
-from transferkit.runs import EpochRecord, RunFolder
+from transferkit.records import EpochRecord
+from transferkit.runs import RunFolder
 
 log = logging.getLogger(__name__)
 epoch_log = logging.getLogger("transferkit.epochs")

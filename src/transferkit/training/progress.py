@@ -13,7 +13,8 @@ from torch import nn
 
 from transferkit.checkpoints import checkpoint_problem, load_checkpoint
 from transferkit.errors import TrainingDivergedError
-from transferkit.runs import PhaseRecord, RunFolder
+from transferkit.records import PhaseRecord
+from transferkit.runs import RunFolder
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from transferkit.data.registry import resolve_data_source
 from transferkit.errors import ConfigError, RunFolderError
 from transferkit.features import FeatureCache, FeatureStats, extract_features
 from transferkit.inference import default_backend
-from transferkit.runs import PhaseRecord, RunFolder, RunMetrics
+from transferkit.records import PhaseRecord, RunMetrics
+from transferkit.runs import RunFolder
 from transferkit.training.evaluation import evaluate_phases
 from transferkit.training.head import LabelledFeatures, train_head
 from transferkit.training.images import FineTuning, ImageClassifier, fit_on_images

@@ -1,0 +1,96 @@
+"""The command line: one command per public function, options generated from the config
+dataclasses so ``--help`` and the Python API never drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from transferkit.cli import console
+from transferkit.cli.handlers import COMMANDS
+from transferkit.cli.options import (
+    compare_parser,
+    evaluate_parser,
+    export_parser,
+    predict_parser,
+    report_parser,
+    serve_parser,
+    summary_parser,
+    train_parser,
+)
+from transferkit.errors import ConfigError, TransferkitError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line naming the fix, with the closest option for a misspelt one.
+
+    Abbreviations are off: ``--frozen-epoch 3`` is reported as a typo of ``--frozen-epochs``
+    instead of being taken silently, and a new option can never change what an old one meant.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+    def unknown_options(self, unknown: list[str]) -> NoReturn:
+        options = [name for action in self._actions for name in action.option_strings]
+        described = []
+        for word in unknown:
+            name = word.split("=", 1)[0]
+            closest = difflib.get_close_matches(name, options, n=1, cutoff=0.6) if word.startswith("-") else []
+            described.append(f"{word} (did you mean {closest[0]}?)" if closest else word)
+        self.error(f"unrecognized arguments: {', '.join(described)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="transferkit", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    train_parser(subparsers)
+    compare_parser(subparsers)
+    evaluate_parser(subparsers)
+    predict_parser(subparsers)
+    report_parser(subparsers)
+    export_parser(subparsers)
+    serve_parser(subparsers)
+    summary_parser(subparsers)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subparsers.choices[args.command].unknown_options(unknown)
+    console.tolerate_odd_file_names()
+    console.stop_on_sigterm()
+    try:
+        if args.command in ("train", "compare"):
+            # Lightning sets its loggers to INFO when imported: import it first, then quiet them.
+            import lightning  # noqa: F401
+        console.quiet_libraries(getattr(args, "verbose", False))
+        return COMMANDS[args.command](args)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except TransferkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return console.exit_status(interrupt)
+    except BrokenPipeError:
+        # The reader (``| head``) has gone; Python would print a traceback flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as error:
+        print(f"error: {console.os_error(error)}", file=sys.stderr)
+        return 1
+    except Exception:
+        # The stop raised inside a library that wrapped it in an error of its own (matplotlib,
+        # drawing, turned one into a TypeError): it is still the stop the user asked for.
+        if console.stopped_by is None:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + console.stopped_by

@@ -1,0 +1,188 @@
+"""One handler per command: it builds what the options describe, calls the public function and
+prints what came back."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
+from transferkit.config import TrainConfig, source_problems
+from transferkit.errors import ConfigError, raise_together
+from transferkit.runs import RunFolder
+
+
+def _train_config(source: str | None, options: dict[str, Any]) -> TrainConfig:
+    """The config the flags describe; a missing DATA is reported with every other problem."""
+    return raise_together(source_problems(source), lambda: TrainConfig.from_options(options))
+
+
+def _how_to_finish(output: str | None) -> str:
+    if output and RunFolder(output).is_run():
+        return f"finish the run with: transferkit train --resume {output}"
+    return "nothing was trained yet; run the same command again"
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from transferkit.training.recipe import resolve_run_dir, resume, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose")}
+    # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
+    options.setdefault("progress", sys.stderr.isatty())
+    config = None if args.resume else _train_config(args.source, options)
+    if config is not None:  # named here, so that a stopped run can say where it is
+        config = dataclasses.replace(config, output=str(resolve_run_dir(args.source, config)))
+    output = args.resume if config is None else config.output
+    try:
+        result = resume(args.resume) if config is None else train(args.source, config)
+    except KeyboardInterrupt as interrupt:
+        print(f"\ninterrupted; {_how_to_finish(output)}", file=sys.stderr)
+        return exit_status(interrupt)
+    except OSError as error:  # a full disk or a folder that became unwritable, mid-run
+        print(f"error: {os_error(error)}; {_how_to_finish(output)}", file=sys.stderr)
+        return 1
+    if result.metrics:  # empty on the other processes of a multi-process run
+        print_train_summary(result)
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from transferkit.compare import compare
+
+    own = {"command", "verbose", "strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size"}
+    options = {k: v for k, v in vars(args).items() if k not in own and k != "source"}
+    options.setdefault("progress", sys.stderr.isatty())
+    problems = source_problems(args.source)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        comparison = compare(
+            args.source,
+            strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+            models=[m.strip() for m in args.models.split(",") if m.strip()],
+            epochs=args.epochs, output=args.output, patience=args.patience, hidden_size=args.hidden_size,
+            unfreeze=args.unfreeze, options=options,
+        )
+    except KeyboardInterrupt as interrupt:
+        print("\ninterrupted; rerun the same command to continue (finished runs are kept)", file=sys.stderr)
+        return exit_status(interrupt)
+    print(comparison.table())
+    skipped = comparison.skipped()
+    if skipped:
+        print(f"\nskipped {len(skipped)} unreadable, non-image or duplicate files (see {comparison.skipped_list})")
+    print(f"\ncomparison written to {comparison.output} (comparison.csv, comparison.html)")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from transferkit.evaluate import evaluate
+
+    evaluation = evaluate(
+        args.run, args.data, split=args.split, output=args.output, tta=args.tta,
+        batch_size=args.batch_size, progress=args.progress,
+    )
+    print_skipped(evaluation.skipped)
+    print_metrics(evaluation.metrics, f"{evaluation.name}: {evaluation.metrics['images']} images")
+    print(f"\nwritten to {evaluation.output}")
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from transferkit.evaluate import predict
+
+    if args.top_k < 1:
+        raise ConfigError([f"--top-k must be 1 or more, got {args.top_k}"])
+    result = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
+                     progress=args.progress)
+    print_skipped(result.skipped)
+    if args.format == "json":
+        print(json.dumps({
+            "predictions": [
+                {"path": p.path, "top_k": [{"label": l, "probability": round(q, 6)} for l, q in zip(p.labels, p.probabilities)]}
+                for p in result.predictions
+            ],
+            "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
+        }, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        k = len(result.predictions[0].labels) if result.predictions else args.top_k
+        writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability"))])
+        for p in result.predictions:
+            writer.writerow([p.path, *(v for l, q in zip(p.labels, p.probabilities) for v in (l, f"{q:.6f}"))])
+    else:
+        width = max([len(p.path) for p in result.predictions] + [5])
+        for p in result.predictions:
+            ranked = "  ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probabilities))
+            print(f"{p.path:<{width}}  {ranked}")
+    if not result.predictions:
+        print("error: no readable images among the inputs", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from transferkit.export import export
+
+    result = export(args.run, format=args.format, quantize=args.quantize, output=args.output,
+                    batch_size=args.batch_size, progress=args.progress)
+    print(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.format}{'-' + result.quantize if result.quantize else ''})")
+    print(f"checked on {result.images} validation images against the eager float model:")
+    print(f"  max |probability difference|  {result.max_abs_diff:.2e}")
+    change = result.accuracy - result.reference_accuracy
+    print(f"  accuracy  exported {result.accuracy:.4f}  eager {result.reference_accuracy:.4f}  change {change:+.4f}")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from transferkit.serve import ServeLimits, serve
+
+    # Checked before the model loads, every problem at once.
+    problems = [] if 1 <= args.port <= 65535 else [f"--port must be between 1 and 65535, got {args.port}"]
+    positive = ("top_k", "max_file_mb", "max_files", "max_pixels", "max_queued", "max_connections",
+                "header_timeout", "body_timeout", "keep_alive_timeout")
+    problems += [f"--{name.replace('_', '-')} must be above 0, got {getattr(args, name):g}"
+                 for name in positive if not getattr(args, name) > 0]
+    if problems:
+        raise ConfigError(problems)
+    limits = ServeLimits(top_k=args.top_k, max_file_bytes=int(args.max_file_mb * 2**20), max_files=args.max_files,
+                         max_pixels=args.max_pixels, max_queued=args.max_queued, max_connections=args.max_connections,
+                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                         keep_alive_timeout=args.keep_alive_timeout)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve(args.model, host=args.host, port=args.port, limits=limits)
+    return 0
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transferkit.summary import summarize, write_summary
+
+    summary = summarize(args.source, depth=args.depth, num_classes=args.num_classes)
+    is_run = RunFolder(args.source).has_model()
+    folder = Path(args.output) if args.output else Path(args.source) if is_run else Path(".")
+    stem = "architecture" if is_run else args.source.replace("/", "_").replace(":", "_") + "-architecture"
+    print(summary.table())
+    table, image = write_summary(summary, folder, stem)
+    print(f"\nwritten to {table} and {image}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from transferkit.report import write_report
+
+    path = write_report(args.runs, args.output)
+    print(f"report written to {path}")
+    return 0
+
+
+COMMANDS = {
+    "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
+    "export": _run_export, "serve": _run_serve, "summary": _run_summary, "compare": _run_compare,
+}

@@ -1,0 +1,210 @@
+"""The options of every command: generated from the config dataclasses for train and compare,
+written out for the others."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from transferkit.config import DATA_HELP, DEFAULT_MODEL, DataConfig, ModelConfig, PhaseConfig, TrainConfig
+
+# (dataclass, flag prefix, TrainConfig attribute)
+SECTIONS: list[tuple[type, str, str]] = [
+    (DataConfig, "", "data"),
+    (ModelConfig, "", "model"),
+    (PhaseConfig, "frozen-", "frozen"),
+    (PhaseConfig, "finetune-", "finetune"),
+]
+TOP_LEVEL_SKIP = {"data", "model", "frozen", "finetune"}
+
+
+def _flag(prefix: str, name: str) -> str:
+    return f"--{prefix}{name.replace('_', '-')}"
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.8,0.16,0.04, got {text!r}") from None
+
+
+def _converter(kind: Any) -> Any:
+    text = str(kind)
+    if "tuple" in text:
+        return _fractions
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _add_fields(
+    parser: argparse.ArgumentParser, kind: type, prefix: str, dest_prefix: str, defaults: Any,
+    skip: frozenset[str] = frozenset(),
+) -> None:
+    group = parser.add_argument_group(dest_prefix or "run")
+    for spec in dataclasses.fields(kind):
+        if (spec.name in TOP_LEVEL_SKIP and kind is TrainConfig) or spec.name in skip:
+            continue
+        default = getattr(defaults, spec.name)
+        help_text = spec.metadata.get("help", "")
+        dest = f"{dest_prefix}.{spec.name}" if dest_prefix else spec.name
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if "bool" in str(spec.type):
+            group.add_argument(
+                spec.metadata.get("flag") or _flag(prefix, spec.name),
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (default: {'on' if default else 'off'})",
+            )
+            continue
+        group.add_argument(
+            spec.metadata.get("flag") or _flag(prefix, spec.name),
+            dest=dest,
+            type=_converter(spec.type),
+            metavar=spec.name.upper(),
+            default=argparse.SUPPRESS,
+            help=f"{help_text} (default: {shown})",
+        )
+
+
+def train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a classifier on an image folder or a registered dataset",
+        description="Two phases: a new head on frozen backbone features, then fine-tuning the top blocks.",
+    )
+    # DATA is optional here only because --resume takes the run's own; without it, it is required.
+    parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
+    defaults = TrainConfig()
+    for kind, prefix, attribute in SECTIONS:
+        _add_fields(parser, kind, prefix, attribute, getattr(defaults, attribute))
+    _add_fields(parser, TrainConfig, "", "", defaults)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run from its folder")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    return parser
+
+
+def compare_parser(subparsers: Any) -> None:
+    from transferkit.compare import STRATEGIES
+
+    parser = subparsers.add_parser(
+        "compare", help="train one dataset with several strategies (and backbones) and compare them",
+        description="Strategies: " + "; ".join(f"{name}: {text}" for name, text in STRATEGIES.items())
+        + ". Every run gets the same split, seed, epoch budget and early stopping. Rerun to resume.",
+    )
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated strategies (default: {','.join(STRATEGIES)})")
+    parser.add_argument("--models", default=DEFAULT_MODEL, help=f"comma-separated timm model names (default: {DEFAULT_MODEL})")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs for every phase of every run (default: 5)")
+    parser.add_argument("--patience", type=int, default=3,
+                        help="every phase stops after this many epochs without a lower validation loss (default: 3)")
+    parser.add_argument("--unfreeze", default="3", help="blocks the fine-tune strategy unfreezes (default: 3)")
+    parser.add_argument("--output", metavar="DIR", help="comparison folder (default: runs/compare-<data>)")
+    parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
+    defaults = TrainConfig()
+    _add_fields(parser, DataConfig, "", "data", defaults.data, skip=frozenset({"splits_from"}))
+    _add_fields(parser, ModelConfig, "", "model", defaults.model, skip=frozenset({"name", "hidden_size"}))
+    parser.add_argument("--hidden-size", type=int, default=1024, help="hidden layer width of frozen-dense (default: 1024)")
+    _add_fields(parser, TrainConfig, "", "", defaults, skip=frozenset({"output", "batchnorm"}))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+
+
+def evaluate_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="metrics of a trained run on one of its splits or on a labelled folder",
+        description="Metrics of a run's model; writes metrics.json and predictions.csv.",
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder, or an exported .onnx file (which needs DATA)")
+    parser.add_argument("data", metavar="DATA", nargs="?", help="labelled folder DATA/<class>/*; default: the run's own split")
+    parser.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate (default: test, else val)")
+    parser.add_argument("--output", metavar="DIR", help="folder for metrics.json and predictions.csv (default: RUN/evaluation/<name>)")
+    _add_inference_options(parser)
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tta", action="store_true", help="average each image with its mirror image")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar on inputs larger than one batch")
+
+
+def predict_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="top-k labels for images or folders of images",
+        description="Top-k labels with probabilities for every image; unreadable files are listed and skipped.",
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder, its model/ folder, or an exported .onnx file")
+    parser.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
+    parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
+    _add_inference_options(parser)
+
+
+def report_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report", help="the HTML report of one run, or of several side by side",
+        description="Figures and one self-contained HTML file with the configuration, data, metrics and figures.",
+    )
+    parser.add_argument("runs", metavar="RUN", nargs="+", help="run folders")
+    parser.add_argument("--output", metavar="FILE", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")
+
+
+def export_parser(subparsers: Any) -> None:
+    from transferkit.export import FORMATS, QUANTIZATIONS
+
+    parser = subparsers.add_parser(
+        "export", help="export a run's model to ONNX (float or int8) or TorchScript",
+        description="Export a run's model and check the file against the eager model on the validation split.",
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder")
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="dynamic int8 quantisation of the weights (ONNX only)")
+    parser.add_argument("--output", metavar="FILE", help="file to write (default: RUN/export/model[.int8].onnx or model.torchscript.pt)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch in the check (default: 64)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+
+
+def serve_parser(subparsers: Any) -> None:
+    from transferkit.serve import ServeLimits
+
+    defaults = ServeLimits()
+    parser = subparsers.add_parser(
+        "serve", help="a web page and REST API for a run or an exported .onnx file",
+        description="GET / (a page to drop an image on), POST /predict, GET /model, GET /health.",
+    )
+    parser.add_argument("model", metavar="RUN_OR_ONNX", help="run folder or exported .onnx file")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help=f"labels per image (default: {defaults.top_k})")
+    parser.add_argument("--max-file-mb", type=float, default=defaults.max_file_bytes / 2**20,
+                        help=f"largest accepted file in MiB (default: {defaults.max_file_bytes / 2**20:g})")
+    parser.add_argument("--max-files", type=int, default=defaults.max_files,
+                        help=f"most files per request (default: {defaults.max_files})")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help=f"most pixels per image (default: {defaults.max_pixels:,})")
+    parser.add_argument("--max-queued", type=int, default=defaults.max_queued,
+                        help=f"most prediction requests admitted at once; more are answered 503 (default: {defaults.max_queued})")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help=f"most open connections; more are refused (default: {defaults.max_connections})")
+    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout, metavar="SECONDS",
+                        help=f"time a client has to send its request headers (default: {defaults.header_timeout:g})")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout, metavar="SECONDS",
+                        help=f"time a client has to upload its files (default: {defaults.body_timeout:g})")
+    parser.add_argument("--keep-alive-timeout", type=float, default=defaults.keep_alive_timeout, metavar="SECONDS",
+                        help=f"time an idle connection stays open (default: {defaults.keep_alive_timeout:g})")
+
+
+def summary_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "summary", help="the model layer by layer: type, output shape, parameters, which phase trains it",
+        description="Prints the table and writes it with an architecture diagram (architecture.txt, architecture.png).",
+    )
+    parser.add_argument("source", metavar="RUN_OR_MODEL_NAME", help="run folder, or any timm model name (trained with the default recipe)")
+    parser.add_argument("--depth", type=int, help="levels of sub-modules to list (default: down to the blocks fine-tuning unfreezes)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="head size for a model name (default: 1000)")
+    parser.add_argument("--output", metavar="DIR", help="folder for the files (default: the run folder, or . for a model name)")
