@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -11,7 +12,7 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -24,34 +25,44 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temporary(path)
-    try:
-        write(tmp)
-        # mkstemp makes the file 0600; a plain open() would follow the umask, so a cache or run
-        # folder shared by a team stays readable by it.
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _stops_deferred():
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        try:
+            os.close(fd)
+            write(tmp)
+            # mkstemp makes the file 0600; a plain open() would follow the umask, so a cache or run
+            # folder shared by a team stays readable by it.
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 # The signals a user stops a command with; their handlers raise (KeyboardInterrupt, Interrupted).
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _create_temporary(path: Path) -> Path:
-    """An empty temporary file beside ``path``. Ctrl-C or SIGTERM arriving between its creation and
-    the caller's ``try`` would leave it behind (a test caught exactly that), so they wait, blocked,
-    until the caller holds the name; then they raise inside its ``finally``."""
-    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if block else None
+@contextlib.contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive inside take effect as it ends, once the file is whole and
+    no temporary one is left: a stop raised between ``mkstemp`` and the ``try`` left one behind
+    (a test caught exactly that). Blocking the signals is not enough: the kernel then delivers
+    them to another thread, and Python still runs the handler in this one. Handlers can only be
+    swapped in the main thread, the only one they raise in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in _STOP_SIGNALS}
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        return Path(name)
+        yield
     finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            # None: a handler installed outside Python, which cannot be put back; the default stops.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 _umask_lock = threading.Lock()
