@@ -24,6 +24,7 @@ SCHEDULERS = ("cosine", "step", "plateau", "constant")
 AUGMENTATIONS = ("none", "light", "strong")
 CLASS_BALANCE = ("none", "weight", "sample")
 BATCHNORM_POLICIES = ("frozen", "train")
+FINETUNE_INPUTS = ("auto", "activations", "images")
 GLOBAL_POOLS = ("avg", "max", "avgmax")
 
 
@@ -270,6 +271,13 @@ class TrainConfig:
             "train: unfrozen blocks update their statistics"
         ),
     )
+    finetune_on: str = field(
+        default="images",
+        metadata=_help(
+            "images; activations: the unfrozen top trains on the cached output of the frozen blocks "
+            "below it (batch norm frozen, not every block unfrozen); auto: activations where they can be cached"
+        ),
+    )
     feature_cache: bool = field(
         default=True,
         metadata=_help(
@@ -297,6 +305,8 @@ class TrainConfig:
         found += self.frozen.problems("frozen") + self.finetune.problems("finetune")
         if self.class_balance not in CLASS_BALANCE:
             found.append(f"--class-balance must be one of {', '.join(CLASS_BALANCE)}, got {self.class_balance!r}")
+        if self.finetune_on not in FINETUNE_INPUTS:
+            found.append(f"--finetune-on must be one of {', '.join(FINETUNE_INPUTS)}, got {self.finetune_on!r}")
         if self.batchnorm not in BATCHNORM_POLICIES:
             found.append(f"--batchnorm must be one of {', '.join(BATCHNORM_POLICIES)}, got {self.batchnorm!r}")
         if math.isfinite(self.label_smoothing) and not 0 <= self.label_smoothing < 1:

@@ -112,8 +112,12 @@ class FeatureStats:
 class FeatureCache:
     """Features of one backbone, keyed by image content."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, dtype: type = np.float32, kind: str = "features"):
         self.folder = folder
+        self.dtype = np.dtype(dtype)
+        """How rows are stored: boundary activations, 50 times the size of pooled features, keep float16."""
+        self.kind = kind
+        """What the rows are, in the log."""
 
     @classmethod
     def for_backbone(
@@ -194,7 +198,7 @@ class FeatureCache:
 
         def write(tmp: Path) -> None:
             with tmp.open("wb") as handle:
-                np.savez(handle, digests=digests, features=features.astype(np.float32, copy=False))
+                np.savez(handle, digests=digests, features=features.astype(self.dtype, copy=False))
 
         try:
             atomic_write(shard, write)
@@ -214,7 +218,7 @@ class FeatureCache:
     def _compute(self, paths: list[str], compute: Compute) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
         """Rows of ``paths`` and the digests of the bytes they came from; stored under those."""
         decoded: dict[str, bytes] = {}
-        rows = np.asarray(compute(paths, decoded), dtype=np.float32)
+        rows = np.asarray(compute(paths, decoded), dtype=self.dtype)
         if len(rows) != len(paths):
             raise RuntimeError(f"feature pass gave {len(rows)} rows for {len(paths)} images")
         fresh = {decoded[path]: row for path, row in zip(paths, rows) if path in decoded}
@@ -245,7 +249,7 @@ class FeatureCache:
             if again:
                 rows.update(self._compute(again, compute)[0])
         result = [rows[path] if path in rows else known[digest] for path, digest in zip(paths, digests)]
-        features = np.stack(result) if paths else np.zeros((0, 0), np.float32)
+        features = np.stack(result).astype(self.dtype, copy=False) if paths else np.zeros((0, 0), self.dtype)
         stats = FeatureStats(images=len(paths), from_cache=hits, seconds=time.perf_counter() - started)
-        log.info("features: %d images, %d from the cache (%s), %.1f s", len(paths), hits, self.folder, stats.seconds)
+        log.info("%s: %d images, %d from the cache (%s), %.1f s", self.kind, len(paths), hits, self.folder, stats.seconds)
         return features, stats

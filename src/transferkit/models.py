@@ -213,18 +213,22 @@ def unfreeze_top(model: nn.Module, spec: int | float | None) -> int:
     Returns the number of blocks that train.
     """
     blocks = backbone_blocks(model)
-    if spec is None:
-        count = len(blocks)
-    elif isinstance(spec, float):
-        count = max(1, round(len(blocks) * spec))
-    else:
-        count = min(spec, len(blocks))
+    count = count_unfrozen(len(blocks), spec)
     freeze_backbone(model)
     trainable = {name for block in blocks[len(blocks) - count :] for name in block}
     for name, parameter in model.named_parameters():
         if name in trainable:
             parameter.requires_grad = True
     return count
+
+
+def count_unfrozen(blocks: int, spec: int | float | None) -> int:
+    """How many of ``blocks`` backbone blocks train for an unfreeze ``spec`` (N, a fraction, None: all)."""
+    if spec is None:
+        return blocks
+    if isinstance(spec, float):
+        return max(1, round(blocks * spec))
+    return min(spec, blocks)
 
 
 def set_batchnorm_mode(model: nn.Module, policy: str) -> None:

@@ -1,4 +1,4 @@
-"""Phases on images, on Lightning: one module that trains a timm classifier whatever the phase,
+"""Phases on images or cached activations, on Lightning: one module that trains a timm classifier whatever the phase,
 and one callback, ``FineTuning``, that owns what differs between phases (in the style of
 Lightning's ``BaseFinetuning``): which blocks train, the batch-norm policy, the optimizer's
 parameter groups and each step's learning rate."""
@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from transferkit import models
+from transferkit import activations, models
 from transferkit.checkpoints import SafeCheckpointIO, collect_random_state, restore_random_state
 from transferkit.config import PhaseConfig
 from transferkit.errors import Interrupted
@@ -89,16 +89,24 @@ class FineTuning(L.Callback):
 
 
 class ImageClassifier(L.LightningModule):
-    """A timm classifier trained on images; ``finetuning`` decides what trains."""
+    """A timm classifier trained on images, or on the cached activations at ``boundary`` (see
+    ``activations``) with ``augment`` applied in activation space; ``finetuning`` decides what trains."""
 
-    def __init__(self, model: nn.Module, loss: nn.Module, finetuning: FineTuning):
+    def __init__(
+        self, model: nn.Module, loss: nn.Module, finetuning: FineTuning, boundary: int | None = None,
+        augment: str = "none",
+    ):
         super().__init__()
         self.model = model
         self.loss = loss
         self.finetuning = finetuning
+        self.boundary = boundary
+        self.augment = augment
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.contiguous(memory_format=torch.channels_last))
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.boundary is None:
+            return self.model(inputs.contiguous(memory_format=torch.channels_last))
+        return activations.forward_top(self.model, inputs.float(), self.boundary)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, targets = batch
@@ -112,7 +120,10 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        inputs, targets = batch
+        if self.boundary is not None:
+            inputs = activations.augment(inputs, self.augment)
+        return self._step((inputs, targets), "train")
 
     def validation_step(self, batch: Any, batch_index: int) -> None:
         self._step(batch, "val")
@@ -174,7 +185,7 @@ class History(L.Callback):
         self.best = EpochRecord.from_row({k: str(v) for k, v in best.items()}) if best else None
 
 
-def fit_on_images(
+def fit_with_lightning(
     module: ImageClassifier,
     train: DataLoader,
     val: DataLoader,

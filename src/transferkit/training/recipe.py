@@ -18,23 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from transferkit import engine, models, runs
+from transferkit import activations, engine, models, runs
 from transferkit.config import TrainConfig, parse_unfreeze, source_problems
 from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import image_loader, resolve_preprocessing
 from transferkit.data.registry import resolve_data_source
+from transferkit._io import content_digests
 from transferkit.errors import ConfigError, RunFolderError
-from transferkit.features import FeatureCache, FeatureStats, extract_features
-from transferkit.inference import default_backend
+from transferkit.features import FeatureCache, FeatureStats, backbone_digest, extract_features, feature_cache_folder
+from transferkit.inference import create_forward, default_backend, run_forward
 from transferkit.records import PhaseRecord, RunMetrics
 from transferkit.runs import RunFolder
 from transferkit.training.evaluation import evaluate_phases
 from transferkit.training.head import LabelledFeatures, train_head
-from transferkit.training.images import FineTuning, ImageClassifier, fit_on_images
+from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
 from transferkit.training.phase import class_weights, create_sampler, training_loss
 from transferkit.training.progress import PhaseProgress
 
@@ -159,17 +162,36 @@ def _train_in(
     def on_images(name: str, unfreeze: int | float | None) -> Any:
         phase = getattr(config, name)
         finetuning = FineTuning(name, phase, unfreeze, config.batchnorm)
-        return lambda resume_from: fit_on_images(
+        return lambda resume_from: fit_with_lightning(
             ImageClassifier(model, loss, finetuning), images("train", phase.augment), images("val"),
             folder=folder, name=name, resume_from=resume_from, trainer_options=trainer_options,
             progress_bar=config.progress,
         )
 
+    def on_activations(unfreeze: int | float | None, boundary: int, cached: dict[str, torch.Tensor]) -> Any:
+        phase = config.finetune
+        finetuning = FineTuning("finetune", phase, unfreeze, config.batchnorm)
+
+        def loader(split: str) -> DataLoader:
+            dataset = TensorDataset(cached[split], torch.tensor(index.targets(split)))
+            return DataLoader(dataset, config.data.batch_size, sampler=sampler if split == "train" else None)
+
+        return lambda resume_from: fit_with_lightning(
+            ImageClassifier(model, loss, finetuning, boundary, phase.augment), loader("train"), loader("val"),
+            folder=folder, name="finetune", resume_from=resume_from, trainer_options=trainer_options,
+            progress_bar=config.progress,
+        )
+
+    # Decided first: with cached activations, the frozen phase's features come from them and
+    # the bottom of the backbone runs once per image.
+    unfreeze = parse_unfreeze(config.finetune.unfreeze)
+    boundary = _finetune_boundary(model, unfreeze, config.finetune_on) if config.finetune.epochs > 0 else None
+    cached = _boundary_activations(model, boundary, index, preprocessing, config) if boundary is not None else {}
     features: dict[str, torch.Tensor] = {}
     feature_stats: FeatureStats | None = None
     if config.frozen.epochs > 0:
         if config.feature_cache and config.frozen.augment == "none":
-            features, feature_stats = _pooled_features(model, index, preprocessing, config)
+            features, feature_stats = _pooled_features(model, index, preprocessing, config, boundary, cached)
             train_split, val_split = (
                 LabelledFeatures(features[split], torch.tensor(index.targets(split))) for split in ("train", "val")
             )
@@ -186,7 +208,7 @@ def _train_in(
             _run_phase("frozen", on_images("frozen", unfreeze=0), model, progress, config.seed, config.frozen.lr)
     if config.finetune.epochs > 0:
         progress.backbone_pretrained = False
-        fit = on_images("finetune", parse_unfreeze(config.finetune.unfreeze))
+        fit = on_images("finetune", unfreeze) if boundary is None else on_activations(unfreeze, boundary, cached)
         _run_phase("finetune", fit, model, progress, config.seed, config.finetune.lr)
     if not main_process:
         # Another process of a multi-process run: rank zero evaluates and writes the results.
@@ -227,24 +249,79 @@ def _run_phase(name: str, fit: Any, model: nn.Module, progress: PhaseProgress, s
 
 
 def _pooled_features(
-    model: nn.Module, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
+    model: nn.Module, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig,
+    boundary: int | None, cached: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], FeatureStats]:
-    """Pooled features of every split, from the persistent cache where it has them."""
+    """Pooled features of every split, from the persistent cache where it has them, else from
+    the ``cached`` activations at ``boundary`` (the top of the backbone on them), else from images."""
     cache = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
     paths = [path for items in index.splits.values() for path, _ in items]
 
     def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
-        return extract_features(
-            model, missing, preprocessing, backend=_inference_backend(config),
-            num_workers=config.data.resolved_num_workers(), progress=config.progress, digests=digests,
-        )
+        if boundary is None:
+            return extract_features(
+                model, missing, preprocessing, backend=_inference_backend(config),
+                num_workers=config.data.resolved_num_workers(), progress=config.progress, digests=digests,
+            )
+        everything = torch.cat([cached[split] for split in index.splits])
+        position = {path: i for i, path in enumerate(paths)}
+        rows = everything[torch.tensor([position[path] for path in missing])]
+        digests.update(zip(missing, content_digests(missing)))
+        model.eval()
+        with torch.inference_mode():
+            pooled = [activations.forward_top(model, batch.float(), boundary, pre_logits=True) for batch in rows.split(64)]
+        return torch.cat(pooled).numpy()
 
     array, stats = cache.features(paths, compute)
-    features, start = {}, 0
+    return _by_split(array, index), stats
+
+
+def _by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
+    """Rows in the order of ``index.splits``' images, as one tensor per split."""
+    result, start = {}, 0
     for split, items in index.splits.items():
-        features[split] = torch.from_numpy(array[start : start + len(items)])
+        result[split] = torch.from_numpy(array[start : start + len(items)])
         start += len(items)
-    return features, stats
+    return result
+
+
+def _finetune_boundary(model: nn.Module, unfreeze: int | float | None, finetune_on: str) -> int | None:
+    """Where fine-tuning's input is cached: the boundary below the unfrozen blocks, or None for
+    images, with the reason logged in one line."""
+    if finetune_on == "images":
+        return None
+    boundary = activations.boundary_index(model, unfreeze)
+    if boundary is None:
+        blocks = len(models.backbone_blocks(model))
+        reason = (
+            "every backbone block trains (--finetune-unfreeze), so no layer below them stays fixed"
+            if models.count_unfrozen(blocks, unfreeze) >= blocks
+            else f"{type(model).__name__} has no layer sequence to split (EfficientNet and ResNet families do)"
+        )
+        log.info("fine-tuning on images: %s", reason)
+    return boundary
+
+
+def _boundary_activations(
+    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
+) -> dict[str, torch.Tensor]:
+    """The activations at ``boundary`` of every split's images, float16, from the persistent
+    cache where it has them (keyed like the pooled features, and by the boundary)."""
+    digest = backbone_digest(model, preprocessing, config.model.global_pool)
+    below = activations.layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
+    cache = FeatureCache(feature_cache_folder(config.cache_dir) / f"{digest}-after-{below}", np.float16, "activations")
+    paths = [path for items in index.splits.values() for path, _ in items]
+    bottom = activations.Bottom(model, boundary)
+
+    def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
+        forward = create_forward(bottom, preprocessing["input_size"], _inference_backend(config))
+        return run_forward(
+            forward, missing, preprocessing, num_workers=config.data.resolved_num_workers(),
+            progress=config.progress, description="activations", digests=digests,
+        )
+
+    array, _ = cache.features(paths, compute)
+    return _by_split(array, index)
 
 
 def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool, write: bool) -> DatasetIndex:

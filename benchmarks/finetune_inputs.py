@@ -1,0 +1,112 @@
+"""Fine-tuning on images against fine-tuning on cached boundary activations.
+
+    python benchmarks/finetune_inputs.py [--datasets hymenoptera] [--seeds 42,1,2]
+                                         [--variants images,activations,activations-strong]
+
+Each (dataset, seed, variant) is a whole `transferkit train` command in a fresh process with
+empty caches (cold), then the same command again into another folder with the caches it left
+(warm). Variants:
+- images: today's fine-tuning, augmented images through the whole backbone each epoch;
+- activations: the unfrozen top on cached activations, mirrored at random (`--finetune-augment light`);
+- activations-strong: also shifted by up to one cell (`--finetune-augment strong`);
+- activations-4: `activations` with 4 fine-tuning epochs (patience 4) instead of 2.
+Raw results accumulate in benchmarks/finetune_inputs.json; the table in RESULTS.md is rebuilt
+from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from _results import write_section
+
+HERE = Path(__file__).resolve().parent
+RAW = HERE / "finetune_inputs.json"
+VARIANTS = {
+    "images": ["--finetune-on", "images"],
+    "activations": ["--finetune-on", "activations"],
+    "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong"],
+    "activations-4": ["--finetune-on", "activations", "--finetune-epochs", "4", "--finetune-patience", "4"],
+}
+
+
+def timed_train(dataset: str, seed: int, variant: str, mirror: str, work: Path, name: str) -> tuple[float, dict]:
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "transferkit.cli", "train", dataset, "--data-mirror", mirror, "--output",
+         str(work / name), "--seed", str(seed), "--no-progress", "--cache-dir", str(work / "cache"),
+         *VARIANTS[variant]],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TRANSFERKIT_CACHE": str(work / "cache-home")},
+    )
+    return time.perf_counter() - started, json.loads((work / name / "metrics.json").read_text())
+
+
+def run(dataset: str, seed: int, variant: str, mirror: str) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        cold, metrics = timed_train(dataset, seed, variant, mirror, work, "cold")
+        warm, _ = timed_train(dataset, seed, variant, mirror, work, "warm")
+    finetune = metrics["phases"].get("finetune", {})
+    return {
+        "dataset": dataset, "seed": seed, "variant": variant, "date": str(date.today()),
+        "val_accuracy": metrics["val"]["accuracy"], "test_accuracy": metrics.get("test", {}).get("accuracy"),
+        "finetune_val_accuracy": finetune.get("val", {}).get("accuracy"), "best_phase": metrics["best_phase"],
+        "finetune_seconds": finetune.get("fit_seconds"), "cold_seconds": round(cold, 1), "warm_seconds": round(warm, 1),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        f"Measured {max(r['date'] for r in rows)} on {platform.machine()} with {subprocess.getoutput('nproc')} "
+        "cores (`python benchmarks/finetune_inputs.py`); means over the seeds listed.",
+        "",
+        "| dataset | variant | seeds | val accuracy (mean) | fine-tuned phase val (mean) | fine-tuning (s) | "
+        "cold command (s) | warm rerun (s) | cold / warm |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["variant"]), []).append(row)
+    for (dataset, variant), mine in sorted(groups.items(), key=lambda item: (item[0][0], list(VARIANTS).index(item[0][1]))):
+        def mean(key: str) -> float:
+            return statistics.mean(r[key] for r in mine if r[key] is not None)
+
+        lines.append(
+            f"| {dataset} | {variant} | {','.join(str(r['seed']) for r in mine)} | {mean('val_accuracy'):.4f} | "
+            f"{mean('finetune_val_accuracy'):.4f} | {mean('finetune_seconds'):.1f} | {mean('cold_seconds'):.1f} | "
+            f"{mean('warm_seconds'):.1f} | {mean('cold_seconds') / mean('warm_seconds'):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="hymenoptera")
+    parser.add_argument("--seeds", default="42,1,2")
+    parser.add_argument("--variants", default="images,activations,activations-strong")
+    parser.add_argument("--mirror", default=str(HERE.parents[1] / "shared" / "datasets"))
+    args = parser.parse_args()
+    results = {(r["dataset"], r["seed"], r["variant"]): r for r in json.loads(RAW.read_text())} if RAW.exists() else {}
+    for dataset in args.datasets.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for variant in args.variants.split(","):
+                results[(dataset, seed, variant)] = row = run(dataset, seed, variant, args.mirror)
+                print(row, flush=True)
+                RAW.write_text(json.dumps(list(results.values()), indent=1) + "\n")
+    write_section("finetune_inputs", "Fine-tuning on images or cached activations", table(list(results.values())))
+    print(table(list(results.values())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Where a classifier splits into a fixed bottom and a trained top.
+
+With batch norm frozen, the backbone blocks below the unfreeze boundary are a fixed function of
+the image: their output (the boundary activations) can be computed once per image and cached,
+and fine-tuning then runs only the top (the unfrozen blocks and the head) on them. This works
+for the families whose ``forward_features`` runs a list of layers one after another (timm's
+EfficientNet, which includes MobileNetV2 and EfficientNet-Lite, and ResNet); others train on
+images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transferkit import models
+
+
+def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """``model.forward_features`` as named layers run one after another, or None for a family
+    whose ``forward_features`` is not that."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+
+    def blocks(prefix: str, stages: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{prefix}.{i}.{j}", block) for i, stage in enumerate(stages) for j, block in enumerate(stage)]
+
+    if isinstance(model, EfficientNet):
+        return [("conv_stem", model.conv_stem), ("bn1", model.bn1), *blocks("blocks", model.blocks),
+                ("conv_head", model.conv_head), ("bn2", model.bn2)]
+    if isinstance(model, ResNet):
+        layers = [(f"layer{k}", getattr(model, f"layer{k}")) for k in range(1, 5)]
+        return [("conv1", model.conv1), ("bn1", model.bn1), ("act1", model.act1), ("maxpool", model.maxpool),
+                *((f"{name}.{j}", block) for name, stage in layers for j, block in enumerate(stage))]
+    return None
+
+
+def boundary_index(model: nn.Module, unfreeze: int | float | None) -> int | None:
+    """The position in ``layer_sequence`` where the layers that train for ``unfreeze`` begin;
+    None when no bottom stays fixed (every block trains) or the family has no layer sequence."""
+    sequence = layer_sequence(model)
+    if sequence is None:
+        return None
+    blocks = models.backbone_blocks(model)
+    count = models.count_unfrozen(len(blocks), unfreeze)
+    if count == 0:
+        return len(sequence)
+    if count >= len(blocks):
+        return None
+    first_trained = blocks[len(blocks) - count][0]
+    start = next((i for i, (name, _) in enumerate(sequence) if first_trained.startswith(name + ".")), None)
+    if start is None:
+        return None
+    # The top must hold exactly the blocks that train: a parameter of theirs below the boundary
+    # would be cached instead of trained.
+    trained = {name for block in blocks[len(blocks) - count :] for name in block}
+    top = {f"{name}.{p}" for name, layer in sequence[start:] for p, _ in layer.named_parameters()}
+    return start if trained <= top | _head_parameters(model) and top <= trained else None
+
+
+def _head_parameters(model: nn.Module) -> set[str]:
+    """Parameters outside the layer sequence that train with the top: the classifier and the
+    norm timm applies to pooled features."""
+    sequence = layer_sequence(model) or []
+    inside = {f"{name}.{p}" for name, layer in sequence for p, _ in layer.named_parameters()}
+    return {name for name, _ in model.named_parameters() if name not in inside}
+
+
+def forward_bottom(model: nn.Module, images: torch.Tensor, boundary: int) -> torch.Tensor:
+    """The boundary activations of ``images``."""
+    x = images
+    for _, layer in (layer_sequence(model) or [])[:boundary]:
+        x = layer(x)
+    return x
+
+
+def forward_top(model: nn.Module, activations: torch.Tensor, boundary: int, pre_logits: bool = False) -> torch.Tensor:
+    """Logits (or pooled features) from boundary activations: the rest of ``forward_features``,
+    then timm's ``forward_head``."""
+    x = activations
+    for _, layer in (layer_sequence(model) or [])[boundary:]:
+        x = layer(x)
+    return model.forward_head(x, pre_logits=pre_logits)
+
+
+class Bottom(nn.Module):
+    """The layers below the boundary as one module, for export and caching."""
+
+    def __init__(self, model: nn.Module, boundary: int):
+        super().__init__()
+        self.layers = nn.Sequential(*(layer for _, layer in (layer_sequence(model) or [])[:boundary]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
+def augment(batch: torch.Tensor, strength: str) -> torch.Tensor:
+    """Augmentation that survives caching, in activation space: 'light' mirrors half the maps
+    left to right (the map of a mirrored image is close to the mirrored map); 'strong' also
+    shifts each map by up to one cell, edges repeated (for EfficientNet-Lite0 at 256 px and
+    three blocks unfrozen, a cell is 32 pixels of the image)."""
+    if strength == "none":
+        return batch
+    flip = torch.rand(len(batch), device=batch.device) < 0.5
+    batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    if strength == "strong":
+        height, width = batch.shape[-2:]
+        padded = torch.nn.functional.pad(batch.float(), (1, 1, 1, 1), mode="replicate").to(batch.dtype)
+        shifts = torch.randint(0, 3, (len(batch), 2))
+        batch = torch.stack([
+            padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(shifts.tolist())
+        ])
+    return batch

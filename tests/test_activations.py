@@ -1,0 +1,124 @@
+"""Fine-tuning on cached boundary activations: the split is exact, one step equals the step
+through the whole model, the cache is reused and keyed by what decides it, and a model that
+cannot be split fine-tunes on images and says why."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch.nn import functional as F
+
+from conftest import tiny_config
+from transferkit import activations, models, train
+from transferkit.config import ModelConfig
+
+
+def created(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models.create_classifier(ModelConfig(name=name, weights="none", drop_rate=0.0), num_classes=3)
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
+@pytest.mark.parametrize("unfreeze", [0, 1, 3])
+def test_the_top_on_boundary_activations_is_the_whole_model(name: str, unfreeze: int) -> None:
+    model = created(name).eval()
+    boundary = activations.boundary_index(model, unfreeze)
+    assert boundary is not None
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        cached = activations.forward_bottom(model, images, boundary)
+        assert torch.equal(activations.Bottom(model, boundary)(images), cached)
+        assert torch.allclose(activations.forward_top(model, cached, boundary), model(images), atol=1e-6)
+    models.unfreeze_top(model, unfreeze)
+    below = {f"{layer}.{p}" for layer, module in activations.layer_sequence(model)[:boundary]
+             for p, _ in module.named_parameters()}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in below), "nothing below trains"
+
+
+def test_every_block_trained_or_an_unsplittable_family_has_no_boundary() -> None:
+    assert activations.boundary_index(created("test_efficientnet"), None) is None
+    assert activations.boundary_index(created("test_convnext"), 1) is None
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_one_step_on_cached_activations_has_the_loss_and_gradients_of_the_whole_model(
+    dtype: torch.dtype, tolerance: float
+) -> None:
+    model = created("test_efficientnet")
+    boundary = activations.boundary_index(model, 2)
+    assert boundary is not None
+    models.unfreeze_top(model, 2)
+    models.set_batchnorm_mode(model, "frozen")
+    images, targets = torch.randn(8, 3, 64, 64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def loss_and_gradients(logits: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = F.cross_entropy(logits, targets)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole = loss_and_gradients(model(images))
+    with torch.no_grad():
+        cached = activations.forward_bottom(model, images, boundary).to(dtype)  # what the cache holds
+    split = loss_and_gradients(activations.forward_top(model, cached.float(), boundary))
+    assert split[0] == pytest.approx(whole[0], rel=tolerance)
+    assert whole[1].keys() == split[1].keys() and len(whole[1]) > 2
+    for name, gradient in whole[1].items():
+        scale = float(gradient.abs().max()) or 1.0
+        assert float((split[1][name] - gradient).abs().max()) <= tolerance * scale, name
+
+
+def test_activation_augmentation_keeps_shape_and_mirrors(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = torch.arange(2 * 3 * 4 * 4, dtype=torch.float16).reshape(2, 3, 4, 4)
+    torch.manual_seed(1)
+    light = activations.augment(batch, "light")
+    assert light.shape == batch.shape and light.dtype == batch.dtype
+    for original, augmented in zip(batch, light):
+        assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(-1))
+    strong = activations.augment(batch, "strong")
+    assert strong.shape == batch.shape
+    assert torch.equal(activations.augment(batch, "none"), batch)
+
+
+def test_finetune_on_activations_trains_and_a_rerun_reads_them_from_the_cache(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, feature_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = {"finetune_on": "activations", "finetune.unfreeze": "2", "finetune.epochs": 2, "finetune.patience": 2}
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        first = train(image_folder, tiny_config(tmp_path / "first", tiny_weights, **options))
+    assert [r for r in first.metrics["phases"]] == ["frozen", "finetune"]
+    assert first.metrics["phases"]["finetune"]["epochs"] == 2
+    assert first.metrics["val"]["accuracy"] >= 0.8
+    folders = [p.name for p in feature_cache.iterdir() if "-after-" in p.name]
+    assert len(folders) == 1, folders
+    shard = next((feature_cache / folders[0]).glob("*.npz"))
+    with np.load(shard) as stored:
+        assert stored["features"].dtype == np.float16 and stored["features"].ndim == 4
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        train(image_folder, tiny_config(tmp_path / "second", tiny_weights, **options))
+    assert "fine-tuning on images" not in caplog.text
+    assert "features: 50 images, 50 from the cache" in caplog.text
+    assert "activations: 50 images, 50 from the cache" in caplog.text
+
+    other = train(image_folder, tiny_config(tmp_path / "third", tiny_weights, **{**options, "finetune.unfreeze": "1"}))
+    assert other.metrics["val"]["accuracy"] >= 0.8
+    assert len([p for p in feature_cache.iterdir() if "-after-" in p.name]) == 2, "another boundary, another cache"
+
+
+def test_a_model_that_cannot_be_split_fine_tunes_on_images_and_says_why(
+    image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    weights = tmp_path / "convnext.pth"
+    torch.save(timm.create_model("test_convnext", pretrained=False).state_dict(), weights)
+    config = tiny_config(tmp_path / "run", weights, **{"model.name": "test_convnext", "finetune_on": "auto"})
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        train(image_folder, config)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning on images")]
+    assert lines == ["fine-tuning on images: ConvNeXt has no layer sequence to split (EfficientNet and ResNet families do)"]
