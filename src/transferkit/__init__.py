@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 # Functions named like their module load now: importing the submodule later would otherwise
 # bind ``transferkit.evaluate`` to the module, not the function. These modules are torch-free.
 from transferkit.compare import Comparison, compare  # noqa: E402
-from transferkit.evaluate import Evaluation, PredictionResult, compute_metrics, evaluate, predict  # noqa: E402
+from transferkit.evaluate import PredictionResult, evaluate, predict  # noqa: E402
+from transferkit.metrics import Evaluation, compute_metrics  # noqa: E402
 from transferkit.export import ExportResult, export  # noqa: E402
 
 _EXPORTS = {

@@ -10,7 +10,7 @@ from torch import nn
 
 from transferkit import models
 from transferkit.data.folders import DatasetIndex
-from transferkit.evaluate import compute_metrics, evaluation_from_probabilities, headline
+from transferkit.metrics import compute_metrics, evaluation_from_probabilities, headline
 from transferkit.inference import create_forward, run_forward, softmax
 from transferkit.records import RunMetrics
 from transferkit.training.progress import PhaseProgress
