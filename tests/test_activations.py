@@ -122,3 +122,13 @@ def test_a_model_that_cannot_be_split_fine_tunes_on_images_and_says_why(
         train(image_folder, config)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning on images")]
     assert lines == ["fine-tuning on images: ConvNeXt has no layer sequence to split (EfficientNet and ResNet families do)"]
+
+
+def test_activations_over_the_disk_budget_fine_tune_on_images_and_say_why(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, feature_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config(tmp_path / "run", tiny_weights, **{"finetune_on": "auto", "activation_cache_gb": 1e-6})
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        train(image_folder, config)
+    assert "fine-tuning on images: the activations would take 0.0 GB, over --activation-cache-gb 1e-06" in caplog.text
+    assert not [p for p in feature_cache.iterdir() if "-after-" in p.name]

@@ -228,3 +228,28 @@ def test_training_goes_on_with_an_unwritable_cache_and_learns_the_same(
     assert len(warnings_from(caplog)) == 1
     frozen_run(image_folder, tmp_path / "cached", tiny_weights)
     assert val_losses(tmp_path / "uncached") == val_losses(tmp_path / "cached"), "the same features either way"
+
+
+def test_a_pass_stopped_midway_keeps_every_chunk_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("transferkit.features.CHUNK", 10)
+    paths = numbered_files(tmp_path / "images", 35)
+    chunks: list[int] = []
+
+    def stopped_in_the_third_chunk(missing: list[str], digests: dict[str, bytes]) -> np.ndarray:
+        if len(chunks) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises mid-pass
+        chunks.append(len(missing))
+        return first_byte_features(missing, digests)
+
+    cache = FeatureCache(tmp_path / "features")
+    with pytest.raises(KeyboardInterrupt):
+        cache.features(paths, stopped_in_the_third_chunk)
+    computed: list[str] = []
+
+    def resumed(missing: list[str], digests: dict[str, bytes]) -> np.ndarray:
+        computed.extend(missing)
+        return first_byte_features(missing, digests)
+
+    features, stats = cache.features(paths, resumed)
+    assert stats.from_cache == 20 and len(computed) == 15, "the two finished chunks are not computed again"
+    assert np.array_equal(features, first_byte_features(paths, {}))

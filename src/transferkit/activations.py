@@ -83,6 +83,13 @@ def forward_top(model: nn.Module, activations: torch.Tensor, boundary: int, pre_
     return model.forward_head(x, pre_logits=pre_logits)
 
 
+def activation_bytes(model: nn.Module, boundary: int, input_size: tuple[int, ...]) -> int:
+    """The size of one image's cached activations at ``boundary`` (float16)."""
+    with torch.inference_mode():
+        shape = forward_bottom(model.eval(), torch.zeros(1, *input_size), boundary).shape
+    return 2 * int(torch.Size(shape[1:]).numel())
+
+
 class Bottom(nn.Module):
     """The layers below the boundary as one module, for export and caching."""
 

@@ -278,6 +278,10 @@ class TrainConfig:
             "below it (batch norm frozen, not every block unfrozen); auto: activations where they can be cached"
         ),
     )
+    activation_cache_gb: float = field(
+        default=20.0,
+        metadata=_help("largest size of a run's cached activations, in GB; above it fine-tuning runs on images"),
+    )
     feature_cache: bool = field(
         default=True,
         metadata=_help(
@@ -305,6 +309,8 @@ class TrainConfig:
         found += self.frozen.problems("frozen") + self.finetune.problems("finetune")
         if self.class_balance not in CLASS_BALANCE:
             found.append(f"--class-balance must be one of {', '.join(CLASS_BALANCE)}, got {self.class_balance!r}")
+        if math.isfinite(self.activation_cache_gb) and self.activation_cache_gb < 0:
+            found.append(f"--activation-cache-gb must be 0 or more, got {self.activation_cache_gb}")
         if self.finetune_on not in FINETUNE_INPUTS:
             found.append(f"--finetune-on must be one of {', '.join(FINETUNE_INPUTS)}, got {self.finetune_on!r}")
         if self.batchnorm not in BATCHNORM_POLICIES:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32
 COMPACT_AT = 8
+CHUNK = 4096
+"""Images computed and stored as one shard: what a killed pass can lose at most."""
 """Shards a folder may hold before they are merged: every run that computes something adds one,
 and every run reads them all."""
 
@@ -240,10 +242,13 @@ class FeatureCache:
             if digest not in known:
                 missing.setdefault(digest, path)
         rows: dict[str, np.ndarray] = {}
-        if missing:
-            rows, decoded = self._compute(list(missing.values()), compute)
-            changed = {digest for digest, path in missing.items() if decoded.get(path) != digest}
-            known.update((digest, rows[path]) for digest, path in missing.items() if digest not in changed)
+        pending = list(missing.items())
+        # Stored a chunk at a time, so a pass killed at minute 20 of 25 keeps what it computed.
+        for chunk in (dict(pending[start : start + CHUNK]) for start in range(0, len(pending), CHUNK)):
+            computed, decoded = self._compute(list(chunk.values()), compute)
+            rows.update(computed)
+            changed = {digest for digest, path in chunk.items() if decoded.get(path) != digest}
+            known.update((digest, rows[path]) for digest, path in chunk.items() if digest not in changed)
             # Files that shared a rewritten file's old content each get their own row.
             again = [path for path, digest in zip(paths, digests) if digest in changed and path not in rows]
             if again:

@@ -185,7 +185,8 @@ def _train_in(
     # Decided first: with cached activations, the frozen phase's features come from them and
     # the bottom of the backbone runs once per image.
     unfreeze = parse_unfreeze(config.finetune.unfreeze)
-    boundary = _finetune_boundary(model, unfreeze, config.finetune_on) if config.finetune.epochs > 0 else None
+    images_in_run = sum(len(items) for items in index.splits.values())
+    boundary = _finetune_boundary(model, unfreeze, config, preprocessing, images_in_run) if config.finetune.epochs > 0 else None
     cached = _boundary_activations(model, boundary, index, preprocessing, config) if boundary is not None else {}
     features: dict[str, torch.Tensor] = {}
     feature_stats: FeatureStats | None = None
@@ -285,10 +286,12 @@ def _by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]
     return result
 
 
-def _finetune_boundary(model: nn.Module, unfreeze: int | float | None, finetune_on: str) -> int | None:
+def _finetune_boundary(
+    model: nn.Module, unfreeze: int | float | None, config: TrainConfig, preprocessing: dict[str, Any], images: int
+) -> int | None:
     """Where fine-tuning's input is cached: the boundary below the unfrozen blocks, or None for
     images, with the reason logged in one line."""
-    if finetune_on == "images":
+    if config.finetune_on == "images":
         return None
     boundary = activations.boundary_index(model, unfreeze)
     if boundary is None:
@@ -299,6 +302,12 @@ def _finetune_boundary(model: nn.Module, unfreeze: int | float | None, finetune_
             else f"{type(model).__name__} has no layer sequence to split (EfficientNet and ResNet families do)"
         )
         log.info("fine-tuning on images: %s", reason)
+        return None
+    size = images * activations.activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
+    if size > config.activation_cache_gb:
+        log.info("fine-tuning on images: the activations would take %.1f GB, over --activation-cache-gb %g",
+                 size, config.activation_cache_gb)
+        return None
     return boundary
 
 
