@@ -53,12 +53,17 @@ def test_cosine_warms_up_linearly_then_decays_to_a_hundredth() -> None:
 
 
 def test_a_resumed_schedule_continues_where_the_plateau_left_it() -> None:
-    schedule = Schedule("plateau", lr=1.0, epochs=5, steps_per_epoch=2)
-    for loss in (1.0, 1.0, 1.0):
-        schedule.end_epoch(loss)
-    restored = Schedule("plateau", lr=1.0, epochs=5, steps_per_epoch=2)
-    restored.load_state_dict(schedule.state_dict())
-    assert restored.lr_at(6) == schedule.lr_at(6) == pytest.approx(0.1)
+    losses = [1.0, 0.9, 0.9, 0.95, 0.5, 0.5, 0.49999, 0.5, 0.5]
+    whole = Schedule("plateau", lr=1.0, epochs=9, steps_per_epoch=2)
+    for loss in losses[:3]:  # the best so far and one epoch without a better one
+        whole.end_epoch(loss)
+    resumed = Schedule("plateau", lr=1.0, epochs=9, steps_per_epoch=2)
+    resumed.load_state_dict(whole.state_dict())  # what a checkpoint after epoch 3 carries
+    for epoch, loss in enumerate(losses[3:], start=3):
+        whole.end_epoch(loss)
+        resumed.end_epoch(loss)
+        assert resumed.lr_at(2 * epoch + 2) == whole.lr_at(2 * epoch + 2), epoch
+    assert whole.lr_at(17) < 0.1, "the plateau reduced the rate more than once"
 
 
 def test_epoch_order_depends_on_seed_and_epoch_alone() -> None:

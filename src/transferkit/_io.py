@@ -49,20 +49,33 @@ def _stops_deferred() -> Iterator[None]:
     no temporary one is left: a stop raised between ``mkstemp`` and the ``try`` left one behind
     (a test caught exactly that). Blocking the signals is not enough: the kernel then delivers
     them to another thread, and Python still runs the handler in this one. Handlers can only be
-    swapped in the main thread, the only one they raise in."""
+    swapped in the main thread, the only one they raise in. A write cannot be stopped halfway:
+    the stop waits for it (a second at most for what transferkit writes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in _STOP_SIGNALS}
+    previous: dict[int, Any] = {}
     try:
+        for signum in _STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, lambda signum, frame: pending.append(signum))
         yield
     finally:
-        for signum, handler in previous.items():
-            # None: a handler installed outside Python, which cannot be put back; the default stops.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        _restore_handlers(list(previous.items()))
         if pending:
-            signal.raise_signal(pending[0])
+            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in pending else pending[0])
+
+
+def _restore_handlers(handlers: list[tuple[int, Any]]) -> None:
+    """Each handler put back even when a stop raises while the one before is restored."""
+    if not handlers:
+        return
+    (signum, handler), rest = handlers[0], handlers[1:]
+    try:
+        # None: a handler installed outside Python, which cannot be put back; the default stops.
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    finally:
+        _restore_handlers(rest)
 
 
 _umask_lock = threading.Lock()

@@ -280,7 +280,8 @@ class TrainConfig:
     )
     activation_cache_gb: float = field(
         default=20.0,
-        metadata=_help("largest size of a run's cached activations, in GB; above it fine-tuning runs on images"),
+        metadata=_help("largest size of a run's cached activations, in GB (held in memory too, about twice); "
+                      "above it fine-tuning runs on images"),
     )
     feature_cache: bool = field(
         default=True,

@@ -39,10 +39,10 @@ log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32
 COMPACT_AT = 8
+"""Shards a folder may hold before they are merged: every run that computes something adds one
+a chunk, and every run reads them all."""
 CHUNK = 4096
 """Images computed and stored as one shard: what a killed pass can lose at most."""
-"""Shards a folder may hold before they are merged: every run that computes something adds one,
-and every run reads them all."""
 
 Compute = Callable[[list[str], dict[str, bytes]], np.ndarray]
 """Features of each path, one row per path in order; it records in the dict the SHA-256 of the
@@ -229,8 +229,8 @@ class FeatureCache:
         return dict(zip(paths, rows)), decoded
 
     def features(self, paths: list[str], compute: Compute) -> tuple[np.ndarray, FeatureStats]:
-        """Features for every path, in order: read from the cache, ``compute`` the rest (one call,
-        each distinct image once) and store them under the digest of the bytes they were
+        """Features for every path, in order: read from the cache, ``compute`` the rest (one call a
+        chunk, each distinct image once) and store them under the digest of the bytes they were
         computed from, never the one looked up: a file rewritten in between must not leave the
         new image's features under the old content."""
         started = time.perf_counter()

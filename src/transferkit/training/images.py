@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from transferkit import activations, models
-from transferkit.checkpoints import SafeCheckpointIO, collect_random_state, restore_random_state
+from transferkit.checkpoints import SafeCheckpointIO, collect_random_state, load_checkpoint, restore_random_state
 from transferkit.config import PhaseConfig
 from transferkit.errors import Interrupted
 from transferkit.records import EpochRecord, PhaseRecord
@@ -152,6 +152,8 @@ class History(L.Callback):
         self.started = 0.0
         self.epochs = 0
         self.best: EpochRecord | None = None
+        self.complete = True
+        """False once resumed from a checkpoint without this state (an earlier transferkit wrote it)."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.started = time.perf_counter()
@@ -175,6 +177,9 @@ class History(L.Callback):
                 self.best = record
         if trainer.is_global_zero:
             record_epoch(self.folder, record, trainer.max_epochs or 0)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.complete = self.state_key in checkpoint.get("callbacks", {})
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "best": self.best.as_row() if self.best else None}
@@ -227,12 +232,20 @@ def fit_with_lightning(
     # Lightning scores a NaN validation loss as infinite; EarlyStopping ends the phase there.
     score = checkpoint.best_model_score
     diverged = score is None or not math.isfinite(float(score))
-    best = history.best
+    best, epochs = history.best, history.epochs
+    if not history.complete and trainer.is_global_zero:
+        rows = [e for e in folder.read_history() if e.phase == name and e.val_loss is not None]
+        finite = [e for e in rows if math.isfinite(e.val_loss)]  # type: ignore[arg-type]
+        best, epochs = min(finite, key=lambda e: e.val_loss) if finite else None, len(rows)  # type: ignore[arg-type, return-value]
+    if not diverged:
+        # Every process, after Lightning's last barrier: the next phase starts from these weights.
+        state = load_checkpoint(checkpoint.best_model_path)["state_dict"]
+        module.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return PhaseRecord(
         done=True, best_checkpoint=str(Path(checkpoint.best_model_path).relative_to(folder.root)), diverged=diverged,
         best_val_loss=None if diverged or best is None else best.val_loss,
         best_val_acc=None if diverged or best is None else best.val_acc,
         best_epoch=None if diverged or best is None else best.epoch,
-        epochs=history.epochs, trainable_parameters=module.finetuning.parameters[0],
+        epochs=epochs, trainable_parameters=module.finetuning.parameters[0],
         total_parameters=module.finetuning.parameters[1], fit_seconds=round(time.perf_counter() - started, 3),
     )

@@ -246,7 +246,8 @@ def _run_phase(name: str, fit: Any, model: nn.Module, progress: PhaseProgress, s
     L.seed_everything(seed, workers=True, verbose=False)
     record = fit(progress.resume_from(name))
     progress.record(name, record, f"--{name}-lr", lr)
-    progress.load_last_usable(model)
+    if record.diverged:  # a fit leaves its best weights in the model; these are not usable
+        progress.load_last_usable(model)
 
 
 def _pooled_features(
@@ -254,9 +255,14 @@ def _pooled_features(
     boundary: int | None, cached: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], FeatureStats]:
     """Pooled features of every split, from the persistent cache where it has them, else from
-    the ``cached`` activations at ``boundary`` (the top of the backbone on them), else from images."""
+    the ``cached`` activations at ``boundary`` (the top of the backbone on them), else from images.
+    Features from float16 activations are kept apart from those computed from images, so which
+    run filled the cache never changes another's features."""
     cache = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
+    if boundary is not None:
+        cache.folder = cache.folder.with_name(f"{cache.folder.name}-via-{_layer_below(model, boundary)}")
     paths = [path for items in index.splits.values() for path, _ in items]
+    rows = {path: row for split, items in index.splits.items() for (path, _), row in zip(items, cached.get(split, []))}
 
     def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
         if boundary is None:
@@ -264,17 +270,21 @@ def _pooled_features(
                 model, missing, preprocessing, backend=_inference_backend(config),
                 num_workers=config.data.resolved_num_workers(), progress=config.progress, digests=digests,
             )
-        everything = torch.cat([cached[split] for split in index.splits])
-        position = {path: i for i, path in enumerate(paths)}
-        rows = everything[torch.tensor([position[path] for path in missing])]
         digests.update(zip(missing, content_digests(missing)))
         model.eval()
+        pooled = []
         with torch.inference_mode():
-            pooled = [activations.forward_top(model, batch.float(), boundary, pre_logits=True) for batch in rows.split(64)]
+            for start in range(0, len(missing), 64):
+                batch = torch.stack([rows[path] for path in missing[start : start + 64]]).float()
+                pooled.append(activations.forward_top(model, batch, boundary, pre_logits=True))
         return torch.cat(pooled).numpy()
 
     array, stats = cache.features(paths, compute)
     return _by_split(array, index), stats
+
+
+def _layer_below(model: nn.Module, boundary: int) -> str:
+    return activations.layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
 
 
 def _by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
@@ -296,11 +306,12 @@ def _finetune_boundary(
     boundary = activations.boundary_index(model, unfreeze)
     if boundary is None:
         blocks = len(models.backbone_blocks(model))
-        reason = (
-            "every backbone block trains (--finetune-unfreeze), so no layer below them stays fixed"
-            if models.count_unfrozen(blocks, unfreeze) >= blocks
-            else f"{type(model).__name__} has no layer sequence to split (EfficientNet and ResNet families do)"
-        )
+        if models.count_unfrozen(blocks, unfreeze) >= blocks:
+            reason = "every backbone block trains (--finetune-unfreeze), so no layer below them stays fixed"
+        elif activations.layer_sequence(model) is None:
+            reason = f"{type(model).__name__} has no layer sequence to split (EfficientNet and ResNet families do)"
+        else:
+            reason = f"the blocks that train do not start at a layer of {type(model).__name__}'s sequence"
         log.info("fine-tuning on images: %s", reason)
         return None
     size = images * activations.activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
@@ -317,8 +328,9 @@ def _boundary_activations(
     """The activations at ``boundary`` of every split's images, float16, from the persistent
     cache where it has them (keyed like the pooled features, and by the boundary)."""
     digest = backbone_digest(model, preprocessing, config.model.global_pool)
-    below = activations.layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
-    cache = FeatureCache(feature_cache_folder(config.cache_dir) / f"{digest}-after-{below}", np.float16, "activations")
+    cache = FeatureCache(
+        feature_cache_folder(config.cache_dir) / f"{digest}-after-{_layer_below(model, boundary)}", np.float16, "activations"
+    )
     paths = [path for items in index.splits.values() for path, _ in items]
     bottom = activations.Bottom(model, boundary)
 
