@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import hashlib
 import json
 import os
-import signal
+import secrets
 import stat
-import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -22,60 +20,23 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     """Call ``write(tmp_path)``, then rename the temporary file onto ``path``.
 
     The temporary file lives in the same folder, so the rename is atomic on POSIX and Windows.
+    Its name is chosen before the file exists and the file is created inside the ``try``, so a
+    Ctrl-C or SIGTERM raised anywhere leaves no file that the ``finally`` does not remove (with
+    ``mkstemp`` a stop between its return and the ``try`` left one behind; a test caught it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _stops_deferred():
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(name)
-        try:
-            os.close(fd)
-            write(tmp)
-            # mkstemp makes the file 0600; a plain open() would follow the umask, so a cache or run
-            # folder shared by a team stays readable by it.
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-# The signals a user stops a command with; their handlers raise (KeyboardInterrupt, Interrupted).
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def _stops_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM that arrive inside take effect as it ends, once the file is whole and
-    no temporary one is left: a stop raised between ``mkstemp`` and the ``try`` left one behind
-    (a test caught exactly that). Blocking the signals is not enough: the kernel then delivers
-    them to another thread, and Python still runs the handler in this one. Handlers can only be
-    swapped in the main thread, the only one they raise in. A write cannot be stopped halfway:
-    the stop waits for it (a second at most for what transferkit writes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous: dict[int, Any] = {}
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        for signum in _STOP_SIGNALS:
-            previous[signum] = signal.signal(signum, lambda signum, frame: pending.append(signum))
-        yield
+        # 0600 while written, as mkstemp makes it; O_EXCL: never another process's file.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600))
+        write(tmp)
+        # A plain open() would follow the umask, so a cache or run folder shared by a team stays
+        # readable by it.
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
     finally:
-        _restore_handlers(list(previous.items()))
-        if pending:
-            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in pending else pending[0])
-
-
-def _restore_handlers(handlers: list[tuple[int, Any]]) -> None:
-    """Each handler put back even when a stop raises while the one before is restored."""
-    if not handlers:
-        return
-    (signum, handler), rest = handlers[0], handlers[1:]
-    try:
-        # None: a handler installed outside Python, which cannot be put back; the default stops.
-        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    finally:
-        _restore_handlers(rest)
+        tmp.unlink(missing_ok=True)
 
 
 _umask_lock = threading.Lock()
