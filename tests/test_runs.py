@@ -54,9 +54,11 @@ def data(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data", per_class=30)
 
 
-# A features phase of a few seconds: the process is surely inside it when its first checkpoint
-# appears, and a resume takes seconds.
-LONG_FROZEN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "1")
+# A features phase of several seconds: the process is surely inside it when its first checkpoint
+# appears, and a resume takes seconds. The head's plain loop runs 300 epochs of batch 32 in under
+# a second, so a test process slow to notice the checkpoint on a loaded CI machine signalled a run
+# that had already finished; batches of 2 make each epoch 24 steps.
+LONG_FROZEN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "1", "--batch-size", "2")
 # A run of minutes, for a test that ends it itself: the first run is still training whatever the test does.
 LONG_RUN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "300", "--finetune-patience", "300")
 
