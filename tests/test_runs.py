@@ -33,8 +33,16 @@ def train_command(data: Path, run_dir: Path, weights: Path, *extra: str) -> list
     ]
 
 
+def _as_from_a_terminal() -> None:
+    # A suite started in the background of a script (``cmd &``) runs with SIGINT ignored, and a
+    # child inherits that: Ctrl-C in a terminal is what these tests model, so it is restored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(command: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
+    return subprocess.Popen(  # type: ignore[call-overload]
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal, **kwargs
+    )
 
 
 def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 120) -> None:
@@ -54,10 +62,8 @@ def data(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data", per_class=30)
 
 
-# A features phase of several seconds: the process is surely inside it when its first checkpoint
-# appears, and a resume takes seconds. The head's plain loop runs 300 epochs of batch 32 in under
-# a second, so a test process slow to notice the checkpoint on a loaded CI machine signalled a run
-# that had already finished; batches of 2 make each epoch 24 steps.
+# A features phase of a few seconds: the process is surely inside it when its first checkpoint
+# appears, and a resume takes seconds.
 LONG_FROZEN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "1", "--batch-size", "2")
 # A run of minutes, for a test that ends it itself: the first run is still training whatever the test does.
 LONG_RUN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "300", "--finetune-patience", "300")
