@@ -29,6 +29,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's weights in a training checkpoint, named as in the model (without Lightning's ``model.``)."""
+    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """None when ``path`` loads as a checkpoint, else why not, in a few words."""
     try:

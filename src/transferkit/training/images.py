@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from transferkit import activations, models
-from transferkit.checkpoints import SafeCheckpointIO, collect_random_state, load_checkpoint, restore_random_state
+from transferkit.checkpoints import SafeCheckpointIO, collect_random_state, load_checkpoint, model_state, restore_random_state
 from transferkit.config import PhaseConfig
 from transferkit.errors import Interrupted
 from transferkit.records import EpochRecord, PhaseRecord
@@ -248,8 +248,7 @@ def fit_with_lightning(
         best, epochs = min(finite, key=lambda e: e.val_loss) if finite else None, len(rows)  # type: ignore[arg-type, return-value]
     if not diverged:
         # Every process, after Lightning's last barrier: the next phase starts from these weights.
-        state = load_checkpoint(checkpoint.best_model_path)["state_dict"]
-        module.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        module.model.load_state_dict(model_state(load_checkpoint(checkpoint.best_model_path)))
     return PhaseRecord(
         done=True, best_checkpoint=str(Path(checkpoint.best_model_path).relative_to(folder.root)), diverged=diverged,
         best_val_loss=None if diverged or best is None else best.val_loss,

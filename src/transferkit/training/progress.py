@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.checkpoints import checkpoint_problem, load_checkpoint
+from transferkit.checkpoints import checkpoint_problem, load_checkpoint, model_state
 from transferkit.errors import TrainingDivergedError
 from transferkit.records import PhaseRecord
 from transferkit.runs import RunFolder
@@ -101,7 +101,7 @@ class PhaseProgress:
     def load(self, model: nn.Module, name: str) -> None:
         """Phase ``name``'s best weights into ``model``."""
         checkpoint = load_checkpoint(self.folder.root / self.phases[name].best_checkpoint)
-        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        state = model_state(checkpoint)
         whole = len(state) == len(model.state_dict())
         if not whole and not self.backbone_pretrained:
             with torch.random.fork_rng():
