@@ -1,11 +1,12 @@
 """Fine-tuning on images against fine-tuning on cached boundary activations.
 
     python benchmarks/finetune_inputs.py [--datasets hymenoptera] [--seeds 42,1,2]
-                                         [--variants images,activations,activations-strong]
+                                         [--variants images,activations,activations-strong] [--cold-only]
 
 Each (dataset, seed, variant) is a whole `transferkit train` command in a fresh process with
 empty caches (cold), then the same command again into another folder with the caches it left
-(warm). Variants:
+(warm; skipped with --cold-only, for the datasets where one command takes half an hour). The
+peak memory is the cold command's largest resident set. Variants:
 - images: today's fine-tuning, augmented images through the whole backbone each epoch;
 - activations: the unfrozen top on cached activations, mirrored at random (`--finetune-augment light`);
 - activations-strong: also shifted by up to one cell (`--finetune-augment strong`);
@@ -40,29 +41,36 @@ VARIANTS = {
 }
 
 
-def timed_train(dataset: str, seed: int, variant: str, mirror: str, work: Path, name: str) -> tuple[float, dict]:
+def timed_train(dataset: str, seed: int, variant: str, mirror: str, work: Path, name: str) -> tuple[float, int, dict]:
+    """Wall seconds, peak resident MiB (the command's own process, from wait4) and metrics."""
     started = time.perf_counter()
-    subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-m", "transferkit.cli", "train", dataset, "--data-mirror", mirror, "--output",
          str(work / name), "--seed", str(seed), "--no-progress", "--cache-dir", str(work / "cache"),
          *VARIANTS[variant]],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "TRANSFERKIT_CACHE": str(work / "cache-home")},
     )
-    return time.perf_counter() - started, json.loads((work / name / "metrics.json").read_text())
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"{dataset} seed {seed} {variant}: train exited with {process.returncode}")
+    seconds = time.perf_counter() - started
+    return seconds, usage.ru_maxrss // 1024, json.loads((work / name / "metrics.json").read_text())
 
 
-def run(dataset: str, seed: int, variant: str, mirror: str) -> dict[str, object]:
+def run(dataset: str, seed: int, variant: str, mirror: str, cold_only: bool) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        cold, metrics = timed_train(dataset, seed, variant, mirror, work, "cold")
-        warm, _ = timed_train(dataset, seed, variant, mirror, work, "warm")
+        cold, peak_mib, metrics = timed_train(dataset, seed, variant, mirror, work, "cold")
+        warm = None if cold_only else timed_train(dataset, seed, variant, mirror, work, "warm")[0]
     finetune = metrics["phases"].get("finetune", {})
     return {
         "dataset": dataset, "seed": seed, "variant": variant, "date": str(date.today()),
         "val_accuracy": metrics["val"]["accuracy"], "test_accuracy": metrics.get("test", {}).get("accuracy"),
         "finetune_val_accuracy": finetune.get("val", {}).get("accuracy"), "best_phase": metrics["best_phase"],
-        "finetune_seconds": finetune.get("fit_seconds"), "cold_seconds": round(cold, 1), "warm_seconds": round(warm, 1),
+        "finetune_seconds": finetune.get("fit_seconds"), "cold_seconds": round(cold, 1),
+        "warm_seconds": None if warm is None else round(warm, 1), "peak_mib": peak_mib,
     }
 
 
@@ -71,21 +79,25 @@ def table(rows: list[dict]) -> str:
         f"Measured {max(r['date'] for r in rows)} on {platform.machine()} with {subprocess.getoutput('nproc')} "
         "cores (`python benchmarks/finetune_inputs.py`); means over the seeds listed.",
         "",
-        "| dataset | variant | seeds | val accuracy (mean) | fine-tuned phase val (mean) | fine-tuning (s) | "
-        "cold command (s) | warm rerun (s) | cold / warm |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | variant | seeds | val accuracy (mean) | test accuracy (mean) | fine-tuned phase val (mean) | "
+        "fine-tuning (s) | cold command (s) | warm rerun (s) | cold / warm | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["variant"]), []).append(row)
     for (dataset, variant), mine in sorted(groups.items(), key=lambda item: (item[0][0], list(VARIANTS).index(item[0][1]))):
-        def mean(key: str) -> float:
-            return statistics.mean(r[key] for r in mine if r[key] is not None)
+        def mean(key: str, digits: int) -> str:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            return f"{statistics.mean(values):.{digits}f}" if values else ""
 
+        warm = [r for r in mine if r.get("warm_seconds")]
+        ratio = statistics.mean(r["cold_seconds"] for r in warm) / statistics.mean(r["warm_seconds"] for r in warm) if warm else None
         lines.append(
-            f"| {dataset} | {variant} | {','.join(str(r['seed']) for r in mine)} | {mean('val_accuracy'):.4f} | "
-            f"{mean('finetune_val_accuracy'):.4f} | {mean('finetune_seconds'):.1f} | {mean('cold_seconds'):.1f} | "
-            f"{mean('warm_seconds'):.1f} | {mean('cold_seconds') / mean('warm_seconds'):.2f} |"
+            f"| {dataset} | {variant} | {','.join(str(r['seed']) for r in mine)} | {mean('val_accuracy', 4)} | "
+            f"{mean('test_accuracy', 4)} | {mean('finetune_val_accuracy', 4)} | {mean('finetune_seconds', 1)} | "
+            f"{mean('cold_seconds', 1)} | {mean('warm_seconds', 1)} | {'' if ratio is None else f'{ratio:.2f}'} | "
+            f"{mean('peak_mib', 0)} |"
         )
     return "\n".join(lines)
 
@@ -95,13 +107,14 @@ def main() -> None:
     parser.add_argument("--datasets", default="hymenoptera")
     parser.add_argument("--seeds", default="42,1,2")
     parser.add_argument("--variants", default="images,activations,activations-strong")
+    parser.add_argument("--cold-only", action="store_true", help="skip the warm rerun")
     parser.add_argument("--mirror", default=str(HERE.parents[1] / "shared" / "datasets"))
     args = parser.parse_args()
     results = {(r["dataset"], r["seed"], r["variant"]): r for r in json.loads(RAW.read_text())} if RAW.exists() else {}
     for dataset in args.datasets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for variant in args.variants.split(","):
-                results[(dataset, seed, variant)] = row = run(dataset, seed, variant, args.mirror)
+                results[(dataset, seed, variant)] = row = run(dataset, seed, variant, args.mirror, args.cold_only)
                 print(row, flush=True)
                 RAW.write_text(json.dumps(list(results.values()), indent=1) + "\n")
     write_section("finetune_inputs", "Fine-tuning on images or cached activations", table(list(results.values())))

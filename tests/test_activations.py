@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import tiny_config
-from transferkit import activations, models, train
+from transferkit import activations, evaluate, models, train
 from transferkit.config import ModelConfig
 
 
@@ -120,6 +120,22 @@ def test_finetune_on_activations_trains_and_a_rerun_reads_them_from_the_cache(
     other = train(image_folder, tiny_config(tmp_path / "third", tiny_weights, **{**options, "finetune.unfreeze": "1"}))
     assert other.metrics["val"]["accuracy"] >= 0.8
     assert len([p for p in feature_cache.iterdir() if "-after-" in p.name]) == 2, "another boundary, another cache"
+
+
+def test_the_run_judges_the_fine_tuned_phase_on_activations_as_its_model_does_on_images(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, feature_cache: Path
+) -> None:
+    options = {"finetune_on": "activations", "frozen.epochs": 0, "finetune.epochs": 2, "finetune.lr": 0.01}
+    result = train(image_folder, tiny_config(tmp_path / "run", tiny_weights, **options))
+    assert result.best_phase == "finetune"
+    from_activations = (result.run_dir / "evaluation" / "val" / "predictions.csv").read_text().splitlines()
+    evaluate(result.run_dir, split="val", output=tmp_path / "on-images")
+    from_images = (tmp_path / "on-images" / "predictions.csv").read_text().splitlines()
+    assert len(from_images) == len(from_activations) > 1
+    for cached_row, image_row in zip(from_activations[1:], from_images[1:]):
+        cached_fields, image_fields = cached_row.split(","), image_row.split(",")
+        assert cached_fields[:3] == image_fields[:3], "the same image, label and predicted class"
+        assert abs(float(cached_fields[3]) - float(image_fields[3])) < 2e-3, (cached_row, image_row)
 
 
 def test_a_model_that_cannot_be_split_fine_tunes_on_images_and_says_why(

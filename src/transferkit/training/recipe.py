@@ -216,8 +216,8 @@ def _train_in(
         return TrainResult(run_dir=folder.root, classes=classes, counts=index.counts(), metrics={})
 
     metrics = evaluate_phases(
-        model, progress, index, preprocessing, features, backend=_inference_backend(config),
-        num_workers=workers, progress_bar=config.progress,
+        model, progress, index, preprocessing, features, boundary=boundary, boundary_activations=cached,
+        backend=_inference_backend(config), num_workers=workers, progress_bar=config.progress,
     )
     models.save_model_folder(model, folder.model_dir, classes, preprocessing, config.model)
     metrics.train_seconds = round(time.perf_counter() - started, 2)
