@@ -28,6 +28,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from _results import write_section
 
@@ -41,8 +42,9 @@ VARIANTS = {
 }
 
 
-def timed_train(dataset: str, seed: int, variant: str, mirror: str, work: Path, name: str) -> tuple[float, int, dict]:
-    """Wall seconds, peak resident MiB (the command's own process, from wait4) and metrics."""
+def timed_train(dataset: str, seed: int, variant: str, mirror: str, work: Path, name: str) -> tuple[float, Any, dict]:
+    """Wall seconds, the command's resource usage (from wait4: its process and the workers it
+    waited for) and its metrics."""
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "transferkit.cli", "train", dataset, "--data-mirror", mirror, "--output",
@@ -56,13 +58,13 @@ def timed_train(dataset: str, seed: int, variant: str, mirror: str, work: Path, 
     if process.returncode:
         raise SystemExit(f"{dataset} seed {seed} {variant}: train exited with {process.returncode}")
     seconds = time.perf_counter() - started
-    return seconds, usage.ru_maxrss // 1024, json.loads((work / name / "metrics.json").read_text())
+    return seconds, usage, json.loads((work / name / "metrics.json").read_text())
 
 
 def run(dataset: str, seed: int, variant: str, mirror: str, cold_only: bool) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        cold, peak_mib, metrics = timed_train(dataset, seed, variant, mirror, work, "cold")
+        cold, usage, metrics = timed_train(dataset, seed, variant, mirror, work, "cold")
         warm = None if cold_only else timed_train(dataset, seed, variant, mirror, work, "warm")[0]
     finetune = metrics["phases"].get("finetune", {})
     return {
@@ -70,7 +72,9 @@ def run(dataset: str, seed: int, variant: str, mirror: str, cold_only: bool) -> 
         "val_accuracy": metrics["val"]["accuracy"], "test_accuracy": metrics.get("test", {}).get("accuracy"),
         "finetune_val_accuracy": finetune.get("val", {}).get("accuracy"), "best_phase": metrics["best_phase"],
         "finetune_seconds": finetune.get("fit_seconds"), "cold_seconds": round(cold, 1),
-        "warm_seconds": None if warm is None else round(warm, 1), "peak_mib": peak_mib,
+        "warm_seconds": None if warm is None else round(warm, 1), "peak_mib": usage.ru_maxrss // 1024,
+        "cold_user_seconds": round(usage.ru_utime, 1), "cold_system_seconds": round(usage.ru_stime, 1),
+        "cold_minor_faults": usage.ru_minflt,
     }
 
 
