@@ -4,6 +4,7 @@ cannot be split fine-tunes on images and says why."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 from conftest import tiny_config
 from transferkit import activations, evaluate, models, train
 from transferkit.config import ModelConfig
+from transferkit.errors import ConfigError
 
 
 def created(name: str) -> torch.nn.Module:
@@ -148,6 +150,17 @@ def test_a_model_that_cannot_be_split_fine_tunes_on_images_and_says_why(
         train(image_folder, config)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning on images")]
     assert lines == ["fine-tuning on images: ConvNeXt has no layer sequence to split (EfficientNet and ResNet families do)"]
+
+
+def test_asking_for_activations_that_cannot_be_cached_stops_before_training(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    config = tiny_config(tmp_path / "run", tiny_weights, **{"finetune_on": "activations", "finetune.unfreeze": "all"})
+    with pytest.raises(ConfigError, match=r"^--finetune-on activations: every backbone block trains .*--finetune-on auto"):
+        train(image_folder, config)
+    assert not list((tmp_path / "run").rglob("*.ckpt")), "nothing trained"
+    rerun = train(image_folder, dataclasses.replace(config, finetune_on="auto"))  # the same folder takes the fix
+    assert list(rerun.metrics["phases"]) == ["frozen", "finetune"]
 
 
 def test_activations_over_the_disk_budget_fine_tune_on_images_and_say_why(

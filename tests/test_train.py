@@ -12,10 +12,11 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import SHARED_DATASETS, make_folder, tiny_config
+from conftest import SHARED_DATASETS, TINY_MODEL, make_folder, tiny_config
 
 from transferkit import models
-from transferkit.config import TrainConfig
+from transferkit.checkpoints import model_state
+from transferkit.config import ModelConfig, TrainConfig
 from transferkit.errors import RunFolderError
 from transferkit.evaluate import evaluate
 from transferkit.runs import load_config
@@ -122,14 +123,19 @@ def test_existing_run_folder_is_not_overwritten(image_folder: Path, tmp_path: Pa
 
 
 # Killed in the features phase (head-only checkpoints, a whole epoch per Lightning step) or in
-# fine-tuning (full checkpoints, after a finished phase).
+# fine-tuning (full checkpoints, after a finished phase), on images (every block unfrozen) or on
+# cached activations (two blocks).
 @pytest.mark.parametrize(
-    "killed_in, epochs",
-    [("frozen", {"frozen": 150, "finetune": 1}), ("finetune", {"frozen": 3, "finetune": 12})],
-    ids=["killed-in-frozen", "killed-in-finetune"],
+    "killed_in, epochs, unfreeze",
+    [
+        ("frozen", {"frozen": 150, "finetune": 1}, "all"),
+        ("finetune", {"frozen": 3, "finetune": 12}, "all"),
+        ("finetune", {"frozen": 3, "finetune": 60}, "2"),
+    ],
+    ids=["killed-in-frozen", "killed-in-finetune-on-images", "killed-in-finetune-on-activations"],
 )
 def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
-    tmp_path: Path, tiny_weights: Path, killed_in: str, epochs: dict[str, int]
+    tmp_path: Path, tiny_weights: Path, killed_in: str, epochs: dict[str, int], unfreeze: str
 ) -> None:
     data = make_folder(tmp_path / "data", per_class=40)
 
@@ -137,7 +143,7 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
         return [
             sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
             "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64",
-            "--num-workers", "0", "--finetune-unfreeze", "all", "--no-progress",
+            "--num-workers", "0", "--finetune-unfreeze", unfreeze, "--no-progress",
             "--cache-dir", str(tmp_path / f"cache-{run_dir.name}"),
             *(f"--{phase}-{option}={count}" for phase, count in epochs.items() for option in ("epochs", "patience")),
         ]
@@ -229,29 +235,37 @@ def test_default_recipe_on_hymenoptera_reaches_093(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("policy", ["frozen", "train"])
+@pytest.mark.parametrize("unfreeze", ["all", "2"], ids=["on-images", "on-activations"])
 def test_batchnorm_policy_holds_through_a_real_finetune(
-    image_folder: Path, tmp_path: Path, tiny_weights: Path, policy: str
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, policy: str, unfreeze: str
 ) -> None:
     config = tiny_config(
         tmp_path / "run", tiny_weights,
-        **{"frozen.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": "all", "batchnorm": policy},
+        **{"frozen.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": unfreeze, "batchnorm": policy},
     )
     train(image_folder, config)
     initial = torch.load(tiny_weights, weights_only=True)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "finetune-last.ckpt", weights_only=True)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    state = model_state(checkpoint)
+    tiny = models.create_classifier(ModelConfig(name=TINY_MODEL, weights="none"), num_classes=3)
+    trained = {name for block in models.backbone_blocks(tiny)[-2:] for name in block}
     means = [k for k in initial if k.endswith("running_mean")]
-    unchanged = all(torch.equal(initial[k], state[k]) for k in means)
-    assert unchanged == (policy == "frozen")
+    in_trained_blocks = [k for k in means if unfreeze == "all" or k.removesuffix(".running_mean") + ".weight" in trained]
+    below = [k for k in means if k not in in_trained_blocks]
+    assert in_trained_blocks
+    assert all(torch.equal(initial[k], state[k]) for k in in_trained_blocks) == (policy == "frozen")
+    # What cached activations rely on: a frozen block's statistics never move, whatever the policy.
+    assert all(torch.equal(initial[k], state[k]) for k in below)
 
 
 def test_the_same_seed_gives_identical_metrics_on_cpu(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
     def outcome(name: str) -> tuple[list[dict[str, str]], dict]:
         # Its own feature cache, so both runs compute everything; two decoding workers with
-        # augmentation, the parts most likely to break determinism.
+        # augmentation on images, the parts most likely to break determinism.
         config = tiny_config(
             tmp_path / name, tiny_weights,
             **{"frozen.epochs": 2, "finetune.epochs": 2, "finetune.patience": 2, "finetune.augment": "strong",
+               "finetune_on": "images",
                "data.num_workers": 2, "cache_dir": str(tmp_path / f"cache-{name}")},
         )
         metrics = train(image_folder, config).metrics

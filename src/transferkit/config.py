@@ -272,10 +272,12 @@ class TrainConfig:
         ),
     )
     finetune_on: str = field(
-        default="images",
+        default="auto",
         metadata=_help(
-            "images; activations: the unfrozen top trains on the cached output of the frozen blocks "
-            "below it (batch norm frozen, not every block unfrozen); auto: activations where they can be cached"
+            "auto: the unfrozen top trains on the cached output of the frozen blocks below it where "
+            "they can be cached (not every block unfrozen, an EfficientNet or ResNet), else on images; "
+            "activations: only on them (an error where they cannot be cached); images: every epoch "
+            "through the whole backbone"
         ),
     )
     activation_cache_gb: float = field(

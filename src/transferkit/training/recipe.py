@@ -300,10 +300,12 @@ def _finetune_boundary(
     model: nn.Module, unfreeze: int | float | None, config: TrainConfig, preprocessing: dict[str, Any], images: int
 ) -> int | None:
     """Where fine-tuning's input is cached: the boundary below the unfrozen blocks, or None for
-    images, with the reason logged in one line."""
+    images. Under ``auto`` a run that cannot cache them says why in one line; one that asked for
+    activations stops before training, with the reason and the fix."""
     if config.finetune_on == "images":
         return None
     boundary = activations.boundary_index(model, unfreeze)
+    reason = None
     if boundary is None:
         blocks = len(models.backbone_blocks(model))
         if models.count_unfrozen(blocks, unfreeze) >= blocks:
@@ -312,14 +314,16 @@ def _finetune_boundary(
             reason = f"{type(model).__name__} has no layer sequence to split (EfficientNet and ResNet families do)"
         else:
             reason = f"the blocks that train do not start at a layer of {type(model).__name__}'s sequence"
-        log.info("fine-tuning on images: %s", reason)
-        return None
-    size = images * activations.activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
-    if size > config.activation_cache_gb:
-        log.info("fine-tuning on images: the activations would take %.1f GB, over --activation-cache-gb %g",
-                 size, config.activation_cache_gb)
-        return None
-    return boundary
+    else:
+        size = images * activations.activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
+        if size > config.activation_cache_gb:
+            reason = f"the activations would take {size:.1f} GB, over --activation-cache-gb {config.activation_cache_gb:g}"
+    if reason is None:
+        return boundary
+    if config.finetune_on == "activations":
+        raise ConfigError([f"--finetune-on activations: {reason}; --finetune-on auto fine-tunes on images instead"])
+    log.info("fine-tuning on images: %s", reason)
+    return None
 
 
 def _boundary_activations(
