@@ -1,0 +1,126 @@
+"""fastai's ``fine_tune`` at a scale where a whole run takes hours on 2 cores: each phase's epoch
+time, projected from a measured fraction of one epoch, beside transferkit's whole default
+``train`` on the same data (from finetune_inputs.json).
+
+    python benchmarks/fastai_epochs.py --peer-python /tmp/peers/bin/python [--dataset cifar10] [--fraction 0.02]
+
+fastai runs as in peers.py (``vision_learner(dls, "tf_efficientnet_lite0")``, the embedded
+weights loaded into its body, ``Resize(224)``, batch 64), trains on ``DATA/train`` and validates
+on ``DATA/test``. Each phase (frozen: one epoch of the head; unfrozen: one epoch of the whole
+network at discriminative rates, as ``fine_tune`` runs them) runs ``--fraction`` of its
+training and validation batches through fastai's ``ShortEpochCallback``; the epoch time is that
+time over the fraction, so worker start-up is counted once per fraction (it flatters nobody but
+fastai's projection upwards by seconds). ``fine_tune(2)`` is one frozen epoch and two unfrozen
+ones, the shape of transferkit's default (a head phase, then 2 fine-tuning epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from _results import write_section
+from peers import MODEL, embedded_state, labelled_files, run_child
+
+HERE = Path(__file__).resolve().parent
+RAW = HERE / "fastai_epochs.json"
+
+
+def measure(data: Path, fraction: float) -> dict[str, float]:
+    """In the peer interpreter: seconds to set up, and each phase's projected epoch seconds."""
+    import os
+
+    import pandas as pd
+    from fastai.callback.training import ShortEpochCallback
+    from fastai.vision.all import (
+        CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, Normalize, Resize, vision_learner,
+    )
+
+    started = time.perf_counter()
+    classes, train = labelled_files(data / "train")
+    _, test = labelled_files(data / "test")
+    frame = pd.DataFrame([(p, classes[y]) for p, y in train + test], columns=["path", "label"])
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock), get_x=ColReader("path"), get_y=ColReader("label"),
+        splitter=IndexSplitter(list(range(len(train), len(frame)))), item_tfms=Resize(224),
+        batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3),
+    )
+    dls = block.dataloaders(frame, bs=64, num_workers=os.cpu_count())
+    learn = vision_learner(dls, MODEL, pretrained=False)
+    body = learn.model[0].model
+    body.load_state_dict(embedded_state(body), strict=False)
+    setup = time.perf_counter() - started
+
+    def epoch(lr: object) -> float:
+        begun = time.perf_counter()
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(1, lr, cbs=ShortEpochCallback(pct=fraction, short_valid=True))
+        return (time.perf_counter() - begun) / fraction
+
+    learn.freeze()
+    frozen = epoch(2e-3)  # fine_tune's defaults: base_lr 2e-3 frozen, then slice(base_lr / 200, base_lr / 2)
+    learn.unfreeze()
+    unfrozen = epoch(slice(1e-5, 1e-3))
+    return {"setup_seconds": setup, "frozen_epoch_seconds": frozen, "unfrozen_epoch_seconds": unfrozen,
+            "train_images": len(train), "test_images": len(test)}
+
+
+def table(row: dict, ours: dict | None) -> str:
+    projected = row["setup_seconds"] + row["frozen_epoch_seconds"] + 2 * row["unfrozen_epoch_seconds"]
+    lines = [
+        f"Measured {row['date']} on {platform.machine()} with {subprocess.getoutput('nproc')} cores "
+        f"(`python benchmarks/fastai_epochs.py`): fastai's epochs projected from {row['fraction']:.0%} of each, "
+        f"{row['train_images']:,} training images, validation on the {row['test_images']:,} test images.",
+        "",
+        "| dataset | contender | frozen epoch (min) | unfrozen epoch (min) | whole run (min) | test accuracy | "
+        "peak memory (MiB) | its time / ours |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if ours:
+        lines.append(
+            f"| {row['dataset']} | transferkit `train` (default recipe, cold caches, seed {ours['seed']}) | | | "
+            f"{ours['cold_seconds'] / 60:.1f} measured | {ours['test_accuracy']:.4f} | {ours['peak_mib']} | 1.0x |"
+        )
+    ratio = f"{projected / ours['cold_seconds']:.1f}x" if ours else ""
+    lines.append(
+        f"| {row['dataset']} | fastai `fine_tune(2)` | {row['frozen_epoch_seconds'] / 60:.1f} | "
+        f"{row['unfrozen_epoch_seconds'] / 60:.1f} | {projected / 60:.1f} projected | not measured | "
+        f"{row['peak_mib']:.0f} | {ratio} |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--fraction", type=float, default=0.02)
+    parser.add_argument("--mirror", default=str(HERE.parents[1] / "shared" / "datasets"))
+    parser.add_argument("--peer-python", default=sys.executable, help="interpreter with fastai installed")
+    parser.add_argument("--child-output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    data = Path(args.mirror) / args.dataset
+    if args.child_output:  # the measuring process, in the peer interpreter
+        Path(args.child_output).write_text(json.dumps(measure(data, args.fraction)))
+        return
+    output = HERE / "fastai_epochs.child.json"
+    usage = run_child([args.peer_python, __file__, "--dataset", args.dataset, "--fraction", str(args.fraction),
+                       "--mirror", args.mirror, "--child-output", str(output)])
+    row = {**json.loads(output.read_text()), "dataset": args.dataset, "fraction": args.fraction,
+           "peak_mib": usage["peak_mib"], "date": str(date.today())}
+    output.unlink()
+    RAW.write_text(json.dumps(row, indent=1) + "\n")
+    inputs = HERE / "finetune_inputs.json"
+    ours = next((r for r in json.loads(inputs.read_text()) if r["dataset"] == args.dataset
+                 and r["variant"] == "activations"), None) if inputs.exists() else None
+    write_section("fastai_epochs", f"At scale: {args.dataset} against fastai's epochs", table(row, ours))
+    print(table(row, ours))
+
+
+if __name__ == "__main__":
+    main()
