@@ -8,10 +8,12 @@ fastai runs as in peers.py (``vision_learner(dls, "tf_efficientnet_lite0")``, th
 weights loaded into its body, ``Resize(224)``, batch 64), trains on ``DATA/train`` and validates
 on ``DATA/test``. Each phase (frozen: one epoch of the head; unfrozen: one epoch of the whole
 network at discriminative rates, as ``fine_tune`` runs them) runs ``--fraction`` of its
-training and validation batches through fastai's ``ShortEpochCallback``; the epoch time is that
-time over the fraction, so worker start-up is counted once per fraction (it flatters nobody but
-fastai's projection upwards by seconds). ``fine_tune(2)`` is one frozen epoch and two unfrozen
-ones, the shape of transferkit's default (a head phase, then 2 fine-tuning epochs).
+training and validation batches through fastai's ``ShortEpochCallback``, and a callback stamps
+the end of every batch. An epoch is projected as the time to the first batch (worker start-up,
+counted once) plus the median time between batches after it times the batches left, for
+training and validation each: scaling the whole short epoch up would multiply the start-up too.
+``fine_tune(2)`` is one frozen epoch and two unfrozen ones, the shape of transferkit's default
+(a head phase, then 2 fine-tuning epochs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +40,7 @@ def measure(data: Path, fraction: float) -> dict[str, float]:
     import os
 
     import pandas as pd
+    from fastai.callback.core import Callback
     from fastai.callback.training import ShortEpochCallback
     from fastai.vision.all import (
         CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, Normalize, Resize, vision_learner,
@@ -57,11 +61,26 @@ def measure(data: Path, fraction: float) -> dict[str, float]:
     body.load_state_dict(embedded_state(body), strict=False)
     setup = time.perf_counter() - started
 
+    class BatchEnds(Callback):
+        order = -10  # before ShortEpochCallback cancels the epoch in the same hook
+
+        def before_epoch(self) -> None:
+            self.started, self.ends = time.perf_counter(), {True: [], False: []}
+
+        def after_batch(self) -> None:
+            self.ends[self.training].append(time.perf_counter())
+
+    def projected(start: float, ends: list[float], batches: int) -> float:
+        between = statistics.median(b - a for a, b in zip(ends, ends[1:]))
+        return ends[0] - start + between * (batches - 1)
+
     def epoch(lr: object) -> float:
-        begun = time.perf_counter()
+        stamps = BatchEnds()
         with learn.no_bar(), learn.no_logging():
-            learn.fit_one_cycle(1, lr, cbs=ShortEpochCallback(pct=fraction, short_valid=True))
-        return (time.perf_counter() - begun) / fraction
+            learn.fit_one_cycle(1, lr, cbs=[stamps, ShortEpochCallback(pct=fraction, short_valid=True)])
+        train_ends, valid_ends = stamps.ends[True], stamps.ends[False]
+        return (projected(stamps.started, train_ends, len(dls.train))
+                + projected(train_ends[-1], valid_ends, len(dls.valid)))
 
     learn.freeze()
     frozen = epoch(2e-3)  # fine_tune's defaults: base_lr 2e-3 frozen, then slice(base_lr / 200, base_lr / 2)
@@ -75,7 +94,7 @@ def table(row: dict, ours: dict | None) -> str:
     projected = row["setup_seconds"] + row["frozen_epoch_seconds"] + 2 * row["unfrozen_epoch_seconds"]
     lines = [
         f"Measured {row['date']} on {platform.machine()} with {subprocess.getoutput('nproc')} cores "
-        f"(`python benchmarks/fastai_epochs.py`): fastai's epochs projected from {row['fraction']:.0%} of each, "
+        f"(`python benchmarks/fastai_epochs.py`): fastai's epochs projected from the batches of {row['fraction']:.0%} of each, "
         f"{row['train_images']:,} training images, validation on the {row['test_images']:,} test images.",
         "",
         "| dataset | contender | frozen epoch (min) | unfrozen epoch (min) | whole run (min) | test accuracy | "
