@@ -143,7 +143,7 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
         return [
             sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
             "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64",
-            "--num-workers", "0", "--finetune-unfreeze", unfreeze, "--no-progress",
+            "--num-workers", "0", "--finetune-unfreeze", unfreeze, "--finetune-on", "auto", "--no-progress",
             "--cache-dir", str(tmp_path / f"cache-{run_dir.name}"),
             *(f"--{phase}-{option}={count}" for phase, count in epochs.items() for option in ("epochs", "patience")),
         ]
@@ -241,7 +241,8 @@ def test_batchnorm_policy_holds_through_a_real_finetune(
 ) -> None:
     config = tiny_config(
         tmp_path / "run", tiny_weights,
-        **{"frozen.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": unfreeze, "batchnorm": policy},
+        **{"frozen.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": unfreeze, "batchnorm": policy,
+           "finetune_on": "auto"},
     )
     train(image_folder, config)
     initial = torch.load(tiny_weights, weights_only=True)
