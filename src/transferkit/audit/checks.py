@@ -1,0 +1,174 @@
+"""The audit's measurements on plain arrays: a row of backbone features and a label per image in,
+scores out. No files, no models: each function is checked on its own against data made to have
+the problem it looks for.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+FEW_TRAIN_IMAGES = 10
+"""A class with fewer training images learns a head from too few examples to generalise."""
+FEW_VAL_IMAGES = 5
+"""A class with fewer validation images has a recall that moves by 20 points or more per image."""
+
+
+def out_of_sample_probabilities(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = 5, seed: int = 42
+) -> np.ndarray:
+    """Every image's class probabilities from a logistic regression that never saw it: the
+    images are cut into stratified ``folds`` and each fold is predicted by a model fit on the
+    others. Out-of-sample, so a mislabelled image is not memorised into looking right.
+
+    Fewer folds where the smallest class has fewer images than ``folds`` (at least two); a
+    class missing from a fold's training images gets probability 0 there.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    counts = np.bincount(labels, minlength=num_classes)
+    folds = int(max(2, min(folds, counts[counts > 0].min())))
+    probabilities = np.zeros((len(labels), num_classes), dtype=np.float64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # "The least populated class has only 1 member": handled above, and such a class is
+        # then absent from one fold's training images, which the columns below allow for.
+        warnings.simplefilter("ignore", UserWarning)
+        parts = list(splitter.split(features, labels))
+    for fit_rows, predict_rows in parts:
+        scaler = StandardScaler().fit(features[fit_rows])
+        if len(np.unique(labels[fit_rows])) < 2:  # a fold of one class: nothing to tell apart
+            probabilities[np.ix_(predict_rows, np.unique(labels[fit_rows]))] = 1.0
+            continue
+        # C=1 on standardised features; 300 iterations reach lbfgs' tolerance on hymenoptera and
+        # tf_flowers, and bound the time at cifar10's 60,000 images.
+        model = LogisticRegression(C=1.0, max_iter=300)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning: the ranking is what is used, not the fit
+            model.fit(scaler.transform(features[fit_rows]), labels[fit_rows])
+        probabilities[np.ix_(predict_rows, model.classes_)] = model.predict_proba(scaler.transform(features[predict_rows]))
+    return probabilities
+
+
+@dataclass
+class LabelIssues:
+    """Confident learning's verdict on the given labels."""
+
+    ranked: np.ndarray
+    """Indices of the images whose label is likely wrong, the most likely first."""
+    quality: np.ndarray
+    """Every image's label-quality score in [0, 1]: the probability of its given label (lower is worse)."""
+    suggested: np.ndarray
+    """Every image's most probable label other than its given one: what a suspect should be."""
+    noise_rate: np.ndarray
+    """Per given class: the estimated share of its images whose true class is another."""
+
+
+def find_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> LabelIssues:
+    """cleanlab's confident learning on out-of-sample ``probabilities``: which labels to doubt
+    (``prune_by_noise_rate``, ranked by self-confidence), every image's label quality and each
+    class's estimated noise rate from the calibrated confident joint."""
+    from cleanlab.count import compute_confident_joint
+    from cleanlab.filter import find_label_issues as cleanlab_find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    ranked = cleanlab_find_label_issues(
+        labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
+    quality = get_label_quality_scores(labels, probabilities, method="self_confidence")
+    others = probabilities.copy()
+    others[np.arange(len(labels)), labels] = -1
+    suggested = others.argmax(axis=1)
+    joint = compute_confident_joint(labels, probabilities)
+    given = joint.sum(axis=1)
+    noise_rate = np.where(given > 0, 1 - np.diag(joint) / np.maximum(given, 1), 0.0)
+    return LabelIssues(np.asarray(ranked, dtype=np.int64), quality, suggested, noise_rate)
+
+
+def nearest_neighbours(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine similarities, indices) of every image's ``k`` nearest other images, nearest first.
+
+    scikit-learn's exact search by brute force: on L2-normalised rows the Euclidean distance
+    orders as cosine similarity does, and it is one matrix product a block at a time (no
+    n x n matrix is ever held).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(features) - 1)
+    if k < 1:
+        return np.zeros((len(features), 0), np.float32), np.zeros((len(features), 0), np.int64)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = (features / np.maximum(norms, 1e-12)).astype(np.float32)
+    index = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(unit)
+    distances, indices = index.kneighbors()  # without X: an image is not its own neighbour
+    similarities = np.clip(1 - distances.astype(np.float32) ** 2 / 2, -1, 1)
+    return similarities, indices
+
+
+def near_duplicate_pairs(similarities: np.ndarray, indices: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, similarity) with i < j whose cosine similarity is at least ``threshold``,
+    each pair once, the most similar first."""
+    rows, columns = np.nonzero(similarities >= threshold)
+    pairs: dict[tuple[int, int], float] = {}
+    for row, column in zip(rows, columns):
+        i, j = sorted((int(row), int(indices[row, column])))
+        pairs[(i, j)] = max(pairs.get((i, j), -1.0), float(similarities[row, column]))
+    return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda pair: (-pair[2], pair[0], pair[1]))
+
+
+def outlier_scores(similarities: np.ndarray) -> np.ndarray:
+    """Every image's mean cosine distance to its nearest neighbours: high for an image unlike
+    any other in the folder, whatever its class (the kNN score of cleanlab's ``OutOfDistribution``,
+    before it maps distances into [0, 1])."""
+    if similarities.shape[1] == 0:
+        return np.zeros(len(similarities))
+    return (1 - similarities).mean(axis=1)
+
+
+def outlier_cut(scores: np.ndarray) -> float:
+    """The score above which an image is flagged: Tukey's far-out fence, the third quartile plus
+    three interquartile ranges, which a folder without outliers rarely passes."""
+    if len(scores) == 0:
+        return float("inf")
+    first, third = np.percentile(scores, [25, 75])
+    return float(third + 3 * (third - first))
+
+
+@dataclass
+class ClassHealth:
+    name: str
+    images: dict[str, int]
+    """Images per split."""
+    share: float
+    """Of all images."""
+    noise_rate: float
+    label_issues: int
+    problems: list[str]
+
+
+def class_health(
+    classes: list[str], split_counts: dict[str, dict[str, int]], noise_rate: np.ndarray, issues_per_class: np.ndarray
+) -> tuple[list[ClassHealth], float]:
+    """Each class's counts, estimated noise and problems, and the imbalance ratio (the largest
+    class's images over the smallest's)."""
+    totals = {name: sum(counts.get(name, 0) for counts in split_counts.values()) for name in classes}
+    everything = max(sum(totals.values()), 1)
+    health = []
+    for k, name in enumerate(classes):
+        images = {split: counts.get(name, 0) for split, counts in split_counts.items()}
+        problems = []
+        if images.get("train", 0) < FEW_TRAIN_IMAGES:
+            problems.append(f"only {images.get('train', 0)} training images (fewer than {FEW_TRAIN_IMAGES})")
+        if "val" in images and images["val"] < FEW_VAL_IMAGES:
+            problems.append(f"only {images['val']} validation images (fewer than {FEW_VAL_IMAGES})")
+        if noise_rate[k] >= 0.1:
+            problems.append(f"about {noise_rate[k]:.0%} of its labels look wrong")
+        health.append(ClassHealth(name, images, totals[name] / everything, float(noise_rate[k]),
+                                  int(issues_per_class[k]), problems))
+    smallest = min(totals.values())
+    imbalance = max(totals.values()) / smallest if smallest else float("inf")
+    return health, float(imbalance)
