@@ -3,6 +3,7 @@ image folder, from the cached backbone features (``run`` for the command, ``chec
 measurements, ``page`` for audit.html)."""
 
 from transferkit.audit.config import AuditConfig
-from transferkit.audit.run import AuditResult, Finding, audit, audit_index
+from transferkit.audit.findings import AuditResult, Finding
+from transferkit.audit.run import audit, audit_index
 
 __all__ = ["AuditConfig", "AuditResult", "Finding", "audit", "audit_index"]

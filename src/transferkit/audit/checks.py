@@ -89,24 +89,43 @@ def find_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> LabelIss
     return LabelIssues(np.asarray(ranked, dtype=np.int64), quality, suggested, noise_rate)
 
 
+SEARCH_DIMENSIONS = 256
+"""Above ``EXACT_SEARCH_IMAGES`` images, neighbours are searched among the features projected
+on their first principal components, then scored on the whole features."""
+EXACT_SEARCH_IMAGES = 20_000
+
+
 def nearest_neighbours(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(cosine similarities, indices) of every image's ``k`` nearest other images, nearest first.
 
-    scikit-learn's exact search by brute force: on L2-normalised rows the Euclidean distance
-    orders as cosine similarity does, and it is one matrix product a block at a time (no
-    n x n matrix is ever held).
+    scikit-learn's search by brute force: on L2-normalised rows the Euclidean distance orders as
+    cosine similarity does, and it is one matrix product a block at a time (no n x n matrix is
+    held). Its cost grows with images squared times feature width: for more than
+    ``EXACT_SEARCH_IMAGES`` images the search runs on ``SEARCH_DIMENSIONS`` principal components
+    (5x fewer multiplications for Lite0's 1,280 features) for 2k candidates, and the k most
+    similar of them on the whole features are kept, so every reported similarity is exact.
     """
     from sklearn.neighbors import NearestNeighbors
 
     k = min(k, len(features) - 1)
     if k < 1:
         return np.zeros((len(features), 0), np.float32), np.zeros((len(features), 0), np.int64)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    unit = (features / np.maximum(norms, 1e-12)).astype(np.float32)
-    index = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(unit)
-    distances, indices = index.kneighbors()  # without X: an image is not its own neighbour
-    similarities = np.clip(1 - distances.astype(np.float32) ** 2 / 2, -1, 1)
-    return similarities, indices
+    unit = _unit(features)
+    searched, candidates = unit, k
+    if len(unit) > EXACT_SEARCH_IMAGES and unit.shape[1] > SEARCH_DIMENSIONS:
+        from sklearn.decomposition import PCA
+
+        searched = _unit(PCA(SEARCH_DIMENSIONS, svd_solver="randomized", random_state=0).fit_transform(unit))
+        candidates = min(2 * k, len(unit) - 1)
+    index = NearestNeighbors(n_neighbors=candidates, algorithm="brute", metric="euclidean").fit(searched)
+    _, indices = index.kneighbors()  # without X: an image is not its own neighbour
+    similarities = np.empty(indices.shape, np.float32)
+    for start in range(0, len(unit), 1024):  # 1,024 x 2k feature rows at a time, not n x 2k
+        rows = slice(start, start + 1024)
+        similarities[rows] = np.einsum("nd,nkd->nk", unit[rows], unit[indices[rows]])
+    order = np.argsort(-similarities, axis=1, kind="stable")[:, :k]
+    similarities = np.clip(np.take_along_axis(similarities, order, axis=1), -1, 1)
+    return similarities, np.take_along_axis(indices, order, axis=1)
 
 
 def near_duplicate_pairs(similarities: np.ndarray, indices: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
@@ -120,22 +139,36 @@ def near_duplicate_pairs(similarities: np.ndarray, indices: np.ndarray, threshol
     return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda pair: (-pair[2], pair[0], pair[1]))
 
 
-def outlier_scores(similarities: np.ndarray) -> np.ndarray:
-    """Every image's mean cosine distance to its nearest neighbours: high for an image unlike
-    any other in the folder, whatever its class (the kNN score of cleanlab's ``OutOfDistribution``,
-    before it maps distances into [0, 1])."""
-    if similarities.shape[1] == 0:
-        return np.zeros(len(similarities))
-    return (1 - similarities).mean(axis=1)
+def outlier_scores(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Every image's cosine distance to the nearest class centre (the mean direction of a
+    class's features): high for an image far from every class, whatever folder it is in.
+
+    Not the distance to the nearest images: outliers come in groups (a batch of screenshots, a
+    folder of another dataset's images), and each member of a group has the others for
+    neighbours. 20 cifar10 images filed into hymenoptera were 0 of the top 40 by mean distance
+    to the 10 nearest images, and 20 of the top 40 by distance to the nearest class centre.
+    """
+    unit = _unit(features)
+    centres = np.zeros((num_classes, unit.shape[1]), np.float32)
+    np.add.at(centres, labels, unit)
+    centres = _unit(centres)
+    return 1 - (unit @ centres.T).max(axis=1)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def outlier_cut(scores: np.ndarray) -> float:
-    """The score above which an image is flagged: Tukey's far-out fence, the third quartile plus
-    three interquartile ranges, which a folder without outliers rarely passes."""
+    """The score above which an image is flagged: Tukey's fence, the third quartile plus 1.5
+    interquartile ranges. Measured: it flags 21 of hymenoptera's 397 images and 33 of
+    tf_flowers' 3,670 as published, and 14 of 20 cifar10 images filed into hymenoptera (23
+    flagged); three ranges (the far-out fence) flagged none of them. The ranking is the finding,
+    the cut only bounds the list."""
     if len(scores) == 0:
         return float("inf")
     first, third = np.percentile(scores, [25, 75])
-    return float(third + 3 * (third - first))
+    return float(third + 1.5 * (third - first))
 
 
 @dataclass

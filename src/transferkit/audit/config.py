@@ -38,7 +38,7 @@ class AuditConfig:
         metadata=_help("cosine similarity of two images' features from which they are reported as near-copies"),
     )
     neighbours: int = field(
-        default=10, metadata=_help("nearest images looked at per image, for near-copies and the outlier score")
+        default=10, metadata=_help("nearest images looked at per image for near-copies")
     )
     cache_dir: str | None = field(
         default=None,

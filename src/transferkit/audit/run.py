@@ -6,7 +6,7 @@ features the feature cache already holds.
 - near-copies: pairs of images whose features' cosine similarity passes a threshold, beyond the
   byte-identical groups; flagged as leakage when they cross splits and as a label conflict when
   they cross classes;
-- outliers: images far from all others (mean cosine distance to their nearest neighbours);
+- outliers: images far from every class (cosine distance to the nearest class centre);
 - class health: counts, imbalance, too few images for a split, each class's estimated label noise.
 
 Nothing is moved or deleted: the findings are written to ``audit.csv`` (one row per flagged image,
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ import numpy as np
 
 from transferkit._io import write_csv, write_json
 from transferkit.audit.checks import (
-    ClassHealth,
     class_health,
     find_label_issues,
     near_duplicate_pairs,
@@ -37,91 +36,13 @@ from transferkit.audit.checks import (
     outlier_scores,
 )
 from transferkit.audit.config import AuditConfig
+from transferkit.audit.findings import CSV_COLUMNS, KINDS, AuditResult, Finding, ImageScores
 from transferkit.config import source_problems
 from transferkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("label_conflict", "label_issue", "leakage", "near_duplicate", "outlier")
-"""What a finding is, in the order audit.csv lists them: a copy filed under two classes, a label
-confident learning doubts, a copy in two splits, a copy within a split, an image unlike the rest."""
 SPLIT_ORDER = ("train", "val", "test")
-CSV_COLUMNS = ["kind", "score", "path", "split", "label", "suggested_label", "paired_path", "paired_split",
-               "paired_label", "identical"]
-
-
-@dataclass
-class Finding:
-    """One row of audit.csv. ``score``: the label quality of a label issue (lower is worse), the
-    cosine similarity of a pair, the outlier score (higher is worse)."""
-
-    kind: str
-    path: str
-    split: str
-    label: str
-    score: float
-    suggested_label: str = ""
-    paired_path: str = ""
-    paired_split: str = ""
-    paired_label: str = ""
-    identical: bool = False
-    """A pair whose files hold the same bytes."""
-
-    def row(self) -> list[Any]:
-        values = asdict(self)
-        values["score"] = f"{self.score:.6f}"
-        values["identical"] = "yes" if self.identical else ("no" if self.paired_path else "")
-        return [values[column] for column in CSV_COLUMNS]
-
-
-@dataclass
-class ImageScores:
-    """Every image audited, in one order, with its scores."""
-
-    paths: list[str]
-    splits: list[str]
-    labels: np.ndarray
-    probabilities: np.ndarray
-    """Out-of-sample class probabilities."""
-    label_quality: np.ndarray
-    suggested: np.ndarray
-    outlier_score: np.ndarray
-
-
-@dataclass
-class AuditResult:
-    output: Path
-    classes: list[str]
-    findings: list[Finding]
-    summary: dict[str, Any]
-    """What audit.json holds."""
-    health: list[ClassHealth]
-    images: ImageScores
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def csv_file(self) -> Path:
-        return self.output / "audit.csv"
-
-    @property
-    def json_file(self) -> Path:
-        return self.output / "audit.json"
-
-    @property
-    def html_file(self) -> Path:
-        return self.output / "audit.html"
-
-    def of_kind(self, kind: str) -> list[Finding]:
-        return [finding for finding in self.findings if finding.kind == kind]
-
-    def line(self) -> str:
-        """The one-line summary train and the CLI print."""
-        counts = self.summary["counts"]
-        return (
-            f"audit of {self.summary['images']} images: {counts['label_issue']} possible label errors, "
-            f"{counts['near_duplicate_pairs']} near-duplicate pairs ({counts['leakage']} across splits, "
-            f"{counts['label_conflict']} across classes), {counts['outlier']} outliers"
-        )
 
 
 def default_output(data: str | os.PathLike[str]) -> Path:
@@ -135,6 +56,7 @@ def audit(data: str | os.PathLike[str], config: AuditConfig | None = None) -> Au
     Splits are made as train makes them with the same ``seed`` and ``split``, so leakage is
     judged on the splits a train of the same folder uses.
     """
+    from transferkit.data.exclude import read_exclusions
     from transferkit.data.folders import discover
     from transferkit.data.images import scan_images
     from transferkit.data.registry import resolve_data_source
@@ -147,6 +69,9 @@ def audit(data: str | os.PathLike[str], config: AuditConfig | None = None) -> Au
     index = discover(root, config.data.split, config.seed, config.data.max_per_class)
     paths = [path for items in index.splits.values() for path, _ in items]
     index.drop(scan_images(paths, config.data.resolved_num_workers()))
+    if config.data.exclude:  # an audit again after leaving some out
+        readable = {path for items in index.splits.values() for path, _ in items}
+        index.drop(read_exclusions(config.data.exclude, index.root, readable))
     index.find_duplicates()
     output = Path(config.output) if config.output else default_output(data)
     return audit_index(index, config, output)
@@ -183,7 +108,7 @@ def audit_index(index: Any, config: AuditConfig, output: Path) -> AuditResult:
     clock = time.perf_counter()
     similarities, neighbours = nearest_neighbours(features, config.neighbours)
     pairs = near_duplicate_pairs(similarities, neighbours, config.duplicate_threshold)
-    scores = outlier_scores(similarities)
+    scores = outlier_scores(features, labels, len(classes))
     cut = outlier_cut(scores)
     timings["neighbours"] = round(time.perf_counter() - clock, 2)
 
@@ -213,7 +138,7 @@ def audit_index(index: Any, config: AuditConfig, output: Path) -> AuditResult:
         "features": stats.as_dict(), "seconds": timings,
     }
     result = AuditResult(output, classes, findings, summary, health, images, list(index.skipped))
-    write_audit(result)
+    write_audit(result, html=config.html)
     log.info("%s; written to %s", result.line(), output)
     return result
 
@@ -265,7 +190,7 @@ def _order(images: ImageScores, i: int) -> tuple[int, str]:
     return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), images.paths[i])
 
 
-def write_audit(result: AuditResult) -> None:
+def write_audit(result: AuditResult, html: bool = True) -> None:
     """audit.csv, scores.csv, audit.json and (unless asked not to) audit.html in ``result.output``."""
     result.output.mkdir(parents=True, exist_ok=True)
     write_csv(result.csv_file, CSV_COLUMNS, (finding.row() for finding in result.findings))
@@ -277,3 +202,7 @@ def write_audit(result: AuditResult) -> None:
           classes[images.suggested[i]], f"{images.outlier_score[i]:.6f}"] for i in range(len(images.paths))),
     )
     write_json(result.json_file, result.summary)
+    if html:
+        from transferkit.audit.page import write_page
+
+        write_page(result)
