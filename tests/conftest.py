@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -128,3 +130,24 @@ def serving(app: Any) -> Iterator[str]:
     finally:
         instance.should_exit = True
         thread.join(timeout=10)
+
+
+BROWSER_PROBE = (
+    "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+    "document.body.setAttribute('data-images',i.length);"
+    "document.body.setAttribute('data-decoded',i.filter(x=>x.complete&&x.naturalWidth>0).length);"
+    "document.body.setAttribute('data-sections',document.querySelectorAll('h2').length);});</script>"
+)
+
+
+def render_in_chromium(page: str, folder: Path) -> dict[str, int]:
+    """Debian's chromium loads the page; a probe script counts what it rendered: images, images
+    actually decoded, h2 sections."""
+    probed = folder / "probed.html"
+    probed.write_text(page.replace("</body>", BROWSER_PROBE + "</body>"), encoding="utf-8")
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom",
+         probed.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    return {name: int(re.search(rf'data-{name}="(\d+)"', dom).group(1)) for name in ("images", "decoded", "sections")}

@@ -165,6 +165,23 @@ def test_evaluate_and_predict_treat_each_file_as_train_did(
     assert {p["top_k"][0]["label"] for p in answer["predictions"]} <= {"blue", "red"}
 
 
+def test_audit_treats_each_file_as_train_did(
+    messy: Path, tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([
+        "audit", str(messy), "--output", str(tmp_path / "audit"), "--model", "test_efficientnet", "--weights",
+        str(tiny_weights), "--image-size", "64", "--num-workers", "2", "--split", "0.6,0.4,0", "--no-progress",
+    ])
+    assert code == 0
+    printed = capsys.readouterr()
+    stderr = [line.removeprefix("skipped ").split(": ", 1) for line in printed.err.splitlines() if line.startswith("skipped ")]
+    used = [row["path"] for row in read_csv_rows(tmp_path / "audit" / "scores.csv")]
+    assert_expected_fates(used, stderr)
+    assert len(used) == 12 * 2 + 1 + len(USED)
+    assert json.loads((tmp_path / "audit" / "audit.json").read_text())["skipped"] == len(SKIPPED)
+    assert (tmp_path / "audit" / "audit.html").stat().st_size > 0
+
+
 def test_predict_prints_an_undecodable_file_name_as_the_bytes_on_disk(
     messy_run: Path, messy: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
@@ -213,7 +230,7 @@ def test_serve_answers_each_upload_with_the_reason_the_folder_commands_give(mess
         assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 
-@pytest.mark.parametrize("command", ["train", "compare", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "compare", "evaluate", "audit"])
 def test_class_folders_differing_only_in_case_are_one_clear_error(
     command: str, messy_run: Path, tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -225,6 +242,8 @@ def test_class_folders_differing_only_in_case_are_one_clear_error(
         "compare": ["compare", str(data), "--output", str(tmp_path / "run"), "--weights", str(tiny_weights),
                     "--models", "test_efficientnet"],
         "evaluate": ["evaluate", str(messy_run), str(data)],
+        "audit": ["audit", str(data), "--output", str(tmp_path / "run"), "--weights", str(tiny_weights),
+                  "--model", "test_efficientnet"],
     }[command]
     assert main(arguments) == 2
     error = capsys.readouterr().err.strip()

@@ -4,13 +4,13 @@ import base64
 import io
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import render_in_chromium
 from transferkit.cli import main
 from transferkit.figures import plot_confusion_matrix
 from transferkit.report import FIGURES, read_run, write_figures
@@ -78,22 +78,9 @@ def test_figures_are_redrawn_from_the_run_folder_alone(trained_run: Path, tmp_pa
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
 def test_the_report_renders_in_a_real_browser_with_every_image_decoded(trained_run: Path, tmp_path: Path) -> None:
-    # Chromium loads the page and a probe script counts the images it actually decoded.
-    page = (trained_run / "report.html").read_text(encoding="utf-8")
-    probe = (
-        "<script>window.addEventListener('load',()=>{const i=[...document.images];"
-        "document.body.setAttribute('data-decoded',i.filter(x=>x.complete&&x.naturalWidth>0).length);"
-        "document.body.setAttribute('data-sections',document.querySelectorAll('h2').length);});</script>"
-    )
-    probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
-    dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom",
-         probed.as_uri()],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout
-    assert f'data-decoded="{len(FIGURES)}"' in dom
-    assert int(re.search(r'data-sections="(\d+)"', dom).group(1)) >= 5
+    rendered = render_in_chromium((trained_run / "report.html").read_text(encoding="utf-8"), tmp_path)
+    assert rendered["decoded"] == rendered["images"] == len(FIGURES)
+    assert rendered["sections"] >= 5
 
 
 def test_class_names_with_dollar_signs_are_drawn_literally_in_every_figure(tmp_path: Path, tiny_weights: Path) -> None:

@@ -97,6 +97,11 @@ class DataConfig:
         default=None,
         metadata=_help("reuse the train/val/test split of an earlier run folder, so runs compare on the same images"),
     )
+    exclude: str | None = field(
+        default=None,
+        metadata=_help("leave out the images named in the path column of this CSV file (such as an audit's "
+                       "audit.csv); they are listed in skipped.csv with the reason"),
+    )
     data_mirror: str | None = field(
         default=None,
         metadata=_help(

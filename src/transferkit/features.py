@@ -258,3 +258,24 @@ class FeatureCache:
         stats = FeatureStats(images=len(paths), from_cache=hits, seconds=time.perf_counter() - started)
         log.info("%s: %d images, %d from the cache (%s), %.1f s", self.kind, len(paths), hits, self.folder, stats.seconds)
         return features, stats
+
+
+def cached_pooled_features(
+    model: Any,
+    paths: list[str],
+    preprocessing: dict[str, Any],
+    global_pool: str,
+    backend: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, FeatureStats]:
+    """``extract_features`` of every path through the persistent cache: the images a train of the
+    same backbone and preprocessing has seen cost nothing."""
+    cache = FeatureCache.for_backbone(model, preprocessing, global_pool, cache_dir)
+
+    def compute(missing: list[str], digests: dict[str, bytes]) -> np.ndarray:
+        return extract_features(model, missing, preprocessing, backend, num_workers=num_workers,
+                                progress=progress, digests=digests)
+
+    return cache.features(paths, compute)

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 from transferkit.cli import console
 from transferkit.cli.handlers import COMMANDS
 from transferkit.cli.options import (
+    audit_parser,
     compare_parser,
     evaluate_parser,
     export_parser,
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     train_parser(subparsers)
     compare_parser(subparsers)
+    audit_parser(subparsers)
     evaluate_parser(subparsers)
     predict_parser(subparsers)
     report_parser(subparsers)

@@ -76,6 +76,23 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_audit(args: argparse.Namespace) -> int:
+    from transferkit.audit import AuditConfig, audit
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "verbose")}
+    options.setdefault("progress", sys.stderr.isatty())
+    config = raise_together(source_problems(args.source), lambda: AuditConfig.from_options(options))
+    result = audit(args.source, config)
+    print_skipped(result.skipped)
+    print(result.line())
+    for health in result.health:
+        for problem in health.problems:
+            print(f"  class {health.name}: {problem}")
+    written = ", ".join(path.name for path in (result.csv_file, result.json_file, result.html_file) if path.exists())
+    print(f"written to {result.output} ({written}); nothing was moved or deleted")
+    return 0
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from transferkit.evaluate import evaluate
 
@@ -185,4 +202,5 @@ def _run_report(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
     "export": _run_export, "serve": _run_serve, "summary": _run_summary, "compare": _run_compare,
+    "audit": _run_audit,
 }

@@ -114,6 +114,23 @@ def compare_parser(subparsers: Any) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
 
 
+def audit_parser(subparsers: Any) -> None:
+    from transferkit.audit.config import DATA_SKIP, MODEL_SKIP, AuditConfig
+
+    parser = subparsers.add_parser(
+        "audit", help="find mislabelled, duplicated, leaking and odd images before training",
+        description="Label issues (confident learning on out-of-sample predictions), near-copies within and "
+        "across splits and classes, outliers and class health, from the cached backbone features. Writes "
+        "audit.csv (the input of train --exclude), audit.json, scores.csv and audit.html; never moves a file.",
+    )
+    parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
+    defaults = AuditConfig()
+    _add_fields(parser, DataConfig, "", "data", defaults.data, skip=DATA_SKIP)
+    _add_fields(parser, ModelConfig, "", "model", defaults.model, skip=MODEL_SKIP)
+    _add_fields(parser, AuditConfig, "", "", defaults, skip=frozenset({"data", "model"}))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+
+
 def evaluate_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="metrics of a trained run on one of its splits or on a labelled folder",

@@ -71,7 +71,7 @@ class DatasetIndex:
             missing = [self.classes[k] for k in range(len(self.classes)) if k not in present]
             if missing:
                 raise DataError(
-                    f"after skipping {len(reasons)} unreadable or duplicate files, the {split} split has no "
+                    f"after skipping {len(reasons)} unreadable, duplicate or excluded files, the {split} split has no "
                     f"images of {', '.join(missing)}; add readable images to those class folders"
                 )
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transferkit import activations, engine, models, runs
 from transferkit.config import TrainConfig, parse_unfreeze, source_problems
 from transferkit.data.folders import DatasetIndex, discover
+from transferkit.data.exclude import read_exclusions
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import image_loader, resolve_preprocessing
 from transferkit.data.registry import resolve_data_source
@@ -369,6 +370,8 @@ def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming
             )
         if config.data.drop_duplicates:
             index.drop_duplicates()
+    if config.data.exclude:
+        index.drop(read_exclusions(config.data.exclude, index.root, {path for items in index.splits.values() for path, _ in items}))
     if not write:
         return index
     if index.skipped:

@@ -1,0 +1,92 @@
+"""What an audit found: one ``Finding`` per row of audit.csv, every image's scores, and the
+``AuditResult`` that holds them (read by the command, the page and train)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.audit.checks import ClassHealth
+
+KINDS = ("label_conflict", "label_issue", "leakage", "near_duplicate", "outlier")
+"""What a finding is, in the order audit.csv lists them: a copy filed under two classes, a label
+confident learning doubts, a copy in two splits, a copy within a split, an image unlike the rest."""
+CSV_COLUMNS = ["kind", "score", "path", "split", "label", "suggested_label", "paired_path", "paired_split",
+               "paired_label", "identical"]
+
+
+@dataclass
+class Finding:
+    """One row of audit.csv. ``score``: the label quality of a label issue (lower is worse), the
+    cosine similarity of a pair, the outlier score (higher is worse)."""
+
+    kind: str
+    path: str
+    split: str
+    label: str
+    score: float
+    suggested_label: str = ""
+    paired_path: str = ""
+    paired_split: str = ""
+    paired_label: str = ""
+    identical: bool = False
+    """A pair whose files hold the same bytes."""
+
+    def row(self) -> list[Any]:
+        values = asdict(self)
+        values["score"] = f"{self.score:.6f}"
+        values["identical"] = "yes" if self.identical else ("no" if self.paired_path else "")
+        return [values[column] for column in CSV_COLUMNS]
+
+
+@dataclass
+class ImageScores:
+    """Every image audited, in one order, with its scores."""
+
+    paths: list[str]
+    splits: list[str]
+    labels: np.ndarray
+    probabilities: np.ndarray
+    """Out-of-sample class probabilities."""
+    label_quality: np.ndarray
+    suggested: np.ndarray
+    outlier_score: np.ndarray
+
+
+@dataclass
+class AuditResult:
+    output: Path
+    classes: list[str]
+    findings: list[Finding]
+    summary: dict[str, Any]
+    """What audit.json holds."""
+    health: list[ClassHealth]
+    images: ImageScores
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def csv_file(self) -> Path:
+        return self.output / "audit.csv"
+
+    @property
+    def json_file(self) -> Path:
+        return self.output / "audit.json"
+
+    @property
+    def html_file(self) -> Path:
+        return self.output / "audit.html"
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [finding for finding in self.findings if finding.kind == kind]
+
+    def line(self) -> str:
+        """The one-line summary train and the CLI print."""
+        counts = self.summary["counts"]
+        return (
+            f"audit of {self.summary['images']} images: {counts['label_issue']} possible label errors, "
+            f"{counts['near_duplicate_pairs']} near-duplicate pairs ({counts['leakage']} across splits, "
+            f"{counts['label_conflict']} across classes), {counts['outlier']} outliers"
+        )

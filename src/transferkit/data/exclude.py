@@ -1,0 +1,64 @@
+"""``--exclude FILE.csv``: images a user chose to leave out, listed by path in any CSV file
+with a ``path`` column (an audit's audit.csv, filtered by hand, is one)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+from transferkit._io import PATH_ERRORS
+from transferkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]) -> dict[str, str]:
+    """{path: reason} for every image of ``known`` (absolute paths) that ``listing`` names.
+
+    A listed path may be absolute, or relative to the data folder ``root`` or to the working
+    folder. The reason names the file, and the audit's finding where the CSV has a ``kind``
+    column. Listed paths that are not among ``known`` are counted in the log, not an error: the
+    list may be from another split or an older copy of the folder.
+    """
+    listing = Path(listing)
+    try:
+        with listing.open(newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except FileNotFoundError:
+        raise DataError(f"{listing} not found; --exclude takes a CSV file with a path column, such as an audit's audit.csv") from None
+    except (OSError, csv.Error) as error:
+        raise DataError(f"cannot read {listing} ({error}); --exclude takes a CSV file with a path column") from None
+    if "path" not in columns:
+        shown = ", ".join(columns[:8]) or "none"
+        raise DataError(f"{listing} has no path column (its columns: {shown}); --exclude needs one naming each image to leave out")
+    reasons: dict[str, list[str]] = {}
+    unknown = 0
+    for row in rows:
+        path = _match((row.get("path") or "").strip(), root, known)
+        if path is None:
+            unknown += bool((row.get("path") or "").strip())
+            continue
+        kinds = reasons.setdefault(path, [])
+        kind = (row.get("kind") or "").strip()
+        if kind and kind not in kinds:
+            kinds.append(kind)
+    if unknown:
+        log.warning("%d paths listed in %s are not images of %s; they are ignored", unknown, listing, root)
+    return {
+        path: f"excluded by {listing.name}" + (f" ({', '.join(kinds)})" if kinds else "")
+        for path, kinds in reasons.items()
+    }
+
+
+def _match(listed: str, root: Path, known: set[str]) -> str | None:
+    if not listed:
+        return None
+    for candidate in (Path(listed), root / listed, Path.cwd() / listed):
+        path = os.path.normpath(os.path.abspath(candidate))
+        if path in known:
+            return path
+    return None
