@@ -1,6 +1,6 @@
 """fastai's ``fine_tune`` at a scale where a whole run takes hours on 2 cores: each phase's epoch
-time, projected from a measured fraction of one epoch, beside transferkit's whole default
-``train`` on the same data (from finetune_inputs.json).
+time, projected from a measured fraction of one epoch, beside transferkit's whole ``train
+--finetune-on auto`` on the same data (its ``activations`` row in finetune_inputs.json).
 
     python benchmarks/fastai_epochs.py --peer-python /tmp/peers/bin/python [--dataset cifar10] [--fraction 0.02]
 
@@ -103,7 +103,7 @@ def table(row: dict, ours: dict | None) -> str:
     ]
     if ours:
         lines.append(
-            f"| {row['dataset']} | transferkit `train` (default recipe, cold caches, seed {ours['seed']}) | | | "
+            f"| {row['dataset']} | transferkit `train --finetune-on auto` (cold caches, seed {ours['seed']}) | | | "
             f"{ours['cold_seconds'] / 60:.1f} measured | {ours['test_accuracy']:.4f} | {ours['peak_mib']} | 1.0x |"
         )
     ratio = f"{projected / ours['cold_seconds']:.1f}x" if ours else ""
