@@ -78,9 +78,11 @@ def evaluate_phases(
 
 
 def _top_logits(model: nn.Module, cached: torch.Tensor, boundary: int, batch_size: int = 64) -> torch.Tensor:
+    # Judging a phase on images may have moved the model to the GPU; the cache is on the CPU.
+    device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
         return torch.cat([
-            activations.forward_top(model, cached[start : start + batch_size].float(), boundary)
+            activations.forward_top(model, cached[start : start + batch_size].to(device).float(), boundary).cpu()
             for start in range(0, len(cached), batch_size)
         ]) if len(cached) else torch.empty(0)
