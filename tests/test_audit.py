@@ -252,6 +252,20 @@ def test_exclude_relative_paths_are_read_from_the_data_folder(tmp_path: Path, ti
     assert result.skipped == [(str(data / "red" / "red_003.jpg"), "excluded by drop.csv")]
 
 
+def test_exclude_matches_when_the_data_path_goes_through_a_parent(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make_folder(tmp_path / "data", per_class=12)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    listing = tmp_path / "drop.csv"
+    listing.write_text(f"path\n{data / 'red' / 'red_003.jpg'}\n")
+    options = tiny_audit_options(tmp_path / "audit", tiny_weights, **{"data.exclude": str(listing)})
+    result = audit("../data", AuditConfig.from_options(options))
+    assert len(result.images.paths) == 23
+    assert [reason for _, reason in result.skipped] == ["excluded by drop.csv"]
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (None, "not found; --exclude takes a CSV file with a path column"),
     ("file,reason\na.jpg,x\n", "has no path column (its columns: file, reason)"),

@@ -35,10 +35,13 @@ def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]
     if "path" not in columns:
         shown = ", ".join(columns[:8]) or "none"
         raise DataError(f"{listing} has no path column (its columns: {shown}); --exclude needs one naming each image to leave out")
+    # The index keeps paths as given (``../data/x.jpg`` made absolute keeps its ``..``): match
+    # on the normalised form and answer with the index's own spelling.
+    normalised = {os.path.normpath(path): path for path in known}
     reasons: dict[str, list[str]] = {}
     unknown = 0
     for row in rows:
-        path = _match((row.get("path") or "").strip(), root, known)
+        path = _match((row.get("path") or "").strip(), root, normalised)
         if path is None:
             unknown += bool((row.get("path") or "").strip())
             continue
@@ -54,11 +57,11 @@ def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]
     }
 
 
-def _match(listed: str, root: Path, known: set[str]) -> str | None:
+def _match(listed: str, root: Path, normalised: dict[str, str]) -> str | None:
     if not listed:
         return None
     for candidate in (Path(listed), root / listed, Path.cwd() / listed):
         path = os.path.normpath(os.path.abspath(candidate))
-        if path in known:
-            return path
+        if path in normalised:
+            return normalised[path]
     return None
