@@ -161,6 +161,9 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
     assert rows_before[-1]["phase"] == killed_in and int(rows_before[-1]["epoch"]) < epochs[killed_in]
     assert not (run_dir / "metrics.json").exists()
 
+    on_activations = [p.name for p in (tmp_path / "cache-killed").iterdir() if "-after-" in p.name]
+    assert bool(on_activations) == (unfreeze != "all"), "fine-tuning ran on the inputs the case names"
+
     result = resume(run_dir)
     rows = history(run_dir)
     if killed_in == "finetune":
@@ -242,7 +245,7 @@ def test_batchnorm_policy_holds_through_a_real_finetune(
     config = tiny_config(
         tmp_path / "run", tiny_weights,
         **{"frozen.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": unfreeze, "batchnorm": policy,
-           "finetune_on": "auto"},
+           "finetune_on": "activations" if unfreeze == "2" else "images"},
     )
     train(image_folder, config)
     initial = torch.load(tiny_weights, weights_only=True)
