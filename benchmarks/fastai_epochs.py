@@ -29,7 +29,7 @@ from datetime import date
 from pathlib import Path
 
 from _results import write_section
-from peers import MODEL, embedded_state, labelled_files, run_child
+from peers import fastai_learner, run_child
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "fastai_epochs.json"
@@ -37,28 +37,12 @@ RAW = HERE / "fastai_epochs.json"
 
 def measure(data: Path, fraction: float) -> dict[str, float]:
     """In the peer interpreter: seconds to set up, and each phase's projected epoch seconds."""
-    import os
-
-    import pandas as pd
     from fastai.callback.core import Callback
     from fastai.callback.training import ShortEpochCallback
-    from fastai.vision.all import (
-        CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, Normalize, Resize, vision_learner,
-    )
 
     started = time.perf_counter()
-    classes, train = labelled_files(data / "train")
-    _, test = labelled_files(data / "test")
-    frame = pd.DataFrame([(p, classes[y]) for p, y in train + test], columns=["path", "label"])
-    block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock), get_x=ColReader("path"), get_y=ColReader("label"),
-        splitter=IndexSplitter(list(range(len(train), len(frame)))), item_tfms=Resize(224),
-        batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3),
-    )
-    dls = block.dataloaders(frame, bs=64, num_workers=os.cpu_count())
-    learn = vision_learner(dls, MODEL, pretrained=False)
-    body = learn.model[0].model
-    body.load_state_dict(embedded_state(body), strict=False)
+    learn = fastai_learner(data, "test")
+    dls = learn.dls
     setup = time.perf_counter() - started
 
     class BatchEnds(Callback):
@@ -87,7 +71,7 @@ def measure(data: Path, fraction: float) -> dict[str, float]:
     learn.unfreeze()
     unfrozen = epoch(slice(1e-5, 1e-3))
     return {"setup_seconds": setup, "frozen_epoch_seconds": frozen, "unfrozen_epoch_seconds": unfrozen,
-            "train_images": len(train), "test_images": len(test)}
+            "train_images": len(dls.train_ds), "test_images": len(dls.valid_ds)}
 
 
 def table(row: dict, ours: dict | None) -> str:

@@ -105,15 +105,17 @@ def embedded_state(model: Any) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k in wanted}
 
 
-def fastai_contender(data: Path, epochs: int) -> float:
+def fastai_learner(data: Path, valid: str, metrics: tuple = ()) -> Any:
+    """fastai's ``vision_learner`` on ``DATA/train`` (validating on ``DATA/<valid>``) with the
+    embedded weights in its body, ``Resize(224)``, batch 64."""
     import pandas as pd
     from fastai.vision.all import (
-        CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, Normalize, Resize, accuracy, vision_learner,
+        CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, Normalize, Resize, vision_learner,
     )
 
     classes, train = labelled_files(data / "train")
-    _, val = labelled_files(data / "val")
-    frame = pd.DataFrame([(p, classes[y]) for p, y in train + val], columns=["path", "label"])
+    _, held_out = labelled_files(data / valid)
+    frame = pd.DataFrame([(p, classes[y]) for p, y in train + held_out], columns=["path", "label"])
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock), get_x=ColReader("path"), get_y=ColReader("label"),
         splitter=IndexSplitter(list(range(len(train), len(frame)))), item_tfms=Resize(224),
@@ -122,11 +124,17 @@ def fastai_contender(data: Path, epochs: int) -> float:
         batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3),
     )
     dls = block.dataloaders(frame, bs=64, num_workers=os.cpu_count())
-    learn = vision_learner(dls, MODEL, pretrained=False, metrics=accuracy)
+    learn = vision_learner(dls, MODEL, pretrained=False, metrics=list(metrics))
     body = learn.model[0].model
-    state = embedded_state(body)
-    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing, unexpected = body.load_state_dict(embedded_state(body), strict=False)
     assert not unexpected and all(k.startswith("classifier") for k in missing), (missing, unexpected)
+    return learn
+
+
+def fastai_contender(data: Path, epochs: int) -> float:
+    from fastai.vision.all import accuracy
+
+    learn = fastai_learner(data, "val", metrics=(accuracy,))
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(epochs)
         return float(learn.validate()[1])
