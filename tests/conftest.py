@@ -6,6 +6,7 @@ import contextlib
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -108,6 +109,17 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) ->
     run_dir = root / "run"
     train(data, tiny_config(run_dir, tiny_weights, report=True))
     return run_dir
+
+
+def run_cli_without_torch(arguments: list[str]) -> subprocess.CompletedProcess[str]:
+    """``transferkit ARGUMENTS`` in a process where importing torch, timm or torchvision fails,
+    as on a machine without them."""
+    script = (
+        "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None; sys.modules['torchvision'] = None\n"
+        "from transferkit.cli import main\n"
+        f"sys.exit(main({arguments!r}))\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
 
 
 @contextlib.contextmanager

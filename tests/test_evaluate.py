@@ -108,13 +108,14 @@ def test_top_k_is_reported_only_where_it_means_something() -> None:
 
 
 def eager_probabilities(run_dir: Path, paths: list[str]) -> np.ndarray:
-    """The saved model rebuilt through timm alone, fed by hand: the reference for every output."""
+    """The saved model rebuilt through timm alone, fed by hand, its logits divided by the saved
+    temperature: the reference for every output."""
     model = timm.create_model(f"local-dir:{run_dir / 'model'}", pretrained=True).eval()
-    preprocessing = json.loads((run_dir / "model" / "config.json").read_text())["transferkit"]["preprocessing"]
+    extra = json.loads((run_dir / "model" / "config.json").read_text())["transferkit"]
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    batch = torch.stack([transform(load_image(p, resize_side(preprocessing))) for p in paths])
+    batch = torch.stack([transform(load_image(p, resize_side(extra["preprocessing"]))) for p in paths])
     with torch.no_grad():
-        return model(batch).softmax(dim=1).numpy()
+        return (model(batch) / extra["calibration"]["temperature"]).softmax(dim=1).numpy()
 
 
 def test_predict_equals_the_models_own_forward_pass(trained_run: Path, tmp_path: Path) -> None:
@@ -150,7 +151,7 @@ def test_predict_writes_csv_with_one_row_per_image(trained_run: Path, tmp_path: 
     images = [make_image(tmp_path / f"{i}.png", COLOURS["blue"], seed=i) for i in range(3)]
     assert main(["predict", str(trained_run / "model"), *map(str, images), "--format", "csv", "--top-k", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "path,label_1,probability_1"
+    assert lines[0] == "path,answer,unknown_score,label_1,probability_1"
     assert [line.split(",")[0] for line in lines[1:]] == [str(p) for p in images]
 
 

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, run_cli_without_torch
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
 from transferkit.evaluate import evaluate, predict
@@ -64,7 +62,8 @@ def test_torchscript_export_matches_the_eager_model(trained_run: Path, tmp_path:
     extra = {"transferkit.json": ""}
     module = torch.jit.load(str(result.path), _extra_files=extra)
     assert json.loads(extra["transferkit.json"])["classes"] == ["blue", "green", "red"]
-    assert module(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+    logits, unknown_scores = module(torch.zeros(2, 3, 64, 64))
+    assert logits.shape == (2, 3) and unknown_scores.shape == (2,)
 
 
 def test_predict_and_evaluate_take_the_onnx_file_like_the_run(trained_run: Path, tmp_path: Path) -> None:
@@ -88,19 +87,16 @@ def test_predict_and_evaluate_take_the_onnx_file_like_the_run(trained_run: Path,
 def test_onnx_predict_runs_without_torch_or_timm(trained_run: Path, tmp_path: Path) -> None:
     onnx_file = export(trained_run, output=tmp_path / "model.onnx").path
     image = val_paths(trained_run)[0]
-    # None in sys.modules makes any import of torch or timm fail, as on a machine without them.
-    script = (
-        "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None; sys.modules['torchvision'] = None\n"
-        "from transferkit.cli import main\n"
-        f"sys.exit(main(['predict', {str(onnx_file)!r}, {image!r}, '--format', 'json', '--top-k', '1']))\n"
-    )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    completed = run_cli_without_torch(["predict", str(onnx_file), image, "--format", "json", "--top-k", "1"])
 
     assert completed.returncode == 0, completed.stderr
-    top = json.loads(completed.stdout)["predictions"][0]["top_k"][0]
+    answered = json.loads(completed.stdout)["predictions"][0]
     expected = predict(trained_run, [image], top_k=1).predictions[0]
-    assert top["label"] == expected.labels[0]
-    assert top["probability"] == pytest.approx(expected.probabilities[0], abs=1e-5)
+    assert answered["top_k"][0]["label"] == expected.labels[0]
+    assert answered["top_k"][0]["probability"] == pytest.approx(expected.probabilities[0], abs=1e-5)
+    # The temperature and the unknown score are in the graph, the threshold in the metadata.
+    assert answered["unknown_score"] == pytest.approx(expected.unknown_score, abs=1e-5)
+    assert answered["answer"] == expected.answer
 
 
 def test_export_problems_are_one_line_each(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import time
 from pathlib import Path
 
@@ -191,8 +193,9 @@ def test_every_architecture_trains_saves_reloads_exports_and_predicts_alike(arch
 
     paths = sorted(str(path) for path in data.rglob("*.jpg"))
     batch = np.concatenate(list(preprocessed_batches(paths, predictor.preprocessing)))
+    temperature = json.loads((run_dir / "model" / "config.json").read_text())["transferkit"]["calibration"]["temperature"]
     with torch.no_grad():
-        expected = softmax(rebuilt(torch.from_numpy(batch)).numpy())
+        expected = softmax(rebuilt(torch.from_numpy(batch)).numpy() / temperature)
     assert expected.shape == (len(paths), 2) and np.isfinite(expected).all()
     for source in (run_dir, run_dir / "model", tmp_path / "model.onnx"):
         assert np.allclose(load_predictor(source).probabilities(paths), expected, atol=1e-5), source

@@ -63,6 +63,8 @@ def test_predict_answers_what_the_python_api_answers(server: str, trained_run: P
     for answer, reference in zip(answers, expected):
         assert [t["label"] for t in answer["top_k"]] == reference.labels
         np.testing.assert_allclose([t["probability"] for t in answer["top_k"]], reference.probabilities, atol=1e-5)
+        assert answer["answer"] == reference.answer and answer["unknown"] == reference.unknown
+        assert answer["unknown_score"] == pytest.approx(reference.unknown_score, abs=1e-5)
 
     one = post(server, (Path(paths[0]).name, Path(paths[0]).read_bytes()), top_k=1).json()["predictions"][0]
     assert [t["label"] for t in one["top_k"]] == expected[0].labels[:1]
@@ -115,13 +117,37 @@ def test_the_page_shows_the_predicted_class_of_an_uploaded_image(server: str, tr
         page.wait_for_selector("#predictions li")
         labels = page.locator("#predictions .label").all_inner_texts()
         shown = page.locator("#predictions .probability").first.inner_text()
+        said = page.locator("#answer").inner_text()
         assert page.locator("#preview").evaluate("img => img.complete && img.naturalWidth > 0")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
 
     assert labels == expected.labels
     assert shown == f"{100 * expected.probabilities[0]:.1f}%"
+    assert said == (expected.labels[0] if not expected.unknown else f"none of these (unknown score {expected.unknown_score:.3f})")
     assert Image.open(tmp_path / "page.png").size[0] > 300
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_the_page_says_none_of_these_for_an_image_unlike_the_training_images(server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
+    expected = post(server, ("noise.png", noise.read_bytes())).json()["predictions"][0]
+    assert expected["answer"] == "unknown"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server)
+        page.set_input_files("#file", str(noise))
+        page.wait_for_selector("#predictions li")
+        said = page.locator("#answer").inner_text()
+        bars = page.locator("#predictions .label").all_inner_texts()
+        browser.close()
+
+    assert said == f"none of these (unknown score {expected['unknown_score']:.3f})"
+    assert bars == [t["label"] for t in expected["top_k"]]  # what the classes alone would say, still shown
 
 
 def free_port() -> int:

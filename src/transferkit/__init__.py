@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # Functions named like their module load now: importing the submodule later would otherwise
 # bind ``transferkit.evaluate`` to the module, not the function. These modules are torch-free.
 from transferkit.audit import AuditConfig, AuditResult, audit  # noqa: E402
+from transferkit.calibrate import calibrate  # noqa: E402
 from transferkit.compare import Comparison, compare  # noqa: E402
 from transferkit.evaluate import PredictionResult, evaluate, predict  # noqa: E402
 from transferkit.metrics import Evaluation, compute_metrics  # noqa: E402
@@ -46,7 +47,7 @@ _EXPORTS = {
     "train": "training.recipe",
     "write_report": "report",
 }
-__all__ = sorted([*_EXPORTS, "AuditConfig", "AuditResult", "audit", "Comparison", "compare", "Evaluation", "ExportResult", "PredictionResult", "compute_metrics", "evaluate", "export", "predict"])
+__all__ = sorted([*_EXPORTS, "AuditConfig", "AuditResult", "audit", "calibrate", "Comparison", "compare", "Evaluation", "ExportResult", "PredictionResult", "compute_metrics", "evaluate", "export", "predict"])
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ CLASS_BALANCE = ("none", "weight", "sample")
 BATCHNORM_POLICIES = ("frozen", "train")
 FINETUNE_INPUTS = ("auto", "activations", "images")
 GLOBAL_POOLS = ("avg", "max", "avgmax")
+UNKNOWN_SCORES = ("msp", "energy", "knn", "none")
 
 
 def _help(text: str, **kwargs: Any) -> dict[str, Any]:
@@ -54,18 +55,6 @@ and fails mid-phase with a traceback; a large rate below it diverges, which trai
 def default_num_workers() -> int:
     """Image-decoding worker processes when none are asked for: one per core, at most 8."""
     return min(os.cpu_count() or 1, 8)
-
-
-DATA_HELP = (
-    "an image folder (DATA/<class>/* or DATA/{train,val[,test]}/<class>/*) or the name of a registered dataset"
-)
-DATA_REQUIRED = "DATA is required: give an image folder or a registered dataset name"
-
-
-def source_problems(source: str | os.PathLike[str] | None) -> list[str]:
-    """The data source's problems, to be raised with the config's: empty is the only one known
-    before the folder is read."""
-    return [] if source is not None and os.fspath(source).strip() else [DATA_REQUIRED]
 
 
 @dataclass
@@ -308,6 +297,11 @@ class TrainConfig:
     precision: str = field(
         default="32-true", metadata=_help("Lightning precision: 32-true, bf16-mixed, 16-mixed")
     )
+    calibrate: bool = field(default=True, metadata=_help("fit a temperature on val so confidence matches accuracy"))
+    unknown_score: str = field(default="knn", metadata=_help(
+        "how unlike the training images an image is, to answer unknown: knn (features against the "
+        "training images'), msp, energy, or none"))
+    unknown_keep: float = field(default=0.95, metadata=_help("share of val images the unknown threshold keeps"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
     report: bool = field(default=True, metadata=_help("write figures and report.html at the end"))
 
@@ -321,6 +315,10 @@ class TrainConfig:
             found.append(f"--activation-cache-gb must be 0 or more, got {self.activation_cache_gb}")
         if self.finetune_on not in FINETUNE_INPUTS:
             found.append(f"--finetune-on must be one of {', '.join(FINETUNE_INPUTS)}, got {self.finetune_on!r}")
+        if self.unknown_score not in UNKNOWN_SCORES:
+            found.append(f"--unknown-score must be one of {', '.join(UNKNOWN_SCORES)}, got {self.unknown_score!r}")
+        if math.isfinite(self.unknown_keep) and not 0 < self.unknown_keep <= 1:
+            found.append(f"--unknown-keep must be in (0, 1], got {self.unknown_keep}")
         if self.batchnorm not in BATCHNORM_POLICIES:
             found.append(f"--batchnorm must be one of {', '.join(BATCHNORM_POLICIES)}, got {self.batchnorm!r}")
         if math.isfinite(self.label_smoothing) and not 0 <= self.label_smoothing < 1:

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from transferkit._io import not_regular_reason
+from transferkit.calibration import before_and_after, uncalibrated_probabilities
 from transferkit.data.folders import image_extensions, list_image_files, read_labelled_folder, split_folders
 from transferkit.errors import DataError
 from transferkit.inference import Predictor, load_predictor
-from transferkit.metrics import Evaluation, evaluation_from_probabilities
+from transferkit.metrics import Evaluation, evaluation_from_probabilities, unknown_share
 from transferkit.runs import RunFolder, is_onnx_file
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def evaluate(
         items, skipped = read_labelled_folder(root, classifier.classes)
         name = root.name
     unreadable: dict[str, str] = {}
-    probabilities = classifier.probabilities(
+    probabilities, scores = classifier.scored(
         [path for path, _ in items], batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress,
         unreadable=unreadable,
     )
@@ -84,6 +85,14 @@ def evaluate(
     evaluation = evaluation_from_probabilities(name, classifier.classes, items, probabilities)
     evaluation.skipped = skipped
     evaluation.metrics["tta"] = tta
+    calibration = classifier.info.get("calibration")
+    if calibration:
+        evaluation.metrics["calibration"] = before_and_after(
+            uncalibrated_probabilities(probabilities, classifier.temperature), evaluation.targets,
+            classifier.temperature, calibration["fitted_on"],
+        )
+    if scores is not None and classifier.unknown:
+        evaluation.metrics["unknown"] = unknown_share(scores, classifier.unknown)
     # An exported file keeps its evaluations beside it, as a run keeps them in its folder.
     home = RunFolder(run_dir.parent if is_onnx_file(run_dir) else run_dir)
     evaluation.write(Path(output) if output else home.evaluation_dir(name + ("-tta" if tta else "")))
@@ -93,11 +102,23 @@ def evaluate(
 # --- prediction -------------------------------------------------------------------------------
 
 
+UNKNOWN = "unknown"
+
+
 @dataclass
 class Prediction:
     path: str
     labels: list[str]
     probabilities: list[float]
+    unknown_score: float | None = None
+    """How unlike the training images the image is (higher is less alike); None without a score."""
+    unknown: bool = False
+    """Whether the score is above the model's threshold, with rejection on."""
+
+    @property
+    def answer(self) -> str:
+        """The top label, or ``unknown``."""
+        return UNKNOWN if self.unknown else self.labels[0]
 
 
 @dataclass
@@ -136,23 +157,31 @@ def predict(
     num_workers: int | None = None,
     tta: bool = False,
     progress: bool = False,
+    reject: bool = True,
 ) -> PredictionResult:
-    """Top-k labels and probabilities for every image in ``inputs`` (files or folders).
+    """Top-k labels and (calibrated) probabilities for every image in ``inputs`` (files or
+    folders), with the unknown score where the model has one; with ``reject``, an image scored
+    above the model's threshold is answered ``unknown``.
 
     Files that are not readable images are listed in ``skipped``, never fatal.
     """
     classifier = run if isinstance(run, Predictor) else load_predictor(run)
     files, skipped = collect_images(inputs)
     unreadable: dict[str, str] = {}
-    probabilities = classifier.probabilities(
+    probabilities, scores = classifier.scored(
         files, batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress, unreadable=unreadable
     )
     skipped += sorted(unreadable.items())
     files = [path for path in files if path not in unreadable]
     k = max(1, min(top_k, len(classifier.classes)))
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    threshold = classifier.unknown["threshold"] if reject and classifier.unknown and scores is not None else None
     predictions = [
-        Prediction(path, [classifier.classes[i] for i in row], [float(probabilities[n, i]) for i in row])
+        Prediction(
+            path, [classifier.classes[i] for i in row], [float(probabilities[n, i]) for i in row],
+            unknown_score=None if scores is None else float(scores[n]),
+            unknown=threshold is not None and float(scores[n]) > threshold,  # type: ignore[index]
+        )
         for n, (path, row) in enumerate(zip(files, order))
     ]
     return PredictionResult(predictions, skipped)

@@ -21,8 +21,7 @@ from transferkit._io import atomic_write
 from transferkit.errors import ConfigError, RunFolderError
 from transferkit.runs import RunFolder
 from transferkit.inference import (
-    Predictor, load_onnx_predictor, load_run_model, predictor_from_metadata, predictor_metadata, run_forward, softmax,
-    torch_forward,
+    Predictor, load_onnx_predictor, load_run_model, predictor_from_metadata, predictor_metadata, torch_forward,
 )
 from transferkit.onnx import ONNX_METADATA_KEY, export_onnx
 
@@ -46,6 +45,8 @@ class ExportResult:
     accuracy: float
     reference_accuracy: float
     """The eager float model's accuracy on the same images."""
+    max_score_diff: float | None = None
+    """Largest difference of the unknown score, where the model has one."""
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
@@ -123,6 +124,16 @@ def _load_torchscript(path: Path) -> Predictor:
     return predictor_from_metadata(torch_forward(module, "cpu"), json.loads(extra[TORCHSCRIPT_METADATA_FILE]), str(path))
 
 
+def output_notes(predictor: Predictor) -> dict[str, str]:
+    """What each output of the exported graph means, for a user with the file alone."""
+    notes = {"logits": "softmax gives the class probabilities"}
+    if predictor.info.get("calibration"):
+        notes["logits"] += "; already divided by calibration.temperature (calibrated)"
+    if predictor.unknown:
+        notes["unknown_score"] = "higher is less like the training images; answer unknown above unknown.threshold"
+    return notes
+
+
 def export(
     run: str | os.PathLike[str],
     format: str = "onnx",
@@ -135,7 +146,9 @@ def export(
     """Export a run's model and check the file against the eager model on the validation split.
 
     ONNX files have a dynamic batch axis, input ``input`` (float32 NCHW, preprocessed) and
-    output ``logits``; the class names and preprocessing are in the metadata property
+    output ``logits`` (calibrated: the temperature is folded into the graph), then
+    ``unknown_score`` where the model has one; the class names, preprocessing, ``calibration``
+    and ``unknown`` (score and threshold) records are in the metadata property
     ``transferkit`` (JSON), so ``load_predictor`` and ``transferkit predict`` use the file
     alone. The default output is ``RUN/export/model[.int8].onnx`` or
     ``RUN/export/model.torchscript.pt``.
@@ -152,19 +165,20 @@ def export(
     paths = [path for path, _ in items]
     targets = np.array([label for _, label in items])
 
-    metadata = {**predictor_metadata(reference), "format": format + (f"-{quantize}" if quantize else "")}
+    metadata = {**predictor_metadata(reference), "format": format + (f"-{quantize}" if quantize else ""),
+                "outputs": output_notes(reference)}
     path = Path(output) if output else folder.export_file(format, quantize)
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
-        _write_onnx(model, metadata, path, quantize)
+        _write_onnx(reference.module, metadata, path, quantize)
         exported = load_onnx_predictor(path)
     else:
-        _write_torchscript(model, metadata, path)
+        _write_torchscript(reference.module, metadata, path)
         exported = _load_torchscript(path)
 
     options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
-    expected = softmax(run_forward(reference.forward, paths, reference.preprocessing, description="eager", **options))
-    actual = softmax(run_forward(exported.forward, paths, exported.preprocessing, description="export", **options))
+    expected, expected_scores = reference.scored(paths, **options)
+    actual, actual_scores = exported.scored(paths, **options)
     result = ExportResult(
         path=path,
         format=format,
@@ -174,6 +188,8 @@ def export(
         max_abs_diff=float(np.abs(actual - expected).max()) if len(paths) else 0.0,
         accuracy=float((actual.argmax(axis=1) == targets).mean()) if len(paths) else float("nan"),
         reference_accuracy=float((expected.argmax(axis=1) == targets).mean()) if len(paths) else float("nan"),
+        max_score_diff=(float(np.abs(actual_scores - expected_scores).max())
+                        if expected_scores is not None and actual_scores is not None and len(paths) else None),
     )
     log.debug("exported %s: max |difference| %.2e on %d images", path, result.max_abs_diff, result.images)
     return result

@@ -128,24 +128,42 @@ def plot_confusion_matrix(metrics: dict[str, Any], classes: list[str], split: st
 
 @_literal
 def plot_reliability(metrics: dict[str, Any], split: str) -> Any:
-    """Accuracy against confidence per bin, with the share of images per bin below."""
+    """Accuracy against confidence per bin, with the share of images per bin below; where the
+    model is calibrated, the uncalibrated model's accuracy per bin is drawn over it, so the
+    diagram shows before and after."""
     plt = _pyplot()
     bins = metrics["reliability"]
     edges = np.array(bins["edges"])
     centres = (edges[:-1] + edges[1:]) / 2
     width = edges[1] - edges[0]
-    accuracy = np.array([np.nan if v is None else v for v in bins["accuracy"]])
-    counts = np.array(bins["count"])
+    calibration = metrics.get("calibration")
+
+    def accuracy_of(found: dict[str, Any]) -> np.ndarray:
+        return np.nan_to_num(np.array([np.nan if v is None else v for v in found["accuracy"]]))
+
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
     )
-    top.bar(centres, np.nan_to_num(accuracy), width=width * 0.95, color="#2e86c1", edgecolor="white", label="accuracy")
+    after = "calibrated" if calibration else "accuracy"
+    top.bar(centres, accuracy_of(bins), width=width * 0.95, color="#2e86c1", edgecolor="white", label=after)
+    title = f"Reliability, {split} split (ECE {metrics['expected_calibration_error']:.3f})"
+    if calibration:
+        before = calibration["uncalibrated_reliability"]
+        top.bar(centres, accuracy_of(before), width=width * 0.95, fill=False, edgecolor="#c0392b", linewidth=1.5,
+                label="before calibration")
+        title = (f"Reliability, {split} split\nECE {calibration['uncalibrated_expected_calibration_error']:.3f} "
+                 f"before, {metrics['expected_calibration_error']:.3f} after (T = {calibration['temperature']:.3f})")
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     top.set_ylabel("accuracy")
     top.set_ylim(0, 1)
-    top.set_title(f"Reliability, {split} split (ECE {metrics['expected_calibration_error']:.3f})")
+    top.set_title(title)
     top.legend(loc="upper left")
-    bottom.bar(centres, counts / max(counts.sum(), 1), width=width * 0.95, color="#7f8c8d")
+    counts = np.array(bins["count"])
+    bottom.bar(centres, counts / max(counts.sum(), 1), width=width * 0.95, color="#2e86c1", label=after)
+    if calibration:
+        before_counts = np.array(calibration["uncalibrated_reliability"]["count"])
+        bottom.bar(centres, before_counts / max(before_counts.sum(), 1), width=width * 0.95, fill=False,
+                   edgecolor="#c0392b", linewidth=1.5)
     bottom.set_ylabel("share of images")
     bottom.set_xlabel("confidence of the predicted class")
     bottom.set_xlim(0, 1)

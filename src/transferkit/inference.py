@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[np.ndarray], np.ndarray]
-"""A float32 (N, 3, H, W) batch in, (N, classes or features) out."""
+Forward = Callable[[np.ndarray], Any]
+"""A float32 (N, 3, H, W) batch in, (N, classes or features) out; a scored classifier gives the
+tuple (logits, unknown scores)."""
 
 
 # --- the input pipeline ---------------------------------------------------------------------
@@ -126,12 +127,15 @@ def torch_forward(module: nn.Module, device: str) -> Forward:
     if device == "cpu":
         module = module.to(memory_format=torch.channels_last)
 
-    def forward(batch: np.ndarray) -> np.ndarray:
+    def forward(batch: np.ndarray) -> Any:
         images = torch.from_numpy(batch).to(device)
         if device == "cpu":
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return module(images).float().cpu().numpy()
+            outputs = module(images)
+        if isinstance(outputs, tuple):
+            return tuple(output.float().cpu().numpy() for output in outputs)
+        return outputs.float().cpu().numpy()
 
     return forward
 
@@ -162,23 +166,52 @@ def create_forward(module: nn.Module, input_size: tuple[int, ...], backend: str)
 class Predictor:
     """A trained classifier with its class names and preprocessing, ready for batch inference.
 
-    ``info`` says where it came from (architecture, source file); servers show it.
+    ``info`` says where it came from (architecture, source file), and holds the model's
+    ``calibration`` and ``unknown`` records where it has them (see ``trust``); servers show it.
+    ``forward`` gives calibrated logits, and the unknown score beside them where the model has
+    one. ``module`` is the torch module behind ``forward`` where there is one (not for a
+    ``.onnx`` file).
     """
 
-    def __init__(self, forward: Forward, classes: list[str], preprocessing: dict[str, Any], info: dict[str, Any] | None = None):
+    def __init__(
+        self, forward: Forward, classes: list[str], preprocessing: dict[str, Any], info: dict[str, Any] | None = None,
+        module: nn.Module | None = None,
+    ):
         self.forward = forward
         self.classes = list(classes)
         self.preprocessing = preprocessing
         self.info = info or {}
+        self.module = module
+
+    @property
+    def temperature(self) -> float:
+        return float((self.info.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
+    def unknown(self) -> dict[str, Any] | None:
+        """The unknown score's record (method, threshold, the share of validation images it keeps)."""
+        return self.info.get("unknown")
+
+    def scored_batch(self, batch: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(class probabilities, unknown scores or None) of a preprocessed batch; ``tta`` averages
+        each image with its mirror image."""
+
+        def once(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            outputs = self.forward(images)
+            logits, scores = outputs if isinstance(outputs, tuple) else (outputs, None)
+            return softmax(logits), scores
+
+        probabilities, scores = once(batch)
+        if tta:
+            mirrored, mirrored_scores = once(np.ascontiguousarray(batch[..., ::-1]))
+            probabilities = (probabilities + mirrored) / 2
+            scores = None if scores is None else (scores + mirrored_scores) / 2
+        return probabilities, scores
 
     def probabilities_of_batch(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
-        """Class probabilities of a preprocessed batch; ``tta`` averages each image with its mirror image."""
-        probabilities = softmax(self.forward(batch))
-        if tta:
-            probabilities = (probabilities + softmax(self.forward(np.ascontiguousarray(batch[..., ::-1])))) / 2
-        return probabilities
+        return self.scored_batch(batch, tta)[0]
 
-    def probabilities(
+    def scored(
         self,
         paths: list[str],
         batch_size: int = 64,
@@ -186,16 +219,32 @@ class Predictor:
         tta: bool = False,
         progress: bool = False,
         unreadable: dict[str, str] | None = None,
-    ) -> np.ndarray:
-        """Class probabilities, one row per image path, in order. With ``unreadable``, files
-        that cannot be used are recorded there, with the reason, and get no row."""
-        if not paths:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        probabilities = run_forward(
-            lambda batch: self.probabilities_of_batch(batch, tta), paths, self.preprocessing, batch_size,
-            num_workers, progress=progress and len(paths) > batch_size, description="predict", unreadable=unreadable,
-        )
-        return probabilities.reshape(-1, len(self.classes))
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(class probabilities, unknown scores or None), one row per image path, in order. With
+        ``unreadable``, files that cannot be used are recorded there, with the reason, and get no row."""
+        classes = len(self.classes)
+        scored = False
+
+        def forward(batch: np.ndarray) -> np.ndarray:
+            nonlocal scored
+            probabilities, scores = self.scored_batch(batch, tta)
+            if scores is None:
+                return probabilities
+            scored = True  # one array through the pipeline: the score is the last column
+            return np.column_stack([probabilities, scores])
+
+        outputs = run_forward(
+            forward, paths, self.preprocessing, batch_size, num_workers,
+            progress=progress and len(paths) > batch_size, description="predict", unreadable=unreadable,
+        ) if paths else np.zeros((0, classes), dtype=np.float32)
+        if not scored:
+            return outputs.reshape(-1, classes), None
+        outputs = outputs.reshape(-1, classes + 1)
+        return outputs[:, :classes], outputs[:, classes]
+
+    def probabilities(self, paths: list[str], **options: Any) -> np.ndarray:
+        """Class probabilities, one row per image path, in order (``options`` as for ``scored``)."""
+        return self.scored(paths, **options)[0]
 
 
 def predictor_metadata(predictor: Predictor) -> dict[str, Any]:
@@ -230,17 +279,20 @@ def load_onnx_predictor(path: str | os.PathLike[str]) -> Predictor:
 
 def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Predictor]:
     """The torch model of a run folder (or its ``model/`` folder) in eval mode, with a
-    Predictor that runs it eagerly on CPU."""
+    Predictor that runs it eagerly on CPU with its temperature and unknown score."""
     from transferkit.data.loaders import resolve_preprocessing
     from transferkit.models import load_model
+    from transferkit.trust import load_trust, scored_classifier
 
     folder = model_folder(path)
     model, config = load_model(folder)
+    trust = load_trust(folder, config)
+    scored = scored_classifier(model, trust)
     preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {}) or resolve_preprocessing(model)
     preprocessing["input_size"] = tuple(preprocessing["input_size"])
     classes = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
-    info = {"architecture": config["architecture"], "source": str(folder)}
-    return model, Predictor(torch_forward(model, "cpu"), list(classes), preprocessing, info)
+    info = {"architecture": config["architecture"], **trust.as_dict(), "source": str(folder)}
+    return model, Predictor(torch_forward(scored, "cpu"), list(classes), preprocessing, info, module=scored)
 
 
 def load_predictor(path: str | os.PathLike[str], device: str | None = None) -> Predictor:
@@ -249,9 +301,10 @@ def load_predictor(path: str | os.PathLike[str], device: str | None = None) -> P
         return load_onnx_predictor(path)
     import torch
 
-    model, predictor = load_run_model(path)
+    _, predictor = load_run_model(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor.forward = create_forward(model, predictor.preprocessing["input_size"], default_backend(device))
+    scored: nn.Module = predictor.module  # type: ignore[assignment]  # always set for a run folder
+    predictor.forward = create_forward(scored, predictor.preprocessing["input_size"], default_backend(device))
     return predictor
 
 

@@ -60,6 +60,14 @@ def label_losses(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.nda
     return label_probability, -np.log(np.clip(label_probability, 1e-15, None))
 
 
+def unknown_share(scores: np.ndarray, unknown: dict[str, Any]) -> dict[str, Any]:
+    """How many of these labelled (so in-distribution) images the model would answer unknown,
+    given its unknown record (method, threshold)."""
+    rejected = np.asarray(scores) > unknown["threshold"]
+    return {"method": unknown["method"], "threshold": unknown["threshold"], "images": int(len(rejected)),
+            "unknown": int(rejected.sum()), "kept": float(1 - rejected.mean()) if len(rejected) else 1.0}
+
+
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 

@@ -2,7 +2,8 @@
 ``transferkit export``.
 
 An export has a dynamic batch axis, input ``input`` (float32 NCHW, preprocessed) and output
-``logits``. ONNX Runtime is imported only inside the functions that need it.
+``logits``, followed by ``unknown_score`` where the module scores how unfamiliar each image is
+(``rejection.ScoredClassifier``). ONNX Runtime is imported only inside the functions that need it.
 
 The module is ``transferkit.onnx``; the ONNX package itself stays ``onnx`` everywhere, since
 every import in transferkit is absolute.
@@ -47,17 +48,21 @@ def create_session(model: str | os.PathLike[str] | bytes) -> Any:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def session_forward(session: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """The session as a function of a float32 NCHW batch."""
+def session_forward(session: Any) -> Callable[[np.ndarray], Any]:
+    """The session as a function of a float32 NCHW batch: its one output, or a tuple of them."""
     name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
+    if len(session.get_outputs()) == 1:
+        return lambda batch: session.run(None, {name: batch})[0]
+    return lambda batch: tuple(session.run(None, {name: batch}))
 
 
 def export_onnx(module: nn.Module, input_size: tuple[int, ...], target: str | os.PathLike[str] | io.BytesIO) -> None:
-    """``module`` as ONNX with a dynamic batch axis, input ``input`` and output ``logits``."""
+    """``module`` as ONNX with a dynamic batch axis, input ``input`` and output ``logits`` (or the
+    module's own ``output_names``)."""
     import torch
 
     module = module.eval()
+    outputs = list(getattr(module, "output_names", (ONNX_OUTPUT,)))
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -65,8 +70,8 @@ def export_onnx(module: nn.Module, input_size: tuple[int, ...], target: str | os
             (torch.zeros(1, *input_size),),
             target if isinstance(target, io.BytesIO) else str(target),
             input_names=[ONNX_INPUT],
-            output_names=[ONNX_OUTPUT],
-            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={ONNX_INPUT: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )

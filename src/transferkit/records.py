@@ -90,6 +90,8 @@ class RunMetrics:
     """Wall time of the invocation that finished the run (after a resume, the resumed part)."""
     features: dict[str, Any] | None = None
     """How the frozen phase's features were had (FeatureStats), where it trained on features."""
+    trust: dict[str, Any] = field(default_factory=dict)
+    """The saved model's temperature and unknown threshold, as fitted on val (see ``trust``)."""
 
     @property
     def val(self) -> dict[str, Any]:
@@ -117,6 +119,7 @@ class RunMetrics:
         }
         if self.features is not None:
             values["features"] = self.features
+        values.update(self.trust)
         return values
 
     @classmethod
@@ -127,4 +130,5 @@ class RunMetrics:
             splits={split: values[split] for split in ("val", "test") if split in values},
             train_seconds=values.get("train_seconds", 0.0),
             features=values.get("features"),
+            trust={key: values[key] for key in ("calibration", "unknown") if key in values},
         )

@@ -179,6 +179,22 @@ def _phase_rows(phases: dict[str, PhaseRecord]) -> list[list[Any]]:
     return rows
 
 
+def _trust_section(metrics: dict[str, Any]) -> str:
+    """The temperature and the unknown threshold, as the evaluation saw them."""
+    calibration, unknown = metrics.get("calibration"), metrics.get("unknown")
+    if not calibration and not unknown:
+        return ""
+    rows: list[list[Any]] = []
+    if calibration:
+        rows += [["temperature (fitted on " + calibration["fitted_on"] + ")", calibration["temperature"]],
+                 ["ECE before calibration", calibration["uncalibrated_expected_calibration_error"]],
+                 ["ECE after calibration", metrics["expected_calibration_error"]]]
+    if unknown:
+        rows += [[f"unknown score ({unknown['method']}) threshold", unknown["threshold"]],
+                 ["images answered unknown", f"{unknown['unknown']} of {unknown['images']}"]]
+    return '<h3 id="trust">Calibration and "none of these"</h3>' + _table(["", "value"], rows)
+
+
 def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
     metrics = run.evaluation
     parts = [f'<section class="run" id="{html.escape(run.run_dir.name)}"><h1>{html.escape(title)}</h1>',
@@ -190,6 +206,7 @@ def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
         ["class", "precision", "recall", "F1", "support"],
         [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in metrics["per_class"]],
     ))
+    parts.append(_trust_section(metrics))
     if metrics.get("most_confused"):
         parts.append("<h3>Most confused pairs</h3>")
         parts.append(_table(["true class", "predicted as", "images"],

@@ -3,7 +3,9 @@
     GET  /          the page
     GET  /health    {"status": "ok"}
     GET  /model     classes, architecture, preprocessing and the limits below
-    POST /predict   multipart/form-data with one or more image files -> top-k labels per file
+    POST /predict   multipart/form-data with one or more image files -> per file the answer (the
+                    top label, or "unknown" where the model's unknown score is above its threshold),
+                    the score, and the top-k labels with calibrated probabilities
 
 Everything a client can send is checked before it costs memory or time: the request size
 (counted as the bytes arrive, whatever the headers say), the number of files, each file's size,
@@ -36,6 +38,7 @@ import numpy as np
 
 from transferkit.data.images import UnreadableImage, load_image, preprocess_image, resize_side
 from transferkit.errors import ConfigError, TransferkitError
+from transferkit.evaluate import UNKNOWN
 from transferkit.inference import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
@@ -140,8 +143,9 @@ def _bounded_receive(receive: Receive, limits: ServeLimits) -> Receive:
     return bounded
 
 
-def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | None = None) -> Any:
-    """The FastAPI application for a run folder, an exported ``.onnx`` file or a Predictor."""
+def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | None = None, reject: bool = True) -> Any:
+    """The FastAPI application for a run folder, an exported ``.onnx`` file or a Predictor. With
+    ``reject``, an image the model scores above its unknown threshold is answered ``unknown``."""
     _require_fastapi()
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -178,6 +182,8 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
             "num_classes": len(predictor.classes),
             "architecture": predictor.info.get("architecture"),
             "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in predictor.preprocessing.items()},
+            "calibration": predictor.info.get("calibration"),
+            "unknown": {**predictor.unknown, "reject": reject} if predictor.unknown else None,
             "limits": asdict(limits),
         }
 
@@ -191,13 +197,26 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
                 raise HTTPException(413, f"{name}: {error}; send a smaller image") from None
             raise HTTPException(415, f"{name}: {error}") from None
 
-    def classify(files: list[tuple[str, IO[bytes]]]) -> np.ndarray:
+    def classify(files: list[tuple[str, IO[bytes]]]) -> tuple[np.ndarray, np.ndarray | None]:
         try:
             inputs = [preprocessed(name, file) for name, file in files]
-            return np.concatenate([predictor.probabilities_of_batch(np.stack(inputs[i:i + BATCH_SIZE]))
-                                   for i in range(0, len(inputs), BATCH_SIZE)])
+            outputs = [predictor.scored_batch(np.stack(inputs[i:i + BATCH_SIZE])) for i in range(0, len(inputs), BATCH_SIZE)]
+            scores = None if outputs[0][1] is None else np.concatenate([scored for _, scored in outputs])
+            return np.concatenate([probabilities for probabilities, _ in outputs]), scores
         finally:
             release_memory()
+
+    threshold = predictor.unknown["threshold"] if reject and predictor.unknown else None
+
+    def answer(name: str, probabilities: np.ndarray, score: float | None, ranked: np.ndarray) -> dict[str, Any]:
+        unknown = threshold is not None and score is not None and score > threshold
+        return {
+            "filename": name,
+            "answer": UNKNOWN if unknown else predictor.classes[ranked[0]],
+            "unknown": unknown,
+            **({"unknown_score": score} if score is not None else {}),
+            "top_k": [{"label": predictor.classes[i], "probability": float(probabilities[i])} for i in ranked],
+        }
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int | None = None) -> dict[str, Any]:
@@ -228,17 +247,14 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
                     if (upload.size or 0) > limits.max_file_bytes:
                         raise HTTPException(413, f"{name} is over the {limits.max_file_bytes:,}-byte limit")
                 files = [(name, upload.file) for name, upload in zip(names, uploads)]
-                probabilities = await asyncio.get_running_loop().run_in_executor(worker, classify, files)
+                probabilities, scores = await asyncio.get_running_loop().run_in_executor(worker, classify, files)
         finally:
             admitted -= 1
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         return {
             "predictions": [
-                {
-                    "filename": name,
-                    "top_k": [{"label": predictor.classes[i], "probability": float(row[i])} for i in ranked],
-                }
-                for name, row, ranked in zip(names, probabilities, order)
+                answer(name, row, None if scores is None else float(scores[n]), ranked)
+                for n, (name, row, ranked) in enumerate(zip(names, probabilities, order))
             ]
         }
 
@@ -306,9 +322,10 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     limits: ServeLimits | None = None,
+    reject: bool = True,
 ) -> None:
-    """Serve ``model`` until interrupted."""
+    """Serve ``model`` until interrupted (``reject``: see ``create_app``)."""
     import uvicorn
 
     limits = limits or ServeLimits()
-    uvicorn.run(create_app(model, limits), host=host, port=port, log_level="warning", **server_options(limits))
+    uvicorn.run(create_app(model, limits, reject), host=host, port=port, log_level="warning", **server_options(limits))

@@ -37,7 +37,7 @@ from transferkit.audit.checks import (
 )
 from transferkit.audit.config import AuditConfig
 from transferkit.audit.findings import CSV_COLUMNS, KINDS, AuditResult, Finding, ImageScores
-from transferkit.config import source_problems
+from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError
 
 log = logging.getLogger(__name__)

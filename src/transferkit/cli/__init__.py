@@ -14,6 +14,7 @@ from transferkit.cli import console
 from transferkit.cli.handlers import COMMANDS
 from transferkit.cli.options import (
     audit_parser,
+    calibrate_parser,
     compare_parser,
     evaluate_parser,
     export_parser,
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare_parser(subparsers)
     audit_parser(subparsers)
     evaluate_parser(subparsers)
+    calibrate_parser(subparsers)
     predict_parser(subparsers)
     report_parser(subparsers)
     export_parser(subparsers)

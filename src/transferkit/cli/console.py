@@ -110,6 +110,13 @@ def print_train_summary(result: Any) -> None:
     print(f"validation accuracy of the saved model: {metrics.val['accuracy']:.4f}  macro F1: {metrics.val['macro_f1']:.4f}")
     if metrics.test is not None:
         print(f"test accuracy: {metrics.test['accuracy']:.4f}  macro F1: {metrics.test['macro_f1']:.4f}")
+    calibration, unknown = metrics.trust.get("calibration"), metrics.trust.get("unknown")
+    if calibration:
+        print(f"calibrated: temperature {calibration['temperature']:.3f}, validation ECE "
+              f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after")
+    if unknown:
+        print(f"answers unknown above a {unknown['method']} score of {unknown['threshold']:.4g} "
+              f"(keeps {unknown['kept']:.1%} of validation images)")
     print(f"wall time: {metrics.train_seconds:.1f} s")
     print(f"run folder: {result.run_dir}")
 
@@ -122,6 +129,14 @@ def print_metrics(metrics: dict[str, Any], title: str) -> None:
              ("log loss", metrics["log_loss"]), ("calibration error (ECE)", metrics["expected_calibration_error"])]
     for name, value in rows:
         print(f"  {name:<24} {value:.4f}")
+    calibration = metrics.get("calibration")
+    if calibration:
+        print(f"  {'ECE before calibration':<24} {calibration['uncalibrated_expected_calibration_error']:.4f}"
+              f"  (temperature {calibration['temperature']:.3f}, fitted on {calibration['fitted_on']})")
+    unknown = metrics.get("unknown")
+    if unknown:
+        print(f"  {'answered unknown':<24} {unknown['unknown']} of {unknown['images']} images "
+              f"({1 - unknown['kept']:.1%}; {unknown['method']} score above {unknown['threshold']:.4g})")
     width = max(12, *(len(r["class"]) for r in metrics["per_class"]))
     print(f"\n  {'class':<{width}} {'precision':>9} {'recall':>9} {'F1':>9} {'support':>8}")
 

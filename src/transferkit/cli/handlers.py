@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
-from transferkit.config import TrainConfig, source_problems
+from transferkit.config import TrainConfig
+from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError, raise_together
 from transferkit.runs import RunFolder
 
@@ -114,12 +115,15 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ConfigError([f"--top-k must be 1 or more, got {args.top_k}"])
     result = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
-                     progress=args.progress)
+                     progress=args.progress, reject=args.reject)
     print_skipped(result.skipped)
+    scored = any(p.unknown_score is not None for p in result.predictions)
     if args.format == "json":
         print(json.dumps({
             "predictions": [
-                {"path": p.path, "top_k": [{"label": l, "probability": round(q, 6)} for l, q in zip(p.labels, p.probabilities)]}
+                {"path": p.path, "answer": p.answer, "unknown": p.unknown,
+                 **({"unknown_score": round(p.unknown_score, 6)} if p.unknown_score is not None else {}),
+                 "top_k": [{"label": l, "probability": round(q, 6)} for l, q in zip(p.labels, p.probabilities)]}
                 for p in result.predictions
             ],
             "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
@@ -129,17 +133,38 @@ def _run_predict(args: argparse.Namespace) -> int:
 
         writer = csv.writer(sys.stdout)
         k = len(result.predictions[0].labels) if result.predictions else args.top_k
-        writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability"))])
+        scores = ["unknown_score"] if scored else []
+        writer.writerow(["path", "answer", *scores,
+                         *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability"))])
         for p in result.predictions:
-            writer.writerow([p.path, *(v for l, q in zip(p.labels, p.probabilities) for v in (l, f"{q:.6f}"))])
+            score = [f"{p.unknown_score:.6f}"] if p.unknown_score is not None else [""] * len(scores)
+            writer.writerow([p.path, p.answer, *score, *(v for l, q in zip(p.labels, p.probabilities) for v in (l, f"{q:.6f}"))])
     else:
         width = max([len(p.path) for p in result.predictions] + [5])
         for p in result.predictions:
             ranked = "  ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probabilities))
-            print(f"{p.path:<{width}}  {ranked}")
+            answer = f"unknown (score {p.unknown_score:.3f})  " if p.unknown else ""
+            print(f"{p.path:<{width}}  {answer}{ranked}")
     if not result.predictions:
         print("error: no readable images among the inputs", file=sys.stderr)
         return 2
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from transferkit.calibrate import calibrate
+
+    trust, skipped = calibrate(args.run, args.data, unknown_score=args.unknown_score, unknown_keep=args.unknown_keep,
+                                 batch_size=args.batch_size, progress=args.progress)
+    print_skipped(skipped)
+    calibration, rejection = trust.calibration, trust.rejection
+    assert calibration is not None and rejection is not None  # recalibrate fits both
+    print(f"fitted on {calibration.images} images of {calibration.fitted_on}")
+    print(f"  temperature   {calibration.temperature:.4f}")
+    print(f"  ECE           {calibration.ece_before:.4f} before, {calibration.ece_after:.4f} after")
+    print(f"  log loss      {calibration.log_loss_before:.4f} before, {calibration.log_loss_after:.4f} after")
+    print(f"  unknown       {rejection.method} score above {rejection.threshold:.4g} "
+          f"(keeps {rejection.kept:.1%} of these images)")
     return 0
 
 
@@ -172,7 +197,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                          keep_alive_timeout=args.keep_alive_timeout)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve(args.model, host=args.host, port=args.port, limits=limits)
+    serve(args.model, host=args.host, port=args.port, limits=limits, reject=args.reject)
     return 0
 
 
@@ -202,5 +227,5 @@ def _run_report(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
     "export": _run_export, "serve": _run_serve, "summary": _run_summary, "compare": _run_compare,
-    "audit": _run_audit,
+    "audit": _run_audit, "calibrate": _run_calibrate,
 }

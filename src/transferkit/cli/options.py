@@ -7,7 +7,10 @@ import argparse
 import dataclasses
 from typing import Any
 
-from transferkit.config import DATA_HELP, DEFAULT_MODEL, DataConfig, ModelConfig, PhaseConfig, TrainConfig
+from transferkit.config import (
+    DEFAULT_MODEL, UNKNOWN_SCORES, DataConfig, ModelConfig, PhaseConfig, TrainConfig,
+)
+from transferkit.data.registry import DATA_HELP
 
 # (dataclass, flag prefix, TrainConfig attribute)
 SECTIONS: list[tuple[type, str, str]] = [
@@ -159,7 +162,24 @@ def predict_parser(subparsers: Any) -> None:
     parser.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
+    parser.add_argument("--reject", action=argparse.BooleanOptionalAction, default=True,
+                        help="answer unknown for an image scored above the model's unknown threshold (default: on)")
     _add_inference_options(parser)
+
+
+def calibrate_parser(subparsers: Any) -> None:
+    methods = [method for method in UNKNOWN_SCORES if method != "none"]
+    parser = subparsers.add_parser(
+        "calibrate", help="fit a run's temperature and unknown threshold again, on its validation split or a labelled folder",
+        description="Refits the temperature (by log loss) and the unknown threshold, and saves them in the run's model "
+                    "folder; predict, evaluate, serve and later exports use them.",
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder")
+    parser.add_argument("data", metavar="DATA", nargs="?", help="labelled folder DATA/<class>/*; default: the run's validation split")
+    parser.add_argument("--unknown-score", choices=methods, help="the unknown score (default: the model's own, else knn)")
+    parser.add_argument("--unknown-keep", type=float, help="share of DATA's images the threshold keeps (default: the model's own, else 0.95)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
 
 def report_parser(subparsers: Any) -> None:
@@ -198,6 +218,8 @@ def serve_parser(subparsers: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help=f"labels per image (default: {defaults.top_k})")
+    parser.add_argument("--reject", action=argparse.BooleanOptionalAction, default=True,
+                        help="answer unknown for an image scored above the model's unknown threshold (default: on)")
     parser.add_argument("--max-file-mb", type=float, default=defaults.max_file_bytes / 2**20,
                         help=f"largest accepted file in MiB (default: {defaults.max_file_bytes / 2**20:g})")
     parser.add_argument("--max-files", type=int, default=defaults.max_files,

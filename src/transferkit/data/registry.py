@@ -25,6 +25,18 @@ from transferkit.errors import DataError, close_matches
 
 log = logging.getLogger(__name__)
 
+DATA_HELP = (
+    "an image folder (DATA/<class>/* or DATA/{train,val[,test]}/<class>/*) or the name of a registered dataset"
+)
+DATA_REQUIRED = "DATA is required: give an image folder or a registered dataset name"
+
+
+def source_problems(source: str | os.PathLike[str] | None) -> list[str]:
+    """The data source's problems, to be raised with the config's: empty is the only one known
+    before the folder is read."""
+    return [] if source is not None and os.fspath(source).strip() else [DATA_REQUIRED]
+
+
 MIRROR_ENV = "TRANSFERKIT_DATA_MIRROR"
 
 

@@ -1,5 +1,6 @@
 """Every phase's best weights judged on val and test, so the report can set the head on frozen
-features against fine-tuning; the best phase's evaluation is the run's.
+features against fine-tuning; the best phase's evaluation is the run's. The best phase then gets
+its temperature and its unknown threshold, both fitted on the validation split.
 
 Each phase is judged on the inputs it trained on where the run has them cached: the head on the
 pooled features, the fine-tuned top on the boundary activations (float16, so its probabilities
@@ -8,81 +9,127 @@ cached inputs reads the images again."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from transferkit import activations, models
+from transferkit import activations, models, rejection
+from transferkit.calibration import before_and_after, fit_calibration
 from transferkit.data.folders import DatasetIndex
-from transferkit.metrics import compute_metrics, evaluation_from_probabilities, headline
+from transferkit.metrics import compute_metrics, evaluation_from_probabilities, headline, unknown_share
 from transferkit.inference import create_forward, run_forward, softmax
 from transferkit.records import RunMetrics
+from transferkit.rejection import Rejection
 from transferkit.training.progress import PhaseProgress
+from transferkit.trust import Trust
 
 
-def evaluate_phases(
-    model: nn.Module,
-    progress: PhaseProgress,
-    index: DatasetIndex,
-    preprocessing: dict[str, Any],
-    features: dict[str, torch.Tensor],
-    *,
-    boundary: int | None = None,
-    boundary_activations: dict[str, torch.Tensor] | None = None,
-    backend: str,
-    num_workers: int,
-    progress_bar: bool,
-) -> RunMetrics:
-    """Judge each usable phase's best weights on val and test and write the best phase's
-    evaluations; ``model`` is left with the best phase's weights. The frozen phase is judged on
-    its cached ``features`` where it has them, the fine-tuned phase on ``boundary_activations``
-    (the activations at ``boundary``) where it has them."""
-    splits = [split for split in ("val", "test") if split in index.splits]
-    best = progress.best_phase()
-    phases = progress.usable()
+@dataclass
+class PhaseInputs:
+    """Where each split's pooled features come from for a phase: the cache it trained on, or the images."""
 
-    def logits(split: str, phase: str) -> torch.Tensor:
-        if phase == "frozen" and split in features:
-            with torch.inference_mode():
-                return models.classify_pooled(model.eval(), features[split], 0.0)
-        if phase == "finetune" and boundary is not None and split in (boundary_activations or {}):
-            return _top_logits(model, boundary_activations[split], boundary)  # type: ignore[index]
-        items = index.splits[split]
-        if not items:
-            return torch.empty(0)
-        forward = create_forward(model, preprocessing["input_size"], backend)
+    index: DatasetIndex
+    preprocessing: dict[str, Any]
+    features: dict[str, torch.Tensor]
+    boundary: int | None
+    boundary_activations: dict[str, torch.Tensor] | None
+    backend: str
+    num_workers: int
+    progress_bar: bool
+
+    def pooled(self, model: nn.Module, phase: str, split: str, rows: np.ndarray | None = None) -> torch.Tensor:
+        """The pooled features of ``split`` (only ``rows`` of it, where given) under ``model``."""
+        chosen = slice(None) if rows is None else torch.from_numpy(rows)
+        if phase == "frozen" and split in self.features:
+            return self.features[split][chosen]
+        if phase == "finetune" and self.boundary is not None and split in (self.boundary_activations or {}):
+            return _top_pooled(model, self.boundary_activations[split][chosen], self.boundary)  # type: ignore[index]
+        items = self.index.splits[split]
+        paths = [path for path, _ in items] if rows is None else [items[row][0] for row in rows]
+        if not paths:
+            return torch.empty(0, model.num_features)
+        forward = create_forward(models.PooledFeatures(model), self.preprocessing["input_size"], self.backend)
         outputs = run_forward(
-            forward, [path for path, _ in items], preprocessing, batch_size=64, num_workers=num_workers,
-            progress=progress_bar, description=f"evaluate {split}",
+            forward, paths, self.preprocessing, batch_size=64, num_workers=self.num_workers,
+            progress=self.progress_bar, description=f"evaluate {split}",
         )
         return torch.from_numpy(outputs)
 
-    probabilities: dict[str, dict[str, Any]] = {}
+
+def evaluate_phases(
+    model: nn.Module, progress: PhaseProgress, inputs: PhaseInputs, *, calibrate_on_val: bool,
+    unknown_score: str, unknown_keep: float,
+) -> tuple[RunMetrics, Trust]:
+    """Judge each usable phase's best weights on val and test, fit the best phase's temperature
+    and unknown threshold on val, and write the best phase's (calibrated) evaluations; ``model``
+    is left with the best phase's weights. A phase's own headline metrics are uncalibrated: the
+    temperature belongs to the saved model only."""
+    index = inputs.index
+    splits = [split for split in ("val", "test") if split in index.splits]
+    best = progress.best_phase()
+    phases = progress.usable()
+    pooled: dict[str, torch.Tensor] = {}
+    logits: dict[str, np.ndarray] = {}
     # The best phase goes last, so its weights are the ones left loaded.
     for name in sorted(phases, key=lambda name: name == best):
         progress.load(model, name)
-        probabilities[name] = {split: softmax(logits(split, name).numpy()) for split in splits}
+        pooled = {split: inputs.pooled(model, name, split) for split in splits}
+        logits = {split: _classify(model, pooled[split]) for split in splits}
         for split in splits:
             setattr(phases[name], split, headline(
-                compute_metrics(probabilities[name][split], index.targets(split), index.classes)
+                compute_metrics(softmax(logits[split]), index.targets(split), index.classes)
             ))
+    trust = Trust()
+    if calibrate_on_val and len(logits.get("val", ())):
+        trust.calibration = fit_calibration(logits["val"], np.array(index.targets("val")), "val")
+    if unknown_score != "none" and len(logits.get("val", ())):
+        trust.rejection, trust.bank = _fit_rejection(model, best, inputs, unknown_score, unknown_keep,
+                                                     logits["val"] / trust.temperature, pooled["val"])
     metrics = RunMetrics(best_phase=best, phases=progress.phases)
     for split in splits:
         evaluation = evaluation_from_probabilities(
-            split, index.classes, index.splits[split], probabilities[best][split]
+            split, index.classes, index.splits[split], softmax(logits[split] / trust.temperature)
         )
+        if trust.rejection is not None:
+            scores = rejection.unknown_scores(trust.rejection.method, torch.from_numpy(logits[split] / trust.temperature),
+                                              pooled[split], trust.bank)
+            evaluation.metrics["unknown"] = unknown_share(scores.numpy(), trust.rejection.as_dict())
+        if trust.calibration is not None:
+            evaluation.metrics["calibration"] = before_and_after(
+                softmax(logits[split]), evaluation.targets, trust.temperature, trust.calibration.fitted_on
+            )
         evaluation.write(progress.folder.evaluation_dir(split))
         metrics.splits[split] = headline(evaluation.metrics)
-    return metrics
+    return metrics, trust
 
 
-def _top_logits(model: nn.Module, cached: torch.Tensor, boundary: int, batch_size: int = 64) -> torch.Tensor:
+def _fit_rejection(
+    model: nn.Module, phase: str, inputs: PhaseInputs, method: str, keep: float,
+    val_logits: np.ndarray, val_pooled: torch.Tensor,
+) -> tuple[Rejection, torch.Tensor | None]:
+    bank = None
+    if method == "knn":
+        rows = rejection.bank_indices(np.array(inputs.index.targets("train")))
+        bank = rejection.normalized_bank(inputs.pooled(model, phase, "train", rows))
+    found = rejection.fit_rejection(method, keep, torch.from_numpy(val_logits), val_pooled, bank, "val")
+    return found, bank
+
+
+def _classify(model: nn.Module, pooled: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return models.classify_pooled(model.eval(), pooled.to(next(model.parameters()).device), 0.0).float().cpu().numpy()
+
+
+def _top_pooled(model: nn.Module, cached: torch.Tensor, boundary: int, batch_size: int = 64) -> torch.Tensor:
     # Judging a phase on images may have moved the model to the GPU; the cache is on the CPU.
     device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
         return torch.cat([
-            activations.forward_top(model, cached[start : start + batch_size].to(device).float(), boundary).cpu()
+            activations.forward_top(model, cached[start : start + batch_size].to(device).float(), boundary,
+                                    pre_logits=True).cpu()
             for start in range(0, len(cached), batch_size)
-        ]) if len(cached) else torch.empty(0)
+        ]) if len(cached) else torch.empty(0, model.num_features)

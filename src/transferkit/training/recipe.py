@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit import activations, engine, models, runs
-from transferkit.config import TrainConfig, parse_unfreeze, source_problems
+from transferkit.config import TrainConfig, parse_unfreeze
+from transferkit.data.registry import source_problems
 from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.exclude import read_exclusions
 from transferkit.data.images import scan_images
@@ -36,7 +37,8 @@ from transferkit.features import FeatureCache, FeatureStats, backbone_digest, ex
 from transferkit.inference import create_forward, default_backend, run_forward
 from transferkit.records import PhaseRecord, RunMetrics
 from transferkit.runs import RunFolder
-from transferkit.training.evaluation import evaluate_phases
+from transferkit.training.evaluation import PhaseInputs, evaluate_phases
+from transferkit.trust import save_trust
 from transferkit.training.head import LabelledFeatures, train_head
 from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
 from transferkit.training.phase import class_weights, create_sampler, training_loss
@@ -216,11 +218,13 @@ def _train_in(
         # Another process of a multi-process run: rank zero evaluates and writes the results.
         return TrainResult(run_dir=folder.root, classes=classes, counts=index.counts(), metrics={})
 
-    metrics = evaluate_phases(
-        model, progress, index, preprocessing, features, boundary=boundary, boundary_activations=cached,
-        backend=_inference_backend(config), num_workers=workers, progress_bar=config.progress,
-    )
+    inputs = PhaseInputs(index, preprocessing, features, boundary, cached, _inference_backend(config), workers,
+                         config.progress)
+    metrics, trust = evaluate_phases(model, progress, inputs, calibrate_on_val=config.calibrate,
+                                     unknown_score=config.unknown_score, unknown_keep=config.unknown_keep)
     models.save_model_folder(model, folder.model_dir, classes, preprocessing, config.model)
+    save_trust(folder.model_dir, trust)
+    metrics.trust = trust.as_dict()
     metrics.train_seconds = round(time.perf_counter() - started, 2)
     if feature_stats is not None:
         metrics.features = feature_stats.as_dict()

@@ -1,0 +1,103 @@
+"""``transferkit calibrate``: fit a trained model's temperature and unknown threshold again,
+on its validation split or on another labelled folder, and save them in its model folder (see
+``trust`` for where they live and ``calibration`` and ``rejection`` for what they are)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transferkit.errors import ConfigError, DataError, RunFolderError
+from transferkit.runs import RunFolder, model_folder
+from transferkit.trust import Trust, load_trust, save_trust
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(
+    run: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
+    unknown_score: str | None = None,
+    unknown_keep: float | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> tuple[Trust, list[tuple[str, str]]]:
+    """Fit a run's temperature and unknown threshold again, on a labelled folder ``data``
+    (``<class>/<image>``, the run's class names or a subset) or, without it, on the run's
+    validation split; save them in its model folder. ``unknown_score`` and ``unknown_keep``
+    default to the model's own (else ``knn`` and 0.95). Returns the new Trust and the files
+    that were skipped."""
+    import numpy as np
+    import torch
+
+    from transferkit import models, rejection
+    from transferkit.calibration import fit_calibration
+    from transferkit.data.folders import read_labelled_folder
+    from transferkit.evaluate import run_split_items
+    from transferkit.inference import create_forward, default_backend, run_forward
+
+    folder = model_folder(run)
+    run_folder = RunFolder.containing(run)
+    model, config = models.load_model(folder)
+    classes = [str(name) for name in config.get("label_names") or range(config["num_classes"])]
+    old = load_trust(folder, config)
+    method = unknown_score or (old.rejection.method if old.rejection else "knn")
+    keep = unknown_keep if unknown_keep is not None else (old.rejection.keep if old.rejection else 0.95)
+    problems = [f"--unknown-score must be one of {', '.join(rejection.METHODS)}, got {method!r}"] * (method not in rejection.METHODS)
+    problems += [f"--unknown-keep must be in (0, 1], got {keep}"] * (not 0 < keep <= 1)
+    if problems:
+        raise ConfigError(problems)
+    if data is None:
+        _, items = run_split_items(run_folder.root, "val", classes)
+        skipped: list[tuple[str, str]] = []
+        fitted_on = "val"
+    else:
+        items, skipped = read_labelled_folder(Path(data), classes)
+        fitted_on = str(data)
+    preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {})
+    preprocessing["input_size"] = tuple(preprocessing["input_size"])
+    forward = create_forward(models.PooledFeatures(model), preprocessing["input_size"], default_backend("cpu"))
+
+    def pooled(paths: list[str], unreadable: dict[str, str] | None = None) -> torch.Tensor:
+        return torch.from_numpy(run_forward(forward, paths, preprocessing, batch_size, num_workers, progress,
+                                            "calibrate", unreadable=unreadable).reshape(-1, model.num_features))
+
+    unreadable: dict[str, str] = {}
+    features = pooled([path for path, _ in items], unreadable)
+    skipped += sorted(unreadable.items())
+    targets = np.array([label for path, label in items if path not in unreadable])
+    if not len(targets):
+        raise DataError(f"no readable labelled images in {data or run_folder.root}; expected <class>/<image>.jpg folders")
+    with torch.inference_mode():
+        logits = models.classify_pooled(model, features, 0.0).numpy()
+    trust = Trust(calibration=fit_calibration(logits, targets, fitted_on))
+    if method == "knn":
+        trust.bank = old.bank if old.bank is not None else _training_bank(run_folder, classes, pooled)
+    trust.rejection = rejection.fit_rejection(method, keep, torch.from_numpy(logits / trust.temperature), features,
+                                              trust.bank, fitted_on)
+    save_trust(folder, trust)
+    if run_folder.export_dir.is_dir():
+        log.warning("exports in %s still carry the old temperature and threshold; export again", run_folder.export_dir)
+    return trust, skipped
+
+
+def _training_bank(run_folder: RunFolder, classes: list[str], pooled: Any) -> torch.Tensor:
+    """The knn score's features of a sample of the run's training images."""
+    import numpy as np
+
+    from transferkit.rejection import bank_indices, normalized_bank
+
+    if not run_folder.splits_file.is_file():
+        raise RunFolderError(
+            f"{run_folder.root} has no training split to take the knn score's features from; "
+            "use --unknown-score msp or energy, or give the run folder"
+        )
+    items = run_folder.read_splits(classes)["train"]
+    rows = bank_indices(np.array([label for _, label in items]))
+    return normalized_bank(pooled([items[row][0] for row in rows]))

@@ -1,0 +1,145 @@
+""""None of these": a score of how unlike the training images an image is, and a threshold on it.
+
+Three scores, each higher for a less familiar image:
+
+- ``msp``: one minus the maximum softmax probability (Hendrycks and Gimpel 2017), after the
+  temperature;
+- ``energy``: minus the log-sum-exp of the logits (Liu et al. 2020), which keeps the size of
+  the logits that the softmax throws away;
+- ``knn``: one minus the cosine similarity of the image's pooled features to its k-th nearest
+  training image (Sun et al. 2022), which looks at the features, not at the classes, so it sees
+  an X-ray handed to a flower model even where the flower logits happen to be confident.
+
+The threshold is the score that ``keep`` of the validation images (held out, in distribution)
+stay below, so a user states the share of real images they accept to lose, and gets it.
+
+``ScoredClassifier`` puts the temperature, the score and the training features (for ``knn``)
+in the model itself, so one forward pass (eager, ONNX or TorchScript) gives the calibrated
+logits and the score, and an export needs nothing beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transferkit import models
+
+METHODS = ("msp", "energy", "knn")
+NEIGHBOURS = 10
+BANK_SIZE = 5000
+"""Training images whose features ``knn`` keeps (all of them below this); 5,000 x 1,280 float32
+features is 26 MB, and Sun et al. found a random 1% of ImageNet's training set enough."""
+
+
+@dataclass
+class Rejection:
+    """How a model says "none of these": the score, its threshold and where it was set."""
+
+    method: str
+    threshold: float
+    keep: float
+    """The share of in-distribution images meant to stay below the threshold."""
+    kept: float
+    """The share of the ``fitted_on`` images that did."""
+    fitted_on: str
+    images: int
+    neighbours: int | None = None
+    bank_images: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Rejection:
+        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
+
+
+def unknown_scores(
+    method: str, logits: torch.Tensor, pooled: torch.Tensor | None = None, bank: torch.Tensor | None = None,
+    neighbours: int = NEIGHBOURS,
+) -> torch.Tensor:
+    """The score of each row, higher for less familiar images. ``logits`` are calibrated (divided
+    by the temperature); ``bank`` holds the training images' L2-normalised pooled features."""
+    if method == "msp":
+        return 1 - torch.softmax(logits, dim=1).max(dim=1).values
+    if method == "energy":
+        return -torch.logsumexp(logits, dim=1)
+    if method == "knn":
+        if pooled is None or bank is None:
+            raise ValueError("the knn score needs the pooled features and the training features")
+        similarity = F.normalize(pooled.float(), dim=1) @ bank.T
+        return 1 - similarity.topk(min(neighbours, bank.shape[0]), dim=1).values[:, -1]
+    raise ValueError(f"unknown score {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def fit_threshold(scores: np.ndarray, keep: float) -> tuple[float, float]:
+    """(threshold, share of ``scores`` at or below it): the smallest score that ``keep`` of them
+    do not exceed."""
+    scores = np.asarray(scores, dtype=np.float64)
+    threshold = float(np.quantile(scores, keep, method="inverted_cdf")) if len(scores) else float("inf")
+    return threshold, float((scores <= threshold).mean()) if len(scores) else 1.0
+
+
+def fit_rejection(
+    method: str, keep: float, logits: torch.Tensor, pooled: torch.Tensor, bank: torch.Tensor | None, fitted_on: str,
+) -> Rejection:
+    """The threshold that keeps ``keep`` of these held-out images (calibrated ``logits``, ``pooled``
+    features), as a Rejection record."""
+    scores = unknown_scores(method, logits, pooled, bank).numpy()
+    threshold, kept = fit_threshold(scores, keep)
+    return Rejection(
+        method=method, threshold=threshold, keep=keep, kept=kept, fitted_on=fitted_on, images=len(scores),
+        neighbours=NEIGHBOURS if method == "knn" else None, bank_images=len(bank) if method == "knn" and bank is not None else None,
+    )
+
+
+def bank_indices(targets: np.ndarray, size: int = BANK_SIZE, seed: int = 0) -> np.ndarray:
+    """At most ``size`` training images, a random sample in each class's own proportion."""
+    targets = np.asarray(targets)
+    if len(targets) <= size:
+        return np.arange(len(targets))
+    from sklearn.model_selection import train_test_split
+
+    chosen, _ = train_test_split(np.arange(len(targets)), train_size=size, stratify=targets, random_state=seed)
+    return np.sort(chosen)
+
+
+def normalized_bank(pooled: torch.Tensor) -> torch.Tensor:
+    return F.normalize(pooled.float(), dim=1).contiguous()
+
+
+class ScoredClassifier(nn.Module):
+    """A classifier whose forward gives (logits / temperature, unknown score), or the logits
+    alone without a ``method``: one graph for eager inference and every export."""
+
+    def __init__(
+        self, model: nn.Module, temperature: float = 1.0, method: str | None = None,
+        bank: torch.Tensor | None = None, neighbours: int = NEIGHBOURS,
+    ):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.neighbours = neighbours
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("bank", bank if bank is not None else torch.zeros(0))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("logits",) if self.method is None else ("logits", "unknown_score")
+
+    def extra_repr(self) -> str:
+        # The export cache names a graph by its repr and tensors: two scores on the same weights differ here.
+        return f"method={self.method}, neighbours={self.neighbours}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        pooled = models.forward_pooled(self.model, images)
+        logits = models.classify_pooled(self.model, pooled, 0.0) / self.temperature
+        if self.method is None:
+            return logits
+        return logits, unknown_scores(self.method, logits, pooled, self.bank, self.neighbours)
