@@ -218,3 +218,16 @@ def test_without_calibration_or_unknown_score_the_model_predicts_as_before(tiny_
 
     outputs = [o.name for o in onnx.load(str(export(run_dir, output=tmp_path / "model.onnx").path)).graph.output]
     assert outputs == ["logits"]
+
+
+def test_the_report_shows_calibration_before_and_after(noisy_run: Path, tmp_path: Path) -> None:
+    from transferkit.report import write_report
+
+    page = write_report([noisy_run], tmp_path / "report.html").read_text()
+
+    evaluation = json.loads((noisy_run / "evaluation" / "val" / "metrics.json").read_text())
+    section = page[page.index('id="trust"'):]
+    section = section[: section.index("</table>")]
+    assert f"<td>{evaluation['calibration']['uncalibrated_expected_calibration_error']:.4f}</td>" in section
+    assert f"<td>{evaluation['expected_calibration_error']:.4f}</td>" in section
+    assert f"{evaluation['unknown']['unknown']} of {evaluation['unknown']['images']}" in section

@@ -165,6 +165,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     print(f"  log loss      {calibration.log_loss_before:.4f} before, {calibration.log_loss_after:.4f} after")
     print(f"  unknown       {rejection.method} score above {rejection.threshold:.4g} "
           f"(keeps {rejection.kept:.1%} of these images)")
+    print(f"saved in {args.run}; `transferkit evaluate {args.run}` and `transferkit report {args.run}` show the "
+          "run with them, and exports made before carry the old ones until exported again")
     return 0
 
 
