@@ -28,7 +28,7 @@ def test_onnx_export_matches_the_eager_model_and_carries_its_metadata(trained_ru
 
     assert result.path.is_file() and result.size_bytes == result.path.stat().st_size
     assert result.images == len(val_paths(trained_run))
-    assert result.max_abs_diff <= 1e-4
+    assert result.max_abs_diff <= 1e-4 and result.max_score_diff is not None and result.max_score_diff <= 1e-4
     assert result.accuracy == result.reference_accuracy
 
     proto = onnx.load(str(result.path))
@@ -36,6 +36,9 @@ def test_onnx_export_matches_the_eager_model_and_carries_its_metadata(trained_ru
     assert metadata["classes"] == ["blue", "green", "red"]
     assert metadata["preprocessing"]["input_size"] == [3, 64, 64]
     assert metadata["architecture"] == "test_efficientnet"
+    model_config = json.loads((trained_run / "model" / "config.json").read_text())["transferkit"]
+    assert metadata["calibration"] == model_config["calibration"] and metadata["unknown"] == model_config["unknown"]
+    assert [output.name for output in proto.graph.output] == ["logits", "unknown_score"]
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     for batch in (1, 5):
         outputs = session.run(None, {"input": np.zeros((batch, 3, 64, 64), np.float32)})[0]

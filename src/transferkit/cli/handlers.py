@@ -178,6 +178,8 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.format}{'-' + result.quantize if result.quantize else ''})")
     print(f"checked on {result.images} validation images against the eager float model:")
     print(f"  max |probability difference|  {result.max_abs_diff:.2e}")
+    if result.max_score_diff is not None:
+        print(f"  max |unknown score difference|  {result.max_score_diff:.2e}")
     change = result.accuracy - result.reference_accuracy
     print(f"  accuracy  exported {result.accuracy:.4f}  eager {result.reference_accuracy:.4f}  change {change:+.4f}")
     return 0
