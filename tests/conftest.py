@@ -94,6 +94,7 @@ def tiny_config(output: Path, weights: Path, **overrides: object) -> TrainConfig
         "output": str(output),
         "progress": False,
         "report": False,
+        "audit": False,
     }
     options.update(overrides)
     return TrainConfig.from_options(options)

@@ -316,3 +316,30 @@ def test_the_page_renders_in_a_real_browser_with_every_thumbnail_decoded(everyth
     assert rendered["images"] == page.count("<img ") and rendered["images"] >= 10
     assert rendered["decoded"] == rendered["images"]
     assert rendered["sections"] == 5
+
+
+def test_train_audits_its_own_images_and_the_report_links_the_audit(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_folder(tmp_path / "data", per_class=12, classes=("blue", "green", "red"))
+    # One photo filed under two classes: train lists it in duplicates.csv, the audit as a conflict.
+    shutil.copyfile(data / "blue" / "blue_000.jpg", data / "red" / "blue_000_misfiled.jpg")
+    run_dir = tmp_path / "run"
+    options = ["--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--num-workers",
+               "0", "--frozen-epochs", "2", "--finetune-epochs", "0", "--output", str(run_dir), "--no-progress"]
+
+    assert main(["train", str(data), *options, "--audit", "--report"]) == 0
+
+    printed = capsys.readouterr().out
+    summary = json.loads((run_dir / "audit" / "audit.json").read_text())
+    splits = read_csv_rows(run_dir / "splits.csv")
+    assert summary["images"] == len(splits) == 37, "the audit looks at the run's own images"
+    # The tiny random backbone finds plain colours near-identical; the byte-identical pair is certain.
+    assert summary["counts"]["identical_groups"] == 1 and summary["counts"]["label_conflict"] >= 1
+    line = next(text for text in printed.splitlines() if text.startswith("audit of 37 images:"))
+    assert str(run_dir / "audit" / "audit.html") in line
+    page = (run_dir / "report.html").read_text()
+    assert 'id="audit"' in page and (run_dir / "audit" / "audit.html").resolve().as_uri() in page
+
+    assert main(["train", str(data), *options[:-3], "--output", str(tmp_path / "quiet"), "--no-audit"]) == 0
+    assert not (tmp_path / "quiet" / "audit").exists()

@@ -235,8 +235,8 @@ def compare(
             else:
                 config = STRATEGY_FUNCTIONS[strategy](shared, strategy_settings)
                 config = replace(config, model=replace(config.model, name=model), output=str(run_dir))
-                if first_run is not None:
-                    config = replace(config, data=replace(config.data, splits_from=str(first_run)))
+                if first_run is not None:  # same images and splits: the first run's audit covers them all
+                    config = replace(config, data=replace(config.data, splits_from=str(first_run)), audit=False)
                 log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
                 train(source, config)
             first_run = first_run or run_dir

@@ -302,6 +302,8 @@ class TrainConfig:
         "how unlike the training images an image is, to answer unknown: knn (features against the "
         "training images'), msp, energy, or none"))
     unknown_keep: float = field(default=0.95, metadata=_help("share of val images the unknown threshold keeps"))
+    audit: bool = field(default=True, metadata=_help(
+        "audit the run's images at the end (label issues, near-copies, outliers; RUN/audit, seconds on cached features)"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
     report: bool = field(default=True, metadata=_help("write figures and report.html at the end"))
 

@@ -68,3 +68,11 @@ def trainer_options(
         raise ConfigError([f"--accelerator {accelerator} --devices {devices} --strategy "
                            f"{strategy} --precision {precision}: {error}"]) from None
     return options
+
+
+def process_rank() -> int:
+    """This process's global rank: from Lightning once training set it up, else from the
+    launcher's environment (0 when training alone)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))

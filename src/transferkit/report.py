@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferkit._io import atomic_write, write_text
+from transferkit._io import atomic_write, read_json, write_text
 from transferkit.figures import (
     FIGURE_DPI,
     GRID_IMAGES,
@@ -179,6 +179,18 @@ def _phase_rows(phases: dict[str, PhaseRecord]) -> list[list[Any]]:
     return rows
 
 
+def _audit_link(run_dir: Path) -> str:
+    """The audit ``train --audit`` wrote, in one line with a link, where there is one."""
+    from transferkit.audit.findings import summary_line
+
+    page = RunFolder(run_dir).audit_dir / "audit.html"
+    found = page.with_name("audit.json")
+    if not found.is_file():
+        return ""
+    link = f'<a href="{html.escape(page.resolve().as_uri())}">audit.html</a>' if page.is_file() else "audit.json"
+    return f'<p id="audit">Data: {html.escape(summary_line(read_json(found)))} (see {link}).</p>'
+
+
 def _trust_section(metrics: dict[str, Any]) -> str:
     """The temperature and the unknown threshold, as the evaluation saw them."""
     calibration, unknown = metrics.get("calibration"), metrics.get("unknown")
@@ -200,6 +212,7 @@ def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
     parts = [f'<section class="run" id="{html.escape(run.run_dir.name)}"><h1>{html.escape(title)}</h1>',
              f'<p class="muted">run folder: {html.escape(str(run.run_dir.resolve()))}; '
              f"judged on the <b>{run.split}</b> split</p>"]
+    parts.append(_audit_link(run.run_dir))
     parts.append(f'<h2 id="metrics">Metrics ({run.split} split)</h2>')
     parts.append(_table(["metric", "value"], [list(r) for r in _headline_rows(metrics)]))
     parts.append(_table(

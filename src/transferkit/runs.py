@@ -113,6 +113,8 @@ class RunFolder:
     figures_dir = _File("figures")
     """The report's figures, as PNG."""
     report_file = _File("report.html")
+    audit_dir = _File("audit")
+    """What ``train --audit`` writes: audit.csv, audit.json, scores.csv and audit.html of the run's images."""
     export_dir = _File("export")
     """What ``transferkit export`` writes by default (see ``export_file``)."""
 

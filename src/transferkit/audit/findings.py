@@ -84,9 +84,14 @@ class AuditResult:
 
     def line(self) -> str:
         """The one-line summary train and the CLI print."""
-        counts = self.summary["counts"]
-        return (
-            f"audit of {self.summary['images']} images: {counts['label_issue']} possible label errors, "
-            f"{counts['near_duplicate_pairs']} near-duplicate pairs ({counts['leakage']} across splits, "
-            f"{counts['label_conflict']} across classes), {counts['outlier']} outliers"
-        )
+        return summary_line(self.summary)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The one-line summary of an audit.json's contents (train, the CLI and the report print it)."""
+    counts = summary["counts"]
+    return (
+        f"audit of {summary['images']} images: {counts['label_issue']} possible label errors, "
+        f"{counts['near_duplicate_pairs']} near-duplicate pairs ({counts['leakage']} across splits, "
+        f"{counts['label_conflict']} across classes), {counts['outlier']} outliers"
+    )

@@ -36,6 +36,7 @@ from transferkit.audit.checks import (
     outlier_scores,
 )
 from transferkit.audit.config import AuditConfig
+from transferkit.config import DataConfig, ModelConfig
 from transferkit.audit.findings import CSV_COLUMNS, KINDS, AuditResult, Finding, ImageScores
 from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError
@@ -77,11 +78,27 @@ def audit(data: str | os.PathLike[str], config: AuditConfig | None = None) -> Au
     return audit_index(index, config, output)
 
 
-def audit_index(index: Any, config: AuditConfig, output: Path) -> AuditResult:
-    """The audit of a ``DatasetIndex`` (train passes its own), written to ``output``."""
+def audit_of_run(
+    index: Any, data: DataConfig, model: ModelConfig, seed: int, cache_dir: str | None, progress: bool, output: Path,
+    features: np.ndarray | None = None,
+) -> str:
+    """``train --audit``: the audit of a run's own images and splits, on the pooled features its
+    frozen phase trained on where it has them (rows in ``index.splits``' order), else on the
+    feature cache's; returns the one-line summary. The model is saved by then, so a failure here
+    costs only the audit, with a warning."""
+    try:
+        config = AuditConfig(data=data, model=model, seed=seed, cache_dir=cache_dir, progress=progress)
+        return audit_index(index, config, output, features).line()
+    except Exception as error:  # noqa: BLE001 - the trained model must survive whatever the audit meets
+        log.warning("the audit of the run's images failed (%s); run `transferkit audit` on the data to see why", error)
+        return ""
+
+
+def audit_index(index: Any, config: AuditConfig, output: Path, features: np.ndarray | None = None) -> AuditResult:
+    """The audit of a ``DatasetIndex`` (train passes its own, and its features), written to ``output``."""
     import torch
 
-    from transferkit.features import cached_pooled_features
+    from transferkit.features import FeatureStats, cached_pooled_features
     from transferkit.data.loaders import resolve_preprocessing
     from transferkit.inference import default_backend
     from transferkit.models import create_classifier
@@ -91,13 +108,16 @@ def audit_index(index: Any, config: AuditConfig, output: Path) -> AuditResult:
     entries = [(split, path, label) for split, items in index.splits.items() for path, label in items]
     paths = [path for _, path, _ in entries]
     labels = np.array([label for _, _, label in entries], dtype=np.int64)
-    model = create_classifier(config.model, len(classes), config.data.image_size)
-    preprocessing = resolve_preprocessing(model, config.data.image_size)
-    features, stats = cached_pooled_features(
-        model, paths, preprocessing, config.model.global_pool,
-        backend=default_backend("cuda" if torch.cuda.is_available() else "cpu"), cache_dir=config.cache_dir,
-        num_workers=config.data.resolved_num_workers(), progress=config.progress,
-    )
+    if features is None:
+        model = create_classifier(config.model, len(classes), config.data.image_size)
+        preprocessing = resolve_preprocessing(model, config.data.image_size)
+        features, stats = cached_pooled_features(
+            model, paths, preprocessing, config.model.global_pool,
+            backend=default_backend("cuda" if torch.cuda.is_available() else "cpu"), cache_dir=config.cache_dir,
+            num_workers=config.data.resolved_num_workers(), progress=config.progress,
+        )
+    else:
+        stats = FeatureStats(images=len(paths), from_cache=len(paths), seconds=0.0)
     features = np.asarray(features, dtype=np.float32)
 
     timings: dict[str, float] = {"features": round(stats.seconds, 2)}

@@ -105,6 +105,8 @@ def print_train_summary(result: Any) -> None:
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable, non-image or duplicate files "
               f"(see {folder.skipped_file})")
+    if result.audit:
+        print(f"{result.audit} (see {folder.audit_dir / 'audit.html'})")
     best = metrics.phases[metrics.best_phase]
     print(f"best validation accuracy: {best.best_val_acc:.4f} ({metrics.best_phase} phase, epoch {best.best_epoch})")
     print(f"validation accuracy of the saved model: {metrics.val['accuracy']:.4f}  macro F1: {metrics.val['macro_f1']:.4f}")

@@ -24,13 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit import activations, engine, models, runs
+from transferkit.audit.run import audit_of_run
 from transferkit.config import TrainConfig, parse_unfreeze
-from transferkit.data.registry import source_problems
 from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.exclude import read_exclusions
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import image_loader, resolve_preprocessing
-from transferkit.data.registry import resolve_data_source
+from transferkit.data.registry import resolve_data_source, source_problems
 from transferkit._io import content_digests
 from transferkit.errors import ConfigError, RunFolderError
 from transferkit.features import FeatureCache, FeatureStats, backbone_digest, extract_features, feature_cache_folder
@@ -61,6 +61,8 @@ class TrainResult:
     best_phase: str = ""
     duplicates: dict[str, int] = dataclasses.field(default_factory=dict)
     """Counts of identical-image groups: groups, across_splits, across_classes."""
+    audit: str = ""
+    """The audit's one-line summary (``--audit``), else empty."""
 
     @property
     def model_dir(self) -> Path:
@@ -101,7 +103,7 @@ def resolve_run_dir(data: str | os.PathLike[str], config: TrainConfig) -> Path:
     """
     if config.output:
         return Path(config.output).absolute()
-    if _process_rank() != 0 and os.environ.get(RUN_DIR_ENV):
+    if engine.process_rank() != 0 and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     name = Path(os.fspath(data)).name or "data"
     return Path("runs", f"{name}-{config.model.name.replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}").absolute()
@@ -115,7 +117,7 @@ def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
     run_dir = resolve_run_dir(source, config)
     config = dataclasses.replace(config, output=str(run_dir))  # the caller's config stays as it was
     os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning launches
-    if _process_rank() != 0:  # rank zero holds the folder for the whole run
+    if engine.process_rank() != 0:  # rank zero holds the folder for the whole run
         return _train_in(RunFolder(run_dir), source, config, resume, trainer_options, started)
     runs.prepare_folder(run_dir)
     with runs.claim(run_dir):
@@ -132,7 +134,7 @@ def _train_in(
     folder: RunFolder, source: str, config: TrainConfig, resume: bool, trainer_options: dict[str, Any], started: float
 ) -> TrainResult:
     """The recipe: data, model, the head phase, fine-tuning, evaluation, the saved model."""
-    main_process = _process_rank() == 0
+    main_process = engine.process_rank() == 0
     index = _prepare_index(source, config, folder, resume, write=main_process)
     classes, targets = index.classes, index.targets("train")
 
@@ -229,13 +231,17 @@ def _train_in(
     if feature_stats is not None:
         metrics.features = feature_stats.as_dict()
     folder.write_metrics(metrics)
+    audit_line = audit_of_run(
+        index, config.data, config.model, config.seed, config.cache_dir, config.progress, folder.audit_dir,
+        torch.cat([features[split] for split in index.splits]).numpy() if features else None,
+    ) if config.audit else ""
     if config.report:
         from transferkit.report import write_report
 
         write_report([folder.root])
     return TrainResult(
         run_dir=folder.root, classes=classes, counts=index.counts(), metrics=metrics.to_dict(),
-        skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(),
+        skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(), audit=audit_line,
     )
 
 
@@ -382,14 +388,6 @@ def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming
         log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
     folder.write_index(index)
     return index
-
-
-def _process_rank() -> int:
-    """This process's global rank: from Lightning once training set it up, else from the
-    launcher's environment (0 when training alone)."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0))
 
 
 def _inference_backend(config: TrainConfig) -> str:
