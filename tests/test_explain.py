@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import COLOURS, make_image
+from transferkit.cli import main
 from transferkit.data.loaders import resolve_preprocessing
 from transferkit.errors import ConfigError
 from transferkit.evaluate import predict
@@ -117,6 +118,31 @@ def test_overlays_are_readable_pngs_named_after_their_images(trained_run: Path, 
         pixels = np.asarray(picture.convert("RGB"))
     half = pixels.shape[1] // 2
     assert np.abs(pixels[40:, :half - 8].astype(int) - pixels[40:, half + 8:][:, : half - 8].astype(int)).mean() > 5
+
+
+def test_predict_explain_writes_one_overlay_per_readable_image(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "images"
+    make_image(images / "sky.jpg", COLOURS["blue"], seed=1)
+    make_image(images / "leaf.jpg", COLOURS["green"], seed=2)
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["predict", str(trained_run), str(images), "--explain", str(tmp_path / "why")]) == 0
+    assert sorted(p.name for p in (tmp_path / "why").iterdir()) == ["leaf.png", "sky.png"]
+    assert "2 heat-map overlays written to" in capsys.readouterr().err
+
+
+def test_predict_explain_on_an_exported_file_says_to_pass_the_run_folder(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transferkit.export import export
+
+    exported = export(trained_run, output=tmp_path / "model.onnx").path
+    image = make_image(tmp_path / "sky.jpg", COLOURS["blue"], seed=1)
+    assert main(["predict", str(exported), str(image), "--explain", str(tmp_path / "why")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "pass the run folder" in error[0] and "model.onnx" in error[0]
+    assert not (tmp_path / "why").exists()
 
 
 def test_unknown_method_and_missing_library_are_one_line_errors(

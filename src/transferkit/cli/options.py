@@ -159,6 +159,9 @@ def predict_parser(subparsers: Any) -> None:
     parser.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
+    parser.add_argument("--explain", metavar="DIR",
+                        help="also write a heat-map overlay PNG per image into DIR: where the model found its top "
+                             "label (needs the run folder and pip install 'transferkit[explain]')")
     _add_inference_options(parser)
 
 
