@@ -61,11 +61,11 @@ def require_grad_cam() -> Any:
 
 
 def grad_cam_available() -> bool:
-    try:
-        require_grad_cam()
-    except ExplainUnavailable:
-        return False
-    return True
+    """Whether grad-cam is installed; looked up without importing it (and OpenCV with it), so a
+    server that is never asked for a heat map does not grow by them."""
+    import importlib.util
+
+    return importlib.util.find_spec("pytorch_grad_cam") is not None
 
 
 def _hooked_classifier(model: nn.Module) -> nn.Module:
