@@ -34,6 +34,8 @@ def _untrained(name: str) -> tuple[torch.nn.Module, Predictor]:
     ("test_efficientnet", "feature_map"),
     ("resnet10t", "feature_map"),
     ("test_convnext", "feature_map"),
+    ("test_mambaout", "feature_map"),  # its map is NHWC
+    ("test_vit_relpos", "feature_map"),  # a ViT that averages its tokens: the last tokens, as a grid
     # a ViT's patch tokens reach the logits only through the class token: the map is taken
     # where the last block reads them
     ("test_vit", "model.blocks.5.norm1"),
@@ -62,7 +64,8 @@ def patch_image(path: Path, colour: tuple[int, int, int], row: int, column: int,
     """A 64 px grey noise image with one coloured square at (row, column)."""
     rng = np.random.default_rng(seed)
     pixels = np.clip(128 + rng.normal(0, 20, (64, 64, 3)), 0, 255)
-    pixels[row:row + PATCH, column:column + PATCH] = np.clip(np.array(colour) + rng.normal(0, 20, (PATCH, PATCH, 3)), 0, 255)
+    square = np.array(colour) + rng.normal(0, 20, (PATCH, PATCH, 3))
+    pixels[row:row + PATCH, column:column + PATCH] = np.clip(square, 0, 255)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.astype(np.uint8)).save(path)
     return path

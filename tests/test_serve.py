@@ -146,6 +146,23 @@ def test_explain_adds_a_heat_map_png_per_image_to_the_same_answer(server: str, t
         assert picture.format == "PNG" and picture.size == (64, 64)  # the run's input, as the model saw it
 
 
+def test_heat_maps_of_a_request_larger_than_one_pass_stay_with_their_images(trained_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    from transferkit.explain import heat_overlay, load_explainer
+    from transferkit.serve import EXPLAIN_BATCH_SIZE
+
+    colours = ["blue", "red", "green", "red", "blue", "green"]
+    paths = [make_image(tmp_path / f"{n}.jpg", COLOURS[c], seed=n) for n, c in enumerate(colours)]
+    assert len(paths) > EXPLAIN_BATCH_SIZE
+    with serving(create_app(trained_run, ServeLimits(max_files=len(paths)))) as url:
+        answers = post(url, *((p.name, p.read_bytes()) for p in paths), explain=1).json()["predictions"]
+    for path, answer in zip(paths, answers):
+        (alone,) = load_explainer(trained_run).explain([str(path)])
+        expected = heat_overlay(alone.image, alone.heatmap).astype(int)
+        served = np.asarray(decoded_data_url(answer["heatmap"]).convert("RGB")).astype(int)
+        assert np.abs(served - expected).mean() < 1, path.name  # the same map as the image's own, in order
+
+
 def test_a_server_of_an_exported_model_says_heat_maps_need_the_run_folder(trained_run: Path) -> None:
     from transferkit.inference import load_predictor
 
