@@ -137,12 +137,16 @@ def _heatmap_builders(run: RunSummary) -> dict[str, Callable[[], Any]]:
         "most_confused_heatmaps": (most_confused_rows(run), "Most-confused images"),
     }
     explainers: list[Any] = []  # loaded once, by the first grid drawn
+    # The most-confused images are mostly among the highest-loss ones: each is explained once
+    # (a backward pass per image is most of these grids' cost, a few seconds of every train).
+    explained: dict[str, Any] = {}
 
     def build(rows: list[dict[str, Any]], title: str) -> Any:
         if not explainers:
             explainers.append(load_explainer(run.run_dir))
-        explanations = explainers[0].explain([r["path"] for r in rows], unreadable={})
-        explained = {e.path: heat_overlay(e.image, e.heatmap) for e in explanations}
+        missing = [r["path"] for r in rows if r["path"] not in explained]
+        for e in explainers[0].explain(missing, unreadable={}):
+            explained[e.path] = heat_overlay(e.image, e.heatmap)
         return plot_image_grid(rows, f"{title}, {run.split} split: where the model found its prediction "
                                      f"(red; {explainers[0].method})", [explained.get(r["path"]) for r in rows])
 
