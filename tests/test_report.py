@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,9 +14,20 @@ from PIL import Image
 from conftest import render_in_chromium
 from transferkit.cli import main
 from transferkit.figures import plot_confusion_matrix
-from transferkit.report import FIGURES, read_run, write_figures
+from transferkit.explain import grad_cam_available
+from transferkit.report import FIGURES, most_confused_rows, read_run, write_figures
 
 SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)
+
+
+def expected_figures(run_dir: Path) -> set[str]:
+    """Every figure; with grad-cam, the heat-map grids too (most-confused only when some image is)."""
+    names = set(FIGURES)
+    if grad_cam_available():
+        names.add("highest_loss_heatmaps")
+        if read_run(run_dir).evaluation.get("most_confused"):
+            names.add("most_confused_heatmaps")
+    return names
 
 
 def embedded_images(page: str) -> list[Image.Image]:
@@ -26,7 +38,7 @@ def embedded_images(page: str) -> list[Image.Image]:
 
 
 def test_training_writes_every_figure_as_a_readable_png(trained_run: Path) -> None:
-    for name in FIGURES:
+    for name in expected_figures(trained_run):
         path = trained_run / "figures" / f"{name}.png"
         with Image.open(path) as image:
             image.verify()
@@ -42,7 +54,7 @@ def test_the_report_is_one_self_contained_file_with_every_section(trained_run: P
     assert "truncated.jpg" in page, "skipped files are listed"
     assert re.search(r'(src|href)="(?!data:)', page) is None, "nothing may load from outside the file"
     images = embedded_images(page)
-    assert len(images) == len(FIGURES)
+    assert len(images) == len(expected_figures(trained_run))
     assert all(image.size[0] >= 400 for image in images)
 
 
@@ -56,7 +68,7 @@ def test_report_of_two_runs_puts_them_side_by_side(trained_run: Path, tmp_path: 
     page = output.read_text(encoding="utf-8")
     comparison = page.split('id="comparison"')[1].split("</section>")[0]
     assert "run" in comparison and "second" in comparison and "accuracy" in comparison
-    assert len(embedded_images(page)) == 2 * len(FIGURES)
+    assert len(embedded_images(page)) == 2 * len(expected_figures(trained_run))
 
 
 def test_confusion_matrix_stays_readable_with_many_classes(trained_run: Path) -> None:
@@ -73,13 +85,13 @@ def test_confusion_matrix_stays_readable_with_many_classes(trained_run: Path) ->
 
 def test_figures_are_redrawn_from_the_run_folder_alone(trained_run: Path, tmp_path: Path) -> None:
     written = write_figures(read_run(trained_run), tmp_path / "figures")
-    assert set(written) == set(FIGURES)
+    assert set(written) == expected_figures(trained_run)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
 def test_the_report_renders_in_a_real_browser_with_every_image_decoded(trained_run: Path, tmp_path: Path) -> None:
     rendered = render_in_chromium((trained_run / "report.html").read_text(encoding="utf-8"), tmp_path)
-    assert rendered["decoded"] == rendered["images"] == len(FIGURES)
+    assert rendered["decoded"] == rendered["images"] == len(expected_figures(trained_run))
     assert rendered["sections"] >= 5
 
 
@@ -94,10 +106,36 @@ def test_class_names_with_dollar_signs_are_drawn_literally_in_every_figure(tmp_p
             make_image(tmp_path / "data" / name / f"{i}.jpg", colour, seed=100 * k + i)
     run_dir = tmp_path / "run"
     train(tmp_path / "data", tiny_config(run_dir, tiny_weights, report=True))
-    assert {p.name for p in (run_dir / "figures").glob("*.png")} == {f"{name}.png" for name in FIGURES}
+    drawn = {p.name for p in (run_dir / "figures").glob("*.png")}
+    assert drawn == {f"{name}.png" for name in expected_figures(run_dir)}
 
     run = read_run(run_dir)
     figure = plot_confusion_matrix(run.evaluation, run.classes, run.split)
     figure.canvas.draw()  # drawn by the caller, outside the report's own settings
     labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
     assert labels == sorted(names) and all(not label.get_parse_math() for label in figure.axes[0].get_yticklabels())
+
+
+@pytest.mark.skipif(not grad_cam_available(), reason="needs pip install 'transferkit[explain]'")
+def test_heat_map_grids_show_the_highest_loss_and_the_most_confused_images(trained_run: Path, tmp_path: Path) -> None:
+    run = read_run(trained_run)
+    # Two images filed as red and said to be blue: the run's most-confused pair, whatever it learnt.
+    reds = run.predictions[:2]
+    for row, confidence in zip(reds, ("0.6", "0.9")):
+        row.update(label="red", predicted="blue", confidence=confidence)
+    run.evaluation["most_confused"] = [{"label": "red", "predicted": "blue", "count": 2}]
+    assert [r["path"] for r in most_confused_rows(run)] == [reds[1]["path"], reds[0]["path"]]  # surest first
+
+    written = write_figures(run, tmp_path / "figures")
+    assert {"highest_loss_heatmaps", "most_confused_heatmaps"} <= set(written)
+    plain = coarse_colours(written["highest_loss"])
+    for name in ("highest_loss_heatmaps", "most_confused_heatmaps"):
+        # The jet colours over the images: far more colours than the same flat-colour images plain
+        # (measured 195 and 150 against 91).
+        assert coarse_colours(written[name]) > 1.5 * plain, name
+
+
+def coarse_colours(path: Path) -> int:
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB")) // 32
+    return len(np.unique(pixels.reshape(-1, 3), axis=0))

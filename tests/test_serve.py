@@ -150,6 +150,86 @@ def test_the_page_says_none_of_these_for_an_image_unlike_the_training_images(ser
     assert bars == [t["label"] for t in expected["top_k"]]  # what the classes alone would say, still shown
 
 
+def decoded_data_url(url: str) -> Image.Image:
+    import base64
+
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_explain_adds_a_heat_map_png_per_image_to_the_same_answer(server: str, trained_run: Path) -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    paths = val_images(trained_run)[:2]
+    files = [(Path(p).name, Path(p).read_bytes()) for p in paths]
+    plain = post(server, *files).json()["predictions"]
+    explained = post(server, *files, explain=1).json()["predictions"]
+
+    assert requests.get(f"{server}/model", timeout=10).json()["explain"] is True
+    assert [a["top_k"] for a in explained] == [a["top_k"] for a in plain]
+    assert all("heatmap" not in a for a in plain)
+    for answer in explained:
+        picture = decoded_data_url(answer["heatmap"])
+        assert picture.format == "PNG" and picture.size == (64, 64)  # the run's input, as the model saw it
+
+
+def test_heat_maps_of_a_request_larger_than_one_pass_stay_with_their_images(trained_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    from transferkit.explain import heat_overlay, load_explainer
+    from transferkit.serve import EXPLAIN_BATCH_SIZE
+
+    colours = ["blue", "red", "green", "red", "blue", "green"]
+    paths = [make_image(tmp_path / f"{n}.jpg", COLOURS[c], seed=n) for n, c in enumerate(colours)]
+    assert len(paths) > EXPLAIN_BATCH_SIZE
+    with serving(create_app(trained_run, ServeLimits(max_files=len(paths)))) as url:
+        answers = post(url, *((p.name, p.read_bytes()) for p in paths), explain=1).json()["predictions"]
+    for path, answer in zip(paths, answers):
+        (alone,) = load_explainer(trained_run).explain([str(path)])
+        expected = heat_overlay(alone.image, alone.heatmap).astype(int)
+        served = np.asarray(decoded_data_url(answer["heatmap"]).convert("RGB")).astype(int)
+        assert np.abs(served - expected).mean() < 1, path.name  # the same map as the image's own, in order
+
+
+def test_a_server_of_an_exported_model_says_heat_maps_need_the_run_folder(trained_run: Path) -> None:
+    from transferkit.inference import load_predictor
+
+    image = val_images(trained_run)[0]
+    with serving(create_app(load_predictor(trained_run), LIMITS)) as url:
+        assert requests.get(f"{url}/model", timeout=10).json()["explain"] is False
+        response = post(url, ("a.jpg", Path(image).read_bytes()), explain=1)
+        assert post(url, ("a.jpg", Path(image).read_bytes())).status_code == 200
+    assert response.status_code == 422
+    assert "serve the run folder" in response.json()["detail"]
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_the_page_shows_the_heat_map_beside_the_bars_when_toggled(server: str, trained_run: Path) -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    from playwright.sync_api import sync_playwright
+
+    image = val_images(trained_run)[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server)
+        page.wait_for_selector("#explain-toggle", state="visible")
+        page.set_input_files("#file", image)
+        page.wait_for_selector("#predictions li")
+        hidden_before = page.locator("#heatmap").is_hidden()
+        page.check("#explain")  # asks again for the same image, with its heat map
+        page.wait_for_function("(() => { const h = document.getElementById('heatmap');"
+                               " return !h.hidden && h.complete && h.naturalWidth > 0; })()")
+        heat = page.locator("#heatmap").bounding_box()
+        bars = page.locator("#predictions").bounding_box()
+        labels = page.locator("#predictions .label").all_inner_texts()
+        page.uncheck("#explain")
+        page.wait_for_function("document.getElementById('heatmap').hidden")
+        browser.close()
+
+    assert hidden_before
+    assert heat["width"] > 100 and heat["x"] + heat["width"] <= bars["x"]  # beside the bars, to their left
+    assert labels == predict(trained_run, [image], top_k=2).predictions[0].labels
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

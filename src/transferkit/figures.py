@@ -179,8 +179,9 @@ def _thumbnail(path: str, side: int) -> Any:
 
 
 @_literal
-def plot_image_grid(rows: list[dict[str, Any]], title: str) -> Any:
-    """Images with true and predicted labels; wrong predictions in red with a red frame."""
+def plot_image_grid(rows: list[dict[str, Any]], title: str, pictures: list[np.ndarray | None] | None = None) -> Any:
+    """Images with true and predicted labels; wrong predictions in red with a red frame.
+    ``pictures``: what to draw for each row (a heat-map overlay) instead of its image file."""
     plt = _pyplot()
     columns = 4
     lines = max(1, -(-len(rows) // columns))
@@ -188,9 +189,10 @@ def plot_image_grid(rows: list[dict[str, Any]], title: str) -> Any:
                                 constrained_layout=True)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, row in zip(axes.flat, rows):
+    for n, (axis, row) in enumerate(zip(axes.flat, rows)):
         try:
-            axis.imshow(_thumbnail(row["path"], 192))
+            picture = pictures[n] if pictures is not None else None
+            axis.imshow(picture if picture is not None else _thumbnail(row["path"], 192))
         except Exception:  # a file removed since training: keep the caption, show no picture
             axis.text(0.5, 0.5, "image unavailable", ha="center", va="center", transform=axis.transAxes)
         wrong = row["label"] != row["predicted"]

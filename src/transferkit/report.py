@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,10 @@ def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path
             metrics.get("highest_loss", [])[:GRID_IMAGES], f"Highest-loss images, {run.split} split"
         ),
     }
+    builders.update(_heatmap_builders(run))
     written = {}
-    for name in FIGURES:
-        figure = builders[name]()
+    for name, build in builders.items():
+        figure = build()
         if figure is None:
             continue
         path = folder / f"{name}.png"
@@ -112,6 +114,43 @@ def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path
         plt.close(figure)
         written[name] = path
     return written
+
+
+def most_confused_rows(run: RunSummary, count: int = GRID_IMAGES) -> list[dict[str, Any]]:
+    """The images behind the most-confused pairs table, pair by pair, most confident first."""
+    rows: list[dict[str, Any]] = []
+    for pair in run.evaluation.get("most_confused", []):
+        found = [r for r in run.predictions if (r["label"], r["predicted"]) == (pair["label"], pair["predicted"])]
+        rows += sorted(found, key=lambda r: -float(r["confidence"]))
+    return rows[:count]
+
+
+def _heatmap_builders(run: RunSummary) -> dict[str, Callable[[], Any]]:
+    """Heat-map versions of the highest-loss and most-confused grids: where the model found the
+    label it predicted. Only with grad-cam installed; none for a grid with no images."""
+    from transferkit.explain import grad_cam_available, heat_overlay, load_explainer
+
+    if not grad_cam_available():
+        return {}
+    grids = {
+        "highest_loss_heatmaps": (run.evaluation.get("highest_loss", [])[:GRID_IMAGES], "Highest-loss images"),
+        "most_confused_heatmaps": (most_confused_rows(run), "Most-confused images"),
+    }
+    explainers: list[Any] = []  # loaded once, by the first grid drawn
+    # The most-confused images are mostly among the highest-loss ones: each is explained once
+    # (a backward pass per image is most of these grids' cost, a few seconds of every train).
+    explained: dict[str, Any] = {}
+
+    def build(rows: list[dict[str, Any]], title: str) -> Any:
+        if not explainers:
+            explainers.append(load_explainer(run.run_dir))
+        missing = [r["path"] for r in rows if r["path"] not in explained]
+        for e in explainers[0].explain(missing, unreadable={}):
+            explained[e.path] = heat_overlay(e.image, e.heatmap)
+        return plot_image_grid(rows, f"{title}, {run.split} split: where the model found its prediction "
+                                     f"(red; {explainers[0].method})", [explained.get(r["path"]) for r in rows])
+
+    return {name: (lambda rows=rows, title=title: build(rows, title)) for name, (rows, title) in grids.items() if rows}
 
 
 # --- HTML -------------------------------------------------------------------------------------
@@ -238,6 +277,8 @@ def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
         "training_curves": "Training curves", "per_class_f1": "F1 per class", "confusion_matrix": "Confusion matrix",
         "reliability": "Reliability diagram", "sample_predictions": "Sample predictions",
         "highest_loss": "Highest-loss images",
+        "highest_loss_heatmaps": "Highest-loss images: heat maps",
+        "most_confused_heatmaps": "Most-confused images: heat maps",
     }
     for name, path in figures.items():
         parts.append(f'<h3 id="{name}">{captions[name]}</h3>' + _image(path, captions[name]))

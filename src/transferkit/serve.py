@@ -5,7 +5,8 @@
     GET  /model     classes, architecture, preprocessing and the limits below
     POST /predict   multipart/form-data with one or more image files -> per file the answer (the
                     top label, or "unknown" where the model's unknown score is above its threshold),
-                    the score, and the top-k labels with calibrated probabilities
+                    the score, and the top-k labels with calibrated probabilities; ?explain=1 adds
+                    each image's heat map (a PNG data URL), for a run folder
 
 Everything a client can send is checked before it costs memory or time: the request size
 (counted as the bytes arrive, whatever the headers say), the number of files, each file's size,
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 16
 """images per forward pass: a larger request is classified in several, so the runtime's working
 memory stays that of 16 images whatever ``max_files`` is"""
+EXPLAIN_BATCH_SIZE = 4
+"""images per heat-map pass: a backward pass keeps every activation, several times a forward's memory"""
 RETRY_AFTER_SECONDS = 1
 # Multipart framing adds a few hundred bytes per file to the files themselves.
 FRAMING_BYTES_PER_FILE = 4096
@@ -151,6 +154,8 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
     from fastapi.responses import HTMLResponse, JSONResponse
 
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    explain_refusal = _explain_refusal(model)
+    explainers: list[Any] = []  # the torch model, loaded by the first request that asks for heat maps
     limits = limits or ServeLimits()
     page = resources.files("transferkit").joinpath("static/serve.html").read_text(encoding="utf-8")
     app = FastAPI(title="transferkit", summary="image classification", version="1")
@@ -185,6 +190,7 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
             "calibration": predictor.info.get("calibration"),
             "unknown": {**predictor.unknown, "reject": reject} if predictor.unknown else None,
             "limits": asdict(limits),
+            "explain": explain_refusal is None,
         }
 
     def preprocessed(name: str, file: IO[bytes]) -> np.ndarray:
@@ -197,12 +203,27 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
                 raise HTTPException(413, f"{name}: {error}; send a smaller image") from None
             raise HTTPException(415, f"{name}: {error}") from None
 
-    def classify(files: list[tuple[str, IO[bytes]]]) -> tuple[np.ndarray, np.ndarray | None]:
+    def classify(
+        files: list[tuple[str, IO[bytes]]], explain: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        """Class probabilities, unknown scores (None without a score) and, with ``explain``, each
+        image's heat map of its top class."""
         try:
             inputs = [preprocessed(name, file) for name, file in files]
             outputs = [predictor.scored_batch(np.stack(inputs[i:i + BATCH_SIZE])) for i in range(0, len(inputs), BATCH_SIZE)]
+            probabilities = np.concatenate([batch for batch, _ in outputs])
             scores = None if outputs[0][1] is None else np.concatenate([scored for _, scored in outputs])
-            return np.concatenate([probabilities for probabilities, _ in outputs]), scores
+            if not explain:
+                return probabilities, scores, []
+            if not explainers:
+                from transferkit.explain import load_explainer
+
+                explainers.append(load_explainer(model))  # type: ignore[arg-type]
+            return probabilities, scores, [
+                url for i in range(0, len(inputs), EXPLAIN_BATCH_SIZE)
+                for url in _heatmap_urls(explainers[0], inputs[i:i + EXPLAIN_BATCH_SIZE],
+                                         probabilities[i:i + EXPLAIN_BATCH_SIZE])
+            ]
         finally:
             release_memory()
 
@@ -219,11 +240,13 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
         }
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int | None = None) -> dict[str, Any]:
+    async def predict(request: Request, top_k: int | None = None, explain: bool = False) -> dict[str, Any]:
         nonlocal admitted
         k = min(limits.top_k, len(predictor.classes)) if top_k is None else top_k
         if not 1 <= k <= len(predictor.classes):
             raise HTTPException(422, f"top_k must be between 1 and {len(predictor.classes)}, got {k}")
+        if explain and explain_refusal is not None:
+            raise HTTPException(422, explain_refusal)
         declared = int(request.headers.get("content-length") or 0)
         if declared > limits.max_request_bytes:
             raise HTTPException(413, f"request of {declared:,} bytes is over the limit of "
@@ -247,18 +270,51 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
                     if (upload.size or 0) > limits.max_file_bytes:
                         raise HTTPException(413, f"{name} is over the {limits.max_file_bytes:,}-byte limit")
                 files = [(name, upload.file) for name, upload in zip(names, uploads)]
-                probabilities, scores = await asyncio.get_running_loop().run_in_executor(worker, classify, files)
+                probabilities, scores, heatmaps = await asyncio.get_running_loop().run_in_executor(
+                    worker, classify, files, explain)
         finally:
             admitted -= 1
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        return {
-            "predictions": [
-                answer(name, row, None if scores is None else float(scores[n]), ranked)
-                for n, (name, row, ranked) in enumerate(zip(names, probabilities, order))
-            ]
-        }
+        answers = [
+            answer(name, row, None if scores is None else float(scores[n]), ranked)
+            for n, (name, row, ranked) in enumerate(zip(names, probabilities, order))
+        ]
+        for found, heatmap in zip(answers, heatmaps):
+            found["heatmap"] = heatmap
+        return {"predictions": answers}
 
     return app
+
+
+def _explain_refusal(model: Any) -> str | None:
+    """Why this server cannot draw heat maps, or None when it can."""
+    from transferkit.explain import grad_cam_available
+    from transferkit.runs import is_onnx_file
+
+    if isinstance(model, Predictor) or is_onnx_file(model):
+        return "heat maps need the torch model: serve the run folder instead of an exported file"
+    if not grad_cam_available():
+        return "heat maps need the grad-cam package: pip install 'transferkit[explain]' where the server runs"
+    return None
+
+
+def _heatmap_urls(explainer: Any, inputs: list[np.ndarray], probabilities: np.ndarray) -> list[str]:
+    """PNG data URLs of the heat maps of the top classes over the images the model saw."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from transferkit.explain import heat_overlay
+
+    top = probabilities.argmax(axis=1)
+    heatmaps, _ = explainer.maps(np.stack(inputs), targets=list(top))
+    urls = []
+    for image, heatmap in zip(inputs, heatmaps):
+        buffer = io.BytesIO()
+        Image.fromarray(heat_overlay(explainer.seen_image(image), heatmap)).save(buffer, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return urls
 
 
 def guarded_protocol(limits: ServeLimits) -> type:

@@ -111,9 +111,12 @@ def _run_predict(args: argparse.Namespace) -> int:
     import json
 
     from transferkit.evaluate import predict
+    from transferkit.explain import load_explainer, write_overlays
 
     if args.top_k < 1:
         raise ConfigError([f"--top-k must be 1 or more, got {args.top_k}"])
+    # Loaded before predicting, so a .onnx input or a missing grad-cam fails before any work.
+    explainer = load_explainer(args.run) if args.explain else None
     result = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
                      progress=args.progress, reject=args.reject)
     print_skipped(result.skipped)
@@ -148,6 +151,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not result.predictions:
         print("error: no readable images among the inputs", file=sys.stderr)
         return 2
+    if explainer is not None:
+        written = write_overlays(explainer.explain([p.path for p in result.predictions], unreadable={}), args.explain)
+        print(f"{len(written)} heat-map overlays written to {args.explain}", file=sys.stderr)
     return 0
 
 

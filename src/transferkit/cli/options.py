@@ -164,6 +164,9 @@ def predict_parser(subparsers: Any) -> None:
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
     parser.add_argument("--reject", action=argparse.BooleanOptionalAction, default=True,
                         help="answer unknown for an image scored above the model's unknown threshold (default: on)")
+    parser.add_argument("--explain", metavar="DIR",
+                        help="also write a heat-map overlay PNG per image into DIR: where the model found its top "
+                             "label (needs the run folder and pip install 'transferkit[explain]')")
     _add_inference_options(parser)
 
 
