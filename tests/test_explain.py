@@ -96,7 +96,11 @@ def test_the_map_is_hottest_in_the_quarter_holding_the_evidence(patch_run: Path,
     paths = [str(patch_image(tmp_path / f"{q}.png", COLOURS["red"], 36 * (q // 2), 36 * (q % 2), seed=100 + q))
              for q in range(4)]
     side = predictor.preprocessing["input_size"][-1] // 2
-    for quarter, explanation in enumerate(explainer.explain(paths)):
+    explanations = explainer.explain(paths)
+    answers = predict(patch_run, paths, top_k=1).predictions
+    assert [e.label for e in explanations] == [a.labels[0] for a in answers]
+    assert [e.probability for e in explanations] == pytest.approx([a.probabilities[0] for a in answers], abs=1e-4)
+    for quarter, explanation in enumerate(explanations):
         heat = explanation.heatmap
         means = [heat[r * side:(r + 1) * side, c * side:(c + 1) * side].mean() for r in range(2) for c in range(2)]
         assert int(np.argmax(means)) == quarter, f"square in quarter {quarter}, map means {np.round(means, 3)}"

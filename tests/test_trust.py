@@ -231,3 +231,16 @@ def test_the_report_shows_calibration_before_and_after(noisy_run: Path, tmp_path
     assert f"<td>{evaluation['calibration']['uncalibrated_expected_calibration_error']:.4f}</td>" in section
     assert f"<td>{evaluation['expected_calibration_error']:.4f}</td>" in section
     assert f"{evaluation['unknown']['unknown']} of {evaluation['unknown']['images']}" in section
+
+
+def test_heat_map_overlays_state_the_calibrated_probability_predict_prints(noisy_run: Path) -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    from transferkit.explain import load_explainer
+
+    paths = val_paths(noisy_run)[:4]
+
+    explained = load_explainer(noisy_run).explain(paths)
+
+    answers = predict(noisy_run, paths, top_k=1).predictions
+    assert [e.label for e in explained] == [a.labels[0] for a in answers]
+    assert [e.probability for e in explained] == pytest.approx([a.probabilities[0] for a in answers], abs=1e-4)

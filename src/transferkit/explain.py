@@ -190,7 +190,8 @@ class Explainer:
         images = torch.from_numpy(np.ascontiguousarray(batch)).requires_grad_(True)
         with self._cam_class(hooked, [hooked.get_submodule(self.layer)], reshape_transform=self.reshape) as cam:
             heatmaps = cam(images, targets=chosen)
-            probabilities = torch.softmax(cam.outputs.detach().float(), dim=1).numpy()
+            # The calibrated probability, as predict prints it beside the overlay.
+            probabilities = torch.softmax(cam.outputs.detach().float() / self.predictor.temperature, dim=1).numpy()
         self.model.zero_grad(set_to_none=True)
         return heatmaps.astype(np.float32), probabilities
 
