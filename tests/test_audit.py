@@ -243,6 +243,27 @@ def test_train_exclude_leaves_out_the_images_an_audit_listed_and_says_why(tmp_pa
     assert misfiled.exists(), "left out, never deleted"
 
 
+def test_exclude_with_splits_from_a_run_that_left_the_images_out_warns_of_nothing(
+    tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = make_folder(tmp_path / "data", per_class=12)
+    listing = tmp_path / "drop.csv"
+    listing.write_text("path\nred/red_003.jpg\nnot/there.jpg\n")
+    options = ["--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
+               "--frozen-epochs", "1", "--finetune-epochs", "0", "--no-report", "--no-progress", "--no-audit",
+               "--exclude", str(listing)]
+    assert main(["train", str(data), "--output", str(tmp_path / "first"), *options]) == 0
+    caplog.clear()
+
+    assert main(["train", str(data), "--output", str(tmp_path / "second"), "--splits-from", str(tmp_path / "first"),
+                 *options]) == 0
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "drop.csv" in r.getMessage()]
+    # red_003.jpg exists but the first run left it out already: only the path naming nothing is suspect.
+    assert warnings == [f"1 paths listed in {listing} name no file (in {data} or the working folder); they are ignored"]
+    assert len(read_csv_rows(tmp_path / "second" / "splits.csv")) == 23
+
+
 def test_exclude_relative_paths_are_read_from_the_data_folder(tmp_path: Path, tiny_weights: Path) -> None:
     data = make_folder(tmp_path / "data", per_class=12)
     listing = tmp_path / "drop.csv"

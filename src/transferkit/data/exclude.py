@@ -39,28 +39,40 @@ def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]
     # on the normalised form and answer with the index's own spelling.
     normalised = {os.path.normpath(path): path for path in known}
     reasons: dict[str, list[str]] = {}
-    unknown = 0
+    missing = elsewhere = 0
     for row in rows:
-        path = _match((row.get("path") or "").strip(), root, normalised)
+        listed = (row.get("path") or "").strip()
+        path = _match(listed, root, normalised)
         if path is None:
-            unknown += bool((row.get("path") or "").strip())
+            # A file that exists but is not among these images was left out already (skipped,
+            # or not in the split --splits-from reuses); only a path naming nothing is suspect.
+            exists = bool(listed) and any(candidate.is_file() for candidate in _candidates(listed, root))
+            elsewhere += exists
+            missing += bool(listed) and not exists
             continue
         kinds = reasons.setdefault(path, [])
         kind = (row.get("kind") or "").strip()
         if kind and kind not in kinds:
             kinds.append(kind)
-    if unknown:
-        log.warning("%d paths listed in %s are not images of %s; they are ignored", unknown, listing, root)
+    if missing:
+        log.warning("%d paths listed in %s name no file (in %s or the working folder); they are ignored",
+                    missing, listing, root)
+    if elsewhere:
+        log.info("%d images listed in %s are not among this run's images (left out already)", elsewhere, listing)
     return {
         path: f"excluded by {listing.name}" + (f" ({', '.join(kinds)})" if kinds else "")
         for path, kinds in reasons.items()
     }
 
 
+def _candidates(listed: str, root: Path) -> tuple[Path, ...]:
+    return Path(listed), root / listed, Path.cwd() / listed
+
+
 def _match(listed: str, root: Path, normalised: dict[str, str]) -> str | None:
     if not listed:
         return None
-    for candidate in (Path(listed), root / listed, Path.cwd() / listed):
+    for candidate in _candidates(listed, root):
         path = os.path.normpath(os.path.abspath(candidate))
         if path in normalised:
             return normalised[path]
