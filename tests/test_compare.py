@@ -63,6 +63,17 @@ def test_bad_train_options_are_refused_with_the_comparisons_own_problems(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_activations_for_a_model_that_cannot_cache_them_is_refused_before_any_run(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        compare(str(tmp_path), models=["test_efficientnet", "test_vit"], output=tmp_path / "out",
+                options={"finetune_on": "activations"})
+    assert raised.value.problems == [
+        "--finetune-on activations: test_vit cannot train its top 3 blocks on cached activations (fine-tune "
+        "strategy); use --finetune-on auto, which falls back to images"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def comparison_folder(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
     root = tmp_path_factory.mktemp("compare")

@@ -122,6 +122,25 @@ STRATEGY_FUNCTIONS: dict[str, Strategy] = {
 """Each strategy as a function from the shared config to its run's config, in ``STRATEGIES``' order."""
 
 
+def _uncacheable(models: list[str], unfreeze: str) -> list[str]:
+    """The fine-tune strategy's models whose top cannot train on cached activations."""
+    import timm
+
+    from transferkit.activations import boundary_index
+    from transferkit.config import parse_unfreeze
+
+    found = []
+    for name in models:
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=2)
+        except Exception:  # noqa: BLE001 - an unknown name is reported by the run itself, with suggestions
+            continue
+        if boundary_index(model, parse_unfreeze(unfreeze)) is None:
+            found.append(f"--finetune-on activations: {name} cannot train its top {unfreeze} blocks on cached "
+                         "activations (fine-tune strategy); use --finetune-on auto, which falls back to images")
+    return found
+
+
 @dataclass
 class Comparison:
     """A finished comparison; everything is also in ``output``."""
@@ -211,6 +230,8 @@ def compare(
         problems.append("--strategies and --models must not repeat a name")
     options = dict(options or {})
     shared = raise_together(problems, lambda: TrainConfig.from_options(options))
+    if shared.finetune_on == "activations" and "fine-tune" in strategies:
+        raise_together(_uncacheable(models, unfreeze), lambda: None)  # before any run trains, not at the fourth
     strategy_settings = StrategySettings(epochs, patience, hidden_size, unfreeze)
     output = Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}"
     output = output.absolute()
