@@ -22,7 +22,7 @@ from transferkit.cli import main
 from transferkit.data.images import load_image, resize_side
 from transferkit.evaluate import evaluate, predict
 from transferkit.export import export
-from transferkit.rejection import fit_threshold, unknown_scores
+from transferkit.rejection import bank_indices, fit_threshold, unknown_scores
 from transferkit.runs import RunFolder
 
 
@@ -68,6 +68,17 @@ def test_the_knn_score_is_the_cosine_distance_to_the_kth_nearest_training_image(
 
     expected = np.sort(cdist(pooled, bank, metric="cosine"), axis=1)[:, 4]
     np.testing.assert_allclose(scores.numpy(), expected, atol=1e-5)
+
+
+def test_the_knn_sample_keeps_every_class_in_its_proportion() -> None:
+    targets = np.array([0] * 6000 + [1] * 3000 + [2])
+
+    rows = bank_indices(targets, size=900, seed=0)
+
+    counts = np.bincount(targets[rows], minlength=3)
+    assert list(counts) == [600, 300, 1], "a class of one image is kept, and the others in proportion"
+    assert len(set(rows.tolist())) == len(rows)
+    assert list(bank_indices(targets[:50], size=900)) == list(range(50)), "below the size every image is kept"
 
 
 def mislabelled_folder(root: Path) -> Path:
@@ -186,6 +197,7 @@ def test_calibrate_refits_on_another_labelled_folder(noisy_run: Path, tmp_path: 
     assert after["calibration"]["temperature"] != before["calibration"]["temperature"]
     assert after["unknown"]["keep"] == 0.9 and 0.9 <= after["unknown"]["kept"] < 0.92
     assert f"temperature   {after['calibration']['temperature']:.4f}" in printed
+    assert json.loads((run_dir / "metrics.json").read_text())["calibration"] == after["calibration"]
     # The new temperature is what the model now answers with.
     evaluation = evaluate(run_dir, field, output=tmp_path / "evaluation")
     assert evaluation.metrics["log_loss"] == pytest.approx(after["calibration"]["log_loss_after"], abs=1e-4)
@@ -202,6 +214,10 @@ def test_calibrate_problems_are_one_line_each(noisy_run: Path, tmp_path: Path, c
     assert main(["predict", str(run_dir), str(noise_image(tmp_path / "noise.png"))]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "unknown_bank.safetensors is missing" in error and "transferkit calibrate" in error
+    # ... and the command it names does fix it: the features are taken again from the training images.
+    assert main(["calibrate", str(run_dir), "--no-progress"]) == 0
+    assert (run_dir / "model" / "unknown_bank.safetensors").is_file()
+    assert predict(run_dir, [str(tmp_path / "noise.png")]).predictions[0].answer == "unknown"
 
 
 def test_without_calibration_or_unknown_score_the_model_predicts_as_before(tiny_weights: Path, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def calibrate(
     run_folder = RunFolder.containing(run)
     model, config = models.load_model(folder)
     classes = [str(name) for name in config.get("label_names") or range(config["num_classes"])]
-    old = load_trust(folder, config)
+    old = load_trust(folder, config, bank=False)
     method = unknown_score or (old.rejection.method if old.rejection else "knn")
     keep = unknown_keep if unknown_keep is not None else (old.rejection.keep if old.rejection else 0.95)
     problems = [f"--unknown-score must be one of {', '.join(rejection.METHODS)}, got {method!r}"] * (method not in rejection.METHODS)
@@ -78,13 +78,28 @@ def calibrate(
         logits = models.classify_pooled(model, features, 0.0).numpy()
     trust = Trust(calibration=fit_calibration(logits, targets, fitted_on))
     if method == "knn":
-        trust.bank = old.bank if old.bank is not None else _training_bank(run_folder, classes, pooled)
+        saved = _saved_bank(folder, config) if old.rejection is not None and old.rejection.method == "knn" else None
+        trust.bank = saved if saved is not None else _training_bank(run_folder, classes, pooled)
     trust.rejection = rejection.fit_rejection(method, keep, torch.from_numpy(logits / trust.temperature), features,
                                               trust.bank, fitted_on)
     save_trust(folder, trust)
+    metrics = run_folder.read_metrics()
+    if metrics is not None:  # the run's record of its model says what the model now carries
+        metrics.trust = trust.as_dict()
+        run_folder.write_metrics(metrics)
     if run_folder.export_dir.is_dir():
         log.warning("exports in %s still carry the old temperature and threshold; export again", run_folder.export_dir)
     return trust, skipped
+
+
+def _saved_bank(folder: Path, config: dict[str, Any]) -> torch.Tensor | None:
+    """The knn score's training features the model folder holds; None where they are lost or
+    damaged, so that they are taken again from the training images."""
+    try:
+        return load_trust(folder, config).bank
+    except RunFolderError as error:
+        log.warning("%s; taking the training images' features again", error)
+        return None
 
 
 def _training_bank(run_folder: RunFolder, classes: list[str], pooled: Any) -> torch.Tensor:

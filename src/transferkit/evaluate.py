@@ -86,7 +86,7 @@ def evaluate(
     evaluation.skipped = skipped
     evaluation.metrics["tta"] = tta
     calibration = classifier.info.get("calibration")
-    if calibration:
+    if calibration and not tta:  # a mirror-averaged probability has no single logit to undo T from
         evaluation.metrics["calibration"] = before_and_after(
             uncalibrated_probabilities(probabilities, classifier.temperature), evaluation.targets,
             classifier.temperature, calibration["fitted_on"],

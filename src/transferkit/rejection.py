@@ -100,14 +100,18 @@ def fit_rejection(
 
 
 def bank_indices(targets: np.ndarray, size: int = BANK_SIZE, seed: int = 0) -> np.ndarray:
-    """At most ``size`` training images, a random sample in each class's own proportion."""
+    """At most ``size`` training images, a random sample in each class's own proportion, and at
+    least one of every class (scikit-learn's stratified split refuses a class of one image)."""
     targets = np.asarray(targets)
     if len(targets) <= size:
         return np.arange(len(targets))
-    from sklearn.model_selection import train_test_split
-
-    chosen, _ = train_test_split(np.arange(len(targets)), train_size=size, stratify=targets, random_state=seed)
-    return np.sort(chosen)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(targets):
+        rows = np.flatnonzero(targets == label)
+        share = max(1, round(size * len(rows) / len(targets)))
+        chosen.append(rng.choice(rows, size=min(share, len(rows)), replace=False))
+    return np.sort(np.concatenate(chosen))
 
 
 def normalized_bank(pooled: torch.Tensor) -> torch.Tensor:

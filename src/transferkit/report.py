@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from transferkit.figures import (
 )
 from transferkit.records import EpochRecord, PhaseRecord, RunMetrics
 from transferkit.runs import RunFolder
+
+log = logging.getLogger(__name__)
 
 
 # --- run folders ------------------------------------------------------------------------------
@@ -128,7 +131,7 @@ def most_confused_rows(run: RunSummary, count: int = GRID_IMAGES) -> list[dict[s
 def _heatmap_builders(run: RunSummary) -> dict[str, Callable[[], Any]]:
     """Heat-map versions of the highest-loss and most-confused grids: where the model found the
     label it predicted. Only with grad-cam installed; none for a grid with no images."""
-    from transferkit.explain import grad_cam_available, heat_overlay, load_explainer
+    from transferkit.explain import ExplainUnavailable, grad_cam_available, heat_overlay, load_explainer
 
     if not grad_cam_available():
         return {}
@@ -143,7 +146,13 @@ def _heatmap_builders(run: RunSummary) -> dict[str, Callable[[], Any]]:
 
     def build(rows: list[dict[str, Any]], title: str) -> Any:
         if not explainers:
-            explainers.append(load_explainer(run.run_dir))
+            try:
+                explainers.append(load_explainer(run.run_dir))
+            except ExplainUnavailable as error:  # a backbone without a map to hook: the report goes on without
+                log.info("no heat-map grids in the report: %s", error)
+                explainers.append(None)
+        if explainers[0] is None:
+            return None
         missing = [r["path"] for r in rows if r["path"] not in explained]
         for e in explainers[0].explain(missing, unreadable={}):
             explained[e.path] = heat_overlay(e.image, e.heatmap)

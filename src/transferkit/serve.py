@@ -154,7 +154,7 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
     from fastapi.responses import HTMLResponse, JSONResponse
 
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
-    explain_refusal = _explain_refusal(model)
+    explain_refusal = _explain_refusal(model, predictor)
     explainers: list[Any] = []  # the torch model, loaded by the first request that asks for heat maps
     limits = limits or ServeLimits()
     page = resources.files("transferkit").joinpath("static/serve.html").read_text(encoding="utf-8")
@@ -286,15 +286,22 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
     return app
 
 
-def _explain_refusal(model: Any) -> str | None:
-    """Why this server cannot draw heat maps, or None when it can."""
-    from transferkit.explain import grad_cam_available
+def _explain_refusal(model: Any, predictor: Predictor) -> str | None:
+    """Why this server cannot draw heat maps, or None when it can. Asked once, at start: a
+    backbone without a map to hook is refused with a 422, not a 500 after a model load per request."""
+    from transferkit.explain import ExplainUnavailable, grad_cam_available, target_layer
     from transferkit.runs import is_onnx_file
 
     if isinstance(model, Predictor) or is_onnx_file(model):
         return "heat maps need the torch model: serve the run folder instead of an exported file"
     if not grad_cam_available():
         return "heat maps need the grad-cam package: pip install 'transferkit[explain]' where the server runs"
+    backbone = getattr(predictor.module, "model", None)  # the classifier inside the ScoredClassifier
+    if backbone is not None:
+        try:
+            target_layer(backbone, tuple(predictor.preprocessing["input_size"]))
+        except ExplainUnavailable as error:
+            return str(error)
     return None
 
 

@@ -67,8 +67,9 @@ def save_trust(folder: Path, trust: Trust) -> None:
     write_json(config_file, config)
 
 
-def load_trust(folder: Path, config: dict[str, Any]) -> Trust:
-    """The Trust of a model folder whose ``config.json`` is ``config``."""
+def load_trust(folder: Path, config: dict[str, Any], bank: bool = True) -> Trust:
+    """The Trust of a model folder whose ``config.json`` is ``config``; without ``bank``, the knn
+    score's training features are not read (``calibrate`` rebuilds them where they are lost)."""
     from transferkit.rejection import Rejection
 
     extra = config.get("transferkit") or {}
@@ -77,7 +78,7 @@ def load_trust(folder: Path, config: dict[str, Any]) -> Trust:
         trust.calibration = Calibration.from_dict(extra["calibration"])
     if extra.get("unknown"):
         trust.rejection = Rejection.from_dict(extra["unknown"])
-        if trust.rejection.method == "knn":
+        if trust.rejection.method == "knn" and bank:
             trust.bank = _load_bank(folder / BANK_FILE)
     return trust
 

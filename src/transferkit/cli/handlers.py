@@ -171,8 +171,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     print(f"  log loss      {calibration.log_loss_before:.4f} before, {calibration.log_loss_after:.4f} after")
     print(f"  unknown       {rejection.method} score above {rejection.threshold:.4g} "
           f"(keeps {rejection.kept:.1%} of these images)")
-    print(f"saved in {args.run}; `transferkit evaluate {args.run}` and `transferkit report {args.run}` show the "
-          "run with them, and exports made before carry the old ones until exported again")
+    print(f"saved in {args.run}; the run's evaluations still show the old ones until `transferkit evaluate "
+          f"{args.run} --split val` (and test) writes them again, then `transferkit report {args.run}`; "
+          "exports made before carry the old ones until exported again")
     return 0
 
 

@@ -238,7 +238,11 @@ def _train_in(
     if config.report:
         from transferkit.report import write_report
 
-        write_report([folder.root])
+        try:
+            write_report([folder.root])
+        except Exception as error:  # noqa: BLE001 - the model is saved; `transferkit report` can try again
+            log.warning("the report could not be written (%s); the run is complete, try `transferkit report %s`",
+                        error, folder.root)
     return TrainResult(
         run_dir=folder.root, classes=classes, counts=index.counts(), metrics=metrics.to_dict(),
         skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(), audit=audit_line,
