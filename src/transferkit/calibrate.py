@@ -49,8 +49,11 @@ def calibrate(
     old = load_trust(folder, config, bank=False)
     method = unknown_score or (old.rejection.method if old.rejection else "knn")
     keep = unknown_keep if unknown_keep is not None else (old.rejection.keep if old.rejection else 0.95)
-    problems = [f"--unknown-score must be one of {', '.join(rejection.METHODS)}, got {method!r}"] * (method not in rejection.METHODS)
-    problems += [f"--unknown-keep must be in (0, 1], got {keep}"] * (not 0 < keep <= 1)
+    problems = []
+    if method not in rejection.METHODS:
+        problems.append(f"--unknown-score must be one of {', '.join(rejection.METHODS)}, got {method!r}")
+    if not 0 < keep <= 1:
+        problems.append(f"--unknown-keep must be in (0, 1], got {keep}")
     if problems:
         raise ConfigError(problems)
     if data is None:
