@@ -40,12 +40,14 @@ def calibrate(
     from transferkit.calibration import fit_calibration
     from transferkit.data.folders import read_labelled_folder
     from transferkit.evaluate import run_split_items
-    from transferkit.inference import create_forward, default_backend, run_forward
+    from transferkit.inference import (
+        create_forward, default_backend, run_forward, saved_classes_and_preprocessing,
+    )
 
     folder = model_folder(run)
     run_folder = RunFolder.containing(run)
     model, config = models.load_model(folder)
-    classes = [str(name) for name in config.get("label_names") or range(config["num_classes"])]
+    classes, preprocessing = saved_classes_and_preprocessing(model, config)
     old = load_trust(folder, config, bank=False)
     method = unknown_score or (old.rejection.method if old.rejection else "knn")
     keep = unknown_keep if unknown_keep is not None else (old.rejection.keep if old.rejection else 0.95)
@@ -63,8 +65,6 @@ def calibrate(
     else:
         items, skipped = read_labelled_folder(Path(data), classes)
         fitted_on = str(data)
-    preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {})
-    preprocessing["input_size"] = tuple(preprocessing["input_size"])
     forward = create_forward(models.PooledFeatures(model), preprocessing["input_size"], default_backend("cpu"))
 
     def pooled(paths: list[str], unreadable: dict[str, str] | None = None) -> torch.Tensor:
@@ -109,7 +109,7 @@ def _training_bank(run_folder: RunFolder, classes: list[str], pooled: Any) -> to
     """The knn score's features of a sample of the run's training images."""
     import numpy as np
 
-    from transferkit.rejection import bank_indices, normalized_bank
+    from transferkit.rejection import training_bank
 
     if not run_folder.splits_file.is_file():
         raise RunFolderError(
@@ -117,5 +117,4 @@ def _training_bank(run_folder: RunFolder, classes: list[str], pooled: Any) -> to
             "use --unknown-score msp or energy, or give the run folder"
         )
     items = run_folder.read_splits(classes)["train"]
-    rows = bank_indices(np.array([label for _, label in items]))
-    return normalized_bank(pooled([items[row][0] for row in rows]))
+    return training_bank(np.array([label for _, label in items]), lambda rows: pooled([items[row][0] for row in rows]))

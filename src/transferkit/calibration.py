@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.metrics import expected_calibration_error, reliability_bins
+from transferkit.metrics import expected_calibration_error, reliability_bins, softmax
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,6 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, dtype=np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    return np.exp(log_softmax(logits))
 
 
 def mean_log_loss(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 from transferkit.config import default_num_workers
 from transferkit.data.images import load_image, preprocess_image, read_image, resize_side
 from transferkit.errors import DataError, RunFolderError
+from transferkit.metrics import softmax
 from transferkit.runs import is_onnx_file, model_folder
 from transferkit.onnx import ONNX_METADATA_KEY, cached_session, create_session, session_forward
 
@@ -110,11 +111,6 @@ def run_forward(
     outputs = [forward(batch) for batch in tqdm(batches, total=total, desc=description, disable=not progress,
                                                 leave=False, unit="batch")]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
-    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 # --- forward functions ------------------------------------------------------------------------
@@ -280,7 +276,6 @@ def load_onnx_predictor(path: str | os.PathLike[str]) -> Predictor:
 def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Predictor]:
     """The torch model of a run folder (or its ``model/`` folder) in eval mode, with a
     Predictor that runs it eagerly on CPU with its temperature and unknown score."""
-    from transferkit.data.loaders import resolve_preprocessing
     from transferkit.models import load_model
     from transferkit.trust import load_trust, scored_classifier
 
@@ -288,11 +283,20 @@ def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Predictor]:
     model, config = load_model(folder)
     trust = load_trust(folder, config)
     scored = scored_classifier(model, trust)
+    classes, preprocessing = saved_classes_and_preprocessing(model, config)
+    info = {"architecture": config["architecture"], **trust.as_dict(), "source": str(folder)}
+    return model, Predictor(torch_forward(scored, "cpu"), classes, preprocessing, info, module=scored)
+
+
+def saved_classes_and_preprocessing(model: nn.Module, config: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The class names and preprocessing a model folder's ``config.json`` names (the backbone's
+    own preprocessing where an older folder names none)."""
+    from transferkit.data.loaders import resolve_preprocessing
+
     preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {}) or resolve_preprocessing(model)
     preprocessing["input_size"] = tuple(preprocessing["input_size"])
     classes = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
-    info = {"architecture": config["architecture"], **trust.as_dict(), "source": str(folder)}
-    return model, Predictor(torch_forward(scored, "cpu"), list(classes), preprocessing, info, module=scored)
+    return list(classes), preprocessing
 
 
 def load_predictor(path: str | os.PathLike[str], device: str | None = None) -> Predictor:

@@ -23,6 +23,12 @@ HIGHEST_LOSS = 16
 PREDICTION_COLUMNS = ["path", "label", "predicted", "confidence", "label_probability", "loss"]
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, computed in float64 and returned as float32."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def reliability_bins(probabilities: np.ndarray, targets: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
     """Top-1 confidence in equal-width bins: count, mean confidence and accuracy per bin."""
     confidence = probabilities.max(axis=1)

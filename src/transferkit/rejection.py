@@ -20,6 +20,7 @@ logits and the score, and an export needs nothing beside it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,6 +117,12 @@ def bank_indices(targets: np.ndarray, size: int = BANK_SIZE, seed: int = 0) -> n
 
 def normalized_bank(pooled: torch.Tensor) -> torch.Tensor:
     return F.normalize(pooled.float(), dim=1).contiguous()
+
+
+def training_bank(targets: np.ndarray, pooled_of: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+    """The knn score's training features: ``pooled_of(rows)`` of a stratified sample of the
+    training images (``bank_indices``), normalised."""
+    return normalized_bank(pooled_of(bank_indices(targets)))
 
 
 class ScoredClassifier(nn.Module):

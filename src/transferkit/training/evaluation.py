@@ -112,8 +112,8 @@ def _fit_rejection(
 ) -> tuple[Rejection, torch.Tensor | None]:
     bank = None
     if method == "knn":
-        rows = rejection.bank_indices(np.array(inputs.index.targets("train")))
-        bank = rejection.normalized_bank(inputs.pooled(model, phase, "train", rows))
+        bank = rejection.training_bank(np.array(inputs.index.targets("train")),
+                                       lambda rows: inputs.pooled(model, phase, "train", rows))
     found = rejection.fit_rejection(method, keep, torch.from_numpy(val_logits), val_pooled, bank, "val")
     return found, bank
 
