@@ -51,13 +51,22 @@ def near_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def test_flipped_labels_are_the_top_suspects_with_their_true_class_suggested(tmp_path: Path, tiny_weights: Path) -> None:
+@pytest.mark.parametrize("on_components", [False, True], ids=["whole-features", "principal-components"])
+def test_flipped_labels_are_the_top_suspects_with_their_true_class_suggested(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, on_components: bool
+) -> None:
+    from transferkit.audit import checks
+
     data = make_folder(tmp_path / "data", per_class=20, classes=("blue", "green", "red"))
     flipped = {make_image(data / "blue" / f"was_red_{i}.jpg", COLOURS["red"], seed=500 + i): "red" for i in range(2)}
     flipped[make_image(data / "red" / "was_green.jpg", COLOURS["green"], seed=600)] = "green"
+    if on_components:  # as a folder of more than 20,000 images is audited, at this folder's size
+        monkeypatch.setattr(checks, "REDUCE_ABOVE_IMAGES", 50)
+        monkeypatch.setattr(checks, "REDUCED_DIMENSIONS", 8)
 
     result = audit(data, AuditConfig.from_options(tiny_audit_options(tmp_path / "audit", tiny_weights)))
 
+    assert result.summary["principal_components"] == (8 if on_components else None)
     issues = result.of_kind("label_issue")
     assert {Path(f.path) for f in issues[:3]} == set(flipped)
     for finding in issues[:3]:
@@ -204,9 +213,12 @@ def test_the_search_on_principal_components_finds_the_exact_neighbours_of_cluste
     latent = rng.normal(size=(8, 12))[rng.integers(0, 8, 400)] + rng.normal(0, 0.4, (400, 12))
     features = (latent @ rng.normal(size=(12, 64)) + rng.normal(0, 0.05, (400, 64))).astype(np.float32)
     exact = nearest_neighbours(features, k=5)
-    monkeypatch.setattr(checks, "EXACT_SEARCH_IMAGES", 100)
-    monkeypatch.setattr(checks, "SEARCH_DIMENSIONS", 16)
-    projected = nearest_neighbours(features, k=5)
+    assert checks.principal_components(features) is None, "400 images are searched on the whole features"
+    monkeypatch.setattr(checks, "REDUCE_ABOVE_IMAGES", 100)
+    monkeypatch.setattr(checks, "REDUCED_DIMENSIONS", 16)
+    components = checks.principal_components(features)
+    assert components is not None and components.shape == (400, 16)
+    projected = nearest_neighbours(features, k=5, components=components)
     assert np.mean(projected[1] == exact[1]) > 0.95
     assert np.all(projected[0] <= exact[0] + 1e-5), "a candidate is never more similar than the true neighbour"
     np.testing.assert_allclose(projected[0][:, 0], exact[0][:, 0], atol=1e-5)

@@ -1,8 +1,9 @@
 """``transferkit audit``: the images that cost accuracy before any training, from the backbone
 features the feature cache already holds.
 
-- label issues: out-of-sample probabilities (k-fold logistic regression on the features), then
-  cleanlab's confident learning ranks the labels to doubt;
+- label issues: out-of-sample probabilities (k-fold logistic regression on the features, or on
+  their principal components above 20,000 images), then cleanlab's confident learning ranks the
+  labels to doubt;
 - near-copies: pairs of images whose features' cosine similarity passes a threshold, beyond the
   byte-identical groups; flagged as leakage when they cross splits and as a label conflict when
   they cross classes;
@@ -34,6 +35,7 @@ from transferkit.audit.checks import (
     out_of_sample_probabilities,
     outlier_cut,
     outlier_scores,
+    principal_components,
 )
 from transferkit.audit.config import AuditConfig
 from transferkit.config import DataConfig, ModelConfig
@@ -122,11 +124,16 @@ def audit_index(index: Any, config: AuditConfig, output: Path, features: np.ndar
 
     timings: dict[str, float] = {"features": round(stats.seconds, 2)}
     clock = time.perf_counter()
-    probabilities = out_of_sample_probabilities(features, labels, len(classes), config.folds, config.seed)
+    components = principal_components(features)  # None below 20,000 images: the whole features
+    timings["components"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
+    probabilities = out_of_sample_probabilities(
+        features if components is None else components, labels, len(classes), config.folds, config.seed
+    )
     issues = find_label_issues(labels, probabilities)
     timings["label_issues"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
-    similarities, neighbours = nearest_neighbours(features, config.neighbours)
+    similarities, neighbours = nearest_neighbours(features, config.neighbours, components)
     pairs = near_duplicate_pairs(similarities, neighbours, config.duplicate_threshold)
     scores = outlier_scores(features, labels, len(classes))
     cut = outlier_cut(scores)
@@ -153,6 +160,7 @@ def audit_index(index: Any, config: AuditConfig, output: Path, features: np.ndar
         "data": str(index.root), "model": config.model.name, "images": len(paths), "classes": classes,
         "counts": counts, "skipped": len(index.skipped),
         "duplicate_threshold": config.duplicate_threshold, "neighbours": config.neighbours,
+        "principal_components": None if components is None else components.shape[1],
         "outlier_cut": round(cut, 6), "imbalance_ratio": round(imbalance, 3),
         "class_health": [asdict(h) for h in health],
         "features": stats.as_dict(), "seconds": timings,
