@@ -3,7 +3,7 @@
     python benchmarks/audit_data.py [--experiments flipped,clean,duplicates,chest,outliers,cifar10_flipped,cifar10]
                                     [--seed 0] [--mirror ../shared/datasets]
 
-- flipped: hymenoptera and tf_flowers with 5% of the training images (seeded) filed under another
+- flipped: hymenoptera, tf_flowers and chest_xray_pneumonia with 5% of the training images (seeded) filed under another
   class, chosen at random; the folder is a copy of symbolic links, so the originals stay as they
   are and the feature cache still knows every image. Recall and precision of the flipped images
   among the top 2 x (number flipped) by label quality, and among the images cleanlab flags.
@@ -67,7 +67,9 @@ def ranked_by_quality(output: Path) -> list[dict[str, str]]:
     return sorted(read_csv_rows(output / "scores.csv"), key=lambda row: float(row["label_quality"]))
 
 
-def flipped(mirror: Path, work: Path, seed: int, datasets: tuple[str, ...] = ("hymenoptera", "tf_flowers")) -> list[dict[str, object]]:
+def flipped(
+    mirror: Path, work: Path, seed: int, datasets: tuple[str, ...] = ("hymenoptera", "tf_flowers", "chest_xray_pneumonia")
+) -> list[dict[str, object]]:
     results = []
     for dataset in datasets:
         root = work / f"{dataset}-flipped"
@@ -100,6 +102,7 @@ def flipped(mirror: Path, work: Path, seed: int, datasets: tuple[str, ...] = ("h
             "flagged": len(flagged), "recall_flagged": flagged_hits / len(moved),
             "precision_flagged": flagged_hits / max(len(flagged), 1), "seconds": round(seconds, 1),
             "principal_components": result.summary["principal_components"],
+            "regularisation": result.summary["regularisation"],
         })
         if result.summary["principal_components"]:
             results[-1]["whole_features"] = on_whole_features(result, moved, cut)
@@ -127,12 +130,13 @@ def on_whole_features(result: object, moved: dict[str, object], cut: int) -> dic
     model = create_classifier(ModelConfig(), len(result.classes))  # type: ignore[attr-defined]
     features, _ = cached_pooled_features(model, images.paths, resolve_preprocessing(model), "avg", "onnx")
     started = time.perf_counter()
-    probabilities = checks.out_of_sample_probabilities(np.asarray(features, np.float32), images.labels, len(result.classes))  # type: ignore[attr-defined]
-    issues = checks.find_label_issues(images.labels, probabilities)
+    fitted = checks.out_of_sample_probabilities(np.asarray(features, np.float32), images.labels, len(result.classes))  # type: ignore[attr-defined]
+    issues = checks.find_label_issues(images.labels, fitted.probabilities)
     seconds = time.perf_counter() - started
     top = np.argsort(issues.quality, kind="stable")[:cut]
     hits = sum(images.paths[i] in moved for i in top)
-    return {"recall_at_cut": hits / len(moved), "precision_at_cut": hits / cut, "label_issue_seconds": round(seconds, 1)}
+    return {"recall_at_cut": hits / len(moved), "precision_at_cut": hits / cut, "label_issue_seconds": round(seconds, 1),
+            "regularisation": fitted.regularisation}
 
 
 def clean(mirror: Path, work: Path) -> list[dict[str, object]]:
@@ -237,7 +241,8 @@ def table(entries: list[dict[str, object]]) -> str:
             lines.append(f"- {e['dataset']}, {e['flipped']} of {e['train_images']} training labels flipped: "
                          f"{e['recall_at_cut']:.1%} of them in the top {e['cut']} by label quality (precision "
                          f"{e['precision_at_cut']:.0%}); cleanlab flags {e['flagged']} images, recall "
-                         f"{e['recall_flagged']:.0%}, precision {e['precision_flagged']:.0%}; audit {e['seconds']} s")
+                         f"{e['recall_flagged']:.0%}, precision {e['precision_flagged']:.0%}; audit {e['seconds']} s"
+                         + (f", C={e['regularisation']:g}" if "regularisation" in e else ""))
             if e.get("whole_features"):
                 whole = e["whole_features"]
                 lines.append(f"  - on {e['principal_components']} principal components, as the audit runs at this size; "

@@ -224,6 +224,25 @@ def test_the_search_on_principal_components_finds_the_exact_neighbours_of_cluste
     np.testing.assert_allclose(projected[0][:, 0], exact[0][:, 0], atol=1e-5)
 
 
+def test_the_regression_penalty_is_chosen_by_out_of_sample_log_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transferkit.audit import checks
+
+    # Two overlapping classes in 300 noisy dimensions: a weak penalty memorises the noise and is
+    # confidently wrong out of sample; a strong one is not.
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 200)
+    features = rng.normal(size=(400, 300)).astype(np.float32)
+    features[:, 0] += labels * 1.5
+    chosen = checks.out_of_sample_probabilities(features, labels, 2)
+    monkeypatch.setattr(checks, "REGULARISATIONS", (1.0,))
+    weakest = checks.out_of_sample_probabilities(features, labels, 2)
+
+    assert chosen.regularisation < 1.0
+    assert chosen.log_loss < weakest.log_loss - 0.1
+    given = chosen.probabilities[np.arange(400), labels]
+    assert np.median(given) > 0.5 and given.min() > 1e-3, "no image's label scored as impossible"
+
+
 def test_outlier_scores_are_the_distance_to_the_nearest_class_centre() -> None:
     features = np.array([[1, 0], [2, 0.1], [0, 1], [0.1, 3], [1, 1]], dtype=np.float32)
     labels = np.array([0, 0, 1, 1, 0])

@@ -16,12 +16,33 @@ FEW_VAL_IMAGES = 5
 """A class with fewer validation images has a recall that moves by 20 points or more per image."""
 
 
+REGULARISATIONS = (1.0, 0.1, 0.01, 0.001)
+"""The logistic regression's C (on standardised features) is the one of these whose out-of-sample
+probabilities have the lowest log loss on the given labels. C=1 alone is over-confident out of
+sample on real data (log loss 1.1 on chest X-rays, most suspects scored 0.0000) and ranks
+flipped labels worse. Measured with 5% of the training labels flipped (seeds 0-2, the images in
+the top 2x suspects, C=1 against C=0.01, the lowest log loss of 1, 0.1, 0.03 and 0.01 on each):
+chest_xray_pneumonia 71.3% against 93.5%, tf_flowers 87.3% against 92.7%, hymenoptera 88.9%
+both, cifar10 87.7% against 87.6% (seed 0). A folder of a few dozen images needs a weaker
+penalty, as sklearn's C weighs the sum of the losses."""
+
+
+@dataclass
+class OutOfSample:
+    probabilities: np.ndarray
+    """Every image's class probabilities from a model that never saw it."""
+    regularisation: float
+    """The C chosen."""
+    log_loss: float
+
+
 def out_of_sample_probabilities(
     features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = 5, seed: int = 42
-) -> np.ndarray:
+) -> OutOfSample:
     """Every image's class probabilities from a logistic regression that never saw it: the
     images are cut into stratified ``folds`` and each fold is predicted by a model fit on the
-    others. Out-of-sample, so a mislabelled image is not memorised into looking right.
+    others. Out-of-sample, so a mislabelled image is not memorised into looking right. Each of
+    ``REGULARISATIONS`` is fitted; the lowest out-of-sample log loss chooses.
 
     Fewer folds where the smallest class has fewer images than ``folds`` (at least two); a
     class missing from a fold's training images gets probability 0 there.
@@ -32,7 +53,7 @@ def out_of_sample_probabilities(
 
     counts = np.bincount(labels, minlength=num_classes)
     folds = int(max(2, min(folds, counts[counts > 0].min())))
-    probabilities = np.zeros((len(labels), num_classes), dtype=np.float64)
+    probabilities = {c: np.zeros((len(labels), num_classes), dtype=np.float64) for c in REGULARISATIONS}
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # "The least populated class has only 1 member": handled above, and such a class is
@@ -41,17 +62,20 @@ def out_of_sample_probabilities(
         parts = list(splitter.split(features, labels))
     for fit_rows, predict_rows in parts:
         scaler = StandardScaler().fit(features[fit_rows])
-        if len(np.unique(labels[fit_rows])) < 2:  # a fold of one class: nothing to tell apart
-            probabilities[np.ix_(predict_rows, np.unique(labels[fit_rows]))] = 1.0
-            continue
-        # C=1 on standardised features; 300 iterations reach lbfgs' tolerance on hymenoptera and
-        # tf_flowers, and bound the time at cifar10's 60,000 images.
-        model = LogisticRegression(C=1.0, max_iter=300)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ConvergenceWarning: the ranking is what is used, not the fit
-            model.fit(scaler.transform(features[fit_rows]), labels[fit_rows])
-        probabilities[np.ix_(predict_rows, model.classes_)] = model.predict_proba(scaler.transform(features[predict_rows]))
-    return probabilities
+        fit_on, predict_on = scaler.transform(features[fit_rows]), scaler.transform(features[predict_rows])
+        for c, fold_probabilities in probabilities.items():
+            if len(np.unique(labels[fit_rows])) < 2:  # a fold of one class: nothing to tell apart
+                fold_probabilities[np.ix_(predict_rows, np.unique(labels[fit_rows]))] = 1.0
+                continue
+            model = LogisticRegression(C=c, max_iter=300)  # 300 iterations bound the time at cifar10's size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ConvergenceWarning: the ranking is what is used, not the fit
+                model.fit(fit_on, labels[fit_rows])
+            fold_probabilities[np.ix_(predict_rows, model.classes_)] = model.predict_proba(predict_on)
+    rows = np.arange(len(labels))
+    losses = {c: float(-np.log(np.clip(p[rows, labels], 1e-12, 1)).mean()) for c, p in probabilities.items()}
+    chosen = min(losses, key=losses.__getitem__)
+    return OutOfSample(probabilities[chosen], chosen, losses[chosen])
 
 
 @dataclass

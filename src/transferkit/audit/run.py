@@ -127,9 +127,10 @@ def audit_index(index: Any, config: AuditConfig, output: Path, features: np.ndar
     components = principal_components(features)  # None below 20,000 images: the whole features
     timings["components"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
-    probabilities = out_of_sample_probabilities(
+    fitted = out_of_sample_probabilities(
         features if components is None else components, labels, len(classes), config.folds, config.seed
     )
+    probabilities = fitted.probabilities
     issues = find_label_issues(labels, probabilities)
     timings["label_issues"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
@@ -161,6 +162,7 @@ def audit_index(index: Any, config: AuditConfig, output: Path, features: np.ndar
         "counts": counts, "skipped": len(index.skipped),
         "duplicate_threshold": config.duplicate_threshold, "neighbours": config.neighbours,
         "principal_components": None if components is None else components.shape[1],
+        "regularisation": fitted.regularisation, "out_of_sample_log_loss": round(fitted.log_loss, 4),
         "outlier_cut": round(cut, 6), "imbalance_ratio": round(imbalance, 3),
         "class_health": [asdict(h) for h in health],
         "features": stats.as_dict(), "seconds": timings,
