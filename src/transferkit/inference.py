@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transferkit.config import default_num_workers
+from transferkit.data.config import default_num_workers
 from transferkit.data.images import load_image, preprocess_image, read_image, resize_side
 from transferkit.errors import DataError, RunFolderError
 from transferkit.metrics import softmax
