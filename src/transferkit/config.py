@@ -195,10 +195,18 @@ class TrainConfig:
             "5x faster per epoch; activations: only on them (an error where they cannot be cached)"
         ),
     )
+    finetune_views: int = field(
+        default=0,
+        metadata=_help(
+            "with fine-tuning on activations: also cache the activations of N views of every training image "
+            "(the light augmentation's random crop and mirror, the same in every run); epoch e trains on view "
+            "e mod (N+1), view 0 being the image itself"
+        ),
+    )
     activation_cache_gb: float = field(
         default=20.0,
-        metadata=_help("largest size of a run's cached activations, in GB (held in memory too, about twice); "
-                      "above it fine-tuning runs on images"),
+        metadata=_help("largest size of a run's cached activations, views included, in GB (held in memory too, "
+                      "about twice); above it fine-tuning runs on images"),
     )
     feature_cache: bool = field(
         default=True,
@@ -238,6 +246,11 @@ class TrainConfig:
             found.append(f"--activation-cache-gb must be 0 or more, got {self.activation_cache_gb}")
         if self.finetune_on not in FINETUNE_INPUTS:
             found.append(f"--finetune-on must be one of {', '.join(FINETUNE_INPUTS)}, got {self.finetune_on!r}")
+        if self.finetune_views < 0:
+            found.append(f"--finetune-views must be 0 or more, got {self.finetune_views}")
+        elif self.finetune_views and self.finetune_on == "images":
+            found.append(f"--finetune-views {self.finetune_views} needs fine-tuning on activations; "
+                         "add --finetune-on activations (or auto)")
         if self.unknown_score not in UNKNOWN_SCORES:
             found.append(f"--unknown-score must be one of {', '.join(UNKNOWN_SCORES)}, got {self.unknown_score!r}")
         if math.isfinite(self.unknown_keep) and not 0 < self.unknown_keep <= 1:
