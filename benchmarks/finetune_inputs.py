@@ -10,7 +10,11 @@ peak memory is the cold command's largest resident set. Variants:
 - images: today's fine-tuning, augmented images through the whole backbone each epoch;
 - activations: the unfrozen top on cached activations, mirrored at random (`--finetune-augment light`);
 - activations-strong: also shifted by up to one cell (`--finetune-augment strong`);
-- activations-4: `activations` with 4 fine-tuning epochs (patience 4) instead of 2.
+- activations-4: `activations` with 4 fine-tuning epochs (patience 4) instead of 2;
+- activations-views2: `activations` with two cached augmented views of each training image
+  (`--finetune-views 2`: epoch e reads view e mod 3, so the 2 default epochs read the plain
+  activations, then view 1);
+- activations-views2-4: the same with 4 fine-tuning epochs (patience 4): plain, view 1, view 2, plain.
 Raw results accumulate in benchmarks/finetune_inputs.json; the table in RESULTS.md is rebuilt
 from all of them.
 """
@@ -39,6 +43,9 @@ VARIANTS = {
     "activations": ["--finetune-on", "activations"],
     "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong"],
     "activations-4": ["--finetune-on", "activations", "--finetune-epochs", "4", "--finetune-patience", "4"],
+    "activations-views2": ["--finetune-on", "activations", "--finetune-views", "2"],
+    "activations-views2-4": ["--finetune-on", "activations", "--finetune-views", "2", "--finetune-epochs", "4",
+                             "--finetune-patience", "4"],
 }
 
 

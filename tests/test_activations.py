@@ -171,3 +171,155 @@ def test_activations_over_the_disk_budget_fine_tune_on_images_and_say_why(
         train(image_folder, config)
     assert "fine-tuning on images: the activations would take 0.0 GB, over --activation-cache-gb 1e-06" in caplog.text
     assert not [p for p in feature_cache.iterdir() if "-after-" in p.name]
+
+
+# --- augmented views of the training images (--finetune-views) ----------------------------------
+
+
+def cached_rows(folder: Path) -> dict[bytes, np.ndarray]:
+    """Every row a cache folder holds, by the digest of its image's content."""
+    rows = {}
+    for shard in folder.glob("*.npz"):
+        with np.load(shard) as stored:
+            rows.update((digest.tobytes(), row) for digest, row in zip(stored["digests"], stored["features"]))
+    return rows
+
+
+def test_a_view_is_the_light_augmentation_drawn_from_the_image_content(tmp_path: Path) -> None:
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from transferkit.data.images import preprocess_image
+    from transferkit.data.loaders import LIGHT_CROP_SCALE, AugmentedView, crop_box
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    preprocessing = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    digest = bytes(range(32))
+    views = [AugmentedView(preprocessing, view)(image, digest) for view in range(1, 9)]
+    assert all(v.shape == (3, 32, 32) and v.dtype == np.float32 for v in views)
+    assert all(np.array_equal(v, AugmentedView(preprocessing, k)(image, digest)) for k, v in zip(range(1, 9), views))
+    assert len({v.tobytes() for v in views}) == 8, "every view differs"
+    assert not any(np.allclose(v, preprocess_image(image, preprocessing)) for v in views)
+    assert not np.array_equal(views[0], AugmentedView(preprocessing, 1)(image, bytes(32))), "another content, another view"
+
+    mirrored = 0
+    for view, array in zip(range(1, 9), views):
+        # What torchvision's RandomResizedCrop and RandomHorizontalFlip compute for the drawn crop.
+        random = np.random.default_rng([int.from_bytes(digest, "big"), view])
+        left, top, width, height = crop_box(image.size, random)
+        assert LIGHT_CROP_SCALE[0] * 0.9 <= width * height / (80 * 48) <= 1.0
+        crop = TF.resized_crop(image, top, left, height, width, [32, 32], TF.InterpolationMode.BICUBIC)
+        flip = random.random() < 0.5
+        mirrored += flip
+        expected = TF.normalize(TF.to_tensor(TF.hflip(crop) if flip else crop), [0.5] * 3, [0.25] * 3).numpy()
+        assert np.allclose(array, expected, atol=1e-6), view
+    assert 0 < mirrored < 8
+
+
+def test_views_are_cached_once_the_same_in_every_run_and_read_by_a_rerun(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, feature_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hashlib
+
+    from transferkit.data.loaders import AugmentedView
+
+    options = {"finetune_on": "activations", "finetune_views": 2, "finetune.epochs": 1, "frozen.epochs": 0}
+    first = train(image_folder, tiny_config(tmp_path / "first", tiny_weights, **options))
+    trained = sum(first.counts["train"].values())
+    spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
+    plain = next(p for p in feature_cache.iterdir() if "-after-" in p.name and "-view" not in p.name)
+    folders = sorted(p for p in feature_cache.iterdir() if "-view" in p.name)
+    assert [p.name for p in folders] == [f"{plain.name}-view{k}-{spec}" for k in (1, 2)]
+    plain_rows, view_rows = cached_rows(plain), [cached_rows(folder) for folder in folders]
+    assert all(len(rows) == trained for rows in view_rows), "views of the training images only"
+    for digest, one in view_rows[0].items():
+        assert not np.array_equal(one, plain_rows[digest]) and not np.array_equal(one, view_rows[1][digest])
+
+    shards = sorted(feature_cache.rglob("*.npz"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        train(image_folder, tiny_config(tmp_path / "second", tiny_weights, **options))
+    for kind in ("activations (view 1)", "activations (view 2)"):
+        assert f"{kind}: {trained} images, {trained} from the cache" in caplog.text
+    assert sorted(feature_cache.rglob("*.npz")) == shards, "a warm rerun computes and stores nothing"
+
+    elsewhere = tmp_path / "other-cache"
+    train(image_folder, tiny_config(tmp_path / "third", tiny_weights, **options, cache_dir=str(elsewhere)))
+    for folder, rows in zip(folders, view_rows):
+        again = cached_rows(elsewhere / folder.name)
+        assert again.keys() == rows.keys()
+        assert all(np.array_equal(again[digest], row) for digest, row in rows.items()), "the same view in every run"
+
+
+def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
+    from transferkit import engine
+    from transferkit.data.folders import discover
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.runs import RunFolder
+    from transferkit.training import activation_inputs
+    from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
+    from transferkit.training.phase import EpochSampler
+
+    config = tiny_config(tmp_path / "run", tiny_weights, **{
+        "finetune_on": "activations", "finetune_views": 2, "finetune.epochs": 4, "finetune.patience": 4,
+        "finetune.augment": "none"})
+    index = discover(image_folder, seed=0)
+    model = models.create_classifier(config.model, 2, 64)
+    preprocessing = resolve_preprocessing(model, 64)
+    boundary = activation_inputs.finetune_boundary(model, 2, config, preprocessing, index)
+    cached = activation_inputs.boundary_activations(model, boundary, index, preprocessing, config)
+    views = [cached["train"], *activation_inputs.training_views(model, boundary, index, preprocessing, config)]
+    where = {row.numpy().tobytes(): (view, i) for view, rows in enumerate(views) for i, row in enumerate(rows)}
+    assert len(where) == 3 * len(cached["train"]), "every view of every image differs"
+    received: dict[int, list[tuple[int, int]]] = {}
+
+    class Recording(FineTuning):
+        def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:  # type: ignore[no-untyped-def]
+            super().on_train_batch_start(trainer, module, batch, batch_index)
+            received.setdefault(trainer.current_epoch, []).extend(where[row.numpy().tobytes()] for row in batch[0])
+
+    targets = index.targets("train")
+    val = torch.utils.data.TensorDataset(cached["val"], torch.tensor(index.targets("val")))
+    fit_with_lightning(
+        ImageClassifier(model, torch.nn.CrossEntropyLoss(), Recording("finetune", config.finetune, 2, "frozen"),
+                        boundary, "none"),
+        activation_inputs.training_loader(views, targets, EpochSampler(len(targets), seed=0), 16),
+        torch.utils.data.DataLoader(val, 16), folder=RunFolder(tmp_path / "run"), name="finetune", resume_from=None,
+        trainer_options=engine.trainer_options("cpu", "1", 1, "auto", "32-true"), progress_bar=False,
+    )
+    assert sorted(received) == [0, 1, 2, 3]
+    for epoch, rows in received.items():
+        assert {view for view, _ in rows} == {epoch % 3}, f"epoch {epoch} reads view {epoch % 3} alone"
+        assert sorted(i for _, i in rows) == list(range(len(targets))), "each training image once"
+
+
+def test_the_activation_budget_counts_the_views(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transferkit.data.folders import discover
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.training.activation_inputs import finetune_boundary
+
+    index = discover(image_folder, seed=0)
+    images, trained = sum(len(items) for items in index.splits.values()), len(index.splits["train"])
+    model = models.create_classifier(ModelConfig(name="test_efficientnet", weights="none"), 2, 64)
+    preprocessing = resolve_preprocessing(model, 64)
+    row = activations.activation_bytes(model, activations.boundary_index(model, 2), preprocessing["input_size"])
+    budget = (images + trained) * row / 1e9  # room for one view, not two
+
+    def boundary(views: int) -> int | None:
+        options = {"finetune_on": "auto", "finetune_views": views, "activation_cache_gb": budget}
+        return finetune_boundary(model, 2, tiny_config(tmp_path, tiny_weights, **options), preprocessing, index)
+
+    assert boundary(1) is not None
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        assert boundary(2) is None
+    assert (f"fine-tuning on images: the activations with 2 views of each training image would take 0.0 GB, "
+            f"over --activation-cache-gb {budget:g}; --finetune-views 2 is not used") in caplog.text
+
+
+def test_views_need_fine_tuning_on_activations(tmp_path: Path, tiny_weights: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--finetune-views 2 needs fine-tuning on activations; add --finetune-on"):
+        tiny_config(tmp_path, tiny_weights, finetune_views=2)
+    with pytest.raises(ConfigError, match=r"--finetune-views must be 0 or more, got -1"):
+        tiny_config(tmp_path, tiny_weights, finetune_on="auto", finetune_views=-1)

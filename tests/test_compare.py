@@ -53,6 +53,13 @@ def test_each_strategy_is_a_function_from_the_shared_config_to_its_runs() -> Non
     assert all(c.finetune.patience == 2 for c in configs.values() if c.finetune.epochs)
 
 
+def test_views_go_to_the_strategy_that_fine_tunes_on_activations_alone() -> None:
+    shared = TrainConfig.from_options({"finetune_on": "auto", "finetune_views": 2})
+    settings = StrategySettings(epochs=4, patience=2, hidden_size=32, unfreeze="2")
+    views = {name: STRATEGY_FUNCTIONS[name](shared, settings).finetune_views for name in STRATEGIES}
+    assert views == {"scratch": 0, "frozen": 2, "frozen-dense": 2, "fine-tune": 2, "full": 0}
+
+
 def test_bad_train_options_are_refused_with_the_comparisons_own_problems(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         compare(str(tmp_path), strategies=["frozen"], epochs=0, output=tmp_path / "out",

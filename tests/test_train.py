@@ -124,7 +124,7 @@ def test_existing_run_folder_is_not_overwritten(image_folder: Path, tmp_path: Pa
 
 # Killed in the features phase (head-only checkpoints, a whole epoch per Lightning step) or in
 # fine-tuning (full checkpoints, after a finished phase), on images (every block unfrozen) or on
-# cached activations (two blocks).
+# cached activations (two blocks), cycling through them and two augmented views of each image.
 @pytest.mark.parametrize(
     "killed_in, epochs, unfreeze",
     [
@@ -144,6 +144,7 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
             sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
             "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64",
             "--num-workers", "0", "--finetune-unfreeze", unfreeze, "--finetune-on", "auto", "--no-progress",
+            *(["--finetune-views", "2"] if unfreeze != "all" else []),
             "--cache-dir", str(tmp_path / f"cache-{run_dir.name}"),
             *(f"--{phase}-{option}={count}" for phase, count in epochs.items() for option in ("epochs", "patience")),
         ]
@@ -162,7 +163,7 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
     assert not (run_dir / "metrics.json").exists()
 
     on_activations = [p.name for p in (tmp_path / "cache-killed").iterdir() if "-after-" in p.name]
-    assert bool(on_activations) == (unfreeze != "all"), "fine-tuning ran on the inputs the case names"
+    assert len(on_activations) == (3 if unfreeze != "all" else 0), "fine-tuning ran on the inputs the case names"
 
     result = resume(run_dir)
     rows = history(run_dir)

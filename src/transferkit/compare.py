@@ -81,9 +81,9 @@ def _head_only(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
 
 
 def _through_backbone(config: TrainConfig, settings: StrategySettings, lr: float) -> TrainConfig:
-    # Every block trains, so no layer below them stays fixed to cache activations at.
+    # Every block trains, so no layer below them stays fixed to cache activations (or views) at.
     return replace(
-        config, frozen=replace(config.frozen, epochs=0), finetune_on="images",
+        config, frozen=replace(config.frozen, epochs=0), finetune_on="images", finetune_views=0,
         finetune=replace(config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze="all", lr=lr),
     )
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from transferkit.data.config import DataConfig
+from transferkit.data.config import help_text as _help
 from transferkit.engine import lightning_option_problems, parse_devices
 from transferkit.errors import ConfigError, close_matches, raise_together
 
@@ -27,10 +28,6 @@ BATCHNORM_POLICIES = ("frozen", "train")
 FINETUNE_INPUTS = ("auto", "activations", "images")
 GLOBAL_POOLS = ("avg", "max", "avgmax")
 UNKNOWN_SCORES = ("msp", "energy", "knn", "none")
-
-
-def _help(text: str, **kwargs: Any) -> dict[str, Any]:
-    return {"help": text, **kwargs}
 
 
 def _non_finite(section: Any, flag_prefix: str = "") -> list[str]:
@@ -50,82 +47,6 @@ MAX_SEED = 2**32 - 1  # NumPy's and Lightning's seeding take unsigned 32-bit see
 MAX_LR = 1e30
 """Beyond it an optimizer's step overflows float32 (Adam divides the rate by 0.1 on its first step)
 and fails mid-phase with a traceback; a large rate below it diverges, which train reports in one line."""
-
-
-def default_num_workers() -> int:
-    """Image-decoding worker processes when none are asked for: one per core, at most 8."""
-    return min(os.cpu_count() or 1, 8)
-
-
-@dataclass
-class DataConfig:
-    split: tuple[float, float, float] = field(
-        default=(0.8, 0.16, 0.04),
-        metadata=_help("train,val,test fractions used when DATA has no split folders"),
-    )
-    image_size: int | None = field(
-        default=None,
-        metadata=_help("input size in pixels; default: the backbone's pretrained size"),
-    )
-    batch_size: int = field(default=32, metadata=_help("images per batch"))
-    num_workers: int | None = field(
-        default=None, metadata=_help("image-decoding worker processes; default: one per core")
-    )
-    max_per_class: int | None = field(
-        default=None,
-        metadata=_help("keep at most N images per class in each split (stratified, seeded)"),
-    )
-    drop_duplicates: bool = field(
-        default=False,
-        metadata=_help(
-            "drop byte-identical copies of an image (one is kept, train first) and every copy of an "
-            "image filed under two classes; without it they are only listed in duplicates.csv"
-        ),
-    )
-    splits_from: str | None = field(
-        default=None,
-        metadata=_help("reuse the train/val/test split of an earlier run folder, so runs compare on the same images"),
-    )
-    exclude: str | None = field(
-        default=None,
-        metadata=_help("leave out the images named in the path column of this CSV file (such as an audit's "
-                       "audit.csv); they are listed in skipped.csv with the reason"),
-    )
-    data_mirror: str | None = field(
-        default=None,
-        metadata=_help(
-            "folder holding local copies of registered datasets "
-            "(default: $TRANSFERKIT_DATA_MIRROR, then $TRANSFERKIT_CACHE/datasets, ~/.cache/transferkit/datasets)"
-        ),
-    )
-    download: bool = field(
-        default=True,
-        metadata=_help("download a registered dataset that is not in the mirror folder"),
-    )
-
-    def problems(self) -> list[str]:
-        found = []
-        if not all(math.isfinite(f) for f in self.split):
-            found.append(f"--split needs three finite fractions, got {','.join(map(str, self.split))}; e.g. --split 0.8,0.16,0.04")
-        elif len(self.split) != 3 or any(f < 0 for f in self.split):
-            found.append(f"--split needs three non-negative fractions, got {self.split}")
-        elif abs(sum(self.split) - 1.0) > 1e-6 or self.split[0] <= 0 or self.split[1] <= 0:
-            found.append(
-                f"--split fractions must sum to 1 with train and val above 0, got {self.split}; "
-                "e.g. --split 0.8,0.16,0.04"
-            )
-        if self.image_size is not None and not 32 <= self.image_size <= 4096:
-            found.append(f"--image-size must be between 32 and 4096, got {self.image_size}")
-        if self.batch_size < 1:
-            found.append(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.num_workers is not None and self.num_workers < 0:
-            found.append(f"--num-workers must be 0 or more, got {self.num_workers}")
-        if self.max_per_class is not None and self.max_per_class < 1:
-            found.append(f"--max-per-class must be at least 1, got {self.max_per_class}")
-        return found
-
-    def resolved_num_workers(self) -> int:
-        return self.num_workers if self.num_workers is not None else default_num_workers()
 
 
 @dataclass
@@ -274,10 +195,18 @@ class TrainConfig:
             "5x faster per epoch; activations: only on them (an error where they cannot be cached)"
         ),
     )
+    finetune_views: int = field(
+        default=0,
+        metadata=_help(
+            "with fine-tuning on activations: also cache the activations of N views of every training image "
+            "(the light augmentation's random crop and mirror, the same in every run); epoch e trains on view "
+            "e mod (N+1), view 0 being the image itself"
+        ),
+    )
     activation_cache_gb: float = field(
         default=20.0,
-        metadata=_help("largest size of a run's cached activations, in GB (held in memory too, about twice); "
-                      "above it fine-tuning runs on images"),
+        metadata=_help("largest size of a run's cached activations, views included, in GB (held in memory too, "
+                      "about twice); above it fine-tuning runs on images"),
     )
     feature_cache: bool = field(
         default=True,
@@ -317,6 +246,11 @@ class TrainConfig:
             found.append(f"--activation-cache-gb must be 0 or more, got {self.activation_cache_gb}")
         if self.finetune_on not in FINETUNE_INPUTS:
             found.append(f"--finetune-on must be one of {', '.join(FINETUNE_INPUTS)}, got {self.finetune_on!r}")
+        if self.finetune_views < 0:
+            found.append(f"--finetune-views must be 0 or more, got {self.finetune_views}")
+        elif self.finetune_views and self.finetune_on == "images":
+            found.append(f"--finetune-views {self.finetune_views} needs fine-tuning on activations; "
+                         "add --finetune-on activations (or auto)")
         if self.unknown_score not in UNKNOWN_SCORES:
             found.append(f"--unknown-score must be one of {', '.join(UNKNOWN_SCORES)}, got {self.unknown_score!r}")
         if math.isfinite(self.unknown_keep) and not 0 < self.unknown_keep <= 1:

@@ -177,6 +177,11 @@ def preprocess_image(image: Image.Image, preprocessing: dict[str, Any]) -> np.nd
         new_size = (int(short * width / height), short)
     image = image.resize(new_size, RESAMPLING[preprocessing.get("interpolation", "bilinear")])
     left, top = int(round((new_size[0] - size) / 2.0)), int(round((new_size[1] - size) / 2.0))
-    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / np.float32(255)
+    return normalize_image(image.crop((left, top, left + size, top + size)), preprocessing)
+
+
+def normalize_image(image: Image.Image, preprocessing: dict[str, Any]) -> np.ndarray:
+    """An image of the input size as a float32 CHW array, as torchvision's ToTensor and Normalize give it."""
+    array = np.asarray(image, dtype=np.float32) / np.float32(255)
     array = (array - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(preprocessing["std"], np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))

@@ -4,11 +4,13 @@ config asks for; decoding and the eval transform themselves are torch-free, in `
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
-from transferkit.data.images import load_image, preprocess_image, resize_side
+from transferkit.data.images import RESAMPLING, load_image, normalize_image, preprocess_image, resize_side
 from transferkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -39,6 +41,12 @@ def _preprocess_to_tensor(image: Image.Image, preprocessing: dict[str, Any]) -> 
     return torch.from_numpy(preprocess_image(image, preprocessing))
 
 
+LIGHT_CROP_SCALE = (0.5, 1.0)
+"""The ``light`` preset's random-resized crop: the share of the image's area it keeps."""
+CROP_RATIO = (3 / 4, 4 / 3)
+"""Aspect ratios of the random-resized crops (torchvision's default)."""
+
+
 def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> Any:
     """The image-to-tensor transform: the eval preprocessing, or it behind random crops and flips
     (``light``) and rotation and colour jitter as well (``strong``)."""
@@ -54,7 +62,7 @@ def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> An
     if augment == "light":
         return T.Compose(
             [
-                T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation),
+                T.RandomResizedCrop(size, scale=LIGHT_CROP_SCALE, ratio=CROP_RATIO, interpolation=interpolation),
                 T.RandomHorizontalFlip(),
                 *normalize,
             ]
@@ -68,6 +76,53 @@ def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> An
             *normalize,
         ]
     )
+
+
+class AugmentedView:
+    """View ``view`` of an image: the ``light`` preset's random-resized crop and mirror, drawn by
+    a generator seeded with the image's content digest and ``view``, so a file gives the same
+    view in every run and the view's activations can be cached. ``spec`` names what decides it.
+    The crop is drawn as torchvision's ``RandomResizedCrop.get_params`` draws it, from a generator
+    of its own: that one reads the process-wide generator, which threads share."""
+
+    spec = f"light-crop scale={LIGHT_CROP_SCALE} ratio={CROP_RATIO} mirror=0.5 seed=sha256+view v1"
+
+    def __init__(self, preprocessing: dict[str, Any], view: int):
+        self.preprocessing = preprocessing
+        self.view = view
+
+    def __call__(self, image: Image.Image, digest: bytes) -> np.ndarray:
+        random = np.random.default_rng([int.from_bytes(digest, "big"), self.view])
+        left, top, width, height = crop_box(image.size, random)
+        size = self.preprocessing["input_size"][-1]
+        resample = RESAMPLING[self.preprocessing.get("interpolation", "bilinear")]
+        image = image.crop((left, top, left + width, top + height)).resize((size, size), resample)
+        if random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return normalize_image(image, self.preprocessing)
+
+
+def crop_box(
+    image_size: tuple[int, int], random: np.random.Generator, scale: tuple[float, float] = LIGHT_CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a random-resized crop: an area share in ``scale`` and an
+    aspect ratio in ``ratio`` (log-uniform), ten tries, then the centre crop of the nearest ratio."""
+    width, height = image_size
+    area = width * height
+    for _ in range(10):
+        target = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(random.integers(0, width - w + 1)), int(random.integers(0, height - h + 1)), w, h
+    if width / height < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
 class ImageDataset:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,8 +32,7 @@ from transferkit.data.loaders import image_loader, resolve_preprocessing
 from transferkit.data.registry import resolve_data_source, source_problems
 from transferkit._io import content_digests
 from transferkit.errors import ConfigError, RunFolderError
-from transferkit.features import FeatureCache, FeatureStats, backbone_digest, extract_features, feature_cache_folder
-from transferkit.inference import create_forward, default_backend, run_forward
+from transferkit.features import FeatureCache, FeatureStats, extract_features
 from transferkit.records import PhaseRecord, RunMetrics
 from transferkit.runs import RunFolder
 from transferkit.training.evaluation import PhaseInputs, evaluate_phases
@@ -43,6 +41,9 @@ from transferkit.training.head import LabelledFeatures, train_head
 from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
 from transferkit.training.phase import class_weights, create_sampler, training_loss
 from transferkit.training.progress import PhaseProgress
+from transferkit.training.activation_inputs import (
+    boundary_activations, by_split, finetune_boundary, inference_backend, layer_below, training_loader, training_views,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +174,16 @@ def _train_in(
             progress_bar=config.progress,
         )
 
-    def on_activations(unfreeze: int | float | None, boundary: int, cached: dict[str, torch.Tensor]) -> Any:
+    def on_activations(
+        unfreeze: int | float | None, boundary: int, cached: dict[str, torch.Tensor], views: list[torch.Tensor]
+    ) -> Any:
         phase = config.finetune
         finetuning = FineTuning("finetune", phase, unfreeze, config.batchnorm)
-
-        def loader(split: str) -> DataLoader:
-            dataset = TensorDataset(cached[split], torch.tensor(index.targets(split)))
-            return DataLoader(dataset, config.data.batch_size, sampler=sampler if split == "train" else None)
-
+        train_batches = training_loader([cached["train"], *views], targets, sampler, config.data.batch_size)
+        val = TensorDataset(cached["val"], torch.tensor(index.targets("val")))
+        val_batches = DataLoader(val, config.data.batch_size)
         return lambda resume_from: fit_with_lightning(
-            ImageClassifier(model, loss, finetuning, boundary, phase.augment), loader("train"), loader("val"),
+            ImageClassifier(model, loss, finetuning, boundary, phase.augment), train_batches, val_batches,
             folder=folder, name="finetune", resume_from=resume_from, trainer_options=trainer_options,
             progress_bar=config.progress,
         )
@@ -190,9 +191,11 @@ def _train_in(
     # Decided first: with cached activations, the frozen phase's features come from them and
     # the bottom of the backbone runs once per image.
     unfreeze = parse_unfreeze(config.finetune.unfreeze)
-    images_in_run = sum(len(items) for items in index.splits.values())
-    boundary = _finetune_boundary(model, unfreeze, config, preprocessing, images_in_run) if config.finetune.epochs > 0 else None
-    cached = _boundary_activations(model, boundary, index, preprocessing, config) if boundary is not None else {}
+    boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
+    cached = boundary_activations(model, boundary, index, preprocessing, config) if boundary is not None else {}
+    views: list[torch.Tensor] = []  # of the training images (--finetune-views)
+    if boundary is not None and not progress.finished("finetune"):
+        views = training_views(model, boundary, index, preprocessing, config)
     features: dict[str, torch.Tensor] = {}
     feature_stats: FeatureStats | None = None
     if config.frozen.epochs > 0:
@@ -214,13 +217,13 @@ def _train_in(
             _run_phase("frozen", on_images("frozen", unfreeze=0), model, progress, config.seed, config.frozen.lr)
     if config.finetune.epochs > 0:
         progress.backbone_pretrained = False
-        fit = on_images("finetune", unfreeze) if boundary is None else on_activations(unfreeze, boundary, cached)
+        fit = on_images("finetune", unfreeze) if boundary is None else on_activations(unfreeze, boundary, cached, views)
         _run_phase("finetune", fit, model, progress, config.seed, config.finetune.lr)
     if not main_process:
         # Another process of a multi-process run: rank zero evaluates and writes the results.
         return TrainResult(run_dir=folder.root, classes=classes, counts=index.counts(), metrics={})
 
-    inputs = PhaseInputs(index, preprocessing, features, boundary, cached, _inference_backend(config), workers,
+    inputs = PhaseInputs(index, preprocessing, features, boundary, cached, inference_backend(config), workers,
                          config.progress)
     metrics, trust = evaluate_phases(model, progress, inputs, calibrate_on_val=config.calibrate,
                                      unknown_score=config.unknown_score, unknown_keep=config.unknown_keep)
@@ -275,14 +278,14 @@ def _pooled_features(
     run filled the cache never changes another's features."""
     cache = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
     if boundary is not None:
-        cache.folder = cache.folder.with_name(f"{cache.folder.name}-via-{_layer_below(model, boundary)}")
+        cache.folder = cache.folder.with_name(f"{cache.folder.name}-via-{layer_below(model, boundary)}")
     paths = [path for items in index.splits.values() for path, _ in items]
     rows = {path: row for split, items in index.splits.items() for (path, _), row in zip(items, cached.get(split, []))}
 
     def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
         if boundary is None:
             return extract_features(
-                model, missing, preprocessing, backend=_inference_backend(config),
+                model, missing, preprocessing, backend=inference_backend(config),
                 num_workers=config.data.resolved_num_workers(), progress=config.progress, digests=digests,
             )
         digests.update(zip(missing, content_digests(missing)))
@@ -295,73 +298,7 @@ def _pooled_features(
         return torch.cat(pooled).numpy()
 
     array, stats = cache.features(paths, compute)
-    return _by_split(array, index), stats
-
-
-def _layer_below(model: nn.Module, boundary: int) -> str:
-    return activations.layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
-
-
-def _by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
-    """Rows in the order of ``index.splits``' images, as one tensor per split."""
-    result, start = {}, 0
-    for split, items in index.splits.items():
-        result[split] = torch.from_numpy(array[start : start + len(items)])
-        start += len(items)
-    return result
-
-
-def _finetune_boundary(
-    model: nn.Module, unfreeze: int | float | None, config: TrainConfig, preprocessing: dict[str, Any], images: int
-) -> int | None:
-    """Where fine-tuning's input is cached: the boundary below the unfrozen blocks, or None for
-    images. Under ``auto`` a run that cannot cache them says why in one line; one that asked for
-    activations stops before training, with the reason and the fix."""
-    if config.finetune_on == "images":
-        return None
-    boundary = activations.boundary_index(model, unfreeze)
-    reason = None
-    if boundary is None:
-        blocks = len(models.backbone_blocks(model))
-        if models.count_unfrozen(blocks, unfreeze) >= blocks:
-            reason = "every backbone block trains (--finetune-unfreeze), so no layer below them stays fixed"
-        elif activations.layer_sequence(model) is None:
-            reason = f"{type(model).__name__} has no layer sequence to split (EfficientNet and ResNet families do)"
-        else:
-            reason = f"the blocks that train do not start at a layer of {type(model).__name__}'s sequence"
-    else:
-        size = images * activations.activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
-        if size > config.activation_cache_gb:
-            reason = f"the activations would take {size:.1f} GB, over --activation-cache-gb {config.activation_cache_gb:g}"
-    if reason is None:
-        return boundary
-    if config.finetune_on == "activations":
-        raise ConfigError([f"--finetune-on activations: {reason}; --finetune-on auto fine-tunes on images instead"])
-    log.info("fine-tuning on images: %s", reason)
-    return None
-
-
-def _boundary_activations(
-    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
-) -> dict[str, torch.Tensor]:
-    """The activations at ``boundary`` of every split's images, float16, from the persistent
-    cache where it has them (keyed like the pooled features, and by the boundary)."""
-    digest = backbone_digest(model, preprocessing, config.model.global_pool)
-    cache = FeatureCache(
-        feature_cache_folder(config.cache_dir) / f"{digest}-after-{_layer_below(model, boundary)}", np.float16, "activations"
-    )
-    paths = [path for items in index.splits.values() for path, _ in items]
-    bottom = activations.Bottom(model, boundary)
-
-    def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
-        forward = create_forward(bottom, preprocessing["input_size"], _inference_backend(config))
-        return run_forward(
-            forward, missing, preprocessing, num_workers=config.data.resolved_num_workers(),
-            progress=config.progress, description="activations", digests=digests,
-        )
-
-    array, _ = cache.features(paths, compute)
-    return _by_split(array, index)
+    return by_split(array, index), stats
 
 
 def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool, write: bool) -> DatasetIndex:
@@ -392,8 +329,3 @@ def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming
         log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
     folder.write_index(index)
     return index
-
-
-def _inference_backend(config: TrainConfig) -> str:
-    wants_gpu = config.accelerator in ("auto", "gpu", "cuda")
-    return default_backend("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")

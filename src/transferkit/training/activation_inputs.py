@@ -1,0 +1,182 @@
+"""Fine-tuning's cached inputs: where a run's backbone splits, the boundary activations of every
+image, and the activations of augmented views of the training images, from the persistent cache.
+
+View k of a training image (``--finetune-views``) is ``data.loaders.AugmentedView``: the light
+augmentation's random crop and mirror drawn from the image's content digest and k, so it is the
+same in every run and cached like the plain activations, in a folder of its own named by the
+backbone, the boundary, k and the augmentation's spec. Epoch e trains on view e mod (N + 1),
+view 0 being the plain activations; the view is a function of the epoch alone, so a resumed run
+reads what a run never stopped would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit import activations, models
+from transferkit.config import TrainConfig
+from transferkit.data.folders import DatasetIndex
+from transferkit.data.loaders import AugmentedView
+from transferkit.errors import ConfigError
+from transferkit.features import FeatureCache, backbone_digest, feature_cache_folder
+from transferkit.inference import Forward, create_forward, default_backend, run_forward
+from transferkit.training.phase import EpochSampler
+
+log = logging.getLogger(__name__)
+
+
+def inference_backend(config: TrainConfig) -> str:
+    wants_gpu = config.accelerator in ("auto", "gpu", "cuda")
+    return default_backend("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def layer_below(model: nn.Module, boundary: int) -> str:
+    return activations.layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
+
+
+def by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
+    """Rows in the order of ``index.splits``' images, as one tensor per split."""
+    result, start = {}, 0
+    for split, items in index.splits.items():
+        result[split] = torch.from_numpy(array[start : start + len(items)])
+        start += len(items)
+    return result
+
+
+def finetune_boundary(
+    model: nn.Module, unfreeze: int | float | None, config: TrainConfig, preprocessing: dict[str, Any],
+    index: DatasetIndex,
+) -> int | None:
+    """Where fine-tuning's input is cached: the boundary below the unfrozen blocks, or None for
+    images. Under ``auto`` a run that cannot cache them says why in one line; one that asked for
+    activations stops before training, with the reason and the fix."""
+    if config.finetune_on == "images":
+        return None
+    boundary = activations.boundary_index(model, unfreeze)
+    reason = None
+    if boundary is None:
+        blocks = len(models.backbone_blocks(model))
+        if models.count_unfrozen(blocks, unfreeze) >= blocks:
+            reason = "every backbone block trains (--finetune-unfreeze), so no layer below them stays fixed"
+        elif activations.layer_sequence(model) is None:
+            reason = f"{type(model).__name__} has no layer sequence to split (EfficientNet and ResNet families do)"
+        else:
+            reason = f"the blocks that train do not start at a layer of {type(model).__name__}'s sequence"
+    else:
+        rows = sum(len(items) for items in index.splits.values()) + config.finetune_views * len(index.splits["train"])
+        size = rows * activations.activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
+        if size > config.activation_cache_gb:
+            views = f" with {config.finetune_views} views of each training image" if config.finetune_views else ""
+            reason = (f"the activations{views} would take {size:.1f} GB, over --activation-cache-gb "
+                      f"{config.activation_cache_gb:g}")
+    if reason is None:
+        return boundary
+    if config.finetune_on == "activations":
+        raise ConfigError([f"--finetune-on activations: {reason}; --finetune-on auto fine-tunes on images instead"])
+    ignored = f"; --finetune-views {config.finetune_views} is not used" if config.finetune_views else ""
+    log.info("fine-tuning on images: %s%s", reason, ignored)
+    return None
+
+
+def boundary_activations(
+    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
+) -> dict[str, torch.Tensor]:
+    """The activations at ``boundary`` of every split's images, float16, from the persistent
+    cache where it has them (keyed like the pooled features, and by the boundary)."""
+    paths = [path for items in index.splits.values() for path, _ in items]
+    array = _cached_activations(model, boundary, paths, preprocessing, config, view=0)
+    return by_split(array, index)
+
+
+def training_views(
+    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
+) -> list[torch.Tensor]:
+    """Views 1 to ``config.finetune_views`` of the training images' activations at ``boundary``,
+    one tensor each, rows in the order of the training split; each from its own cache folder."""
+    paths = [path for path, _ in index.splits["train"]]
+    return [
+        torch.from_numpy(_cached_activations(model, boundary, paths, preprocessing, config, view))
+        for view in range(1, config.finetune_views + 1)
+    ]
+
+
+def _cached_activations(
+    model: nn.Module, boundary: int, paths: list[str], preprocessing: dict[str, Any], config: TrainConfig, view: int,
+) -> np.ndarray:
+    """The activations of view ``view`` (0: the image itself) of every path, computed a chunk at a
+    time where the cache lacks them; a killed pass keeps every chunk it stored."""
+    folder = f"{backbone_digest(model, preprocessing, config.model.global_pool)}-after-{layer_below(model, boundary)}"
+    transform = None
+    if view:
+        spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
+        folder, transform = f"{folder}-view{view}-{spec}", AugmentedView(preprocessing, view)
+    kind = f"activations (view {view})" if view else "activations"
+    cache = FeatureCache(feature_cache_folder(config.cache_dir) / folder, np.float16, kind)
+    forward: list[Forward] = []
+
+    def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
+        if not forward:
+            bottom = activations.Bottom(model, boundary)
+            forward.append(create_forward(bottom, preprocessing["input_size"], inference_backend(config)))
+        return run_forward(
+            forward[0], missing, preprocessing, num_workers=config.data.resolved_num_workers(),
+            progress=config.progress, description=kind, digests=digests, transform=transform,
+        )
+
+    return cache.features(paths, compute)[0]
+
+
+class ViewSampler(torch.utils.data.Sampler[int]):
+    """``sampler``'s order of epoch e, pointing into view e mod ``views`` of a ``ViewDataset``:
+    the epoch, which Lightning sets before each (and restores on resume), picks the view."""
+
+    def __init__(self, sampler: EpochSampler, views: int):
+        self.sampler = sampler
+        self.views = views
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def view(self) -> int:
+        return self.sampler.epoch % self.views
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.view * self.sampler.num_samples
+        return (offset + i for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ViewDataset(Dataset):
+    """(activations, label) of the training images under every view, view v's row i at index
+    v x images + i; the views are kept apart, never copied into one tensor."""
+
+    def __init__(self, views: list[torch.Tensor], targets: torch.Tensor):
+        self.views = views
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.views) * len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        view, row = divmod(index, len(self.targets))
+        return self.views[view][row], self.targets[row]
+
+
+def training_loader(
+    views: list[torch.Tensor], targets: list[int], sampler: EpochSampler, batch_size: int
+) -> DataLoader:
+    """Fine-tuning's training batches on cached activations: ``views[0]`` the plain ones, one
+    view an epoch in turn."""
+    dataset = ViewDataset(views, torch.tensor(targets))
+    return DataLoader(dataset, batch_size, sampler=ViewSampler(sampler, len(views)))
