@@ -223,7 +223,9 @@ def test_views_are_cached_once_the_same_in_every_run_and_read_by_a_rerun(
 
     from transferkit.data.loaders import AugmentedView
 
-    options = {"finetune_on": "activations", "finetune_views": 2, "finetune.epochs": 1, "frozen.epochs": 0}
+    # Three epochs read the plain activations, then view 1, then view 2.
+    options = {"finetune_on": "activations", "finetune_views": 2, "finetune.epochs": 3, "finetune.patience": 3,
+               "frozen.epochs": 0}
     first = train(image_folder, tiny_config(tmp_path / "first", tiny_weights, **options))
     trained = sum(first.counts["train"].values())
     spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
@@ -249,6 +251,18 @@ def test_views_are_cached_once_the_same_in_every_run_and_read_by_a_rerun(
         again = cached_rows(elsewhere / folder.name)
         assert again.keys() == rows.keys()
         assert all(np.array_equal(again[digest], row) for digest, row in rows.items()), "the same view in every run"
+
+
+def test_a_view_no_epoch_reads_is_not_computed(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, feature_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = {"finetune_on": "activations", "finetune_views": 2, "finetune.epochs": 2, "finetune.patience": 2,
+               "frozen.epochs": 0}
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        train(image_folder, tiny_config(tmp_path / "run", tiny_weights, **options))
+    views = sorted(p.name for p in feature_cache.iterdir() if "-view" in p.name)
+    assert len(views) == 1 and "-view1-" in views[0], "two epochs read the plain activations and view 1"
+    assert "--finetune-views 2: 2 fine-tuning epochs read 1 of them; only those are computed" in caplog.text
 
 
 def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
@@ -308,7 +322,7 @@ def test_the_activation_budget_counts_the_views(
     budget = (images + trained) * row / 1e9  # room for one view, not two
 
     def boundary(views: int) -> int | None:
-        options = {"finetune_on": "auto", "finetune_views": views, "activation_cache_gb": budget}
+        options = {"finetune_on": "auto", "finetune_views": views, "finetune.epochs": 3, "activation_cache_gb": budget}
         return finetune_boundary(model, 2, tiny_config(tmp_path, tiny_weights, **options), preprocessing, index)
 
     assert boundary(1) is not None

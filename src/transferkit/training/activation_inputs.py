@@ -51,6 +51,13 @@ def by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
     return result
 
 
+def views_read(config: TrainConfig) -> int:
+    """How many of the ``--finetune-views`` views fine-tuning reads: epoch e reads view
+    e mod (N + 1), so E epochs read views 1 to E - 1 at most, and a view no epoch reads is neither
+    computed nor counted in the budget (with the default 2 epochs, 2 views read 1)."""
+    return min(config.finetune_views, max(config.finetune.epochs - 1, 0))
+
+
 def finetune_boundary(
     model: nn.Module, unfreeze: int | float | None, config: TrainConfig, preprocessing: dict[str, Any],
     index: DatasetIndex,
@@ -71,10 +78,10 @@ def finetune_boundary(
         else:
             reason = f"the blocks that train do not start at a layer of {type(model).__name__}'s sequence"
     else:
-        rows = sum(len(items) for items in index.splits.values()) + config.finetune_views * len(index.splits["train"])
+        rows = sum(len(items) for items in index.splits.values()) + views_read(config) * len(index.splits["train"])
         size = rows * activations.activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
         if size > config.activation_cache_gb:
-            views = f" with {config.finetune_views} views of each training image" if config.finetune_views else ""
+            views = f" with {views_read(config)} views of each training image" if views_read(config) else ""
             reason = (f"the activations{views} would take {size:.1f} GB, over --activation-cache-gb "
                       f"{config.activation_cache_gb:g}")
     if reason is None:
@@ -99,12 +106,16 @@ def boundary_activations(
 def training_views(
     model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
 ) -> list[torch.Tensor]:
-    """Views 1 to ``config.finetune_views`` of the training images' activations at ``boundary``,
+    """Views 1 to ``views_read(config)`` of the training images' activations at ``boundary``,
     one tensor each, rows in the order of the training split; each from its own cache folder."""
     paths = [path for path, _ in index.splits["train"]]
+    read = views_read(config)
+    if read < config.finetune_views:
+        log.info("--finetune-views %d: %d fine-tuning epochs read %d of them; only those are computed",
+                 config.finetune_views, config.finetune.epochs, read)
     return [
         torch.from_numpy(_cached_activations(model, boundary, paths, preprocessing, config, view))
-        for view in range(1, config.finetune_views + 1)
+        for view in range(1, read + 1)
     ]
 
 
