@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from transferkit.errors import ConfigError, DataError, RunFolderError
 from transferkit.runs import RunFolder, model_folder
-from transferkit.trust import Trust, load_trust, save_trust
+from transferkit.trust import Trust, load_bank, load_trust, save_trust
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +81,7 @@ def calibrate(
         logits = models.classify_pooled(model, features, 0.0).numpy()
     trust = Trust(calibration=fit_calibration(logits, targets, fitted_on))
     if method == "knn":
-        saved = _saved_bank(folder, config) if old.rejection is not None and old.rejection.method == "knn" else None
+        saved = _saved_bank(folder) if old.rejection is not None and old.rejection.method == "knn" else None
         trust.bank = saved if saved is not None else _training_bank(run_folder, classes, pooled)
     trust.rejection = rejection.fit_rejection(method, keep, torch.from_numpy(logits / trust.temperature), features,
                                               trust.bank, fitted_on)
@@ -95,11 +95,11 @@ def calibrate(
     return trust, skipped
 
 
-def _saved_bank(folder: Path, config: dict[str, Any]) -> torch.Tensor | None:
+def _saved_bank(folder: Path) -> torch.Tensor | None:
     """The knn score's training features the model folder holds; None where they are lost or
     damaged, so that they are taken again from the training images."""
     try:
-        return load_trust(folder, config).bank
+        return load_bank(folder)
     except RunFolderError as error:
         log.warning("%s; taking the training images' features again", error)
         return None

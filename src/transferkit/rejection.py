@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit import models
+from transferkit.config import UNKNOWN_SCORES
 
-METHODS = ("msp", "energy", "knn")
+METHODS = tuple(score for score in UNKNOWN_SCORES if score != "none")
 NEIGHBOURS = 10
 BANK_SIZE = 5000
 """Training images whose features ``knn`` keeps (all of them below this); 5,000 x 1,280 float32

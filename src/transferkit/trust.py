@@ -79,14 +79,16 @@ def load_trust(folder: Path, config: dict[str, Any], bank: bool = True) -> Trust
     if extra.get("unknown"):
         trust.rejection = Rejection.from_dict(extra["unknown"])
         if trust.rejection.method == "knn" and bank:
-            trust.bank = _load_bank(folder / BANK_FILE)
+            trust.bank = load_bank(folder)
     return trust
 
 
-def _load_bank(path: Path) -> torch.Tensor:
+def load_bank(folder: Path) -> torch.Tensor:
+    """The knn score's training features kept in a model folder."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = folder / BANK_FILE
     try:
         return load_file(str(path))["bank"]
     except (OSError, KeyError, SafetensorError) as error:

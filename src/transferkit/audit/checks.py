@@ -60,12 +60,14 @@ def out_of_sample_probabilities(
         warnings.simplefilter("ignore", UserWarning)
         parts = list(splitter.split(features, labels))
     for fit_rows, predict_rows in parts:
+        fit_classes = np.unique(labels[fit_rows])
+        if len(fit_classes) < 2:  # a fold of one class: nothing to tell apart
+            for fold_probabilities in probabilities.values():
+                fold_probabilities[np.ix_(predict_rows, fit_classes)] = 1.0
+            continue
         scaler = StandardScaler().fit(features[fit_rows])
         fit_on, predict_on = scaler.transform(features[fit_rows]), scaler.transform(features[predict_rows])
         for c, fold_probabilities in probabilities.items():
-            if len(np.unique(labels[fit_rows])) < 2:  # a fold of one class: nothing to tell apart
-                fold_probabilities[np.ix_(predict_rows, np.unique(labels[fit_rows]))] = 1.0
-                continue
             model = LogisticRegression(C=c, max_iter=300)  # 300 iterations bound the time at cifar10's size
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ConvergenceWarning: the ranking is what is used, not the fit

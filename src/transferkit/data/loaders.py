@@ -102,12 +102,11 @@ class AugmentedView:
         return normalize_image(image, self.preprocessing)
 
 
-def crop_box(
-    image_size: tuple[int, int], random: np.random.Generator, scale: tuple[float, float] = LIGHT_CROP_SCALE,
-    ratio: tuple[float, float] = CROP_RATIO,
-) -> tuple[int, int, int, int]:
-    """(left, top, width, height) of a random-resized crop: an area share in ``scale`` and an
-    aspect ratio in ``ratio`` (log-uniform), ten tries, then the centre crop of the nearest ratio."""
+def crop_box(image_size: tuple[int, int], random: np.random.Generator) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of the light preset's random-resized crop: an area share in
+    ``LIGHT_CROP_SCALE`` and an aspect ratio in ``CROP_RATIO`` (log-uniform), ten tries, then the
+    centre crop of the nearest ratio."""
+    scale, ratio = LIGHT_CROP_SCALE, CROP_RATIO
     width, height = image_size
     area = width * height
     for _ in range(10):

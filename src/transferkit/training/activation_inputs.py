@@ -78,10 +78,11 @@ def finetune_boundary(
         else:
             reason = f"the blocks that train do not start at a layer of {type(model).__name__}'s sequence"
     else:
-        rows = sum(len(items) for items in index.splits.values()) + views_read(config) * len(index.splits["train"])
+        read = views_read(config)
+        rows = sum(len(items) for items in index.splits.values()) + read * len(index.splits["train"])
         size = rows * activations.activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
         if size > config.activation_cache_gb:
-            views = f" with {views_read(config)} views of each training image" if views_read(config) else ""
+            views = f" with {read} views of each training image" if read else ""
             reason = (f"the activations{views} would take {size:.1f} GB, over --activation-cache-gb "
                       f"{config.activation_cache_gb:g}")
     if reason is None:
