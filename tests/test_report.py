@@ -15,7 +15,7 @@ from conftest import render_in_chromium
 from transferkit.cli import main
 from transferkit.figures import plot_confusion_matrix
 from transferkit.explain import grad_cam_available
-from transferkit.report import FIGURES, most_confused_rows, read_run, write_figures
+from transferkit.report import FIGURES, PHOTO_GRIDS, most_confused_rows, read_run, write_figures
 
 SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)
 
@@ -33,18 +33,20 @@ def expected_figures(run_dir: Path) -> set[str]:
 def embedded_images(page: str) -> list[Image.Image]:
     return [
         Image.open(io.BytesIO(base64.b64decode(data)))
-        for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+        for data in re.findall(r'src="data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)"', page)
     ]
 
 
-def test_training_writes_every_figure_as_a_readable_png(trained_run: Path) -> None:
+def test_training_writes_every_figure_as_a_readable_image(trained_run: Path) -> None:
     for name in expected_figures(trained_run):
-        path = trained_run / "figures" / f"{name}.png"
+        photos = name in PHOTO_GRIDS
+        path = trained_run / "figures" / f"{name}.{'jpg' if photos else 'png'}"
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
-            width, height = image.size
-        assert 400 <= width <= 4000 and 250 <= height <= 4000, f"{name}.png is {width}x{height}"
+            width, height, kind = *image.size, image.format
+        assert kind == ("JPEG" if photos else "PNG"), f"{path.name} is a {kind}"
+        assert 400 <= width <= 4000 and 250 <= height <= 4000, f"{path.name} is {width}x{height}"
 
 
 def test_the_report_is_one_self_contained_file_with_every_section(trained_run: Path) -> None:
@@ -106,8 +108,8 @@ def test_class_names_with_dollar_signs_are_drawn_literally_in_every_figure(tmp_p
             make_image(tmp_path / "data" / name / f"{i}.jpg", colour, seed=100 * k + i)
     run_dir = tmp_path / "run"
     train(tmp_path / "data", tiny_config(run_dir, tiny_weights, report=True))
-    drawn = {p.name for p in (run_dir / "figures").glob("*.png")}
-    assert drawn == {f"{name}.png" for name in expected_figures(run_dir)}
+    drawn = {p.name for p in (run_dir / "figures").iterdir()}
+    assert drawn == {f"{name}.{'jpg' if name in PHOTO_GRIDS else 'png'}" for name in expected_figures(run_dir)}
 
     run = read_run(run_dir)
     figure = plot_confusion_matrix(run.evaluation, run.classes, run.split)
@@ -131,11 +133,14 @@ def test_heat_map_grids_show_the_highest_loss_and_the_most_confused_images(train
     plain = coarse_colours(written["highest_loss"])
     for name in ("highest_loss_heatmaps", "most_confused_heatmaps"):
         # The jet colours over the images: far more colours than the same flat-colour images plain
-        # (measured 195 and 150 against 91).
+        # (measured 124 and 98 against 53).
         assert coarse_colours(written[name]) > 1.5 * plain, name
 
 
 def coarse_colours(path: Path) -> int:
+    """Coarse colours that cover at least 0.05% of the picture: JPEG's ringing around the text and
+    frames adds many colours of a few pixels each, to the plain grid as much as to the heat maps."""
     with Image.open(path) as picture:
         pixels = np.asarray(picture.convert("RGB")) // 32
-    return len(np.unique(pixels.reshape(-1, 3), axis=0))
+    _, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+    return int((counts >= 0.0005 * counts.sum()).sum())

@@ -1,7 +1,7 @@
 """The self-contained HTML report of one run, or of several side by side.
 
 The plot functions (``figures.py``) take plain data and return a matplotlib figure;
-``write_figures`` saves them as PNG, ``write_report`` embeds them in one HTML file that needs no
+``write_figures`` saves them (charts as PNG, grids of photos as JPEG), ``write_report`` embeds them in one HTML file that needs no
 server.
 """
 
@@ -85,10 +85,14 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunSummary:
 
 
 FIGURES = ("training_curves", "per_class_f1", "confusion_matrix", "reliability", "sample_predictions", "highest_loss")
+# Grids of photos: as PNG they took 2 MB and 0.9 s each to encode (four per run, most of the
+# report's time and size); as JPEG 0.3 MB and a tenth of the time, with no visible loss.
+PHOTO_GRIDS = ("sample_predictions", "highest_loss", "highest_loss_heatmaps", "most_confused_heatmaps")
+JPEG_QUALITY = 90
 
 
 def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path]:
-    """Every figure of a run as PNG in ``folder`` (default RUN/figures); returns name -> path."""
+    """Every figure of a run in ``folder`` (default RUN/figures); returns name -> path."""
     plt = _pyplot()
     folder = folder or RunFolder(run.run_dir).figures_dir
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,9 +115,11 @@ def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path
         figure = build()
         if figure is None:
             continue
-        path = folder / f"{name}.png"
+        photos = name in PHOTO_GRIDS
+        path = folder / f"{name}.{'jpg' if photos else 'png'}"
+        options = {"format": "jpeg", "pil_kwargs": {"quality": JPEG_QUALITY}} if photos else {"format": "png"}
         with literal_text():  # tick labels are laid out again when drawn
-            atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
+            atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, **options))
         plt.close(figure)
         written[name] = path
     return written
@@ -208,7 +214,8 @@ def _headline_rows(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _image(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+    kind = "jpeg" if path.suffix == ".jpg" else "png"
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/{kind};base64,{data}"></figure>'
 
 
 def _phase_rows(phases: dict[str, PhaseRecord]) -> list[list[Any]]:
