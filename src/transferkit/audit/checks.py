@@ -67,12 +67,15 @@ def out_of_sample_probabilities(
             continue
         scaler = StandardScaler().fit(features[fit_rows])
         fit_on, predict_on = scaler.transform(features[fit_rows]), scaler.transform(features[predict_rows])
-        for c, fold_probabilities in probabilities.items():
-            model = LogisticRegression(C=c, max_iter=300)  # 300 iterations bound the time at cifar10's size
+        # From the strongest penalty to the weakest, each fit starting where the one before ended:
+        # the same optima (the loss is convex), reached in fewer iterations.
+        model = LogisticRegression(max_iter=300, warm_start=True)  # 300 iterations bound the time at cifar10's size
+        for c in sorted(REGULARISATIONS):
+            model.set_params(C=c)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ConvergenceWarning: the ranking is what is used, not the fit
                 model.fit(fit_on, labels[fit_rows])
-            fold_probabilities[np.ix_(predict_rows, model.classes_)] = model.predict_proba(predict_on)
+            probabilities[c][np.ix_(predict_rows, model.classes_)] = model.predict_proba(predict_on)
     rows = np.arange(len(labels))
     losses = {c: float(-np.log(np.clip(p[rows, labels], 1e-12, 1)).mean()) for c, p in probabilities.items()}
     chosen = min(losses, key=losses.__getitem__)
