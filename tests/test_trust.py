@@ -57,6 +57,10 @@ def test_the_threshold_keeps_the_stated_share_of_in_distribution_scores() -> Non
     for keep in (0.5, 0.9, 0.95, 0.99, 1.0):
         threshold, kept = fit_threshold(scores, keep)
         assert kept == np.mean(scores <= threshold) and keep <= kept < keep + 0.002
+        # Halfway to the next score: a rounding of either image's score keeps the same images.
+        kept_scores, other_scores = scores[scores <= threshold], scores[scores > threshold]
+        if len(other_scores):
+            assert threshold - kept_scores.max() == pytest.approx(other_scores.min() - threshold)
 
 
 def test_the_knn_score_is_the_cosine_distance_to_the_kth_nearest_training_image() -> None:

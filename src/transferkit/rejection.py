@@ -81,11 +81,17 @@ def unknown_scores(
 
 
 def fit_threshold(scores: np.ndarray, keep: float) -> tuple[float, float]:
-    """(threshold, share of ``scores`` at or below it): the smallest score that ``keep`` of them
-    do not exceed."""
+    """(threshold, share of ``scores`` at or below it): halfway between the smallest score that
+    ``keep`` of them do not exceed and the next higher score. On that score itself, the image
+    that has it would be answered unknown by any rounding upwards: an exported model, another
+    CPU, or the float16 activations a fine-tuned top was judged on."""
     scores = np.asarray(scores, dtype=np.float64)
-    threshold = float(np.quantile(scores, keep, method="inverted_cdf")) if len(scores) else float("inf")
-    return threshold, float((scores <= threshold).mean()) if len(scores) else 1.0
+    if not len(scores):
+        return float("inf"), 1.0
+    edge = float(np.quantile(scores, keep, method="inverted_cdf"))
+    above = scores[scores > edge]
+    threshold = (edge + float(above.min())) / 2 if len(above) else edge
+    return threshold, float((scores <= threshold).mean())
 
 
 def fit_rejection(
