@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from typing import Any
 
 from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
@@ -27,6 +28,7 @@ def _how_to_finish(output: str | None) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    started = time.perf_counter()  # before the imports: torch and Lightning take seconds
     from transferkit.training.recipe import resolve_run_dir, resume, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose")}
@@ -45,7 +47,7 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"error: {os_error(error)}; {_how_to_finish(output)}", file=sys.stderr)
         return 1
     if result.metrics:  # empty on the other processes of a multi-process run
-        print_train_summary(result)
+        print_train_summary(result, time.perf_counter() - started)
     return 0
 
 
