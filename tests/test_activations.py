@@ -333,7 +333,7 @@ def test_the_activation_budget_counts_the_views(
 
 
 def test_views_need_fine_tuning_on_activations(tmp_path: Path, tiny_weights: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--finetune-views 2 needs fine-tuning on activations; add --finetune-on"):
-        tiny_config(tmp_path, tiny_weights, finetune_views=2)
+    with pytest.raises(ConfigError, match=r"--finetune-views 2 needs fine-tuning on activations; drop --finetune-on images"):
+        tiny_config(tmp_path, tiny_weights, finetune_on="images", finetune_views=2)
     with pytest.raises(ConfigError, match=r"--finetune-views must be 0 or more, got -1"):
-        tiny_config(tmp_path, tiny_weights, finetune_on="auto", finetune_views=-1)
+        tiny_config(tmp_path, tiny_weights, finetune_views=-1)

@@ -286,14 +286,17 @@ def test_the_same_seed_gives_identical_metrics_on_cpu(image_folder: Path, tmp_pa
     assert first == second
 
 
-def test_two_cpu_processes_split_the_data_and_rank_zero_writes_the_run(tmp_path: Path, tiny_weights: Path) -> None:
+@pytest.mark.parametrize("finetune_on", ["auto", "images"])  # on cached activations, and through the whole model
+def test_two_cpu_processes_split_the_data_and_rank_zero_writes_the_run(
+    tmp_path: Path, tiny_weights: Path, finetune_on: str
+) -> None:
     data = make_folder(tmp_path / "data", per_class=25)
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
         "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--batch-size", "16",
         "--num-workers", "0", "--frozen-epochs", "2", "--finetune-epochs", "2", "--finetune-patience", "2",
-        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress",
+        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress", "--finetune-on", finetune_on,
     ]
     process = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-2000:]

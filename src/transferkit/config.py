@@ -187,12 +187,12 @@ class TrainConfig:
         ),
     )
     finetune_on: str = field(
-        default="images",
+        default="auto",
         metadata=_help(
-            "images: every epoch through the whole backbone, augmented in image space; auto: the "
-            "unfrozen top trains on the cached output of the frozen blocks below it where they can "
-            "be cached (not every block unfrozen, an EfficientNet or ResNet), else on images, about "
-            "5x faster per epoch; activations: only on them (an error where they cannot be cached)"
+            "auto: the unfrozen top trains on the cached output of the frozen blocks below it where "
+            "they can be cached (not every block unfrozen, an EfficientNet or ResNet), about 5x faster "
+            "per epoch, else on images; images: every epoch through the whole backbone, augmented in "
+            "image space; activations: only on them (an error where they cannot be cached)"
         ),
     )
     finetune_views: int = field(
@@ -250,7 +250,7 @@ class TrainConfig:
             found.append(f"--finetune-views must be 0 or more, got {self.finetune_views}")
         elif self.finetune_views and self.finetune_on == "images":
             found.append(f"--finetune-views {self.finetune_views} needs fine-tuning on activations; "
-                         "add --finetune-on activations (or auto)")
+                         "drop --finetune-on images (the default, auto, uses them where it can)")
         if self.unknown_score not in UNKNOWN_SCORES:
             found.append(f"--unknown-score must be one of {', '.join(UNKNOWN_SCORES)}, got {self.unknown_score!r}")
         if math.isfinite(self.unknown_keep) and not 0 < self.unknown_keep <= 1:
