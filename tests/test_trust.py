@@ -57,10 +57,16 @@ def test_the_threshold_keeps_the_stated_share_of_in_distribution_scores() -> Non
     for keep in (0.5, 0.9, 0.95, 0.99, 1.0):
         threshold, kept = fit_threshold(scores, keep)
         assert kept == np.mean(scores <= threshold) and keep <= kept < keep + 0.002
-        # Halfway to the next score: a rounding of either image's score keeps the same images.
+        # Halfway to the next score: a small rounding of either image's score keeps the same images.
         kept_scores, other_scores = scores[scores <= threshold], scores[scores > threshold]
         if len(other_scores):
             assert threshold - kept_scores.max() == pytest.approx(other_scores.min() - threshold)
+    # With nothing above to go halfway to, the threshold is the highest score the share keeps.
+    assert fit_threshold(scores, 1.0) == (scores.max(), 1.0)
+    assert fit_threshold(np.full(10, 0.3), 0.95) == (0.3, 1.0)
+    assert fit_threshold(np.array([0.2]), 0.95) == (0.2, 1.0)
+    # An infinite score (an image no training image resembles) is not halfway to anything.
+    assert fit_threshold(np.array([0.1, 0.2, np.inf]), 0.6) == (0.2, pytest.approx(2 / 3))
 
 
 def test_the_knn_score_is_the_cosine_distance_to_the_kth_nearest_training_image() -> None:

@@ -82,14 +82,15 @@ def unknown_scores(
 
 def fit_threshold(scores: np.ndarray, keep: float) -> tuple[float, float]:
     """(threshold, share of ``scores`` at or below it): halfway between the smallest score that
-    ``keep`` of them do not exceed and the next higher score. On that score itself, the image
-    that has it would be answered unknown by any rounding upwards: an exported model, another
-    CPU, or the float16 activations a fine-tuned top was judged on."""
+    ``keep`` of them do not exceed and the next higher finite score (that score itself where
+    there is none). On that score, the image that has it would be answered unknown by any
+    rounding upwards (an exported model, another CPU, the float16 activations a fine-tuned top
+    was judged on); halfway, a rounding smaller than half the gap changes no answer."""
     scores = np.asarray(scores, dtype=np.float64)
     if not len(scores):
         return float("inf"), 1.0
     edge = float(np.quantile(scores, keep, method="inverted_cdf"))
-    above = scores[scores > edge]
+    above = scores[(scores > edge) & np.isfinite(scores)]
     threshold = (edge + float(above.min())) / 2 if len(above) else edge
     return threshold, float((scores <= threshold).mean())
 
