@@ -31,10 +31,13 @@ def expected_figures(run_dir: Path) -> set[str]:
 
 
 def embedded_images(page: str) -> list[Image.Image]:
-    return [
-        Image.open(io.BytesIO(base64.b64decode(data)))
-        for data in re.findall(r'src="data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)"', page)
-    ]
+    """Every picture embedded in the page, each checked to be what its data URL says it is."""
+    images = []
+    for kind, data in re.findall(r'src="data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)"', page):
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert image.format == kind.upper(), f"a {image.format} embedded as image/{kind}"
+        images.append(image)
+    return images
 
 
 def test_training_writes_every_figure_as_a_readable_image(trained_run: Path) -> None:
@@ -86,8 +89,12 @@ def test_confusion_matrix_stays_readable_with_many_classes(trained_run: Path) ->
 
 
 def test_figures_are_redrawn_from_the_run_folder_alone(trained_run: Path, tmp_path: Path) -> None:
+    # A grid drawn as PNG by an earlier transferkit is replaced, not left beside the JPEG.
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "highest_loss.png").write_bytes(b"drawn by an earlier version")
     written = write_figures(read_run(trained_run), tmp_path / "figures")
     assert set(written) == expected_figures(trained_run)
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {p.name for p in written.values()}
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")

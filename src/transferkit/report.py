@@ -120,6 +120,8 @@ def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path
         options = {"format": "jpeg", "pil_kwargs": {"quality": JPEG_QUALITY}} if photos else {"format": "png"}
         with literal_text():  # tick labels are laid out again when drawn
             atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, **options))
+        if photos:  # a folder drawn before grids were JPEG keeps no stale PNG of the grid
+            path.with_suffix(".png").unlink(missing_ok=True)
         plt.close(figure)
         written[name] = path
     return written
