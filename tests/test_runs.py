@@ -281,6 +281,20 @@ def test_every_record_written_back_gives_the_same_bytes(trained_run: Path, tmp_p
     assert (folder.root / best.best_checkpoint).is_file()
 
 
+def test_a_run_folder_from_before_fine_tuning_on_activations_resumes_on_images(trained_run: Path, tmp_path: Path) -> None:
+    """A run started when every run fine-tuned on images goes on on images, whatever today's default."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(trained_run, old)
+    values = yaml.safe_load((old / "config.yaml").read_text())
+    assert values.pop("finetune_on") == "auto"
+    (old / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    assert RunFolder(old).read_config().finetune_on == "images"
+
+
 def test_a_run_folder_says_what_it_holds(trained_run: Path, tmp_path: Path) -> None:
     folder = RunFolder(trained_run)
     assert folder.is_run() and folder.is_finished() and folder.has_model() and folder.holds_work()

@@ -111,7 +111,7 @@ class RunFolder:
     model_dir = _File("model")
     """The saved classifier in timm's local-dir layout."""
     figures_dir = _File("figures")
-    """The report's figures, as PNG."""
+    """The report's figures: charts as PNG, grids of photos as JPEG."""
     report_file = _File("report.html")
     audit_dir = _File("audit")
     """What ``train --audit`` writes: audit.csv, audit.json, scores.csv and audit.html of the run's images."""
@@ -194,6 +194,9 @@ class RunFolder:
                 f"{path} has format version {version!r}, this transferkit reads {RUN_FORMAT_VERSION}; "
                 "train again with this version"
             )
+        # Written before --finetune-on existed, when every run fine-tuned on images: a resumed
+        # run goes on as it started, whatever the default is now.
+        values.setdefault("finetune_on", "images")
         try:
             source, config = TrainConfig.from_record(values)
         except ConfigError:
