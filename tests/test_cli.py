@@ -213,6 +213,11 @@ def test_train_piped_to_a_file_prints_one_line_per_epoch_and_no_progress_bar(tmp
     history = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()[1:]
     assert [line.split()[:2] for line in epochs] == [[row.split(",")[0], f"{row.split(',')[1]}/{6 if row.startswith('frozen') else 2}"] for row in history]
     assert lines[len(epochs)] == "" and lines[-1] == f"run folder: {tmp_path / 'run'}", "epoch lines, then the summary"
+    # The wall time is the whole command's: more than the training the metrics time, which starts
+    # after the imports (seconds of torch and Lightning).
+    wall, to_model = map(float, re.fullmatch(
+        r"wall time: (\d+\.\d) s \(from reading the data to the saved model: (\d+\.\d) s\)", lines[-2]).groups())
+    assert wall > to_model == round(json.loads((tmp_path / "run" / "metrics.json").read_text())["train_seconds"], 1)
     # Not a terminal: no bar redrawn with carriage returns, on either stream.
     assert "\r" not in process.stdout + process.stderr and "it/s" not in process.stdout + process.stderr
     assert len(lines) + len(process.stderr.splitlines()) < 30

@@ -119,9 +119,10 @@ def print_train_summary(result: Any, command_seconds: float) -> None:
     if unknown:
         print(f"answers unknown above a {unknown['method']} score of {unknown['threshold']:.4g} "
               f"(keeps {unknown['kept']:.1%} of validation images)")
-    # The model is saved at train_seconds; the audit and the report come after it.
-    print(f"wall time: {command_seconds:.1f} s ({metrics.train_seconds:.1f} s to the saved model, "
-          f"then the audit and the report)")
+    # train_seconds runs from reading the data to the saved model: the imports come before it,
+    # the audit and the report after.
+    print(f"wall time: {command_seconds:.1f} s (from reading the data to the saved model: "
+          f"{metrics.train_seconds:.1f} s)")
     print(f"run folder: {result.run_dir}")
 
 
