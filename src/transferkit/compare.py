@@ -20,7 +20,9 @@ full       ImageNet weights as the start, every layer at once   "initialize pret
 
 Every run gets the same split (the first run's, reused through ``splits_from``), seed, epoch
 budget per phase and early-stopping rule, so differences come from the strategy alone. The runs
-that freeze the same backbone share its features through the persistent feature cache.
+that freeze the same backbone share its features through the persistent feature cache; the
+fine-tune strategy on cached activations (the default) computes its head's features from its
+float16 activations, kept in a cache of their own.
 """
 
 from __future__ import annotations
@@ -304,8 +306,9 @@ def write_comparison_figures(comparison: Comparison) -> dict[str, Path]:
 
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    # Runs that share a frozen phase (frozen, fine-tune) draw the same first epochs: distinct
-    # markers keep both visible.
+    # Runs that share a frozen phase (frozen, fine-tune) draw the same or nearly the same first
+    # epochs (on activations, the fine-tune run's features are rounded through float16):
+    # distinct markers keep both visible.
     markers = "os^Dv<>PX*"
     for number, row in enumerate(comparison.rows):
         history = comparison.run_folder(number).read_history()

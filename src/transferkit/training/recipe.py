@@ -3,8 +3,10 @@
 Phase 1 ("frozen"): the backbone is frozen and only the head trains. Without augmentation,
 every image's pooled features are computed once (and cached), and the head trains on them in a
 plain loop (``head``), each epoch in milliseconds. With augmentation it trains on images.
-Phase 2 ("finetune"): the top blocks are unfrozen and train at a lower learning rate on
-augmented images (``images``). The final model is the phase with the lowest validation loss.
+Phase 2 ("finetune"): the top blocks are unfrozen and train at a lower learning rate, on the
+cached activations of the frozen blocks below them where they can be cached (``auto``, the
+default; ``activation_inputs``), else on augmented images. The final model is the phase with
+the lowest validation loss.
 """
 
 from __future__ import annotations
