@@ -6,14 +6,17 @@
 Each (dataset, seed, variant) is a whole `transferkit train` command in a fresh process with
 empty caches (cold), then the same command again into another folder with the caches it left
 (warm; skipped with --cold-only, for the datasets where one command takes half an hour). The
-peak memory is the cold command's largest resident set. Variants:
-- images: today's fine-tuning, augmented images through the whole backbone each epoch;
-- activations: the unfrozen top on cached activations, mirrored at random (`--finetune-augment light`);
+peak memory is the cold command's largest resident set. Every variant names its fine-tuning
+epochs, so a row keeps its meaning when the defaults move. Variants:
+- images: augmented images through the whole backbone each epoch, 2 epochs (patience 2);
+- activations: the unfrozen top on cached activations, mirrored at random (`--finetune-augment
+  light`), 2 epochs (patience 2);
 - activations-strong: also shifted by up to one cell (`--finetune-augment strong`);
-- activations-4: `activations` with 4 fine-tuning epochs (patience 4) instead of 2;
+- activations-4: `activations` with 4 fine-tuning epochs (patience 4), the default recipe since
+  2026-11-30;
 - activations-views2: `activations` with two cached augmented views of each training image
-  (`--finetune-views 2`: epoch e reads view e mod 3, so the 2 default epochs read the plain
-  activations, then view 1);
+  (`--finetune-views 2`: epoch e reads view e mod 3, so 2 epochs read the plain activations,
+  then view 1);
 - activations-views2-4: the same with 4 fine-tuning epochs (patience 4): plain, view 1, view 2, plain.
 Raw results accumulate in benchmarks/finetune_inputs.json; the table in RESULTS.md is rebuilt
 from all of them.
@@ -38,12 +41,13 @@ from _results import write_section
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "finetune_inputs.json"
+TWO_EPOCHS = ["--finetune-epochs", "2", "--finetune-patience", "2"]
 VARIANTS = {
-    "images": ["--finetune-on", "images"],
-    "activations": ["--finetune-on", "activations"],
-    "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong"],
+    "images": ["--finetune-on", "images", *TWO_EPOCHS],
+    "activations": ["--finetune-on", "activations", *TWO_EPOCHS],
+    "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong", *TWO_EPOCHS],
     "activations-4": ["--finetune-on", "activations", "--finetune-epochs", "4", "--finetune-patience", "4"],
-    "activations-views2": ["--finetune-on", "activations", "--finetune-views", "2"],
+    "activations-views2": ["--finetune-on", "activations", "--finetune-views", "2", *TWO_EPOCHS],
     "activations-views2-4": ["--finetune-on", "activations", "--finetune-views", "2", "--finetune-epochs", "4",
                              "--finetune-patience", "4"],
 }

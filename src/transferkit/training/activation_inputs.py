@@ -54,7 +54,7 @@ def by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
 def views_read(config: TrainConfig) -> int:
     """How many of the ``--finetune-views`` views fine-tuning reads: epoch e reads view
     e mod (N + 1), so E epochs read views 1 to E - 1 at most, and a view no epoch reads is neither
-    computed nor counted in the budget (with the default 2 epochs, 2 views read 1)."""
+    computed nor counted in the budget (with 2 epochs, 2 views read 1)."""
     return min(config.finetune_views, max(config.finetune.epochs - 1, 0))
 
 
