@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,15 @@ def inference_backend(config: TrainConfig) -> str:
     return default_backend("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def layer_below(model: nn.Module, boundary: int) -> str:
-    return activations.layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
+def boundary_cache_folder(
+    model: nn.Module, boundary: int, preprocessing: dict[str, Any], config: TrainConfig, kind: str
+) -> Path:
+    """The feature-cache folder of what is cached at ``boundary``: ``after`` (the activations) or
+    ``via`` (the pooled features computed from them), keyed like the backbone's features and by
+    the layer below the boundary."""
+    layer = activations.layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
+    digest = backbone_digest(model, preprocessing, config.model.global_pool)
+    return feature_cache_folder(config.cache_dir) / f"{digest}-{kind}-{layer}"
 
 
 def by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
@@ -125,13 +133,13 @@ def _cached_activations(
 ) -> np.ndarray:
     """The activations of view ``view`` (0: the image itself) of every path, computed a chunk at a
     time where the cache lacks them; a killed pass keeps every chunk it stored."""
-    folder = f"{backbone_digest(model, preprocessing, config.model.global_pool)}-after-{layer_below(model, boundary)}"
+    folder = boundary_cache_folder(model, boundary, preprocessing, config, "after")
     transform = None
     if view:
         spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
-        folder, transform = f"{folder}-view{view}-{spec}", AugmentedView(preprocessing, view)
+        folder, transform = folder.with_name(f"{folder.name}-view{view}-{spec}"), AugmentedView(preprocessing, view)
     kind = f"activations (view {view})" if view else "activations"
-    cache = FeatureCache(feature_cache_folder(config.cache_dir) / folder, np.float16, kind)
+    cache = FeatureCache(folder, np.float16, kind)
     forward: list[Forward] = []
 
     def compute(missing: list[str], digests: dict[str, bytes]) -> Any:

@@ -44,7 +44,8 @@ from transferkit.training.images import FineTuning, ImageClassifier, fit_with_li
 from transferkit.training.phase import class_weights, create_sampler, training_loss
 from transferkit.training.progress import PhaseProgress
 from transferkit.training.activation_inputs import (
-    boundary_activations, by_split, finetune_boundary, inference_backend, layer_below, training_loader, training_views,
+    boundary_activations, boundary_cache_folder, by_split, finetune_boundary, inference_backend, training_loader,
+    training_views,
 )
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ def _pooled_features(
     run filled the cache never changes another's features."""
     cache = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
     if boundary is not None:
-        cache.folder = cache.folder.with_name(f"{cache.folder.name}-via-{layer_below(model, boundary)}")
+        cache.folder = boundary_cache_folder(model, boundary, preprocessing, config, "via")
     paths = [path for items in index.splits.values() for path, _ in items]
     rows = {path: row for split, items in index.splits.items() for (path, _), row in zip(items, cached.get(split, []))}
 
