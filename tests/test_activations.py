@@ -48,8 +48,9 @@ def test_every_block_trained_or_an_unsplittable_family_has_no_boundary() -> None
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 def test_one_step_on_cached_activations_has_the_loss_and_gradients_of_the_whole_model(
-    dtype: torch.dtype, tolerance: float
+    dtype: torch.dtype, tolerance: float, layout: torch.memory_format
 ) -> None:
     model = created("test_efficientnet")
     boundary = activations.boundary_index(model, 2)
@@ -67,7 +68,8 @@ def test_one_step_on_cached_activations_has_the_loss_and_gradients_of_the_whole_
     whole = loss_and_gradients(model(images))
     with torch.no_grad():
         cached = activations.forward_bottom(model, images, boundary).to(dtype)  # what the cache holds
-    split = loss_and_gradients(activations.forward_top(model, cached.float(), boundary))
+    model.to(memory_format=layout)  # fine-tuning trains channels-last
+    split = loss_and_gradients(activations.forward_top(model, cached.float().contiguous(memory_format=layout), boundary))
     assert split[0] == pytest.approx(whole[0], rel=tolerance)
     assert len(whole[1]) > 2, "the top's blocks and the head all have gradients"
     for name, gradient in whole[1].items():

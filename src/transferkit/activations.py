@@ -10,6 +10,8 @@ images.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -80,7 +82,27 @@ def forward_top(model: nn.Module, activations: torch.Tensor, boundary: int, pre_
     x = activations
     for _, layer in (layer_sequence(model) or [])[boundary:]:
         x = layer(x)
-    return model.forward_head(x, pre_logits=pre_logits)
+    return forward_head(model, x, pre_logits)
+
+
+def forward_head(model: nn.Module, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """timm's ``forward_head`` on channels-last feature maps, with their gradient handed back
+    channels-last too. Pooling's backward yields a broadcast gradient, and the last batch norm's
+    backward on CPU takes 9x as long on that as on channels-last (23 against 2.5 ms for
+    EfficientNet-Lite0's 1280 x 8 x 8 maps, batch 32): about 8% of a fine-tuning step."""
+    if features.requires_grad and features.dim() == 4 and features.is_contiguous(memory_format=torch.channels_last):
+        features = _ChannelsLastGradient.apply(features)
+    return model.forward_head(features, pre_logits=pre_logits)
+
+
+class _ChannelsLastGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, features: torch.Tensor) -> torch.Tensor:
+        return features.view_as(features)
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
+        return gradient.contiguous(memory_format=torch.channels_last)
 
 
 def activation_bytes(model: nn.Module, boundary: int, input_size: tuple[int, ...]) -> int:

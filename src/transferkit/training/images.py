@@ -112,7 +112,8 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.boundary is None:
-            return self.model(inputs.contiguous(memory_format=torch.channels_last))
+            features = self.model.forward_features(inputs.contiguous(memory_format=torch.channels_last))
+            return activations.forward_head(self.model, features)
         return activations.forward_top(
             self.model, inputs.float().contiguous(memory_format=torch.channels_last), self.boundary
         )
