@@ -108,6 +108,7 @@ def test_finetune_on_activations_trains_and_a_rerun_reads_them_from_the_cache(
     assert [r for r in first.metrics["phases"]] == ["frozen", "finetune"]
     assert first.metrics["phases"]["finetune"]["epochs"] == 2
     assert first.metrics["val"]["accuracy"] >= 0.8
+    assert first.metrics["features"]["from_cache"] == 0, "the run computed its features, in the activations' pass"
     folders = [p.name for p in feature_cache.iterdir() if "-after-" in p.name]
     assert len(folders) == 1, folders
     shard = next((feature_cache / folders[0]).glob("*.npz"))
@@ -124,6 +125,30 @@ def test_finetune_on_activations_trains_and_a_rerun_reads_them_from_the_cache(
     other = train(image_folder, tiny_config(tmp_path / "third", tiny_weights, **{**options, "finetune.unfreeze": "1"}))
     assert other.metrics["val"]["accuracy"] >= 0.8
     assert len([p for p in feature_cache.iterdir() if "-after-" in p.name]) == 2, "another boundary, another cache"
+
+
+def test_the_pass_that_caches_activations_stores_the_backbones_own_features_for_every_other_run(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, feature_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transferkit.data.folders import discover
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.features import cached_pooled_features, extract_features
+
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        train(image_folder, tiny_config(tmp_path / "activations", tiny_weights, finetune_on="activations"))
+    assert "activations: 50 images, 0 from the cache" in caplog.text
+    assert "features: 50 images, 50 from the cache" in caplog.text, "the activations' pass stored them"
+
+    model = models.create_classifier(tiny_config(tmp_path / "x", tiny_weights).model, 2, 64)
+    preprocessing = resolve_preprocessing(model, 64)
+    paths = sorted(path for items in discover(image_folder, seed=0).splits.values() for path, _ in items)
+    from_images = extract_features(model, paths, preprocessing, backend="cpu")
+    cached, stats = cached_pooled_features(model, paths, preprocessing, "avg", "onnx")
+    assert stats.from_cache == len(paths)
+    assert np.allclose(cached, from_images, atol=1e-4), "float32 activations: the features of the image itself"
+
+    frozen_only = train(image_folder, tiny_config(tmp_path / "frozen", tiny_weights, **{"finetune.epochs": 0}))
+    assert frozen_only.metrics["features"]["from_cache"] == 50
 
 
 def test_the_run_judges_the_fine_tuned_phase_on_activations_as_its_model_does_on_images(
@@ -283,7 +308,7 @@ def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_
     model = models.create_classifier(config.model, 2, 64)
     preprocessing = resolve_preprocessing(model, 64)
     boundary = activation_inputs.finetune_boundary(model, 2, config, preprocessing, index)
-    cached = activation_inputs.boundary_activations(model, boundary, index, preprocessing, config)
+    cached, _ = activation_inputs.boundary_activations(model, boundary, index, preprocessing, config)
     views = [cached["train"], *activation_inputs.training_views(model, boundary, index, preprocessing, config)]
     where = {row.numpy().tobytes(): (view, i) for view, rows in enumerate(views) for i, row in enumerate(rows)}
     assert len(where) == 3 * len(cached["train"]), "every view of every image differs"

@@ -117,8 +117,8 @@ def test_runs_that_freeze_the_backbone_share_its_features(comparison_folder: Pat
     images = sum(1 for _ in (comparison_folder / "frozen" / "splits.csv").open()) - 1
     assert rows["frozen"]["features_from_cache"] == "0", "the first frozen run computes them"
     assert rows["frozen-dense"]["features_from_cache"] == str(images)
-    # Fine-tuning on activations (the default, auto): its head trains on features computed from the
-    # same float16 activations as its top, in a cache of their own, never mixed with these.
+    # Fine-tuning on activations (the default, auto) runs the backbone once more, for the
+    # activations, and its features come out of that same pass.
     assert rows["fine-tune"]["features_from_cache"] == "0"
     assert rows["scratch"]["features_from_cache"] == rows["full"]["features_from_cache"] == "", "no frozen phase"
 

@@ -123,6 +123,26 @@ class Bottom(nn.Module):
         return self.layers(images)
 
 
+class BottomAndPooled(nn.Module):
+    """The boundary activations and the pooled features, from one pass of the backbone: the
+    frozen phase's features come from the float32 activations before they are cached in float16,
+    so they are the backbone's own features of the image."""
+
+    output_names = ("activations", "features")
+
+    def __init__(self, model: nn.Module, boundary: int):
+        super().__init__()
+        self.model = model
+        self.boundary = boundary
+
+    def extra_repr(self) -> str:  # in the printed tree, so the ONNX export cache tells boundaries apart
+        return f"boundary={self.boundary}"
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        below = forward_bottom(self.model, images, self.boundary)
+        return below, forward_top(self.model, below, self.boundary, pre_logits=True)
+
+
 def augment(batch: torch.Tensor, strength: str) -> torch.Tensor:
     """Augmentation that survives caching, in activation space: 'light' mirrors half the maps
     left to right (the map of a mirrored image is close to the mirrored map); 'strong' also

@@ -21,8 +21,8 @@ full       ImageNet weights as the start, every layer at once   "initialize pret
 Every run gets the same split (the first run's, reused through ``splits_from``), seed, epoch
 budget per phase and early-stopping rule, so differences come from the strategy alone. The runs
 that freeze the same backbone share its features through the persistent feature cache; the
-fine-tune strategy on cached activations (the default) computes its head's features from its
-float16 activations, kept in a cache of their own.
+fine-tune strategy on cached activations (the default) computes them again in the pass that
+computes its activations, and stores them there too.
 """
 
 from __future__ import annotations

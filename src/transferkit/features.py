@@ -211,11 +211,15 @@ class FeatureCache:
             return False
         return True
 
-    def _store(self, digests: list[bytes], features: np.ndarray) -> None:
-        # Raw bytes, not a NumPy bytes string: that type drops trailing zero bytes, so one
-        # digest in 256 would never match again.
-        array = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), DIGEST_BYTES)
-        self._write(array, features)
+    def store(self, paths: list[str], rows: np.ndarray, decoded: dict[str, bytes]) -> None:
+        """Rows of ``paths``, each under the digest of the bytes it came from (``decoded``); also
+        for rows a pass computed beside another cache's (``activations.BottomAndPooled``)."""
+        fresh = {decoded[path]: row for path, row in zip(paths, rows) if path in decoded}
+        if fresh:
+            # Raw bytes, not a NumPy bytes string: that type drops trailing zero bytes, so one
+            # digest in 256 would never match again.
+            digests = np.frombuffer(b"".join(fresh), dtype=np.uint8).reshape(len(fresh), DIGEST_BYTES)
+            self._write(digests, np.stack(list(fresh.values())))
 
     def _compute(self, paths: list[str], compute: Compute) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
         """Rows of ``paths`` and the digests of the bytes they came from; stored under those."""
@@ -223,9 +227,7 @@ class FeatureCache:
         rows = np.asarray(compute(paths, decoded), dtype=self.dtype)
         if len(rows) != len(paths):
             raise RuntimeError(f"feature pass gave {len(rows)} rows for {len(paths)} images")
-        fresh = {decoded[path]: row for path, row in zip(paths, rows) if path in decoded}
-        if fresh:
-            self._store(list(fresh), np.stack(list(fresh.values())))
+        self.store(paths, rows, decoded)
         return dict(zip(paths, rows)), decoded
 
     def features(self, paths: list[str], compute: Compute) -> tuple[np.ndarray, FeatureStats]:

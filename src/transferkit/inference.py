@@ -106,9 +106,10 @@ def run_forward(
     unreadable: dict[str, str] | None = None,
     digests: dict[str, bytes] | None = None,
     transform: Callable[[Any, bytes], np.ndarray] | None = None,
-) -> np.ndarray:
-    """``forward`` of every image, in order, without augmentation unless ``transform`` says; see
-    ``preprocessed_batches`` for ``unreadable``, ``digests`` and ``transform``."""
+) -> Any:
+    """``forward`` of every image, in order, without augmentation unless ``transform`` says (a
+    tuple of arrays where ``forward`` gives a tuple); see ``preprocessed_batches`` for
+    ``unreadable``, ``digests`` and ``transform``."""
     from tqdm.auto import tqdm
 
     workers = default_num_workers() if num_workers is None else num_workers
@@ -116,6 +117,8 @@ def run_forward(
     total = -(-len(paths) // batch_size)
     outputs = [forward(batch) for batch in tqdm(batches, total=total, desc=description, disable=not progress,
                                                 leave=False, unit="batch")]
+    if outputs and isinstance(outputs[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*outputs))
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -27,7 +27,7 @@ from transferkit.config import TrainConfig
 from transferkit.data.folders import DatasetIndex
 from transferkit.data.loaders import AugmentedView
 from transferkit.errors import ConfigError
-from transferkit.features import FeatureCache, backbone_digest, feature_cache_folder
+from transferkit.features import FeatureCache, FeatureStats, backbone_digest, feature_cache_folder
 from transferkit.inference import Forward, create_forward, default_backend, run_forward
 from transferkit.training.phase import EpochSampler
 
@@ -39,15 +39,12 @@ def inference_backend(config: TrainConfig) -> str:
     return default_backend("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def boundary_cache_folder(
-    model: nn.Module, boundary: int, preprocessing: dict[str, Any], config: TrainConfig, kind: str
-) -> Path:
-    """The feature-cache folder of what is cached at ``boundary``: ``after`` (the activations) or
-    ``via`` (the pooled features computed from them), keyed like the backbone's features and by
-    the layer below the boundary."""
+def boundary_cache_folder(model: nn.Module, boundary: int, preprocessing: dict[str, Any], config: TrainConfig) -> Path:
+    """The feature-cache folder of the activations at ``boundary``, keyed like the backbone's
+    features and by the layer below the boundary."""
     layer = activations.layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
     digest = backbone_digest(model, preprocessing, config.model.global_pool)
-    return feature_cache_folder(config.cache_dir) / f"{digest}-{kind}-{layer}"
+    return feature_cache_folder(config.cache_dir) / f"{digest}-after-{layer}"
 
 
 def by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
@@ -103,13 +100,16 @@ def finetune_boundary(
 
 
 def boundary_activations(
-    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
-) -> dict[str, torch.Tensor]:
+    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig,
+    pooled: FeatureCache | None = None,
+) -> tuple[dict[str, torch.Tensor], FeatureStats]:
     """The activations at ``boundary`` of every split's images, float16, from the persistent
-    cache where it has them (keyed like the pooled features, and by the boundary)."""
+    cache where it has them (keyed like the pooled features, and by the boundary), and how many
+    it had. The pass that computes the others stores their pooled features in ``pooled`` (the
+    backbone's feature cache) too, so the backbone's bottom runs once per image."""
     paths = [path for items in index.splits.values() for path, _ in items]
-    array = _cached_activations(model, boundary, paths, preprocessing, config, view=0)
-    return by_split(array, index)
+    array, stats = _cached_activations(model, boundary, paths, preprocessing, config, view=0, pooled=pooled)
+    return by_split(array, index), stats
 
 
 def training_views(
@@ -123,17 +123,19 @@ def training_views(
         log.info("--finetune-views %d: %d fine-tuning epochs read %d of them; only those are computed",
                  config.finetune_views, config.finetune.epochs, read)
     return [
-        torch.from_numpy(_cached_activations(model, boundary, paths, preprocessing, config, view))
+        torch.from_numpy(_cached_activations(model, boundary, paths, preprocessing, config, view)[0])
         for view in range(1, read + 1)
     ]
 
 
 def _cached_activations(
     model: nn.Module, boundary: int, paths: list[str], preprocessing: dict[str, Any], config: TrainConfig, view: int,
-) -> np.ndarray:
+    pooled: FeatureCache | None = None,
+) -> tuple[np.ndarray, FeatureStats]:
     """The activations of view ``view`` (0: the image itself) of every path, computed a chunk at a
-    time where the cache lacks them; a killed pass keeps every chunk it stored."""
-    folder = boundary_cache_folder(model, boundary, preprocessing, config, "after")
+    time where the cache lacks them, each chunk's pooled features stored in ``pooled`` beside them;
+    a killed pass keeps every chunk it stored."""
+    folder = boundary_cache_folder(model, boundary, preprocessing, config)
     transform = None
     if view:
         spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
@@ -144,14 +146,19 @@ def _cached_activations(
 
     def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
         if not forward:
-            bottom = activations.Bottom(model, boundary)
-            forward.append(create_forward(bottom, preprocessing["input_size"], inference_backend(config)))
-        return run_forward(
+            module = activations.Bottom(model, boundary) if pooled is None else activations.BottomAndPooled(model, boundary)
+            forward.append(create_forward(module, preprocessing["input_size"], inference_backend(config)))
+        outputs = run_forward(
             forward[0], missing, preprocessing, num_workers=config.data.resolved_num_workers(),
             progress=config.progress, description=kind, digests=digests, transform=transform,
         )
+        if pooled is None:
+            return outputs
+        below, features = outputs
+        pooled.store(missing, features, digests)
+        return below
 
-    return cache.features(paths, compute)[0]
+    return cache.features(paths, compute)
 
 
 class ViewSampler(torch.utils.data.Sampler[int]):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferkit import activations, engine, models, runs
+from transferkit import engine, models, runs
 from transferkit.audit.run import audit_of_run
 from transferkit.config import TrainConfig, parse_unfreeze
 from transferkit.data.folders import DatasetIndex, discover
@@ -32,9 +32,8 @@ from transferkit.data.exclude import read_exclusions
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import image_loader, resolve_preprocessing
 from transferkit.data.registry import resolve_data_source, source_problems
-from transferkit._io import content_digests
 from transferkit.errors import ConfigError, RunFolderError
-from transferkit.features import FeatureCache, FeatureStats, extract_features
+from transferkit.features import FeatureCache, FeatureStats, cached_pooled_features
 from transferkit.records import PhaseRecord, RunMetrics
 from transferkit.runs import RunFolder
 from transferkit.training.evaluation import PhaseInputs, evaluate_phases
@@ -44,7 +43,7 @@ from transferkit.training.images import FineTuning, ImageClassifier, fit_with_li
 from transferkit.training.phase import class_weights, create_sampler, training_loss
 from transferkit.training.progress import PhaseProgress
 from transferkit.training.activation_inputs import (
-    boundary_activations, boundary_cache_folder, by_split, finetune_boundary, inference_backend, training_loader,
+    boundary_activations, by_split, finetune_boundary, inference_backend, training_loader,
     training_views,
 )
 
@@ -195,15 +194,22 @@ def _train_in(
     # the bottom of the backbone runs once per image.
     unfreeze = parse_unfreeze(config.finetune.unfreeze)
     boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
-    cached = boundary_activations(model, boundary, index, preprocessing, config) if boundary is not None else {}
+    on_features = config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none"
+    feature_cache = (FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
+                     if on_features else None)
+    cached: dict[str, torch.Tensor] = {}
+    computed = 0  # pooled features the activations' pass computed beside them
+    if boundary is not None:
+        cached, activation_stats = boundary_activations(model, boundary, index, preprocessing, config, feature_cache)
+        computed = activation_stats.images - activation_stats.from_cache
     views: list[torch.Tensor] = []  # of the training images (--finetune-views)
     if boundary is not None and not progress.finished("finetune"):
         views = training_views(model, boundary, index, preprocessing, config)
     features: dict[str, torch.Tensor] = {}
     feature_stats: FeatureStats | None = None
     if config.frozen.epochs > 0:
-        if config.feature_cache and config.frozen.augment == "none":
-            features, feature_stats = _pooled_features(model, index, preprocessing, config, boundary, cached)
+        if feature_cache is not None:
+            features, feature_stats = _pooled_features(model, index, preprocessing, config, computed)
             train_split, val_split = (
                 LabelledFeatures(features[split], torch.tensor(index.targets(split))) for split in ("train", "val")
             )
@@ -272,36 +278,17 @@ def _run_phase(name: str, fit: Any, model: nn.Module, progress: PhaseProgress, s
 
 
 def _pooled_features(
-    model: nn.Module, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig,
-    boundary: int | None, cached: dict[str, torch.Tensor],
+    model: nn.Module, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig, computed: int
 ) -> tuple[dict[str, torch.Tensor], FeatureStats]:
-    """Pooled features of every split, from the persistent cache where it has them, else from
-    the ``cached`` activations at ``boundary`` (the top of the backbone on them), else from images.
-    Features from float16 activations are kept apart from those computed from images, so which
-    run filled the cache never changes another's features."""
-    cache = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
-    if boundary is not None:
-        cache.folder = boundary_cache_folder(model, boundary, preprocessing, config, "via")
+    """Pooled features of every split, from the persistent cache where it has them, else from the
+    images. ``computed``: how many of them the activations' pass has just stored there; this run
+    made those, so the stats do not count them as read."""
     paths = [path for items in index.splits.values() for path, _ in items]
-    rows = {path: row for split, items in index.splits.items() for (path, _), row in zip(items, cached.get(split, []))}
-
-    def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
-        if boundary is None:
-            return extract_features(
-                model, missing, preprocessing, backend=inference_backend(config),
-                num_workers=config.data.resolved_num_workers(), progress=config.progress, digests=digests,
-            )
-        digests.update(zip(missing, content_digests(missing)))
-        model.eval()
-        pooled = []
-        with torch.inference_mode():
-            for start in range(0, len(missing), 64):
-                batch = torch.stack([rows[path] for path in missing[start : start + 64]]).float()
-                pooled.append(activations.forward_top(model, batch, boundary, pre_logits=True))
-        return torch.cat(pooled).numpy()
-
-    array, stats = cache.features(paths, compute)
-    return by_split(array, index), stats
+    array, stats = cached_pooled_features(
+        model, paths, preprocessing, config.model.global_pool, inference_backend(config), config.cache_dir,
+        config.data.resolved_num_workers(), config.progress,
+    )
+    return by_split(array, index), dataclasses.replace(stats, from_cache=max(0, stats.from_cache - computed))
 
 
 def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool, write: bool) -> DatasetIndex:
