@@ -57,19 +57,41 @@ def test_one_step_on_cached_activations_has_the_loss_and_gradients_of_the_whole_
     assert boundary is not None
     models.unfreeze_top(model, 2)
     models.set_batchnorm_mode(model, "frozen")
-    images, targets = torch.randn(8, 3, 64, 64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-
-    def loss_and_gradients(logits: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-        model.zero_grad()
-        loss = F.cross_entropy(logits, targets)
-        loss.backward()
-        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    whole = loss_and_gradients(model(images))
+    images = torch.randn(8, 3, 64, 64)
+    whole = loss_and_gradients(model, model(images))
     with torch.no_grad():
         cached = activations.forward_bottom(model, images, boundary).to(dtype)  # what the cache holds
     model.to(memory_format=layout)  # fine-tuning trains channels-last
-    split = loss_and_gradients(activations.forward_top(model, cached.float().contiguous(memory_format=layout), boundary))
+    split = loss_and_gradients(model, activations.forward_top(model, cached.float().contiguous(memory_format=layout), boundary))
+    assert_same_step(split, whole, tolerance)
+
+
+def test_a_step_on_images_channels_last_has_the_loss_and_gradients_of_the_whole_model(tmp_path: Path) -> None:
+    from transferkit.training.images import FineTuning, ImageClassifier
+
+    model = created("test_efficientnet")
+    models.unfreeze_top(model, 2)
+    models.set_batchnorm_mode(model, "frozen")
+    images = torch.randn(8, 3, 64, 64)
+    whole = loss_and_gradients(model, model(images))
+    model.to(memory_format=torch.channels_last)  # as FineTuning.setup leaves it
+    finetuning = FineTuning("finetune", tiny_config(tmp_path, tmp_path).finetune, 2, "frozen")
+    split = loss_and_gradients(model, ImageClassifier(model, torch.nn.CrossEntropyLoss(), finetuning)(images))
+    assert_same_step(split, whole, 1e-5)
+
+
+TARGETS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+
+def loss_and_gradients(model: torch.nn.Module, logits: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = F.cross_entropy(logits, TARGETS)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_step(split: tuple[float, dict[str, torch.Tensor]], whole: tuple[float, dict[str, torch.Tensor]],
+                     tolerance: float) -> None:
     assert split[0] == pytest.approx(whole[0], rel=tolerance)
     assert len(whole[1]) > 2, "the top's blocks and the head all have gradients"
     for name, gradient in whole[1].items():
@@ -120,7 +142,7 @@ def test_finetune_on_activations_trains_and_a_rerun_reads_them_from_the_cache(
         train(image_folder, tiny_config(tmp_path / "second", tiny_weights, **options))
     assert "fine-tuning on images" not in caplog.text
     assert "features: 50 images, 50 from the cache" in caplog.text
-    assert "activations: 50 images, 50 from the cache" in caplog.text
+    assert "activations and features: 50 images, 50 from the cache" in caplog.text
 
     other = train(image_folder, tiny_config(tmp_path / "third", tiny_weights, **{**options, "finetune.unfreeze": "1"}))
     assert other.metrics["val"]["accuracy"] >= 0.8
@@ -136,7 +158,7 @@ def test_the_pass_that_caches_activations_stores_the_backbones_own_features_for_
 
     with caplog.at_level(logging.INFO, logger="transferkit"):
         train(image_folder, tiny_config(tmp_path / "activations", tiny_weights, finetune_on="activations"))
-    assert "activations: 50 images, 0 from the cache" in caplog.text
+    assert "activations and features: 50 images, 0 from the cache" in caplog.text
     assert "features: 50 images, 50 from the cache" in caplog.text, "the activations' pass stored them"
 
     model = models.create_classifier(tiny_config(tmp_path / "x", tiny_weights).model, 2, 64)

@@ -47,7 +47,7 @@ def test_a_second_run_reads_every_feature_from_the_cache_and_trains_identically(
     # fine-tuning phase would see: both runs train identically, epoch for epoch.
     assert val_losses(tmp_path / "first") == val_losses(tmp_path / "second")
     assert len(val_losses(tmp_path / "first")) == 5
-    # On activations, one folder for them and one for the features computed from them.
+    # On activations, the activations' folder beside the backbone's features.
     folders = [folder for folder in feature_cache.iterdir() if folder.is_dir()]
     assert len(folders) == (2 if finetune_on == "auto" else 1)
     assert all(len(list(folder.glob("*.npz"))) == 1 for folder in folders), "nothing new to store the second time"

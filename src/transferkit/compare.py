@@ -22,7 +22,7 @@ Every run gets the same split (the first run's, reused through ``splits_from``),
 budget per phase and early-stopping rule, so differences come from the strategy alone. The runs
 that freeze the same backbone share its features through the persistent feature cache; the
 fine-tune strategy on cached activations (the default) computes them again in the pass that
-computes its activations, and stores them there too.
+computes its activations, and stores them in the backbone's feature cache too.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def _cached_activations(
     if view:
         spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
         folder, transform = folder.with_name(f"{folder.name}-view{view}-{spec}"), AugmentedView(preprocessing, view)
-    kind = f"activations (view {view})" if view else "activations"
+    kind = f"activations (view {view})" if view else "activations and features" if pooled else "activations"
     cache = FeatureCache(folder, np.float16, kind)
     forward: list[Forward] = []
 

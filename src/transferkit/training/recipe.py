@@ -190,16 +190,16 @@ def _train_in(
             progress_bar=config.progress,
         )
 
-    # Decided first: with cached activations, the frozen phase's features come from them and
-    # the bottom of the backbone runs once per image.
+    # Decided first: with cached activations, the pass that computes them also stores the frozen
+    # phase's features, so the bottom of the backbone runs once per image.
     unfreeze = parse_unfreeze(config.finetune.unfreeze)
     boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
-    on_features = config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none"
-    feature_cache = (FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
-                     if on_features else None)
+    head_on_features = config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none"
     cached: dict[str, torch.Tensor] = {}
     computed = 0  # pooled features the activations' pass computed beside them
     if boundary is not None:
+        feature_cache = (FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
+                         if head_on_features else None)
         cached, activation_stats = boundary_activations(model, boundary, index, preprocessing, config, feature_cache)
         computed = activation_stats.images - activation_stats.from_cache
     views: list[torch.Tensor] = []  # of the training images (--finetune-views)
@@ -208,7 +208,7 @@ def _train_in(
     features: dict[str, torch.Tensor] = {}
     feature_stats: FeatureStats | None = None
     if config.frozen.epochs > 0:
-        if feature_cache is not None:
+        if head_on_features:
             features, feature_stats = _pooled_features(model, index, preprocessing, config, computed)
             train_split, val_split = (
                 LabelledFeatures(features[split], torch.tensor(index.targets(split))) for split in ("train", "val")
