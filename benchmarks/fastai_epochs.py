@@ -1,8 +1,9 @@
 """fastai's ``fine_tune`` at a scale where a whole run takes hours on 2 cores: each phase's epoch
-time, projected from a measured fraction of one epoch, beside transferkit's whole ``train
---finetune-on auto`` on the same data (its ``activations`` row in finetune_inputs.json).
+time, projected from a measured fraction of one epoch, beside transferkit's whole default
+``train`` on the same data (its ``activations-4`` row in finetune_inputs.json, the default recipe).
 
     python benchmarks/fastai_epochs.py --peer-python /tmp/peers/bin/python [--dataset cifar10] [--fraction 0.02]
+    python benchmarks/fastai_epochs.py --from-json   # the table again, from the stored measurement
 
 fastai runs as in peers.py (``vision_learner(dls, "tf_efficientnet_lite0")``, the embedded
 weights loaded into its body, ``Resize(224)``, batch 64), trains on ``DATA/train`` and validates
@@ -12,8 +13,8 @@ training and validation batches through fastai's ``ShortEpochCallback``, and a c
 the end of every batch. An epoch is projected as the time to the first batch (worker start-up,
 counted once) plus the median time between batches after it times the batches left, for
 training and validation each: scaling the whole short epoch up would multiply the start-up too.
-``fine_tune(2)`` is one frozen epoch and two unfrozen ones, the shape of transferkit's default
-(a head phase, then 2 fine-tuning epochs).
+``fine_tune(N)`` is one frozen epoch and N unfrozen ones; N is transferkit's fine-tuning epochs in
+the row beside it (a head phase, then N fine-tuning epochs).
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ from datetime import date
 from pathlib import Path
 
 from _results import write_section
+from finetune_inputs import VARIANTS
 from peers import fastai_learner, run_child
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "fastai_epochs.json"
+OURS, SEED = "activations-4", 42
+"""finetune_inputs.py's variant that is transferkit's default recipe, and the seed of its row here."""
 
 
 def measure(data: Path, fraction: float) -> dict[str, float]:
@@ -75,9 +79,11 @@ def measure(data: Path, fraction: float) -> dict[str, float]:
 
 
 def table(row: dict, ours: dict | None) -> str:
-    projected = row["setup_seconds"] + row["frozen_epoch_seconds"] + 2 * row["unfrozen_epoch_seconds"]
+    options = VARIANTS[OURS]
+    epochs = int(options[options.index("--finetune-epochs") + 1])
+    projected = row["setup_seconds"] + row["frozen_epoch_seconds"] + epochs * row["unfrozen_epoch_seconds"]
     lines = [
-        f"Measured {row['date']} on {platform.machine()} with {subprocess.getoutput('nproc')} cores "
+        f"fastai measured {row['date']} on {row['machine']} with {row['cores']} cores "
         f"(`python benchmarks/fastai_epochs.py`): fastai's epochs projected from the batches of {row['fraction']:.0%} of each, "
         f"{row['train_images']:,} training images, validation on the {row['test_images']:,} test images.",
         "",
@@ -87,12 +93,13 @@ def table(row: dict, ours: dict | None) -> str:
     ]
     if ours:
         lines.append(
-            f"| {row['dataset']} | transferkit `train --finetune-on auto` (cold caches, seed {ours['seed']}) | | | "
+            f"| {row['dataset']} | transferkit `train`, its defaults ({epochs} fine-tuning epochs on cached "
+            f"activations; cold caches, seed {ours['seed']}, {ours['date']}) | | | "
             f"{ours['cold_seconds'] / 60:.1f} measured | {ours['test_accuracy']:.4f} | {ours['peak_mib']} | 1.0x |"
         )
     ratio = f"{projected / ours['cold_seconds']:.1f}x" if ours else ""
     lines.append(
-        f"| {row['dataset']} | fastai `fine_tune(2)` | {row['frozen_epoch_seconds'] / 60:.1f} | "
+        f"| {row['dataset']} | fastai `fine_tune({epochs})` | {row['frozen_epoch_seconds'] / 60:.1f} | "
         f"{row['unfrozen_epoch_seconds'] / 60:.1f} | {projected / 60:.1f} projected | not measured | "
         f"{row['peak_mib']:.0f} | {ratio} |"
     )
@@ -105,23 +112,28 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.02)
     parser.add_argument("--mirror", default=str(HERE.parents[1] / "shared" / "datasets"))
     parser.add_argument("--peer-python", default=sys.executable, help="interpreter with fastai installed")
+    parser.add_argument("--from-json", action="store_true", help="rebuild the table from the stored measurement")
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     data = Path(args.mirror) / args.dataset
     if args.child_output:  # the measuring process, in the peer interpreter
         Path(args.child_output).write_text(json.dumps(measure(data, args.fraction)))
         return
-    output = HERE / "fastai_epochs.child.json"
-    usage = run_child([args.peer_python, __file__, "--dataset", args.dataset, "--fraction", str(args.fraction),
-                       "--mirror", args.mirror, "--child-output", str(output)])
-    row = {**json.loads(output.read_text()), "dataset": args.dataset, "fraction": args.fraction,
-           "peak_mib": usage["peak_mib"], "date": str(date.today())}
-    output.unlink()
-    RAW.write_text(json.dumps(row, indent=1) + "\n")
+    if args.from_json:
+        row = json.loads(RAW.read_text())
+    else:
+        output = HERE / "fastai_epochs.child.json"
+        usage = run_child([args.peer_python, __file__, "--dataset", args.dataset, "--fraction", str(args.fraction),
+                           "--mirror", args.mirror, "--child-output", str(output)])
+        row = {**json.loads(output.read_text()), "dataset": args.dataset, "fraction": args.fraction,
+               "peak_mib": usage["peak_mib"], "date": str(date.today()), "machine": platform.machine(),
+               "cores": subprocess.getoutput("nproc")}
+        output.unlink()
+        RAW.write_text(json.dumps(row, indent=1) + "\n")
     inputs = HERE / "finetune_inputs.json"
-    ours = next((r for r in json.loads(inputs.read_text()) if r["dataset"] == args.dataset
-                 and r["variant"] == "activations"), None) if inputs.exists() else None
-    write_section("fastai_epochs", f"At scale: {args.dataset} against fastai's epochs", table(row, ours))
+    ours = next((r for r in json.loads(inputs.read_text()) if (r["dataset"], r["variant"], r["seed"])
+                 == (row["dataset"], OURS, SEED)), None) if inputs.exists() else None  # one row per key
+    write_section("fastai_epochs", f"At scale: {row['dataset']} against fastai's epochs", table(row, ours))
     print(table(row, ours))
 
 
