@@ -9,6 +9,8 @@ empty caches (cold), then the same command again into another folder with the ca
 peak memory is the cold command's largest resident set. Every variant names its fine-tuning
 epochs, so a row keeps its meaning when the defaults move. Variants:
 - images: augmented images through the whole backbone each epoch, 2 epochs (patience 2);
+- images-4: the same with 4 epochs (patience 4): what the default recipe does where activations
+  cannot be cached (every block unfrozen, a family without a layer sequence, over the budget);
 - activations: the unfrozen top on cached activations, mirrored at random (`--finetune-augment
   light`), 2 epochs (patience 2);
 - activations-strong: also shifted by up to one cell (`--finetune-augment strong`);
@@ -44,6 +46,7 @@ RAW = HERE / "finetune_inputs.json"
 TWO_EPOCHS = ["--finetune-epochs", "2", "--finetune-patience", "2"]
 VARIANTS = {
     "images": ["--finetune-on", "images", *TWO_EPOCHS],
+    "images-4": ["--finetune-on", "images", "--finetune-epochs", "4", "--finetune-patience", "4"],
     "activations": ["--finetune-on", "activations", *TWO_EPOCHS],
     "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong", *TWO_EPOCHS],
     "activations-4": ["--finetune-on", "activations", "--finetune-epochs", "4", "--finetune-patience", "4"],
