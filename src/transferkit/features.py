@@ -185,7 +185,9 @@ class FeatureCache:
             return
         _, first = np.unique(digests, axis=0, return_index=True)
         keep = np.sort(first)
-        if self._write(digests[keep], features[keep]):
+        if len(keep) < len(digests):  # a copy of every row only where some are twice
+            digests, features = digests[keep], features[keep]
+        if self._write(digests, features):
             for shard, _, _ in shards:
                 try:
                     shard.unlink(missing_ok=True)
