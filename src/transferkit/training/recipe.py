@@ -196,12 +196,11 @@ def _train_in(
     boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
     head_on_features = config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none"
     cached: dict[str, torch.Tensor] = {}
-    computed = 0  # pooled features the activations' pass computed beside them
+    activation_stats: FeatureStats | None = None
     if boundary is not None:
         feature_cache = (FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
                          if head_on_features else None)
         cached, activation_stats = boundary_activations(model, boundary, index, preprocessing, config, feature_cache)
-        computed = activation_stats.images - activation_stats.from_cache
     views: list[torch.Tensor] = []  # of the training images (--finetune-views)
     if boundary is not None and not progress.finished("finetune"):
         views = training_views(model, boundary, index, preprocessing, config)
@@ -209,7 +208,7 @@ def _train_in(
     feature_stats: FeatureStats | None = None
     if config.frozen.epochs > 0:
         if head_on_features:
-            features, feature_stats = _pooled_features(model, index, preprocessing, config, computed)
+            features, feature_stats = _pooled_features(model, index, preprocessing, config, activation_stats)
             train_split, val_split = (
                 LabelledFeatures(features[split], torch.tensor(index.targets(split))) for split in ("train", "val")
             )
@@ -278,17 +277,22 @@ def _run_phase(name: str, fit: Any, model: nn.Module, progress: PhaseProgress, s
 
 
 def _pooled_features(
-    model: nn.Module, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig, computed: int
+    model: nn.Module, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig,
+    activation_stats: FeatureStats | None,
 ) -> tuple[dict[str, torch.Tensor], FeatureStats]:
     """Pooled features of every split, from the persistent cache where it has them, else from the
-    images. ``computed``: how many of them the activations' pass has just stored there; this run
-    made those, so the stats do not count them as read."""
+    images. Those the activations' pass has just computed and stored there (``activation_stats``)
+    count as this run's work: not read from the cache, and the pass's seconds spent on them."""
     paths = [path for items in index.splits.values() for path, _ in items]
     array, stats = cached_pooled_features(
         model, paths, preprocessing, config.model.global_pool, inference_backend(config), config.cache_dir,
         config.data.resolved_num_workers(), config.progress,
     )
-    return by_split(array, index), dataclasses.replace(stats, from_cache=max(0, stats.from_cache - computed))
+    if activation_stats is not None and activation_stats.images > activation_stats.from_cache:
+        computed = activation_stats.images - activation_stats.from_cache
+        stats = dataclasses.replace(stats, from_cache=max(0, stats.from_cache - computed),
+                                    seconds=stats.seconds + activation_stats.seconds)
+    return by_split(array, index), stats
 
 
 def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool, write: bool) -> DatasetIndex:
