@@ -288,9 +288,12 @@ def _pooled_features(
         model, paths, preprocessing, config.model.global_pool, inference_backend(config), config.cache_dir,
         config.data.resolved_num_workers(), config.progress,
     )
-    if activation_stats is not None and activation_stats.images > activation_stats.from_cache:
-        computed = activation_stats.images - activation_stats.from_cache
-        stats = dataclasses.replace(stats, from_cache=max(0, stats.from_cache - computed),
+    computed = activation_stats.images - activation_stats.from_cache if activation_stats else 0
+    # Fewer are read than the pass computed where the cache could not keep them (read-only, full):
+    # those were computed again from the images, and that pass already counts itself.
+    reused = min(computed, stats.from_cache)
+    if activation_stats is not None and reused:
+        stats = dataclasses.replace(stats, from_cache=stats.from_cache - reused,
                                     seconds=stats.seconds + activation_stats.seconds)
     return by_split(array, index), stats
 
