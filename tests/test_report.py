@@ -98,6 +98,20 @@ def test_figures_are_redrawn_from_the_run_folder_alone(trained_run: Path, tmp_pa
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
+def test_a_matplotlibrc_asking_for_another_layout_changes_no_figure(trained_run: Path, tmp_path: Path) -> None:
+    import matplotlib
+
+    run = read_run(trained_run)
+    write_figures(run, tmp_path / "default")
+    with matplotlib.rc_context({"figure.autolayout": True}):
+        write_figures(run, tmp_path / "autolayout")
+    names = sorted(path.name for path in (tmp_path / "default").iterdir())
+    assert names == sorted(path.name for path in (tmp_path / "autolayout").iterdir())
+    for name in names:
+        with Image.open(tmp_path / "default" / name) as default, Image.open(tmp_path / "autolayout" / name) as other:
+            assert np.array_equal(np.asarray(default), np.asarray(other)), f"{name} is drawn differently"
+
+
 def test_the_report_renders_in_a_real_browser_with_every_image_decoded(trained_run: Path, tmp_path: Path) -> None:
     rendered = render_in_chromium((trained_run / "report.html").read_text(encoding="utf-8"), tmp_path)
     assert rendered["decoded"] == rendered["images"] == len(expected_figures(trained_run))

@@ -189,6 +189,10 @@ def plot_image_grid(rows: list[dict[str, Any]], title: str, pictures: list[np.nd
                                 constrained_layout=True)
     for axis in axes.flat:
         axis.axis("off")
+        # Without ticks of its own, matplotlib creates a set for every picture when it places the
+        # titles (about 0.1 s a grid); none is ever drawn.
+        axis.set_xticks([])
+        axis.set_yticks([])
     for n, (axis, row) in enumerate(zip(axes.flat, rows)):
         try:
             picture = pictures[n] if pictures is not None else None
@@ -202,8 +206,6 @@ def plot_image_grid(rows: list[dict[str, Any]], title: str, pictures: list[np.nd
         )
         if wrong:
             axis.axis("on")
-            axis.set_xticks([])
-            axis.set_yticks([])
             for spine in axis.spines.values():
                 spine.set_edgecolor(WRONG)
                 spine.set_linewidth(3)

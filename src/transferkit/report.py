@@ -119,6 +119,7 @@ def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path
         path = folder / f"{name}.{'jpg' if photos else 'png'}"
         options = {"format": "jpeg", "pil_kwargs": {"quality": JPEG_QUALITY}} if photos else {"format": "png"}
         with literal_text():  # tick labels are laid out again when drawn
+            _lay_out_once(figure)
             atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, **options))
         if photos:  # a folder drawn before grids were JPEG keeps no stale PNG of the grid
             path.with_suffix(".png").unlink(missing_ok=True)
@@ -134,6 +135,20 @@ def most_confused_rows(run: RunSummary, count: int = GRID_IMAGES) -> list[dict[s
         found = [r for r in run.predictions if (r["label"], r["predicted"]) == (pair["label"], pair["predicted"])]
         rows += sorted(found, key=lambda r: -float(r["confidence"]))
     return rows[:count]
+
+
+def _lay_out_once(figure: Any) -> None:
+    """Place the axes now, at the saved resolution, and keep them there. With its layout engine
+    still set, ``savefig`` draws the whole figure twice, once only to lay it out, and a grid's
+    sixteen pictures are resampled each time; the file comes out the same."""
+    figure.set_dpi(FIGURE_DPI)
+    engine = figure.get_layout_engine()
+    if engine is not None:
+        engine.execute(figure)
+        # None alone installs whatever engine a matplotlibrc asks for (``figure.autolayout``),
+        # which would lay the figure out again, or refuse to, next to a colorbar.
+        with _pyplot().rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+            figure.set_layout_engine(None)
 
 
 def _heatmap_builders(run: RunSummary) -> dict[str, Callable[[], Any]]:
