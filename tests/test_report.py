@@ -97,7 +97,6 @@ def test_figures_are_redrawn_from_the_run_folder_alone(trained_run: Path, tmp_pa
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {p.name for p in written.values()}
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
 def test_a_matplotlibrc_asking_for_another_layout_changes_no_figure(trained_run: Path, tmp_path: Path) -> None:
     import matplotlib
 
@@ -112,6 +111,7 @@ def test_a_matplotlibrc_asking_for_another_layout_changes_no_figure(trained_run:
             assert np.array_equal(np.asarray(default), np.asarray(other)), f"{name} is drawn differently"
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
 def test_the_report_renders_in_a_real_browser_with_every_image_decoded(trained_run: Path, tmp_path: Path) -> None:
     rendered = render_in_chromium((trained_run / "report.html").read_text(encoding="utf-8"), tmp_path)
     assert rendered["decoded"] == rendered["images"] == len(expected_figures(trained_run))

@@ -189,8 +189,8 @@ def plot_image_grid(rows: list[dict[str, Any]], title: str, pictures: list[np.nd
                                 constrained_layout=True)
     for axis in axes.flat:
         axis.axis("off")
-        # Without ticks of its own, matplotlib creates a set for every picture when it places the
-        # titles (about 0.1 s a grid); none is ever drawn.
+        # Without ticks of its own, every picture gets a set built when matplotlib places the
+        # titles, though none is ever drawn.
         axis.set_xticks([])
         axis.set_yticks([])
     for n, (axis, row) in enumerate(zip(axes.flat, rows)):
