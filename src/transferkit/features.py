@@ -249,7 +249,7 @@ class FeatureCache:
             if digest not in known:
                 missing.setdefault(digest, path)
         # Rows go straight into the result as they are read or computed, so no two copies of them
-        # are ever alive at once: for cifar10's activations, 1.4 GiB less at the end of the pass.
+        # are ever alive at once (stacking them at the end copied 1.37 GiB of cifar10's activations).
         at_digest: dict[bytes, list[int]] = {}
         at_path: dict[str, list[int]] = {}
         for position, (path, digest) in enumerate(zip(paths, digests)):
