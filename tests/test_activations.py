@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,6 +68,14 @@ def test_one_step_on_cached_activations_has_the_loss_and_gradients_of_the_whole_
 
 
 def test_a_step_on_images_channels_last_has_the_loss_and_gradients_of_the_whole_model(tmp_path: Path) -> None:
+    module, images, whole = classifier_and_whole_step(tmp_path)
+    module.model.to(memory_format=torch.channels_last)  # as FineTuning.setup leaves it
+    assert_same_step(loss_and_gradients(module.model, module(images)), whole, 1e-5)
+
+
+def classifier_and_whole_step(tmp_path: Path) -> tuple[Any, torch.Tensor, tuple[float, dict[str, torch.Tensor]]]:
+    """A fine-tuning module whose top two blocks train, a batch of images, and the loss and
+    gradients of one step through the plain model in float32."""
     from transferkit.training.images import FineTuning, ImageClassifier
 
     model = created("test_efficientnet")
@@ -74,10 +83,8 @@ def test_a_step_on_images_channels_last_has_the_loss_and_gradients_of_the_whole_
     models.set_batchnorm_mode(model, "frozen")
     images = torch.randn(8, 3, 64, 64)
     whole = loss_and_gradients(model, model(images))
-    model.to(memory_format=torch.channels_last)  # as FineTuning.setup leaves it
     finetuning = FineTuning("finetune", tiny_config(tmp_path, tmp_path).finetune, 2, "frozen")
-    split = loss_and_gradients(model, ImageClassifier(model, torch.nn.CrossEntropyLoss(), finetuning)(images))
-    assert_same_step(split, whole, 1e-5)
+    return ImageClassifier(model, torch.nn.CrossEntropyLoss(), finetuning), images, whole
 
 
 TARGETS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])

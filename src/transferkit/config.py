@@ -226,9 +226,8 @@ class TrainConfig:
     devices: str = field(default="auto", metadata=_help("Lightning devices: auto, a count or a list"))
     num_nodes: int = field(default=1, metadata=_help("machines for multi-node training"))
     strategy: str = field(default="auto", metadata=_help("Lightning strategy: auto, ddp, ..."))
-    precision: str = field(
-        default="32-true", metadata=_help("Lightning precision: 32-true, bf16-mixed, 16-mixed")
-    )
+    precision: str = field(default="auto", metadata=_help(
+        "Lightning precision: auto (bf16-mixed on a CPU with AMX, else 32-true), 32-true, bf16-mixed, 16-mixed"))
     calibrate: bool = field(default=True, metadata=_help("fit a temperature on val so confidence matches accuracy"))
     unknown_score: str = field(default="knn", metadata=_help(
         "how unlike the training images an image is, to answer unknown: knn (features against the "

@@ -28,7 +28,7 @@ def parse_devices(devices: str) -> int | list[int] | str:
 def lightning_option_problems(accelerator: str, strategy: str, precision: str) -> list[str]:
     """A problem for each name Lightning does not know, with the closest ones; Lightning is
     imported only to check a value that is not the default."""
-    if (accelerator, strategy, precision) == ("auto", "auto", "32-true"):
+    if (accelerator, strategy, precision) == ("auto", "auto", "auto"):
         return []
     from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
     from lightning.pytorch.accelerators import AcceleratorRegistry
@@ -37,7 +37,7 @@ def lightning_option_problems(accelerator: str, strategy: str, precision: str) -
     choices = {
         "accelerator": ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())],
         "strategy": ["auto", *StrategyRegistry.available_strategies()],
-        "precision": [*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)],
+        "precision": ["auto", *typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)],
     }
     found = []
     values = {"accelerator": accelerator, "strategy": strategy, "precision": precision}
@@ -53,20 +53,29 @@ def trainer_options(
     accelerator: str, devices: str, num_nodes: int, strategy: str, precision: str
 ) -> dict[str, typing.Any]:
     """``L.Trainer``'s keyword arguments for these choices, once Lightning has judged them on
-    this machine (``--accelerator gpu`` where no GPU is visible), before the data scan."""
+    this machine (``--accelerator gpu`` where no GPU is visible), before the data scan.
+
+    Precision 'auto' is 'bf16-mixed' where training runs on a CPU with AMX (see
+    ``training.precision``), else '32-true'; on GPUs it stays '32-true', as nothing measured
+    says otherwise yet."""
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from transferkit.training.precision import cpu_computes_bf16
 
     options = {
         "accelerator": accelerator, "devices": parse_devices(devices), "num_nodes": num_nodes,
-        "strategy": strategy, "precision": precision,
+        "strategy": strategy, "precision": "32-true" if precision == "auto" else precision,
     }
     try:
-        L.Trainer(**options, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False)
+        trainer = L.Trainer(**options, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
     except MisconfigurationException as error:
         raise ConfigError([f"--accelerator {accelerator} --devices {devices} --strategy "
                            f"{strategy} --precision {precision}: {error}"]) from None
+    if precision == "auto" and isinstance(trainer.accelerator, CPUAccelerator) and cpu_computes_bf16():
+        options["precision"] = "bf16-mixed"
     return options
 
 

@@ -27,6 +27,7 @@ from transferkit.errors import Interrupted
 from transferkit.records import EpochRecord, PhaseRecord
 from transferkit.runs import RunFolder
 from transferkit.training.phase import Schedule, log_trainable, record_epoch, set_learning_rates
+from transferkit.training.precision import DepthwiseInFloat32
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,8 @@ def fit_with_lightning(
     history = History(folder, name)
     trainer = L.Trainer(
         max_epochs=phase.epochs,
-        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=phase.patience), history],
+        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=phase.patience), history,
+                   DepthwiseInFloat32()],
         logger=False, enable_model_summary=False, enable_progress_bar=progress_bar, num_sanity_val_steps=0,
         log_every_n_steps=1, default_root_dir=folder.root, plugins=[SafeCheckpointIO()], **trainer_options,
     )
@@ -257,4 +259,5 @@ def fit_with_lightning(
         best_epoch=None if diverged or best is None else best.epoch,
         epochs=epochs, trainable_parameters=module.finetuning.parameters[0],
         total_parameters=module.finetuning.parameters[1], fit_seconds=round(time.perf_counter() - started, 3),
+        precision=str(trainer.precision),
     )
