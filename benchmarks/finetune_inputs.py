@@ -15,7 +15,9 @@ epochs, so a row keeps its meaning when the defaults move. Variants:
   light`), 2 epochs (patience 2);
 - activations-strong: also shifted by up to one cell (`--finetune-augment strong`);
 - activations-4: `activations` with 4 fine-tuning epochs (patience 4), the default recipe since
-  2026-11-30;
+  2026-11-30, in float32 (`--precision 32-true`, the default until 2026-11-30);
+- activations-4-bf16: the same in bf16 mixed precision (`--precision bf16-mixed`), what the
+  default `--precision auto` chooses on a CPU with AMX;
 - activations-views2: `activations` with two cached augmented views of each training image
   (`--finetune-views 2`: epoch e reads view e mod 3, so 2 epochs read the plain activations,
   then view 1);
@@ -44,15 +46,18 @@ from _results import write_section
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "finetune_inputs.json"
 TWO_EPOCHS = ["--finetune-epochs", "2", "--finetune-patience", "2"]
+FOUR_EPOCHS = ["--finetune-epochs", "4", "--finetune-patience", "4"]
+# Every variant but the one named bf16 trains in float32, as all did before --precision auto.
+FLOAT32 = ["--precision", "32-true"]
 VARIANTS = {
-    "images": ["--finetune-on", "images", *TWO_EPOCHS],
-    "images-4": ["--finetune-on", "images", "--finetune-epochs", "4", "--finetune-patience", "4"],
-    "activations": ["--finetune-on", "activations", *TWO_EPOCHS],
-    "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong", *TWO_EPOCHS],
-    "activations-4": ["--finetune-on", "activations", "--finetune-epochs", "4", "--finetune-patience", "4"],
-    "activations-views2": ["--finetune-on", "activations", "--finetune-views", "2", *TWO_EPOCHS],
-    "activations-views2-4": ["--finetune-on", "activations", "--finetune-views", "2", "--finetune-epochs", "4",
-                             "--finetune-patience", "4"],
+    "images": ["--finetune-on", "images", *TWO_EPOCHS, *FLOAT32],
+    "images-4": ["--finetune-on", "images", *FOUR_EPOCHS, *FLOAT32],
+    "activations": ["--finetune-on", "activations", *TWO_EPOCHS, *FLOAT32],
+    "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong", *TWO_EPOCHS, *FLOAT32],
+    "activations-4": ["--finetune-on", "activations", *FOUR_EPOCHS, *FLOAT32],
+    "activations-4-bf16": ["--finetune-on", "activations", *FOUR_EPOCHS, "--precision", "bf16-mixed"],
+    "activations-views2": ["--finetune-on", "activations", "--finetune-views", "2", *TWO_EPOCHS, *FLOAT32],
+    "activations-views2-4": ["--finetune-on", "activations", "--finetune-views", "2", *FOUR_EPOCHS, *FLOAT32],
 }
 
 
