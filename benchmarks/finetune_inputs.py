@@ -9,7 +9,9 @@ empty caches (cold), then the same command again into another folder with the ca
 peak memory is the cold command's largest resident set. Every variant names its fine-tuning
 epochs, so a row keeps its meaning when the defaults move. Variants:
 - images: augmented images through the whole backbone each epoch, 2 epochs (patience 2);
-- images-4: the same with 4 epochs (patience 4): what the default recipe does where activations
+- images-bf16: `images` in bf16 mixed precision (`--precision bf16-mixed`), what `--precision
+  auto` chooses on a CPU with AMX;
+- images-4: `images` with 4 epochs (patience 4): what the default recipe does where activations
   cannot be cached (every block unfrozen, a family without a layer sequence, over the budget);
 - activations: the unfrozen top on cached activations, mirrored at random (`--finetune-augment
   light`), 2 epochs (patience 2);
@@ -47,10 +49,11 @@ HERE = Path(__file__).resolve().parent
 RAW = HERE / "finetune_inputs.json"
 TWO_EPOCHS = ["--finetune-epochs", "2", "--finetune-patience", "2"]
 FOUR_EPOCHS = ["--finetune-epochs", "4", "--finetune-patience", "4"]
-# Every variant but the one named bf16 trains in float32, as all did before --precision auto.
+# Every variant but those named bf16 trains in float32, as all did before --precision auto.
 FLOAT32 = ["--precision", "32-true"]
 VARIANTS = {
     "images": ["--finetune-on", "images", *TWO_EPOCHS, *FLOAT32],
+    "images-bf16": ["--finetune-on", "images", *TWO_EPOCHS, "--precision", "bf16-mixed"],
     "images-4": ["--finetune-on", "images", *FOUR_EPOCHS, *FLOAT32],
     "activations": ["--finetune-on", "activations", *TWO_EPOCHS, *FLOAT32],
     "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong", *TWO_EPOCHS, *FLOAT32],
