@@ -4,6 +4,7 @@ back as it was."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,11 @@ def test_a_run_records_the_precision_each_phase_trained_in(image_folder: Path, t
     assert recorded["precision"] == "auto", "a resume on another machine chooses for that machine"
 
 
-def test_a_bf16_fit_on_the_cpu_runs_depthwise_convolutions_in_float32_and_hands_the_model_back(tmp_path: Path) -> None:
-    model = created("test_efficientnet")
-    finetuning = FineTuning("finetune", tiny_config(tmp_path, tmp_path).finetune, 2, "frozen")
+def test_a_bf16_fit_on_the_cpu_runs_trained_depthwise_convolutions_in_float32_and_hands_the_model_back(
+    tmp_path: Path,
+) -> None:
+    model = created("test_efficientnet")  # its two depthwise convolutions are in its top two blocks
+    finetuning = FineTuning("finetune", tiny_config(tmp_path, tmp_path).finetune, 1, "frozen")
     module = ImageClassifier(model, nn.CrossEntropyLoss(), finetuning)
     batches = DataLoader(TensorDataset(torch.randn(8, 3, 64, 64), TARGETS), batch_size=4)
     dtypes = convolution_dtypes(model)
@@ -57,8 +60,10 @@ def test_a_bf16_fit_on_the_cpu_runs_depthwise_convolutions_in_float32_and_hands_
 
     fit_with_lightning(module, batches, batches, folder=folder, name="finetune", resume_from=None,
                        trainer_options=options, progress_bar=False)
-    assert dtypes["depthwise"] == {torch.float32}
-    assert dtypes["pointwise"] == {torch.bfloat16}, "the rest ran in bf16"
+    assert dtypes["trained depthwise, training"] == {torch.float32}, "its backward is slow in bf16"
+    assert dtypes["trained depthwise, validation"] == {torch.bfloat16}, "its forward is not"
+    assert dtypes["frozen depthwise, training"] == {torch.bfloat16}, "no backward runs through the frozen bottom"
+    assert dtypes["pointwise, training"] == {torch.bfloat16}
     assert not any("forward" in vars(m) for m in model.modules()), "the model is handed back as it was"
 
     def failing() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,13 +88,22 @@ class IterableLoader:
 
 
 def convolution_dtypes(model: nn.Module) -> dict[str, set[torch.dtype]]:
-    """The output dtypes each kind of convolution of ``model`` gives from now on."""
-    seen: dict[str, set[torch.dtype]] = {"depthwise": set(), "pointwise": set()}
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            kind = "depthwise" if module.groups == module.in_channels > 1 else "pointwise" if module.groups == 1 else None
-            if kind:
-                module.register_forward_hook(lambda _, __, out, kind=kind: seen[kind].add(out.dtype))
+    """The output dtypes each kind of convolution of ``model`` gives from now on, in training
+    steps and in validation."""
+    seen: dict[str, set[torch.dtype]] = defaultdict(set)
+
+    def record(conv: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if conv.groups == 1:
+            kind = "pointwise"
+        elif conv.groups == conv.in_channels:
+            kind = f"{'trained' if conv.weight.requires_grad else 'frozen'} depthwise"
+        else:
+            return
+        seen[f"{kind}, {'training' if torch.is_grad_enabled() else 'validation'}"].add(output.dtype)
+
+    for conv in model.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.register_forward_hook(record)
     return seen
 
 
