@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class DepthwiseInFloat32(L.Callback):
-    """Runs a depthwise convolution in float32 where its backward will run (its weight or its
-    input needs a gradient) while a fit on the CPU is in bf16 mixed precision; the model is
+    """Runs a depthwise convolution in float32 where its backward will run (a parameter of its
+    own or its input needs a gradient) while a fit on the CPU is in bf16 mixed precision; the model is
     handed back as it was found when the fit ends, or fails."""
 
     def __init__(self) -> None:
@@ -63,7 +63,8 @@ class _Float32Forward:
         self.forward = conv.forward
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad)):
+        trains = any(p.requires_grad for p in self.conv.parameters(recurse=False))
+        if not (torch.is_grad_enabled() and (x.requires_grad or trains)):
             return self.forward(x, *args, **kwargs)
         with torch.autocast("cpu", enabled=False):
             return self.forward(x.float(), *args, **kwargs)
