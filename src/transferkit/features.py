@@ -253,15 +253,16 @@ class FeatureCache:
         at_digest: dict[bytes, list[int]] = {}
         for position, digest in enumerate(digests):
             at_digest.setdefault(digest, []).append(position)
-        result: list[np.ndarray] = []
+        result: np.ndarray | None = None
 
         def at_path(path: str) -> list[int]:  # only for files rewritten during the pass: rare
             return [position for position, other in enumerate(paths) if other == path]
 
         def place(positions: list[int], row: np.ndarray) -> None:
-            if not result:
-                result.append(np.empty((len(paths), *np.shape(row)), self.dtype))
-            result[0][positions] = row
+            nonlocal result
+            if result is None:
+                result = np.empty((len(paths), *np.shape(row)), self.dtype)
+            result[positions] = row
 
         for digest, row in known.items():
             place(at_digest[digest], row)
@@ -277,12 +278,14 @@ class FeatureCache:
                 else:
                     changed.add(digest)
                     place(at_path(path), computed[path])
+            if not changed:
+                continue
             # Files that shared a rewritten file's old content each get their own row.
             again = [path for path, digest in zip(paths, digests) if digest in changed and path not in computed]
             if again:
                 for path, row in self._compute(again, compute)[0].items():
                     place(at_path(path), row)
-        features = result[0] if result else np.zeros((0, 0), self.dtype)
+        features = result if result is not None else np.zeros((0, 0), self.dtype)
         stats = FeatureStats(images=len(paths), from_cache=hits, seconds=time.perf_counter() - started)
         log.info("%s: %d images, %d from the cache (%s), %.1f s", self.kind, len(paths), hits, self.folder, stats.seconds)
         return features, stats
