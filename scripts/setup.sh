@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip --version >/dev/null
+# pip's output minus the root warning, keeping pip's own exit status so a failed install stops here.
+quiet_pip() {
+    python3 -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Running pip as" || true; }
+}
 # torch 2.14.1 with torchvision 0.29.1 is the pair this machine's index serves (and pip's cap).
-python3 -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Running pip as" || true
-python3 -m pip install -q --no-build-isolation -e ".[test]" 2>&1 | grep -v "^WARNING: Running pip as" || true
+quiet_pip "torch==2.14.1" "torchvision==0.29.1"
+# The install below builds without isolation (no download of a build environment), so the
+# installed setuptools must read pyproject.toml's SPDX license string: 68 or newer. A no-op
+# where it already is.
+quiet_pip "setuptools>=68"
+quiet_pip --no-build-isolation -e ".[test]"
