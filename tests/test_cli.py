@@ -139,10 +139,18 @@ def test_non_finite_and_out_of_range_numbers_are_all_refused_at_once_before_any_
     ]
     assert not (tmp_path / "run").exists(), "checked before the data scan"
 
-    # Valid names, impossible here: Lightning's own judgement, still before the data scan.
-    code = main(["train", str(data), "--output", str(tmp_path / "run"), "--accelerator", "gpu"])
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(errors) == 1 and "--accelerator gpu" in errors[0] and "No supported gpu backend" in errors[0]
+    # Valid names, impossible here, with or without a GPU: Lightning's own judgement, still
+    # before the data scan, as one line naming the option and what is missing.
+    for options, reason in [
+        (["--accelerator", "tpu"], "torch_xla"),
+        (["--precision", "transformer-engine"], "transformer_engine"),
+        (["--accelerator", "cpu", "--strategy", "fsdp"], "requires a GPU accelerator"),
+    ]:
+        code = main(["train", str(data), "--output", str(tmp_path / "run"), *options])
+        errors = capsys.readouterr().err.strip().splitlines()
+        named = [" ".join(options[i:i + 2]) for i in range(0, len(options), 2)]
+        assert code == 2 and len(errors) == 1 and reason in errors[0], errors
+        assert all(option in errors[0] for option in named), errors
     assert not (tmp_path / "run").exists()
 
 
