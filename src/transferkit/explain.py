@@ -110,9 +110,11 @@ def target_layer(model: nn.Module, input_size: tuple[int, ...]) -> tuple[str, Ca
     probe = _hooked_classifier(model)
     seen: list[torch.Tensor] = []
     handle = probe.get_submodule(name).register_forward_hook(lambda _m, _i, output: seen.append(output))
+    # A GPU server's predictor has moved the model there.
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            probe.eval()(torch.zeros(1, *input_size))
+            probe.eval()(torch.zeros(1, *input_size, device=device))
     finally:
         handle.remove()
     shape = tuple(seen[0].shape)
@@ -191,7 +193,7 @@ class Explainer:
         with self._cam_class(hooked, [hooked.get_submodule(self.layer)], reshape_transform=self.reshape) as cam:
             heatmaps = cam(images, targets=chosen)
             # The calibrated probability, as predict prints it beside the overlay.
-            probabilities = torch.softmax(cam.outputs.detach().float() / self.predictor.temperature, dim=1).numpy()
+            probabilities = torch.softmax(cam.outputs.detach().float() / self.predictor.temperature, dim=1).cpu().numpy()
         self.model.zero_grad(set_to_none=True)
         return heatmaps.astype(np.float32), probabilities
 
