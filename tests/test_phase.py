@@ -115,7 +115,7 @@ def test_a_real_finetune_trains_the_head_at_its_multiple_of_the_backbone_rate(
            "finetune.scheduler": "constant", "finetune.lr": 1e-4},
     )
     train(image_folder, config)
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "finetune-last.ckpt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "finetune-last.ckpt", map_location="cpu", weights_only=True)
     rates = {group["name"]: group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]}
     assert rates["backbone"] == pytest.approx(1e-4) and rates["head"] == pytest.approx(5e-4)
     assert math.isclose(rates["head_no_decay"] / rates["backbone_no_decay"], 5.0)

@@ -250,7 +250,7 @@ def test_batchnorm_policy_holds_through_a_real_finetune(
     )
     train(image_folder, config)
     initial = torch.load(tiny_weights, weights_only=True)
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "finetune-last.ckpt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "finetune-last.ckpt", map_location="cpu", weights_only=True)
     state = model_state(checkpoint)
     tiny = models.create_classifier(ModelConfig(name=TINY_MODEL, weights="none"), num_classes=3)
     trained = {name for block in models.backbone_blocks(tiny)[-2:] for name in block}

@@ -15,6 +15,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,23 @@ def run_forward(
 # --- forward functions ------------------------------------------------------------------------
 
 
+@contextmanager
+def without_tf32() -> Iterator[None]:
+    """Full float32 in cuDNN's convolutions and cuBLAS's products, which PyTorch runs in TF32
+    on Ampere and newer GPUs by default. On an H200, TF32 moved probabilities and unknown scores
+    by up to 3e-4 between batch sizes and from the CPU's and the ONNX export's answers, which can
+    move an image across the unknown threshold set on them. Inference is cheap next to training,
+    so it stays exact."""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def torch_forward(module: nn.Module, device: str) -> Forward:
     import torch
 
@@ -136,7 +154,7 @@ def torch_forward(module: nn.Module, device: str) -> Forward:
         images = torch.from_numpy(batch).to(device)
         if device == "cpu":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with torch.inference_mode(), without_tf32():
             outputs = module(images)
         if isinstance(outputs, tuple):
             return tuple(output.float().cpu().numpy() for output in outputs)
