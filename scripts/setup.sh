@@ -11,7 +11,7 @@ quiet_pip() {
 # torch 2.14.1 with torchvision 0.29.1 is the pair this machine's index serves (and pip's cap).
 quiet_pip "torch==2.14.1" "torchvision==0.29.1"
 # The install below builds without isolation (no download of a build environment), so the
-# installed setuptools must read pyproject.toml's SPDX license string: 68 or newer. A no-op
-# where it already is.
-quiet_pip "setuptools>=68"
+# installed setuptools must read pyproject.toml's SPDX license string: 77 or newer (68 to 76
+# refuse it). A no-op where it already is.
+quiet_pip "setuptools>=77"
 quiet_pip --no-build-isolation -e ".[test]"

@@ -145,6 +145,7 @@ def test_non_finite_and_out_of_range_numbers_are_all_refused_at_once_before_any_
         (["--accelerator", "tpu"], "torch_xla"),
         (["--precision", "transformer-engine"], "transformer_engine"),
         (["--accelerator", "cpu", "--strategy", "fsdp"], "requires a GPU accelerator"),
+        (["--accelerator", "cpu", "--devices", "-1"], "should be an int > 0"),
     ]:
         code = main(["train", str(data), "--output", str(tmp_path / "run"), *options])
         errors = capsys.readouterr().err.strip().splitlines()

@@ -1,6 +1,6 @@
 """bf16 mixed precision on the CPU: chosen by 'auto' only where the CPU has AMX, depthwise
 convolutions kept in float32, a step that trains as the float32 step does, and a model handed
-back as it was."""
+back as it was. On a GPU, inference in full float32 whatever TF32 setting the user chose."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import tiny_config
 from test_activations import TARGETS, assert_same_step, classifier_and_whole_step, created, loss_and_gradients
 from transferkit import engine, train
+from transferkit.inference import exact_float32
 from transferkit.runs import RunFolder
 from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
 from transferkit.training.precision import DepthwiseInFloat32
@@ -119,3 +120,24 @@ def test_a_bf16_step_on_the_cpu_has_the_loss_and_gradients_of_the_float32_step(t
     step = loss_and_gradients(module.model, logits.float())
     float32.teardown(trainer, module, "fit")
     assert_same_step(step, whole, 0.05)
+
+
+def test_gpu_inference_turns_tf32_off_and_hands_back_the_users_own_setting() -> None:
+    backends = torch.backends
+    if not hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision"):
+        pytest.skip("this torch has only the older allow_tf32 switches")
+    # The switches are process-wide; a GPU is not needed to set them.
+    saved = (backends.fp32_precision, backends.cudnn.fp32_precision, backends.cudnn.conv.fp32_precision,
+             backends.cuda.matmul.fp32_precision)
+    try:
+        # What a user speeding up their own training writes. After it, reading the older
+        # allow_tf32 switches raises, so inference must not read them.
+        backends.fp32_precision = "tf32"
+        with exact_float32("cuda"):
+            assert (backends.cudnn.conv.fp32_precision, backends.cuda.matmul.fp32_precision) == ("ieee", "ieee")
+        assert (backends.cudnn.conv.fp32_precision, backends.cuda.matmul.fp32_precision) == ("tf32", "tf32")
+        with exact_float32("cpu"):
+            assert backends.cudnn.conv.fp32_precision == "tf32", "nothing to switch for a CPU pass"
+    finally:
+        backends.fp32_precision, backends.cudnn.fp32_precision = saved[:2]
+        backends.cudnn.conv.fp32_precision, backends.cuda.matmul.fp32_precision = saved[2:]

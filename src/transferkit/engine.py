@@ -71,9 +71,10 @@ def trainer_options(
     try:
         trainer = L.Trainer(**options, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False)
-    except (MisconfigurationException, ModuleNotFoundError, ValueError) as error:
+    except (MisconfigurationException, ImportError, ValueError, TypeError) as error:
         # Lightning names the missing package (torch_xla for tpu, transformer_engine) or the
-        # combination it refuses (fsdp on a CPU) with these too, not only the first.
+        # combination it refuses (fsdp or --devices -1 on a CPU) with these too, not only the
+        # first; only its constructor runs in here.
         raise ConfigError([f"--accelerator {accelerator} --devices {devices} --strategy "
                            f"{strategy} --precision {precision}: {error}"]) from None
     if precision == "auto" and isinstance(trainer.accelerator, CPUAccelerator) and cpu_computes_bf16():

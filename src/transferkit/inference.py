@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -126,21 +127,40 @@ def run_forward(
 # --- forward functions ------------------------------------------------------------------------
 
 
+_FLOAT32_SWITCH = threading.RLock()
+
+
 @contextmanager
-def without_tf32() -> Iterator[None]:
-    """Full float32 in cuDNN's convolutions and cuBLAS's products, which PyTorch runs in TF32
-    on Ampere and newer GPUs by default. On an H200, TF32 moved probabilities and unknown scores
-    by up to 3e-4 between batch sizes and from the CPU's and the ONNX export's answers, which can
-    move an image across the unknown threshold set on them. Inference is cheap next to training,
-    so it stays exact."""
+def exact_float32(device: Any) -> Iterator[None]:
+    """Full float32 in cuDNN's convolutions and cuBLAS's products on a CUDA ``device``, which
+    PyTorch runs in TF32 on Ampere and newer GPUs by default; a no-op elsewhere. On an H200,
+    TF32 moved probabilities and unknown scores by up to 3e-4 between batch sizes and from the
+    CPU's and the ONNX export's answers, which can move an image across the unknown threshold
+    set on them. Inference is cheap next to training, so it stays exact; training keeps TF32.
+
+    The switches are process-wide, so one thread holds them at a time: another thread's
+    inference waits rather than turn TF32 back on halfway through this one's."""
     import torch
 
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    if torch.device(device).type != "cuda":
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        return
+    backends = torch.backends
+    # torch's newer fp32_precision switches, where they exist: once anyone has set them,
+    # reading the older allow_tf32 ones raises.
+    if hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision"):
+        switches = [(backends.cudnn.conv, "fp32_precision", "ieee"), (backends.cuda.matmul, "fp32_precision", "ieee")]
+    else:
+        switches = [(backends.cudnn, "allow_tf32", False), (backends.cuda.matmul, "allow_tf32", False)]
+    with _FLOAT32_SWITCH:
+        saved = [getattr(owner, name) for owner, name, _ in switches]
+        for owner, name, exact in switches:
+            setattr(owner, name, exact)
+        try:
+            yield
+        finally:
+            for (owner, name, _), value in zip(switches, saved):
+                setattr(owner, name, value)
 
 
 def torch_forward(module: nn.Module, device: str) -> Forward:
@@ -154,7 +174,7 @@ def torch_forward(module: nn.Module, device: str) -> Forward:
         images = torch.from_numpy(batch).to(device)
         if device == "cpu":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), without_tf32():
+        with torch.inference_mode(), exact_float32(device):
             outputs = module(images)
         if isinstance(outputs, tuple):
             return tuple(output.float().cpu().numpy() for output in outputs)

@@ -20,7 +20,7 @@ from transferkit import activations, models, rejection
 from transferkit.calibration import before_and_after, fit_calibration
 from transferkit.data.folders import DatasetIndex
 from transferkit.metrics import compute_metrics, evaluation_from_probabilities, headline, unknown_share
-from transferkit.inference import create_forward, run_forward, softmax
+from transferkit.inference import create_forward, exact_float32, run_forward, softmax
 from transferkit.records import RunMetrics
 from transferkit.rejection import Rejection
 from transferkit.training.progress import PhaseProgress
@@ -119,15 +119,16 @@ def _fit_rejection(
 
 
 def _classify(model: nn.Module, pooled: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        return models.classify_pooled(model.eval(), pooled.to(next(model.parameters()).device), 0.0).float().cpu().numpy()
+    device = next(model.parameters()).device
+    with torch.inference_mode(), exact_float32(device):
+        return models.classify_pooled(model.eval(), pooled.to(device), 0.0).float().cpu().numpy()
 
 
 def _top_pooled(model: nn.Module, cached: torch.Tensor, boundary: int, batch_size: int = 64) -> torch.Tensor:
     # Judging a phase on images may have moved the model to the GPU; the cache is on the CPU.
     device = next(model.parameters()).device
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_float32(device):
         return torch.cat([
             activations.forward_top(model, cached[start : start + batch_size].to(device).float(), boundary,
                                     pre_logits=True).cpu()
