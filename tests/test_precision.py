@@ -33,9 +33,9 @@ def cpu_flags() -> set[str]:
     return set(next((line for line in text.splitlines() if line.startswith("flags")), "flags:").split(":")[1].split())
 
 
-def test_auto_precision_is_bf16_mixed_exactly_on_a_cpu_with_amx() -> None:
+def test_auto_precision_is_bf16_mixed_exactly_on_a_cpu_with_bf16_instructions() -> None:
     knows = hasattr(torch.cpu, "get_capabilities")  # an older torch cannot tell, and trains in float32
-    expected = "bf16-mixed" if knows and "amx_bf16" in cpu_flags() else "32-true"
+    expected = "bf16-mixed" if knows and {"amx_bf16", "avx512_bf16"} & cpu_flags() else "32-true"
     assert engine.trainer_options("cpu", "1", 1, "auto", "auto")["precision"] == expected
     assert engine.trainer_options("cpu", "1", 1, "auto", "32-true")["precision"] == "32-true", "a choice is kept"
 

@@ -227,7 +227,7 @@ class TrainConfig:
     num_nodes: int = field(default=1, metadata=_help("machines for multi-node training"))
     strategy: str = field(default="auto", metadata=_help("Lightning strategy: auto, ddp, ..."))
     precision: str = field(default="auto", metadata=_help(
-        "Lightning precision: auto (bf16-mixed on a CPU with AMX, else 32-true), 32-true, bf16-mixed, 16-mixed"))
+        "Lightning precision: auto (bf16-mixed on a CPU with AMX or AVX512-BF16, else 32-true), 32-true, bf16-mixed, 16-mixed"))
     calibrate: bool = field(default=True, metadata=_help("fit a temperature on val so confidence matches accuracy"))
     unknown_score: str = field(default="knn", metadata=_help(
         "how unlike the training images an image is, to answer unknown: knn (features against the "

@@ -55,7 +55,7 @@ def trainer_options(
     """``L.Trainer``'s keyword arguments for these choices, once Lightning has judged them on
     this machine (``--accelerator gpu`` where no GPU is visible), before the data scan.
 
-    Precision 'auto' is 'bf16-mixed' where training runs on a CPU with AMX (see
+    Precision 'auto' is 'bf16-mixed' where training runs on a CPU with AMX or AVX512-BF16 (see
     ``training.precision``), else '32-true'. On GPUs it stays '32-true': on an H200, bf16-mixed
     fine-tuning of Lite0 at batch 32 took 1.3-2x as long (README, Precision)."""
     import lightning as L

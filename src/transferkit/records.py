@@ -62,8 +62,9 @@ class PhaseRecord:
     fit_seconds: float | None = None
     """Training only, on the process that recorded the phase."""
     precision: str | None = None
-    """Lightning's precision the phase trained in ('bf16-mixed' where --precision auto found AMX;
-    a resumed phase, that of its last part); None for the head on features, always float32."""
+    """Lightning's precision the phase trained in ('bf16-mixed' where --precision auto found the
+    CPU's bf16 instructions; a resumed phase, that of its last part); None for the head on
+    features, always float32."""
     val: dict[str, Any] | None = None
     """Headline metrics of the phase's best checkpoint on the validation split."""
     test: dict[str, Any] | None = None
