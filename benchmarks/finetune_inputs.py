@@ -24,8 +24,8 @@ epochs, so a row keeps its meaning when the defaults move. Variants:
   (`--finetune-views 2`: epoch e reads view e mod 3, so 2 epochs read the plain activations,
   then view 1);
 - activations-views2-4: the same with 4 fine-tuning epochs (patience 4): plain, view 1, view 2, plain.
-Raw results accumulate in benchmarks/finetune_inputs.json; the table in RESULTS.md is rebuilt
-from all of them.
+Raw results accumulate in benchmarks/finetune_inputs.json, each with the CPU it ran on; the
+table in RESULTS.md is rebuilt from all of them, one row per dataset, CPU and variant.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from _results import write_section
+from _results import UNRECORDED_CPU, cpu_name, write_section
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "finetune_inputs.json"
@@ -90,7 +90,7 @@ def run(dataset: str, seed: int, variant: str, mirror: str, cold_only: bool) -> 
         warm = None if cold_only else timed_train(dataset, seed, variant, mirror, work, "warm")[0]
     finetune = metrics["phases"].get("finetune", {})
     return {
-        "dataset": dataset, "seed": seed, "variant": variant, "date": str(date.today()),
+        "dataset": dataset, "seed": seed, "variant": variant, "date": str(date.today()), "cpu": cpu_name(),
         "val_accuracy": metrics["val"]["accuracy"], "test_accuracy": metrics.get("test", {}).get("accuracy"),
         "finetune_val_accuracy": finetune.get("val", {}).get("accuracy"), "best_phase": metrics["best_phase"],
         "finetune_seconds": finetune.get("fit_seconds"), "cold_seconds": round(cold, 1),
@@ -105,14 +105,16 @@ def table(rows: list[dict]) -> str:
         f"Measured {max(r['date'] for r in rows)} on {platform.machine()} with {subprocess.getoutput('nproc')} "
         "cores (`python benchmarks/finetune_inputs.py`); means over the seeds listed.",
         "",
-        "| dataset | variant | seeds | val accuracy (mean) | test accuracy (mean) | fine-tuned phase val (mean) | "
+        "| dataset | CPU | variant | seeds | val accuracy (mean) | test accuracy (mean) | fine-tuned phase val (mean) | "
         "fine-tuning (s) | cold command (s) | warm rerun (s) | cold / warm | peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["dataset"], row["variant"]), []).append(row)
-    for (dataset, variant), mine in sorted(groups.items(), key=lambda item: (item[0][0], list(VARIANTS).index(item[0][1]))):
+        groups.setdefault((row["dataset"], row.get("cpu", UNRECORDED_CPU), row["variant"]), []).append(row)
+    for (dataset, cpu, variant), mine in sorted(
+        groups.items(), key=lambda item: (item[0][0], item[0][1] != UNRECORDED_CPU, item[0][1], list(VARIANTS).index(item[0][2]))
+    ):
         def mean(key: str, digits: int) -> str:
             values = [r[key] for r in mine if r.get(key) is not None]
             return f"{statistics.mean(values):.{digits}f}" if values else ""
@@ -120,7 +122,7 @@ def table(rows: list[dict]) -> str:
         warm = [r for r in mine if r.get("warm_seconds")]
         ratio = statistics.mean(r["cold_seconds"] for r in warm) / statistics.mean(r["warm_seconds"] for r in warm) if warm else None
         lines.append(
-            f"| {dataset} | {variant} | {','.join(str(r['seed']) for r in mine)} | {mean('val_accuracy', 4)} | "
+            f"| {dataset} | {cpu} | {variant} | {','.join(str(r['seed']) for r in mine)} | {mean('val_accuracy', 4)} | "
             f"{mean('test_accuracy', 4)} | {mean('finetune_val_accuracy', 4)} | {mean('finetune_seconds', 1)} | "
             f"{mean('cold_seconds', 1)} | {mean('warm_seconds', 1)} | {'' if ratio is None else f'{ratio:.2f}'} | "
             f"{mean('peak_mib', 0)} |"
@@ -136,11 +138,13 @@ def main() -> None:
     parser.add_argument("--cold-only", action="store_true", help="skip the warm rerun")
     parser.add_argument("--mirror", default=str(HERE.parents[1] / "shared" / "datasets"))
     args = parser.parse_args()
-    results = {(r["dataset"], r["seed"], r["variant"]): r for r in json.loads(RAW.read_text())} if RAW.exists() else {}
+    key = ("dataset", "seed", "variant")
+    results = {(*(r[k] for k in key), r.get("cpu", UNRECORDED_CPU)): r for r in json.loads(RAW.read_text())} if RAW.exists() else {}
     for dataset in args.datasets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for variant in args.variants.split(","):
-                results[(dataset, seed, variant)] = row = run(dataset, seed, variant, args.mirror, args.cold_only)
+                row = run(dataset, seed, variant, args.mirror, args.cold_only)
+                results[(dataset, seed, variant, row["cpu"])] = row
                 print(row, flush=True)
                 RAW.write_text(json.dumps(list(results.values()), indent=1) + "\n")
     write_section("finetune_inputs", "Fine-tuning on images or cached activations", table(list(results.values())))

@@ -51,7 +51,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from _results import write_section
+from _results import UNRECORDED_CPU, cpu_name, write_section
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "peers.json"
@@ -336,28 +336,28 @@ def table(entries: list[dict[str, Any]]) -> str:
         "process's resident set. Keras starts from random weights (none can be loaded offline): its "
         "accuracy is not comparable, its time is.",
         "",
-        "| dataset | contender | val accuracy | wall time (s) | peak memory (MiB) | its time / ours | measured |",
-        "|---|---|---|---|---|---|---|",
+        "| dataset | CPU | contender | val accuracy | wall time (s) | peak memory (MiB) | its time / ours | measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries:
         ours = entry["contenders"]["transferkit"]["wall_seconds"]
         for name, row in entry["contenders"].items():
             accuracy = f"{row['val_accuracy']:.4f}" + (" (random init)" if name == "keras" else "")
-            lines.append(f"| {entry['dataset']} | {name} | {accuracy} | {row['wall_seconds']:.1f} | "
+            lines.append(f"| {entry['dataset']} | {entry.get('cpu', UNRECORDED_CPU)} | {name} | {accuracy} | {row['wall_seconds']:.1f} | "
                          f"{row['peak_mib']:.0f} | {row['wall_seconds'] / ours:.1f}x | {row.get('date', entry['date'])} |")
     lines += [
         "",
         "Throughput (images per second, transferkit's process, batch 64):",
         "",
-        "| dataset | feature pass from files | backbone forward on decoded tensors | ratio (target >= 0.80) | "
+        "| dataset | CPU | feature pass from files | backbone forward on decoded tensors | ratio (target >= 0.80) | "
         "predict, 1,000 files | classifier forward on decoded tensors | ratio (target >= 0.80) | "
         "frozen phase, first / warm-cache train (s) | speed-up (target >= 20x) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries:
         t, warm = entry["throughput"], entry["warm_cache"]
         lines.append(
-            f"| {entry['dataset']} | {t['feature_pass']:.1f} | {t['raw_feature_forward']:.1f} | "
+            f"| {entry['dataset']} | {entry.get('cpu', UNRECORDED_CPU)} | {t['feature_pass']:.1f} | {t['raw_feature_forward']:.1f} | "
             f"{t['feature_pass'] / t['raw_feature_forward']:.2f} | {t['predict_1000']:.1f} | "
             f"{t['raw_classifier_forward']:.1f} | {t['predict_1000'] / t['raw_classifier_forward']:.2f} | "
             f"{warm['first']:.2f} / {warm['second']:.2f} | {warm['first'] / warm['second']:.1f}x |"
@@ -386,9 +386,12 @@ def main() -> None:
     raw = json.loads(RAW.read_text()) if RAW.is_file() else {}
     for dataset in [d for d in args.datasets.split(",") if d]:
         entry = benchmark(dataset, Path(args.mirror), contenders, args.peer_python, args)
-        # Peers not rerun keep their earlier rows; their ratio is then to today's transferkit time.
-        entry["contenders"] = {**raw.get(dataset, {}).get("contenders", {}), **entry["contenders"]}
-        raw[dataset] = entry
+        # Peers not rerun keep their earlier rows from the same CPU; their ratio is then to
+        # today's transferkit time. Another CPU's rows stay under their own key.
+        entry["cpu"] = cpu_name()
+        key = f"{dataset} on {entry['cpu']}"
+        entry["contenders"] = {**raw.get(key, {}).get("contenders", {}), **entry["contenders"]}
+        raw[key] = entry
         RAW.write_text(json.dumps(raw, indent=2) + "\n")
     write_section("peers", "Against fastai, the PyTorch tutorial and Keras", table(list(raw.values())))
     print(table(list(raw.values())))
