@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -12,19 +13,23 @@ UNRECORDED_CPU = "not recorded"
 
 
 def cpu_name() -> str:
-    """This machine's CPU as /proc/cpuinfo names it, with the bf16 instructions it has (what
-    --precision auto looks for). Rows keep it, so rows from different machines, which differ by
-    up to 2x here, are never averaged or divided together."""
+    """This machine's CPU as /proc/cpuinfo names it, with its family and model numbers (a VM may
+    name only "AMD EPYC", for Zen 4 and Zen 5 alike), the bf16 instructions it has (what
+    --precision auto looks for) and the cores this process sees. Rows keep it, so rows from
+    different machines, which differ by up to 2x here, are never averaged or divided together."""
+    cores = f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
+        return f"{platform.processor() or platform.machine()}, {cores}"
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    bf16 = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in fields.get("flags", "").split()]
-    return fields.get("model name", platform.machine()) + (f" ({', '.join(bf16)})" if bf16 else "")
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    details += [flag for flag in ("amx_bf16", "avx512_bf16") if flag in fields.get("flags", "").split()]
+    name = fields.get("model name", platform.machine()) + (f" ({', '.join(details)})" if details else "")
+    return f"{name}, {cores}"
 
 
 def write_section(name: str, heading: str, table: str) -> None:

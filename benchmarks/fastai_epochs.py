@@ -29,7 +29,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from _results import write_section
+from _results import UNRECORDED_CPU, cpu_name, write_section
 from finetune_inputs import VARIANTS
 from peers import fastai_learner, run_child
 
@@ -126,13 +126,15 @@ def main() -> None:
         usage = run_child([args.peer_python, __file__, "--dataset", args.dataset, "--fraction", str(args.fraction),
                            "--mirror", args.mirror, "--child-output", str(output)])
         row = {**json.loads(output.read_text()), "dataset": args.dataset, "fraction": args.fraction,
-               "peak_mib": usage["peak_mib"], "date": str(date.today()), "machine": platform.machine(),
+               "peak_mib": usage["peak_mib"], "date": str(date.today()), "machine": platform.machine(), "cpu": cpu_name(),
                "cores": subprocess.getoutput("nproc")}
         output.unlink()
         RAW.write_text(json.dumps(row, indent=1) + "\n")
     inputs = HERE / "finetune_inputs.json"
-    ours = next((r for r in json.loads(inputs.read_text()) if (r["dataset"], r["variant"], r["seed"])
-                 == (row["dataset"], OURS, SEED)), None) if inputs.exists() else None  # one row per key
+    # Ours from the same CPU as fastai's row: a row of another machine would make the ratio meaningless.
+    cpu = row.setdefault("cpu", UNRECORDED_CPU)
+    ours = next((r for r in json.loads(inputs.read_text()) if (r["dataset"], r["variant"], r["seed"], r.get("cpu", UNRECORDED_CPU))
+                 == (row["dataset"], OURS, SEED, cpu)), None) if inputs.exists() else None
     write_section("fastai_epochs", f"At scale: {row['dataset']} against fastai's epochs", table(row, ours))
     print(table(row, ours))
 

@@ -339,6 +339,7 @@ def table(entries: list[dict[str, Any]]) -> str:
         "| dataset | CPU | contender | val accuracy | wall time (s) | peak memory (MiB) | its time / ours | measured |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    entries = sorted(entries, key=lambda entry: (entry["dataset"], entry.get("cpu", UNRECORDED_CPU) != UNRECORDED_CPU))
     for entry in entries:
         ours = entry["contenders"]["transferkit"]["wall_seconds"]
         for name, row in entry["contenders"].items():
