@@ -12,6 +12,11 @@ UNRECORDED_CPU = "not recorded"
 """The CPU of rows measured before rows named theirs."""
 
 
+def row_cpu(row: dict) -> str:
+    """The CPU a stored row or entry was measured on."""
+    return row.get("cpu", UNRECORDED_CPU)
+
+
 def cpu_name() -> str:
     """This machine's CPU as /proc/cpuinfo names it, with its family and model numbers (a VM may
     name only "AMD EPYC", for Zen 4 and Zen 5 alike), the bf16 instructions it has (what

@@ -29,7 +29,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from _results import UNRECORDED_CPU, cpu_name, write_section
+from _results import cpu_name, row_cpu, write_section
 from finetune_inputs import VARIANTS
 from peers import fastai_learner, run_child
 
@@ -132,9 +132,8 @@ def main() -> None:
         RAW.write_text(json.dumps(row, indent=1) + "\n")
     inputs = HERE / "finetune_inputs.json"
     # Ours from the same CPU as fastai's row: a row of another machine would make the ratio meaningless.
-    cpu = row.setdefault("cpu", UNRECORDED_CPU)
-    ours = next((r for r in json.loads(inputs.read_text()) if (r["dataset"], r["variant"], r["seed"], r.get("cpu", UNRECORDED_CPU))
-                 == (row["dataset"], OURS, SEED, cpu)), None) if inputs.exists() else None
+    ours = next((r for r in json.loads(inputs.read_text()) if (r["dataset"], r["variant"], r["seed"], row_cpu(r))
+                 == (row["dataset"], OURS, SEED, row_cpu(row))), None) if inputs.exists() else None
     write_section("fastai_epochs", f"At scale: {row['dataset']} against fastai's epochs", table(row, ours))
     print(table(row, ours))
 

@@ -48,7 +48,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from _results import UNRECORDED_CPU, cpu_name, write_section
+from _results import UNRECORDED_CPU, cpu_name, row_cpu, write_section
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "finetune_inputs.json"
@@ -107,6 +107,11 @@ def run(dataset: str, seed: int, variant: str, mirror: str, cold_only: bool) -> 
     }
 
 
+def row_key(row: dict) -> tuple[str, int, str, str]:
+    """A row replaces only the earlier row of its dataset, seed and variant on its CPU."""
+    return row["dataset"], row["seed"], row["variant"], row_cpu(row)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         f"Measured {max(r['date'] for r in rows)} on {platform.machine()} with {subprocess.getoutput('nproc')} "
@@ -118,7 +123,7 @@ def table(rows: list[dict]) -> str:
     ]
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["dataset"], row.get("cpu", UNRECORDED_CPU), row["variant"]), []).append(row)
+        groups.setdefault((row["dataset"], row_cpu(row), row["variant"]), []).append(row)
     for (dataset, cpu, variant), mine in sorted(
         groups.items(), key=lambda item: (item[0][0], item[0][1] != UNRECORDED_CPU, item[0][1], list(VARIANTS).index(item[0][2]))
     ):
@@ -145,13 +150,12 @@ def main() -> None:
     parser.add_argument("--cold-only", action="store_true", help="skip the warm rerun")
     parser.add_argument("--mirror", default=str(HERE.parents[1] / "shared" / "datasets"))
     args = parser.parse_args()
-    key = ("dataset", "seed", "variant")
-    results = {(*(r[k] for k in key), r.get("cpu", UNRECORDED_CPU)): r for r in json.loads(RAW.read_text())} if RAW.exists() else {}
+    results = {row_key(r): r for r in json.loads(RAW.read_text())} if RAW.exists() else {}
     for dataset in args.datasets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for variant in args.variants.split(","):
                 row = run(dataset, seed, variant, args.mirror, args.cold_only)
-                results[(dataset, seed, variant, row["cpu"])] = row
+                results[row_key(row)] = row
                 print(row, flush=True)
                 RAW.write_text(json.dumps(list(results.values()), indent=1) + "\n")
     write_section("finetune_inputs", "Fine-tuning on images or cached activations", table(list(results.values())))

@@ -51,7 +51,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from _results import UNRECORDED_CPU, cpu_name, write_section
+from _results import UNRECORDED_CPU, cpu_name, row_cpu, write_section
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "peers.json"
@@ -339,12 +339,12 @@ def table(entries: list[dict[str, Any]]) -> str:
         "| dataset | CPU | contender | val accuracy | wall time (s) | peak memory (MiB) | its time / ours | measured |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    entries = sorted(entries, key=lambda entry: (entry["dataset"], entry.get("cpu", UNRECORDED_CPU) != UNRECORDED_CPU))
+    entries = sorted(entries, key=lambda entry: (entry["dataset"], row_cpu(entry) != UNRECORDED_CPU))
     for entry in entries:
         ours = entry["contenders"]["transferkit"]["wall_seconds"]
         for name, row in entry["contenders"].items():
             accuracy = f"{row['val_accuracy']:.4f}" + (" (random init)" if name == "keras" else "")
-            lines.append(f"| {entry['dataset']} | {entry.get('cpu', UNRECORDED_CPU)} | {name} | {accuracy} | {row['wall_seconds']:.1f} | "
+            lines.append(f"| {entry['dataset']} | {row_cpu(entry)} | {name} | {accuracy} | {row['wall_seconds']:.1f} | "
                          f"{row['peak_mib']:.0f} | {row['wall_seconds'] / ours:.1f}x | {row.get('date', entry['date'])} |")
     lines += [
         "",
@@ -358,7 +358,7 @@ def table(entries: list[dict[str, Any]]) -> str:
     for entry in entries:
         t, warm = entry["throughput"], entry["warm_cache"]
         lines.append(
-            f"| {entry['dataset']} | {entry.get('cpu', UNRECORDED_CPU)} | {t['feature_pass']:.1f} | {t['raw_feature_forward']:.1f} | "
+            f"| {entry['dataset']} | {row_cpu(entry)} | {t['feature_pass']:.1f} | {t['raw_feature_forward']:.1f} | "
             f"{t['feature_pass'] / t['raw_feature_forward']:.2f} | {t['predict_1000']:.1f} | "
             f"{t['raw_classifier_forward']:.1f} | {t['predict_1000'] / t['raw_classifier_forward']:.2f} | "
             f"{warm['first']:.2f} / {warm['second']:.2f} | {warm['first'] / warm['second']:.1f}x |"
