@@ -7,7 +7,8 @@ Each (dataset, seed, variant) is a whole `transferkit train` command in a fresh 
 empty caches (cold), then the same command again into another folder with the caches it left
 (warm; skipped with --cold-only, for the datasets where one command takes half an hour). The
 peak memory is the cold command's largest resident set. Every variant names its fine-tuning
-epochs, so a row keeps its meaning when the defaults move. Variants:
+epochs and blocks, so a row keeps its meaning when the defaults move. Variants (the top 3 blocks
+unless named):
 - images: augmented images through the whole backbone each epoch, 2 epochs (patience 2);
 - images-bf16: `images` in bf16 mixed precision (`--precision bf16-mixed`), what `--precision
   auto` chooses on a CPU with AMX or AVX512-BF16;
@@ -17,14 +18,15 @@ epochs, so a row keeps its meaning when the defaults move. Variants:
   light`), 2 epochs (patience 2);
 - activations-strong: also shifted by up to one cell (`--finetune-augment strong`);
 - activations-4: `activations` with 4 fine-tuning epochs (patience 4), the default recipe since
-  2026-11-30, in float32 (`--precision 32-true`, the default until 2026-11-30);
+  2026-11-30 (below 4,000 training images since `--finetune-unfreeze auto`), in float32
+  (`--precision 32-true`, the default until 2026-11-30);
 - activations-4-bf16: the same in bf16 mixed precision (`--precision bf16-mixed`), what the
   default `--precision auto` chooses on a CPU with AMX or AVX512-BF16;
 - activations-4-bf16-unfreeze6: `activations-4-bf16` training the top 6 blocks, not 3. Tried
   first by hand on cifar10_subset, seed 42 (`transferkit train .../cifar10_subset --seed 42
   --no-report --no-audit [--finetune-unfreeze 6 | --finetune-epochs 8 --finetune-patience 8]`):
   test 0.822 against 0.797, fine-tuning 101 against 49 s, where 8 epochs of the top 3 gave
-  0.796 in 100 s;
+  0.796 in 100 s. What `--finetune-unfreeze auto` trains from 4,000 training images;
 - activations-views2: `activations` with two cached augmented views of each training image
   (`--finetune-views 2`: epoch e reads view e mod 3, so 2 epochs read the plain activations,
   then view 1);
@@ -56,18 +58,20 @@ TWO_EPOCHS = ["--finetune-epochs", "2", "--finetune-patience", "2"]
 FOUR_EPOCHS = ["--finetune-epochs", "4", "--finetune-patience", "4"]
 # Every variant but those named bf16 trains in float32, as all did before --precision auto.
 FLOAT32 = ["--precision", "32-true"]
+# And the top 3 blocks but where named, as all did before --finetune-unfreeze auto.
+ON_IMAGES, ON_ACTIVATIONS = (["--finetune-on", inputs, "--finetune-unfreeze", "3"] for inputs in ("images", "activations"))
 VARIANTS = {
-    "images": ["--finetune-on", "images", *TWO_EPOCHS, *FLOAT32],
-    "images-bf16": ["--finetune-on", "images", *TWO_EPOCHS, "--precision", "bf16-mixed"],
-    "images-4": ["--finetune-on", "images", *FOUR_EPOCHS, *FLOAT32],
-    "activations": ["--finetune-on", "activations", *TWO_EPOCHS, *FLOAT32],
-    "activations-strong": ["--finetune-on", "activations", "--finetune-augment", "strong", *TWO_EPOCHS, *FLOAT32],
-    "activations-4": ["--finetune-on", "activations", *FOUR_EPOCHS, *FLOAT32],
-    "activations-4-bf16": ["--finetune-on", "activations", *FOUR_EPOCHS, "--precision", "bf16-mixed"],
+    "images": [*ON_IMAGES, *TWO_EPOCHS, *FLOAT32],
+    "images-bf16": [*ON_IMAGES, *TWO_EPOCHS, "--precision", "bf16-mixed"],
+    "images-4": [*ON_IMAGES, *FOUR_EPOCHS, *FLOAT32],
+    "activations": [*ON_ACTIVATIONS, *TWO_EPOCHS, *FLOAT32],
+    "activations-strong": [*ON_ACTIVATIONS, "--finetune-augment", "strong", *TWO_EPOCHS, *FLOAT32],
+    "activations-4": [*ON_ACTIVATIONS, *FOUR_EPOCHS, *FLOAT32],
+    "activations-4-bf16": [*ON_ACTIVATIONS, *FOUR_EPOCHS, "--precision", "bf16-mixed"],
     "activations-4-bf16-unfreeze6": ["--finetune-on", "activations", "--finetune-unfreeze", "6", *FOUR_EPOCHS,
                                      "--precision", "bf16-mixed"],
-    "activations-views2": ["--finetune-on", "activations", "--finetune-views", "2", *TWO_EPOCHS, *FLOAT32],
-    "activations-views2-4": ["--finetune-on", "activations", "--finetune-views", "2", *FOUR_EPOCHS, *FLOAT32],
+    "activations-views2": [*ON_ACTIVATIONS, "--finetune-views", "2", *TWO_EPOCHS, *FLOAT32],
+    "activations-views2-4": [*ON_ACTIVATIONS, "--finetune-views", "2", *FOUR_EPOCHS, *FLOAT32],
 }
 
 
