@@ -1,7 +1,7 @@
 """fastai's ``fine_tune`` at a scale where a whole run takes hours on 2 cores: each phase's epoch
 time, projected from a measured fraction of one epoch, beside transferkit's whole default
 ``train`` on the same data (its ``activations-4`` row in finetune_inputs.json: the default recipe
-in float32 with the top 3 blocks, which on cifar10's 50,000 training images ``auto`` now makes 6).
+in float32 with the top 3 blocks, which on cifar10 ``--finetune-unfreeze auto`` now makes 6).
 
     python benchmarks/fastai_epochs.py --peer-python /tmp/peers/bin/python [--dataset cifar10] [--fraction 0.02]
     python benchmarks/fastai_epochs.py --from-json   # the table again, from the stored measurement

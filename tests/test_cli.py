@@ -39,6 +39,7 @@ def test_help_lists_every_command_and_the_train_options(capsys: pytest.CaptureFi
         (["--split", "0.5,0.6,0.1"], "--split fractions must sum to 1"),
         (["--frozen-optimizer", "lion"], "--frozen-optimizer must be one of adamw, adam, sgd, rmsprop"),
         (["--finetune-unfreeze", "many"], "--finetune-unfreeze must be a block count"),
+        (["--frozen-unfreeze", "auto"], "--frozen-unfreeze must be 0: the frozen phase trains the new head alone"),
         (["--model", "efficientnet_lite9"], "unknown model 'efficientnet_lite9'.*Did you mean"),
         (["--splits-from", "no-such-run"], "no-such-run has no splits.csv, classes.json, skipped.csv"),
         (["--strategy", "frozen"], "--strategy 'frozen' is not one Lightning knows \\(auto, ddp, "),

@@ -44,7 +44,7 @@ def test_each_strategy_is_a_function_from_the_shared_config_to_its_runs() -> Non
     assert all(c.data == shared.data and c.seed == 3 for c in configs.values()), "what the user set holds"
     phases = {name: (c.frozen.epochs, c.finetune.epochs, c.finetune.unfreeze) for name, c in configs.items()}
     assert phases == {
-        "scratch": (0, 4, "all"), "frozen": (4, 0, "3"), "frozen-dense": (4, 0, "3"), "fine-tune": (4, 4, "2"),
+        "scratch": (0, 4, "all"), "frozen": (4, 0, "auto"), "frozen-dense": (4, 0, "auto"), "fine-tune": (4, 4, "2"),
         "full": (0, 4, "all"),
     }
     assert configs["scratch"].model.weights == "none" and configs["scratch"].batchnorm == "train"
@@ -75,7 +75,7 @@ def test_activations_for_a_model_that_cannot_cache_them_is_refused_before_any_ru
         compare(str(tmp_path), models=["test_efficientnet", "test_vit"], output=tmp_path / "out",
                 options={"finetune_on": "activations"})
     assert raised.value.problems == [
-        "--finetune-on activations: test_vit cannot train its top 3 blocks on cached activations (fine-tune "
+        "--finetune-on activations: test_vit cannot train its top 3 or 6 blocks on cached activations (fine-tune "
         "strategy); use --finetune-on auto, which falls back to images"
     ]
     assert not (tmp_path / "out").exists()
@@ -146,9 +146,13 @@ def test_rerun_keeps_finished_runs_and_other_settings_are_refused(comparison_fol
             unfreeze="2", options=fixture_options(comparison_folder, tiny_weights))
     assert time.perf_counter() - started < 30
     assert {p: p.stat().st_mtime_ns for p in comparison_folder.glob("*/metrics.json")} == before
-    with pytest.raises(ConfigError, match="other settings \\(epochs differ\\)"):
+    with pytest.raises(ConfigError, match="other settings \\(epochs 2 there, 3 now\\)"):
         compare(source, models=[TINY_MODEL], epochs=3, output=comparison_folder, hidden_size=32,
                 unfreeze="2", options=fixture_options(comparison_folder, tiny_weights))
+    # A default that moved (here --unfreeze's) is named with both values, not as "the same options".
+    with pytest.raises(ConfigError, match="other settings \\(unfreeze '2' there, 'auto' now\\)"):
+        compare(source, models=[TINY_MODEL], epochs=2, output=comparison_folder, hidden_size=32,
+                options=fixture_options(comparison_folder, tiny_weights))
 
 
 def test_killed_comparison_resumes_without_redoing_finished_runs(tmp_path: Path, tiny_weights: Path) -> None:

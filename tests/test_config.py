@@ -6,14 +6,20 @@ from pathlib import Path
 import pytest
 
 from transferkit.cli import main
-from transferkit.config import DataConfig, TrainConfig
+from transferkit.config import DataConfig, TrainConfig, parse_unfreeze
 from transferkit.errors import ConfigError
 
 
 def test_the_defaults_are_a_valid_config_without_a_data_source() -> None:
     config = TrainConfig()
     assert "source" not in {spec.name for spec in dataclasses.fields(DataConfig)}
-    assert config.frozen.epochs == 30 and config.finetune.unfreeze == "3"
+    assert config.frozen.epochs == 30 and config.finetune.unfreeze == "auto"
+
+
+def test_auto_unfreeze_trains_six_blocks_from_four_thousand_training_images() -> None:
+    sizes = (None, 244, 2_934, 3_999, 4_000, 50_000)
+    assert [parse_unfreeze("auto", size) for size in sizes] == [3, 3, 3, 3, 6, 6]
+    assert parse_unfreeze(" Auto ", 50_000) == 6 and parse_unfreeze("4", 50_000) == 4
 
 
 def test_flat_options_override_the_defaults_and_leave_the_rest() -> None:

@@ -4,8 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_folder, tiny_config
 from PIL import Image
 
+from transferkit import config, models, train
 from transferkit.cli import main
 from transferkit.models import load_model
 from transferkit.summary import summarize
@@ -26,6 +28,25 @@ def test_summary_of_a_run_counts_what_each_phase_really_trained(trained_run: Pat
     finetuned = sum(row.parameters for row in summary.rows if row.leaf and row.trains_in in ("finetune", "both"))
     assert finetuned == summary.trainable["finetune"]
     assert "trainable in the fine-tuning phase" in summary.table()
+
+
+def test_auto_unfreeze_trains_more_blocks_on_a_large_training_set_and_summary_says_so(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rule scaled down to a test's size: 4 blocks (of the tiny model's 6, so not "all") from
+    # 40 training images, where the real rule is 6 blocks from 4,000.
+    monkeypatch.setattr(config, "MANY_BLOCKS", 4)
+    monkeypatch.setattr(config, "MANY_BLOCKS_FROM", 40)
+    data = make_folder(tmp_path / "data", per_class=30)
+    run = tmp_path / "run"
+    train(data, tiny_config(run, tiny_weights, **{"finetune.unfreeze": "auto"}))
+
+    assert (run / "config.yaml").read_text().count("unfreeze: auto") == 1
+    model, _ = load_model(run / "model")
+    models.unfreeze_top(model, 4)
+    four_blocks = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = json.loads((run / "progress.json").read_text())["phases"]["finetune"]["trainable_parameters"]
+    assert trained == four_blocks and summarize(run).trainable["finetune"] == four_blocks
 
 
 def test_summary_command_for_a_model_name_writes_the_table_and_diagram(

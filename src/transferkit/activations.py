@@ -146,8 +146,8 @@ class BottomAndPooled(nn.Module):
 def augment(batch: torch.Tensor, strength: str) -> torch.Tensor:
     """Augmentation that survives caching, in activation space: 'light' mirrors half the maps
     left to right (the map of a mirrored image is close to the mirrored map); 'strong' also
-    shifts each map by up to one cell, edges repeated (for EfficientNet-Lite0 at 256 px and
-    three blocks unfrozen, a cell is 32 pixels of the image)."""
+    shifts each map by up to one cell, edges repeated (for EfficientNet-Lite0 at 256 px, a cell
+    is 32 pixels of the image with three blocks unfrozen, 16 with six)."""
     if strength == "none":
         return batch
     flip = torch.rand(len(batch), device=batch.device) < 0.5

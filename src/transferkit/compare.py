@@ -13,7 +13,7 @@ frozen     ImageNet backbone frozen; a new linear head          (the seeds' "pre
 frozen-    ImageNet backbone frozen; a head with a hidden       "pretrain" (Dense(1024))
 dense      dense layer (``--hidden-size``, default 1024)
 fine-tune  the head on frozen features first, then the top      "fine tuning" (top 140 layers)
-           blocks (``--unfreeze``, default 3) at a lower
+           blocks (``--unfreeze``, default auto) at a lower
            learning rate: transferkit's default recipe
 full       ImageNet weights as the start, every layer at once   "initialize pretrain"
 ========== ==================================================== =====================================
@@ -129,16 +129,20 @@ def _uncacheable(models: list[str], unfreeze: str) -> list[str]:
     import timm
 
     from transferkit.activations import boundary_index
-    from transferkit.config import parse_unfreeze
+    from transferkit.config import FEW_BLOCKS, MANY_BLOCKS, parse_unfreeze, unfreeze_is_auto
 
+    # Before the data is read, auto may yet mean either count: refused here only where neither
+    # can be cached; where one can, the run itself says so if its count cannot.
+    counts = [FEW_BLOCKS, MANY_BLOCKS] if unfreeze_is_auto(unfreeze) else [parse_unfreeze(unfreeze)]
     found = []
     for name in models:
         try:
             model = timm.create_model(name, pretrained=False, num_classes=2)
         except Exception:  # noqa: BLE001 - an unknown name is reported by the run itself, with suggestions
             continue
-        if boundary_index(model, parse_unfreeze(unfreeze)) is None:
-            found.append(f"--finetune-on activations: {name} cannot train its top {unfreeze} blocks on cached "
+        if all(boundary_index(model, count) is None for count in counts):
+            blocks = f"{FEW_BLOCKS} or {MANY_BLOCKS}" if len(counts) > 1 else unfreeze
+            found.append(f"--finetune-on activations: {name} cannot train its top {blocks} blocks on cached "
                          "activations (fine-tune strategy); use --finetune-on auto, which falls back to images")
     return found
 
@@ -193,8 +197,10 @@ def _check_settings(output: Path, settings: dict[str, Any]) -> None:
         earlier = read_json(path)
         if earlier != settings:
             changed = sorted(key for key in set(earlier) | set(settings) if earlier.get(key) != settings.get(key))
+            # Both values, since a default that changed between versions looks like "the same options".
+            differences = "; ".join(f"{key} {earlier.get(key)!r} there, {settings.get(key)!r} now" for key in changed)
             raise ConfigError([
-                f"{output} holds a comparison with other settings ({', '.join(changed)} differ); "
+                f"{output} holds a comparison with other settings ({differences}); "
                 "rerun it with the same options or choose another --output"
             ])
     write_json(path, settings)
@@ -208,7 +214,7 @@ def compare(
     output: str | os.PathLike[str] | None = None,
     patience: int = 3,
     hidden_size: int = 1024,
-    unfreeze: str = "3",
+    unfreeze: str = "auto",
     options: dict[str, Any] | None = None,
 ) -> Comparison:
     """Train ``source`` with every strategy and model; write the table, figures and HTML page.

@@ -72,8 +72,17 @@ class ModelSummary:
 
 
 def _load(source: str, num_classes: int) -> tuple[nn.Module, dict[str, Any], dict[str, PhaseConfig]]:
-    """(model, preprocessing, phases) from a run folder, or a model name with the default recipe."""
-    from transferkit.config import ModelConfig, default_finetune_phase, default_frozen_phase
+    """(model, preprocessing, phases) from a run folder, or a model name with the default recipe
+    (whose ``--finetune-unfreeze auto`` is then that of a training set under 4,000 images)."""
+    from dataclasses import replace
+
+    from transferkit.config import (
+        ModelConfig,
+        default_finetune_phase,
+        default_frozen_phase,
+        parse_unfreeze,
+        unfreeze_is_auto,
+    )
     from transferkit.data.loaders import resolve_preprocessing
     from transferkit.inference import load_run_model
     from transferkit.models import create_classifier
@@ -83,7 +92,11 @@ def _load(source: str, num_classes: int) -> tuple[nn.Module, dict[str, Any], dic
     if folder.has_model():
         model, classifier = load_run_model(folder.root)
         config = folder.read_config()
-        return model, classifier.preprocessing, {"frozen": config.frozen, "finetune": config.finetune}
+        finetune = config.finetune
+        if unfreeze_is_auto(finetune.unfreeze):  # resolved, as the run did, by its training set's size
+            train_images = len(folder.read_splits(folder.classes()).get("train", []))
+            finetune = replace(finetune, unfreeze=str(parse_unfreeze("auto", train_images)))
+        return model, classifier.preprocessing, {"frozen": config.frozen, "finetune": finetune}
     try:
         model = create_classifier(ModelConfig(name=source), num_classes)
     except WeightsUnavailableError:

@@ -106,7 +106,8 @@ def compare_parser(subparsers: Any) -> None:
     parser.add_argument("--epochs", type=int, default=5, help="epochs for every phase of every run (default: 5)")
     parser.add_argument("--patience", type=int, default=3,
                         help="every phase stops after this many epochs without a lower validation loss (default: 3)")
-    parser.add_argument("--unfreeze", default="3", help="blocks the fine-tune strategy unfreezes (default: 3)")
+    parser.add_argument("--unfreeze", default="auto",
+                        help="blocks the fine-tune strategy unfreezes, as --finetune-unfreeze (default: auto)")
     parser.add_argument("--output", metavar="DIR", help="comparison folder (default: runs/compare-<data>)")
     parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
     defaults = TrainConfig()

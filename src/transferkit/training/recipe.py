@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit import engine, models, runs
 from transferkit.audit.run import audit_of_run
-from transferkit.config import TrainConfig, parse_unfreeze
+from transferkit.config import MANY_BLOCKS, MANY_BLOCKS_FROM, TrainConfig, parse_unfreeze, unfreeze_is_auto
 from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.exclude import read_exclusions
 from transferkit.data.images import scan_images
@@ -192,7 +192,10 @@ def _train_in(
 
     # Decided first: with cached activations, the pass that computes them also stores the frozen
     # phase's features, so the bottom of the backbone runs once per image.
-    unfreeze = parse_unfreeze(config.finetune.unfreeze)
+    unfreeze = parse_unfreeze(config.finetune.unfreeze, len(targets))
+    if config.finetune.epochs > 0 and unfreeze_is_auto(config.finetune.unfreeze):
+        log.info("--finetune-unfreeze auto: %d blocks for %s training images (%d from %s)",
+                 unfreeze, f"{len(targets):,}", MANY_BLOCKS, f"{MANY_BLOCKS_FROM:,}")
     boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
     head_on_features = config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none"
     cached: dict[str, torch.Tensor] = {}
