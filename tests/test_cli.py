@@ -39,7 +39,6 @@ def test_help_lists_every_command_and_the_train_options(capsys: pytest.CaptureFi
         (["--split", "0.5,0.6,0.1"], "--split fractions must sum to 1"),
         (["--frozen-optimizer", "lion"], "--frozen-optimizer must be one of adamw, adam, sgd, rmsprop"),
         (["--finetune-unfreeze", "many"], "--finetune-unfreeze must be a block count"),
-        (["--frozen-unfreeze", "auto"], "--frozen-unfreeze must be 0: the frozen phase trains the new head alone"),
         (["--model", "efficientnet_lite9"], "unknown model 'efficientnet_lite9'.*Did you mean"),
         (["--splits-from", "no-such-run"], "no-such-run has no splits.csv, classes.json, skipped.csv"),
         (["--strategy", "frozen"], "--strategy 'frozen' is not one Lightning knows \\(auto, ddp, "),
@@ -64,6 +63,8 @@ def test_config_errors_are_one_line_each_without_a_traceback(
     [
         (["train", "DATA", "--frozen-epoch", "3"], "--frozen-epoch (did you mean --frozen-epochs?), 3"),
         (["train", "DATA", "--no-progres"], "--no-progres (did you mean --no-progress?)"),
+        # The frozen phase trains the head alone: it has no blocks to unfreeze.
+        (["train", "DATA", "--frozen-unfreeze", "2"], "--frozen-unfreeze (did you mean --finetune-unfreeze?), 2"),
         (["predict", "RUN", "x.jpg", "--top", "3"], "--top (did you mean --top-k?)"),
         (["compare", "DATA", "--strategis", "frozen"], "--strategis (did you mean --strategies?)"),
         (["evaluate", "RUN", "DATA", "extra"], "unrecognized arguments: extra"),

@@ -62,11 +62,12 @@ def test_views_go_to_the_strategy_that_fine_tunes_on_activations_alone() -> None
 
 def test_bad_train_options_are_refused_with_the_comparisons_own_problems(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
-        compare(str(tmp_path), strategies=["frozen"], epochs=0, output=tmp_path / "out",
+        compare(str(tmp_path), strategies=["frozen"], epochs=0, output=tmp_path / "out", unfreeze="many",
                 options={"data.batch_size": 0, "frozen.epoch": 3})
     assert raised.value.problems[0] == "--epochs must be at least 1, got 0"
-    assert raised.value.problems[1].startswith("'frozen.epoch' is not a TrainConfig option. Did you mean: frozen.epochs")
-    assert raised.value.problems[2] == "--batch-size must be at least 1, got 0"
+    assert raised.value.problems[1] == "--unfreeze must be a block count (3), a fraction (0.3), 'all' or 'auto', got 'many'"
+    assert raised.value.problems[2].startswith("'frozen.epoch' is not a TrainConfig option. Did you mean: frozen.epochs")
+    assert raised.value.problems[3] == "--batch-size must be at least 1, got 0"
     assert not (tmp_path / "out").exists()
 
 
@@ -145,6 +146,9 @@ def test_rerun_keeps_finished_runs_and_other_settings_are_refused(comparison_fol
     compare(source, models=[TINY_MODEL], epochs=2, output=comparison_folder, hidden_size=32,
             unfreeze="2", options=fixture_options(comparison_folder, tiny_weights))
     assert time.perf_counter() - started < 30
+    # Progress bars on or off (a resume piped to a file) is the same comparison.
+    compare(source, models=[TINY_MODEL], epochs=2, output=comparison_folder, hidden_size=32,
+            unfreeze="2", options={**fixture_options(comparison_folder, tiny_weights), "progress": True})
     assert {p: p.stat().st_mtime_ns for p in comparison_folder.glob("*/metrics.json")} == before
     with pytest.raises(ConfigError, match="other settings \\(epochs 2 there, 3 now\\)"):
         compare(source, models=[TINY_MODEL], epochs=3, output=comparison_folder, hidden_size=32,

@@ -8,6 +8,7 @@ from conftest import make_folder, tiny_config
 from PIL import Image
 
 from transferkit import config, models, train
+from transferkit._io import read_csv_rows
 from transferkit.cli import main
 from transferkit.models import load_model
 from transferkit.summary import summarize
@@ -30,23 +31,26 @@ def test_summary_of_a_run_counts_what_each_phase_really_trained(trained_run: Pat
     assert "trainable in the fine-tuning phase" in summary.table()
 
 
+@pytest.mark.parametrize(("many_from", "blocks"), [(40, 4), (49, 3)])
 def test_auto_unfreeze_trains_more_blocks_on_a_large_training_set_and_summary_says_so(
-    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, many_from: int, blocks: int
 ) -> None:
     # The rule scaled down to a test's size: 4 blocks (of the tiny model's 6, so not "all") from
-    # 40 training images, where the real rule is 6 blocks from 4,000.
+    # MANY_FROM training images, where the real rule is 6 blocks from 4,000. The folder's 60 images
+    # split into 48 training images, so 49 counts the training split, not the folder.
     monkeypatch.setattr(config, "MANY_BLOCKS", 4)
-    monkeypatch.setattr(config, "MANY_BLOCKS_FROM", 40)
+    monkeypatch.setattr(config, "MANY_BLOCKS_FROM", many_from)
     data = make_folder(tmp_path / "data", per_class=30)
     run = tmp_path / "run"
     train(data, tiny_config(run, tiny_weights, **{"finetune.unfreeze": "auto"}))
 
     assert (run / "config.yaml").read_text().count("unfreeze: auto") == 1
+    assert sum(row["split"] == "train" for row in read_csv_rows(run / "splits.csv")) == 48
     model, _ = load_model(run / "model")
-    models.unfreeze_top(model, 4)
-    four_blocks = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    models.unfreeze_top(model, blocks)
+    expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trained = json.loads((run / "progress.json").read_text())["phases"]["finetune"]["trainable_parameters"]
-    assert trained == four_blocks and summarize(run).trainable["finetune"] == four_blocks
+    assert trained == expected and summarize(run).trainable["finetune"] == expected
 
 
 def test_summary_command_for_a_model_name_writes_the_table_and_diagram(

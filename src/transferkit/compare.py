@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, read_json, write_csv_rows, write_json, write_text
-from transferkit.config import DEFAULT_MODEL, TrainConfig
+from transferkit.config import DEFAULT_MODEL, TrainConfig, parse_unfreeze
 from transferkit.errors import ConfigError, RunFolderError, close_matches, raise_together
 from transferkit.runs import RunFolder
 
@@ -129,7 +129,7 @@ def _uncacheable(models: list[str], unfreeze: str) -> list[str]:
     import timm
 
     from transferkit.activations import boundary_index
-    from transferkit.config import FEW_BLOCKS, MANY_BLOCKS, parse_unfreeze, unfreeze_is_auto
+    from transferkit.config import FEW_BLOCKS, MANY_BLOCKS, unfreeze_is_auto
 
     # Before the data is read, auto may yet mean either count: refused here only where neither
     # can be cached; where one can, the run itself says so if its count cannot.
@@ -190,15 +190,21 @@ def run_name(strategy: str, model: str, several_models: bool) -> str:
     return f"{strategy}-{model.replace('/', '_')}" if several_models else strategy
 
 
+def _compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that must match to resume: whether progress bars show changes no result, so a
+    resume with its output piped (``| tee``, nohup) is the same comparison."""
+    return {**settings, "options": {k: v for k, v in settings.get("options", {}).items() if k != "progress"}}
+
+
 def _check_settings(output: Path, settings: dict[str, Any]) -> None:
     """A comparison folder is resumed only with the settings it was started with."""
     path = output / "comparison.json"
     if path.is_file():
-        earlier = read_json(path)
-        if earlier != settings:
-            changed = sorted(key for key in set(earlier) | set(settings) if earlier.get(key) != settings.get(key))
+        earlier, now = (_compared(s) for s in (read_json(path), settings))
+        if earlier != now:
+            changed = sorted(key for key in set(earlier) | set(now) if earlier.get(key) != now.get(key))
             # Both values, since a default that changed between versions looks like "the same options".
-            differences = "; ".join(f"{key} {earlier.get(key)!r} there, {settings.get(key)!r} now" for key in changed)
+            differences = "; ".join(f"{key} {earlier.get(key)!r} there, {now.get(key)!r} now" for key in changed)
             raise ConfigError([
                 f"{output} holds a comparison with other settings ({differences}); "
                 "rerun it with the same options or choose another --output"
@@ -236,6 +242,10 @@ def compare(
         problems.append(f"--epochs must be at least 1, got {epochs}")
     if len(set(strategies)) != len(strategies) or len(set(models)) != len(models):
         problems.append("--strategies and --models must not repeat a name")
+    try:
+        parse_unfreeze(unfreeze)
+    except ValueError:  # else only the fine-tune strategy's run would say so, after the others trained
+        problems.append(f"--unfreeze must be a block count (3), a fraction (0.3), 'all' or 'auto', got {unfreeze!r}")
     options = dict(options or {})
     shared = raise_together(problems, lambda: TrainConfig.from_options(options))
     if shared.finetune_on == "activations" and "fine-tune" in strategies:

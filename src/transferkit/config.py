@@ -261,9 +261,6 @@ class TrainConfig:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]
         found = _non_finite(self) + self.data.problems() + self.model.problems()
         found += self.frozen.problems("frozen") + self.finetune.problems("finetune")
-        if str(self.frozen.unfreeze).strip() != "0":
-            found.append("--frozen-unfreeze must be 0: the frozen phase trains the new head alone "
-                         f"(--finetune-unfreeze sets the blocks fine-tuning trains), got {self.frozen.unfreeze!r}")
         if self.class_balance not in CLASS_BALANCE:
             found.append(f"--class-balance must be one of {', '.join(CLASS_BALANCE)}, got {self.class_balance!r}")
         if math.isfinite(self.activation_cache_gb) and self.activation_cache_gb < 0:

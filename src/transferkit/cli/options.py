@@ -85,7 +85,9 @@ def train_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
     defaults = TrainConfig()
     for kind, prefix, attribute in SECTIONS:
-        _add_fields(parser, kind, prefix, attribute, getattr(defaults, attribute))
+        # The frozen phase trains the new head alone, whatever its unfreeze says: no flag for it.
+        skip = frozenset({"unfreeze"}) if attribute == "frozen" else frozenset()
+        _add_fields(parser, kind, prefix, attribute, getattr(defaults, attribute), skip=skip)
     _add_fields(parser, TrainConfig, "", "", defaults)
     parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run from its folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
