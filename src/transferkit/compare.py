@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, read_json, write_csv_rows, write_json, write_text
-from transferkit.config import DEFAULT_MODEL, TrainConfig, parse_unfreeze
+from transferkit.config import DEFAULT_MODEL, FEW_BLOCKS, MANY_BLOCKS, TrainConfig, parse_unfreeze, unfreeze_is_auto
 from transferkit.errors import ConfigError, RunFolderError, close_matches, raise_together
 from transferkit.runs import RunFolder
 
@@ -129,7 +129,6 @@ def _uncacheable(models: list[str], unfreeze: str) -> list[str]:
     import timm
 
     from transferkit.activations import boundary_index
-    from transferkit.config import FEW_BLOCKS, MANY_BLOCKS, unfreeze_is_auto
 
     # Before the data is read, auto may yet mean either count: refused here only where neither
     # can be cached; where one can, the run itself says so if its count cannot.
