@@ -34,8 +34,8 @@ UNKNOWN_SCORES = ("msp", "energy", "knn", "none")
 # -unfreeze6, means of seeds 42, 1, 2): cifar10 (41,670 training images) test 0.8986 against 0.8757
 # (seed 42), chest X-rays (4,346) val 0.9770 against 0.9713 and test 0.8007 against 0.7922, but
 # tf_flowers (2,934) 0.9357 against 0.9366 in 138 s against 85 s, hymenoptera (244) 0.9564 against
-# 0.9542 (one image of 153 over the three seeds). cifar10_subset (4,170; seed 42, by hand) gained 2.5 points.
-# The line sits in the gap between the sizes measured to gain and not.
+# 0.9542 (one image of 153 over the three seeds). cifar10_subset (4,170; seed 42, by hand) gained
+# 2.5 points. The line sits in the gap between the sizes measured to gain and not.
 FEW_BLOCKS, MANY_BLOCKS, MANY_BLOCKS_FROM = 3, 6, 4_000
 
 
