@@ -49,8 +49,9 @@ def test_auto_unfreeze_trains_more_blocks_on_a_large_training_set_and_summary_sa
     model, _ = load_model(run / "model")
     models.unfreeze_top(model, blocks)
     expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trained = json.loads((run / "progress.json").read_text())["phases"]["finetune"]["trainable_parameters"]
-    assert trained == expected and summarize(run).trainable["finetune"] == expected
+    finetune = json.loads((run / "metrics.json").read_text())["phases"]["finetune"]
+    assert finetune["trained_blocks"] == blocks, "metrics.json says what auto chose"
+    assert finetune["trainable_parameters"] == expected and summarize(run).trainable["finetune"] == expected
 
 
 def test_summary_command_for_a_model_name_writes_the_table_and_diagram(

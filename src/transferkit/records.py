@@ -59,6 +59,8 @@ class PhaseRecord:
     epochs: int | None = None
     trainable_parameters: int | None = None
     total_parameters: int | None = None
+    trained_blocks: int | None = None
+    """Backbone blocks that trained (``--finetune-unfreeze auto`` chooses by the data); None for the head alone."""
     fit_seconds: float | None = None
     """Training only, on the process that recorded the phase."""
     precision: str | None = None

@@ -49,14 +49,16 @@ class FineTuning(L.Callback):
         self.batchnorm = batchnorm
         self.parameters = (0, 0)
         """(trainable, total), once frozen."""
+        self.trained_blocks: int | None = None
         self.schedule = Schedule.for_phase(phase, steps_per_epoch=1)  # the loader's length is set on_train_start
 
     def freeze_before_training(self, model: nn.Module) -> None:
         if self.unfreeze == 0:
             models.freeze_backbone(model)
         else:
-            count = models.unfreeze_top(model, self.unfreeze)
-            log.info("phase %s: %d of %d backbone blocks train", self.name, count, len(models.backbone_blocks(model)))
+            self.trained_blocks = models.unfreeze_top(model, self.unfreeze)
+            log.info("phase %s: %d of %d backbone blocks train", self.name, self.trained_blocks,
+                     len(models.backbone_blocks(model)))
         self.parameters = log_trainable(self.name, model)
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
@@ -258,6 +260,7 @@ def fit_with_lightning(
         best_val_acc=None if diverged or best is None else best.val_acc,
         best_epoch=None if diverged or best is None else best.epoch,
         epochs=epochs, trainable_parameters=module.finetuning.parameters[0],
-        total_parameters=module.finetuning.parameters[1], fit_seconds=round(time.perf_counter() - started, 3),
+        total_parameters=module.finetuning.parameters[1], trained_blocks=module.finetuning.trained_blocks,
+        fit_seconds=round(time.perf_counter() - started, 3),
         precision=str(trainer.precision),
     )
