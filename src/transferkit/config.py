@@ -154,9 +154,9 @@ def unfreeze_is_auto(spec: str) -> bool:
 def parse_unfreeze(spec: str, train_images: int | None = None) -> int | float | None:
     """'all' -> None, '3' -> 3 blocks, '0.3' -> 30% of the blocks, 'auto' -> by the training
     set's size (``train_images``; unknown counts as small)."""
-    if unfreeze_is_auto(spec):
-        return MANY_BLOCKS if train_images is not None and train_images >= MANY_BLOCKS_FROM else FEW_BLOCKS
     spec = str(spec).strip().lower()
+    if spec == "auto":
+        return MANY_BLOCKS if train_images is not None and train_images >= MANY_BLOCKS_FROM else FEW_BLOCKS
     if spec == "all":
         return None
     if spec.isdigit():

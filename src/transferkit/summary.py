@@ -76,13 +76,7 @@ def _load(source: str, num_classes: int) -> tuple[nn.Module, dict[str, Any], dic
     (whose ``--finetune-unfreeze auto`` is then that of a training set under 4,000 images)."""
     from dataclasses import replace
 
-    from transferkit.config import (
-        ModelConfig,
-        default_finetune_phase,
-        default_frozen_phase,
-        parse_unfreeze,
-        unfreeze_is_auto,
-    )
+    from transferkit.config import ModelConfig, default_finetune_phase, default_frozen_phase
     from transferkit.data.loaders import resolve_preprocessing
     from transferkit.inference import load_run_model
     from transferkit.models import create_classifier
@@ -92,10 +86,10 @@ def _load(source: str, num_classes: int) -> tuple[nn.Module, dict[str, Any], dic
     if folder.has_model():
         model, classifier = load_run_model(folder.root)
         config = folder.read_config()
-        finetune = config.finetune
-        if unfreeze_is_auto(finetune.unfreeze):  # resolved, as the run did, by its training set's size
-            train_images = len(folder.read_splits(folder.classes()).get("train", []))
-            finetune = replace(finetune, unfreeze=str(parse_unfreeze("auto", train_images)))
+        finetune, metrics = config.finetune, folder.read_metrics()
+        trained = metrics.phases.get("finetune") if metrics else None
+        if trained and trained.trained_blocks:  # the count the run recorded, which auto chose by its data
+            finetune = replace(finetune, unfreeze=str(trained.trained_blocks))
         return model, classifier.preprocessing, {"frozen": config.frozen, "finetune": finetune}
     try:
         model = create_classifier(ModelConfig(name=source), num_classes)
