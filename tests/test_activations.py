@@ -349,7 +349,7 @@ def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_
             received.setdefault(trainer.current_epoch, []).extend(where[row.numpy().tobytes()] for row in batch[0])
 
     targets = index.targets("train")
-    val = torch.utils.data.TensorDataset(cached["val"], torch.tensor(index.targets("val")))
+    val = activation_inputs.ViewDataset([cached["val"]], torch.tensor(index.targets("val")))
     fit_with_lightning(
         ImageClassifier(model, torch.nn.CrossEntropyLoss(), Recording("finetune", config.finetune, 2, "frozen"),
                         boundary, "none"),

@@ -4,8 +4,10 @@ import csv
 import hashlib
 import logging
 import os
+import pickle
 import shutil
 import stat
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +259,49 @@ def test_a_pass_stopped_midway_keeps_every_chunk_it_finished(tmp_path: Path, mon
     features, stats = cache.features(paths, resumed)
     assert stats.from_cache == 20 and len(computed) == 15, "the two finished chunks are not computed again"
     assert np.array_equal(features, first_byte_features(paths, {}))
+
+
+def wide_features(paths: list[str], digests: dict[str, bytes]) -> np.ndarray:
+    """64 KB a row, like boundary activations: each file's last byte, repeated."""
+    return np.repeat(first_byte_features(paths, digests)[:, :1], 16384, axis=1)
+
+
+def test_cached_rows_are_read_from_the_cache_files_never_all_held_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("transferkit.features.CHUNK", 64)
+    paths = numbered_files(tmp_path / "images", 1024)
+    expected = wide_features(paths, {})
+    cache = FeatureCache(tmp_path / "features")
+    tracemalloc.start()
+    try:
+        cold, _ = cache.rows(paths, wide_features)
+        cold_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        warm, stats = cache.rows(paths, wide_features)
+        warm_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # 64 MB of rows in all: a pass holds one chunk of them (4 MB, twice while it is stored), a
+    # rerun none; hashing the files takes about 5 MB of buffers either way.
+    assert cold_peak < expected.nbytes / 3 and warm_peak < expected.nbytes / 3, (cold_peak, warm_peak)
+    assert stats.from_cache == 1024 and len(list(cache.folder.glob("*.npz"))) == 16
+    for rows in (cold, warm):
+        assert rows.shape == expected.shape
+        np.testing.assert_array_equal(rows.numpy(), expected)
+        np.testing.assert_array_equal(rows[np.array([300, 5, 300, 6])].numpy(), expected[[300, 5, 300, 6]])
+        np.testing.assert_array_equal(rows[7].numpy(), expected[7])
+        np.testing.assert_array_equal(rows.subset(100, 200)[50:60].numpy(), expected[150:160])
+
+
+def test_cached_rows_outlive_their_shards_being_merged_away_and_travel_to_another_process(tmp_path: Path) -> None:
+    paths = numbered_files(tmp_path / "images", 40)
+    expected = wide_features(paths, {})
+    cache = FeatureCache(tmp_path / "features")
+    rows, _ = cache.rows(paths, wide_features)
+    sent = pickle.dumps(rows.subset(10, 20))  # as a spawned worker receives them: by the shard's name
+    np.testing.assert_array_equal(pickle.loads(sent).numpy(), expected[10:20])
+    # What a run compacting the folder at the same time does to the shard this run reads.
+    for shard in cache.folder.glob("*.npz"):
+        shard.unlink()
+    np.testing.assert_array_equal(rows.numpy(), expected)

@@ -227,8 +227,8 @@ class TrainConfig:
     )
     activation_cache_gb: float = field(
         default=20.0,
-        metadata=_help("largest size of a run's cached activations, views included, in GB (held in memory too, "
-                      "about twice); above it fine-tuning runs on images"),
+        metadata=_help("largest size of a run's cached activations, views included, in GB of disk (read from "
+                      "there a batch at a time, never all held in memory); above it fine-tuning runs on images"),
     )
     feature_cache: bool = field(
         default=True,

@@ -8,9 +8,11 @@ same backbone, or a re-run with another head reads them instead of decoding and 
 Keys: the backbone (architecture, a digest of its weights, the preprocessing and the pooling)
 names a folder; each image is keyed by the SHA-256 of its file's bytes, so renaming or moving a
 file keeps its features and editing it does not. A folder holds shards (``*.npz`` with
-``digests``, n x 32 bytes, and ``features``); new features go into a new shard written atomically, so a killed
-run or two runs at once never leave a file that a later run trips on. Once a folder holds more
-than ``COMPACT_AT`` shards smaller than a chunk, a run merges those into one.
+``digests``, n x 32 bytes, and ``features``); new features go into a new shard written
+atomically, so a killed run or two runs at once never leave a file that a later run trips on.
+Once a folder holds more than ``COMPACT_AT`` shards smaller than a chunk, a run merges those into
+one. A run reads rows from the shards as it needs them (``cached_rows``) instead of holding them
+all: its boundary activations stay on disk and in the OS's page cache.
 
 The cache only ever saves time: a folder that cannot be read or written is warned about once,
 and the features are computed as if it were empty.
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
+from transferkit.cached_rows import CachedRows, ShardRows, locate_shard
 from transferkit.inference import create_forward, run_forward
 
 log = logging.getLogger(__name__)
@@ -129,11 +132,12 @@ class FeatureCache:
     ) -> FeatureCache:
         return cls(feature_cache_folder(cache_dir) / backbone_digest(model, preprocessing, global_pool))
 
-    def _read_shard(self, shard: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    def _locate(self, shard: Path) -> tuple[np.ndarray, ShardRows, int] | None:
+        """``cached_rows.locate_shard``, or None for a shard that is gone or cannot be used."""
         try:
-            with np.load(shard, allow_pickle=False) as data:
-                digests, features = data["digests"], data["features"]
-            if digests.dtype != np.uint8 or digests.shape != (len(features), DIGEST_BYTES):
+            digests, rows, descriptor = locate_shard(shard)
+            if digests.dtype != np.uint8 or digests.shape != (rows.rows, DIGEST_BYTES):
+                os.close(descriptor)
                 raise ValueError(f"digests of shape {digests.shape} and type {digests.dtype}")
         except FileNotFoundError:  # merged into another shard by a run going on at the same time
             return None
@@ -151,56 +155,68 @@ class FeatureCache:
                 done = "delete it"
             _warn_once(shard, "read", "feature cache: ignoring unreadable shard %s (%s); %s", shard, error, done)
             return None
-        return digests, features
+        return digests, rows, descriptor
 
-    def _load(self, wanted: set[bytes]) -> dict[bytes, np.ndarray]:
-        found: dict[bytes, np.ndarray] = {}
+    def _shards(self) -> list[tuple[np.ndarray, ShardRows, int]]:
         try:
             shards = sorted(self.folder.glob("*.npz")) if self.folder.is_dir() else []
         except OSError as error:
             _warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
                        self.folder, error)
-            return found
-        read: list[tuple[Path, np.ndarray, np.ndarray]] = []
-        for shard in shards:
-            content = self._read_shard(shard)
-            if content is None:
-                continue
-            digests, features = content
-            read.append((shard, digests, features))
-            for digest, row in zip((d.tobytes() for d in digests), features):
-                if digest in wanted and digest not in found:
-                    found[digest] = row
-        partial = [entry for entry in read if len(entry[1]) < CHUNK]
-        if len(partial) > COMPACT_AT:
-            self._compact(partial)
-        return found
+            return []
+        return [located for located in map(self._locate, shards) if located is not None]
 
-    def _compact(self, shards: list[tuple[Path, np.ndarray, np.ndarray]]) -> None:
+    def _index(self, wanted: set[bytes]) -> tuple[list[ShardRows | np.ndarray], dict[int, int], dict[bytes, tuple[int, int]]]:
+        """The shards holding some of ``wanted`` (their files open, by source index) and where
+        each wanted digest's row lies: (source index, row)."""
+        located = self._shards()
+        partial = [entry for entry in located if entry[1].rows < CHUNK]
+        if len(partial) > COMPACT_AT and self._compact(partial):
+            for _, _, descriptor in located:
+                os.close(descriptor)
+            located = self._shards()
+        sources: list[ShardRows | np.ndarray] = []
+        descriptors: dict[int, int] = {}
+        found: dict[bytes, tuple[int, int]] = {}
+        for digests, rows, descriptor in located:
+            here = [(digest, row) for row, digest in enumerate(d.tobytes() for d in digests)
+                    if digest in wanted and digest not in found]
+            if not here:
+                os.close(descriptor)
+                continue
+            descriptors[len(sources)] = descriptor
+            found.update((digest, (len(sources), row)) for digest, row in here)
+            sources.append(rows)
+        return sources, descriptors, found
+
+    def _compact(self, shards: list[tuple[np.ndarray, ShardRows, int]]) -> bool:
         """Merge shards into one, each digest once (two cold runs store the same images twice).
         The merged shard is in place before any shard it replaces goes, so nothing is lost to a
         kill; two runs compacting at once leave two shards, both correct."""
-        try:
-            digests = np.concatenate([digests for _, digests, _ in shards])
-            features = np.concatenate([features for _, _, features in shards])
-        except ValueError as error:  # shards of other widths: leave them to be read one by one
-            log.info("feature cache: not merging the shards of %s (%s)", self.folder, error)
-            return
+        if len({(rows.row_shape, rows.dtype) for _, rows, _ in shards}) > 1:
+            log.info("feature cache: not merging the shards of %s (rows of other shapes)", self.folder)
+            return False
+        digests = np.concatenate([digests for digests, _, _ in shards])
         _, first = np.unique(digests, axis=0, return_index=True)
         keep = np.sort(first)
-        if len(keep) < len(digests):  # a copy of every row only where some are twice
-            digests, features = digests[keep], features[keep]
-        if self._write(digests, features):
-            for shard, _, _ in shards:
-                try:
-                    shard.unlink(missing_ok=True)
-                except OSError as error:  # another user's shard in a sticky shared folder: a duplicate, no more
-                    log.info("feature cache: could not remove merged shard %s (%s)", shard, error)
-            log.info("feature cache: merged %d shards of %s into one (%d images)",
-                     len(shards), self.folder, len(keep))
+        row_of = np.concatenate([np.arange(rows.rows) for _, rows, _ in shards])[keep]
+        source_of = np.concatenate([np.full(rows.rows, i) for i, (_, rows, _) in enumerate(shards)])[keep]
+        merged = CachedRows(
+            shards[0][1].row_shape, shards[0][1].dtype, [rows for _, rows, _ in shards],
+            {i: os.dup(descriptor) for i, (_, _, descriptor) in enumerate(shards)}, source_of, row_of,
+        )
+        if self._write(digests[keep], merged.numpy()) is None:
+            return False
+        for _, rows, _ in shards:
+            try:
+                rows.path.unlink(missing_ok=True)
+            except OSError as error:  # another user's shard in a sticky shared folder: a duplicate, no more
+                log.info("feature cache: could not remove merged shard %s (%s)", rows.path, error)
+        log.info("feature cache: merged %d shards of %s into one (%d images)", len(shards), self.folder, len(keep))
+        return True
 
-    def _write(self, digests: np.ndarray, features: np.ndarray) -> bool:
-        """A new shard; False, with one warning, where the folder cannot take it."""
+    def _write(self, digests: np.ndarray, features: np.ndarray) -> Path | None:
+        """A new shard; None, with one warning, where the folder cannot take it."""
         shard = self.folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
 
         def write(tmp: Path) -> None:
@@ -213,64 +229,73 @@ class FeatureCache:
             _warn_once(self.folder, "write", "feature cache: cannot store features in %s (%s); they are "
                        "computed again next run; set --cache-dir or TRANSFERKIT_CACHE to a writable folder",
                        self.folder, error)
-            return False
-        return True
+            return None
+        return shard
 
-    def store(self, paths: list[str], rows: np.ndarray, decoded: dict[str, bytes]) -> None:
-        """Rows of ``paths``, each under the digest of the bytes it came from (``decoded``); also
-        for rows a pass computed beside another cache's (``activations.BottomAndPooled``)."""
+    def store(self, paths: list[str], rows: np.ndarray, decoded: dict[str, bytes]) -> Path | None:
+        """Rows of ``paths``, each under the digest of the bytes it came from (``decoded``), in a
+        new shard, in that order, each digest once; also for rows a pass computed beside another
+        cache's (``activations.BottomAndPooled``)."""
         fresh = {decoded[path]: row for path, row in zip(paths, rows) if path in decoded}
-        if fresh:
-            # Raw bytes, not a NumPy bytes string: that type drops trailing zero bytes, so one
-            # digest in 256 would never match again.
-            digests = np.frombuffer(b"".join(fresh), dtype=np.uint8).reshape(len(fresh), DIGEST_BYTES)
-            self._write(digests, np.stack(list(fresh.values())))
+        if not fresh:
+            return None
+        # Raw bytes, not a NumPy bytes string: that type drops trailing zero bytes, so one
+        # digest in 256 would never match again.
+        digests = np.frombuffer(b"".join(fresh), dtype=np.uint8).reshape(len(fresh), DIGEST_BYTES)
+        return self._write(digests, np.stack(list(fresh.values())))
 
-    def _compute(self, paths: list[str], compute: Compute) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
-        """Rows of ``paths`` and the digests of the bytes they came from; stored under those."""
+    def _compute(
+        self, paths: list[str], compute: Compute, sources: list[ShardRows | np.ndarray], descriptors: dict[int, int]
+    ) -> tuple[dict[str, tuple[int, int]], dict[str, bytes]]:
+        """Where the rows of ``paths`` now lie, (source index, row), and the digests of the bytes
+        they came from; stored under those, and read back from the shard, so only the chunk
+        being computed is ever in memory. Kept in memory where the cache cannot store them."""
         decoded: dict[str, bytes] = {}
         rows = np.asarray(compute(paths, decoded), dtype=self.dtype)
         if len(rows) != len(paths):
             raise RuntimeError(f"feature pass gave {len(rows)} rows for {len(paths)} images")
-        self.store(paths, rows, decoded)
-        return dict(zip(paths, rows)), decoded
+        shard = self.store(paths, rows, decoded)
+        located = self._locate(shard) if shard is not None and all(path in decoded for path in paths) else None
+        if located is None:  # not stored, or merged away by another run already
+            sources.append(rows)
+            return {path: (len(sources) - 1, i) for i, path in enumerate(paths)}, decoded
+        _, shard_rows, descriptor = located
+        descriptors[len(sources)] = descriptor
+        sources.append(shard_rows)
+        slot = {digest: i for i, digest in enumerate(dict.fromkeys(decoded[path] for path in paths))}
+        return {path: (len(sources) - 1, slot[decoded[path]]) for path in paths}, decoded
 
-    def features(self, paths: list[str], compute: Compute) -> tuple[np.ndarray, FeatureStats]:
-        """Features for every path, in order: read from the cache, ``compute`` the rest (one call a
-        chunk, each distinct image once) and store them under the digest of the bytes they were
-        computed from, never the one looked up: a file rewritten in between must not leave the
-        new image's features under the old content."""
+    def rows(self, paths: list[str], compute: Compute) -> tuple[CachedRows, FeatureStats]:
+        """Rows for every path, in order, read from the cache's files when asked: the cached ones,
+        and the rest computed (one ``compute`` a chunk, each distinct image once) and stored under
+        the digest of the bytes they were computed from, never the one looked up: a file
+        rewritten in between must not leave the new image's features under the old content."""
         started = time.perf_counter()
         digests = content_digests(paths)
-        known = self._load(set(digests))
+        sources, descriptors, known = self._index(set(digests))
         hits = sum(digest in known for digest in digests)
-        missing: dict[bytes, str] = {}
-        for path, digest in zip(paths, digests):
-            if digest not in known:
-                missing.setdefault(digest, path)
-        # Rows go straight into the result as they are read or computed, so no two copies of them
-        # are ever alive at once (stacking them at the end copied 1.37 GiB of cifar10's activations).
+        source_of = np.zeros(len(paths), np.int32)
+        row_of = np.zeros(len(paths), np.int64)
         at_digest: dict[bytes, list[int]] = {}
         for position, digest in enumerate(digests):
             at_digest.setdefault(digest, []).append(position)
-        result: np.ndarray | None = None
 
         def at_path(path: str) -> list[int]:  # only for files rewritten during the pass: rare
             return [position for position, other in enumerate(paths) if other == path]
 
-        def place(positions: list[int], row: np.ndarray) -> None:
-            nonlocal result
-            if result is None:
-                result = np.empty((len(paths), *np.shape(row)), self.dtype)
-            result[positions] = row
+        def place(positions: list[int], where: tuple[int, int]) -> None:
+            source_of[positions], row_of[positions] = where
 
-        for digest, row in known.items():
-            place(at_digest[digest], row)
-        known.clear()  # the shards it points into
+        for digest, where in known.items():
+            place(at_digest[digest], where)
+        missing: dict[bytes, str] = {}
+        for path, digest in zip(paths, digests):
+            if digest not in known:
+                missing.setdefault(digest, path)
         pending = list(missing.items())
         # Stored a chunk at a time, so a pass killed at minute 20 of 25 keeps what it computed.
         for chunk in (dict(pending[start : start + CHUNK]) for start in range(0, len(pending), CHUNK)):
-            computed, decoded = self._compute(list(chunk.values()), compute)
+            computed, decoded = self._compute(list(chunk.values()), compute, sources, descriptors)
             changed = set()
             for digest, path in chunk.items():
                 if decoded.get(path) == digest:
@@ -283,12 +308,19 @@ class FeatureCache:
             # Files that shared a rewritten file's old content each get their own row.
             again = [path for path, digest in zip(paths, digests) if digest in changed and path not in computed]
             if again:
-                for path, row in self._compute(again, compute)[0].items():
-                    place(at_path(path), row)
-        features = result if result is not None else np.zeros((0, 0), self.dtype)
+                for path, where in self._compute(again, compute, sources, descriptors)[0].items():
+                    place(at_path(path), where)
+        first = sources[0] if sources else None
+        row_shape = first.row_shape if isinstance(first, ShardRows) else first.shape[1:] if first is not None else (0,)
+        rows = CachedRows(row_shape, self.dtype, sources, descriptors, source_of, row_of)
         stats = FeatureStats(images=len(paths), from_cache=hits, seconds=time.perf_counter() - started)
         log.info("%s: %d images, %d from the cache (%s), %.1f s", self.kind, len(paths), hits, self.folder, stats.seconds)
-        return features, stats
+        return rows, stats
+
+    def features(self, paths: list[str], compute: Compute) -> tuple[np.ndarray, FeatureStats]:
+        """``rows`` of every path, read into memory: for pooled features, small enough to hold."""
+        rows, stats = self.rows(paths, compute)
+        return rows.numpy(), stats
 
 
 def cached_pooled_features(

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit import activations, models
+from transferkit.cached_rows import CachedRows
 from transferkit.config import TrainConfig
 from transferkit.data.folders import DatasetIndex
 from transferkit.data.loaders import AugmentedView
@@ -47,11 +48,11 @@ def boundary_cache_folder(model: nn.Module, boundary: int, preprocessing: dict[s
     return feature_cache_folder(config.cache_dir) / f"{digest}-after-{layer}"
 
 
-def by_split(array: np.ndarray, index: DatasetIndex) -> dict[str, torch.Tensor]:
-    """Rows in the order of ``index.splits``' images, as one tensor per split."""
+def split_bounds(index: DatasetIndex) -> dict[str, slice]:
+    """Where each split's rows lie among rows in the order of ``index.splits``' images."""
     result, start = {}, 0
     for split, items in index.splits.items():
-        result[split] = torch.from_numpy(array[start : start + len(items)])
+        result[split] = slice(start, start + len(items))
         start += len(items)
     return result
 
@@ -102,28 +103,28 @@ def finetune_boundary(
 def boundary_activations(
     model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig,
     pooled: FeatureCache | None = None,
-) -> tuple[dict[str, torch.Tensor], FeatureStats]:
+) -> tuple[dict[str, CachedRows], FeatureStats]:
     """The activations at ``boundary`` of every split's images, float16, from the persistent
     cache where it has them (keyed like the pooled features, and by the boundary), and how many
     it had. The pass that computes the others stores their pooled features in ``pooled`` (the
     backbone's feature cache) too, so the backbone's bottom runs once per image."""
     paths = [path for items in index.splits.values() for path, _ in items]
-    array, stats = _cached_activations(model, boundary, paths, preprocessing, config, view=0, pooled=pooled)
-    return by_split(array, index), stats
+    rows, stats = _cached_activations(model, boundary, paths, preprocessing, config, view=0, pooled=pooled)
+    return {split: rows.subset(bounds.start, bounds.stop) for split, bounds in split_bounds(index).items()}, stats
 
 
 def training_views(
     model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
-) -> list[torch.Tensor]:
+) -> list[CachedRows]:
     """Views 1 to ``views_read(config)`` of the training images' activations at ``boundary``,
-    one tensor each, rows in the order of the training split; each from its own cache folder."""
+    one ``CachedRows`` each, rows in the order of the training split; each from its own cache folder."""
     paths = [path for path, _ in index.splits["train"]]
     read = views_read(config)
     if read < config.finetune_views:
         log.info("--finetune-views %d: %d fine-tuning epochs read %d of them; only those are computed",
                  config.finetune_views, config.finetune.epochs, read)
     return [
-        torch.from_numpy(_cached_activations(model, boundary, paths, preprocessing, config, view)[0])
+        _cached_activations(model, boundary, paths, preprocessing, config, view)[0]
         for view in range(1, read + 1)
     ]
 
@@ -131,10 +132,10 @@ def training_views(
 def _cached_activations(
     model: nn.Module, boundary: int, paths: list[str], preprocessing: dict[str, Any], config: TrainConfig, view: int,
     pooled: FeatureCache | None = None,
-) -> tuple[np.ndarray, FeatureStats]:
+) -> tuple[CachedRows, FeatureStats]:
     """The activations of view ``view`` (0: the image itself) of every path, computed a chunk at a
     time where the cache lacks them, each chunk's pooled features stored in ``pooled`` beside them;
-    a killed pass keeps every chunk it stored."""
+    a killed pass keeps every chunk it stored. They stay in the cache's files, read as needed."""
     folder = boundary_cache_folder(model, boundary, preprocessing, config)
     transform = None
     if view:
@@ -158,7 +159,7 @@ def _cached_activations(
         pooled.store(missing, features, digests)
         return below
 
-    return cache.features(paths, compute)
+    return cache.rows(paths, compute)
 
 
 class ViewSampler(torch.utils.data.Sampler[int]):
@@ -185,10 +186,11 @@ class ViewSampler(torch.utils.data.Sampler[int]):
 
 
 class ViewDataset(Dataset):
-    """(activations, label) of the training images under every view, view v's row i at index
-    v x images + i; the views are kept apart, never copied into one tensor."""
+    """(activations, label) of a split's images under each of its views (the training split's
+    ``--finetune-views``, or the validation split's one), view v's row i at index v x images + i;
+    each row is read from the cache when asked."""
 
-    def __init__(self, views: list[torch.Tensor], targets: torch.Tensor):
+    def __init__(self, views: list[CachedRows], targets: torch.Tensor):
         self.views = views
         self.targets = targets
 
@@ -201,7 +203,7 @@ class ViewDataset(Dataset):
 
 
 def training_loader(
-    views: list[torch.Tensor], targets: list[int], sampler: EpochSampler, batch_size: int
+    views: list[CachedRows], targets: list[int], sampler: EpochSampler, batch_size: int
 ) -> DataLoader:
     """Fine-tuning's training batches on cached activations: ``views[0]`` the plain ones, one
     view an epoch in turn."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from transferkit import activations, models, rejection
+from transferkit.cached_rows import CachedRows
 from transferkit.calibration import before_and_after, fit_calibration
 from transferkit.data.folders import DatasetIndex
 from transferkit.metrics import compute_metrics, evaluation_from_probabilities, headline, unknown_share
@@ -35,18 +36,18 @@ class PhaseInputs:
     preprocessing: dict[str, Any]
     features: dict[str, torch.Tensor]
     boundary: int | None
-    boundary_activations: dict[str, torch.Tensor] | None
+    boundary_activations: dict[str, CachedRows] | None
     backend: str
     num_workers: int
     progress_bar: bool
 
     def pooled(self, model: nn.Module, phase: str, split: str, rows: np.ndarray | None = None) -> torch.Tensor:
         """The pooled features of ``split`` (only ``rows`` of it, where given) under ``model``."""
-        chosen = slice(None) if rows is None else torch.from_numpy(rows)
         if phase == "frozen" and split in self.features:
-            return self.features[split][chosen]
+            return self.features[split][slice(None) if rows is None else torch.from_numpy(rows)]
         if phase == "finetune" and self.boundary is not None and split in (self.boundary_activations or {}):
-            return _top_pooled(model, self.boundary_activations[split][chosen], self.boundary)  # type: ignore[index]
+            cached = self.boundary_activations[split]  # type: ignore[index]
+            return _top_pooled(model, cached, np.arange(len(cached)) if rows is None else rows, self.boundary)
         items = self.index.splits[split]
         paths = [path for path, _ in items] if rows is None else [items[row][0] for row in rows]
         if not paths:
@@ -124,13 +125,16 @@ def _classify(model: nn.Module, pooled: torch.Tensor) -> np.ndarray:
         return models.classify_pooled(model.eval(), pooled.to(device), 0.0).float().cpu().numpy()
 
 
-def _top_pooled(model: nn.Module, cached: torch.Tensor, boundary: int, batch_size: int = 64) -> torch.Tensor:
+def _top_pooled(
+    model: nn.Module, cached: CachedRows, rows: np.ndarray, boundary: int, batch_size: int = 64
+) -> torch.Tensor:
+    """The pooled features of ``cached``'s ``rows``, a batch read from the cache at a time."""
     # Judging a phase on images may have moved the model to the GPU; the cache is on the CPU.
     device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode(), exact_float32(device):
         return torch.cat([
-            activations.forward_top(model, cached[start : start + batch_size].to(device).float(), boundary,
+            activations.forward_top(model, cached[rows[start : start + batch_size]].to(device).float(), boundary,
                                     pre_logits=True).cpu()
-            for start in range(0, len(cached), batch_size)
-        ]) if len(cached) else torch.empty(0, model.num_features)
+            for start in range(0, len(rows), batch_size)
+        ]) if len(rows) else torch.empty(0, model.num_features)

@@ -22,10 +22,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from transferkit import engine, models, runs
 from transferkit.audit.run import audit_of_run
+from transferkit.cached_rows import CachedRows
 from transferkit.config import MANY_BLOCKS, MANY_BLOCKS_FROM, TrainConfig, parse_unfreeze, unfreeze_is_auto
 from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.exclude import read_exclusions
@@ -43,7 +44,7 @@ from transferkit.training.images import FineTuning, ImageClassifier, fit_with_li
 from transferkit.training.phase import class_weights, create_sampler, training_loss
 from transferkit.training.progress import PhaseProgress
 from transferkit.training.activation_inputs import (
-    boundary_activations, by_split, finetune_boundary, inference_backend, training_loader,
+    ViewDataset, boundary_activations, finetune_boundary, inference_backend, split_bounds, training_loader,
     training_views,
 )
 
@@ -177,12 +178,12 @@ def _train_in(
         )
 
     def on_activations(
-        unfreeze: int | float | None, boundary: int, cached: dict[str, torch.Tensor], views: list[torch.Tensor]
+        unfreeze: int | float | None, boundary: int, cached: dict[str, CachedRows], views: list[CachedRows]
     ) -> Any:
         phase = config.finetune
         finetuning = FineTuning("finetune", phase, unfreeze, config.batchnorm)
         train_batches = training_loader([cached["train"], *views], targets, sampler, config.data.batch_size)
-        val = TensorDataset(cached["val"], torch.tensor(index.targets("val")))
+        val = ViewDataset([cached["val"]], torch.tensor(index.targets("val")))
         val_batches = DataLoader(val, config.data.batch_size)
         return lambda resume_from: fit_with_lightning(
             ImageClassifier(model, loss, finetuning, boundary, phase.augment), train_batches, val_batches,
@@ -198,13 +199,13 @@ def _train_in(
                  unfreeze, f"{len(targets):,}", MANY_BLOCKS, f"{MANY_BLOCKS_FROM:,}")
     boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
     head_on_features = config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none"
-    cached: dict[str, torch.Tensor] = {}
+    cached: dict[str, CachedRows] = {}
     activation_stats: FeatureStats | None = None
     if boundary is not None:
         feature_cache = (FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
                          if head_on_features else None)
         cached, activation_stats = boundary_activations(model, boundary, index, preprocessing, config, feature_cache)
-    views: list[torch.Tensor] = []  # of the training images (--finetune-views)
+    views: list[CachedRows] = []  # of the training images (--finetune-views)
     if boundary is not None and not progress.finished("finetune"):
         views = training_views(model, boundary, index, preprocessing, config)
     features: dict[str, torch.Tensor] = {}
@@ -298,7 +299,7 @@ def _pooled_features(
     if activation_stats is not None and reused:
         stats = dataclasses.replace(stats, from_cache=stats.from_cache - reused,
                                     seconds=stats.seconds + activation_stats.seconds)
-    return by_split(array, index), stats
+    return {split: torch.from_numpy(array[bounds]) for split, bounds in split_bounds(index).items()}, stats
 
 
 def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool, write: bool) -> DatasetIndex:
