@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import logging
 import os
@@ -305,3 +306,34 @@ def test_cached_rows_outlive_their_shards_being_merged_away_and_travel_to_anothe
     for shard in cache.folder.glob("*.npz"):
         shard.unlink()
     np.testing.assert_array_equal(rows.numpy(), expected)
+
+
+def open_files(folder: Path) -> int:
+    """Files of ``folder`` this process has open."""
+    count = 0
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            count += Path(os.readlink(entry)).parent == folder
+        except OSError:  # closed while listed
+            pass
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_a_run_keeps_open_only_the_shards_it_reads_and_closes_them_with_its_rows(tmp_path: Path) -> None:
+    folder = tmp_path / "features"
+    for other_dataset in range(6):  # a cache folder is shared by every dataset seen with this backbone
+        FeatureCache(folder).rows(numbered_files(tmp_path / f"other{other_dataset}", 3, 100 + 3 * other_dataset),
+                                  wide_features)
+    paths = numbered_files(tmp_path / "images", 5)
+    FeatureCache(folder).rows(paths, wide_features)
+    assert open_files(folder) == 0
+    rows, stats = FeatureCache(folder).rows(paths, wide_features)
+    assert stats.from_cache == 5 and open_files(folder) == 1, "one shard of seven holds this dataset's rows"
+    view = rows.subset(1, 3)
+    del rows
+    gc.collect()
+    np.testing.assert_array_equal(view.numpy(), wide_features(paths[1:3], {}))
+    del view
+    gc.collect()
+    assert open_files(folder) == 0

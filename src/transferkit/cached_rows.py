@@ -1,4 +1,4 @@
-"""A feature cache's rows read from its shard files when asked, instead of held in memory.
+"""A feature cache's shard files, and its rows read from them when asked instead of held in memory.
 
 Boundary activations are large: 57 KB an image with six blocks of EfficientNet-Lite0 unfrozen,
 2.9 GB for cifar10's 50,000 training images. Held in a run's memory, they set its peak (7.0 GiB
@@ -6,10 +6,12 @@ there) and grow with the dataset past what a laptop has. Read from the shards th
 batch's rows cost one read from the OS's page cache, which keeps the files in memory where there
 is room and gives that memory back where there is not.
 
-A shard is an ``.npz`` that ``np.savez`` writes uncompressed, so its ``features`` array lies in the
-file as one block of rows in C order; ``locate_shard`` finds where, from the zip entry's local
-header and the array's ``.npy`` header. A shard's file stays open from the moment it is located:
-a run compacting the folder at the same time may remove the name, never the rows being read.
+A shard is what ``np.savez`` writes, and ``np.load`` reads: an uncompressed zip of ``digests.npy``
+and ``features.npy``. Its rows therefore lie in the file as one block in C order, which
+``locate_shard`` finds from the zip entry's local header and the array's ``.npy`` header, and
+which ``write_shard`` writes a block of rows at a time. A shard's file stays open from the
+moment it is located, so in this process a run compacting the folder at the same time may
+remove the name, never the rows being read (a process it is pickled to opens them by name).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ import os
 import struct
 import threading
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
 """A zip entry's local header: signature, then the name's and the extra field's lengths at 26."""
+_MOST_AT_ONCE = 1 << 30
+"""Bytes one read asks for: macOS refuses 2 GiB or more in one call, Windows reads at most that."""
 
 
 @dataclass(frozen=True)
@@ -50,19 +55,22 @@ def _open(path: Path) -> int:
 
 def locate_shard(shard: Path) -> tuple[np.ndarray, ShardRows, int]:
     """The digests a shard holds, where its rows lie, and its file, open; ValueError (or zipfile's
-    and NumPy's errors for a broken file) where it is not an uncompressed ``np.savez`` of
-    ``digests`` and C-ordered ``features``; OSError where it cannot be read."""
-    with zipfile.ZipFile(shard) as archive:
-        with archive.open("digests.npy") as handle:
-            digests = np.lib.format.read_array(handle, allow_pickle=False)
-        entry = archive.getinfo("features.npy")
-    if entry.compress_type != zipfile.ZIP_STORED:
-        raise ValueError("features stored compressed")
+    and NumPy's errors for a broken file) where it is not an uncompressed zip of ``digests`` and
+    C-ordered ``features``; OSError where it cannot be read."""
     descriptor = _open(shard)
     try:
         with os.fdopen(os.dup(descriptor), "rb") as handle:
+            with zipfile.ZipFile(handle) as archive:
+                with archive.open("digests.npy") as member:
+                    digests = np.lib.format.read_array(member, allow_pickle=False)
+                entry = archive.getinfo("features.npy")
+            if entry.compress_type != zipfile.ZIP_STORED:
+                raise ValueError("features stored compressed")
             handle.seek(entry.header_offset)
-            signature, name_length, extra_length = _LOCAL_HEADER.unpack(handle.read(_LOCAL_HEADER.size))
+            header = handle.read(_LOCAL_HEADER.size)
+            if len(header) < _LOCAL_HEADER.size:
+                raise ValueError("the zip directory points past the end of the file")
+            signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
             if signature != b"PK\x03\x04":
                 raise ValueError("no local header where the zip directory points")
             handle.seek(entry.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
@@ -85,17 +93,41 @@ def locate_shard(shard: Path) -> tuple[np.ndarray, ShardRows, int]:
     return digests, rows, descriptor
 
 
+def write_shard(
+    handle: IO[bytes], digests: np.ndarray, blocks: Iterable[np.ndarray], rows: int, row_shape: tuple[int, ...],
+    dtype: np.dtype,
+) -> None:
+    """A shard as ``np.savez`` writes it, its ``rows`` rows written a block at a time as
+    ``blocks`` yields them, so a merge of shards never holds them all."""
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("digests.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, digests, allow_pickle=False)
+        with archive.open("features.npy", "w", force_zip64=True) as member:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                      "shape": (rows, *row_shape)}
+            np.lib.format.write_array_header_1_0(member, header)
+            written = 0
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=dtype).reshape(-1, *row_shape)
+                member.write(memoryview(block.view(np.uint8).reshape(-1)))
+                written += len(block)
+            if written != rows:
+                raise ValueError(f"{written} rows written to a shard of {rows}")
+
+
 _seek_lock = threading.Lock()
 
 
 def _read_at(descriptor: int, size: int, offset: int) -> bytes:
-    if not hasattr(os, "pread"):  # Windows: one position per descriptor
-        with _seek_lock:
-            os.lseek(descriptor, offset, os.SEEK_SET)
-            return os.read(descriptor, size)
     chunks = []
     while size:
-        chunk = os.pread(descriptor, size, offset)
+        wanted = min(size, _MOST_AT_ONCE)
+        if hasattr(os, "pread"):
+            chunk = os.pread(descriptor, wanted, offset)
+        else:  # Windows: one position per descriptor
+            with _seek_lock:
+                os.lseek(descriptor, offset, os.SEEK_SET)
+                chunk = os.read(descriptor, wanted)
         if not chunk:
             raise OSError(f"a cached shard ends {size} bytes early")
         chunks.append(chunk)
@@ -103,34 +135,45 @@ def _read_at(descriptor: int, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-class _OpenFiles:
-    """The open shard files of a ``CachedRows`` and its subsets, closed when the last goes."""
+class OpenFiles:
+    """Open shard files by source index, closed when the last ``CachedRows`` holding them goes
+    (or, when building one fails, with the builder's frame)."""
 
-    def __init__(self, descriptors: dict[int, int]):
-        self.descriptors = descriptors
-        """By source index."""
+    def __init__(self) -> None:
+        self.descriptors: dict[int, int] = {}
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         for descriptor in self.descriptors.values():
             try:
                 os.close(descriptor)
             except OSError:
                 pass
+        self.descriptors.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class CachedRows:
     """Rows of one shape, row i read from ``sources[source_of[i]]`` at row ``row_of[i]``, where a
-    source is a shard on disk or an array in memory (rows a cache that could not be written
-    keeps). Indexing gives a tensor; ``subset`` a view that shares the open files."""
+    source is a shard on disk (its file open in ``files``) or an array in memory (rows a cache
+    that could not be written keeps). Indexing gives a tensor; ``subset`` a view that shares the
+    open files."""
 
     def __init__(
-        self, row_shape: tuple[int, ...], dtype: np.dtype, sources: list[ShardRows | np.ndarray],
-        descriptors: dict[int, int], source_of: np.ndarray, row_of: np.ndarray,
+        self, row_shape: tuple[int, ...], dtype: np.dtype, sources: list[ShardRows | np.ndarray], files: OpenFiles,
+        source_of: np.ndarray, row_of: np.ndarray,
     ):
         self.row_shape = tuple(row_shape)
         self.dtype = np.dtype(dtype)
+        for source in sources:
+            shape, kind = (source.row_shape, source.dtype) if isinstance(source, ShardRows) else (source.shape[1:], source.dtype)
+            if tuple(shape) != self.row_shape or kind != self.dtype:
+                raise ValueError(f"cached rows of shape {tuple(shape)} and type {kind} among {self.row_shape}, {self.dtype}")
+        if len(source_of) and (source_of.min() < 0 or source_of.max() >= len(sources)):
+            raise ValueError("a cached row without a source")
         self.sources = sources
-        self.files = _OpenFiles(descriptors)
+        self.files = files
         self.source_of = source_of
         self.row_of = row_of
 
@@ -154,12 +197,21 @@ class CachedRows:
         return self.read(slice(None))
 
     def read(self, key: int | slice | np.ndarray | torch.Tensor) -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
-            if not -len(self) <= key < len(self):
-                raise IndexError(f"row {key} of {len(self)}")
+        """Rows at ``key``: a position, a slice, or positions (one dimension of integers)."""
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        if isinstance(key, (int, np.integer)) or (isinstance(key, np.ndarray) and key.ndim == 0):
+            position = int(key)
+            if not -len(self) <= position < len(self):
+                raise IndexError(f"row {position} of {len(self)}")
             # A copy: rows read from a file are read-only bytes, which torch warns about.
-            return self._read_run(int(self.source_of[key]), int(self.row_of[key]), 1)[0].copy()
-        positions = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+            return self._read_run(int(self.source_of[position]), int(self.row_of[position]), 1)[0].copy()
+        if isinstance(key, slice):
+            positions = np.arange(len(self))[key]
+        else:
+            positions = np.asarray(key)
+            if positions.ndim != 1 or not (positions.dtype.kind in "iu" or positions.size == 0):
+                raise TypeError(f"cached rows are read by position, not by {positions.dtype} of shape {positions.shape}")
         out = np.empty((len(positions), *self.row_shape), self.dtype)
         if not len(positions):
             return out
@@ -187,6 +239,7 @@ class CachedRows:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.files = _OpenFiles({
-            index: _open(source.path) for index, source in enumerate(self.sources) if isinstance(source, ShardRows)
-        })
+        self.files = OpenFiles()
+        for index, source in enumerate(self.sources):
+            if isinstance(source, ShardRows):
+                self.files.descriptors[index] = _open(source.path)

@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
-from transferkit.cached_rows import CachedRows, ShardRows, locate_shard
+from transferkit.cached_rows import CachedRows, OpenFiles, ShardRows, locate_shard, write_shard
 from transferkit.inference import create_forward, run_forward
 
 log = logging.getLogger(__name__)
@@ -157,71 +157,99 @@ class FeatureCache:
             return None
         return digests, rows, descriptor
 
-    def _shards(self) -> list[tuple[np.ndarray, ShardRows, int]]:
+    def _listing(self) -> list[Path]:
         try:
-            shards = sorted(self.folder.glob("*.npz")) if self.folder.is_dir() else []
+            return sorted(self.folder.glob("*.npz")) if self.folder.is_dir() else []
         except OSError as error:
             _warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
                        self.folder, error)
             return []
-        return [located for located in map(self._locate, shards) if located is not None]
 
-    def _index(self, wanted: set[bytes]) -> tuple[list[ShardRows | np.ndarray], dict[int, int], dict[bytes, tuple[int, int]]]:
-        """The shards holding some of ``wanted`` (their files open, by source index) and where
-        each wanted digest's row lies: (source index, row)."""
-        located = self._shards()
-        partial = [entry for entry in located if entry[1].rows < CHUNK]
-        if len(partial) > COMPACT_AT and self._compact(partial):
-            for _, _, descriptor in located:
-                os.close(descriptor)
-            located = self._shards()
+    def _index(
+        self, wanted: set[bytes], files: OpenFiles, compact: bool = True
+    ) -> tuple[list[ShardRows | np.ndarray], dict[bytes, tuple[int, int]]]:
+        """The shards holding some of ``wanted``, their files open in ``files`` by source index,
+        and where each wanted digest's row lies: (source index, row). A shard holding none of
+        them is closed at once, so a folder shared by many datasets costs no more descriptors
+        than the shards this run reads."""
         sources: list[ShardRows | np.ndarray] = []
-        descriptors: dict[int, int] = {}
         found: dict[bytes, tuple[int, int]] = {}
-        for digests, rows, descriptor in located:
+        partial: list[tuple[np.ndarray, ShardRows]] = []
+        for shard in self._listing():
+            located = self._locate(shard)
+            if located is None:
+                continue
+            digests, rows, descriptor = located
+            if rows.rows < CHUNK:
+                partial.append((digests, rows))
+            if rows.dtype != self.dtype or (sources and rows.row_shape != sources[0].row_shape):
+                os.close(descriptor)
+                _warn_once(shard, "shape", "feature cache: ignoring shard %s, whose rows are %s of shape %s, "
+                           "unlike the others; delete it", shard, rows.dtype, rows.row_shape)
+                continue
             here = [(digest, row) for row, digest in enumerate(d.tobytes() for d in digests)
                     if digest in wanted and digest not in found]
             if not here:
                 os.close(descriptor)
                 continue
-            descriptors[len(sources)] = descriptor
+            files.descriptors[len(sources)] = descriptor
             found.update((digest, (len(sources), row)) for digest, row in here)
             sources.append(rows)
-        return sources, descriptors, found
+        if compact and len(partial) > COMPACT_AT and self._merge(partial):
+            # Closed before the merged shards go: Windows removes no file that is open.
+            files.close()
+            self._remove([rows.path for _, rows in partial])
+            return self._index(wanted, files, compact=False)
+        return sources, found
 
-    def _compact(self, shards: list[tuple[np.ndarray, ShardRows, int]]) -> bool:
-        """Merge shards into one, each digest once (two cold runs store the same images twice).
-        The merged shard is in place before any shard it replaces goes, so nothing is lost to a
+    def _merge(self, shards: list[tuple[np.ndarray, ShardRows]]) -> bool:
+        """One shard of the rows of ``shards``, each digest once (two cold runs store the same
+        images twice), written a block at a time; False where it could not be written. The
+        merged shard is in place before any shard it replaces goes, so nothing is lost to a
         kill; two runs compacting at once leave two shards, both correct."""
-        if len({(rows.row_shape, rows.dtype) for _, rows, _ in shards}) > 1:
+        if len({(rows.row_shape, rows.dtype) for _, rows in shards}) > 1:
             log.info("feature cache: not merging the shards of %s (rows of other shapes)", self.folder)
             return False
-        digests = np.concatenate([digests for digests, _, _ in shards])
+        digests = np.concatenate([digests for digests, _ in shards])
         _, first = np.unique(digests, axis=0, return_index=True)
         keep = np.sort(first)
-        row_of = np.concatenate([np.arange(rows.rows) for _, rows, _ in shards])[keep]
-        source_of = np.concatenate([np.full(rows.rows, i) for i, (_, rows, _) in enumerate(shards)])[keep]
-        merged = CachedRows(
-            shards[0][1].row_shape, shards[0][1].dtype, [rows for _, rows, _ in shards],
-            {i: os.dup(descriptor) for i, (_, _, descriptor) in enumerate(shards)}, source_of, row_of,
-        )
-        if self._write(digests[keep], merged.numpy()) is None:
+        files = OpenFiles()
+        try:
+            for i, (_, rows) in enumerate(shards):
+                files.descriptors[i] = os.open(rows.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as error:  # merged by another run already
+            files.close()
+            log.info("feature cache: not merging the shards of %s (%s)", self.folder, error)
             return False
-        for _, rows, _ in shards:
-            try:
-                rows.path.unlink(missing_ok=True)
-            except OSError as error:  # another user's shard in a sticky shared folder: a duplicate, no more
-                log.info("feature cache: could not remove merged shard %s (%s)", rows.path, error)
-        log.info("feature cache: merged %d shards of %s into one (%d images)", len(shards), self.folder, len(keep))
-        return True
+        merged = CachedRows(
+            shards[0][1].row_shape, shards[0][1].dtype, [rows for _, rows in shards], files,
+            np.concatenate([np.full(rows.rows, i, np.int32) for i, (_, rows) in enumerate(shards)])[keep],
+            np.concatenate([np.arange(rows.rows) for _, rows in shards])[keep],
+        )
+        blocks = (merged.read(np.arange(start, min(start + 256, len(keep)))) for start in range(0, len(keep), 256))
+        written = self._write(digests[keep], blocks, len(keep), merged.row_shape) is not None
+        files.close()
+        if written:
+            log.info("feature cache: merged %d shards of %s into one (%d images)", len(shards), self.folder, len(keep))
+        return written
 
-    def _write(self, digests: np.ndarray, features: np.ndarray) -> Path | None:
-        """A new shard; None, with one warning, where the folder cannot take it."""
+    def _remove(self, shards: list[Path]) -> None:
+        for shard in shards:
+            try:
+                shard.unlink(missing_ok=True)
+            except OSError as error:  # another user's shard in a sticky shared folder: a duplicate, no more
+                log.info("feature cache: could not remove merged shard %s (%s)", shard, error)
+
+    def _write(
+        self, digests: np.ndarray, blocks: Iterable[np.ndarray], rows: int, row_shape: tuple[int, ...]
+    ) -> Path | None:
+        """A new shard of ``rows`` rows, a block at a time; None, with one warning, where the
+        folder cannot take it."""
         shard = self.folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
 
         def write(tmp: Path) -> None:
             with tmp.open("wb") as handle:
-                np.savez(handle, digests=digests, features=features.astype(self.dtype, copy=False))
+                write_shard(handle, digests, blocks, rows, row_shape, self.dtype)
 
         try:
             atomic_write(shard, write)
@@ -242,10 +270,10 @@ class FeatureCache:
         # Raw bytes, not a NumPy bytes string: that type drops trailing zero bytes, so one
         # digest in 256 would never match again.
         digests = np.frombuffer(b"".join(fresh), dtype=np.uint8).reshape(len(fresh), DIGEST_BYTES)
-        return self._write(digests, np.stack(list(fresh.values())))
+        return self._write(digests, fresh.values(), len(fresh), np.shape(rows)[1:])
 
     def _compute(
-        self, paths: list[str], compute: Compute, sources: list[ShardRows | np.ndarray], descriptors: dict[int, int]
+        self, paths: list[str], compute: Compute, sources: list[ShardRows | np.ndarray], files: OpenFiles
     ) -> tuple[dict[str, tuple[int, int]], dict[str, bytes]]:
         """Where the rows of ``paths`` now lie, (source index, row), and the digests of the bytes
         they came from; stored under those, and read back from the shard, so only the chunk
@@ -260,7 +288,7 @@ class FeatureCache:
             sources.append(rows)
             return {path: (len(sources) - 1, i) for i, path in enumerate(paths)}, decoded
         _, shard_rows, descriptor = located
-        descriptors[len(sources)] = descriptor
+        files.descriptors[len(sources)] = descriptor
         sources.append(shard_rows)
         slot = {digest: i for i, digest in enumerate(dict.fromkeys(decoded[path] for path in paths))}
         return {path: (len(sources) - 1, slot[decoded[path]]) for path in paths}, decoded
@@ -272,9 +300,10 @@ class FeatureCache:
         rewritten in between must not leave the new image's features under the old content."""
         started = time.perf_counter()
         digests = content_digests(paths)
-        sources, descriptors, known = self._index(set(digests))
+        files = OpenFiles()  # closes what it holds if anything below raises
+        sources, known = self._index(set(digests), files)
         hits = sum(digest in known for digest in digests)
-        source_of = np.zeros(len(paths), np.int32)
+        source_of = np.full(len(paths), -1, np.int32)  # -1 until placed: CachedRows refuses a row without a source
         row_of = np.zeros(len(paths), np.int64)
         at_digest: dict[bytes, list[int]] = {}
         for position, digest in enumerate(digests):
@@ -295,7 +324,7 @@ class FeatureCache:
         pending = list(missing.items())
         # Stored a chunk at a time, so a pass killed at minute 20 of 25 keeps what it computed.
         for chunk in (dict(pending[start : start + CHUNK]) for start in range(0, len(pending), CHUNK)):
-            computed, decoded = self._compute(list(chunk.values()), compute, sources, descriptors)
+            computed, decoded = self._compute(list(chunk.values()), compute, sources, files)
             changed = set()
             for digest, path in chunk.items():
                 if decoded.get(path) == digest:
@@ -308,11 +337,11 @@ class FeatureCache:
             # Files that shared a rewritten file's old content each get their own row.
             again = [path for path, digest in zip(paths, digests) if digest in changed and path not in computed]
             if again:
-                for path, where in self._compute(again, compute, sources, descriptors)[0].items():
+                for path, where in self._compute(again, compute, sources, files)[0].items():
                     place(at_path(path), where)
         first = sources[0] if sources else None
         row_shape = first.row_shape if isinstance(first, ShardRows) else first.shape[1:] if first is not None else (0,)
-        rows = CachedRows(row_shape, self.dtype, sources, descriptors, source_of, row_of)
+        rows = CachedRows(row_shape, self.dtype, sources, files, source_of, row_of)
         stats = FeatureStats(images=len(paths), from_cache=hits, seconds=time.perf_counter() - started)
         log.info("%s: %d images, %d from the cache (%s), %.1f s", self.kind, len(paths), hits, self.folder, stats.seconds)
         return rows, stats
