@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import tiny_config
 from transferkit import features as features_module
 from transferkit._io import write_text
+from transferkit.errors import CacheError
 from transferkit.features import FeatureCache
 from transferkit.inference import run_forward
 from transferkit import train
@@ -337,3 +338,10 @@ def test_a_run_keeps_open_only_the_shards_it_reads_and_closes_them_with_its_rows
     del view
     gc.collect()
     assert open_files(folder) == 0
+
+
+def test_rows_of_another_shape_in_the_cache_stop_the_pass_with_the_folder_to_delete(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path / "features")
+    cache.rows(numbered_files(tmp_path / "images", 2), first_byte_features)
+    with pytest.raises(CacheError, match=r"holds rows of shape \(4,\), where this model gives \(16384,\); delete"):
+        cache.rows(numbered_files(tmp_path / "images", 3), wide_features)

@@ -11,7 +11,8 @@ and ``features.npy``. Its rows therefore lie in the file as one block in C order
 ``locate_shard`` finds from the zip entry's local header and the array's ``.npy`` header, and
 which ``write_shard`` writes a block of rows at a time. A shard's file stays open from the
 moment it is located, so in this process a run compacting the folder at the same time may
-remove the name, never the rows being read (a process it is pickled to opens them by name).
+remove the name, never the rows being read (a process it is pickled to opens them by name; on
+Windows, which removes no open file, the compacting run leaves the shard and says so).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class ShardRows:
         return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def _open(path: Path) -> int:
+def open_shard(path: Path) -> int:
     return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
 
@@ -57,7 +58,7 @@ def locate_shard(shard: Path) -> tuple[np.ndarray, ShardRows, int]:
     """The digests a shard holds, where its rows lie, and its file, open; ValueError (or zipfile's
     and NumPy's errors for a broken file) where it is not an uncompressed zip of ``digests`` and
     C-ordered ``features``; OSError where it cannot be read."""
-    descriptor = _open(shard)
+    descriptor = open_shard(shard)
     try:
         with os.fdopen(os.dup(descriptor), "rb") as handle:
             with zipfile.ZipFile(handle) as archive:
@@ -108,7 +109,11 @@ def write_shard(
             np.lib.format.write_array_header_1_0(member, header)
             written = 0
             for block in blocks:
-                block = np.ascontiguousarray(block, dtype=dtype).reshape(-1, *row_shape)
+                block = np.ascontiguousarray(block, dtype=dtype)
+                if block.shape == tuple(row_shape):  # one row
+                    block = block[None]
+                if block.shape[1:] != tuple(row_shape):
+                    raise ValueError(f"a block of shape {block.shape} in a shard of rows of shape {row_shape}")
                 member.write(memoryview(block.view(np.uint8).reshape(-1)))
                 written += len(block)
             if written != rows:
@@ -242,4 +247,4 @@ class CachedRows:
         self.files = OpenFiles()
         for index, source in enumerate(self.sources):
             if isinstance(source, ShardRows):
-                self.files.descriptors[index] = _open(source.path)
+                self.files.descriptors[index] = open_shard(source.path)

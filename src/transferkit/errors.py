@@ -34,6 +34,10 @@ class RunFolderError(TransferkitError):
     """A run folder is missing, incomplete or from an incompatible version."""
 
 
+class CacheError(TransferkitError):
+    """The feature cache holds something this run cannot use, and the fix is the user's."""
+
+
 class TrainingDivergedError(TransferkitError):
     """No phase left usable weights: every validation loss was NaN or infinite."""
 

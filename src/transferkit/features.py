@@ -20,6 +20,7 @@ and the features are computed as if it were empty.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import os
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
-from transferkit.cached_rows import CachedRows, OpenFiles, ShardRows, locate_shard, write_shard
+from transferkit.cached_rows import CachedRows, OpenFiles, ShardRows, locate_shard, open_shard, write_shard
+from transferkit.errors import CacheError
 from transferkit.inference import create_forward, run_forward
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ Compute = Callable[[list[str], dict[str, bytes]], np.ndarray]
 bytes each row was computed from (``extract_features(..., digests=)`` does)."""
 
 _warned: set[tuple[str, str]] = set()
+
+
+class _MergeReadError(Exception):
+    """A shard being merged could not be read: not the folder refusing the merged one."""
 
 
 def _warn_once(folder: Path, kind: str, message: str, *args: object) -> None:
@@ -142,8 +148,9 @@ class FeatureCache:
         except FileNotFoundError:  # merged into another shard by a run going on at the same time
             return None
         except OSError as error:  # not ours to remove: another user's shard, a failing disk
-            _warn_once(shard, "read", "feature cache: ignoring unreadable shard %s (%s); make it readable",
-                       shard, error)
+            fix = ("raise the limit on open files (ulimit -n)" if error.errno in (errno.EMFILE, errno.ENFILE)
+                   else "make it readable")
+            _warn_once(shard, "read", "feature cache: ignoring unreadable shard %s (%s); %s", shard, error, fix)
             return None
         except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             # Moved aside, so the next run neither trips on it nor warns again.
@@ -180,13 +187,13 @@ class FeatureCache:
             if located is None:
                 continue
             digests, rows, descriptor = located
-            if rows.rows < CHUNK:
-                partial.append((digests, rows))
             if rows.dtype != self.dtype or (sources and rows.row_shape != sources[0].row_shape):
                 os.close(descriptor)
                 _warn_once(shard, "shape", "feature cache: ignoring shard %s, whose rows are %s of shape %s, "
                            "unlike the others; delete it", shard, rows.dtype, rows.row_shape)
                 continue
+            if rows.rows < CHUNK:
+                partial.append((digests, rows))
             here = [(digest, row) for row, digest in enumerate(d.tobytes() for d in digests)
                     if digest in wanted and digest not in found]
             if not here:
@@ -214,21 +221,28 @@ class FeatureCache:
         _, first = np.unique(digests, axis=0, return_index=True)
         keep = np.sort(first)
         files = OpenFiles()
+
+        def blocks() -> Iterator[np.ndarray]:
+            for start in range(0, len(keep), 256):
+                try:
+                    yield merged.read(np.arange(start, min(start + 256, len(keep))))
+                except OSError as error:  # a reading error, not the folder refusing the merged shard
+                    raise _MergeReadError(error) from error
+
         try:
             for i, (_, rows) in enumerate(shards):
-                files.descriptors[i] = os.open(rows.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        except OSError as error:  # merged by another run already
-            files.close()
+                files.descriptors[i] = open_shard(rows.path)
+            merged = CachedRows(
+                shards[0][1].row_shape, shards[0][1].dtype, [rows for _, rows in shards], files,
+                np.concatenate([np.full(rows.rows, i, np.int32) for i, (_, rows) in enumerate(shards)])[keep],
+                np.concatenate([np.arange(rows.rows) for _, rows in shards])[keep],
+            )
+            written = self._write(digests[keep], blocks(), len(keep), merged.row_shape) is not None
+        except (OSError, _MergeReadError) as error:  # merged or removed by another run already
             log.info("feature cache: not merging the shards of %s (%s)", self.folder, error)
             return False
-        merged = CachedRows(
-            shards[0][1].row_shape, shards[0][1].dtype, [rows for _, rows in shards], files,
-            np.concatenate([np.full(rows.rows, i, np.int32) for i, (_, rows) in enumerate(shards)])[keep],
-            np.concatenate([np.arange(rows.rows) for _, rows in shards])[keep],
-        )
-        blocks = (merged.read(np.arange(start, min(start + 256, len(keep)))) for start in range(0, len(keep), 256))
-        written = self._write(digests[keep], blocks, len(keep), merged.row_shape) is not None
-        files.close()
+        finally:
+            files.close()
         if written:
             log.info("feature cache: merged %d shards of %s into one (%d images)", len(shards), self.folder, len(keep))
         return written
@@ -282,6 +296,10 @@ class FeatureCache:
         rows = np.asarray(compute(paths, decoded), dtype=self.dtype)
         if len(rows) != len(paths):
             raise RuntimeError(f"feature pass gave {len(rows)} rows for {len(paths)} images")
+        cached_shape = next((s.row_shape for s in sources if isinstance(s, ShardRows)), rows.shape[1:])
+        if rows.shape[1:] != cached_shape:  # one folder, one backbone and boundary: never two shapes
+            raise CacheError(f"the feature cache {self.folder} holds rows of shape {cached_shape}, where this "
+                             f"model gives {rows.shape[1:]}; delete that folder")
         shard = self.store(paths, rows, decoded)
         located = self._locate(shard) if shard is not None and all(path in decoded for path in paths) else None
         if located is None:  # not stored, or merged away by another run already
