@@ -23,6 +23,7 @@ import threading
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,9 +46,14 @@ class ShardRows:
     row_shape: tuple[int, ...]
     dtype: np.dtype
 
-    @property
+    @cached_property  # read twice for every row a training step reads
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def row_shape_of(source: ShardRows | np.ndarray) -> tuple[int, ...]:
+    """The shape of one row of a source of ``CachedRows``: a shard, or an array in memory."""
+    return source.row_shape if isinstance(source, ShardRows) else tuple(source.shape[1:])
 
 
 def open_shard(path: Path) -> int:
@@ -172,9 +178,9 @@ class CachedRows:
         self.row_shape = tuple(row_shape)
         self.dtype = np.dtype(dtype)
         for source in sources:
-            shape, kind = (source.row_shape, source.dtype) if isinstance(source, ShardRows) else (source.shape[1:], source.dtype)
-            if tuple(shape) != self.row_shape or kind != self.dtype:
-                raise ValueError(f"cached rows of shape {tuple(shape)} and type {kind} among {self.row_shape}, {self.dtype}")
+            if row_shape_of(source) != self.row_shape or source.dtype != self.dtype:
+                raise ValueError(f"cached rows of shape {row_shape_of(source)} and type {source.dtype} among "
+                                 f"{self.row_shape}, {self.dtype}")
         if len(source_of) and (source_of.min() < 0 or source_of.max() >= len(sources)):
             raise ValueError("a cached row without a source")
         self.sources = sources

@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
-from transferkit.cached_rows import CachedRows, OpenFiles, ShardRows, locate_shard, open_shard, write_shard
+from transferkit.cached_rows import (
+    CachedRows, OpenFiles, ShardRows, locate_shard, open_shard, row_shape_of, write_shard,
+)
 from transferkit.errors import CacheError
 from transferkit.inference import create_forward, run_forward
 
@@ -296,7 +298,7 @@ class FeatureCache:
         rows = np.asarray(compute(paths, decoded), dtype=self.dtype)
         if len(rows) != len(paths):
             raise RuntimeError(f"feature pass gave {len(rows)} rows for {len(paths)} images")
-        cached_shape = next((s.row_shape for s in sources if isinstance(s, ShardRows)), rows.shape[1:])
+        cached_shape = row_shape_of(sources[0]) if sources else rows.shape[1:]
         if rows.shape[1:] != cached_shape:  # one folder, one backbone and boundary: never two shapes
             raise CacheError(f"the feature cache {self.folder} holds rows of shape {cached_shape}, where this "
                              f"model gives {rows.shape[1:]}; delete that folder")
@@ -357,9 +359,8 @@ class FeatureCache:
             if again:
                 for path, where in self._compute(again, compute, sources, files)[0].items():
                     place(at_path(path), where)
-        first = sources[0] if sources else None
-        row_shape = first.row_shape if isinstance(first, ShardRows) else first.shape[1:] if first is not None else (0,)
-        rows = CachedRows(row_shape, self.dtype, sources, files, source_of, row_of)
+        shape = row_shape_of(sources[0]) if sources else (0,)
+        rows = CachedRows(shape, self.dtype, sources, files, source_of, row_of)
         stats = FeatureStats(images=len(paths), from_cache=hits, seconds=time.perf_counter() - started)
         log.info("%s: %d images, %d from the cache (%s), %.1f s", self.kind, len(paths), hits, self.folder, stats.seconds)
         return rows, stats
