@@ -13,14 +13,18 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import requests
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import COLOURS, make_image, serving
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
-from transferkit.errors import RunFolderError
+from transferkit.errors import ModelOutputError, RunFolderError
 from transferkit.evaluate import predict
 from transferkit.export import export
+from transferkit.inference import Predictor, load_predictor
+from transferkit.onnx import create_session, session_forward
 from transferkit.serve import create_app
 
 NAN = float("nan")
@@ -209,3 +213,55 @@ def test_bad_export_metadata_is_refused_in_one_line(
     with pytest.raises(RunFolderError) as raised:
         create_app(onnx_file)
     assert f"error: {raised.value}\n" == err
+
+
+def test_a_predictor_whose_outputs_are_not_its_class_names_fails_each_request_clearly(
+    exported: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    # A Predictor made in code from a real session, where nothing checked the names against the graph.
+    session = create_session(exported)
+    predictor = Predictor(session_forward(session), ["blue", "green"], load_predictor(exported).preprocessing,
+                          {"source": "two names"})
+    expected = "two names gave outputs of shape (2, 3) for 2 class names; export it again with `transferkit export RUN`"
+
+    with pytest.raises(ModelOutputError) as raised:
+        predictor.scored(val_images(trained_run)[:2])
+    assert str(raised.value) == expected
+    image = make_image(tmp_path / "red.png", COLOURS["red"], seed=3).read_bytes()
+    with serving(create_app(predictor)) as url:
+        answer = requests.post(f"{url}/predict", files=[("file", ("a.png", image)), ("file", ("b.png", image))], timeout=30)
+        assert answer.status_code == 500 and answer.json() == {"detail": expected}
+
+
+# --- weights that answer NaN --------------------------------------------------------------------
+
+
+@pytest.fixture
+def nan_weights_run(trained_run: Path, tmp_path: Path) -> Path:
+    """A run whose classifier weights are NaN: every value config.json holds is fine."""
+    run = copied_run(trained_run, tmp_path)
+    weights_file = run / "model" / "model.safetensors"
+    weights = load_file(str(weights_file))
+    weights["classifier.weight"] = torch.full_like(weights["classifier.weight"], NAN)
+    save_file(weights, str(weights_file))
+    return run
+
+
+def test_nan_probabilities_are_an_error_not_an_answer(
+    nan_weights_run: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refusal(["predict", str(nan_weights_run), val_images(trained_run)[0]], capsys)
+
+    assert err == (f"error: {nan_weights_run / 'model'} gave NaN or infinite probabilities or unknown scores, which "
+                   "no answer can be made of (its weights hold NaN or infinity); train or export the model again\n")
+
+
+def test_the_server_answers_nan_probabilities_with_an_error(nan_weights_run: Path, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "red.png", COLOURS["red"], seed=3).read_bytes()
+    with serving(create_app(nan_weights_run)) as url:
+        answer = requests.post(f"{url}/predict", files=[("file", ("red.png", image))], timeout=30)
+        assert answer.status_code == 500
+        assert answer.json() == {"detail": f"{nan_weights_run / 'model'} gave NaN or infinite probabilities or unknown "
+                                           "scores, which no answer can be made of (its weights hold NaN or "
+                                           "infinity); train or export the model again"}
+        assert requests.get(f"{url}/health", timeout=10).json() == {"status": "ok"}

@@ -24,7 +24,7 @@ import numpy as np
 
 from transferkit.data.config import default_num_workers
 from transferkit.data.images import load_image, preprocess_image, read_image, resize_side
-from transferkit.errors import DataError, RunFolderError
+from transferkit.errors import DataError, ModelOutputError, RunFolderError
 from transferkit.metrics import softmax
 from transferkit.runs import is_onnx_file, model_folder
 from transferkit.onnx import ONNX_METADATA_KEY, cached_session, create_session, session_forward
@@ -243,7 +243,7 @@ class Predictor:
         def once(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
             outputs = self.forward(images)
             logits, scores = outputs if isinstance(outputs, tuple) else (outputs, None)
-            return softmax(logits), scores
+            return self.checked(softmax(self.checked_logits(np.asarray(logits))), scores)
 
         probabilities, scores = once(batch)
         if tta:
@@ -251,6 +251,26 @@ class Predictor:
             probabilities = (probabilities + mirrored) / 2
             scores = None if scores is None else (scores + mirrored_scores) / 2
         return probabilities, scores
+
+    def checked_logits(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` when they hold one column per class: a file whose outputs outnumber its class
+        names would otherwise shift every later image onto the earlier ones' outputs."""
+        if logits.ndim != 2 or logits.shape[1] != len(self.classes):
+            raise ModelOutputError(
+                f"{self.info.get('source', 'the model')} gave outputs of shape {logits.shape} for {len(self.classes)} "
+                f"class names; {EXPORT_AGAIN}"
+            )
+        return logits
+
+    def checked(self, probabilities: np.ndarray, scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, scores) when they can be answered: a NaN probability ranks first and a
+        NaN score is above no threshold, so either would answer wrong in silence."""
+        if np.isfinite(probabilities).all() and (scores is None or not np.isnan(scores).any()):
+            return probabilities, scores
+        raise ModelOutputError(
+            f"{self.info.get('source', 'the model')} gave NaN or infinite probabilities or unknown scores, "
+            "which no answer can be made of (its weights hold NaN or infinity); train or export the model again"
+        )
 
     def probabilities_of_batch(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
         return self.scored_batch(batch, tta)[0]
