@@ -97,6 +97,16 @@ def test_a_bad_temperature_or_threshold_is_refused_in_one_line(
     assert f"error: {raised.value}\n" == err
 
 
+def test_serve_refuses_to_start_on_a_bad_model_folder_in_one_line(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copied_run(trained_run, tmp_path, set_in("calibration", temperature="abc"))
+
+    err = refusal(["serve", str(run), "--port", "1"], capsys)
+
+    assert err.startswith(f"error: {run / 'model' / 'config.json'}: transferkit.calibration.temperature is 'abc'; ")
+
+
 BAD_BANKS = {
     "float16": lambda bank: bank.half(),
     "int32": lambda bank: bank.int(),

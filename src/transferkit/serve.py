@@ -392,7 +392,12 @@ def serve(
     reject: bool = True,
 ) -> None:
     """Serve ``model`` until interrupted (``reject``: see ``create_app``)."""
+    limits = limits or ServeLimits()
+    run_app(create_app(model, limits, reject), host, port, limits)
+
+
+def run_app(app: Any, host: str, port: int, limits: ServeLimits) -> None:
+    """Serve an app of ``create_app`` until interrupted, held to ``limits``."""
     import uvicorn
 
-    limits = limits or ServeLimits()
-    uvicorn.run(create_app(model, limits, reject), host=host, port=port, log_level="warning", **server_options(limits))
+    uvicorn.run(app, host=host, port=port, log_level="warning", **server_options(limits))
