@@ -92,6 +92,8 @@ def test_a_bad_temperature_or_threshold_is_refused_in_one_line(
     assert err.startswith(f"error: {run / 'model' / 'config.json'}: transferkit.{field} is ")
     assert err.rstrip().endswith("refit it with `transferkit calibrate RUN`")
     assert refusal(["evaluate", str(run)], capsys) == err
+    assert refusal(["export", str(run), "--output", str(tmp_path / "model.onnx")], capsys) == err
+    assert not (tmp_path / "model.onnx").exists()
     with pytest.raises(RunFolderError) as raised:
         create_app(run)
     assert f"error: {raised.value}\n" == err
