@@ -38,7 +38,7 @@ def val_images(run_dir: Path) -> list[str]:
 def copied_run(trained_run: Path, tmp_path: Path, edit: Edit | None = None) -> Path:
     """A copy of the trained run whose model/config.json ``transferkit`` section ``edit`` changed."""
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "evaluation", "report*", "export"))
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "evaluation", "report*"))
     if edit is not None:
         config_file = run / "model" / "config.json"
         config = json.loads(config_file.read_text())
@@ -106,7 +106,8 @@ def test_serve_refuses_to_start_on_a_bad_model_folder_in_one_line(
 
     err = refusal(["serve", str(run), "--port", "1"], capsys)
 
-    assert err.startswith(f"error: {run / 'model' / 'config.json'}: transferkit.calibration.temperature is 'abc'; ")
+    config_file = run / "model" / "config.json"
+    assert err.startswith(f"error: {config_file}: transferkit.calibration.temperature is 'abc'; ")
 
 
 BAD_BANKS = {
@@ -122,7 +123,8 @@ BAD_BANKS = {
 
 @pytest.mark.parametrize("change", BAD_BANKS.values(), ids=BAD_BANKS.keys())
 def test_a_bad_knn_bank_is_refused_in_one_line(
-    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: Callable[[torch.Tensor], torch.Tensor]
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    change: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
     run = copied_run(trained_run, tmp_path)
     bank_file = run / "model" / "unknown_bank.safetensors"
@@ -195,19 +197,24 @@ def set_preprocessing(**values: Any) -> Edit:
     return lambda metadata: metadata["preprocessing"].update(values)
 
 
+def set_classes(*names: str) -> Edit:
+    return lambda metadata: metadata.update(classes=list(names))
+
+
 BAD_METADATA = {
-    "1 class for 3 outputs": (lambda m: m.update(classes=m["classes"][:1]), "classes lists 1 class name for a model of 3 outputs"),
-    "4 classes for 3 outputs": (lambda m: m.update(classes=[*m["classes"], "white"]), "classes lists 4 class names for a model of 3 outputs"),
-    "duplicate class names": (lambda m: m.update(classes=["blue", "blue", "red"]), "classes names 'blue' more than once"),
+    "1 class for 3 outputs": (set_classes("blue"), "classes lists 1 class name for a model of 3 outputs"),
+    "4 classes for 3 outputs": (set_classes("blue", "green", "red", "white"), "classes lists 4 class names"),
+    "duplicate class names": (set_classes("blue", "blue", "red"), "classes names 'blue' more than once"),
     "threshold abc": (lambda m: m["unknown"].update(threshold="abc"), "unknown.threshold is 'abc'"),
     "threshold NaN": (lambda m: m["unknown"].update(threshold=NAN), "unknown.threshold is nan"),
     "temperature -1": (lambda m: m["calibration"].update(temperature=-1), "calibration.temperature is -1"),
     "crop_pct 0": (set_preprocessing(crop_pct=0), "preprocessing.crop_pct is 0"),
     "std 0": (set_preprocessing(std=[0, 0, 0]), "preprocessing.std is [0, 0, 0]"),
     "mean NaN": (set_preprocessing(mean=[NAN, 0.5, 0.5]), "preprocessing.mean is [nan, 0.5, 0.5]"),
-    "interpolation unknown": (set_preprocessing(interpolation="cubic"), "preprocessing.interpolation is 'cubic'"),
-    "input size 60000": (set_preprocessing(input_size=[3, 60000, 60000]), "preprocessing.input_size is [3, 60000, 60000]"),
-    "input size not the graph's": (set_preprocessing(input_size=[3, 32, 32]), "it must be the model's input size, [3, 64, 64]"),
+    "interpolation unknown": (set_preprocessing(interpolation="cubic"), "interpolation is 'cubic'"),
+    "input size 60000": (set_preprocessing(input_size=[3, 60000, 60000]), "input_size is [3, 60000, 60000]"),
+    "input size not the graph's": (set_preprocessing(input_size=[3, 32, 32]),
+                                   "input_size is [3, 32, 32]; it must be the model's input size, [3, 64, 64]"),
 }
 
 
@@ -234,18 +241,24 @@ def test_a_predictor_whose_outputs_are_not_its_class_names_fails_each_request_cl
     session = create_session(exported)
     predictor = Predictor(session_forward(session), ["blue", "green"], load_predictor(exported).preprocessing,
                           {"source": "two names"})
-    expected = "two names gave outputs of shape (2, 3) for 2 class names; export it again with `transferkit export RUN`"
+    expected = "two names gave outputs of shape (2, 3) for 2 class names; " \
+               "export it again with `transferkit export RUN`"
 
     with pytest.raises(ModelOutputError) as raised:
         predictor.scored(val_images(trained_run)[:2])
     assert str(raised.value) == expected
     image = make_image(tmp_path / "red.png", COLOURS["red"], seed=3).read_bytes()
     with serving(create_app(predictor)) as url:
-        answer = requests.post(f"{url}/predict", files=[("file", ("a.png", image)), ("file", ("b.png", image))], timeout=30)
+        files = [("file", ("a.png", image)), ("file", ("b.png", image))]
+        answer = requests.post(f"{url}/predict", files=files, timeout=30)
         assert answer.status_code == 500 and answer.json() == {"detail": expected}
 
 
 # --- weights that answer NaN --------------------------------------------------------------------
+
+
+NAN_ANSWER = ("{} gave NaN or infinite probabilities or unknown scores, which no answer can be made of (its "
+              "weights hold NaN or infinity); train or export the model again")
 
 
 @pytest.fixture
@@ -264,8 +277,7 @@ def test_nan_probabilities_are_an_error_not_an_answer(
 ) -> None:
     err = refusal(["predict", str(nan_weights_run), val_images(trained_run)[0]], capsys)
 
-    assert err == (f"error: {nan_weights_run / 'model'} gave NaN or infinite probabilities or unknown scores, which "
-                   "no answer can be made of (its weights hold NaN or infinity); train or export the model again\n")
+    assert err == f"error: {NAN_ANSWER.format(nan_weights_run / 'model')}\n"
 
 
 def test_the_server_answers_nan_probabilities_with_an_error(nan_weights_run: Path, tmp_path: Path) -> None:
@@ -273,7 +285,5 @@ def test_the_server_answers_nan_probabilities_with_an_error(nan_weights_run: Pat
     with serving(create_app(nan_weights_run)) as url:
         answer = requests.post(f"{url}/predict", files=[("file", ("red.png", image))], timeout=30)
         assert answer.status_code == 500
-        assert answer.json() == {"detail": f"{nan_weights_run / 'model'} gave NaN or infinite probabilities or unknown "
-                                           "scores, which no answer can be made of (its weights hold NaN or "
-                                           "infinity); train or export the model again"}
+        assert answer.json() == {"detail": NAN_ANSWER.format(nan_weights_run / "model")}
         assert requests.get(f"{url}/health", timeout=10).json() == {"status": "ok"}

@@ -81,7 +81,8 @@ def calibrate(
         logits = models.classify_pooled(model, features, 0.0).numpy()
     trust = Trust(calibration=fit_calibration(logits, targets, fitted_on))
     if method == "knn":
-        saved = _saved_bank(folder, model.num_features) if old.rejection is not None and old.rejection.method == "knn" else None
+        kept_knn = old.rejection is not None and old.rejection.method == "knn"
+        saved = _saved_bank(folder, model.num_features) if kept_knn else None
         trust.bank = saved if saved is not None else _training_bank(run_folder, classes, pooled)
     trust.rejection = rejection.fit_rejection(method, keep, torch.from_numpy(logits / trust.temperature), features,
                                               trust.bank, fitted_on)

@@ -257,19 +257,22 @@ class Predictor:
         names would otherwise shift every later image onto the earlier ones' outputs."""
         if logits.ndim != 2 or logits.shape[1] != len(self.classes):
             raise ModelOutputError(
-                f"{self.info.get('source', 'the model')} gave outputs of shape {logits.shape} for {len(self.classes)} "
-                f"class names; {EXPORT_AGAIN}"
+                f"{self.info.get('source', 'the model')} gave outputs of shape {logits.shape} for "
+                f"{len(self.classes)} class names; {EXPORT_AGAIN}"
             )
         return logits
 
-    def checked(self, probabilities: np.ndarray, scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def checked(
+        self, probabilities: np.ndarray, scores: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, scores) when they can be answered: a NaN probability ranks first and a
         NaN score is above no threshold, so either would answer wrong in silence."""
         if np.isfinite(probabilities).all() and (scores is None or not np.isnan(scores).any()):
             return probabilities, scores
         raise ModelOutputError(
             f"{self.info.get('source', 'the model')} gave NaN or infinite probabilities or unknown scores, "
-            "which no answer can be made of (its weights hold NaN or infinity); train or export the model again"
+            "which no answer can be made of (its weights hold NaN or infinity); "
+            "train or export the model again"
         )
 
     def probabilities_of_batch(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -322,7 +325,8 @@ EXPORT_AGAIN = "export it again with `transferkit export RUN`"
 
 
 def predictor_from_metadata(
-    forward: Forward, metadata: Any, source: str, outputs: int | None = None, input_size: list[Any] | None = None,
+    forward: Forward, metadata: Any, source: str, outputs: int | None = None,
+    input_size: list[Any] | None = None,
 ) -> Predictor:
     """The inverse of ``predictor_metadata``, for a file loaded from ``source``, every value
     checked: ``outputs`` is the model's number of classes and ``input_size`` its input's shape
@@ -336,10 +340,9 @@ def predictor_from_metadata(
         content = dict(metadata)
         classes = check_classes(content.pop("classes", None), outputs, "classes")
         preprocessing = check_preprocessing(content.pop("preprocessing", None), "preprocessing")
-        fixed = list(input_size or [])[1:]
-        if len(fixed) == 3 and any(isinstance(side, int) and side != size for side, size in zip(fixed, preprocessing["input_size"])):
-            raise FieldError(f"preprocessing.input_size is {list(preprocessing['input_size'])}; it must be the "
-                             f"model's input size, {fixed}")
+        fixed, size = list(input_size or [])[1:], list(preprocessing["input_size"])
+        if len(fixed) == 3 and any(isinstance(side, int) and side != given for side, given in zip(fixed, size)):
+            raise FieldError(f"preprocessing.input_size is {size}; it must be the model's input size, {fixed}")
         if content.get("calibration") is not None:
             content["calibration"] = Calibration.from_dict(content["calibration"]).as_dict()
         if content.get("unknown") is not None:
@@ -364,10 +367,14 @@ def load_onnx_predictor(path: str | os.PathLike[str]) -> Predictor:
     try:
         metadata = json.loads(found)
     except json.JSONDecodeError as error:
-        raise RunFolderError(f"{path}: its {ONNX_METADATA_KEY} metadata is not valid JSON ({error}); {EXPORT_AGAIN}") from None
+        raise RunFolderError(
+            f"{path}: its {ONNX_METADATA_KEY} metadata is not valid JSON ({error}); {EXPORT_AGAIN}"
+        ) from None
     shape = session.get_outputs()[0].shape
-    outputs = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None  # else checked on each forward
-    return predictor_from_metadata(session_forward(session), metadata, str(path), outputs, session.get_inputs()[0].shape)
+    # A dynamic class axis is checked on each forward instead (Predictor.checked_logits).
+    outputs = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+    return predictor_from_metadata(session_forward(session), metadata, str(path), outputs,
+                                   session.get_inputs()[0].shape)
 
 
 def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Predictor]:
@@ -399,7 +406,9 @@ def saved_classes_and_preprocessing(
         names = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
         classes = check_classes(names, config["num_classes"], "label_names")
     except FieldError as error:
-        raise RunFolderError(f"{folder / 'config.json'}: {error}; fix it there or train the model again") from None
+        raise RunFolderError(
+            f"{folder / 'config.json'}: {error}; fix it there or train the model again"
+        ) from None
     return classes, preprocessing
 
 

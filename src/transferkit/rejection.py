@@ -21,7 +21,6 @@ logits and the score, and an export needs nothing beside it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch

@@ -154,7 +154,8 @@ def check_bank(bank: Any, width: int) -> torch.Tensor:
 
     expected = f"a non-empty 2-D float32 tensor of {width} columns, each row of length 1, all finite"
     if not isinstance(bank, torch.Tensor) or bank.dtype != torch.float32 or bank.ndim != 2:
-        found = f"a {bank.dtype} tensor of shape {tuple(bank.shape)}" if isinstance(bank, torch.Tensor) else shown(bank)
+        is_tensor = isinstance(bank, torch.Tensor)
+        found = f"a {bank.dtype} tensor of shape {tuple(bank.shape)}" if is_tensor else shown(bank)
         raise FieldError(f"bank is {found}; it must be {expected}")
     if bank.shape[0] == 0 or bank.shape[1] != width:
         raise FieldError(f"bank has shape {tuple(bank.shape)}; it must be {expected}")
@@ -163,5 +164,7 @@ def check_bank(bank: Any, width: int) -> torch.Tensor:
     lengths = bank.norm(dim=1)
     # normalized_bank leaves an all-zero feature row at zero, which is similar to nothing.
     if not ((lengths - 1).abs().le(1e-3) | lengths.eq(0)).all():
-        raise FieldError(f"bank has rows of length {lengths.min():.4g} to {lengths.max():.4g}; it must be {expected}")
+        raise FieldError(
+            f"bank has rows of length {lengths.min():.4g} to {lengths.max():.4g}; it must be {expected}"
+        )
     return bank

@@ -52,7 +52,9 @@ class Record:
         found = shown(self.values[key]) if key in self.values else "missing"
         return FieldError(f"{self.name}.{key} is {found}; it must be {expected}")
 
-    def number(self, key: str, low: float = -math.inf, high: float = math.inf, expected: str = "a finite number") -> float:
+    def number(
+        self, key: str, low: float = -math.inf, high: float = math.inf, expected: str = "a finite number",
+    ) -> float:
         value = self.values.get(key)
         if not is_number(value) or not low <= value <= high:
             raise self.refuse(key, expected)
@@ -113,6 +115,6 @@ def check_preprocessing(preprocessing: Any, field: str) -> dict[str, Any]:
     record.triple("std", lambda v: is_number(v) and v > 0, "3 finite numbers above 0")
     if "crop_pct" in preprocessing:
         # Below 0.1 the image is resized to over ten times the input side before the crop keeps its centre.
-        record.number("crop_pct", 0.1, 1.0, "a number from 0.1 to 1 (the share of the resized image the crop keeps)")
+        record.number("crop_pct", 0.1, 1.0, "a number from 0.1 to 1 (the share of the resized image kept)")
     record.choice("interpolation", INTERPOLATIONS, optional=True)
     return {**preprocessing, "input_size": tuple(size)}
