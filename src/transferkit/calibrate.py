@@ -47,8 +47,8 @@ def calibrate(
     folder = model_folder(run)
     run_folder = RunFolder.containing(run)
     model, config = models.load_model(folder)
-    classes, preprocessing = saved_classes_and_preprocessing(model, config)
-    old = load_trust(folder, config, bank=False)
+    classes, preprocessing = saved_classes_and_preprocessing(model, config, folder)
+    old = _old_trust(folder, config)
     method = unknown_score or (old.rejection.method if old.rejection else "knn")
     keep = unknown_keep if unknown_keep is not None else (old.rejection.keep if old.rejection else 0.95)
     problems = []
@@ -81,7 +81,8 @@ def calibrate(
         logits = models.classify_pooled(model, features, 0.0).numpy()
     trust = Trust(calibration=fit_calibration(logits, targets, fitted_on))
     if method == "knn":
-        saved = _saved_bank(folder) if old.rejection is not None and old.rejection.method == "knn" else None
+        kept_knn = old.rejection is not None and old.rejection.method == "knn"
+        saved = _saved_bank(folder, model.num_features) if kept_knn else None
         trust.bank = saved if saved is not None else _training_bank(run_folder, classes, pooled)
     trust.rejection = rejection.fit_rejection(method, keep, torch.from_numpy(logits / trust.temperature), features,
                                               trust.bank, fitted_on)
@@ -95,11 +96,21 @@ def calibrate(
     return trust, skipped
 
 
-def _saved_bank(folder: Path) -> torch.Tensor | None:
+def _old_trust(folder: Path, config: dict[str, Any]) -> Trust:
+    """The model's temperature and unknown threshold, whose score and share calibrate keeps; none
+    where they are damaged, since refitting them is the fix their error names."""
+    try:
+        return load_trust(folder, config)
+    except RunFolderError as error:
+        log.warning("%s; fitting new ones", error)
+        return Trust()
+
+
+def _saved_bank(folder: Path, width: int) -> torch.Tensor | None:
     """The knn score's training features the model folder holds; None where they are lost or
     damaged, so that they are taken again from the training images."""
     try:
-        return load_bank(folder)
+        return load_bank(folder, width)
     except RunFolderError as error:
         log.warning("%s; taking the training images' features again", error)
         return None

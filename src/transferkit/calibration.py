@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.metrics import expected_calibration_error, reliability_bins, softmax
+from transferkit.validation import Record
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,21 @@ class Calibration:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Calibration:
-        return cls(**{key: values[key] for key in cls.__dataclass_fields__})
+    def from_dict(cls, values: Any, name: str = "calibration") -> Calibration:
+        """The record as a model file holds it at ``name``; a ``FieldError`` names the first value
+        that cannot be (a temperature outside the fit's own bounds would scale every logit wrong)."""
+        record = Record(values, name)
+        # The fit returns e^-5 to e^5 and json keeps a float exactly; the slack is for other writers.
+        low, high = np.exp(LOG_TEMPERATURE_BOUNDS) * (1 - 1e-9, 1 + 1e-9)
+        return cls(
+            temperature=record.number("temperature", low, high, f"a number from {low:.4g} to {high:.4g}"),
+            fitted_on=record.text("fitted_on"),
+            images=record.count("images"),  # type: ignore[arg-type]  # not optional: never None
+            ece_before=record.number("ece_before", 0, 1, "a number from 0 to 1"),
+            ece_after=record.number("ece_after", 0, 1, "a number from 0 to 1"),
+            log_loss_before=record.number("log_loss_before", 0, expected="a finite number of at least 0"),
+            log_loss_after=record.number("log_loss_after", 0, expected="a finite number of at least 0"),
+        )
 
 
 def uncalibrated_probabilities(probabilities: np.ndarray, temperature: float) -> np.ndarray:

@@ -34,6 +34,11 @@ class RunFolderError(TransferkitError):
     """A run folder is missing, incomplete or from an incompatible version."""
 
 
+class ModelOutputError(RunFolderError):
+    """A model answered what cannot be an answer (NaN probabilities, another number of outputs
+    than it has class names), so its file is not what it says it is."""
+
+
 class CacheError(TransferkitError):
     """The feature cache holds something this run cannot use, and the fix is the user's."""
 

@@ -24,10 +24,11 @@ import numpy as np
 
 from transferkit.data.config import default_num_workers
 from transferkit.data.images import load_image, preprocess_image, read_image, resize_side
-from transferkit.errors import DataError, RunFolderError
+from transferkit.errors import DataError, ModelOutputError, RunFolderError
 from transferkit.metrics import softmax
 from transferkit.runs import is_onnx_file, model_folder
 from transferkit.onnx import ONNX_METADATA_KEY, cached_session, create_session, session_forward
+from transferkit.validation import FieldError, check_classes, check_preprocessing, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -242,7 +243,7 @@ class Predictor:
         def once(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
             outputs = self.forward(images)
             logits, scores = outputs if isinstance(outputs, tuple) else (outputs, None)
-            return softmax(logits), scores
+            return self.checked(softmax(self.checked_logits(np.asarray(logits))), scores)
 
         probabilities, scores = once(batch)
         if tta:
@@ -250,6 +251,29 @@ class Predictor:
             probabilities = (probabilities + mirrored) / 2
             scores = None if scores is None else (scores + mirrored_scores) / 2
         return probabilities, scores
+
+    def checked_logits(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` when they hold one column per class: a file whose outputs outnumber its class
+        names would otherwise shift every later image onto the earlier ones' outputs."""
+        if logits.ndim != 2 or logits.shape[1] != len(self.classes):
+            raise ModelOutputError(
+                f"{self.info.get('source', 'the model')} gave outputs of shape {logits.shape} for "
+                f"{len(self.classes)} class names; {EXPORT_AGAIN}"
+            )
+        return logits
+
+    def checked(
+        self, probabilities: np.ndarray, scores: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, scores) when they can be answered: a NaN probability ranks first and a
+        NaN score is above no threshold, so either would answer wrong in silence."""
+        if np.isfinite(probabilities).all() and (scores is None or not np.isnan(scores).any()):
+            return probabilities, scores
+        raise ModelOutputError(
+            f"{self.info.get('source', 'the model')} gave NaN or infinite probabilities or unknown scores, "
+            "which no answer can be made of (its weights hold NaN or infinity); "
+            "train or export the model again"
+        )
 
     def probabilities_of_batch(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
         return self.scored_batch(batch, tta)[0]
@@ -297,12 +321,35 @@ def predictor_metadata(predictor: Predictor) -> dict[str, Any]:
     return {"classes": predictor.classes, "preprocessing": preprocessing, **origin}
 
 
-def predictor_from_metadata(forward: Forward, metadata: dict[str, Any], source: str) -> Predictor:
-    """The inverse of ``predictor_metadata``, for a file loaded from ``source``."""
-    content = dict(metadata)
-    preprocessing = dict(content.pop("preprocessing"))
-    preprocessing["input_size"] = tuple(preprocessing["input_size"])
-    return Predictor(forward, content.pop("classes"), preprocessing, {**content, "source": source})
+EXPORT_AGAIN = "export it again with `transferkit export RUN`"
+
+
+def predictor_from_metadata(
+    forward: Forward, metadata: Any, source: str, outputs: int | None = None,
+    input_size: list[Any] | None = None,
+) -> Predictor:
+    """The inverse of ``predictor_metadata``, for a file loaded from ``source``, every value
+    checked: ``outputs`` is the model's number of classes and ``input_size`` its input's shape
+    (batch first; a name where an axis is dynamic), where the file says them."""
+    from transferkit.calibration import Calibration
+    from transferkit.trust import Rejection
+
+    try:
+        if not isinstance(metadata, dict):
+            raise FieldError(f"{ONNX_METADATA_KEY} is {shown(metadata)}; it must be a JSON object")
+        content = dict(metadata)
+        classes = check_classes(content.pop("classes", None), outputs, "classes")
+        preprocessing = check_preprocessing(content.pop("preprocessing", None), "preprocessing")
+        fixed, size = list(input_size or [])[1:], list(preprocessing["input_size"])
+        if len(fixed) == 3 and any(isinstance(side, int) and side != given for side, given in zip(fixed, size)):
+            raise FieldError(f"preprocessing.input_size is {size}; it must be the model's input size, {fixed}")
+        if content.get("calibration") is not None:
+            content["calibration"] = Calibration.from_dict(content["calibration"]).as_dict()
+        if content.get("unknown") is not None:
+            content["unknown"] = Rejection.from_dict(content["unknown"]).as_dict()
+    except FieldError as error:
+        raise RunFolderError(f"{source}: {error}; {EXPORT_AGAIN}") from None
+    return Predictor(forward, classes, preprocessing, {**content, "source": source})
 
 
 def load_onnx_predictor(path: str | os.PathLike[str]) -> Predictor:
@@ -317,33 +364,52 @@ def load_onnx_predictor(path: str | os.PathLike[str]) -> Predictor:
         raise RunFolderError(
             f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`"
         )
-    return predictor_from_metadata(session_forward(session), json.loads(found), str(path))
+    try:
+        metadata = json.loads(found)
+    except json.JSONDecodeError as error:
+        raise RunFolderError(
+            f"{path}: its {ONNX_METADATA_KEY} metadata is not valid JSON ({error}); {EXPORT_AGAIN}"
+        ) from None
+    shape = session.get_outputs()[0].shape
+    # A dynamic class axis is checked on each forward instead (Predictor.checked_logits).
+    outputs = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+    return predictor_from_metadata(session_forward(session), metadata, str(path), outputs,
+                                   session.get_inputs()[0].shape)
 
 
 def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Predictor]:
     """The torch model of a run folder (or its ``model/`` folder) in eval mode, with a
     Predictor that runs it eagerly on CPU with its temperature and unknown score."""
     from transferkit.models import load_model
-    from transferkit.trust import load_trust, scored_classifier
+    from transferkit.rejection import scored_classifier
+    from transferkit.trust import load_trust
 
     folder = model_folder(path)
     model, config = load_model(folder)
-    trust = load_trust(folder, config)
+    classes, preprocessing = saved_classes_and_preprocessing(model, config, folder)
+    trust = load_trust(folder, config, width=model.num_features)
     scored = scored_classifier(model, trust)
-    classes, preprocessing = saved_classes_and_preprocessing(model, config)
     info = {"architecture": config["architecture"], **trust.as_dict(), "source": str(folder)}
     return model, Predictor(torch_forward(scored, "cpu"), classes, preprocessing, info, module=scored)
 
 
-def saved_classes_and_preprocessing(model: nn.Module, config: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """The class names and preprocessing a model folder's ``config.json`` names (the backbone's
-    own preprocessing where an older folder names none)."""
+def saved_classes_and_preprocessing(
+    model: nn.Module, config: dict[str, Any], folder: Path,
+) -> tuple[list[str], dict[str, Any]]:
+    """The class names and preprocessing a model ``folder``'s ``config.json`` names (the backbone's
+    own preprocessing where an older folder names none), checked against ``model``."""
     from transferkit.data.loaders import resolve_preprocessing
 
-    preprocessing = dict((config.get("transferkit") or {}).get("preprocessing") or {}) or resolve_preprocessing(model)
-    preprocessing["input_size"] = tuple(preprocessing["input_size"])
-    classes = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
-    return list(classes), preprocessing
+    try:
+        preprocessing = (config.get("transferkit") or {}).get("preprocessing") or resolve_preprocessing(model)
+        preprocessing = check_preprocessing(preprocessing, "transferkit.preprocessing")
+        names = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
+        classes = check_classes(names, config["num_classes"], "label_names")
+    except FieldError as error:
+        raise RunFolderError(
+            f"{folder / 'config.json'}: {error}; fix it there or train the model again"
+        ) from None
+    return classes, preprocessing
 
 
 def load_predictor(path: str | os.PathLike[str], device: str | None = None) -> Predictor:

@@ -21,8 +21,6 @@ logits and the score, and an export needs nothing beside it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,36 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit import models
-from transferkit.config import UNKNOWN_SCORES
+from transferkit.trust import METHODS, Rejection, Trust
 
-METHODS = tuple(score for score in UNKNOWN_SCORES if score != "none")
 NEIGHBOURS = 10
 BANK_SIZE = 5000
 """Training images whose features ``knn`` keeps (all of them below this); 5,000 x 1,280 float32
 features is 26 MB, and Sun et al. found a random 1% of ImageNet's training set enough."""
-
-
-@dataclass
-class Rejection:
-    """How a model says "none of these": the score, its threshold and where it was set."""
-
-    method: str
-    threshold: float
-    keep: float
-    """The share of in-distribution images meant to stay below the threshold."""
-    kept: float
-    """The share of the ``fitted_on`` images that did."""
-    fitted_on: str
-    images: int
-    neighbours: int | None = None
-    bank_images: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value is not None}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Rejection:
-        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
 
 
 def unknown_scores(
@@ -162,3 +136,10 @@ class ScoredClassifier(nn.Module):
         if self.method is None:
             return logits
         return logits, unknown_scores(self.method, logits, pooled, self.bank, self.neighbours)
+
+
+def scored_classifier(model: nn.Module, trust: Trust) -> nn.Module:
+    """``model`` with its temperature and unknown score in the graph (see ``ScoredClassifier``)."""
+    method = trust.rejection.method if trust.rejection else None
+    neighbours = trust.rejection.neighbours if trust.rejection and trust.rejection.neighbours else 1
+    return ScoredClassifier(model, trust.temperature, method, trust.bank, neighbours).eval()

@@ -38,7 +38,7 @@ from typing import IO, Any
 import numpy as np
 
 from transferkit.data.images import UnreadableImage, load_image, preprocess_image, resize_side
-from transferkit.errors import ConfigError, TransferkitError
+from transferkit.errors import ConfigError, ModelOutputError, TransferkitError
 from transferkit.evaluate import UNKNOWN
 from transferkit.inference import Predictor, load_predictor
 
@@ -210,7 +210,11 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
         image's heat map of its top class."""
         try:
             inputs = [preprocessed(name, file) for name, file in files]
-            outputs = [predictor.scored_batch(np.stack(inputs[i:i + BATCH_SIZE])) for i in range(0, len(inputs), BATCH_SIZE)]
+            try:
+                outputs = [predictor.scored_batch(np.stack(inputs[i:i + BATCH_SIZE]))
+                           for i in range(0, len(inputs), BATCH_SIZE)]
+            except ModelOutputError as error:
+                raise HTTPException(500, str(error)) from None
             probabilities = np.concatenate([batch for batch, _ in outputs])
             scores = None if outputs[0][1] is None else np.concatenate([scored for _, scored in outputs])
             if not explain:
@@ -388,7 +392,12 @@ def serve(
     reject: bool = True,
 ) -> None:
     """Serve ``model`` until interrupted (``reject``: see ``create_app``)."""
+    limits = limits or ServeLimits()
+    run_app(create_app(model, limits, reject), host, port, limits)
+
+
+def run_app(app: Any, host: str, port: int, limits: ServeLimits) -> None:
+    """Serve an app of ``create_app`` until interrupted, held to ``limits``."""
     import uvicorn
 
-    limits = limits or ServeLimits()
-    uvicorn.run(create_app(model, limits, reject), host=host, port=port, log_level="warning", **server_options(limits))
+    uvicorn.run(app, host=host, port=port, log_level="warning", **server_options(limits))
