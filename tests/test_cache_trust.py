@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -132,6 +133,22 @@ def test_a_digests_header_claiming_more_than_the_file_holds_allocates_nothing(
             np.testing.assert_array_equal(again, expected)
     (warning,) = warnings_from(caplog)
     assert "digests of shape (10000000000000, 32)" in warning and "moved it aside" in warning
+
+
+def test_temporary_shards_left_by_a_killed_writer_are_removed_and_a_live_writers_kept(tmp_path: Path) -> None:
+    paths = numbered_files(tmp_path / "images", 3)
+    cache = FeatureCache(tmp_path / "features")
+    cache.features(paths, last_byte)
+    killed = cache.folder / ".20261201-120000-0123abcd.npz.a1b2c3d4e5f6.tmp"
+    live = cache.folder / ".20261207-120000-4567abcd.npz.0a1b2c3d4e5f.tmp"
+    for tmp in (killed, live):
+        tmp.write_bytes(b"PK\x03\x04" + bytes(4096))
+    two_hours_ago = time.time() - 7200
+    os.utime(killed, (two_hours_ago, two_hours_ago))
+    _, stats = FeatureCache(cache.folder).features(paths, last_byte)
+    assert stats.from_cache == 3
+    assert not killed.exists(), "a killed merge's temporary file is removed"
+    assert live.exists(), "one a train is writing now is left alone"
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")

@@ -58,6 +58,10 @@ Compute = Callable[[list[str], dict[str, bytes]], np.ndarray]
 """Features of each path, one row per path in order; it records in the dict the SHA-256 of the
 bytes each row was computed from (``extract_features(..., digests=)`` does)."""
 
+STALE_AFTER = 3600.0
+"""Seconds after its last write that a temporary shard is a killed writer's leftover: a live
+writer writes a block at a time, so its file is never that old."""
+
 _warned: set[tuple[str, str]] = set()
 
 
@@ -257,11 +261,25 @@ class FeatureCache:
         try:
             if not self.folder.is_dir():
                 return []
+            self._remove_stale_temporaries()
             return sorted(self.folder.glob("*.npz"))
         except OSError as error:
             _warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
                        self.folder, error)
             return []
+
+    def _remove_stale_temporaries(self) -> None:
+        """Shards a killed writer left half-written (``atomic_write``'s ``.{name}.{hex}.tmp``).
+        By age, not by lock: a live writer's file is written a block at a time, and an age works
+        on every OS and file system, where locks do not (NFS, Windows)."""
+        now = time.time()
+        for tmp in self.folder.glob(".*.npz.*.tmp"):
+            try:
+                if now - tmp.lstat().st_mtime > STALE_AFTER:
+                    tmp.unlink()
+                    log.info("feature cache: removed %s, left by a writer that was killed", tmp)
+            except OSError:  # gone already, or another user's in a shared folder
+                pass
 
     def _index(
         self, wanted: set[bytes], files: OpenFiles, compact: bool = True
