@@ -135,6 +135,25 @@ def test_a_digests_header_claiming_more_than_the_file_holds_allocates_nothing(
     assert "digests of shape (10000000000000, 32)" in warning and "moved it aside" in warning
 
 
+def test_shards_written_before_shards_had_fingerprints_are_moved_aside_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = numbered_files(tmp_path / "images", 3)
+    folder = tmp_path / "features"
+    folder.mkdir()
+    for i, path in enumerate(paths):  # as np.savez wrote them: no zip comment
+        digests: dict[str, bytes] = {}
+        rows = last_byte([path], digests) + 1  # rows no model of today's would give
+        np.savez(folder / f"old-{i}.npz", digests=np.frombuffer(digests[path], np.uint8)[None], features=rows)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        features, stats = FeatureCache(folder).features(paths, last_byte)
+    np.testing.assert_array_equal(features, last_byte(paths, {}))
+    assert stats.from_cache == 0
+    (warning,) = warnings_from(caplog)
+    assert "recorded no fingerprint" in warning and "moved it aside to *.unreadable" in warning
+    assert sorted(p.name for p in folder.glob("*.unreadable")) == [f"old-{i}.npz.unreadable" for i in range(3)]
+
+
 def test_temporary_shards_left_by_a_killed_writer_are_removed_and_a_live_writers_kept(tmp_path: Path) -> None:
     paths = numbered_files(tmp_path / "images", 3)
     cache = FeatureCache(tmp_path / "features")

@@ -62,6 +62,8 @@ STALE_AFTER = 3600.0
 """Seconds after its last write that a temporary shard is a killed writer's leftover: a live
 writer writes a block at a time, so its file is never that old."""
 
+OLD_SHARD = "written by a transferkit that recorded no fingerprint of the model"
+
 _warned: set[tuple[str, str]] = set()
 
 
@@ -183,15 +185,16 @@ class FeatureCache:
         """Why a well-formed shard's rows are not this cache's, or None."""
         if rows.fingerprint != self.fingerprint:
             return (f"rows of another model, preprocessing or boundary ({rows.fingerprint})" if rows.fingerprint
-                    else "written by a transferkit that recorded no fingerprint of the model")
+                    else OLD_SHARD)
         if rows.dtype != self.dtype:
             return f"rows of type {rows.dtype}, where this cache keeps {self.dtype}"
         if row_shape is not None and rows.row_shape != row_shape:
             return f"rows of shape {rows.row_shape}, where this model gives {row_shape}"
         return None
 
-    def _set_aside(self, shard: Path, reason: object) -> None:
-        """Moved aside with one warning, so the next run neither trips on it nor warns again."""
+    def _set_aside(self, shard: Path, reason: object, once: tuple[Path, str] | None = None) -> None:
+        """Moved aside with one warning (for the shard, or for each folder and kind in ``once``), so
+        the next run neither trips on it nor warns again."""
         aside = shard.with_name(shard.name + ".unreadable")
         try:
             os.replace(shard, aside)
@@ -200,8 +203,12 @@ class FeatureCache:
             return
         except OSError:
             done = "delete it"
-        _warn_once(shard, "read", "feature cache: ignoring unusable shard %s (%s); %s, and its rows are computed "
-                   "again", shard, reason, done)
+        if once:
+            _warn_once(*once, "feature cache: ignoring the shards of %s %s; %s, and their rows are computed again",
+                       self.folder, reason, done.replace(aside.name, "*.unreadable"))
+        else:
+            _warn_once(shard, "read", "feature cache: ignoring unusable shard %s (%s); %s, and its rows are computed "
+                       "again", shard, reason, done)
 
     def _unopenable(self, shard: Path, error: OSError) -> None:
         """A shard that could not be opened, not ours to remove: another user's, a failing disk,
@@ -228,7 +235,8 @@ class FeatureCache:
             return None
         problem = self._problem(rows, row_shape)
         if problem:
-            self._set_aside(shard, problem)
+            # Every shard of a cache written before shards had fingerprints: one line for the folder.
+            self._set_aside(shard, problem, (self.folder, "old") if problem == OLD_SHARD else None)
             return None
         return digests, rows
 
