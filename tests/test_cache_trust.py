@@ -270,21 +270,24 @@ def test_200_mutations_of_a_real_shard_give_the_clean_features_or_one_warning(
     clean = shard.read_bytes()
     outcomes = {"clean": 0, "moved aside": 0}
     for seed in range(200):
-        shutil.rmtree(folder)
-        folder.mkdir()
-        broken = mutated(clean, seed)
-        (folder / f"{seed:03d}.npz").write_bytes(broken)  # a name of its own: each seed may warn once
+        # A cache of its own each seed: a process warns once for each shard, and for some troubles
+        # once for each folder.
+        seed_cache = tmp_path / f"cache-{seed:03d}"
+        (seed_cache / folder.name).mkdir(parents=True)
+        (seed_cache / folder.name / shard.name).write_bytes(mutated(clean, seed))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="transferkit"):
             features, stats = within(20, lambda: cached_pooled_features(
-                model, paths, preprocessing, "avg", "cpu", cache_dir=cache_dir, num_workers=0))
+                model, paths, preprocessing, "avg", "cpu", cache_dir=seed_cache, num_workers=0))
         warnings = warnings_from(caplog)
         assert np.array_equal(features, expected), f"seed {seed}: wrong features"
         assert len(warnings) <= 1, (seed, warnings)
         assert stats.from_cache == len(paths) or len(warnings) == 1, f"seed {seed}: recomputed without a word"
         outcomes["moved aside" if warnings else "clean"] += 1
         if warnings:
-            assert "moved it aside" in warnings[0] and (folder / f"{seed:03d}.npz.unreadable").exists(), seed
+            assert "moved it aside" in warnings[0], seed
+            assert (seed_cache / folder.name / f"{shard.name}.unreadable").exists(), seed
+        shutil.rmtree(seed_cache)
     assert outcomes["moved aside"] > 150, outcomes
 
 
