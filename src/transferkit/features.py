@@ -18,12 +18,12 @@ The cache only ever saves time: a folder that cannot be read or written is warne
 and the features are computed as if it were empty. Nothing read from it is trusted: a shard that
 is no regular file, whose headers do not fit its size, whose rows fail their checksum, or whose
 rows are not of the type, shape and fingerprint (the folder's key: model, preprocessing,
-boundary) this run's model gives is moved aside with one warning and its rows computed again.
+boundary) this run's model gives is moved aside with one warning and its rows computed again
+(``shard_checks``).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import NotRegularFile, atomic_write, cache_home, content_digests, update_with_tensors
-from transferkit.cached_rows import (
-    CachedRows, DamagedShard, OpenFiles, ShardRows, check_rows, locate_shard, open_shard, row_shape_of, write_shard,
-)
+from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
+from transferkit.cached_rows import CachedRows, OpenFiles, ShardRows, row_shape_of, write_shard
+from transferkit.shard_checks import ShardChecks, warn_once
 from transferkit.inference import create_forward, run_forward
 
 log = logging.getLogger(__name__)
@@ -58,15 +57,6 @@ Compute = Callable[[list[str], dict[str, bytes]], np.ndarray]
 """Features of each path, one row per path in order; it records in the dict the SHA-256 of the
 bytes each row was computed from (``extract_features(..., digests=)`` does)."""
 
-STALE_AFTER = 3600.0
-"""Seconds after its last write that a temporary shard is a killed writer's leftover: a live
-writer writes a block at a time, so its file is never that old."""
-
-OLD_SHARD = "written by a transferkit that recorded no fingerprint of the model"
-
-_warned: set[tuple[str, str]] = set()
-
-
 class _MergeReadError(Exception):
     """A shard being merged could not be read: not the folder refusing the merged one."""
 
@@ -74,13 +64,6 @@ class _MergeReadError(Exception):
 class _ShapeChanged(Exception):
     """The model gave rows of another shape than the shards this pass read, whose shape it took
     for the model's: the pass starts again, knowing the model's."""
-
-
-def _warn_once(folder: Path, kind: str, message: str, *args: object) -> None:
-    """One warning per cache folder and kind of trouble in a process: a compare of many runs says it once."""
-    if (str(folder), kind) not in _warned:
-        _warned.add((str(folder), kind))
-        log.warning(message, *args)
 
 
 def output_row_shape(module: Any, input_size: tuple[int, ...]) -> tuple[int, ...]:
@@ -170,6 +153,7 @@ class FeatureCache:
         self.fingerprint = fingerprint or folder.name
         """What the rows come from, recorded in every shard and compared with each shard read:
         the folder's name, a digest of model, preprocessing and boundary, by default."""
+        self.checks = ShardChecks(folder, self.dtype, self.fingerprint)
 
     @classmethod
     def for_backbone(
@@ -181,113 +165,16 @@ class FeatureCache:
         row_shape = output_row_shape(PooledFeatures(model), preprocessing["input_size"])
         return cls(feature_cache_folder(cache_dir) / digest, row_shape=row_shape, fingerprint=digest)
 
-    def _problem(self, rows: ShardRows, row_shape: tuple[int, ...] | None) -> str | None:
-        """Why a well-formed shard's rows are not this cache's, or None."""
-        if rows.fingerprint != self.fingerprint:
-            return (f"rows of another model, preprocessing or boundary ({rows.fingerprint})" if rows.fingerprint
-                    else OLD_SHARD)
-        if rows.dtype != self.dtype:
-            return f"rows of type {rows.dtype}, where this cache keeps {self.dtype}"
-        if row_shape is not None and rows.row_shape != row_shape:
-            return f"rows of shape {rows.row_shape}, where this model gives {row_shape}"
-        return None
-
-    def _set_aside(self, shard: Path, reason: object, once: tuple[Path, str] | None = None) -> None:
-        """Moved aside with one warning (for the shard, or for each folder and kind in ``once``), so
-        the next run neither trips on it nor warns again."""
-        aside = shard.with_name(shard.name + ".unreadable")
-        try:
-            os.replace(shard, aside)
-            done = f"moved it aside to {aside.name}"
-        except FileNotFoundError:  # a run going on at the same time moved or merged it first
-            return
-        except OSError:
-            done = "delete it"
-        if once:
-            _warn_once(*once, "feature cache: ignoring the shards of %s %s; %s, and their rows are computed again",
-                       self.folder, reason, done.replace(aside.name, "*.unreadable"))
-        else:
-            _warn_once(shard, "read", "feature cache: ignoring unusable shard %s (%s); %s, and its rows are computed "
-                       "again", shard, reason, done)
-
-    def _unopenable(self, shard: Path, error: OSError) -> None:
-        """A shard that could not be opened, not ours to remove: another user's, a failing disk,
-        or too many files open at once (one warning for the folder, with the fix)."""
-        if error.errno in (errno.EMFILE, errno.ENFILE):
-            _warn_once(self.folder, "files", "feature cache: too many open files to read the shards of %s (%s); "
-                       "their rows are computed again; raise the limit on open files (ulimit -n)", self.folder, error)
-        else:
-            _warn_once(shard, "read", "feature cache: ignoring unreadable shard %s (%s); make it readable",
-                       shard, error)
-
-    def _locate(self, shard: Path, row_shape: tuple[int, ...] | None) -> tuple[np.ndarray, ShardRows] | None:
-        """``cached_rows.locate_shard``, or None for a shard that is gone or cannot be used; a
-        damaged shard, or one of rows another model gave, is moved aside."""
-        try:
-            digests, rows = locate_shard(shard)
-        except FileNotFoundError:  # merged into another shard by a run going on at the same time
-            return None
-        except (DamagedShard, NotRegularFile) as error:
-            self._set_aside(shard, error)
-            return None
-        except OSError as error:
-            self._unopenable(shard, error)
-            return None
-        problem = self._problem(rows, row_shape)
-        if problem:
-            # Every shard of a cache written before shards had fingerprints: one line for the folder.
-            self._set_aside(shard, problem, (self.folder, "old") if problem == OLD_SHARD else None)
-            return None
-        return digests, rows
-
-    def _open(self, rows: ShardRows, check: bool = True) -> int | None:
-        """The located shard's file, open, its rows' checksum checked; None where it is gone or
-        cannot be used."""
-        try:
-            descriptor = open_shard(rows.path)
-        except FileNotFoundError:  # merged away by a run going on at the same time: computed again
-            return None
-        except NotRegularFile as error:  # swapped for a FIFO or a device since it was located
-            self._set_aside(rows.path, error)
-            return None
-        except OSError as error:
-            self._unopenable(rows.path, error)
-            return None
-        try:
-            if check:
-                check_rows(descriptor, rows)
-        except DamagedShard as error:
-            os.close(descriptor)
-            self._set_aside(rows.path, error)
-            return None
-        except BaseException:
-            os.close(descriptor)
-            raise
-        return descriptor
-
     def _listing(self) -> list[Path]:
         try:
             if not self.folder.is_dir():
                 return []
-            self._remove_stale_temporaries()
+            self.checks.remove_stale_temporaries()
             return sorted(self.folder.glob("*.npz"))
         except OSError as error:
-            _warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
-                       self.folder, error)
+            warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
+                      self.folder, error)
             return []
-
-    def _remove_stale_temporaries(self) -> None:
-        """Shards a killed writer left half-written (``atomic_write``'s ``.{name}.{hex}.tmp``).
-        By age, not by lock: a live writer's file is written a block at a time, and an age works
-        on every OS and file system, where locks do not (NFS, Windows)."""
-        now = time.time()
-        for tmp in self.folder.glob(".*.npz.*.tmp"):
-            try:
-                if now - tmp.lstat().st_mtime > STALE_AFTER:
-                    tmp.unlink()
-                    log.info("feature cache: removed %s, left by a writer that was killed", tmp)
-            except OSError:  # gone already, or another user's in a shared folder
-                pass
 
     def _index(
         self, wanted: set[bytes], files: OpenFiles, compact: bool = True
@@ -298,7 +185,7 @@ class FeatureCache:
         a folder shared by many datasets costs no more descriptors than the shards this run reads."""
         usable: list[tuple[np.ndarray, ShardRows]] = []
         for shard in self._listing():
-            located = self._locate(shard, self.row_shape or (usable[0][1].row_shape if usable else None))
+            located = self.checks.locate(shard, self.row_shape or (usable[0][1].row_shape if usable else None))
             if located is not None:
                 usable.append(located)
         partial = [(digests, rows) for digests, rows in usable if rows.rows < CHUNK]
@@ -313,7 +200,7 @@ class FeatureCache:
             if not here:
                 continue
             # Opened only now, so a merge above needs one file at a time however many shards there are.
-            descriptor = self._open(rows)
+            descriptor = self.checks.open(rows)
             if descriptor is None:
                 continue
             files.descriptors[len(sources)] = descriptor
@@ -341,7 +228,7 @@ class FeatureCache:
                     continue
                 files = OpenFiles()
                 try:
-                    descriptor = self._open(rows)
+                    descriptor = self.checks.open(rows)
                     if descriptor is None:
                         raise _MergeReadError(f"{rows.path.name} is gone or unusable")
                     files.descriptors[0] = descriptor
@@ -383,9 +270,9 @@ class FeatureCache:
         try:
             atomic_write(shard, write)
         except OSError as error:  # read-only, full, or not a folder at all: the features still are right
-            _warn_once(self.folder, "write", "feature cache: cannot store features in %s (%s); they are "
-                       "computed again next run; set --cache-dir or TRANSFERKIT_CACHE to a writable folder",
-                       self.folder, error)
+            warn_once(self.folder, "write", "feature cache: cannot store features in %s (%s); they are "
+                      "computed again next run; set --cache-dir or TRANSFERKIT_CACHE to a writable folder",
+                      self.folder, error)
             return None
         return shard
 
@@ -419,9 +306,9 @@ class FeatureCache:
             self.store(paths, rows, decoded)
             raise _ShapeChanged
         shard = self.store(paths, rows, decoded)
-        located = (self._locate(shard, self.row_shape) if shard is not None and all(path in decoded for path in paths)
+        located = (self.checks.locate(shard, self.row_shape) if shard is not None and all(path in decoded for path in paths)
                    else None)
-        descriptor = self._open(located[1], check=False) if located is not None else None  # written just now
+        descriptor = self.checks.open(located[1], check=False) if located is not None else None  # written just now
         if located is None or descriptor is None:  # not stored, or merged away by another run already
             sources.append(rows)
             return {path: (len(sources) - 1, i) for i, path in enumerate(paths)}, decoded
