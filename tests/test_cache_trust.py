@@ -356,3 +356,28 @@ def test_a_pooled_shard_of_another_width_or_input_size_is_recomputed_and_trainin
     (warning,) = warnings_from(caplog)
     assert "moved it aside" in warning
     assert f"rows of another model, preprocessing or boundary ({at64.name})" in warning
+
+
+def test_whole_runs_on_seeded_mutations_of_a_real_activation_shard_train_as_a_clean_run_does(
+    tmp_path: Path, tiny_weights: Path, feature_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = make_folder(tmp_path / "data", per_class=12)
+    options = {"finetune_on": "activations", "frozen.epochs": 1, "finetune.epochs": 2, "finetune.patience": 2}
+    clean = train(data, tiny_config(tmp_path / "clean", tiny_weights, **options)).metrics
+    (activations,) = [p for p in feature_cache.iterdir() if "-after-" in p.name]
+    (shard,) = activations.glob("*.npz")
+    moved_aside = 0
+    for seed in (8, 3, 36, 5):  # header bytes, any bytes, cut short, shape (the loop above tries all 200)
+        cache = tmp_path / f"cache-{seed}"
+        shutil.copytree(feature_cache, cache)
+        (cache / activations.name / shard.name).write_bytes(mutated(shard.read_bytes(), seed))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="transferkit"):
+            metrics = within(300, lambda: train(
+                data, tiny_config(tmp_path / f"run-{seed}", tiny_weights, **options, cache_dir=str(cache))).metrics)
+        assert history(tmp_path / f"run-{seed}") == history(tmp_path / "clean"), seed
+        assert metrics["val"] == clean["val"], seed
+        moved = not (cache / activations.name / shard.name).exists()
+        assert len(warnings_from(caplog)) == moved, (seed, warnings_from(caplog))
+        moved_aside += moved
+    assert moved_aside >= 3, "nearly every mutation is caught, not harmless"
