@@ -26,9 +26,9 @@ import json
 import math
 import os
 import struct
-import zlib
 import threading
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -122,6 +122,7 @@ def _read_digests(archive: zipfile.ZipFile, size: int) -> np.ndarray:
 
 
 def _parse_shard(shard: Path, descriptor: int) -> tuple[np.ndarray, ShardRows]:
+    """``locate_shard`` on the open file: every offset and length checked against its size."""
     size = os.fstat(descriptor).st_size
     with os.fdopen(os.dup(descriptor), "rb") as handle:
         with zipfile.ZipFile(handle) as archive:

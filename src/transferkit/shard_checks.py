@@ -127,6 +127,10 @@ class ShardChecks:
             os.close(descriptor)
             self.set_aside(rows.path, error)
             return None
+        except OSError as error:  # a failing disk: not the shard's bytes, so not moved aside
+            os.close(descriptor)
+            self.unopenable(rows.path, error)
+            return None
         except BaseException:
             os.close(descriptor)
             raise
