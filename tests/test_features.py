@@ -18,7 +18,6 @@ from PIL import Image
 from conftest import tiny_config
 from transferkit import features as features_module
 from transferkit._io import write_text
-from transferkit.errors import CacheError
 from transferkit.features import FeatureCache
 from transferkit.inference import run_forward
 from transferkit import train
@@ -110,7 +109,7 @@ def test_an_unreadable_shard_is_moved_aside_with_one_warning(
         assert stats.from_cache == 3
         np.testing.assert_array_equal(again, features)
         assert len(warnings_from(caplog)) == 1
-        assert "ignoring unreadable shard" in caplog.text and "broken.npz" in caplog.text
+        assert "ignoring unusable shard" in caplog.text and "broken.npz" in caplog.text
         caplog.clear()
         _, stats = cache.features(paths, first_byte_features)
     assert stats.from_cache == 3 and warnings_from(caplog) == [], "the next run does not trip on it again"
@@ -340,8 +339,17 @@ def test_a_run_keeps_open_only_the_shards_it_reads_and_closes_them_with_its_rows
     assert open_files(folder) == 0
 
 
-def test_rows_of_another_shape_in_the_cache_stop_the_pass_with_the_folder_to_delete(tmp_path: Path) -> None:
+def test_rows_of_another_shape_in_the_cache_are_moved_aside_and_computed_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cache = FeatureCache(tmp_path / "features")
     cache.rows(numbered_files(tmp_path / "images", 2), first_byte_features)
-    with pytest.raises(CacheError, match=r"holds rows of shape \(4,\), where this model gives \(16384,\); delete"):
-        cache.rows(numbered_files(tmp_path / "images", 3), wide_features)
+    paths = numbered_files(tmp_path / "images", 3)
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        rows, _ = FeatureCache(tmp_path / "features").rows(paths, wide_features)
+    np.testing.assert_array_equal(rows.numpy(), wide_features(paths, {}))
+    (warning,) = warnings_from(caplog)
+    assert "rows of shape (4,), where this model gives (16384,)" in warning and "moved it aside" in warning
+    again, stats = FeatureCache(tmp_path / "features", row_shape=(16384,)).rows(paths, wide_features)
+    assert stats.from_cache == 3
+    np.testing.assert_array_equal(again.numpy(), wide_features(paths, {}))

@@ -15,19 +15,21 @@ one. A run reads rows from the shards as it needs them (``cached_rows``) instead
 all: its boundary activations stay on disk and in the OS's page cache.
 
 The cache only ever saves time: a folder that cannot be read or written is warned about once,
-and the features are computed as if it were empty.
+and the features are computed as if it were empty. Nothing read from it is trusted: a shard that
+is no regular file, whose headers do not fit its size, whose rows fail their checksum, or whose
+rows are not of the type, shape and fingerprint (the folder's key: model, preprocessing,
+boundary) this run's model gives is moved aside with one warning and its rows computed again
+(``shard_checks``).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +38,8 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
-from transferkit.cached_rows import (
-    CachedRows, OpenFiles, ShardRows, locate_shard, open_shard, row_shape_of, write_shard,
-)
-from transferkit.errors import CacheError
+from transferkit.cached_rows import CachedRows, OpenFiles, ShardRows, row_shape_of, write_shard
+from transferkit.shard_checks import ShardChecks, warn_once
 from transferkit.inference import create_forward, run_forward
 
 log = logging.getLogger(__name__)
@@ -57,18 +57,29 @@ Compute = Callable[[list[str], dict[str, bytes]], np.ndarray]
 """Features of each path, one row per path in order; it records in the dict the SHA-256 of the
 bytes each row was computed from (``extract_features(..., digests=)`` does)."""
 
-_warned: set[tuple[str, str]] = set()
-
-
 class _MergeReadError(Exception):
     """A shard being merged could not be read: not the folder refusing the merged one."""
 
 
-def _warn_once(folder: Path, kind: str, message: str, *args: object) -> None:
-    """One warning per cache folder and kind of trouble in a process: a compare of many runs says it once."""
-    if (str(folder), kind) not in _warned:
-        _warned.add((str(folder), kind))
-        log.warning(message, *args)
+class _ShapeChanged(Exception):
+    """The model gave rows of another shape than the shards this pass read, whose shape it took
+    for the model's: the pass starts again, knowing the model's."""
+
+
+def output_row_shape(module: Any, input_size: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one image's output row, from one forward of a blank image in eval mode
+    (every module's mode restored after): what a cached shard's rows must have."""
+    import torch
+
+    modes = [(layer, layer.training) for layer in module.modules()]
+    parameter = next(module.parameters(), None)
+    try:
+        with torch.inference_mode():
+            output = module.eval()(torch.zeros(1, *input_size, device=parameter.device if parameter is not None else None))
+    finally:
+        for layer, training in modes:
+            layer.training = training
+    return tuple(output.shape[1:])
 
 
 def feature_cache_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -127,124 +138,113 @@ class FeatureStats:
 class FeatureCache:
     """Features of one backbone, keyed by image content."""
 
-    def __init__(self, folder: Path, dtype: type = np.float32, kind: str = "features"):
+    def __init__(
+        self, folder: Path, dtype: type = np.float32, kind: str = "features", row_shape: tuple[int, ...] | None = None,
+        fingerprint: str | None = None,
+    ):
         self.folder = folder
         self.dtype = np.dtype(dtype)
         """How rows are stored: boundary activations, 50 times the size of pooled features, keep float16."""
         self.kind = kind
         """What the rows are, in the log."""
+        self.row_shape = tuple(row_shape) if row_shape is not None else None
+        """The shape of the rows this run's model gives (``output_row_shape``); None: the first
+        rows computed tell, and until then the first shard read."""
+        self.fingerprint = fingerprint or folder.name
+        """What the rows come from, recorded in every shard and compared with each shard read:
+        the folder's name, a digest of model, preprocessing and boundary, by default."""
+        self.checks = ShardChecks(folder, self.dtype, self.fingerprint)
 
     @classmethod
     def for_backbone(
         cls, model: Any, preprocessing: dict[str, Any], global_pool: str, cache_dir: str | os.PathLike[str] | None = None
     ) -> FeatureCache:
-        return cls(feature_cache_folder(cache_dir) / backbone_digest(model, preprocessing, global_pool))
+        from transferkit.models import PooledFeatures
 
-    def _locate(self, shard: Path) -> tuple[np.ndarray, ShardRows, int] | None:
-        """``cached_rows.locate_shard``, or None for a shard that is gone or cannot be used."""
-        try:
-            digests, rows, descriptor = locate_shard(shard)
-            if digests.dtype != np.uint8 or digests.shape != (rows.rows, DIGEST_BYTES):
-                os.close(descriptor)
-                raise ValueError(f"digests of shape {digests.shape} and type {digests.dtype}")
-        except FileNotFoundError:  # merged into another shard by a run going on at the same time
-            return None
-        except OSError as error:  # not ours to remove: another user's shard, a failing disk
-            fix = ("raise the limit on open files (ulimit -n)" if error.errno in (errno.EMFILE, errno.ENFILE)
-                   else "make it readable")
-            _warn_once(shard, "read", "feature cache: ignoring unreadable shard %s (%s); %s", shard, error, fix)
-            return None
-        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            # Moved aside, so the next run neither trips on it nor warns again.
-            aside = shard.with_name(shard.name + ".unreadable")
-            try:
-                os.replace(shard, aside)
-                done = f"moved it aside to {aside.name}"
-            except OSError:
-                done = "delete it"
-            _warn_once(shard, "read", "feature cache: ignoring unreadable shard %s (%s); %s", shard, error, done)
-            return None
-        return digests, rows, descriptor
+        digest = backbone_digest(model, preprocessing, global_pool)
+        row_shape = output_row_shape(PooledFeatures(model), preprocessing["input_size"])
+        return cls(feature_cache_folder(cache_dir) / digest, row_shape=row_shape, fingerprint=digest)
 
     def _listing(self) -> list[Path]:
         try:
-            return sorted(self.folder.glob("*.npz")) if self.folder.is_dir() else []
+            if not self.folder.is_dir():
+                return []
+            self.checks.remove_stale_temporaries()
+            return sorted(self.folder.glob("*.npz"))
         except OSError as error:
-            _warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
-                       self.folder, error)
+            warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
+                      self.folder, error)
             return []
 
     def _index(
         self, wanted: set[bytes], files: OpenFiles, compact: bool = True
     ) -> tuple[list[ShardRows | np.ndarray], dict[bytes, tuple[int, int]]]:
         """The shards holding some of ``wanted``, their files open in ``files`` by source index,
-        and where each wanted digest's row lies: (source index, row). A shard holding none of
-        them is closed at once, so a folder shared by many datasets costs no more descriptors
-        than the shards this run reads."""
+        and where each wanted digest's row lies: (source index, row). Every shard is checked
+        first, each file closed again; only the shards holding wanted rows are opened to stay, so
+        a folder shared by many datasets costs no more descriptors than the shards this run reads."""
+        usable: list[tuple[np.ndarray, ShardRows]] = []
+        for shard in self._listing():
+            located = self.checks.locate(shard, self.row_shape or (usable[0][1].row_shape if usable else None))
+            if located is not None:
+                usable.append(located)
+        partial = [(digests, rows) for digests, rows in usable if rows.rows < CHUNK]
+        if compact and len(partial) > COMPACT_AT and self._merge(partial):
+            self._remove([rows.path for _, rows in partial])
+            return self._index(wanted, files, compact=False)
         sources: list[ShardRows | np.ndarray] = []
         found: dict[bytes, tuple[int, int]] = {}
-        partial: list[tuple[np.ndarray, ShardRows]] = []
-        for shard in self._listing():
-            located = self._locate(shard)
-            if located is None:
-                continue
-            digests, rows, descriptor = located
-            if rows.dtype != self.dtype or (sources and rows.row_shape != sources[0].row_shape):
-                os.close(descriptor)
-                _warn_once(shard, "shape", "feature cache: ignoring shard %s, whose rows are %s of shape %s, "
-                           "unlike the others; delete it", shard, rows.dtype, rows.row_shape)
-                continue
-            if rows.rows < CHUNK:
-                partial.append((digests, rows))
+        for digests, rows in usable:
             here = [(digest, row) for row, digest in enumerate(d.tobytes() for d in digests)
                     if digest in wanted and digest not in found]
             if not here:
-                os.close(descriptor)
+                continue
+            # Opened only now, so a merge above needs one file at a time however many shards there are.
+            descriptor = self.checks.open(rows)
+            if descriptor is None:
                 continue
             files.descriptors[len(sources)] = descriptor
             found.update((digest, (len(sources), row)) for digest, row in here)
             sources.append(rows)
-        if compact and len(partial) > COMPACT_AT and self._merge(partial):
-            # Closed before the merged shards go: Windows removes no file that is open.
-            files.close()
-            self._remove([rows.path for _, rows in partial])
-            return self._index(wanted, files, compact=False)
         return sources, found
 
     def _merge(self, shards: list[tuple[np.ndarray, ShardRows]]) -> bool:
         """One shard of the rows of ``shards``, each digest once (two cold runs store the same
         images twice), written a block at a time; False where it could not be written. The
         merged shard is in place before any shard it replaces goes, so nothing is lost to a
-        kill; two runs compacting at once leave two shards, both correct."""
-        if len({(rows.row_shape, rows.dtype) for _, rows in shards}) > 1:
-            log.info("feature cache: not merging the shards of %s (rows of other shapes)", self.folder)
-            return False
+        kill; two runs compacting at once leave two shards, both correct. The shards are read one
+        after another, each open only while read, so no limit on open files stops a merge."""
         digests = np.concatenate([digests for digests, _ in shards])
         _, first = np.unique(digests, axis=0, return_index=True)
-        keep = np.sort(first)
-        files = OpenFiles()
+        keep = np.sort(first)  # in the shards' order, so each shard's kept rows come together
+        source_of = np.concatenate([np.full(rows.rows, i, np.int32) for i, (_, rows) in enumerate(shards)])[keep]
+        row_of = np.concatenate([np.arange(rows.rows) for _, rows in shards])[keep]
+        row_shape = shards[0][1].row_shape
 
         def blocks() -> Iterator[np.ndarray]:
-            for start in range(0, len(keep), 256):
+            for i, (_, rows) in enumerate(shards):
+                kept = row_of[source_of == i]
+                if not len(kept):
+                    continue
+                files = OpenFiles()
                 try:
-                    yield merged.read(np.arange(start, min(start + 256, len(keep))))
+                    descriptor = self.checks.open(rows)
+                    if descriptor is None:
+                        raise _MergeReadError(f"{rows.path.name} is gone or unusable")
+                    files.descriptors[0] = descriptor
+                    one = CachedRows(row_shape, self.dtype, [rows], files, np.zeros(len(kept), np.int32), kept)
+                    for start in range(0, len(kept), 256):
+                        yield one.read(np.arange(start, min(start + 256, len(kept))))
                 except OSError as error:  # a reading error, not the folder refusing the merged shard
                     raise _MergeReadError(error) from error
+                finally:
+                    files.close()
 
         try:
-            for i, (_, rows) in enumerate(shards):
-                files.descriptors[i] = open_shard(rows.path)
-            merged = CachedRows(
-                shards[0][1].row_shape, shards[0][1].dtype, [rows for _, rows in shards], files,
-                np.concatenate([np.full(rows.rows, i, np.int32) for i, (_, rows) in enumerate(shards)])[keep],
-                np.concatenate([np.arange(rows.rows) for _, rows in shards])[keep],
-            )
-            written = self._write(digests[keep], blocks(), len(keep), merged.row_shape) is not None
-        except (OSError, _MergeReadError) as error:  # merged or removed by another run already
+            written = self._write(digests[keep], blocks(), len(keep), row_shape) is not None
+        except _MergeReadError as error:  # merged or removed by another run already
             log.info("feature cache: not merging the shards of %s (%s)", self.folder, error)
             return False
-        finally:
-            files.close()
         if written:
             log.info("feature cache: merged %d shards of %s into one (%d images)", len(shards), self.folder, len(keep))
         return written
@@ -265,14 +265,14 @@ class FeatureCache:
 
         def write(tmp: Path) -> None:
             with tmp.open("wb") as handle:
-                write_shard(handle, digests, blocks, rows, row_shape, self.dtype)
+                write_shard(handle, digests, blocks, rows, row_shape, self.dtype, self.fingerprint)
 
         try:
             atomic_write(shard, write)
         except OSError as error:  # read-only, full, or not a folder at all: the features still are right
-            _warn_once(self.folder, "write", "feature cache: cannot store features in %s (%s); they are "
-                       "computed again next run; set --cache-dir or TRANSFERKIT_CACHE to a writable folder",
-                       self.folder, error)
+            warn_once(self.folder, "write", "feature cache: cannot store features in %s (%s); they are "
+                      "computed again next run; set --cache-dir or TRANSFERKIT_CACHE to a writable folder",
+                      self.folder, error)
             return None
         return shard
 
@@ -298,16 +298,21 @@ class FeatureCache:
         rows = np.asarray(compute(paths, decoded), dtype=self.dtype)
         if len(rows) != len(paths):
             raise RuntimeError(f"feature pass gave {len(rows)} rows for {len(paths)} images")
+        if self.row_shape is not None and rows.shape[1:] != self.row_shape:
+            raise RuntimeError(f"feature pass gave rows of shape {rows.shape[1:]}, where its model gives {self.row_shape}")
         cached_shape = row_shape_of(sources[0]) if sources else rows.shape[1:]
-        if rows.shape[1:] != cached_shape:  # one folder, one backbone and boundary: never two shapes
-            raise CacheError(f"the feature cache {self.folder} holds rows of shape {cached_shape}, where this "
-                             f"model gives {rows.shape[1:]}; delete that folder")
+        self.row_shape = rows.shape[1:]
+        if rows.shape[1:] != cached_shape:  # the shards read were not this model's: they go
+            self.store(paths, rows, decoded)
+            raise _ShapeChanged
         shard = self.store(paths, rows, decoded)
-        located = self._locate(shard) if shard is not None and all(path in decoded for path in paths) else None
-        if located is None:  # not stored, or merged away by another run already
+        located = (self.checks.locate(shard, self.row_shape) if shard is not None and all(path in decoded for path in paths)
+                   else None)
+        descriptor = self.checks.open(located[1], check=False) if located is not None else None  # written just now
+        if located is None or descriptor is None:  # not stored, or merged away by another run already
             sources.append(rows)
             return {path: (len(sources) - 1, i) for i, path in enumerate(paths)}, decoded
-        _, shard_rows, descriptor = located
+        shard_rows = located[1]
         files.descriptors[len(sources)] = descriptor
         sources.append(shard_rows)
         slot = {digest: i for i, digest in enumerate(dict.fromkeys(decoded[path] for path in paths))}
@@ -318,6 +323,12 @@ class FeatureCache:
         and the rest computed (one ``compute`` a chunk, each distinct image once) and stored under
         the digest of the bytes they were computed from, never the one looked up: a file
         rewritten in between must not leave the new image's features under the old content."""
+        try:
+            return self._rows(paths, compute)
+        except _ShapeChanged:
+            return self._rows(paths, compute)
+
+    def _rows(self, paths: list[str], compute: Compute) -> tuple[CachedRows, FeatureStats]:
         started = time.perf_counter()
         digests = content_digests(paths)
         files = OpenFiles()  # closes what it holds if anything below raises

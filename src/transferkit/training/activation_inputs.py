@@ -28,7 +28,7 @@ from transferkit.config import TrainConfig
 from transferkit.data.folders import DatasetIndex
 from transferkit.data.loaders import AugmentedView
 from transferkit.errors import ConfigError
-from transferkit.features import FeatureCache, FeatureStats, backbone_digest, feature_cache_folder
+from transferkit.features import FeatureCache, FeatureStats, backbone_digest, feature_cache_folder, output_row_shape
 from transferkit.inference import Forward, create_forward, default_backend, run_forward
 from transferkit.training.phase import EpochSampler
 
@@ -142,7 +142,9 @@ def _cached_activations(
         spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
         folder, transform = folder.with_name(f"{folder.name}-view{view}-{spec}"), AugmentedView(preprocessing, view)
     kind = f"activations (view {view})" if view else "activations and features" if pooled else "activations"
-    cache = FeatureCache(folder, np.float16, kind)
+    # Every row a cache hit still gets its shape checked against what this model gives.
+    row_shape = output_row_shape(activations.Bottom(model, boundary), preprocessing["input_size"])
+    cache = FeatureCache(folder, np.float16, kind, row_shape=row_shape)
     forward: list[Forward] = []
 
     def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
