@@ -173,7 +173,8 @@ def test_a_full_disk_while_checkpointing_leaves_only_whole_checkpoints_and_resum
     assert process.returncode == 1, process.stderr
     assert "Traceback" not in process.stderr
     last_line = process.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: could not read or write") and "File too large" in last_line, last_line
+    assert last_line.startswith(f"error: could not read or write {run_dir / 'checkpoints' / 'finetune-'}"), last_line
+    assert "File too large" in last_line, last_line
     assert last_line.endswith(f"finish the run with: transferkit train --resume {run_dir}")
     checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in checkpoints] == ["frozen-best.ckpt", "frozen-last.ckpt"]
@@ -183,6 +184,24 @@ def test_a_full_disk_while_checkpointing_leaves_only_whole_checkpoints_and_resum
     result = resume(run_dir)
     assert result.metrics["phases"]["finetune"]["epochs"] == 2
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_a_failing_write_names_the_file_it_was_writing_not_its_temporary_file(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes the kernel refuse a write past a size (EFBIG), unprivileged, as a full disk refuses one (ENOSPC)."""
+    target = tmp_path / "run" / "metrics.json"
+    script = (
+        "import resource, signal, sys\n"
+        "from transferkit._io import write_json\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        "try:\n"
+        "    write_json(sys.argv[1], ['x' * 100] * 100)\n"
+        "except OSError as error:\n"
+        "    print(error)\n"
+    )
+    written = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=60)
+    assert written.stdout.strip() == f"[Errno 27] File too large: '{target}'", written.stderr
+    assert not leftovers(tmp_path) and not target.exists()
 
 
 def finished_run(data: Path, run_dir: Path, weights: Path) -> None:
