@@ -204,6 +204,37 @@ def test_a_failing_write_names_the_file_it_was_writing_not_its_temporary_file(tm
     assert not leftovers(tmp_path) and not target.exists()
 
 
+def snapshot(path: Path) -> dict[str, bytes]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(file): file.read_bytes() for file in files}
+
+
+@pytest.mark.parametrize("entry, target", [
+    ("model", "model"), ("checkpoints", "checkpoints"), (".transferkit.lock", "metrics.json"),
+])
+def test_a_link_out_of_the_run_folder_is_refused_before_any_work_and_its_target_kept(
+    data: Path, tmp_path: Path, tiny_weights: Path, trained_run: Path, entry: str, target: str
+) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other)
+    before = snapshot(other)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / entry).symlink_to(other / target)
+
+    process = subprocess.run(
+        train_command(data, run_dir, tiny_weights, "--frozen-epochs", "1", "--finetune-epochs", "0"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.count("\n") == 1, process.stderr
+    assert f"{run_dir / entry} is a link to {other / target}, outside the run folder {run_dir}" in process.stderr
+    assert snapshot(other) == before, "the other run's files are as they were"
+    assert not (run_dir / "config.yaml").exists(), "refused before any work"
+
+
 def finished_run(data: Path, run_dir: Path, weights: Path) -> None:
     finished = subprocess.run(
         train_command(data, run_dir, weights, "--frozen-epochs", "3", "--finetune-epochs", "2"),

@@ -88,7 +88,7 @@ def train_head(
         progress = _restore(resume_from, model, optimizer, schedule)
     best_head = None
     if write:
-        folder.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        folder.writable(folder.checkpoints_dir).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for epoch in range(progress.epochs_done, phase.epochs):
         epoch_started = time.perf_counter()
