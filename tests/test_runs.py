@@ -275,6 +275,29 @@ def test_a_damaged_checkpoint_on_resume_falls_back_with_a_warning(
     assert result.metrics["phases"]["frozen"]["epochs"] == 3 and checkpoint_problem(best) is None
 
 
+def test_checkpoints_of_another_run_are_set_aside_as_damaged_and_the_resume_finishes(
+    data: Path, tmp_path: Path, tiny_weights: Path, trained_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    finished_run(data, run_dir, tiny_weights)
+    # Stopped inside the features phase: nothing recorded as done yet.
+    (run_dir / "progress.json").unlink()
+    (run_dir / "metrics.json").unlink()
+    for checkpoint in (run_dir / "checkpoints").glob("finetune-*.ckpt"):
+        checkpoint.unlink()
+    for checkpoint in (run_dir / "checkpoints").glob("frozen-*.ckpt"):
+        checkpoint.write_bytes((trained_run / "checkpoints" / checkpoint.name).read_bytes())  # 3 classes, not 2
+
+    result = resume(run_dir)
+    set_aside = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and ".damaged" in r.getMessage()]
+    assert len(set_aside) == 2 and all("written for another model or class list" in m for m in set_aside), set_aside
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("frozen-*.damaged")) == [
+        "frozen-best.ckpt.damaged", "frozen-last.ckpt.damaged"
+    ]
+    assert result.classes == ["blue", "red"] and result.metrics["phases"]["frozen"]["epochs"] == 3
+    assert result.metrics["phases"]["finetune"]["epochs"] == 2
+
+
 class _RunsCode:
     """Unpickling this creates a file: the proof that a checkpoint ran code."""
 

@@ -155,7 +155,7 @@ def _train_in(
     # leaves no half-made run, so the same command can simply run again.
     if main_process:
         folder.write_config(source, config)
-    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model)
+    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model, model=model)
     loss = training_loss(
         config.label_smoothing, class_weights(targets, len(classes)) if config.class_balance == "weight" else None
     )
