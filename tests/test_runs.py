@@ -62,8 +62,8 @@ def data(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data", per_class=30)
 
 
-# A features phase of a few seconds: the process is surely inside it when its first checkpoint
-# appears, and a resume takes seconds.
+# A features phase of a few seconds: the process is surely inside it when its first epoch's
+# row appears, and a resume takes seconds.
 LONG_FROZEN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "1", "--batch-size", "2")
 # A run of minutes, for a test that ends it itself: the first run is still training whatever the test does.
 LONG_RUN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "300", "--finetune-patience", "300")
@@ -75,7 +75,7 @@ def test_a_signal_in_a_phase_exits_non_zero_says_how_to_resume_and_resume_finish
 ) -> None:
     run_dir = tmp_path / "run"
     process = start(train_command(data, run_dir, tiny_weights, *LONG_FROZEN))
-    wait_for(run_dir / "checkpoints" / "frozen-last.ckpt", process)
+    wait_for(run_dir / "history.csv", process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
 
@@ -84,6 +84,7 @@ def test_a_signal_in_a_phase_exits_non_zero_says_how_to_resume_and_resume_finish
     assert stderr.strip().splitlines()[-1] == f"interrupted; finish the run with: transferkit train --resume {run_dir}"
     assert not leftovers(run_dir)
     assert not (run_dir / "metrics.json").exists()
+    assert checkpoint_problem(run_dir / "checkpoints" / "frozen-last.ckpt") is None, "the stop saved the epochs done"
     # The claim on the folder ended with the process: the promised command works.
     finished = subprocess.run(
         [sys.executable, "-m", "transferkit.cli", "train", "--resume", str(run_dir)],
