@@ -24,7 +24,7 @@ def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]
     """
     listing = Path(listing)
     try:
-        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would prefix the first column's name.
+        # utf-8-sig: Excel's "CSV UTF-8" begins with a byte-order mark, else part of the first column's name.
         with listing.open(newline="", encoding="utf-8-sig", errors=PATH_ERRORS) as handle:
             reader = csv.DictReader(handle)
             rows = list(reader)
@@ -44,15 +44,15 @@ def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]
     for row in rows:
         listed = (row.get("path") or "").strip()
         path = _match(listed, root, normalised)
-        if path is None and listed:
-            inside = [candidate for candidate in _candidates(listed, root) if _is_inside(candidate, root)]
-            # A file that exists but is not among these images was left out already (skipped,
-            # or not in the split --splits-from reuses); only a path naming nothing is suspect.
-            exists = any(candidate.is_file() for candidate in inside)
-            outside += not inside
-            elsewhere += exists
-            missing += bool(inside) and not exists
         if path is None:
+            if listed:
+                inside = [candidate for candidate in _candidates(listed, root) if _is_inside(candidate, root)]
+                # A file that exists but is not among these images was left out already (skipped,
+                # or not in the split --splits-from reuses); only a path naming nothing is suspect.
+                exists = any(candidate.is_file() for candidate in inside)
+                outside += not inside
+                elsewhere += exists
+                missing += bool(inside) and not exists
             continue
         kinds = reasons.setdefault(path, [])
         kind = printable((row.get("kind") or "").strip())
@@ -62,7 +62,8 @@ def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]
         log.warning("%d paths listed in %s name no file (in %s or the working folder); they are ignored",
                     missing, listing, root)
     if outside:
-        log.warning("%d paths listed in %s are outside the data folder %s; they are ignored", outside, listing, root)
+        log.warning("%d paths listed in %s are outside the data folder %s; they are ignored",
+                    outside, listing, root)
     if elsewhere:
         log.info("%d images listed in %s are not among this run's images (left out already)", elsewhere, listing)
     return {

@@ -29,7 +29,9 @@ class PhaseProgress:
     (another run's, with other classes) counts as damaged.
     """
 
-    def __init__(self, folder: RunFolder, write: bool, create_pretrained: Callable[[], nn.Module], model: nn.Module):
+    def __init__(
+        self, folder: RunFolder, write: bool, create_pretrained: Callable[[], nn.Module], model: nn.Module
+    ):
         self.folder = folder
         self.write = write
         self.create_pretrained = create_pretrained
