@@ -236,6 +236,21 @@ def test_a_link_out_of_the_run_folder_is_refused_before_any_work_and_its_target_
     assert not (run_dir / "config.yaml").exists(), "refused before any work"
 
 
+def test_calibrate_refuses_a_run_whose_model_folder_is_a_link_to_another_run_s(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from transferkit.calibrate import calibrate
+
+    other, run_dir = tmp_path / "other", tmp_path / "run"
+    shutil.copytree(trained_run, other)
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("model"))
+    (run_dir / "model").symlink_to(other / "model")
+    before = snapshot(other)
+    with pytest.raises(RunFolderError, match=f"{run_dir / 'model'} is a link to {other / 'model'}, outside the run"):
+        calibrate(run_dir)
+    assert snapshot(other) == before, "the other run's temperature and threshold are as they were"
+
+
 def finished_run(data: Path, run_dir: Path, weights: Path) -> None:
     finished = subprocess.run(
         train_command(data, run_dir, weights, "--frozen-epochs", "3", "--finetune-epochs", "2"),
