@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import COLOURS, make_folder, make_image
 from transferkit.cli import main
+from transferkit.data.exclude import read_exclusions
 from transferkit.data.folders import discover
 from transferkit.data.images import load_image, preprocess_image, scan_images
 from transferkit.data.registry import resolve_data_source
@@ -305,3 +306,44 @@ def test_images_in_a_folder_that_cannot_be_listed_are_listed_as_skipped() -> Non
             locked.chmod(0o755)
         shutil.rmtree(root)
     assert index == [[str(locked), "folder cannot be listed: permission denied; make it readable"]]
+
+
+def test_exclude_reads_a_csv_that_excel_saved_with_a_byte_order_mark(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data", per_class=4)
+    listing = tmp_path / "drop.csv"
+    # Excel's "CSV UTF-8 (Comma delimited)" begins the file with the invisible mark U+FEFF.
+    listing.write_bytes("path,kind\r\nred/red_001.jpg,blurry\r\n".encode("utf-8-sig"))
+    known = {str(path) for path in root.rglob("*.jpg")}
+    assert read_exclusions(listing, root, known) == {str(root / "red" / "red_001.jpg"): "excluded by drop.csv (blurry)"}
+
+
+def test_exclude_never_echoes_a_binary_file_s_control_characters(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data", per_class=2)
+    listing = tmp_path / "picked.csv"
+    # Escape sequences that clear the screen and retitle the window, in what looks like a header.
+    listing.write_bytes(b"\x1b[2J\x1b]0;owned\x07,\xff\xfe\x00\x01\npath\n")
+    with pytest.raises(DataError) as raised:
+        read_exclusions(listing, root, set())
+    message = str(raised.value)
+    assert not [char for char in message if not char.isprintable()], message
+    assert "its columns: \\x1b[2J\\x1b]0;owned\\x07, \\xff\\xfe\\x00\\x01)" in message
+
+
+def test_exclude_does_not_tell_whether_a_file_outside_the_data_folder_exists(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_folder(tmp_path / "data", per_class=2)
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("exists")
+    listing = tmp_path / "drop.csv"
+    listing.write_text(f"path\n{secret}\n{secret.with_name('absent.txt')}\nred/gone.jpg\n")
+    known = {str(path) for path in root.rglob("*.jpg")}
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        assert read_exclusions(listing, root, known) == {}
+    messages = [record.getMessage() for record in caplog.records]
+    # The existing file and the absent one are counted alike; only the path inside DATA is looked up.
+    assert messages == [
+        f"1 paths listed in {listing} name no file (in {root} or the working folder); they are ignored",
+        f"2 paths listed in {listing} are outside the data folder {root}; they are ignored",
+    ]

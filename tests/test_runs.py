@@ -62,8 +62,8 @@ def data(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data", per_class=30)
 
 
-# A features phase of a few seconds: the process is surely inside it when its first checkpoint
-# appears, and a resume takes seconds.
+# A features phase of a few seconds: the process is surely inside it when its first epoch's
+# row appears, and a resume takes seconds.
 LONG_FROZEN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "1", "--batch-size", "2")
 # A run of minutes, for a test that ends it itself: the first run is still training whatever the test does.
 LONG_RUN = ("--frozen-epochs", "300", "--frozen-patience", "300", "--finetune-epochs", "300", "--finetune-patience", "300")
@@ -75,7 +75,7 @@ def test_a_signal_in_a_phase_exits_non_zero_says_how_to_resume_and_resume_finish
 ) -> None:
     run_dir = tmp_path / "run"
     process = start(train_command(data, run_dir, tiny_weights, *LONG_FROZEN))
-    wait_for(run_dir / "checkpoints" / "frozen-last.ckpt", process)
+    wait_for(run_dir / "history.csv", process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
 
@@ -84,6 +84,7 @@ def test_a_signal_in_a_phase_exits_non_zero_says_how_to_resume_and_resume_finish
     assert stderr.strip().splitlines()[-1] == f"interrupted; finish the run with: transferkit train --resume {run_dir}"
     assert not leftovers(run_dir)
     assert not (run_dir / "metrics.json").exists()
+    assert checkpoint_problem(run_dir / "checkpoints" / "frozen-last.ckpt") is None, "the stop saved the epochs done"
     # The claim on the folder ended with the process: the promised command works.
     finished = subprocess.run(
         [sys.executable, "-m", "transferkit.cli", "train", "--resume", str(run_dir)],
@@ -173,7 +174,8 @@ def test_a_full_disk_while_checkpointing_leaves_only_whole_checkpoints_and_resum
     assert process.returncode == 1, process.stderr
     assert "Traceback" not in process.stderr
     last_line = process.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: could not read or write") and "File too large" in last_line, last_line
+    assert last_line.startswith(f"error: could not read or write {run_dir / 'checkpoints' / 'finetune-'}"), last_line
+    assert "File too large" in last_line, last_line
     assert last_line.endswith(f"finish the run with: transferkit train --resume {run_dir}")
     checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in checkpoints] == ["frozen-best.ckpt", "frozen-last.ckpt"]
@@ -183,6 +185,70 @@ def test_a_full_disk_while_checkpointing_leaves_only_whole_checkpoints_and_resum
     result = resume(run_dir)
     assert result.metrics["phases"]["finetune"]["epochs"] == 2
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_a_failing_write_names_the_file_it_was_writing_not_its_temporary_file(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes the kernel refuse a write past a size (EFBIG), unprivileged, as a full disk refuses one (ENOSPC)."""
+    target = tmp_path / "run" / "metrics.json"
+    script = (
+        "import resource, signal, sys\n"
+        "from transferkit._io import write_json\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        "try:\n"
+        "    write_json(sys.argv[1], ['x' * 100] * 100)\n"
+        "except OSError as error:\n"
+        "    print(error)\n"
+    )
+    written = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=60)
+    assert written.stdout.strip() == f"[Errno 27] File too large: '{target}'", written.stderr
+    assert not leftovers(tmp_path) and not target.exists()
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(file): file.read_bytes() for file in files}
+
+
+@pytest.mark.parametrize("entry, target", [
+    ("model", "model"), ("checkpoints", "checkpoints"), (".transferkit.lock", "metrics.json"),
+])
+def test_a_link_out_of_the_run_folder_is_refused_before_any_work_and_its_target_kept(
+    data: Path, tmp_path: Path, tiny_weights: Path, trained_run: Path, entry: str, target: str
+) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other)
+    before = snapshot(other)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / entry).symlink_to(other / target)
+
+    process = subprocess.run(
+        train_command(data, run_dir, tiny_weights, "--frozen-epochs", "1", "--finetune-epochs", "0"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.count("\n") == 1, process.stderr
+    assert f"{run_dir / entry} is a link to {other / target}, outside the run folder {run_dir}" in process.stderr
+    assert snapshot(other) == before, "the other run's files are as they were"
+    assert not (run_dir / "config.yaml").exists(), "refused before any work"
+
+
+def test_calibrate_refuses_a_run_whose_model_folder_is_a_link_to_another_run_s(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from transferkit.calibrate import calibrate
+
+    other, run_dir = tmp_path / "other", tmp_path / "run"
+    shutil.copytree(trained_run, other)
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("model"))
+    (run_dir / "model").symlink_to(other / "model")
+    before = snapshot(other)
+    with pytest.raises(RunFolderError, match=f"{run_dir / 'model'} is a link to {other / 'model'}, outside the run"):
+        calibrate(run_dir)
+    assert snapshot(other) == before, "the other run's temperature and threshold are as they were"
 
 
 def finished_run(data: Path, run_dir: Path, weights: Path) -> None:
@@ -223,6 +289,29 @@ def test_a_damaged_checkpoint_on_resume_falls_back_with_a_warning(
     result = resume(run_dir)
     assert "its best checkpoint" in caplog.text and "training the phase again" in caplog.text
     assert result.metrics["phases"]["frozen"]["epochs"] == 3 and checkpoint_problem(best) is None
+
+
+def test_checkpoints_of_another_run_are_set_aside_as_damaged_and_the_resume_finishes(
+    data: Path, tmp_path: Path, tiny_weights: Path, trained_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    finished_run(data, run_dir, tiny_weights)
+    # Stopped inside the features phase: nothing recorded as done yet.
+    (run_dir / "progress.json").unlink()
+    (run_dir / "metrics.json").unlink()
+    for checkpoint in (run_dir / "checkpoints").glob("finetune-*.ckpt"):
+        checkpoint.unlink()
+    for checkpoint in (run_dir / "checkpoints").glob("frozen-*.ckpt"):
+        checkpoint.write_bytes((trained_run / "checkpoints" / checkpoint.name).read_bytes())  # 3 classes, not 2
+
+    result = resume(run_dir)
+    set_aside = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and ".damaged" in r.getMessage()]
+    assert len(set_aside) == 2 and all("written for another model or class list" in m for m in set_aside), set_aside
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("frozen-*.damaged")) == [
+        "frozen-best.ckpt.damaged", "frozen-last.ckpt.damaged"
+    ]
+    assert result.classes == ["blue", "red"] and result.metrics["phases"]["frozen"]["epochs"] == 3
+    assert result.metrics["phases"]["finetune"]["epochs"] == 2
 
 
 class _RunsCode:

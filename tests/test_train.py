@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import json
+import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +26,7 @@ from transferkit.config import ModelConfig, TrainConfig
 from transferkit.errors import RunFolderError
 from transferkit.evaluate import evaluate
 from transferkit.runs import load_config
+from transferkit.training.head import SAVE_EVERY_SECONDS
 from transferkit import resume, train
 
 
@@ -122,20 +129,22 @@ def test_existing_run_folder_is_not_overwritten(image_folder: Path, tmp_path: Pa
         train(image_folder, config)
 
 
-# Killed in the features phase (head-only checkpoints, a whole epoch per Lightning step) or in
-# fine-tuning (full checkpoints, after a finished phase), on images (every block unfrozen) or on
-# cached activations (two blocks), cycling through them and two augmented views of each image.
+# Killed in the features phase (head-only checkpoints written every few seconds: a SIGKILL
+# comes before the first, a SIGTERM writes one as it stops) or in fine-tuning (full checkpoints,
+# after a finished phase), on images (every block unfrozen) or on cached activations (two
+# blocks), cycling through them and two augmented views of each image.
 @pytest.mark.parametrize(
-    "killed_in, epochs, unfreeze",
+    "killed_in, epochs, unfreeze, signum",
     [
-        ("frozen", {"frozen": 150, "finetune": 1}, "all"),
-        ("finetune", {"frozen": 3, "finetune": 12}, "all"),
-        ("finetune", {"frozen": 3, "finetune": 60}, "2"),
+        ("frozen", {"frozen": 300, "finetune": 1}, "all", signal.SIGKILL),
+        ("frozen", {"frozen": 300, "finetune": 1}, "all", signal.SIGTERM),
+        ("finetune", {"frozen": 3, "finetune": 12}, "all", signal.SIGKILL),
+        ("finetune", {"frozen": 3, "finetune": 60}, "2", signal.SIGKILL),
     ],
-    ids=["killed-in-frozen", "killed-in-finetune-on-images", "killed-in-finetune-on-activations"],
+    ids=["killed-in-frozen", "stopped-in-frozen", "killed-in-finetune-on-images", "killed-in-finetune-on-activations"],
 )
 def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
-    tmp_path: Path, tiny_weights: Path, killed_in: str, epochs: dict[str, int], unfreeze: str
+    tmp_path: Path, tiny_weights: Path, killed_in: str, epochs: dict[str, int], unfreeze: str, signum: int
 ) -> None:
     data = make_folder(tmp_path / "data", per_class=40)
 
@@ -153,11 +162,22 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
     process = subprocess.Popen(command(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     last = run_dir / "checkpoints" / f"{killed_in}-last.ckpt"
-    while not last.exists() and process.poll() is None and time.time() < deadline:
+
+    def inside_the_phase() -> bool:
+        if killed_in == "finetune":
+            return last.exists()
+        return (run_dir / "history.csv").exists() and len(history(run_dir)) >= 3
+
+    while not inside_the_phase() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signum)
     process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert process.returncode in (-signum, 128 + signum), "the run finished before it could be stopped"
+    if signum == signal.SIGTERM:
+        # A stop writes the last finished epoch's checkpoint, whatever the interval (the row of
+        # the epoch after it may be written already: it is trained again).
+        rows = len(history(run_dir))
+        assert rows - 1 <= torch.load(last)["progress"]["epochs_done"] <= rows
     rows_before = history(run_dir)
     assert rows_before[-1]["phase"] == killed_in and int(rows_before[-1]["epoch"]) < epochs[killed_in]
     assert not (run_dir / "metrics.json").exists()
@@ -187,6 +207,50 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
             assert result.metrics[split][name] == pytest.approx(uninterrupted[split][name], abs=1e-6), (split, name)
     losses = [float(r["train_loss"]) for r in history(tmp_path / "whole")]
     assert [float(r["train_loss"]) for r in rows] == pytest.approx(losses, abs=1e-6)
+
+
+@contextlib.contextmanager
+def renames_into(folder: Path) -> Iterator[Callable[[], list[str]]]:
+    """The names of the files renamed into ``folder`` while inside, as the kernel reports them
+    (inotify): every atomic write of a checkpoint ends in one such rename, after its fsync."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK)
+    assert watch >= 0 and libc.inotify_add_watch(watch, os.fsencode(folder), 0x80) >= 0  # IN_MOVED_TO
+    names: list[str] = []
+
+    def renamed() -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while events := os.read(watch, 1 << 20):
+                offset = 0
+                while offset < len(events):
+                    _, _, _, length = struct.unpack_from("iIII", events, offset)
+                    names.append(events[offset + 16:offset + 16 + length].rstrip(b"\0").decode())
+                    offset += 16 + length
+        return names
+
+    try:
+        yield renamed
+    finally:
+        os.close(watch)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts writes with Linux's inotify")
+def test_the_head_phase_writes_its_checkpoints_every_few_seconds_not_every_epoch(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with renames_into(run_dir / "checkpoints") as renamed:
+        result = train(image_folder, tiny_config(
+            run_dir, tiny_weights, **{"frozen.epochs": 150, "frozen.patience": 150, "finetune.epochs": 0}
+        ))
+        writes = Counter(renamed())
+    frozen = result.metrics["phases"]["frozen"]
+    assert frozen["epochs"] == 150
+    # One write per SAVE_EVERY_SECONDS of training at most, and the one at the phase's end.
+    assert 1 <= writes["frozen-last.ckpt"] <= frozen["fit_seconds"] / SAVE_EVERY_SECONDS + 1, writes
+    assert 1 <= writes["frozen-best.ckpt"] <= writes["frozen-last.ckpt"], writes
+    assert torch.load(run_dir / "checkpoints" / "frozen-last.ckpt")["progress"]["epochs_done"] == 150
 
 
 def test_a_diverged_finetune_is_set_aside_for_the_features_phase_on_its_pretrained_backbone(

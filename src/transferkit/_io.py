@@ -35,6 +35,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         # readable by it.
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as error:
+        # A failing write() names no file and the rest name the temporary one: the user needs
+        # to know which file a full disk cost them.
+        if error.filename not in (None, os.fspath(tmp)):  # about another file: it keeps its name
+            raise
+        raise OSError(error.errno, error.strerror, os.fspath(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -46,6 +46,8 @@ def calibrate(
 
     folder = model_folder(run)
     run_folder = RunFolder.containing(run)
+    if run_folder.is_run():  # a run's model: never written through a link out of the run
+        run_folder.writable(folder)
     model, config = models.load_model(folder)
     classes, preprocessing = saved_classes_and_preprocessing(model, config, folder)
     old = _old_trust(folder, config)

@@ -34,8 +34,9 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """None when ``path`` loads as a checkpoint, else why not, in a few words."""
+def checkpoint_problem(path: Path, shapes: dict[str, torch.Size] | None = None) -> str | None:
+    """None when ``path`` loads as a checkpoint (whose weights fit a model of ``shapes``, its
+    state dict's shapes, where given), else why not, in a few words."""
     try:
         checkpoint = load_checkpoint(path)
     except Exception as error:  # truncated, not a zip, refused pickle: all mean "unusable"
@@ -44,6 +45,17 @@ def checkpoint_problem(path: Path) -> str | None:
         return " ".join(str(error).split())[:160] or type(error).__name__
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         return "not a training checkpoint"
+    return None if shapes is None else misfit(model_state(checkpoint), shapes)
+
+
+def misfit(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> str | None:
+    """None when every weight of ``state`` fits a model of ``shapes``, else the first that does not."""
+    for name, tensor in state.items():
+        if name not in shapes:
+            return f"its weight {name} is not in this run's model: written for another model"
+        if tensor.shape != shapes[name]:
+            return (f"its {name} is {list(tensor.shape)} where this run's model has {list(shapes[name])}: "
+                    "written for another model or class list")
     return None
 
 

@@ -94,7 +94,8 @@ JPEG_QUALITY = 90
 def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path]:
     """Every figure of a run in ``folder`` (default RUN/figures); returns name -> path."""
     plt = _pyplot()
-    folder = folder or RunFolder(run.run_dir).figures_dir
+    run_folder = RunFolder(run.run_dir)
+    folder = folder or run_folder.writable(run_folder.figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     metrics = run.evaluation
     builders = {

@@ -135,6 +135,37 @@ class RunFolder:
         name = "model.torchscript.pt" if format == "torchscript" else f"model{'.' + quantize if quantize else ''}.onnx"
         return self.export_dir / name
 
+    # writing
+    def writable(self, path: Path) -> Path:
+        """``path`` (inside this folder), once sure that writing it stays inside: a link on the way
+        that leads out (``model`` to another run's model) is refused in one line, its target untouched."""
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if resolved == root or root in resolved.parents:
+            return path
+        parts = path.relative_to(self.root).parts
+        steps = (self.root.joinpath(*parts[: i + 1]) for i in range(len(parts)))
+        link = next((step for step in steps if step.is_symlink()), path)
+        raise RunFolderError(
+            f"{link} is a link to {link.resolve()}, outside the run folder {self.root}; a run writes only "
+            "inside its folder: remove the link (what it leads to is kept), or choose another --output"
+        )
+
+    def refuse_links_out(self) -> None:
+        """Refuse a folder where a file or folder this run writes is a link leading out of it.
+
+        Refused rather than replaced by a real folder: the link is the user's doing, and asking
+        loses nothing, while replacing it would quietly split their files between two places.
+        """
+        names = [attribute.name for attribute in vars(RunFolder).values() if isinstance(attribute, _File)]
+        evaluations = self.root / "evaluation"
+        entries = [self.root / name for name in (*names, "evaluation", LOCK_FILE)]
+        if evaluations.is_dir() and not evaluations.is_symlink():
+            entries += evaluations.iterdir()
+        for entry in entries:
+            if entry.is_symlink():
+                self.writable(entry)
+
     # state
     def is_run(self) -> bool:
         """Whether a train has started here (its config is written once data and model are usable)."""
@@ -303,7 +334,8 @@ def claim(run_dir: Path) -> Iterator[None]:
     """Hold the run folder for this process; refuse with one line when another process holds it."""
     lock = run_dir / LOCK_FILE
     try:
-        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        # O_NOFOLLOW: a link planted as the lock file must not get its target truncated.
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as error:
         raise RunFolderError(
             f"cannot write to the run folder {run_dir} ({error.strerror}); choose another --output"

@@ -24,7 +24,8 @@ def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]
     """
     listing = Path(listing)
     try:
-        with listing.open(newline="", encoding="utf-8", errors=PATH_ERRORS) as handle:
+        # utf-8-sig: Excel's "CSV UTF-8" begins with a byte-order mark, else part of the first column's name.
+        with listing.open(newline="", encoding="utf-8-sig", errors=PATH_ERRORS) as handle:
             reader = csv.DictReader(handle)
             rows = list(reader)
             columns = reader.fieldnames or []
@@ -33,36 +34,62 @@ def read_exclusions(listing: str | os.PathLike[str], root: Path, known: set[str]
     except (OSError, csv.Error) as error:
         raise DataError(f"cannot read {listing} ({error}); --exclude takes a CSV file with a path column") from None
     if "path" not in columns:
-        shown = ", ".join(columns[:8]) or "none"
+        shown = printable(", ".join(columns[:8]))[:160] or "none"
         raise DataError(f"{listing} has no path column (its columns: {shown}); --exclude needs one naming each image to leave out")
     # The index keeps paths as given (``../data/x.jpg`` made absolute keeps its ``..``): match
     # on the normalised form and answer with the index's own spelling.
     normalised = {os.path.normpath(path): path for path in known}
     reasons: dict[str, list[str]] = {}
-    missing = elsewhere = 0
+    missing = elsewhere = outside = 0
     for row in rows:
         listed = (row.get("path") or "").strip()
         path = _match(listed, root, normalised)
         if path is None:
-            # A file that exists but is not among these images was left out already (skipped,
-            # or not in the split --splits-from reuses); only a path naming nothing is suspect.
-            exists = bool(listed) and any(candidate.is_file() for candidate in _candidates(listed, root))
-            elsewhere += exists
-            missing += bool(listed) and not exists
+            if listed:
+                inside = [candidate for candidate in _candidates(listed, root) if _is_inside(candidate, root)]
+                # A file that exists but is not among these images was left out already (skipped,
+                # or not in the split --splits-from reuses); only a path naming nothing is suspect.
+                exists = any(candidate.is_file() for candidate in inside)
+                outside += not inside
+                elsewhere += exists
+                missing += bool(inside) and not exists
             continue
         kinds = reasons.setdefault(path, [])
-        kind = (row.get("kind") or "").strip()
+        kind = printable((row.get("kind") or "").strip())
         if kind and kind not in kinds:
             kinds.append(kind)
     if missing:
         log.warning("%d paths listed in %s name no file (in %s or the working folder); they are ignored",
                     missing, listing, root)
+    if outside:
+        log.warning("%d paths listed in %s are outside the data folder %s; they are ignored",
+                    outside, listing, root)
     if elsewhere:
         log.info("%d images listed in %s are not among this run's images (left out already)", elsewhere, listing)
     return {
         path: f"excluded by {listing.name}" + (f" ({', '.join(kinds)})" if kinds else "")
         for path, kinds in reasons.items()
     }
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``) and undecodable bytes shown as the
+    bytes they were (``\\xff``): a CSV's content quoted in a message must not drive the terminal."""
+
+    def shown(char: str) -> str:
+        if char.isprintable():
+            return char
+        if "\udc80" <= char <= "\udcff":  # a byte that was not UTF-8, carried by surrogateescape
+            return f"\\x{ord(char) - 0xDC00:02x}"
+        return repr(char)[1:-1]
+
+    return "".join(shown(char) for char in text)
+
+
+def _is_inside(candidate: Path, root: Path) -> bool:
+    # Lexical, so that deciding never looks at the disk outside ``root``.
+    folder = os.path.normpath(os.path.abspath(root))
+    return os.path.normpath(os.path.abspath(candidate)).startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _candidates(listed: str, root: Path) -> tuple[Path, ...]:

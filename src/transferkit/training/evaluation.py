@@ -102,7 +102,7 @@ def evaluate_phases(
             evaluation.metrics["calibration"] = before_and_after(
                 softmax(logits[split]), evaluation.targets, trust.temperature, trust.calibration.fitted_on
             )
-        evaluation.write(progress.folder.evaluation_dir(split))
+        evaluation.write(progress.folder.writable(progress.folder.evaluation_dir(split)))
         metrics.splits[split] = headline(evaluation.metrics)
     return metrics, trust
 

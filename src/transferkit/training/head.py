@@ -1,16 +1,20 @@
 """The head on cached pooled features: a plain PyTorch loop.
 
 One linear layer on tensors already in memory needs nothing of Lightning, whose per-step cost
-was most of the phase. Each epoch's checkpoint holds the head alone (the backbone is the
-pretrained one, unchanged: saving it twice an epoch cost more than training the head) and what
-a resumed phase needs to continue as if never stopped: optimizer, schedule, early-stopping
-state and the random generators. Every process of a multi-process run trains the same head on
-the same features, rather than sharing the work: it is milliseconds, splitting it would only
-add communication, and every process needs the head to fine-tune from.
+was most of the phase. A checkpoint holds the head alone (the backbone is the pretrained one,
+unchanged: saving it cost more than training the head) and what a resumed phase needs to
+continue as if never stopped: optimizer, schedule, early-stopping state and the random
+generators. Each epoch's state is kept in memory and written at most every
+``SAVE_EVERY_SECONDS``, at the phase's end and on a stop (Ctrl-C, SIGTERM); a SIGKILL loses at
+most those seconds, which the resume trains again to the same result. Every process of a
+multi-process run trains the same head on the same features, rather than sharing the work: it
+is milliseconds, splitting it would only add communication, and every process needs the head
+to fine-tune from.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -29,6 +33,10 @@ from transferkit.runs import RunFolder
 from transferkit.training.phase import EpochSampler, Schedule, log_trainable, record_epoch, set_learning_rates
 
 log = logging.getLogger(__name__)
+
+SAVE_EVERY_SECONDS = 5.0
+"""How often the head's checkpoints may be written: its epochs take milliseconds, and two fsync'd
+files an epoch made a disk busy with other work, not the training, the phase's cost."""
 
 
 @dataclass
@@ -87,48 +95,44 @@ def train_head(
     if resume_from and write:
         progress = _restore(resume_from, model, optimizer, schedule)
     best_head = None
-    if write:
-        folder.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    for epoch in range(progress.epochs_done, phase.epochs):
-        epoch_started = time.perf_counter()
-        head.train()
-        sampler.set_epoch(epoch)
-        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
-        for step_in_epoch, indices in enumerate(sampler.order().split(batch_size)):
-            lr = schedule.lr_at(epoch * steps_per_epoch + step_in_epoch)
-            set_learning_rates(optimizer, lr)
-            x, y = train.features[indices], train.targets[indices]
-            logits = classify(x)
-            batch_loss = loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            loss_sum += batch_loss.detach() * len(y)
-            correct += (logits.argmax(dim=1) == y).sum()
-        head.eval()
-        with torch.no_grad():
-            val_logits = classify(val.features)
-            val_loss = float(F.cross_entropy(val_logits, val.targets))
-            val_acc = float((val_logits.argmax(dim=1) == val.targets).float().mean())
-        schedule.end_epoch(val_loss)
-        if write:
-            record_epoch(folder, EpochRecord(
-                phase=name, epoch=epoch + 1, train_loss=round(float(loss_sum) / len(train), 6),
-                train_acc=round(float(correct) / len(train), 6), val_loss=round(val_loss, 6),
-                val_acc=round(val_acc, 6), lr=lr, seconds=round(time.perf_counter() - epoch_started, 3),
-            ), phase.epochs)
-        stop = progress.end_epoch(val_loss, val_acc, phase.patience)
-        improved = progress.best_epoch == epoch + 1
-        if improved:
-            best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        if write:
-            state = _checkpoint(model, optimizer, schedule, progress)
+    with _Saver(folder, name, enabled=write) as saver:
+        for epoch in range(progress.epochs_done, phase.epochs):
+            epoch_started = time.perf_counter()
+            head.train()
+            sampler.set_epoch(epoch)
+            loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+            for step_in_epoch, indices in enumerate(sampler.order().split(batch_size)):
+                lr = schedule.lr_at(epoch * steps_per_epoch + step_in_epoch)
+                set_learning_rates(optimizer, lr)
+                x, y = train.features[indices], train.targets[indices]
+                logits = classify(x)
+                batch_loss = loss(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss.backward()
+                optimizer.step()
+                loss_sum += batch_loss.detach() * len(y)
+                correct += (logits.argmax(dim=1) == y).sum()
+            head.eval()
+            with torch.no_grad():
+                val_logits = classify(val.features)
+                val_loss = float(F.cross_entropy(val_logits, val.targets))
+                val_acc = float((val_logits.argmax(dim=1) == val.targets).float().mean())
+            schedule.end_epoch(val_loss)
+            if write:
+                record_epoch(folder, EpochRecord(
+                    phase=name, epoch=epoch + 1, train_loss=round(float(loss_sum) / len(train), 6),
+                    train_acc=round(float(correct) / len(train), 6), val_loss=round(val_loss, 6),
+                    val_acc=round(val_acc, 6), lr=lr, seconds=round(time.perf_counter() - epoch_started, 3),
+                ), phase.epochs)
+            stop = progress.end_epoch(val_loss, val_acc, phase.patience)
+            improved = progress.best_epoch == epoch + 1
             if improved:
-                save_checkpoint(state, folder.checkpoint(name, "best"))
-            save_checkpoint(state, folder.checkpoint(name, "last"))
-        if stop:
-            break
+                best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            if write:
+                saver.update(_checkpoint(model, optimizer, schedule, progress), improved)
+            if stop:
+                break
     if best_head is None:  # resumed past its best epoch: rank zero wrote it before the stop
         best_head = _head_state(model, load_checkpoint(folder.checkpoint(name, "best")))
     head.load_state_dict(best_head)
@@ -144,6 +148,44 @@ def train_head(
         total_parameters=total,
         fit_seconds=round(time.perf_counter() - started, 3),
     )
+
+
+class _Saver:
+    """The phase's ``last`` and ``best`` checkpoints, held in memory and written at most every
+    ``SAVE_EVERY_SECONDS``, when the phase ends and when it is stopped (KeyboardInterrupt, which
+    SIGTERM raises too); any other error leaves the ones written before it."""
+
+    def __init__(self, folder: RunFolder, name: str, enabled: bool):
+        self.folder, self.name, self.enabled = folder, name, enabled
+        self.last: dict[str, object] | None = None
+        self.best: dict[str, object] | None = None
+        self.saved_at = time.monotonic()
+        if enabled:
+            folder.writable(folder.checkpoints_dir).mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> _Saver:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is None or issubclass(kind, KeyboardInterrupt):
+            self.save()
+
+    def update(self, state: dict[str, object], improved: bool) -> None:
+        """``state`` after an epoch, the best one so far if ``improved``."""
+        self.last = state
+        if improved:
+            self.best = state
+        if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
+            self.save()
+
+    def save(self) -> None:
+        # Best first: a last checkpoint on disk must never name a best epoch whose file is not there.
+        for kind in ("best", "last"):
+            state = getattr(self, kind)
+            if state is not None:
+                save_checkpoint(state, self.folder.checkpoint(self.name, kind))
+                setattr(self, kind, None)
+        self.saved_at = time.monotonic()
 
 
 @dataclass
@@ -176,7 +218,8 @@ def _checkpoint(
     return {
         # Named as Lightning names the full model's weights, so one loader reads either kind.
         "state_dict": {prefix + k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        # A copy: the optimizer's moments change in place, and this state may be written epochs later.
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
         "schedule": schedule.state_dict(),
         "progress": vars(progress).copy(),
         "rng_states": collect_random_state(),

@@ -219,7 +219,7 @@ def fit_with_lightning(
     ``trainer_options`` are Lightning's accelerator, devices, strategy and precision."""
     phase = module.finetuning.phase
     checkpoint = ModelCheckpoint(
-        dirpath=folder.checkpoints_dir, filename=RunFolder.checkpoint_stem(name, "best"), monitor="val_loss",
+        dirpath=folder.writable(folder.checkpoints_dir), filename=RunFolder.checkpoint_stem(name, "best"), monitor="val_loss",
         mode="min", save_top_k=1, save_last=True, enable_version_counter=False,
     )
     checkpoint.CHECKPOINT_NAME_LAST = RunFolder.checkpoint_stem(name, "last")

@@ -25,13 +25,17 @@ class PhaseProgress:
 
     ``create_pretrained`` builds the model as it was before any phase (the pretrained backbone
     under a new head): a head-only checkpoint of the features phase, loaded after fine-tuning
-    changed the backbone, goes back under it.
+    changed the backbone, goes back under it. A checkpoint whose weights do not fit ``model``
+    (another run's, with other classes) counts as damaged.
     """
 
-    def __init__(self, folder: RunFolder, write: bool, create_pretrained: Callable[[], nn.Module]):
+    def __init__(
+        self, folder: RunFolder, write: bool, create_pretrained: Callable[[], nn.Module], model: nn.Module
+    ):
         self.folder = folder
         self.write = write
         self.create_pretrained = create_pretrained
+        self.shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
         self.phases = folder.read_progress()
         self.backbone_pretrained = True
 
@@ -42,7 +46,7 @@ class PhaseProgress:
         if record is None or not record.done:
             return False
         best = self.folder.root / record.best_checkpoint
-        problem = checkpoint_problem(best)
+        problem = checkpoint_problem(best, self.shapes)
         if problem is None:
             return True
         log.warning("phase %s: its best checkpoint %s is damaged (%s); training the phase again", name, best, problem)
@@ -60,7 +64,7 @@ class PhaseProgress:
             path = self.folder.checkpoint(name, kind)
             if not path.is_file():
                 continue
-            problem = checkpoint_problem(path)
+            problem = checkpoint_problem(path, self.shapes)
             if problem is None:
                 return path
             if self.write:  # every process makes the same choice; one renames

@@ -124,6 +124,7 @@ def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
     if engine.process_rank() != 0:  # rank zero holds the folder for the whole run
         return _train_in(RunFolder(run_dir), source, config, resume, trainer_options, started)
     runs.prepare_folder(run_dir)
+    RunFolder(run_dir).refuse_links_out()  # before any work, so a refusal loses none
     with runs.claim(run_dir):
         if not resume and RunFolder(run_dir).config_file.exists():
             if runs.holds_work(run_dir):
@@ -154,7 +155,7 @@ def _train_in(
     # leaves no half-made run, so the same command can simply run again.
     if main_process:
         folder.write_config(source, config)
-    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model)
+    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model, model=model)
     loss = training_loss(
         config.label_smoothing, class_weights(targets, len(classes)) if config.class_balance == "weight" else None
     )
@@ -239,7 +240,7 @@ def _train_in(
                          config.progress)
     metrics, trust = evaluate_phases(model, progress, inputs, calibrate_on_val=config.calibrate,
                                      unknown_score=config.unknown_score, unknown_keep=config.unknown_keep)
-    models.save_model_folder(model, folder.model_dir, classes, preprocessing, config.model)
+    models.save_model_folder(model, folder.writable(folder.model_dir), classes, preprocessing, config.model)
     save_trust(folder.model_dir, trust)
     metrics.trust = trust.as_dict()
     metrics.train_seconds = round(time.perf_counter() - started, 2)
@@ -247,7 +248,8 @@ def _train_in(
         metrics.features = feature_stats.as_dict()
     folder.write_metrics(metrics)
     audit_line = audit_of_run(
-        index, config.data, config.model, config.seed, config.cache_dir, config.progress, folder.audit_dir,
+        index, config.data, config.model, config.seed, config.cache_dir, config.progress,
+        folder.writable(folder.audit_dir),
         torch.cat([features[split] for split in index.splits]).numpy() if features else None,
     ) if config.audit else ""
     if config.report:
