@@ -159,7 +159,7 @@ def export(
     folder = RunFolder.containing(run)
     run_dir = folder.root
     if not folder.has_model():
-        raise RunFolderError(f"{run_dir} is not a finished run folder: {folder.model_dir} is missing")
+        raise RunFolderError(folder.why_no_model())
     model, reference = load_run_model(run_dir)
     _, items = run_split_items(run_dir, "val", reference.classes)
     paths = [path for path, _ in items]

@@ -1,0 +1,74 @@
+"""The errors of a new user's first hour: each is one line on stderr that names the fix."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import COLOURS, make_folder, make_image
+from transferkit.cli import main
+
+TINY = ["--model", "test_efficientnet", "--image-size", "64", "--num-workers", "0", "--no-progress",
+        "--no-report", "--no-audit"]
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], arguments: list[str], status: int = 2) -> str:
+    """The command's only line on stderr, once it exited with ``status``."""
+    try:
+        code = main(arguments)
+    except SystemExit as exit_info:  # argparse's errors exit
+        code = exit_info.code
+    error = capsys.readouterr().err
+    assert code == status, (arguments, error)
+    assert error.count("\n") == 1 and error.startswith("error: ") and "Traceback" not in error, error
+    return error.strip()
+
+
+def unfinished_copy(trained_run: Path, folder: Path) -> Path:
+    """A run folder as a train leaves it before its model is saved."""
+    shutil.copytree(trained_run, folder)
+    shutil.rmtree(folder / "model")
+    (folder / "metrics.json").unlink()
+    return folder
+
+
+def test_a_run_still_training_says_to_wait_and_a_stopped_one_how_to_resume(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = unfinished_copy(trained_run, tmp_path / "run")
+    image = str(trained_run.parent / "data" / "blue" / "blue_000.jpg")
+    commands = [["predict", str(run_dir), image], ["predict", str(run_dir / "model"), image],
+                ["evaluate", str(run_dir)], ["export", str(run_dir)], ["serve", str(run_dir)],
+                ["summary", str(run_dir)]]
+    # Another process holds the folder as a train does, with the run folder's own claim.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from pathlib import Path
+            from transferkit.runs import claim
+            with claim(Path({str(run_dir)!r})):
+                print("claimed", flush=True)
+                sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "claimed\n"
+        for command in commands:
+            error = one_line_error(capsys, command)
+            assert error == (f"error: {run_dir} is still training (pid {holder.pid}): its model is written when "
+                             "the run finishes; wait for it, or use another run"), command
+    finally:
+        holder.communicate("", timeout=30)
+    for command in commands:
+        error = one_line_error(capsys, command)
+        assert error == (f"error: {run_dir} has no model: its train stopped before finishing; "
+                         f"finish it with: transferkit train --resume {run_dir}"), command
+
+
