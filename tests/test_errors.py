@@ -72,3 +72,18 @@ def test_a_run_still_training_says_to_wait_and_a_stopped_one_how_to_resume(
                          f"finish it with: transferkit train --resume {run_dir}"), command
 
 
+@pytest.mark.parametrize(("output", "reason"), [
+    ("/proc/x.onnx", "--output /proc/x.onnx cannot be written (No such file or directory)"),
+    ("some.jpg/model.onnx", "--output some.jpg/model.onnx: some.jpg is a file, not a folder"),
+])
+def test_export_to_an_output_that_cannot_be_written_names_it_and_the_fix(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    output: str, reason: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "some.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    error = one_line_error(capsys, ["export", str(trained_run), "--output", output, "--no-progress"])
+    assert error == f"error: {reason}; choose an --output in a writable folder"
+    assert (tmp_path / "some.jpg").read_bytes() == b"\xff\xd8\xff\xe0"
+
+
