@@ -87,3 +87,17 @@ def test_export_to_an_output_that_cannot_be_written_names_it_and_the_fix(
     assert (tmp_path / "some.jpg").read_bytes() == b"\xff\xd8\xff\xe0"
 
 
+def test_serve_on_a_taken_port_says_so_and_names_the_option(trained_run: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = subprocess.run(
+            [sys.executable, "-m", "transferkit.cli", "serve", str(trained_run), "--port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert process.returncode == 2 and process.stdout == "", "nothing is served, so no address is printed"
+    assert process.stderr.count("\n") == 1 and process.stderr.startswith(
+        f"error: port {port} on 127.0.0.1 is taken by another program; choose another with --port"), process.stderr
+
+
