@@ -101,3 +101,14 @@ def test_serve_on_a_taken_port_says_so_and_names_the_option(trained_run: Path) -
         f"error: port {port} on 127.0.0.1 is taken by another program; choose another with --port"), process.stderr
 
 
+def test_evaluate_on_folders_of_other_classes_names_the_mismatch_without_a_guess(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other_classes"
+    make_image(other / "ants" / "a.jpg", COLOURS["red"], seed=1)
+    make_image(other / "bees" / "b.jpg", COLOURS["blue"], seed=2)
+    error = one_line_error(capsys, ["evaluate", str(trained_run), str(other), "--no-progress"])
+    assert error == (f"error: none of the class folders in {other} (ants, bees) is a class the model knows "
+                     "(blue, green, red); evaluate a folder of those classes, or a run trained on these")
+
+

@@ -350,18 +350,25 @@ def read_labelled_folder(
     The folder may hold only some of the classes; a class the model does not know is an error
     that lists it, since its images could never be predicted right.
     """
-    from transferkit.errors import close_matches
+    import difflib
 
     root = Path(root).absolute()
     if not root.is_dir():
         raise DataError(f"{root} not found; expected a folder {root}/<class>/<image>.jpg")
     tree, skipped = _read_class_tree(root, image_extensions())
     unknown = sorted(set(tree) - set(classes))
-    if unknown:
-        hints = "".join(close_matches(name, classes, n=1) for name in unknown)
+    if len(unknown) == len(tree):
         raise DataError(
-            f"class folders in {root} that the model was not trained on: {', '.join(unknown)}; "
-            f"the model knows {', '.join(classes)}; rename or remove those folders.{hints}"
+            f"none of the class folders in {root} ({', '.join(unknown)}) is a class the model knows "
+            f"({', '.join(classes)}); evaluate a folder of those classes, or a run trained on these"
+        )
+    if unknown:
+        # Only a near spelling is offered as a rename: a different class is not a typo of the closest name.
+        renames = {name: difflib.get_close_matches(name, classes, n=1, cutoff=0.75) for name in unknown}
+        named = [f"{name} (rename to {close[0]}?)" if close else name for name, close in renames.items()]
+        raise DataError(
+            f"class folders in {root} that the model was not trained on: {', '.join(named)}; "
+            f"the model knows {', '.join(classes)}; rename or remove those folders"
         )
     label_of = {name: i for i, name in enumerate(classes)}
     items = [(path, label_of[name]) for name in sorted(tree, key=label_of.__getitem__) for path in tree[name]]
