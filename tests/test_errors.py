@@ -112,3 +112,18 @@ def test_evaluate_on_folders_of_other_classes_names_the_mismatch_without_a_guess
                      "(blue, green, red); evaluate a folder of those classes, or a run trained on these")
 
 
+def test_train_names_every_class_folder_without_a_usable_image(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_folder(tmp_path / "nonimg", per_class=3, classes=("blue",))
+    (data / "notes").mkdir()
+    (data / "notes" / "readme.txt").write_text("not an image")
+    for i in range(3):
+        (data / "broken" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (data / "broken" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    error = one_line_error(capsys, ["train", str(data), "--output", str(tmp_path / "run"), "--weights",
+                                    str(tiny_weights), *TINY])
+    assert error == (f"error: class folders with no usable images in {data}: broken (3 image files, none readable), "
+                     "notes (no image files); add images or remove those folders")
+
+

@@ -224,8 +224,15 @@ def _check_classes(root: Path, classes: dict[str, list[str]]) -> None:
         )
     empty = [name for name, files in classes.items() if not files]
     if empty:
+        from transferkit.data.images import check_image
+
+        # Named together, so one fix covers all: a folder whose files all fail to decode is empty too
+        # (a readable image ends each folder's look after one decode).
+        unreadable = {name for name, files in classes.items() if files and all(map(check_image, files))}
+        named = [f"{name} (no image files)" if name in empty else f"{name} ({len(files)} image files, none readable)"
+                 for name, files in classes.items() if name in empty or name in unreadable]
         raise DataError(
-            f"class folder(s) with no images in {root}: {', '.join(empty)}; add images or remove the folder"
+            f"class folders with no usable images in {root}: {', '.join(named)}; add images or remove those folders"
         )
     if len(classes) < 2:
         only = next(iter(classes))
