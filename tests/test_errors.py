@@ -127,3 +127,8 @@ def test_train_names_every_class_folder_without_a_usable_image(
                      "notes (no image files); add images or remove those folders")
 
 
+def test_a_misspelt_command_gets_the_closest_one(capsys: pytest.CaptureFixture[str]) -> None:
+    error = one_line_error(capsys, ["trian", "photos/"])
+    assert error == "error: transferkit: argument command: invalid choice: 'trian' (did you mean train?); see transferkit --help"
+
+
