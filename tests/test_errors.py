@@ -132,3 +132,24 @@ def test_a_misspelt_command_gets_the_closest_one(capsys: pytest.CaptureFixture[s
     assert error == "error: transferkit: argument command: invalid choice: 'trian' (did you mean train?); see transferkit --help"
 
 
+def test_epochs_sets_both_phases_and_a_phase_option_overrides_it(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    data = make_folder(tmp_path / "data", per_class=10)
+    run_dir = tmp_path / "run"
+    code = main(["train", str(data), "--output", str(run_dir), "--weights", str(tiny_weights), *TINY,
+                 "--epochs", "2", "--frozen-patience", "5", "--finetune-epochs", "1"])
+    assert code == 0, capsys.readouterr().err
+    epoch_lines = [line.split()[:2] for line in capsys.readouterr().out.splitlines() if line.startswith(("frozen ", "finetune "))]
+    assert epoch_lines == [["frozen", "1/2"], ["frozen", "2/2"], ["finetune", "1/1"]]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (config["frozen"]["epochs"], config["finetune"]["epochs"]) == (2, 1), "a resumed run reads each phase's own"
+    assert "epochs" not in config
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--epochs EPOCHS       most epochs of both phases" in capsys.readouterr().out
+    error = one_line_error(capsys, ["train", str(data), "--output", str(tmp_path / "bad"), "--epochs", "-1"])
+    assert error == "error: --epochs must be a count of 0 or more, got -1"
