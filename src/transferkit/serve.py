@@ -402,18 +402,13 @@ def serve(
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` for ``run_app``; when it cannot be, one line naming the option to change."""
     try:
-        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        return _bind(host, port)
     except socket.gaierror as error:
         raise ConfigError([f"--host {host} is not an address this machine resolves ({error.strerror}); "
                            "use 127.0.0.1, or 0.0.0.0 for every interface"]) from None
-    listener = socket.socket(family, kind, protocol)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
-    try:
-        listener.bind(address)
     except OSError as error:
-        listener.close()
         if error.errno == errno.EADDRINUSE:
-            other = _free_port_after(host, port)
+            other = next((p for p in range(port + 1, min(port + 21, 65536)) if _is_free(host, p)), None)
             suggestion = f", such as --port {other}" if other else ""
             raise ConfigError([f"port {port} on {host} is taken by another program; "
                                f"choose another with --port{suggestion}"]) from None
@@ -422,19 +417,26 @@ def listen(host: str, port: int) -> socket.socket:
                                "use 127.0.0.1, or 0.0.0.0 for every interface"]) from None
         raise ConfigError([f"cannot listen on {host} port {port} ({error.strerror}); "
                            "choose another with --port, such as --port 8000"]) from None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    # As uvicorn binds: IPv6 for an address with a colon, else IPv4; a restart reuses the port at once.
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
     return listener
 
 
-def _free_port_after(host: str, port: int) -> int | None:
-    """The first of the next 20 ports nothing listens on, to suggest one."""
-    for other in range(port + 1, min(port + 21, 65536)):
-        with socket.socket(socket.getaddrinfo(host, other, type=socket.SOCK_STREAM)[0][0]) as probe:
-            try:
-                probe.bind((host, other))
-            except OSError:
-                continue
-            return other
-    return None
+def _is_free(host: str, port: int) -> bool:
+    try:
+        _bind(host, port).close()
+    except OSError:
+        return False
+    return True
 
 
 def run_app(app: Any, listener: socket.socket, limits: ServeLimits) -> None:
