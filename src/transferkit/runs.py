@@ -355,7 +355,7 @@ def training_process(run_dir: Path) -> str | None:
     try:
         # Held for a moment only: a train claiming the folder in that moment is refused, as by a reader.
         fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         return os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
     finally:
         os.close(handle)
