@@ -87,7 +87,7 @@ def test_nested_folders_inside_a_class_count_and_hidden_files_are_ignored(tmp_pa
     [
         (lambda root: root.mkdir(), "no images found in"),
         (lambda root: make_folder(root, classes=("red",)), r"only one class \('red'\)"),
-        (lambda root: (make_folder(root), (root / "green").mkdir()), "with no images in .*: green"),
+        (lambda root: (make_folder(root), (root / "green").mkdir()), "with no usable images in .*: green \\(no image files\\)"),
         (lambda root: make_image(root / "a.jpg", (1, 2, 3), 0), "directly in .* but no class folders"),
         (lambda root: (make_folder(root), make_folder(root, classes=("red",), split="Red")), "differ only in case"),
     ],

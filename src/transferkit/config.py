@@ -299,11 +299,21 @@ class TrainConfig:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> TrainConfig:
         """The defaults with flat overrides named like the flags: ``{"frozen.epochs": 10, "seed": 0}``
-        for ``--frozen-epochs 10 --seed 0``. Unknown keys and invalid values are raised together."""
+        for ``--frozen-epochs 10 --seed 0``; ``{"epochs": 3}`` (``--epochs 3``) is both phases' most
+        epochs, where ``frozen.epochs`` or ``finetune.epochs`` is not given. Unknown keys and invalid
+        values are raised together."""
         values = cls().to_dict()
         known = [f"{key}.{name}" for key, section in values.items() if isinstance(section, dict) for name in section]
-        known += [key for key, value in values.items() if not isinstance(value, dict)]
+        known += [key for key, value in values.items() if not isinstance(value, dict)] + ["epochs"]
         found = []
+        options = dict(options)
+        if "epochs" in options:
+            # A shorthand, not a field: the config keeps each phase's own count, so a resumed run reads them.
+            both = options.pop("epochs")
+            if isinstance(both, int) and both >= 0:
+                options = {"frozen.epochs": both, "finetune.epochs": both, **options}
+            else:
+                found.append(f"--epochs must be a count of 0 or more, got {both!r}")
         for key, value in options.items():
             section, _, name = key.rpartition(".")
             target = values.get(section) if section else values

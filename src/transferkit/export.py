@@ -64,6 +64,22 @@ def _check_options(format: str, quantize: str | None) -> None:
         raise ConfigError(problems)
 
 
+def _check_output(path: Path) -> None:
+    """Make the folder ``path`` goes in, or say in one line, before any work, why it cannot be written."""
+    fix = "choose an --output in a writable folder"
+    if path.is_dir():
+        raise ConfigError([f"--output {path} is a folder; name the file to write, such as {path / 'model.onnx'}"])
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError([f"--output {path}: {blocking} is a file, not a folder; {fix}"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # An unnamed file, gone when closed: a folder that lists but refuses new files fails here.
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        raise ConfigError([f"--output {path} cannot be written ({error.strerror or error}); {fix}"]) from None
+
+
 def _write_onnx(model: Any, metadata: dict[str, Any], path: Path, quantize: str | None) -> None:
     import onnx
 
@@ -159,7 +175,9 @@ def export(
     folder = RunFolder.containing(run)
     run_dir = folder.root
     if not folder.has_model():
-        raise RunFolderError(f"{run_dir} is not a finished run folder: {folder.model_dir} is missing")
+        raise RunFolderError(folder.why_no_model())
+    path = Path(output) if output else folder.export_file(format, quantize)
+    _check_output(path)
     model, reference = load_run_model(run_dir)
     _, items = run_split_items(run_dir, "val", reference.classes)
     paths = [path for path, _ in items]
@@ -167,8 +185,6 @@ def export(
 
     metadata = {**predictor_metadata(reference), "format": format + (f"-{quantize}" if quantize else ""),
                 "outputs": output_notes(reference)}
-    path = Path(output) if output else folder.export_file(format, quantize)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         _write_onnx(reference.module, metadata, path, quantize)
         exported = load_onnx_predictor(path)

@@ -48,9 +48,14 @@ def is_model_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def model_folder(path: str | os.PathLike[str]) -> Path:
-    """The model folder of a run folder; any other path as given (a model folder already)."""
-    folder = RunFolder(path)
-    return folder.model_dir if folder.has_model() else folder.root
+    """The model folder of a run folder; any other path as given (a model folder already). A run
+    folder without its model yet is one line saying why and what to do."""
+    folder = RunFolder.containing(path)
+    if folder.has_model():
+        return folder.model_dir
+    if folder.is_run():
+        raise RunFolderError(folder.why_no_model())
+    return folder.root
 
 
 def evaluation_files(folder: Path) -> tuple[Path, Path]:
@@ -176,6 +181,17 @@ class RunFolder:
 
     def has_model(self) -> bool:
         return is_model_folder(self.model_dir)
+
+    def why_no_model(self) -> str:
+        """Why this folder has no model, and what to do, in one line."""
+        holder = training_process(self.root)
+        if holder is not None:
+            return (f"{self.root} is still training (pid {holder}): its model is written when the run finishes; "
+                    "wait for it, or use another run")
+        if self.is_run():
+            return (f"{self.root} has no model: its train stopped before finishing; "
+                    f"finish it with: transferkit train --resume {self.root}")
+        return f"{self.root} is not a finished run folder: {self.model_dir} is missing"
 
     def has_evaluation(self, name: str) -> bool:
         return evaluation_files(self.evaluation_dir(name))[0].is_file()
@@ -360,6 +376,22 @@ def claim(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(handle)  # closing releases the lock
+
+
+def training_process(run_dir: Path) -> str | None:
+    """The pid of the train that holds ``run_dir``, or None when no process holds it."""
+    try:
+        handle = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        # Held for a moment only: a train claiming the folder in that moment is refused, as by a reader.
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(handle)
+    return None
 
 
 def holds_work(run_dir: Path) -> bool:

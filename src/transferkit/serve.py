@@ -26,9 +26,11 @@ half-open clients cannot hold the server's sockets.
 # and ``Request`` is imported inside create_app so that FastAPI stays an optional dependency.
 import asyncio
 import ctypes
+import errno
 import functools
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -393,11 +395,60 @@ def serve(
 ) -> None:
     """Serve ``model`` until interrupted (``reject``: see ``create_app``)."""
     limits = limits or ServeLimits()
-    run_app(create_app(model, limits, reject), host, port, limits)
+    app = create_app(model, limits, reject)
+    run_app(app, listen(host, port), limits)
 
 
-def run_app(app: Any, host: str, port: int, limits: ServeLimits) -> None:
-    """Serve an app of ``create_app`` until interrupted, held to ``limits``."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for ``run_app``; when it cannot be, one line naming the option to change."""
+    try:
+        return _bind(host, port)
+    except socket.gaierror as error:
+        raise ConfigError([f"--host {host} is not an address this machine resolves ({error.strerror}); "
+                           "use 127.0.0.1, or 0.0.0.0 for every interface"]) from None
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            other = next((p for p in range(port + 1, min(port + 21, 65536)) if _is_free(host, p)), None)
+            suggestion = f", such as --port {other}" if other else ""
+            raise ConfigError([f"port {port} on {host} is taken by another program; "
+                               f"choose another with --port{suggestion}"]) from None
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError([f"--host {host} is not an address of this machine; "
+                               "use 127.0.0.1, or 0.0.0.0 for every interface"]) from None
+        raise ConfigError([f"cannot listen on {host} port {port} ({error.strerror}); "
+                           "choose another with --port, such as --port 8000"]) from None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    # As uvicorn binds: IPv6 for an address with a colon, else IPv4; a restart reuses the port at once.
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _is_free(host: str, port: int) -> bool:
+    try:
+        _bind(host, port).close()
+    except OSError:
+        return False
+    return True
+
+
+def run_app(app: Any, listener: socket.socket, limits: ServeLimits) -> None:
+    """Serve an app of ``create_app`` on ``listen``'s socket until interrupted, held to ``limits``."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", **server_options(limits))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **server_options(limits)))
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped, as under uvicorn.run
+        pass
+    finally:
+        listener.close()
+    if not server.started:  # uvicorn has logged why, as uvicorn.run exits then
+        raise SystemExit(3)

@@ -83,7 +83,7 @@ def _load(source: str, num_classes: int) -> tuple[nn.Module, dict[str, Any], dic
     from transferkit.runs import RunFolder
 
     folder = RunFolder(source)
-    if folder.has_model():
+    if folder.is_run():  # a run without its model yet is refused with why, not taken for a model name
         model, classifier = load_run_model(folder.root)
         config = folder.read_config()
         finetune, metrics = config.finetune, folder.read_metrics()

@@ -41,6 +41,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
 
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # argparse lists every choice; a misspelt command or choice gets the closest one instead.
+        choices = list(action.choices) if action.choices is not None else []
+        if isinstance(value, str) and value not in choices:
+            closest = difflib.get_close_matches(value, [str(choice) for choice in choices], n=1, cutoff=0.6)
+            if closest:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r} (did you mean {closest[0]}?)")
+        super()._check_value(action, value)
+
     def unknown_options(self, unknown: list[str]) -> NoReturn:
         options = [name for action in self._actions for name in action.option_strings]
         described = []

@@ -195,7 +195,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from transferkit.serve import ServeLimits, create_app, run_app
+    from transferkit.serve import ServeLimits, create_app, listen, run_app
 
     # Checked before the model loads, every problem at once.
     problems = [] if 1 <= args.port <= 65535 else [f"--port must be between 1 and 65535, got {args.port}"]
@@ -209,10 +209,12 @@ def _run_serve(args: argparse.Namespace) -> int:
                          max_pixels=args.max_pixels, max_queued=args.max_queued, max_connections=args.max_connections,
                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                          keep_alive_timeout=args.keep_alive_timeout)
-    # Loaded before the address is printed: a model that cannot be served is the only line.
+    # The port is bound and the model loaded before the address is printed: a port that is taken or
+    # a model that cannot be served is the only line.
     app = create_app(args.model, limits, args.reject)
+    listener = listen(args.host, args.port)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    run_app(app, args.host, args.port, limits)
+    run_app(app, listener, limits)
     return 0
 
 

@@ -89,6 +89,10 @@ def train_parser(subparsers: Any) -> argparse.ArgumentParser:
         skip = frozenset({"unfreeze"}) if attribute == "frozen" else frozenset()
         _add_fields(parser, kind, prefix, attribute, getattr(defaults, attribute), skip=skip)
     _add_fields(parser, TrainConfig, "", "", defaults)
+    parser.add_argument("--epochs", type=int, default=argparse.SUPPRESS, metavar="EPOCHS",
+                        help="most epochs of both phases, each still stopped early by its patience; "
+                             "--frozen-epochs and --finetune-epochs override it (default: "
+                             f"{defaults.frozen.epochs} frozen, {defaults.finetune.epochs} fine-tuning)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run from its folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return parser

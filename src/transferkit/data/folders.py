@@ -224,8 +224,15 @@ def _check_classes(root: Path, classes: dict[str, list[str]]) -> None:
         )
     empty = [name for name, files in classes.items() if not files]
     if empty:
+        from transferkit.data.images import check_image
+
+        # Named together, so one fix covers all: a folder whose files all fail to decode is empty too
+        # (a readable image ends each folder's look after one decode).
+        unreadable = {name for name, files in classes.items() if files and all(map(check_image, files))}
+        named = [f"{name} (no image files)" if name in empty else f"{name} ({len(files)} image files, none readable)"
+                 for name, files in classes.items() if name in empty or name in unreadable]
         raise DataError(
-            f"class folder(s) with no images in {root}: {', '.join(empty)}; add images or remove the folder"
+            f"class folders with no usable images in {root}: {', '.join(named)}; add images or remove those folders"
         )
     if len(classes) < 2:
         only = next(iter(classes))
@@ -350,18 +357,25 @@ def read_labelled_folder(
     The folder may hold only some of the classes; a class the model does not know is an error
     that lists it, since its images could never be predicted right.
     """
-    from transferkit.errors import close_matches
+    import difflib
 
     root = Path(root).absolute()
     if not root.is_dir():
         raise DataError(f"{root} not found; expected a folder {root}/<class>/<image>.jpg")
     tree, skipped = _read_class_tree(root, image_extensions())
     unknown = sorted(set(tree) - set(classes))
-    if unknown:
-        hints = "".join(close_matches(name, classes, n=1) for name in unknown)
+    if len(unknown) == len(tree):
         raise DataError(
-            f"class folders in {root} that the model was not trained on: {', '.join(unknown)}; "
-            f"the model knows {', '.join(classes)}; rename or remove those folders.{hints}"
+            f"none of the class folders in {root} ({', '.join(unknown)}) is a class the model knows "
+            f"({', '.join(classes)}); evaluate a folder of those classes, or a run trained on these"
+        )
+    if unknown:
+        # Only a near spelling is offered as a rename: a different class is not a typo of the closest name.
+        renames = {name: difflib.get_close_matches(name, classes, n=1, cutoff=0.75) for name in unknown}
+        named = [f"{name} (rename to {close[0]}?)" if close else name for name, close in renames.items()]
+        raise DataError(
+            f"class folders in {root} that the model was not trained on: {', '.join(named)}; "
+            f"the model knows {', '.join(classes)}; rename or remove those folders"
         )
     label_of = {name: i for i, name in enumerate(classes)}
     items = [(path, label_of[name]) for name in sorted(tree, key=label_of.__getitem__) for path in tree[name]]
