@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import os
 import subprocess
 import sys
 import textwrap
@@ -153,3 +154,18 @@ def test_epochs_sets_both_phases_and_a_phase_option_overrides_it(
     assert "--epochs EPOCHS       most epochs of both phases" in capsys.readouterr().out
     error = one_line_error(capsys, ["train", str(data), "--output", str(tmp_path / "bad"), "--epochs", "-1"])
     assert error == "error: --epochs must be a count of 0 or more, got -1"
+
+
+def test_a_fifo_planted_as_the_lock_of_an_unfinished_run_never_makes_predict_wait(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    run_dir = unfinished_copy(trained_run, tmp_path / "run")
+    lock = run_dir / ".transferkit.lock"
+    lock.unlink(missing_ok=True)
+    os.mkfifo(lock)
+    image = str(trained_run.parent / "data" / "blue" / "blue_000.jpg")
+    # A reader that opened the FIFO to see who holds the run would wait for a writer forever.
+    process = subprocess.run([sys.executable, "-m", "transferkit.cli", "predict", str(run_dir), image],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.strip().endswith(f"finish it with: transferkit train --resume {run_dir}"), process.stderr

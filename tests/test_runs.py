@@ -251,6 +251,27 @@ def test_calibrate_refuses_a_run_whose_model_folder_is_a_link_to_another_run_s(t
     assert snapshot(other) == before, "the other run's temperature and threshold are as they were"
 
 
+@pytest.mark.parametrize("command", ["export", "evaluate"])
+def test_export_and_evaluate_refuse_to_write_through_a_link_out_of_the_run(
+    trained_run: Path, tmp_path: Path, command: str
+) -> None:
+    import shutil
+
+    from transferkit.evaluate import evaluate
+    from transferkit.export import export
+
+    entry = "export" if command == "export" else "evaluation"
+    other, run_dir = tmp_path / "other", tmp_path / "run"
+    other.mkdir()
+    (other / "notes.txt").write_text("theirs")
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns(entry))
+    (run_dir / entry).symlink_to(other)
+    before = snapshot(other)
+    with pytest.raises(RunFolderError, match=f"{run_dir / entry} is a link to {other}, outside the run folder"):
+        export(run_dir) if command == "export" else evaluate(run_dir, split="val")
+    assert snapshot(other) == before, "nothing was written where the link leads"
+
+
 def finished_run(data: Path, run_dir: Path, weights: Path) -> None:
     finished = subprocess.run(
         train_command(data, run_dir, weights, "--frozen-epochs", "3", "--finetune-epochs", "2"),

@@ -95,7 +95,7 @@ def evaluate(
         evaluation.metrics["unknown"] = unknown_share(scores, classifier.unknown)
     # An exported file keeps its evaluations beside it, as a run keeps them in its folder.
     home = RunFolder(run_dir.parent if is_onnx_file(run_dir) else run_dir)
-    evaluation.write(Path(output) if output else home.evaluation_dir(name + ("-tta" if tta else "")))
+    evaluation.write(Path(output) if output else home.writable(home.evaluation_dir(name + ("-tta" if tta else ""))))
     return evaluation
 
 

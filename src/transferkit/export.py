@@ -176,7 +176,8 @@ def export(
     run_dir = folder.root
     if not folder.has_model():
         raise RunFolderError(folder.why_no_model())
-    path = Path(output) if output else folder.export_file(format, quantize)
+    # The default goes in the run folder, never through a link out of it; an --output is the user's to name.
+    path = Path(output) if output else folder.writable(folder.export_file(format, quantize))
     _check_output(path)
     model, reference = load_run_model(run_dir)
     _, items = run_split_items(run_dir, "val", reference.classes)

@@ -381,7 +381,8 @@ def claim(run_dir: Path) -> Iterator[None]:
 def training_process(run_dir: Path) -> str | None:
     """The pid of the train that holds ``run_dir``, or None when no process holds it."""
     try:
-        handle = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        # Neither a link nor a FIFO planted as the lock may make a reader follow or wait.
+        handle = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
     try:
