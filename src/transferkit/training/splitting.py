@@ -1,0 +1,89 @@
+"""The honest split of a run's images: their pooled features computed once, before the split, so
+that a carved split keeps near-copies (or ``--group-by``'s groups) on one side, and every split,
+carved or given, is checked for near-copies of training images in val and test.
+
+The features are the ones the frozen phase trains on and the audit reads (cached by content),
+so the split costs a neighbour search, not a second pass over the images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from transferkit.data.folders import DatasetIndex
+from transferkit.data.groups import Leaks, find_leaks, make_groups, near_copy_pairs
+from transferkit.features import FeatureStats, cached_pooled_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitFeatures:
+    """The pooled features of every image of an index, by path, and how they were had."""
+
+    rows: dict[str, int]
+    array: np.ndarray
+    stats: FeatureStats
+
+    def of(self, paths: list[str]) -> np.ndarray:
+        return self.array[[self.rows[path] for path in paths]]
+
+    def in_order(self, index: DatasetIndex) -> np.ndarray:
+        """One row per image, in the order of ``index.splits``."""
+        return self.of([path for items in index.splits.values() for path, _ in items])
+
+
+def index_paths(index: DatasetIndex) -> list[str]:
+    return [path for items in index.splits.values() for path, _ in items]
+
+
+def pooled_features_of(index: DatasetIndex, model: Any, preprocessing: dict[str, Any], global_pool: str, backend: str,
+                       cache_dir: str | None, num_workers: int, progress: bool) -> SplitFeatures:
+    paths = index_paths(index)
+    array, stats = cached_pooled_features(model, paths, preprocessing, global_pool, backend, cache_dir, num_workers,
+                                          progress)
+    return SplitFeatures({path: i for i, path in enumerate(paths)}, np.asarray(array), stats)
+
+
+def split_honestly(
+    index: DatasetIndex, features: SplitFeatures, *, carve: bool, split_groups: str, group_by: str | None,
+    threshold: float, seed: int,
+) -> Leaks:
+    """Cut ``index``'s carved splits again by groups (when ``carve``, unless ``split_groups`` is
+    none and no ``group_by`` is given), then find the near-copies of training images in val and
+    test, which is logged as one warning."""
+    paths = index_paths(index)
+    found = near_copy_pairs(features.of(paths), threshold)
+    pairs = [(paths[i], paths[j], similarity) for i, j, similarity in found]
+    grouped = carve and bool(index.carved) and (split_groups != "none" or bool(group_by))
+    if grouped:
+        labels = [label for items in index.splits.values() for _, label in items]
+        groups = make_groups(paths, labels, index.root, group_by, found, index.duplicates, index.classes)
+        index.carve_by_groups(groups, seed)
+        log.info("split by %s: %d images in %d groups", f"--group-by {group_by!r}" if group_by else "near-copies",
+                 len(paths), len(set(groups.values())))
+    split_of = {path: split for split, items in index.splits.items() for path, _ in items}
+    leaks = find_leaks(split_of, pairs, index.duplicates, threshold)
+    warn_of_leaks(leaks, carved=bool(index.carved), grouped=grouped, group_by=group_by)
+    return leaks
+
+
+def warn_of_leaks(leaks: Leaks, *, carved: bool, grouped: bool, group_by: str | None) -> None:
+    counts = leaks.counts()
+    if not counts:
+        return
+    if carved and not grouped:
+        fix = "drop --split-groups none, so the split keeps near-copies on one side"
+    elif carved and group_by:
+        fix = "widen --group-by so it joins them, or drop it to group near-copies"
+    else:
+        fix = "move them into train, or leave them out with --exclude leaks.csv"
+    where = " and ".join(f"{count} to {split}" for split, count in counts.items())
+    log.warning(
+        "near-copy pairs (cosine similarity >= %.2f) join train %s, listed in leaks.csv: those scores read "
+        "higher than on new images; %s", leaks.threshold, where, fix,
+    )
