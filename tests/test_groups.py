@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import tiny_config
 from transferkit import train
 from transferkit._io import read_csv_rows
+from transferkit.cli import main
 from transferkit.data.groups import grouped_split
 
 
@@ -93,6 +94,7 @@ def test_default_split_keeps_every_near_copy_with_its_original(tmp_path: Path, t
     assert {split for split, _ in rows.values()} >= {"train", "val"}
     assert read_csv_rows(tmp_path / "run" / "leaks.csv") == []
     assert "near-copy pairs" not in caplog.text
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["leaks"]["pairs"] == {}
 
 
 def test_random_split_warns_of_the_near_copies_it_puts_in_val(tmp_path: Path, tiny_weights: Path,
@@ -107,6 +109,8 @@ def test_random_split_warns_of_the_near_copies_it_puts_in_val(tmp_path: Path, ti
     assert crossing and len(leaks) >= len(crossing)
     warnings = [record.getMessage() for record in caplog.records if "near-copy pairs" in record.getMessage()]
     assert len(warnings) == 1 and "--split-groups none" in warnings[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sum(metrics["leaks"]["pairs"].values()) == len(leaks)
 
 
 def test_group_by_keeps_each_patient_on_one_side(tmp_path: Path, tiny_weights: Path) -> None:
@@ -124,3 +128,37 @@ def test_group_by_keeps_each_patient_on_one_side(tmp_path: Path, tiny_weights: P
     assert len(sides) == 16 and all(len(splits) == 1 for splits in sides.values())
     for name in ("healthy", "sick"):
         assert {split for path, (split, _) in rows.items() if f"/{name}/" in path} >= {"train", "val"}
+
+
+def test_copies_in_a_given_val_folder_are_reported_and_left_out_of_calibration(
+    tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    copied = []
+    for k, name in enumerate(("left", "right")):
+        for i in range(20):
+            make_scene(data / "train" / name / f"train{i:02d}.png", seed=100 * k + i)
+        for i in range(30):
+            make_scene(data / "val" / name / f"val{i:02d}.png", seed=5000 + 100 * k + i)
+        for i in range(3):  # the user's val folder holds copies of training images
+            copied.append(make_scene(data / "val" / name / f"copy{i:02d}.png", seed=100 * k + i, nudged=True))
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", str(data), "--output", str(tmp_path / "run"), "--model", "test_efficientnet",
+                     "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0", "--frozen-epochs", "1",
+                     "--finetune-epochs", "0", "--no-progress", "--no-audit", "--report"]) == 0
+    leaks = read_csv_rows(tmp_path / "run" / "leaks.csv")
+    leaky = {row["path"] for row in leaks}
+    assert {str(path) for path in copied} <= leaky
+    assert all(row["split"] == "val" and row["paired_split"] == "train" for row in leaks)
+    warnings = [record.getMessage() for record in caplog.records if "near-copy pairs" in record.getMessage()]
+    assert len(warnings) == 1 and f"{len(leaks)} to val" in warnings[0] and "--exclude leaks.csv" in warnings[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["leaks"]["pairs"] == {"val": len(leaks)}
+    assert metrics["calibration"]["images"] == 66 - len(leaky)
+    assert metrics["unknown"]["images"] == 66 - len(leaky)
+    printed = capsys.readouterr().out
+    assert f"validation accuracy of the saved model: {metrics['val']['accuracy']:.4f}" in printed
+    assert f"(inflated: {len(leaks)} near-copy pairs with train)" in printed
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert f"inflated: {len(leaks)} near-copy pairs with train" in report
+    assert report.count('alt="train"') == min(len(leaks), 8)

@@ -243,13 +243,14 @@ def _train_in(
         return TrainResult(run_dir=folder.root, classes=classes, counts=index.counts(), metrics={})
 
     inputs = PhaseInputs(index, preprocessing, features, boundary, cached, inference_backend(config), workers,
-                         config.progress)
+                         config.progress, leaky_val=leaks.images("val"))
     metrics, trust = evaluate_phases(model, progress, inputs, calibrate_on_val=config.calibrate,
                                      unknown_score=config.unknown_score, unknown_keep=config.unknown_keep)
     models.save_model_folder(model, folder.model_dir, classes, preprocessing, config.model)
     save_trust(folder.model_dir, trust)
     metrics.trust = trust.as_dict()
     metrics.train_seconds = round(time.perf_counter() - started, 2)
+    metrics.leaks = leaks.summary()
     if feature_stats is not None:
         metrics.features = feature_stats.as_dict()
     folder.write_metrics(metrics)
