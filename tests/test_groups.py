@@ -162,3 +162,18 @@ def test_copies_in_a_given_val_folder_are_reported_and_left_out_of_calibration(
     report = (tmp_path / "run" / "report.html").read_text()
     assert f"inflated: {len(leaks)} near-copy pairs with train" in report
     assert report.count('alt="train"') == min(len(leaks), 8)
+
+
+def test_audit_splits_as_train_does_and_finds_no_leak_the_groups_prevent(tmp_path: Path, tiny_weights: Path) -> None:
+    from transferkit.audit import AuditConfig, audit
+
+    data = near_copy_folder(tmp_path / "data")
+    train(data, quick_config(tmp_path / "run", tiny_weights))
+    options = {"data.image_size": 64, "data.num_workers": 0, "model.name": "test_efficientnet",
+               "model.weights": str(tiny_weights), "output": str(tmp_path / "audit"), "progress": False,
+               "html": False}
+    result = audit(data, AuditConfig.from_options(options))
+    trained = {path: split for path, (split, _) in splits_of(tmp_path / "run").items()}
+    assert dict(zip(result.images.paths, result.images.splits)) == trained
+    assert result.of_kind("leakage") == []
+    assert len(result.of_kind("near_duplicate")) == 24  # each copy beside its original, within one split
