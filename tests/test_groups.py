@@ -177,3 +177,14 @@ def test_audit_splits_as_train_does_and_finds_no_leak_the_groups_prevent(tmp_pat
     assert dict(zip(result.images.paths, result.images.splits)) == trained
     assert result.of_kind("leakage") == []
     assert len(result.of_kind("near_duplicate")) == 24  # each copy beside its original, within one split
+
+
+def test_max_per_class_still_bounds_each_split_cut_by_groups(tmp_path: Path) -> None:
+    from transferkit.data.folders import DatasetIndex
+
+    items = [(f"/data/{name}/{i}.png", label) for label, name in enumerate(("a", "b")) for i in range(30)]
+    index = DatasetIndex(root=Path("/data"), classes=["a", "b"], splits={"train": items[:48], "val": items[48:]},
+                         carved={"train": 0.8, "val": 0.2})
+    index.carve_by_groups({path: path[:-5] for path, _ in items}, seed=0, max_per_class=5)
+    assert all(count <= 5 for counts in index.counts().values() for count in counts.values())
+    assert index.counts()["val"] == {"a": 5, "b": 5}

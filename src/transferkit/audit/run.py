@@ -98,7 +98,7 @@ def _split_as_train_does(index: Any, config: AuditConfig) -> tuple[np.ndarray, A
         config.data.resolved_num_workers(), config.progress,
     )
     split_honestly(index, features, carve=True, split_groups=config.data.split_groups, group_by=config.data.group_by,
-                   threshold=config.duplicate_threshold, seed=config.seed)
+                   threshold=config.duplicate_threshold, seed=config.seed, max_per_class=config.data.max_per_class)
     return features.in_order(index), features.stats
 
 

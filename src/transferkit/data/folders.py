@@ -112,8 +112,9 @@ class DatasetIndex:
         self.drop(reasons)
         return len(reasons)
 
-    def carve_by_groups(self, groups: dict[str, str], seed: int) -> None:
-        """Cut the carved splits again so that each group of ``groups`` (path: key) is on one side."""
+    def carve_by_groups(self, groups: dict[str, str], seed: int, max_per_class: int | None = None) -> None:
+        """Cut the carved splits again so that each group of ``groups`` (path: key) is on one side,
+        then keep at most ``max_per_class`` images per class in each, as ``discover`` did."""
         from transferkit.data.groups import grouped_split
 
         names = [name for name in SPLITS if name in self.carved]
@@ -128,6 +129,8 @@ class DatasetIndex:
                 "left for validation; give the groups with --group-by, or split at random with --split-groups none"
             )
         self.splits = {name: self.splits[name] for name in SPLITS if self.splits.get(name)}
+        if max_per_class is not None:
+            self.splits = {name: _limit_per_class(items, max_per_class, seed) for name, items in self.splits.items()}
         self.groups = dict(groups)
         split_of = {file: name for name, items in self.splits.items() for file, _ in items}
         self.duplicates = [[(split_of.get(file, name), file, label) for name, file, label in group]

@@ -308,7 +308,8 @@ def _split_on_features(
             features.stats = dataclasses.replace(features.stats, from_cache=features.stats.from_cache - reused,
                                                  seconds=features.stats.seconds + activation_stats.seconds)
     leaks = split_honestly(index, features, carve=discovered, split_groups=config.data.split_groups,
-                           group_by=config.data.group_by, threshold=DUPLICATE_THRESHOLD, seed=config.seed)
+                           group_by=config.data.group_by, threshold=DUPLICATE_THRESHOLD, seed=config.seed,
+                           max_per_class=config.data.max_per_class)
     return features, leaks
 
 

@@ -51,7 +51,7 @@ def pooled_features_of(index: DatasetIndex, model: Any, preprocessing: dict[str,
 
 def split_honestly(
     index: DatasetIndex, features: SplitFeatures, *, carve: bool, split_groups: str, group_by: str | None,
-    threshold: float, seed: int,
+    threshold: float, seed: int, max_per_class: int | None = None,
 ) -> Leaks:
     """Cut ``index``'s carved splits again by groups (when ``carve``, unless ``split_groups`` is
     none and no ``group_by`` is given), then find the near-copies of training images in val and
@@ -63,7 +63,7 @@ def split_honestly(
     if grouped:
         labels = [label for items in index.splits.values() for _, label in items]
         groups = make_groups(paths, labels, index.root, group_by, found, index.duplicates, index.classes)
-        index.carve_by_groups(groups, seed)
+        index.carve_by_groups(groups, seed, max_per_class)
         log.info("split by %s: %d images in %d groups", f"--group-by {group_by!r}" if group_by else "near-copies",
                  len(paths), len(set(groups.values())))
     split_of = {path: split for split, items in index.splits.items() for path, _ in items}
