@@ -119,6 +119,9 @@ class DatasetIndex:
 
         names = [name for name in SPLITS if name in self.carved]
         pool = [item for name in names for item in self.splits.get(name, [])]
+        self.groups = dict(groups)
+        if len({groups[path] for path, _ in pool}) == len(pool):
+            return  # nothing to keep together: the random split stands, as before groups existed
         parts = grouped_split([label for _, label in pool], [groups[path] for path, _ in pool],
                               [self.carved[name] for name in names], seed, self.classes)
         for number, name in enumerate(names):
@@ -131,7 +134,6 @@ class DatasetIndex:
         self.splits = {name: self.splits[name] for name in SPLITS if self.splits.get(name)}
         if max_per_class is not None:
             self.splits = {name: _limit_per_class(items, max_per_class, seed) for name, items in self.splits.items()}
-        self.groups = dict(groups)
         split_of = {file: name for name, items in self.splits.items() for file, _ in items}
         self.duplicates = [[(split_of.get(file, name), file, label) for name, file, label in group]
                            for group in self.duplicates]

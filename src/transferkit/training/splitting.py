@@ -9,6 +9,7 @@ so the split costs a neighbour search, not a second pass over the images.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ def split_honestly(
     """Cut ``index``'s carved splits again by groups (when ``carve``, unless ``split_groups`` is
     none and no ``group_by`` is given), then find the near-copies of training images in val and
     test, which is logged as one warning."""
+    started = time.perf_counter()
     paths = index_paths(index)
     found = near_copy_pairs(features.of(paths), threshold)
     pairs = [(paths[i], paths[j], similarity) for i, j, similarity in found]
@@ -64,8 +66,8 @@ def split_honestly(
         labels = [label for items in index.splits.values() for _, label in items]
         groups = make_groups(paths, labels, index.root, group_by, found, index.duplicates, index.classes)
         index.carve_by_groups(groups, seed, max_per_class)
-        log.info("split by %s: %d images in %d groups", f"--group-by {group_by!r}" if group_by else "near-copies",
-                 len(paths), len(set(groups.values())))
+        log.info("split by %s: %d images in %d groups, %.1f s", f"--group-by {group_by!r}" if group_by else "near-copies",
+                 len(paths), len(set(groups.values())), time.perf_counter() - started)
     split_of = {path: split for split, items in index.splits.items() for path, _ in items}
     leaks = find_leaks(split_of, pairs, index.duplicates, threshold)
     warn_of_leaks(leaks, carved=bool(index.carved), grouped=grouped, group_by=group_by)
