@@ -83,9 +83,11 @@ def test_default_split_keeps_every_near_copy_with_its_original(tmp_path: Path, t
                                                               caplog: pytest.LogCaptureFixture) -> None:
     data = near_copy_folder(tmp_path / "data")
     with caplog.at_level(logging.WARNING):
+        # fine-tuned on cached activations too: computed before the split, cut by the split after it
         assert main(["train", str(data), "--output", str(tmp_path / "run"), "--model", "test_efficientnet",
                      "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0", "--frozen-epochs", "1",
-                     "--finetune-epochs", "0", "--no-progress", "--no-audit", "--report"]) == 0
+                     "--finetune-epochs", "1", "--finetune-unfreeze", "2", "--no-progress", "--no-audit"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["phases"]["finetune"]["done"]
     rows = splits_of(tmp_path / "run")
     originals = [path for path in rows if not path.endswith("_copy.png")]
     for original in originals:
@@ -158,7 +160,7 @@ def test_copies_in_a_given_val_folder_are_reported_and_left_out_of_calibration(
     assert metrics["unknown"]["images"] == 66 - len(leaky)
     printed = capsys.readouterr().out
     assert f"validation accuracy of the saved model: {metrics['val']['accuracy']:.4f}" in printed
-    assert f"(inflated: {len(leaks)} near-copy pairs with train)" in printed
+    assert f"(inflated: {len(leaks)} near-copy pairs with train, in leaks.csv)" in printed
     report = (tmp_path / "run" / "report.html").read_text()
     assert f"inflated: {len(leaks)} near-copy pairs with train" in report
     assert report.count('alt="train"') == min(len(leaks), 8)

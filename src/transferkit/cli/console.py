@@ -118,8 +118,6 @@ def print_train_summary(result: Any, command_seconds: float) -> None:
     if metrics.test is not None:
         print(f"test accuracy: {metrics.test['accuracy']:.4f}  macro F1: {metrics.test['macro_f1']:.4f}"
               f"{inflated_mark(metrics, 'test')}")
-    if metrics.leaks and metrics.leaks.get("pairs"):
-        print(f"  inflated: near-copies of training images score as if seen before; pairs in {folder.leaks_file}")
     calibration, unknown = metrics.trust.get("calibration"), metrics.trust.get("unknown")
     if calibration:
         print(f"calibrated: temperature {calibration['temperature']:.3f}, validation ECE "
@@ -138,7 +136,7 @@ def print_train_summary(result: Any, command_seconds: float) -> None:
 def inflated_mark(metrics: RunMetrics, split: str) -> str:
     """' (inflated: N near-copy pairs with train)' after a split's score that near-copies lift, else ''."""
     pairs = metrics.inflated(split)
-    return f"  (inflated: {pairs:,} near-copy pairs with train)" if pairs else ""
+    return f"  (inflated: {pairs:,} near-copy pairs with train, in leaks.csv)" if pairs else ""
 
 
 def print_metrics(metrics: dict[str, Any], title: str) -> None:

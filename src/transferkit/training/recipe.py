@@ -159,7 +159,7 @@ def _train_in(
     # bottom of the backbone runs once per image and the split by near-copies reads them.
     unfreeze = parse_unfreeze(config.finetune.unfreeze, len(index.targets("train")))
     boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
-    split_features, leaks = _split_on_features(index, discovered, model, preprocessing, boundary, config)
+    split_features, leaks, cached = _split_on_features(index, discovered, model, preprocessing, boundary, config)
     if main_process:
         _write_index(index, leaks, folder, config.data.drop_duplicates)
     targets = index.targets("train")
@@ -208,8 +208,7 @@ def _train_in(
         log.info("--finetune-unfreeze auto: %d blocks for %s training images (%d from %s)",
                  unfreeze, f"{len(targets):,}", MANY_BLOCKS, f"{MANY_BLOCKS_FROM:,}")
     head_on_features = config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none"
-    cached: dict[str, CachedRows] = {}
-    if boundary is not None:  # every row in the cache by now: this only cuts it by the final split
+    if boundary is not None and not cached:  # every row in the cache by now: this only cuts it by the new split
         cached, _ = boundary_activations(model, boundary, index, preprocessing, config)
     views: list[CachedRows] = []  # of the training images (--finetune-views)
     if boundary is not None and not progress.finished("finetune"):
@@ -291,13 +290,14 @@ def _run_phase(name: str, fit: Any, model: nn.Module, progress: PhaseProgress, s
 def _split_on_features(
     index: DatasetIndex, discovered: bool, model: nn.Module, preprocessing: dict[str, Any], boundary: int | None,
     config: TrainConfig,
-) -> tuple[SplitFeatures, Leaks]:
+) -> tuple[SplitFeatures, Leaks, dict[str, CachedRows]]:
     """Every image's pooled features, then the split cut again by groups (where it was carved now)
-    and checked for near-copies across it."""
-    activation_stats = None
+    and checked for near-copies across it; the boundary activations where the split stood."""
+    activation_stats, cached = None, {}
     if boundary is not None:
         pooled = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
-        _, activation_stats = boundary_activations(model, boundary, index, preprocessing, config, pooled)
+        cached, activation_stats = boundary_activations(model, boundary, index, preprocessing, config, pooled)
+    order = {name: list(items) for name, items in index.splits.items()}
     features = pooled_features_of(index, model, preprocessing, config.model.global_pool, inference_backend(config),
                                   config.cache_dir, config.data.resolved_num_workers(), config.progress)
     if activation_stats is not None:
@@ -310,7 +310,7 @@ def _split_on_features(
     leaks = split_honestly(index, features, carve=discovered, split_groups=config.data.split_groups,
                            group_by=config.data.group_by, threshold=DUPLICATE_THRESHOLD, seed=config.seed,
                            max_per_class=config.data.max_per_class)
-    return features, leaks
+    return features, leaks, cached if index.splits == order else {}
 
 
 def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool) -> tuple[DatasetIndex, bool]:

@@ -66,8 +66,9 @@ def split_honestly(
         labels = [label for items in index.splits.values() for _, label in items]
         groups = make_groups(paths, labels, index.root, group_by, found, index.duplicates, index.classes)
         index.carve_by_groups(groups, seed, max_per_class)
-        log.info("split by %s: %d images in %d groups, %.1f s", f"--group-by {group_by!r}" if group_by else "near-copies",
-                 len(paths), len(set(groups.values())), time.perf_counter() - started)
+        if len(set(groups.values())) < len(groups):
+            log.info("split by %s: %d images in %d groups, %.1f s", f"--group-by {group_by!r}" if group_by else "near-copies",
+                     len(paths), len(set(groups.values())), time.perf_counter() - started)
     split_of = {path: split for split, items in index.splits.items() for path, _ in items}
     leaks = find_leaks(split_of, pairs, index.duplicates, threshold)
     warn_of_leaks(leaks, carved=bool(index.carved), grouped=grouped, group_by=group_by)
@@ -82,6 +83,8 @@ def warn_of_leaks(leaks: Leaks, *, carved: bool, grouped: bool, group_by: str | 
         fix = "drop --split-groups none, so the split keeps near-copies on one side"
     elif carved and group_by:
         fix = "widen --group-by so it joins them, or drop it to group near-copies"
+    elif carved:
+        fix = "they chain through most of a class, so give the real groups with --group-by"
     else:
         fix = "move them into train, or leave them out with --exclude leaks.csv"
     where = " and ".join(f"{count} to {split}" for split, count in counts.items())
