@@ -1,7 +1,7 @@
 """Honest validation (issue 34): does the carved validation split still tell the truth when the
 training folder holds near-copies?
 
-    python benchmarks/split_groups.py copies [--seed 0]         # cifar10_subset with altered copies
+    python benchmarks/split_groups.py copies [--seed 0] [--head-only]  # cifar10_subset with altered copies
     python benchmarks/split_groups.py chest [--python-path ../main/src]
                                                                  # chest_xray_pneumonia, this checkout (and another)
 
@@ -62,16 +62,17 @@ def make_copies(source: Path, target: Path, seed: int) -> Path:
     return target
 
 
-def train(data: str, label: str, options: list[str], python_path: str | None) -> dict[str, object]:
+def train(data: str, label: str, options: list[str], python_path: str | None, cache: str | None = None) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as work:
         run_dir = Path(work) / "run"
+        cache = cache or str(Path(work) / "cache")
         env = {**os.environ, "TRANSFERKIT_CACHE": str(Path(work) / "cache-home")}
         if python_path:
             env["PYTHONPATH"] = python_path
         started = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "transferkit.cli", "train", data, "--data-mirror", str(MIRROR),
-             "--output", str(run_dir), "--no-progress", "--no-report", "--cache-dir", str(Path(work) / "cache"),
+             "--output", str(run_dir), "--no-progress", "--no-report", "--cache-dir", cache,
              *options],
             check=True, stdout=subprocess.DEVNULL, env=env,
         )
@@ -115,13 +116,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the copies' shifts and JPEG qualities")
     parser.add_argument("--python-path", help="chest: also train with this checkout's src (e.g. ../main/src)")
     parser.add_argument("--python-path-label", default="main", help="the row name of --python-path's run")
+    parser.add_argument("--head-only", action="store_true",
+                        help="copies: --finetune-epochs 0 (the head on cached features), both runs on one feature cache")
     arguments = parser.parse_args()
     rows = json.loads(RAW.read_text()) if RAW.exists() else []
     found = []
     if arguments.experiment == "copies":
         data = make_copies(MIRROR / "cifar10_subset", Path(f"/tmp/cifar10_copies-{arguments.seed}"), arguments.seed)
-        found.append(train(str(data), "copies: default (near-copies grouped)", [], None))
-        found.append(train(str(data), "copies: --split-groups none", ["--split-groups", "none"], None))
+        quick = ["--finetune-epochs", "0"] if arguments.head_only else []
+        suffix = ", --finetune-epochs 0" if arguments.head_only else ""
+        with tempfile.TemporaryDirectory() as cache:  # the second run reads the first's features
+            found.append(train(str(data), f"copies: default (near-copies grouped){suffix}", quick, None, cache))
+            found.append(train(str(data), f"copies: --split-groups none{suffix}", ["--split-groups", "none", *quick],
+                               None, cache))
     else:
         if arguments.python_path:
             found.append(train("chest_xray_pneumonia", f"default, {arguments.python_path_label}", [],
