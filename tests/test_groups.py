@@ -190,3 +190,21 @@ def test_max_per_class_still_bounds_each_split_cut_by_groups(tmp_path: Path) -> 
     index.carve_by_groups({path: path[:-5] for path, _ in items}, seed=0, max_per_class=5)
     assert all(count <= 5 for counts in index.counts().values() for count in counts.values())
     assert index.counts()["val"] == {"a": 5, "b": 5}
+
+
+def test_copies_in_a_given_test_folder_get_the_fix_for_a_users_folder(tmp_path: Path, tiny_weights: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "data"  # train/ and test/ only: val is carved from train/, test/ is the user's
+    for k, name in enumerate(("left", "right")):
+        for i in range(20):
+            make_scene(data / "train" / name / f"train{i:02d}.png", seed=100 * k + i)
+        for i in range(6):
+            make_scene(data / "test" / name / f"test{i:02d}.png", seed=7000 + 100 * k + i)
+        for i in range(4):
+            make_scene(data / "test" / name / f"copy{i:02d}.png", seed=100 * k + i, nudged=True)
+    with caplog.at_level(logging.WARNING):
+        result = train(data, quick_config(tmp_path / "run", tiny_weights))
+    warnings = [record.getMessage() for record in caplog.records if "near-copy pairs" in record.getMessage()]
+    assert len(warnings) == 1 and "to test" in warnings[0]
+    assert "--exclude leaks.csv" in warnings[0] and "--group-by" not in warnings[0]
+    assert result.run_metrics.inflated("test") > 0 and result.run_metrics.inflated("val") == 0

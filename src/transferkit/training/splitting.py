@@ -71,24 +71,30 @@ def split_honestly(
                      len(paths), len(set(groups.values())), time.perf_counter() - started)
     split_of = {path: split for split, items in index.splits.items() for path, _ in items}
     leaks = find_leaks(split_of, pairs, index.duplicates, threshold)
-    warn_of_leaks(leaks, carved=bool(index.carved), grouped=grouped, group_by=group_by)
+    warn_of_leaks(leaks, carved=set(index.carved) if carve else set(), grouped=grouped, group_by=group_by)
     return leaks
 
 
-def warn_of_leaks(leaks: Leaks, *, carved: bool, grouped: bool, group_by: str | None) -> None:
+def warn_of_leaks(leaks: Leaks, *, carved: set[str], grouped: bool, group_by: str | None) -> None:
+    """One warning: how many pairs join train to each split, and the fix for a split this run carved
+    (the grouping) or one the user gave (their folder)."""
     counts = leaks.counts()
     if not counts:
         return
-    if carved and not grouped:
-        fix = "drop --split-groups none, so the split keeps near-copies on one side"
-    elif carved and group_by:
-        fix = "widen --group-by so it joins them, or drop it to group near-copies"
-    elif carved:
-        fix = "they chain through most of a class, so give the real groups with --group-by"
-    else:
-        fix = "move them into train, or leave them out with --exclude leaks.csv"
+    fixes = []
+    if carved & set(counts):
+        if not grouped:
+            fixes.append("drop --split-groups none, so the split keeps near-copies on one side")
+        elif group_by:
+            fixes.append("widen --group-by so it joins them, or drop it to group near-copies")
+        else:
+            fixes.append("the carved split's near-copies chain through most of a class: give the real groups "
+                         "with --group-by")
+    given = [split for split in counts if split not in carved]
+    if given:
+        fixes.append(f"move the {' and '.join(given)} copies into train, or leave them out with --exclude leaks.csv")
     where = " and ".join(f"{count} to {split}" for split, count in counts.items())
     log.warning(
         "near-copy pairs (cosine similarity >= %.2f) join train %s, listed in leaks.csv: those scores read "
-        "higher than on new images; %s", leaks.threshold, where, fix,
+        "higher than on new images; %s", leaks.threshold, where, "; ".join(fixes),
     )
