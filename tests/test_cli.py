@@ -231,7 +231,8 @@ def test_train_piped_to_a_file_prints_one_line_per_epoch_and_no_progress_bar(tmp
     assert wall > to_model == round(json.loads((tmp_path / "run" / "metrics.json").read_text())["train_seconds"], 1)
     # Not a terminal: no bar redrawn with carriage returns, on either stream.
     assert "\r" not in process.stdout + process.stderr and "it/s" not in process.stdout + process.stderr
-    assert len(lines) + len(process.stderr.splitlines()) < 30
+    # 3 of them warnings the tiny backbone earns: it sees every noise image of a colour as a near-copy
+    assert len(lines) + len(process.stderr.splitlines()) < 33
 
 
 def test_bad_data_folder_is_a_one_line_error(tmp_path: Path) -> None:

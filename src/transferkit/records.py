@@ -98,6 +98,13 @@ class RunMetrics:
     """How the frozen phase's features were had (FeatureStats), where it trained on features."""
     trust: dict[str, Any] = field(default_factory=dict)
     """The saved model's temperature and unknown threshold, as fitted on val (see ``trust``)."""
+    leaks: dict[str, Any] | None = None
+    """Near-copies of training images in val and test: ``pairs`` and ``images`` per split, where
+    any were found; a split listed there scores higher than it would on new images."""
+
+    def inflated(self, split: str) -> int:
+        """The near-copy pairs joining ``split`` to train (0: its score can be trusted that far)."""
+        return int(((self.leaks or {}).get("pairs") or {}).get(split, 0))
 
     @property
     def val(self) -> dict[str, Any]:
@@ -125,6 +132,8 @@ class RunMetrics:
         }
         if self.features is not None:
             values["features"] = self.features
+        if self.leaks is not None:
+            values["leaks"] = self.leaks
         values.update(self.trust)
         return values
 
@@ -136,5 +145,6 @@ class RunMetrics:
             splits={split: values[split] for split in ("val", "test") if split in values},
             train_seconds=values.get("train_seconds", 0.0),
             features=values.get("features"),
+            leaks=values.get("leaks"),
             trust={key: values[key] for key in ("calibration", "unknown") if key in values},
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferkit._io import atomic_write, read_json, write_text
+from transferkit._io import atomic_write, read_csv_rows, read_json, write_text
 from transferkit.figures import (
     FIGURE_DPI,
     GRID_IMAGES,
@@ -195,7 +195,7 @@ h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}
 th{background:#f4f6f7}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.5rem 0}pre{background:#f8f9f9;padding:.8rem;overflow:auto}
-.run{border-top:3px solid #2e86c1;margin-top:2.5rem}.muted{color:#777}
+.run{border-top:3px solid #2e86c1;margin-top:2.5rem}.muted{color:#777}.inflated{color:#b03a2e;font-weight:bold}
 """
 
 HEADLINE = [
@@ -264,6 +264,33 @@ def _audit_link(run_dir: Path) -> str:
     return f'<p id="audit">Data: {html.escape(summary_line(read_json(found)))} (see {link}).</p>'
 
 
+SHOWN_LEAKS = 8
+
+
+def _inflated(run: RunSummary, split: str) -> str:
+    pairs = run.train_metrics.inflated(split) if run.train_metrics is not None else 0
+    return f' <span class="inflated">inflated: {pairs:,} near-copy pairs with train</span>' if pairs else ""
+
+
+def _leak_section(run: RunSummary) -> str:
+    """A warning that near-copies of training images lift the val or test score, with the worst pairs."""
+    from transferkit.audit.page import Thumbnails
+
+    metrics = run.train_metrics
+    if metrics is None or not (metrics.leaks or {}).get("pairs"):
+        return ""
+    leaks = read_csv_rows(RunFolder(run.run_dir).leaks_file)
+    counts = " and ".join(f"{count:,} to {split}" for split, count in metrics.leaks["pairs"].items())
+    thumbs = Thumbnails()
+    rows = [[Markup(thumbs.img(row["path"], alt=row["split"])), row["split"],
+             Markup(thumbs.img(row["paired_path"], alt="train")), float(row["similarity"])]
+            for row in leaks[:SHOWN_LEAKS]]
+    return (f'<div id="leaks"><p class="inflated">Near-copy pairs (cosine similarity &ge; '
+            f'{metrics.leaks["threshold"]:.2f}) join train {counts}: those scores read higher than on new images, and '
+            "the best phase was chosen on them. The most similar pairs (every pair in leaks.csv):</p>"
+            + _table(["image", "split", "its near-copy in train", "similarity"], rows) + "</div>")
+
+
 def _trust_section(metrics: dict[str, Any]) -> str:
     """The temperature and the unknown threshold, as the evaluation saw them."""
     calibration, unknown = metrics.get("calibration"), metrics.get("unknown")
@@ -286,7 +313,8 @@ def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
              f'<p class="muted">run folder: {html.escape(str(run.run_dir.resolve()))}; '
              f"judged on the <b>{run.split}</b> split</p>"]
     parts.append(_audit_link(run.run_dir))
-    parts.append(f'<h2 id="metrics">Metrics ({run.split} split)</h2>')
+    parts.append(_leak_section(run))
+    parts.append(f'<h2 id="metrics">Metrics ({run.split} split){_inflated(run, run.split)}</h2>')
     parts.append(_table(["metric", "value"], [list(r) for r in _headline_rows(metrics)]))
     parts.append(_table(
         ["class", "precision", "recall", "F1", "support"],

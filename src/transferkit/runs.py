@@ -105,6 +105,8 @@ class RunFolder:
     """Files that were not used, with the reason."""
     duplicates_file = _File("duplicates.csv")
     """Groups of byte-identical images."""
+    leaks_file = _File("leaks.csv")
+    """Near-copies of training images in val or test, the most similar first (empty when none)."""
     history_file = _File("history.csv")
     """One EpochRecord per epoch of each phase."""
     progress_file = _File("progress.json")

@@ -38,7 +38,7 @@ KIND_TEXT = {
 }
 
 
-class _Thumbnails:
+class Thumbnails:
     """Each file's thumbnail as a data URI, made once per size."""
 
     def __init__(self) -> None:
@@ -78,7 +78,7 @@ def _typical(result: AuditResult) -> dict[int, list[str]]:
     return typical
 
 
-def _strip(thumbs: _Thumbnails, paths: list[str], alt: str) -> str:
+def _strip(thumbs: Thumbnails, paths: list[str], alt: str) -> str:
     return '<div class="strip">' + "".join(thumbs.img(p, SMALL, alt) for p in paths) + "</div>"
 
 
@@ -94,7 +94,7 @@ def _where(finding: Finding, paired: bool = False) -> str:
     return f'<b>{html.escape(label)}</b>, {html.escape(split)}<div class="path">{html.escape(path)}</div>'
 
 
-def _label_section(result: AuditResult, thumbs: _Thumbnails, typical: dict[int, list[str]]) -> str:
+def _label_section(result: AuditResult, thumbs: Thumbnails, typical: dict[int, list[str]]) -> str:
     findings = result.of_kind("label_issue")
     index = {name: k for k, name in enumerate(result.classes)}
     rows = [
@@ -108,7 +108,7 @@ def _label_section(result: AuditResult, thumbs: _Thumbnails, typical: dict[int, 
     return _section("label_issues", "Label issues", findings, table)
 
 
-def _pair_section(result: AuditResult, thumbs: _Thumbnails) -> str:
+def _pair_section(result: AuditResult, thumbs: Thumbnails) -> str:
     findings = [f for f in result.findings if f.paired_path]
     rows = [
         [html.escape(f.kind.replace("_", " ")) + (" (identical bytes)" if f.identical else ""), f"{f.score:.3f}",
@@ -119,7 +119,7 @@ def _pair_section(result: AuditResult, thumbs: _Thumbnails) -> str:
     return _section("duplicates", "Near-duplicates and leakage", findings, table)
 
 
-def _outlier_section(result: AuditResult, thumbs: _Thumbnails, typical: dict[int, list[str]]) -> str:
+def _outlier_section(result: AuditResult, thumbs: Thumbnails, typical: dict[int, list[str]]) -> str:
     findings = result.of_kind("outlier")
     index = {name: k for k, name in enumerate(result.classes)}
     rows = [[thumbs.img(f.path, alt=f"outlier {f.label}"), _where(f), f"{f.score:.3f}",
@@ -150,7 +150,7 @@ def _health_section(result: AuditResult) -> str:
 
 def write_page(result: AuditResult) -> None:
     """Write ``result.html_file``."""
-    thumbs = _Thumbnails()
+    thumbs = Thumbnails()
     typical = _typical(result)
     counts = result.summary["counts"]
     overview = _table(["finding", "count"], [[html.escape(text), str(counts[kind])] for kind, text in KIND_TEXT.items()])

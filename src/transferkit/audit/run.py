@@ -77,7 +77,29 @@ def audit(data: str | os.PathLike[str], config: AuditConfig | None = None) -> Au
         index.drop(read_exclusions(config.data.exclude, index.root, readable))
     index.find_duplicates()
     output = Path(config.output) if config.output else default_output(data)
-    return audit_index(index, config, output)
+    features, stats = _split_as_train_does(index, config)
+    return audit_index(index, config, output, features, stats)
+
+
+def _split_as_train_does(index: Any, config: AuditConfig) -> tuple[np.ndarray, Any]:
+    """The carved split cut again by the groups train makes (near-copies, or ``--group-by``'s), on
+    the same features, so the leakage judged is that of a train of the same folder."""
+    import torch
+
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.inference import default_backend
+    from transferkit.models import create_classifier
+    from transferkit.training.splitting import pooled_features_of, split_honestly
+
+    model = create_classifier(config.model, len(index.classes), config.data.image_size)
+    features = pooled_features_of(
+        index, model, resolve_preprocessing(model, config.data.image_size), config.model.global_pool,
+        default_backend("cuda" if torch.cuda.is_available() else "cpu"), config.cache_dir,
+        config.data.resolved_num_workers(), config.progress,
+    )
+    split_honestly(index, features, carve=True, split_groups=config.data.split_groups, group_by=config.data.group_by,
+                   threshold=config.duplicate_threshold, seed=config.seed, max_per_class=config.data.max_per_class)
+    return features.in_order(index), features.stats
 
 
 def audit_of_run(
@@ -96,8 +118,11 @@ def audit_of_run(
         return ""
 
 
-def audit_index(index: Any, config: AuditConfig, output: Path, features: np.ndarray | None = None) -> AuditResult:
-    """The audit of a ``DatasetIndex`` (train passes its own, and its features), written to ``output``."""
+def audit_index(
+    index: Any, config: AuditConfig, output: Path, features: np.ndarray | None = None, feature_stats: Any = None,
+) -> AuditResult:
+    """The audit of a ``DatasetIndex`` (train passes its own, and its features, and how they were
+    had where this audit computed them), written to ``output``."""
     import torch
 
     from transferkit.features import FeatureStats, cached_pooled_features
@@ -119,7 +144,7 @@ def audit_index(index: Any, config: AuditConfig, output: Path, features: np.ndar
             num_workers=config.data.resolved_num_workers(), progress=config.progress,
         )
     else:
-        stats = FeatureStats(images=len(paths), from_cache=len(paths), seconds=0.0)
+        stats = feature_stats or FeatureStats(images=len(paths), from_cache=len(paths), seconds=0.0)
     features = np.asarray(features, dtype=np.float32)
 
     timings: dict[str, float] = {"features": round(stats.seconds, 2)}

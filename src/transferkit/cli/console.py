@@ -11,10 +11,13 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferkit.errors import Interrupted
 from transferkit.runs import RunFolder
+
+if TYPE_CHECKING:
+    from transferkit.records import RunMetrics
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -108,14 +111,18 @@ def print_train_summary(result: Any, command_seconds: float) -> None:
     if result.audit:
         print(f"{result.audit} (see {folder.audit_dir / 'audit.html'})")
     best = metrics.phases[metrics.best_phase]
-    print(f"best validation accuracy: {best.best_val_acc:.4f} ({metrics.best_phase} phase, epoch {best.best_epoch})")
-    print(f"validation accuracy of the saved model: {metrics.val['accuracy']:.4f}  macro F1: {metrics.val['macro_f1']:.4f}")
+    print(f"best validation accuracy: {best.best_val_acc:.4f} ({metrics.best_phase} phase, epoch {best.best_epoch})"
+          f"{inflated_mark(metrics, 'val')}")
+    print(f"validation accuracy of the saved model: {metrics.val['accuracy']:.4f}  macro F1: {metrics.val['macro_f1']:.4f}"
+          f"{inflated_mark(metrics, 'val')}")
     if metrics.test is not None:
-        print(f"test accuracy: {metrics.test['accuracy']:.4f}  macro F1: {metrics.test['macro_f1']:.4f}")
+        print(f"test accuracy: {metrics.test['accuracy']:.4f}  macro F1: {metrics.test['macro_f1']:.4f}"
+              f"{inflated_mark(metrics, 'test')}")
     calibration, unknown = metrics.trust.get("calibration"), metrics.trust.get("unknown")
     if calibration:
         print(f"calibrated: temperature {calibration['temperature']:.3f}, validation ECE "
-              f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after")
+              f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after "
+              f"({calibration['images']} validation images)")
     if unknown:
         print(f"answers unknown above a {unknown['method']} score of {unknown['threshold']:.4g} "
               f"(keeps {unknown['kept']:.1%} of validation images)")
@@ -124,6 +131,12 @@ def print_train_summary(result: Any, command_seconds: float) -> None:
     print(f"wall time: {command_seconds:.1f} s (from reading the data to the saved model: "
           f"{metrics.train_seconds:.1f} s)")
     print(f"run folder: {result.run_dir}")
+
+
+def inflated_mark(metrics: RunMetrics, split: str) -> str:
+    """' (inflated: N near-copy pairs with train)' after a split's score that near-copies lift, else ''."""
+    pairs = metrics.inflated(split)
+    return f"  (inflated: {pairs:,} near-copy pairs with train, in leaks.csv)" if pairs else ""
 
 
 def print_metrics(metrics: dict[str, Any], title: str) -> None:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+SPLIT_GROUPS = ("near-copies", "none")
+"""near-copies: near-identical and byte-identical images share a side of a carved split; none: at random."""
 
 
 def help_text(text: str, **kwargs: Any) -> dict[str, Any]:
@@ -45,6 +49,20 @@ class DataConfig:
         metadata=help_text(
             "drop byte-identical copies of an image (one is kept, train first) and every copy of an "
             "image filed under two classes; without it they are only listed in duplicates.csv"
+        ),
+    )
+    split_groups: str = field(
+        default="near-copies",
+        metadata=help_text(
+            "when a split is carved from one folder: near-copies keeps near-identical and byte-identical "
+            "images (the audit's similarity) on one side; none splits at random, copies and all"
+        ),
+    )
+    group_by: str | None = field(
+        default=None,
+        metadata=help_text(
+            "regular expression on each image's path below DATA: images whose match (its first group, if it "
+            "has one) is the same stay on one side of a carved split, e.g. 'patient\\d+'"
         ),
     )
     splits_from: str | None = field(
@@ -85,6 +103,13 @@ class DataConfig:
             found.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_workers is not None and self.num_workers < 0:
             found.append(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if self.split_groups not in SPLIT_GROUPS:
+            found.append(f"--split-groups must be one of {', '.join(SPLIT_GROUPS)}, got {self.split_groups!r}")
+        if self.group_by is not None:
+            try:
+                re.compile(self.group_by)
+            except re.error as error:
+                found.append(f"--group-by {self.group_by!r} is not a regular expression: {error}")
         if self.max_per_class is not None and self.max_per_class < 1:
             found.append(f"--max-per-class must be at least 1, got {self.max_per_class}")
         return found

@@ -47,6 +47,10 @@ class DatasetIndex:
     layout: str = "class-folders"
     duplicates: list[list[tuple[str, str, int]]] = field(default_factory=list)
     """Groups of byte-identical images found in the splits, each as (split, path, label)."""
+    carved: dict[str, float] = field(default_factory=dict)
+    """The splits cut from one folder and each one's fraction (empty where the folders were given)."""
+    groups: dict[str, str] = field(default_factory=dict)
+    """Each image's group (images of one group share a split), where groups were made."""
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
@@ -108,9 +112,36 @@ class DatasetIndex:
         self.drop(reasons)
         return len(reasons)
 
+    def carve_by_groups(self, groups: dict[str, str], seed: int, max_per_class: int | None = None) -> None:
+        """Cut the carved splits again so that each group of ``groups`` (path: key) is on one side,
+        then keep at most ``max_per_class`` images per class in each, as ``discover`` did."""
+        from transferkit.data.groups import grouped_split
+
+        names = [name for name in SPLITS if name in self.carved]
+        pool = [item for name in names for item in self.splits.get(name, [])]
+        self.groups = dict(groups)
+        if len({groups[path] for path, _ in pool}) == len(pool):
+            return  # nothing to keep together: the random split stands, as before groups existed
+        parts = grouped_split([label for _, label in pool], [groups[path] for path, _ in pool],
+                              [self.carved[name] for name in names], seed, self.classes)
+        for number, name in enumerate(names):
+            self.splits[name] = [item for item, part in zip(pool, parts) if part == number]
+        if not self.splits["val"]:
+            raise DataError(
+                f"every class's images form one group ({len(set(groups.values()))} groups in all), so no image is "
+                "left for validation; give the groups with --group-by, or split at random with --split-groups none"
+            )
+        self.splits = {name: self.splits[name] for name in SPLITS if self.splits.get(name)}
+        if max_per_class is not None:
+            self.splits = {name: _limit_per_class(items, max_per_class, seed) for name, items in self.splits.items()}
+        split_of = {file: name for name, items in self.splits.items() for file, _ in items}
+        self.duplicates = [[(split_of.get(file, name), file, label) for name, file, label in group]
+                           for group in self.duplicates]
+
     def write_splits(self, path: Path) -> None:
-        rows = ([split, file, label, self.classes[label]] for split, items in self.splits.items() for file, label in items)
-        write_csv(path, ["split", "path", "label", "class"], rows)
+        rows = ([split, file, label, self.classes[label], self.groups.get(file, "")]
+                for split, items in self.splits.items() for file, label in items)
+        write_csv(path, ["split", "path", "label", "class", "group"], rows)
 
     def write_duplicates(self, path: Path) -> None:
         rows = (
@@ -132,9 +163,12 @@ class DatasetIndex:
     @classmethod
     def read_splits(cls, root: Path, classes: list[str], path: Path) -> DatasetIndex:
         splits: dict[str, list[tuple[str, int]]] = {}
+        groups: dict[str, str] = {}
         for row in read_csv_rows(path):
             splits.setdefault(row["split"], []).append((row["path"], int(row["label"])))
-        return cls(root=root, classes=classes, splits=splits)
+            if row.get("group"):  # run folders before groups have no such column
+                groups[row["path"]] = row["group"]
+        return cls(root=root, classes=classes, splits=splits, groups=groups)
 
 
 def _visible(entry: os.DirEntry[str] | Path) -> bool:
@@ -307,6 +341,7 @@ def discover(
     extensions = image_extensions()
     split_dirs = split_folders(root)
     skipped: list[tuple[str, str]] = []
+    carved: dict[str, float] = {}
     if "train" in split_dirs:
         trees = {}
         for name, folder in split_dirs.items():
@@ -333,6 +368,7 @@ def discover(
                 by_class.setdefault(label, []).append(f)
             carve = (1 - val_share, val_share)
             splits["train"], splits["val"] = _stratified_split(by_class, carve, seed, classes)
+            carved = dict(zip(SPLITS, carve))
         layout = "split-folders"
     else:
         tree, skipped = _read_class_tree(root, extensions)
@@ -342,11 +378,12 @@ def discover(
         fractions = split if split[2] > 0 else split[:2]
         parts = _stratified_split(by_class, fractions, seed, classes)
         splits = dict(zip(SPLITS, parts))
+        carved = dict(zip(SPLITS, fractions))
         layout = "class-folders"
     splits = {name: splits[name] for name in SPLITS if name in splits and splits[name]}
     if max_per_class is not None:
         splits = {name: _limit_per_class(items, max_per_class, seed) for name, items in splits.items()}
-    return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped, layout=layout)
+    return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped, layout=layout, carved=carved)
 
 
 def read_labelled_folder(

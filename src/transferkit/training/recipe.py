@@ -25,19 +25,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit import engine, models, runs
+from transferkit._io import write_csv
+from transferkit.audit.config import DUPLICATE_THRESHOLD
 from transferkit.audit.run import audit_of_run
 from transferkit.cached_rows import CachedRows
 from transferkit.config import MANY_BLOCKS, MANY_BLOCKS_FROM, TrainConfig, parse_unfreeze, unfreeze_is_auto
 from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.exclude import read_exclusions
+from transferkit.data.groups import LEAK_COLUMNS, Leaks
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import image_loader, resolve_preprocessing
 from transferkit.data.registry import resolve_data_source, source_problems
 from transferkit.errors import ConfigError, RunFolderError
-from transferkit.features import FeatureCache, FeatureStats, cached_pooled_features
+from transferkit.features import FeatureCache, FeatureStats
 from transferkit.records import PhaseRecord, RunMetrics
 from transferkit.runs import RunFolder
 from transferkit.training.evaluation import PhaseInputs, evaluate_phases
+from transferkit.training.splitting import SplitFeatures, pooled_features_of, split_honestly
 from transferkit.trust import save_trust
 from transferkit.training.head import LabelledFeatures, train_head
 from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
@@ -140,8 +144,8 @@ def _train_in(
 ) -> TrainResult:
     """The recipe: data, model, the head phase, fine-tuning, evaluation, the saved model."""
     main_process = engine.process_rank() == 0
-    index = _prepare_index(source, config, folder, resume, write=main_process)
-    classes, targets = index.classes, index.targets("train")
+    index, discovered = _prepare_index(source, config, folder, resume)
+    classes = index.classes
 
     # The new head's initialisation draws from the global generator: seed before building it.
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -151,6 +155,15 @@ def _train_in(
 
     model = create_model()
     preprocessing = resolve_preprocessing(model, config.data.image_size)
+    # Decided on the split as first cut, whose training share the groups barely move: with cached
+    # activations, the pass that computes them also stores every image's pooled features, so the
+    # bottom of the backbone runs once per image and the split by near-copies reads them.
+    unfreeze = parse_unfreeze(config.finetune.unfreeze, len(index.targets("train")))
+    boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
+    split_features, leaks, cached = _split_on_features(index, discovered, model, preprocessing, boundary, config)
+    if main_process:
+        _write_index(index, leaks, folder, config.data.drop_duplicates)
+    targets = index.targets("train")
     # Saved once the data and the model are usable: a bad folder, model name or weights file
     # leaves no half-made run, so the same command can simply run again.
     if main_process:
@@ -192,20 +205,12 @@ def _train_in(
             progress_bar=config.progress,
         )
 
-    # Decided first: with cached activations, the pass that computes them also stores the frozen
-    # phase's features, so the bottom of the backbone runs once per image.
-    unfreeze = parse_unfreeze(config.finetune.unfreeze, len(targets))
     if config.finetune.epochs > 0 and unfreeze_is_auto(config.finetune.unfreeze):
         log.info("--finetune-unfreeze auto: %d blocks for %s training images (%d from %s)",
                  unfreeze, f"{len(targets):,}", MANY_BLOCKS, f"{MANY_BLOCKS_FROM:,}")
-    boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if config.finetune.epochs > 0 else None
     head_on_features = config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none"
-    cached: dict[str, CachedRows] = {}
-    activation_stats: FeatureStats | None = None
-    if boundary is not None:
-        feature_cache = (FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
-                         if head_on_features else None)
-        cached, activation_stats = boundary_activations(model, boundary, index, preprocessing, config, feature_cache)
+    if boundary is not None and not cached:  # every row in the cache by now: this only cuts it by the new split
+        cached, _ = boundary_activations(model, boundary, index, preprocessing, config)
     views: list[CachedRows] = []  # of the training images (--finetune-views)
     if boundary is not None and not progress.finished("finetune"):
         views = training_views(model, boundary, index, preprocessing, config)
@@ -213,7 +218,8 @@ def _train_in(
     feature_stats: FeatureStats | None = None
     if config.frozen.epochs > 0:
         if head_on_features:
-            features, feature_stats = _pooled_features(model, index, preprocessing, config, activation_stats)
+            array, feature_stats = split_features.in_order(index), split_features.stats
+            features = {split: torch.from_numpy(array[bounds]) for split, bounds in split_bounds(index).items()}
             train_split, val_split = (
                 LabelledFeatures(features[split], torch.tensor(index.targets(split))) for split in ("train", "val")
             )
@@ -237,20 +243,20 @@ def _train_in(
         return TrainResult(run_dir=folder.root, classes=classes, counts=index.counts(), metrics={})
 
     inputs = PhaseInputs(index, preprocessing, features, boundary, cached, inference_backend(config), workers,
-                         config.progress)
+                         config.progress, leaky_val=leaks.images("val"))
     metrics, trust = evaluate_phases(model, progress, inputs, calibrate_on_val=config.calibrate,
                                      unknown_score=config.unknown_score, unknown_keep=config.unknown_keep)
     models.save_model_folder(model, folder.writable(folder.model_dir), classes, preprocessing, config.model)
     save_trust(folder.model_dir, trust)
     metrics.trust = trust.as_dict()
     metrics.train_seconds = round(time.perf_counter() - started, 2)
+    metrics.leaks = leaks.summary()
     if feature_stats is not None:
         metrics.features = feature_stats.as_dict()
     folder.write_metrics(metrics)
     audit_line = audit_of_run(
         index, config.data, config.model, config.seed, config.cache_dir, config.progress,
-        folder.writable(folder.audit_dir),
-        torch.cat([features[split] for split in index.splits]).numpy() if features else None,
+        folder.writable(folder.audit_dir), split_features.in_order(index),
     ) if config.audit else ""
     if config.report:
         from transferkit.report import write_report
@@ -282,32 +288,39 @@ def _run_phase(name: str, fit: Any, model: nn.Module, progress: PhaseProgress, s
         progress.load_last_usable(model)
 
 
-def _pooled_features(
-    model: nn.Module, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig,
-    activation_stats: FeatureStats | None,
-) -> tuple[dict[str, torch.Tensor], FeatureStats]:
-    """Pooled features of every split, from the persistent cache where it has them, else from the
-    images. Those the activations' pass has just computed and stored there (``activation_stats``)
-    count as this run's work: not read from the cache, and the pass's seconds spent on them."""
-    paths = [path for items in index.splits.values() for path, _ in items]
-    array, stats = cached_pooled_features(
-        model, paths, preprocessing, config.model.global_pool, inference_backend(config), config.cache_dir,
-        config.data.resolved_num_workers(), config.progress,
-    )
-    computed = activation_stats.images - activation_stats.from_cache if activation_stats else 0
-    # Fewer are read than the pass computed where the cache could not keep them (read-only, full):
-    # those were computed again from the images, and that pass already counts itself.
-    reused = min(computed, stats.from_cache)
-    if activation_stats is not None and reused:
-        stats = dataclasses.replace(stats, from_cache=stats.from_cache - reused,
-                                    seconds=stats.seconds + activation_stats.seconds)
-    return {split: torch.from_numpy(array[bounds]) for split, bounds in split_bounds(index).items()}, stats
+def _split_on_features(
+    index: DatasetIndex, discovered: bool, model: nn.Module, preprocessing: dict[str, Any], boundary: int | None,
+    config: TrainConfig,
+) -> tuple[SplitFeatures, Leaks, dict[str, CachedRows]]:
+    """Every image's pooled features, then the split cut again by groups (where it was carved now)
+    and checked for near-copies across it; the boundary activations where the split stood."""
+    activation_stats, cached = None, {}
+    if boundary is not None:
+        pooled = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
+        cached, activation_stats = boundary_activations(model, boundary, index, preprocessing, config, pooled)
+    order = {name: list(items) for name, items in index.splits.items()}
+    features = pooled_features_of(index, model, preprocessing, config.model.global_pool, inference_backend(config),
+                                  config.cache_dir, config.data.resolved_num_workers(), config.progress)
+    if activation_stats is not None:
+        # The pass's own: counted as this run's work, not as read from the cache.
+        computed = activation_stats.images - activation_stats.from_cache
+        reused = min(computed, features.stats.from_cache)
+        if reused:
+            features.stats = dataclasses.replace(features.stats, from_cache=features.stats.from_cache - reused,
+                                                 seconds=features.stats.seconds + activation_stats.seconds)
+    leaks = split_honestly(index, features, carve=discovered, split_groups=config.data.split_groups,
+                           group_by=config.data.group_by, threshold=DUPLICATE_THRESHOLD, seed=config.seed,
+                           max_per_class=config.data.max_per_class)
+    return features, leaks, cached if index.splits == order else {}
 
 
-def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool, write: bool) -> DatasetIndex:
+def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool) -> tuple[DatasetIndex, bool]:
+    """The run's images and, when they were found now (not resumed, not ``--splits-from``), True:
+    their split may still be cut again by groups."""
     root = resolve_data_source(source, config.data.data_mirror, config.data.download)
     if resuming and folder.has_index():
-        return folder.read_index(root)
+        return folder.read_index(root), False
+    discovered = not config.data.splits_from
     if config.data.splits_from:
         index = RunFolder(config.data.splits_from).read_index(root)
     else:
@@ -315,20 +328,22 @@ def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming
         paths = [path for items in index.splits.values() for path, _ in items]
         index.drop(scan_images(paths, config.data.resolved_num_workers()))
         index.find_duplicates()
-        if index.duplicates and write:
-            kinds = index.duplicate_kinds()
-            log.warning(
-                "%d groups of identical images (%d across splits, %d under two classes), listed in %s%s",
-                kinds["groups"], kinds["across_splits"], kinds["across_classes"], folder.duplicates_file.name,
-                "; dropping them" if config.data.drop_duplicates else "; --drop-duplicates drops them",
-            )
         if config.data.drop_duplicates:
             index.drop_duplicates()
     if config.data.exclude:
         index.drop(read_exclusions(config.data.exclude, index.root, {path for items in index.splits.values() for path, _ in items}))
-    if not write:
-        return index
+    return index, discovered
+
+
+def _write_index(index: DatasetIndex, leaks: Leaks, folder: RunFolder, drop_duplicates: bool) -> None:
+    if index.duplicates:
+        kinds = index.duplicate_kinds()
+        log.warning(
+            "%d groups of identical images (%d across splits, %d under two classes), listed in %s%s",
+            kinds["groups"], kinds["across_splits"], kinds["across_classes"], folder.duplicates_file.name,
+            "; dropping them" if drop_duplicates else "; --drop-duplicates drops them",
+        )
     if index.skipped:
         log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
     folder.write_index(index)
-    return index
+    write_csv(folder.leaks_file, LEAK_COLUMNS, leaks.rows())
