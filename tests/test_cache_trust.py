@@ -25,6 +25,7 @@ import torch
 
 from conftest import TINY_MODEL, make_folder, tiny_config
 from transferkit import train
+from test_features import first_byte_features as last_byte  # the stand-in backbone test_features uses
 from transferkit.features import FeatureCache, cached_pooled_features
 
 
@@ -56,18 +57,6 @@ def warnings_from(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "transferkit.features" and r.levelno >= logging.WARNING]
 
 
-LAST_BYTE = """
-def last_byte(paths, digests):
-    # A stand-in for the backbone: each file's last byte, four times; records each file's digest.
-    import hashlib
-    rows = []
-    for path in paths:
-        content = Path(path).read_bytes()
-        digests[path] = hashlib.sha256(content).digest()
-        rows.append([float(content[-1])] * 4)
-    return np.array(rows, np.float32)
-"""
-exec(LAST_BYTE)
 
 
 def numbered_files(folder: Path, count: int) -> list[str]:
@@ -82,7 +71,8 @@ import json, logging, sys
 import numpy as np
 from pathlib import Path
 from transferkit.features import FeatureCache
-{last_byte}
+sys.path.insert(0, {tests!r})
+from test_features import first_byte_features as last_byte
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 paths = {paths!r}
 features, stats = FeatureCache(Path({folder!r})).features(paths, last_byte)
@@ -98,7 +88,7 @@ def test_a_fifo_or_a_link_to_a_device_named_like_a_shard_is_moved_aside_unread(t
     os.mkfifo(cache.folder / "fifo.npz")
     (cache.folder / "zero.npz").symlink_to("/dev/zero")
     # In a process of its own, bounded: reading /dev/zero fills memory, a FIFO blocks its reader forever.
-    script = LOOKUP.format(last_byte=LAST_BYTE, paths=paths, folder=str(cache.folder))
+    script = LOOKUP.format(tests=str(Path(__file__).parent), paths=paths, folder=str(cache.folder))
 
     def bounded_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
