@@ -41,7 +41,8 @@ HERE = Path(__file__).resolve().parent
 RAW = HERE / "audit_data.json"
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from transferkit.audit import AuditConfig, audit  # noqa: E402
+from transferkit.audit.config import AuditConfig  # noqa: E402
+from transferkit.commands.audit import audit
 from transferkit._io import read_csv_rows  # noqa: E402
 
 EXPERIMENTS = ("flipped", "clean", "duplicates", "chest", "outliers", "cifar10_flipped", "cifar10")
@@ -123,8 +124,8 @@ def on_whole_features(result: object, moved: dict[str, object], cut: int) -> dic
     from transferkit.audit import checks
     from transferkit.config import ModelConfig
     from transferkit.data.loaders import resolve_preprocessing
-    from transferkit.features import cached_pooled_features
-    from transferkit.models import create_classifier
+    from transferkit.cache.passes import cached_pooled_features
+    from transferkit.models.create import create_classifier
 
     images = result.images  # type: ignore[attr-defined]
     model = create_classifier(ModelConfig(), len(result.classes))  # type: ignore[attr-defined]

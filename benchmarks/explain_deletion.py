@@ -39,10 +39,11 @@ HERE = Path(__file__).resolve().parent
 RAW = HERE / "explain_deletion.json"
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from transferkit.evaluate import run_split_items  # noqa: E402
-from transferkit.explain import METHODS, Explainer  # noqa: E402
-from transferkit.inference import load_predictor, load_run_model, preprocessed_batches  # noqa: E402
-from transferkit.runs import RunFolder  # noqa: E402
+from transferkit.run.folder import run_split_items  # noqa: E402
+from transferkit.reporting.explain import METHODS, Explainer  # noqa: E402
+from transferkit.inference.loading import load_predictor, load_run_model
+from transferkit.inference.predictor import preprocessed_batches  # noqa: E402
+from transferkit.run.folder import RunFolder  # noqa: E402
 
 FRACTION = 0.2
 BLUR_SIGMA = 0.1

@@ -27,7 +27,7 @@ import requests
 from _results import write_section
 from _serving import wait_until_serving
 from transferkit._io import read_csv_rows
-from transferkit.export import export
+from transferkit.commands.export import export
 
 HERE = Path(__file__).parent
 BATCH = 16

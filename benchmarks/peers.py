@@ -97,10 +97,10 @@ def labelled_files(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 def embedded_state(model: Any) -> dict[str, Any]:
     """The embedded EfficientNet-Lite0 ImageNet weights as ``model``'s state dict (head excluded)."""
-    from transferkit import weights
+    from transferkit.models.weights import embedded_weights_file, load_embedded_state_dict
 
     reference = __import__("timm").create_model(MODEL, pretrained=False)
-    state = weights.load_embedded_state_dict(reference, weights.embedded_weights_file(MODEL))
+    state = load_embedded_state_dict(reference, embedded_weights_file(MODEL))
     wanted = model.state_dict()
     return {k: v for k, v in state.items() if k in wanted}
 
@@ -229,14 +229,15 @@ def throughput(data: Path, run_dir: Path, batch_size: int = 64) -> dict[str, flo
     import torch
 
     import transferkit
-    from transferkit import models
+    from transferkit.models.create import PooledFeatures
+    from transferkit.models.folder import load_model
     from transferkit.data.loaders import resolve_preprocessing
-    from transferkit.features import extract_features
-    from transferkit.inference import create_forward
+    from transferkit.cache.passes import extract_features
+    from transferkit.inference.predictor import create_forward
 
     torch.set_num_threads(os.cpu_count() or 1)
     _, items = labelled_files(data / "train")
-    model, _ = models.load_model(run_dir / "model")
+    model, _ = load_model(run_dir / "model")
     preprocessing = resolve_preprocessing(model)
     size = preprocessing["input_size"]
     workers = os.cpu_count() or 1
@@ -250,7 +251,7 @@ def throughput(data: Path, run_dir: Path, batch_size: int = 64) -> dict[str, flo
             forward(batch)
         return (images // batch_size) * batch_size / (time.perf_counter() - started)
 
-    features = models.PooledFeatures(model)
+    features = PooledFeatures(model)
     raw_features = forward_rate(features, 512)
     paths = [path for path, _ in items]
     extract_features(model, paths[:batch_size], preprocessing, "onnx", batch_size, workers)  # warm-up, as above

@@ -44,13 +44,15 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from transferkit import TrainConfig, train  # noqa: E402
-from transferkit.calibration import fit_calibration, fit_temperature  # noqa: E402
-from transferkit.inference import create_forward, run_forward, softmax  # noqa: E402
-from transferkit.metrics import expected_calibration_error, reliability_bins  # noqa: E402
-from transferkit.models import PooledFeatures, classify_pooled, load_model  # noqa: E402
-from transferkit.rejection import METHODS, fit_threshold, unknown_scores  # noqa: E402
-from transferkit.runs import RunFolder  # noqa: E402
-from transferkit.trust import load_trust  # noqa: E402
+from transferkit.trust.temperature import fit_calibration, fit_temperature  # noqa: E402
+from transferkit.inference.predictor import create_forward, run_forward, softmax  # noqa: E402
+from transferkit.inference.metrics import expected_calibration_error, reliability_bins  # noqa: E402
+from transferkit.models.create import PooledFeatures, classify_pooled
+from transferkit.models.folder import load_model  # noqa: E402
+from transferkit.trust.unknown import fit_threshold, unknown_scores  # noqa: E402
+from transferkit.trust.records import METHODS
+from transferkit.run.folder import RunFolder  # noqa: E402
+from transferkit.models.folder import load_trust  # noqa: E402
 
 NEAR = {"hymenoptera": "tf_flowers", "tf_flowers": "hymenoptera"}
 KEEP = 0.95

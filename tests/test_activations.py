@@ -16,36 +16,40 @@ import torch
 from torch.nn import functional as F
 
 from conftest import tiny_config
-from transferkit import activations, evaluate, models, train
+from transferkit import evaluate, train
+from transferkit.data.transforms import augment
+from transferkit.models.create import create_classifier
+from transferkit.models.freeze import set_batchnorm_mode, unfreeze_top
+from transferkit.models.split import Bottom, activation_bytes, boundary_index, forward_bottom, forward_top, layer_sequence
 from transferkit.config import ModelConfig
 from transferkit.errors import ConfigError
 
 
 def created(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return models.create_classifier(ModelConfig(name=name, weights="none", drop_rate=0.0), num_classes=3)
+    return create_classifier(ModelConfig(name=name, weights="none", drop_rate=0.0), num_classes=3)
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
 @pytest.mark.parametrize("unfreeze", [0, 1, 3])
 def test_the_top_on_boundary_activations_is_the_whole_model(name: str, unfreeze: int) -> None:
     model = created(name).eval()
-    boundary = activations.boundary_index(model, unfreeze)
+    boundary = boundary_index(model, unfreeze)
     assert boundary is not None
     images = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
-        cached = activations.forward_bottom(model, images, boundary)
-        assert torch.equal(activations.Bottom(model, boundary)(images), cached)
-        assert torch.allclose(activations.forward_top(model, cached, boundary), model(images), atol=1e-6)
-    models.unfreeze_top(model, unfreeze)
-    below = {f"{layer}.{p}" for layer, module in activations.layer_sequence(model)[:boundary]
+        cached = forward_bottom(model, images, boundary)
+        assert torch.equal(Bottom(model, boundary)(images), cached)
+        assert torch.allclose(forward_top(model, cached, boundary), model(images), atol=1e-6)
+    unfreeze_top(model, unfreeze)
+    below = {f"{layer}.{p}" for layer, module in layer_sequence(model)[:boundary]
              for p, _ in module.named_parameters()}
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in below), "nothing below trains"
 
 
 def test_every_block_trained_or_an_unsplittable_family_has_no_boundary() -> None:
-    assert activations.boundary_index(created("test_efficientnet"), None) is None
-    assert activations.boundary_index(created("test_convnext"), 1) is None
+    assert boundary_index(created("test_efficientnet"), None) is None
+    assert boundary_index(created("test_convnext"), 1) is None
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
@@ -54,16 +58,16 @@ def test_one_step_on_cached_activations_has_the_loss_and_gradients_of_the_whole_
     dtype: torch.dtype, tolerance: float, layout: torch.memory_format
 ) -> None:
     model = created("test_efficientnet")
-    boundary = activations.boundary_index(model, 2)
+    boundary = boundary_index(model, 2)
     assert boundary is not None
-    models.unfreeze_top(model, 2)
-    models.set_batchnorm_mode(model, "frozen")
+    unfreeze_top(model, 2)
+    set_batchnorm_mode(model, "frozen")
     images = torch.randn(8, 3, 64, 64)
     whole = loss_and_gradients(model, model(images))
     with torch.no_grad():
-        cached = activations.forward_bottom(model, images, boundary).to(dtype)  # what the cache holds
+        cached = forward_bottom(model, images, boundary).to(dtype)  # what the cache holds
     model.to(memory_format=layout)  # fine-tuning trains channels-last
-    split = loss_and_gradients(model, activations.forward_top(model, cached.float().contiguous(memory_format=layout), boundary))
+    split = loss_and_gradients(model, forward_top(model, cached.float().contiguous(memory_format=layout), boundary))
     assert_same_step(split, whole, tolerance)
 
 
@@ -76,11 +80,11 @@ def test_a_step_on_images_channels_last_has_the_loss_and_gradients_of_the_whole_
 def classifier_and_whole_step(tmp_path: Path) -> tuple[Any, torch.Tensor, tuple[float, dict[str, torch.Tensor]]]:
     """A fine-tuning module whose top two blocks train, a batch of images, and the loss and
     gradients of one step through the plain model in float32."""
-    from transferkit.training.images import FineTuning, ImageClassifier
+    from transferkit.training.lightning import FineTuning, ImageClassifier
 
     model = created("test_efficientnet")
-    models.unfreeze_top(model, 2)
-    models.set_batchnorm_mode(model, "frozen")
+    unfreeze_top(model, 2)
+    set_batchnorm_mode(model, "frozen")
     images = torch.randn(8, 3, 64, 64)
     whole = loss_and_gradients(model, model(images))
     finetuning = FineTuning("finetune", tiny_config(tmp_path, tmp_path).finetune, 2, "frozen")
@@ -109,13 +113,13 @@ def assert_same_step(split: tuple[float, dict[str, torch.Tensor]], whole: tuple[
 def test_activation_augmentation_mirrors_and_shifts_maps() -> None:
     batch = torch.randn(64, 3, 4, 4).to(torch.float16)
     torch.manual_seed(1)
-    light = activations.augment(batch, "light")
+    light = augment(batch, "light")
     assert light.shape == batch.shape and light.dtype == batch.dtype
     mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(light, batch)]
     assert all(m or torch.equal(a, b) for m, a, b in zip(mirrored, light, batch)), "each map kept or mirrored"
     assert 16 < sum(mirrored) < 48, "about half are mirrored"
 
-    strong = activations.augment(batch, "strong")
+    strong = augment(batch, "strong")
     padded = torch.nn.functional.pad(batch.float(), (1, 1, 1, 1), mode="replicate").to(batch.dtype)
     shifts = set()
     for original, augmented, edges in zip(batch, strong, padded):
@@ -125,7 +129,7 @@ def test_activation_augmentation_mirrors_and_shifts_maps() -> None:
                     if torch.equal(augmented, frame[:, dy : dy + 4, dx : dx + 4]):
                         shifts.add((dy, dx))
     assert len(shifts) > 4, "maps are moved by up to a cell in every direction"
-    assert torch.equal(activations.augment(batch, "none"), batch)
+    assert torch.equal(augment(batch, "none"), batch)
 
 
 def test_finetune_on_activations_trains_and_a_rerun_reads_them_from_the_cache(
@@ -161,14 +165,14 @@ def test_the_pass_that_caches_activations_stores_the_backbones_own_features_for_
 ) -> None:
     from transferkit.data.folders import discover
     from transferkit.data.loaders import resolve_preprocessing
-    from transferkit.features import cached_pooled_features, extract_features
+    from transferkit.cache.passes import cached_pooled_features, extract_features
 
     with caplog.at_level(logging.INFO, logger="transferkit"):
         train(image_folder, tiny_config(tmp_path / "activations", tiny_weights, finetune_on="activations"))
     assert "activations and features: 50 images, 0 from the cache" in caplog.text
     assert "features: 50 images, 50 from the cache" in caplog.text, "the activations' pass stored them"
 
-    model = models.create_classifier(tiny_config(tmp_path / "x", tiny_weights).model, 2, 64)
+    model = create_classifier(tiny_config(tmp_path / "x", tiny_weights).model, 2, 64)
     preprocessing = resolve_preprocessing(model, 64)
     paths = sorted(path for items in discover(image_folder, seed=0).splits.values() for path, _ in items)
     from_images = extract_features(model, paths, preprocessing, backend="cpu")
@@ -246,7 +250,7 @@ def test_a_view_is_the_light_augmentation_drawn_from_the_image_content(tmp_path:
     from torchvision.transforms import functional as TF
 
     from transferkit.data.images import preprocess_image
-    from transferkit.data.loaders import LIGHT_CROP_SCALE, AugmentedView, crop_box
+    from transferkit.data.transforms import LIGHT_CROP_SCALE, AugmentedView, crop_box
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
     preprocessing = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.25,) * 3}
@@ -277,7 +281,7 @@ def test_views_are_cached_once_the_same_in_every_run_and_read_by_a_rerun(
 ) -> None:
     import hashlib
 
-    from transferkit.data.loaders import AugmentedView
+    from transferkit.data.transforms import AugmentedView
 
     # Three epochs read the plain activations, then view 1, then view 2.
     options = {"finetune_on": "activations", "finetune_views": 2, "finetune.epochs": 3, "finetune.patience": 3,
@@ -322,19 +326,19 @@ def test_a_view_no_epoch_reads_is_not_computed(
 
 
 def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
-    from transferkit import engine
+    from transferkit.training.trainer_options import trainer_options
     from transferkit.data.folders import discover
     from transferkit.data.loaders import resolve_preprocessing
-    from transferkit.runs import RunFolder
+    from transferkit.run.folder import RunFolder
     from transferkit.training import activation_inputs
-    from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
+    from transferkit.training.lightning import FineTuning, ImageClassifier, fit_with_lightning
     from transferkit.training.phase import EpochSampler
 
     config = tiny_config(tmp_path / "run", tiny_weights, **{
         "finetune_on": "activations", "finetune_views": 2, "finetune.epochs": 4, "finetune.patience": 4,
         "finetune.augment": "none"})
     index = discover(image_folder, seed=0)
-    model = models.create_classifier(config.model, 2, 64)
+    model = create_classifier(config.model, 2, 64)
     preprocessing = resolve_preprocessing(model, 64)
     boundary = activation_inputs.finetune_boundary(model, 2, config, preprocessing, index)
     cached, _ = activation_inputs.boundary_activations(model, boundary, index, preprocessing, config)
@@ -355,7 +359,7 @@ def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_
                         boundary, "none"),
         activation_inputs.training_loader(views, targets, EpochSampler(len(targets), seed=0), 16),
         torch.utils.data.DataLoader(val, 16), folder=RunFolder(tmp_path / "run"), name="finetune", resume_from=None,
-        trainer_options=engine.trainer_options("cpu", "1", 1, "auto", "32-true"), progress_bar=False,
+        trainer_options=trainer_options("cpu", "1", 1, "auto", "32-true"), progress_bar=False,
     )
     assert sorted(received) == [0, 1, 2, 3]
     for epoch, rows in received.items():
@@ -368,13 +372,13 @@ def test_the_activation_budget_counts_the_views(
 ) -> None:
     from transferkit.data.folders import discover
     from transferkit.data.loaders import resolve_preprocessing
-    from transferkit.training.activation_inputs import finetune_boundary
+    from transferkit.cache.activations import finetune_boundary
 
     index = discover(image_folder, seed=0)
     images, trained = sum(len(items) for items in index.splits.values()), len(index.splits["train"])
-    model = models.create_classifier(ModelConfig(name="test_efficientnet", weights="none"), 2, 64)
+    model = create_classifier(ModelConfig(name="test_efficientnet", weights="none"), 2, 64)
     preprocessing = resolve_preprocessing(model, 64)
-    row = activations.activation_bytes(model, activations.boundary_index(model, 2), preprocessing["input_size"])
+    row = activation_bytes(model, boundary_index(model, 2), preprocessing["input_size"])
     budget = (images + trained) * row / 1e9  # room for one view, not two
 
     def boundary(views: int) -> int | None:

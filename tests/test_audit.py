@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import COLOURS, make_folder, make_image, render_in_chromium, tiny_config
 from transferkit import train
 from transferkit._io import read_csv_rows
-from transferkit.audit import AuditConfig, audit
+from transferkit.audit.config import AuditConfig
+from transferkit.commands.audit import audit
 from transferkit.audit.checks import near_duplicate_pairs, nearest_neighbours, outlier_scores
 from transferkit.cli import main
 

@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import COLOURS, make_folder, make_image, serving
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
-from transferkit.serve import ServeLimits, create_app
+from transferkit.commands.serve_app import ServeLimits, create_app
 
 LATIN1_NAME = os.fsdecode(b"caf\xe9 latin-1.jpg")  # not valid UTF-8: Python carries it as a surrogate
 

@@ -26,7 +26,8 @@ import torch
 from conftest import TINY_MODEL, make_folder, tiny_config
 from transferkit import train
 from test_features import first_byte_features as last_byte  # the stand-in backbone test_features uses
-from transferkit.features import FeatureCache, cached_pooled_features
+from transferkit.cache.store import FeatureCache
+from transferkit.cache.passes import cached_pooled_features
 
 
 def npy(array: np.ndarray, shape: tuple[int, ...] | None = None) -> bytes:
@@ -54,7 +55,7 @@ def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def warnings_from(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "transferkit.features" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "transferkit.cache" and r.levelno >= logging.WARNING]
 
 
 

@@ -15,9 +15,10 @@ from transferkit._io import read_csv_rows
 from transferkit.cli import main
 from transferkit.data.images import load_image, resize_side
 from transferkit.errors import DataError
-from transferkit.evaluate import evaluate, predict
-from transferkit.metrics import compute_metrics
-from transferkit.inference import load_predictor
+from transferkit.commands.evaluate import evaluate
+from transferkit.commands.predict import predict
+from transferkit.inference.metrics import compute_metrics
+from transferkit.inference.loading import load_predictor
 
 CLASSES = ["cat", "dog", "fox", "owl", "yak"]
 

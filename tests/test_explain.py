@@ -15,9 +15,10 @@ from conftest import COLOURS, make_image
 from transferkit.cli import main
 from transferkit.data.loaders import resolve_preprocessing
 from transferkit.errors import ConfigError
-from transferkit.evaluate import predict
-from transferkit.explain import METHODS, OVERLAY_SIDE, Explainer, ExplainUnavailable, load_explainer, write_overlays
-from transferkit.inference import Predictor, load_run_model, torch_forward
+from transferkit.commands.predict import predict
+from transferkit.reporting.explain import METHODS, OVERLAY_SIDE, Explainer, ExplainUnavailable, load_explainer, write_overlays
+from transferkit.inference.predictor import Predictor, torch_forward
+from transferkit.inference.loading import load_run_model
 
 pytest.importorskip("pytorch_grad_cam")
 
@@ -142,7 +143,7 @@ def test_predict_explain_writes_one_overlay_per_readable_image(
 def test_predict_explain_on_an_exported_file_says_to_pass_the_run_folder(
     trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from transferkit.export import export
+    from transferkit.commands.export import export
 
     exported = export(trained_run, output=tmp_path / "model.onnx").path
     image = make_image(tmp_path / "sky.jpg", COLOURS["blue"], seed=1)

@@ -13,10 +13,11 @@ import torch
 from conftest import TINY_MODEL, run_cli_without_torch
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
-from transferkit.evaluate import evaluate, predict
-from transferkit.export import export
-from transferkit.inference import load_predictor
-from transferkit.onnx import cached_session, onnx_cache_folder, session_forward
+from transferkit.commands.evaluate import evaluate
+from transferkit.commands.predict import predict
+from transferkit.commands.export import export
+from transferkit.inference.loading import load_predictor
+from transferkit.inference.onnx_runtime import cached_session, onnx_cache_folder, session_forward
 
 
 def val_paths(run_dir: Path) -> list[str]:
@@ -130,7 +131,7 @@ def test_export_command_prints_the_check(trained_run: Path, tmp_path: Path, caps
 
 
 def test_the_onnx_export_is_reused_until_the_weights_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("transferkit.onnx.ONNX_CACHE_KEEP", 2)
+    monkeypatch.setattr("transferkit.inference.onnx_runtime.ONNX_CACHE_KEEP", 2)
     model = timm.create_model(TINY_MODEL, num_classes=2).eval()
     size = (3, 64, 64)
     batch = np.random.default_rng(0).standard_normal((2, *size)).astype(np.float32)

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from transferkit import features as features_module
+from transferkit.cache.store import COMPACT_AT
 from transferkit._io import write_text
-from transferkit.features import FeatureCache
-from transferkit.inference import run_forward
+from transferkit.cache.store import FeatureCache
+from transferkit.inference.predictor import run_forward
 from transferkit import train
 
 
@@ -93,7 +93,7 @@ def numbered_files(folder: Path, count: int, start: int = 0) -> list[str]:
 
 
 def warnings_from(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "transferkit.features" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "transferkit.cache" and r.levelno >= logging.WARNING]
 
 
 def test_an_unreadable_shard_is_moved_aside_with_one_warning(
@@ -104,7 +104,7 @@ def test_an_unreadable_shard_is_moved_aside_with_one_warning(
     features, stats = cache.features(paths, first_byte_features)
     assert stats.from_cache == 0 and features[:, 0].tolist() == [0.0, 1.0, 2.0]
     (cache.folder / "broken.npz").write_bytes(b"PK\x03\x04 not a whole zip file")
-    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+    with caplog.at_level(logging.WARNING, logger="transferkit.cache"):
         again, stats = cache.features(paths, first_byte_features)
         assert stats.from_cache == 3
         np.testing.assert_array_equal(again, features)
@@ -180,11 +180,11 @@ def test_runs_that_store_the_same_images_twice_are_merged_into_one_shard(
 
     FeatureCache(folder).features(paths, alongside_another_cold_run)
     assert len(list(folder.glob("*.npz"))) == 2, "both runs stored the same three images"
-    for start in range(3, 2 + features_module.COMPACT_AT):  # one shard more than a folder may hold
+    for start in range(3, 2 + COMPACT_AT):  # one shard more than a folder may hold
         FeatureCache(folder).features(numbered_files(tmp_path / "images", 1, start), first_byte_features)
-    assert len(list(folder.glob("*.npz"))) == features_module.COMPACT_AT + 1
-    everything = numbered_files(tmp_path / "images", 2 + features_module.COMPACT_AT)
-    with caplog.at_level(logging.INFO, logger="transferkit.features"):
+    assert len(list(folder.glob("*.npz"))) == COMPACT_AT + 1
+    everything = numbered_files(tmp_path / "images", 2 + COMPACT_AT)
+    with caplog.at_level(logging.INFO, logger="transferkit.cache"):
         merged, stats = FeatureCache(folder).features(everything, first_byte_features)
     assert stats.from_cache == len(everything) and merged[:, 0].tolist() == [float(i) for i in range(len(everything))]
     shards = list(folder.glob("*.npz"))
@@ -218,7 +218,7 @@ def unwritable_cache(tmp_path: Path) -> Path:
 def test_an_unwritable_cache_costs_time_never_the_features(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = FeatureCache(unwritable_cache(tmp_path) / "backbone")
     paths = numbered_files(tmp_path / "images", 3)
-    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+    with caplog.at_level(logging.WARNING, logger="transferkit.cache"):
         for _ in range(2):
             features, stats = cache.features(paths, first_byte_features)
             assert features[:, 0].tolist() == [0.0, 1.0, 2.0] and stats.from_cache == 0
@@ -229,7 +229,7 @@ def test_an_unwritable_cache_costs_time_never_the_features(tmp_path: Path, caplo
 def test_training_goes_on_with_an_unwritable_cache_and_learns_the_same(
     image_folder: Path, tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+    with caplog.at_level(logging.WARNING, logger="transferkit.cache"):
         metrics = frozen_run(image_folder, tmp_path / "uncached", tiny_weights, cache_dir=str(unwritable_cache(tmp_path)))
     assert metrics["features"]["images"] == 50 and metrics["features"]["from_cache"] == 0
     assert len(warnings_from(caplog)) == 1
@@ -238,7 +238,7 @@ def test_training_goes_on_with_an_unwritable_cache_and_learns_the_same(
 
 
 def test_a_pass_stopped_midway_keeps_every_chunk_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("transferkit.features.CHUNK", 10)
+    monkeypatch.setattr("transferkit.cache.store.CHUNK", 10)
     paths = numbered_files(tmp_path / "images", 35)
     chunks: list[int] = []
 
@@ -270,7 +270,7 @@ def wide_features(paths: list[str], digests: dict[str, bytes]) -> np.ndarray:
 def test_cached_rows_are_read_from_the_cache_files_never_all_held_in_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("transferkit.features.CHUNK", 64)
+    monkeypatch.setattr("transferkit.cache.store.CHUNK", 64)
     paths = numbered_files(tmp_path / "images", 1024)
     expected = wide_features(paths, {})
     cache = FeatureCache(tmp_path / "features")
@@ -345,7 +345,7 @@ def test_rows_of_another_shape_in_the_cache_are_moved_aside_and_computed_again(
     cache = FeatureCache(tmp_path / "features")
     cache.rows(numbered_files(tmp_path / "images", 2), first_byte_features)
     paths = numbered_files(tmp_path / "images", 3)
-    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+    with caplog.at_level(logging.WARNING, logger="transferkit.cache"):
         rows, _ = FeatureCache(tmp_path / "features").rows(paths, wide_features)
     np.testing.assert_array_equal(rows.numpy(), wide_features(paths, {}))
     (warning,) = warnings_from(caplog)

@@ -167,7 +167,8 @@ def test_copies_in_a_given_val_folder_are_reported_and_left_out_of_calibration(
 
 
 def test_audit_splits_as_train_does_and_finds_no_leak_the_groups_prevent(tmp_path: Path, tiny_weights: Path) -> None:
-    from transferkit.audit import AuditConfig, audit
+    from transferkit.audit.config import AuditConfig
+    from transferkit.commands.audit import audit
 
     data = near_copy_folder(tmp_path / "data")
     train(data, quick_config(tmp_path / "run", tiny_weights))

@@ -21,11 +21,12 @@ from conftest import COLOURS, make_image, serving
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
 from transferkit.errors import ModelOutputError, RunFolderError
-from transferkit.evaluate import predict
-from transferkit.export import export
-from transferkit.inference import Predictor, load_predictor
-from transferkit.onnx import create_session, session_forward
-from transferkit.serve import create_app
+from transferkit.commands.predict import predict
+from transferkit.commands.export import export
+from transferkit.inference.predictor import Predictor
+from transferkit.inference.loading import load_predictor
+from transferkit.inference.onnx_runtime import create_session, session_forward
+from transferkit.commands.serve_app import create_app
 
 NAN = float("nan")
 Edit = Callable[[dict[str, Any]], None]

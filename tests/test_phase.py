@@ -11,14 +11,16 @@ import torch
 from torch import nn
 
 from conftest import TINY_MODEL, tiny_config
-from transferkit import models, train
+from transferkit import train
+from transferkit.models.create import create_classifier
+from transferkit.models.freeze import backbone_blocks, count_parameters
 from transferkit.config import ModelConfig, PhaseConfig
-from transferkit.training.images import FineTuning
+from transferkit.training.lightning import FineTuning
 from transferkit.training.phase import EpochSampler, Schedule, set_learning_rates
 
 
 def tiny(weights: Path) -> nn.Module:
-    return models.create_classifier(ModelConfig(name=TINY_MODEL, weights=str(weights)), num_classes=3)
+    return create_classifier(ModelConfig(name=TINY_MODEL, weights=str(weights)), num_classes=3)
 
 
 def test_step_and_plateau_schedules_equal_torchs_own_schedulers() -> None:
@@ -85,10 +87,10 @@ def test_finetuning_trains_the_top_blocks_and_gives_the_head_its_multiple(tiny_w
     phase = PhaseConfig(lr=1e-3, head_lr_multiplier=10.0, weight_decay=0.05)
     policy = FineTuning("finetune", phase, unfreeze=1, batchnorm="frozen")
     policy.freeze_before_training(model)
-    top = set(models.backbone_blocks(model)[-1])
+    top = set(backbone_blocks(model)[-1])
     head = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == top | head
-    assert policy.parameters == models.count_parameters(model)
+    assert policy.parameters == count_parameters(model)
 
     optimizer = policy.create_optimizer(model)
     grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}

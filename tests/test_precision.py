@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import tiny_config
 from test_activations import TARGETS, assert_same_step, classifier_and_whole_step, created, loss_and_gradients
-from transferkit import engine, train
-from transferkit.inference import exact_float32
-from transferkit.runs import RunFolder
-from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
+from transferkit import train
+from transferkit.training.trainer_options import trainer_options
+from transferkit.inference.predictor import exact_float32
+from transferkit.run.folder import RunFolder
+from transferkit.training.lightning import FineTuning, ImageClassifier, fit_with_lightning
 from transferkit.training.precision import DepthwiseInFloat32
 
 
@@ -36,12 +37,12 @@ def cpu_flags() -> set[str]:
 def test_auto_precision_is_bf16_mixed_exactly_on_a_cpu_with_bf16_instructions() -> None:
     knows = hasattr(torch.cpu, "get_capabilities")  # an older torch cannot tell, and trains in float32
     expected = "bf16-mixed" if knows and {"amx_bf16", "avx512_bf16"} & cpu_flags() else "32-true"
-    assert engine.trainer_options("cpu", "1", 1, "auto", "auto")["precision"] == expected
-    assert engine.trainer_options("cpu", "1", 1, "auto", "32-true")["precision"] == "32-true", "a choice is kept"
+    assert trainer_options("cpu", "1", 1, "auto", "auto")["precision"] == expected
+    assert trainer_options("cpu", "1", 1, "auto", "32-true")["precision"] == "32-true", "a choice is kept"
 
 
 def test_a_run_records_the_precision_each_phase_trained_in(image_folder: Path, tmp_path: Path, tiny_weights: Path) -> None:
-    expected = engine.trainer_options("auto", "auto", 1, "auto", "auto")["precision"]
+    expected = trainer_options("auto", "auto", 1, "auto", "auto")["precision"]
     result = train(image_folder, tiny_config(tmp_path / "run", tiny_weights, **{"finetune_on": "activations"}))
     assert result.metrics["phases"]["finetune"]["precision"] == expected
     assert "precision" not in result.metrics["phases"]["frozen"], "the head on features trains in float32"

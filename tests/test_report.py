@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import render_in_chromium
 from transferkit.cli import main
-from transferkit.figures import plot_confusion_matrix
-from transferkit.explain import grad_cam_available
-from transferkit.report import FIGURES, PHOTO_GRIDS, most_confused_rows, read_run, write_figures
+from transferkit.reporting.figures import plot_confusion_matrix
+from transferkit.reporting.explain import grad_cam_available
+from transferkit.reporting.report import FIGURES, PHOTO_GRIDS, most_confused_rows, read_run, write_figures
 
 SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import make_folder
-from transferkit.checkpoints import checkpoint_problem
+from transferkit.training.checkpoints import checkpoint_problem
 from transferkit.errors import RunFolderError
-from transferkit.records import PhaseRecord
-from transferkit.runs import RunFolder, is_onnx_file, model_folder
+from transferkit.run.records import PhaseRecord
+from transferkit.run.folder import RunFolder, is_onnx_file, model_folder
 from transferkit import resume
 
 
@@ -239,7 +239,7 @@ def test_a_link_out_of_the_run_folder_is_refused_before_any_work_and_its_target_
 def test_calibrate_refuses_a_run_whose_model_folder_is_a_link_to_another_run_s(trained_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    from transferkit.calibrate import calibrate
+    from transferkit.commands.calibrate import calibrate
 
     other, run_dir = tmp_path / "other", tmp_path / "run"
     shutil.copytree(trained_run, other)
@@ -257,8 +257,8 @@ def test_export_and_evaluate_refuse_to_write_through_a_link_out_of_the_run(
 ) -> None:
     import shutil
 
-    from transferkit.evaluate import evaluate
-    from transferkit.export import export
+    from transferkit.commands.evaluate import evaluate
+    from transferkit.commands.export import export
 
     entry = "export" if command == "export" else "evaluation"
     other, run_dir = tmp_path / "other", tmp_path / "run"

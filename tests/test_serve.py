@@ -21,8 +21,8 @@ from conftest import COLOURS, make_image, serving
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
 from transferkit.errors import ConfigError
-from transferkit.evaluate import predict
-from transferkit.serve import ServeLimits, create_app
+from transferkit.commands.predict import predict
+from transferkit.commands.serve_app import ServeLimits, create_app
 
 LIMITS = ServeLimits(top_k=2, max_file_bytes=20_000, max_files=3, max_pixels=1_000_000)
 
@@ -174,8 +174,8 @@ def test_explain_adds_a_heat_map_png_per_image_to_the_same_answer(server: str, t
 
 def test_heat_maps_of_a_request_larger_than_one_pass_stay_with_their_images(trained_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("pytorch_grad_cam")
-    from transferkit.explain import heat_overlay, load_explainer
-    from transferkit.serve import EXPLAIN_BATCH_SIZE
+    from transferkit.reporting.explain import heat_overlay, load_explainer
+    from transferkit.commands.serve_app import EXPLAIN_BATCH_SIZE
 
     colours = ["blue", "red", "green", "red", "blue", "green"]
     paths = [make_image(tmp_path / f"{n}.jpg", COLOURS[c], seed=n) for n, c in enumerate(colours)]
@@ -190,7 +190,7 @@ def test_heat_maps_of_a_request_larger_than_one_pass_stay_with_their_images(trai
 
 
 def test_a_server_of_an_exported_model_says_heat_maps_need_the_run_folder(trained_run: Path) -> None:
-    from transferkit.inference import load_predictor
+    from transferkit.inference.loading import load_predictor
 
     image = val_images(trained_run)[0]
     with serving(create_app(load_predictor(trained_run), LIMITS)) as url:

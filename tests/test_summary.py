@@ -7,11 +7,12 @@ import pytest
 from conftest import make_folder, tiny_config
 from PIL import Image
 
-from transferkit import config, models, train
+from transferkit import config, train
+from transferkit.models.freeze import unfreeze_top
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
-from transferkit.models import load_model
-from transferkit.summary import summarize
+from transferkit.models.folder import load_model
+from transferkit.commands.summary import summarize
 
 
 def test_summary_of_a_run_counts_what_each_phase_really_trained(trained_run: Path) -> None:
@@ -47,7 +48,7 @@ def test_auto_unfreeze_trains_more_blocks_on_a_large_training_set_and_summary_sa
     assert (run / "config.yaml").read_text().count("unfreeze: auto") == 1
     assert sum(row["split"] == "train" for row in read_csv_rows(run / "splits.csv")) == 48
     model, _ = load_model(run / "model")
-    models.unfreeze_top(model, blocks)
+    unfreeze_top(model, blocks)
     expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
     finetune = json.loads((run / "metrics.json").read_text())["phases"]["finetune"]
     assert finetune["trained_blocks"] == blocks, "metrics.json says what auto chose"

@@ -20,13 +20,15 @@ import torch
 import yaml
 from conftest import SHARED_DATASETS, TINY_MODEL, make_folder, tiny_config
 
-from transferkit import models
-from transferkit.checkpoints import model_state
+from transferkit.models.create import PooledFeatures, classifier_path, create_classifier
+from transferkit.models.folder import load_model
+from transferkit.models.freeze import backbone_blocks
+from transferkit.training.checkpoints import model_state
 from transferkit.config import ModelConfig, TrainConfig
 from transferkit.errors import RunFolderError
-from transferkit.evaluate import evaluate
-from transferkit.runs import load_config
-from transferkit.training.head import SAVE_EVERY_SECONDS
+from transferkit.commands.evaluate import evaluate
+from transferkit.run.folder import load_config
+from transferkit.training.head_loop import SAVE_EVERY_SECONDS
 from transferkit import resume, train
 
 
@@ -75,7 +77,7 @@ def test_a_run_folder_holds_everything_to_rerun_evaluate_and_reuse(
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["image_size"] == 64
 
     rebuilt = timm.create_model(f"local-dir:{run_dir / 'model'}", pretrained=True).eval()
-    saved, model_config = models.load_model(run_dir / "model")
+    saved, model_config = load_model(run_dir / "model")
     assert model_config["label_names"] == ["blue", "red"]
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -86,15 +88,15 @@ def test_frozen_phase_reads_each_image_through_the_backbone_once(
     image_folder: Path, tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = {"images": 0}
-    original = models.PooledFeatures.forward
+    original = PooledFeatures.forward
 
-    def counting(self: models.PooledFeatures, images: torch.Tensor) -> torch.Tensor:
+    def counting(self: PooledFeatures, images: torch.Tensor) -> torch.Tensor:
         seen["images"] += len(images)
         return original(self, images)
 
     # Count in eager mode: ONNX Runtime would run the exported graph, not this Python method.
-    monkeypatch.setattr("transferkit.inference.cached_session", lambda *args, **kwargs: None)
-    monkeypatch.setattr(models.PooledFeatures, "forward", counting)
+    monkeypatch.setattr("transferkit.inference.predictor.cached_session", lambda *args, **kwargs: None)
+    monkeypatch.setattr(PooledFeatures, "forward", counting)
     config = tiny_config(tmp_path / "run", tiny_weights, **{"frozen.epochs": 6, "finetune.epochs": 0})
     train(image_folder, config)
     # The one more is the blank image whose features settle the shape a cached row must have.
@@ -270,8 +272,8 @@ def test_a_diverged_finetune_is_set_aside_for_the_features_phase_on_its_pretrain
         "the features phase checkpoints its head, not the unchanged backbone"
     )
 
-    saved, _ = models.load_model(tmp_path / "run" / "model")
-    head = models.classifier_path(saved) + "."
+    saved, _ = load_model(tmp_path / "run" / "model")
+    head = classifier_path(saved) + "."
     pretrained = torch.load(tiny_weights, weights_only=True)
     changed = [k for k, v in pretrained.items() if not k.startswith(head) and not torch.equal(saved.state_dict()[k], v)]
     assert not changed, "fine-tuning's backbone was saved under the features phase's head"
@@ -317,8 +319,8 @@ def test_batchnorm_policy_holds_through_a_real_finetune(
     initial = torch.load(tiny_weights, weights_only=True)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "finetune-last.ckpt", map_location="cpu", weights_only=True)
     state = model_state(checkpoint)
-    tiny = models.create_classifier(ModelConfig(name=TINY_MODEL, weights="none"), num_classes=3)
-    trained = {name for block in models.backbone_blocks(tiny)[-2:] for name in block}
+    tiny = create_classifier(ModelConfig(name=TINY_MODEL, weights="none"), num_classes=3)
+    trained = {name for block in backbone_blocks(tiny)[-2:] for name in block}
     means = [k for k in initial if k.endswith("running_mean")]
     in_trained_blocks = [k for k in means if unfreeze == "all" or k.removesuffix(".running_mean") + ".weight" in trained]
     below = [k for k in means if k not in in_trained_blocks]

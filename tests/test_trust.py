@@ -17,13 +17,14 @@ from scipy.spatial.distance import cdist
 
 from conftest import make_folder, run_cli_without_torch, tiny_config
 from transferkit import train
-from transferkit.calibration import fit_calibration, fit_temperature, mean_log_loss
+from transferkit.trust.temperature import fit_calibration, fit_temperature, mean_log_loss
 from transferkit.cli import main
 from transferkit.data.images import load_image, resize_side
-from transferkit.evaluate import evaluate, predict
-from transferkit.export import export
-from transferkit.rejection import bank_indices, fit_threshold, unknown_scores
-from transferkit.runs import RunFolder
+from transferkit.commands.evaluate import evaluate
+from transferkit.commands.predict import predict
+from transferkit.commands.export import export
+from transferkit.trust.unknown import bank_indices, fit_threshold, unknown_scores
+from transferkit.run.folder import RunFolder
 
 
 def synthetic_logits(scale: float, seed: int = 0, images: int = 600, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +248,7 @@ def test_without_calibration_or_unknown_score_the_model_predicts_as_before(tiny_
 
 
 def test_the_report_shows_calibration_before_and_after(noisy_run: Path, tmp_path: Path) -> None:
-    from transferkit.report import write_report
+    from transferkit.reporting.report import write_report
 
     page = write_report([noisy_run], tmp_path / "report.html").read_text()
 
@@ -261,7 +262,7 @@ def test_the_report_shows_calibration_before_and_after(noisy_run: Path, tmp_path
 
 def test_heat_map_overlays_state_the_calibrated_probability_predict_prints(noisy_run: Path) -> None:
     pytest.importorskip("pytorch_grad_cam")
-    from transferkit.explain import load_explainer
+    from transferkit.reporting.explain import load_explainer
 
     paths = val_paths(noisy_run)[:4]
 

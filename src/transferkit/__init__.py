@@ -13,12 +13,16 @@ __version__ = "0.1.0"
 
 # Functions named like their module load now: importing the submodule later would otherwise
 # bind ``transferkit.evaluate`` to the module, not the function. These modules are torch-free.
-from transferkit.audit import AuditConfig, AuditResult, audit  # noqa: E402
-from transferkit.calibrate import calibrate  # noqa: E402
-from transferkit.compare import Comparison, compare  # noqa: E402
-from transferkit.evaluate import PredictionResult, evaluate, predict  # noqa: E402
-from transferkit.metrics import Evaluation, compute_metrics  # noqa: E402
-from transferkit.export import ExportResult, export  # noqa: E402
+from transferkit.audit.config import AuditConfig  # noqa: E402
+from transferkit.audit.findings import AuditResult  # noqa: E402
+from transferkit.commands.audit import audit  # noqa: E402
+from transferkit.commands.calibrate import calibrate  # noqa: E402
+from transferkit.commands.compare import compare  # noqa: E402
+from transferkit.run.comparison import Comparison  # noqa: E402
+from transferkit.commands.predict import PredictionResult, predict  # noqa: E402
+from transferkit.commands.evaluate import evaluate  # noqa: E402
+from transferkit.inference.metrics import Evaluation, compute_metrics  # noqa: E402
+from transferkit.commands.export import ExportResult, export  # noqa: E402
 
 _EXPORTS = {
     "ConfigError": "errors",
@@ -27,25 +31,25 @@ _EXPORTS = {
     "DatasetIndex": "data.folders",
     "ModelConfig": "config",
     "PhaseConfig": "config",
-    "Predictor": "inference",
+    "Predictor": "inference.predictor",
     "RunFolderError": "errors",
     "TrainConfig": "config",
     "TrainResult": "training.recipe",
     "TransferkitError": "errors",
     "WeightsUnavailableError": "errors",
-    "create_app": "serve",
-    "create_classifier": "models",
+    "create_app": "commands.serve_app",
+    "create_classifier": "models.create",
     "discover": "data.folders",
     "list_datasets": "data.registry",
-    "load_classifier": "inference",
-    "load_predictor": "inference",
-    "load_config": "runs",
-    "load_model": "models",
+    "load_classifier": "inference.loading",
+    "load_predictor": "inference.loading",
+    "load_config": "run.folder",
+    "load_model": "models.folder",
     "resolve_data_source": "data.registry",
     "resume": "training.recipe",
-    "summarize": "summary",
+    "summarize": "commands.summary",
     "train": "training.recipe",
-    "write_report": "report",
+    "write_report": "reporting.report",
 }
 __all__ = sorted([*_EXPORTS, "AuditConfig", "AuditResult", "audit", "calibrate", "Comparison", "compare", "Evaluation", "ExportResult", "PredictionResult", "compute_metrics", "evaluate", "export", "predict"])
 
@@ -67,10 +71,12 @@ if TYPE_CHECKING:
     from transferkit.data.folders import DatasetIndex, discover
     from transferkit.data.registry import list_datasets, resolve_data_source
     from transferkit.errors import ConfigError, DataError, RunFolderError, TransferkitError, WeightsUnavailableError
-    from transferkit.inference import Predictor, load_classifier, load_predictor
-    from transferkit.models import create_classifier, load_model
-    from transferkit.report import write_report
-    from transferkit.serve import create_app
-    from transferkit.summary import summarize
-    from transferkit.runs import load_config
+    from transferkit.inference.predictor import Predictor
+    from transferkit.inference.loading import load_classifier, load_predictor
+    from transferkit.models.create import create_classifier
+    from transferkit.models.folder import load_model
+    from transferkit.reporting.report import write_report
+    from transferkit.commands.serve_app import create_app
+    from transferkit.commands.summary import summarize
+    from transferkit.run.folder import load_config
     from transferkit.training.recipe import TrainResult, resume, train

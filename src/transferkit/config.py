@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transferkit.data.config import DataConfig
-from transferkit.data.config import help_text as _help
-from transferkit.engine import lightning_option_problems, parse_devices
+from transferkit.data.config import DataConfig, help_text
 from transferkit.errors import ConfigError, close_matches, raise_together
+from transferkit.training.trainer_options import lightning_option_problems, parse_devices
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
@@ -60,20 +59,20 @@ and fails mid-phase with a traceback; a large rate below it diverges, which trai
 
 @dataclass
 class ModelConfig:
-    name: str = field(default=DEFAULT_MODEL, metadata=_help("any timm model name", flag="--model"))
+    name: str = field(default=DEFAULT_MODEL, metadata=help_text("any timm model name", flag="--model"))
     weights: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=help_text(
             "pretrained weights: default = embedded (EfficientNet-Lite) or timm's hub/cache; "
             "a .pth/.safetensors file; local-dir:FOLDER (timm layout); or 'none' for random init"
         ),
     )
-    drop_rate: float = field(default=0.2, metadata=_help("dropout before the classifier"))
+    drop_rate: float = field(default=0.2, metadata=help_text("dropout before the classifier"))
     hidden_size: int | None = field(
         default=None,
-        metadata=_help("add a hidden dense layer of this width to the head (e.g. 1024)"),
+        metadata=help_text("add a hidden dense layer of this width to the head (e.g. 1024)"),
     )
-    global_pool: str = field(default="avg", metadata=_help(f"pooling: {', '.join(GLOBAL_POOLS)}"))
+    global_pool: str = field(default="avg", metadata=help_text(f"pooling: {', '.join(GLOBAL_POOLS)}"))
 
     def problems(self) -> list[str]:
         found = _non_finite(self)
@@ -92,29 +91,29 @@ class ModelConfig:
 
 @dataclass
 class PhaseConfig:
-    epochs: int = field(default=0, metadata=_help("epochs (0 skips the phase)"))
-    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
-    optimizer: str = field(default="adamw", metadata=_help(f"one of {', '.join(OPTIMIZERS)}"))
-    weight_decay: float = field(default=1e-2, metadata=_help("decoupled weight decay (not on norms and biases)"))
+    epochs: int = field(default=0, metadata=help_text("epochs (0 skips the phase)"))
+    lr: float = field(default=1e-3, metadata=help_text("peak learning rate"))
+    optimizer: str = field(default="adamw", metadata=help_text(f"one of {', '.join(OPTIMIZERS)}"))
+    weight_decay: float = field(default=1e-2, metadata=help_text("decoupled weight decay (not on norms and biases)"))
     scheduler: str = field(
         default="cosine",
-        metadata=_help("cosine (with warm-up), step (x0.1 every third of the phase), plateau, constant"),
+        metadata=help_text("cosine (with warm-up), step (x0.1 every third of the phase), plateau, constant"),
     )
-    warmup_epochs: float = field(default=0.0, metadata=_help("linear warm-up length, in epochs"))
-    augment: str = field(default="none", metadata=_help(f"augmentation: {', '.join(AUGMENTATIONS)}"))
+    warmup_epochs: float = field(default=0.0, metadata=help_text("linear warm-up length, in epochs"))
+    augment: str = field(default="none", metadata=help_text(f"augmentation: {', '.join(AUGMENTATIONS)}"))
     patience: int = field(
-        default=3, metadata=_help("stop after this many epochs without a lower validation loss")
+        default=3, metadata=help_text("stop after this many epochs without a lower validation loss")
     )
     unfreeze: str = field(
         default="all",
-        metadata=_help(
+        metadata=help_text(
             "backbone blocks to train: N top blocks, a fraction like 0.3, 'all', or 'auto' "
             f"({FEW_BLOCKS}, {MANY_BLOCKS} from {MANY_BLOCKS_FROM:,} training images)"
         ),
     )
     head_lr_multiplier: float = field(
         default=1.0,
-        metadata=_help("the head's learning rate as a multiple of lr while backbone blocks train with it"),
+        metadata=help_text("the head's learning rate as a multiple of lr while backbone blocks train with it"),
     )
 
     def problems(self, flag_prefix: str) -> list[str]:
@@ -193,24 +192,24 @@ class TrainConfig:
     frozen: PhaseConfig = field(default_factory=default_frozen_phase)
     finetune: PhaseConfig = field(default_factory=default_finetune_phase)
     output: str | None = field(
-        default=None, metadata=_help("run folder; default: runs/<data>-<model>-<time>")
+        default=None, metadata=help_text("run folder; default: runs/<data>-<model>-<time>")
     )
-    seed: int = field(default=42, metadata=_help("seed for the split, initialisation and shuffling"))
-    label_smoothing: float = field(default=0.1, metadata=_help("label smoothing of the loss"))
+    seed: int = field(default=42, metadata=help_text("seed for the split, initialisation and shuffling"))
+    label_smoothing: float = field(default=0.1, metadata=help_text("label smoothing of the loss"))
     class_balance: str = field(
         default="none",
-        metadata=_help("imbalanced data: none, weight (loss weights) or sample (balanced sampling)"),
+        metadata=help_text("imbalanced data: none, weight (loss weights) or sample (balanced sampling)"),
     )
     batchnorm: str = field(
         default="frozen",
-        metadata=_help(
+        metadata=help_text(
             "frozen: every batch norm keeps its ImageNet statistics, also in unfrozen blocks; "
             "train: unfrozen blocks update their statistics"
         ),
     )
     finetune_on: str = field(
         default="auto",
-        metadata=_help(
+        metadata=help_text(
             "auto: the unfrozen top trains on the cached output of the frozen blocks below it where "
             "they can be cached (not every block unfrozen, an EfficientNet or ResNet), about 5x faster "
             "per epoch, else on images; images: every epoch through the whole backbone, augmented in "
@@ -219,7 +218,7 @@ class TrainConfig:
     )
     finetune_views: int = field(
         default=0,
-        metadata=_help(
+        metadata=help_text(
             "with fine-tuning on activations: also cache the activations of N views of every training image "
             "(the light augmentation's random crop and mirror, the same in every run); epoch e trains on view "
             "e mod (N+1), view 0 being the image itself"
@@ -227,35 +226,35 @@ class TrainConfig:
     )
     activation_cache_gb: float = field(
         default=20.0,
-        metadata=_help("largest size of a run's cached activations, views included, in GB of disk (read from "
+        metadata=help_text("largest size of a run's cached activations, views included, in GB of disk (read from "
                       "there a batch at a time, never all held in memory); above it fine-tuning runs on images"),
     )
     feature_cache: bool = field(
         default=True,
-        metadata=_help(
+        metadata=help_text(
             "train the frozen-phase head on backbone features computed once per image and kept "
             "in the feature cache for later runs"
         ),
     )
     cache_dir: str | None = field(
         default=None,
-        metadata=_help("feature cache folder (default: $TRANSFERKIT_CACHE/features, else ~/.cache/transferkit/features)"),
+        metadata=help_text("feature cache folder (default: $TRANSFERKIT_CACHE/features, else ~/.cache/transferkit/features)"),
     )
-    accelerator: str = field(default="auto", metadata=_help("Lightning accelerator: auto, cpu, gpu, ..."))
-    devices: str = field(default="auto", metadata=_help("Lightning devices: auto, a count or a list"))
-    num_nodes: int = field(default=1, metadata=_help("machines for multi-node training"))
-    strategy: str = field(default="auto", metadata=_help("Lightning strategy: auto, ddp, ..."))
-    precision: str = field(default="auto", metadata=_help(
+    accelerator: str = field(default="auto", metadata=help_text("Lightning accelerator: auto, cpu, gpu, ..."))
+    devices: str = field(default="auto", metadata=help_text("Lightning devices: auto, a count or a list"))
+    num_nodes: int = field(default=1, metadata=help_text("machines for multi-node training"))
+    strategy: str = field(default="auto", metadata=help_text("Lightning strategy: auto, ddp, ..."))
+    precision: str = field(default="auto", metadata=help_text(
         "Lightning precision: auto (bf16-mixed on a CPU with AMX or AVX512-BF16, else 32-true), 32-true, bf16-mixed, 16-mixed"))
-    calibrate: bool = field(default=True, metadata=_help("fit a temperature on val so confidence matches accuracy"))
-    unknown_score: str = field(default="knn", metadata=_help(
+    calibrate: bool = field(default=True, metadata=help_text("fit a temperature on val so confidence matches accuracy"))
+    unknown_score: str = field(default="knn", metadata=help_text(
         "how unlike the training images an image is, to answer unknown: knn (features against the "
         "training images'), msp, energy, or none"))
-    unknown_keep: float = field(default=0.95, metadata=_help("share of val images the unknown threshold keeps"))
-    audit: bool = field(default=True, metadata=_help(
+    unknown_keep: float = field(default=0.95, metadata=help_text("share of val images the unknown threshold keeps"))
+    audit: bool = field(default=True, metadata=help_text(
         "audit the run's images at the end (label issues, near-copies, outliers; RUN/audit, seconds on cached features)"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
-    report: bool = field(default=True, metadata=_help("write figures and report.html at the end"))
+    progress: bool = field(default=True, metadata=help_text("show progress bars"))
+    report: bool = field(default=True, metadata=help_text("write figures and report.html at the end"))
 
     def __post_init__(self) -> None:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transferkit.config import MAX_SEED, DataConfig, ModelConfig, _help
+from transferkit.config import MAX_SEED, DataConfig, ModelConfig
+from transferkit.data.config import help_text
 from transferkit.errors import ConfigError, close_matches
 
 DUPLICATE_THRESHOLD = 0.95
@@ -29,23 +30,23 @@ MODEL_SKIP = frozenset({"drop_rate", "hidden_size"})
 class AuditConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    output: str | None = field(default=None, metadata=_help("folder for audit.csv, audit.json and audit.html; "
+    output: str | None = field(default=None, metadata=help_text("folder for audit.csv, audit.json and audit.html; "
                                                              "default: runs/audit-<data>"))
-    seed: int = field(default=42, metadata=_help("seed of the split (as train's, so the splits are the same) and of the folds"))
-    folds: int = field(default=5, metadata=_help("folds of the out-of-sample predictions behind the label issues"))
+    seed: int = field(default=42, metadata=help_text("seed of the split (as train's, so the splits are the same) and of the folds"))
+    folds: int = field(default=5, metadata=help_text("folds of the out-of-sample predictions behind the label issues"))
     duplicate_threshold: float = field(
         default=DUPLICATE_THRESHOLD,
-        metadata=_help("cosine similarity of two images' features from which they are reported as near-copies"),
+        metadata=help_text("cosine similarity of two images' features from which they are reported as near-copies"),
     )
     neighbours: int = field(
-        default=10, metadata=_help("nearest images looked at per image for near-copies")
+        default=10, metadata=help_text("nearest images looked at per image for near-copies")
     )
     cache_dir: str | None = field(
         default=None,
-        metadata=_help("feature cache folder (default: $TRANSFERKIT_CACHE/features, else ~/.cache/transferkit/features)"),
+        metadata=help_text("feature cache folder (default: $TRANSFERKIT_CACHE/features, else ~/.cache/transferkit/features)"),
     )
-    progress: bool = field(default=True, metadata=_help("show a progress bar while features are computed"))
-    html: bool = field(default=True, metadata=_help("write audit.html with thumbnails of what was found"))
+    progress: bool = field(default=True, metadata=help_text("show a progress bar while features are computed"))
+    html: bool = field(default=True, metadata=help_text("write audit.html with thumbnails of what was found"))
 
     def __post_init__(self) -> None:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]

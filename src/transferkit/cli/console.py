@@ -14,10 +14,10 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from transferkit.errors import Interrupted
-from transferkit.runs import RunFolder
+from transferkit.run.folder import RunFolder
 
 if TYPE_CHECKING:
-    from transferkit.records import RunMetrics
+    from transferkit.run.records import RunMetrics
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -13,7 +13,7 @@ from transferkit.cli.console import exit_status, os_error, print_metrics, print_
 from transferkit.config import TrainConfig
 from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError, raise_together
-from transferkit.runs import RunFolder
+from transferkit.run.folder import RunFolder
 
 
 def _train_config(source: str | None, options: dict[str, Any]) -> TrainConfig:
@@ -52,7 +52,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from transferkit.compare import compare
+    from transferkit.commands.compare import compare
 
     own = {"command", "verbose", "strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size"}
     options = {k: v for k, v in vars(args).items() if k not in own and k != "source"}
@@ -80,7 +80,8 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from transferkit.audit import AuditConfig, audit
+    from transferkit.audit.config import AuditConfig
+    from transferkit.commands.audit import audit
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "verbose")}
     options.setdefault("progress", sys.stderr.isatty())
@@ -97,7 +98,7 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from transferkit.evaluate import evaluate
+    from transferkit.commands.evaluate import evaluate
 
     evaluation = evaluate(
         args.run, args.data, split=args.split, output=args.output, tta=args.tta,
@@ -112,8 +113,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     import json
 
-    from transferkit.evaluate import predict
-    from transferkit.explain import load_explainer, write_overlays
+    from transferkit.commands.predict import predict
+    from transferkit.reporting.explain import load_explainer, write_overlays
 
     if args.top_k < 1:
         raise ConfigError([f"--top-k must be 1 or more, got {args.top_k}"])
@@ -160,7 +161,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from transferkit.calibrate import calibrate
+    from transferkit.commands.calibrate import calibrate
 
     trust, skipped = calibrate(args.run, args.data, unknown_score=args.unknown_score, unknown_keep=args.unknown_keep,
                                  batch_size=args.batch_size, progress=args.progress)
@@ -180,7 +181,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from transferkit.export import export
+    from transferkit.commands.export import export
 
     result = export(args.run, format=args.format, quantize=args.quantize, output=args.output,
                     batch_size=args.batch_size, progress=args.progress)
@@ -195,7 +196,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from transferkit.serve import ServeLimits, create_app, listen, run_app
+    from transferkit.commands.serve import listen, run_app
+    from transferkit.commands.serve_app import ServeLimits, create_app
 
     # Checked before the model loads, every problem at once.
     problems = [] if 1 <= args.port <= 65535 else [f"--port must be between 1 and 65535, got {args.port}"]
@@ -221,7 +223,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_summary(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from transferkit.summary import summarize, write_summary
+    from transferkit.commands.summary import summarize, write_summary
 
     summary = summarize(args.source, depth=args.depth, num_classes=args.num_classes)
     is_run = RunFolder(args.source).has_model()
@@ -234,7 +236,7 @@ def _run_summary(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from transferkit.report import write_report
+    from transferkit.reporting.report import write_report
 
     path = write_report(args.runs, args.output)
     print(f"report written to {path}")

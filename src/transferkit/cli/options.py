@@ -8,7 +8,12 @@ import dataclasses
 from typing import Any
 
 from transferkit.config import (
-    DEFAULT_MODEL, UNKNOWN_SCORES, DataConfig, ModelConfig, PhaseConfig, TrainConfig,
+    DEFAULT_MODEL,
+    UNKNOWN_SCORES,
+    DataConfig,
+    ModelConfig,
+    PhaseConfig,
+    TrainConfig,
 )
 from transferkit.data.registry import DATA_HELP
 
@@ -99,7 +104,7 @@ def train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def compare_parser(subparsers: Any) -> None:
-    from transferkit.compare import STRATEGIES
+    from transferkit.commands.compare import STRATEGIES
 
     parser = subparsers.add_parser(
         "compare", help="train one dataset with several strategies (and backbones) and compare them",
@@ -202,7 +207,7 @@ def report_parser(subparsers: Any) -> None:
 
 
 def export_parser(subparsers: Any) -> None:
-    from transferkit.export import FORMATS, QUANTIZATIONS
+    from transferkit.commands.export import FORMATS, QUANTIZATIONS
 
     parser = subparsers.add_parser(
         "export", help="export a run's model to ONNX (float or int8) or TorchScript",
@@ -217,7 +222,7 @@ def export_parser(subparsers: Any) -> None:
 
 
 def serve_parser(subparsers: Any) -> None:
-    from transferkit.serve import ServeLimits
+    from transferkit.commands.serve_app import ServeLimits
 
     defaults = ServeLimits()
     parser = subparsers.add_parser(

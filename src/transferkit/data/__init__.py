@@ -1,2 +1,2 @@
-"""Image data: folder discovery and splits (``folders``), torch-free decoding (``images``), torch
-loaders and augmentation (``loaders``), and the dataset registry (``registry``)."""
+"""Image data: folder discovery and splits (``folders``, ``groups``), torch-free decoding (``images``),
+augmentation (``transforms``), torch loaders (``loaders``) and the dataset registry (``registry``)."""

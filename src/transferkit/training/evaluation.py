@@ -17,16 +17,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit import activations, models, rejection
-from transferkit.cached_rows import CachedRows
-from transferkit.calibration import before_and_after, fit_calibration
+from transferkit.cache.shards import CachedRows
 from transferkit.data.folders import DatasetIndex
-from transferkit.metrics import compute_metrics, evaluation_from_probabilities, headline, unknown_share
-from transferkit.inference import create_forward, exact_float32, run_forward, softmax
-from transferkit.records import RunMetrics
-from transferkit.rejection import Rejection
+from transferkit.inference.metrics import (
+    compute_metrics,
+    evaluation_from_probabilities,
+    headline,
+    unknown_share,
+)
+from transferkit.inference.predictor import create_forward, exact_float32, run_forward, softmax
+from transferkit.models.create import PooledFeatures, classify_pooled
+from transferkit.models.split import forward_top
+from transferkit.run.records import RunMetrics
 from transferkit.training.progress import PhaseProgress
-from transferkit.trust import Trust
+from transferkit.trust.records import Rejection, Trust
+from transferkit.trust.temperature import before_and_after, fit_calibration
+from transferkit.trust.unknown import fit_rejection, training_bank, unknown_scores
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ class PhaseInputs:
         paths = [path for path, _ in items] if rows is None else [items[row][0] for row in rows]
         if not paths:
             return torch.empty(0, model.num_features)
-        forward = create_forward(models.PooledFeatures(model), self.preprocessing["input_size"], self.backend)
+        forward = create_forward(PooledFeatures(model), self.preprocessing["input_size"], self.backend)
         outputs = run_forward(
             forward, paths, self.preprocessing, batch_size=64, num_workers=self.num_workers,
             progress=self.progress_bar, description=f"evaluate {split}",
@@ -106,7 +112,7 @@ def evaluate_phases(
             split, index.classes, index.splits[split], softmax(logits[split] / trust.temperature)
         )
         if trust.rejection is not None:
-            scores = rejection.unknown_scores(trust.rejection.method, torch.from_numpy(logits[split] / trust.temperature),
+            scores = unknown_scores(trust.rejection.method, torch.from_numpy(logits[split] / trust.temperature),
                                               pooled[split], trust.bank)
             evaluation.metrics["unknown"] = unknown_share(scores.numpy(), trust.rejection.as_dict())
         if trust.calibration is not None:
@@ -140,16 +146,16 @@ def _fit_rejection(
 ) -> tuple[Rejection, torch.Tensor | None]:
     bank = None
     if method == "knn":
-        bank = rejection.training_bank(np.array(inputs.index.targets("train")),
+        bank = training_bank(np.array(inputs.index.targets("train")),
                                        lambda rows: inputs.pooled(model, phase, "train", rows))
-    found = rejection.fit_rejection(method, keep, torch.from_numpy(val_logits), val_pooled, bank, "val")
+    found = fit_rejection(method, keep, torch.from_numpy(val_logits), val_pooled, bank, "val")
     return found, bank
 
 
 def _classify(model: nn.Module, pooled: torch.Tensor) -> np.ndarray:
     device = next(model.parameters()).device
     with torch.inference_mode(), exact_float32(device):
-        return models.classify_pooled(model.eval(), pooled.to(device), 0.0).float().cpu().numpy()
+        return classify_pooled(model.eval(), pooled.to(device), 0.0).float().cpu().numpy()
 
 
 def _top_pooled(
@@ -161,7 +167,7 @@ def _top_pooled(
     model.eval()
     with torch.inference_mode(), exact_float32(device):
         return torch.cat([
-            activations.forward_top(model, cached[rows[start : start + batch_size]].to(device).float(), boundary,
+            forward_top(model, cached[rows[start : start + batch_size]].to(device).float(), boundary,
                                     pre_logits=True).cpu()
             for start in range(0, len(rows), batch_size)
         ]) if len(rows) else torch.empty(0, model.num_features)

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit import models
 from transferkit.config import PhaseConfig
-from transferkit.records import EpochRecord
-from transferkit.runs import RunFolder
+from transferkit.models.freeze import count_parameters
+from transferkit.run.folder import RunFolder
+from transferkit.run.records import EpochRecord
 
 log = logging.getLogger(__name__)
 epoch_log = logging.getLogger("transferkit.epochs")
@@ -136,7 +136,7 @@ def training_loss(label_smoothing: float, weights: torch.Tensor | None) -> nn.Mo
 
 def log_trainable(phase: str, model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters of ``model``, once the phase has frozen what it freezes."""
-    trainable, total = models.count_parameters(model)
+    trainable, total = count_parameters(model)
     log.info("phase %s: trainable %s / %s parameters", phase, f"{trainable:,}", f"{total:,}")
     return trainable, total
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.checkpoints import checkpoint_problem, load_checkpoint, model_state
 from transferkit.errors import TrainingDivergedError
-from transferkit.records import PhaseRecord
-from transferkit.runs import RunFolder
+from transferkit.run.folder import RunFolder
+from transferkit.run.records import PhaseRecord
+from transferkit.training.checkpoints import checkpoint_problem, load_checkpoint, model_state
 
 log = logging.getLogger(__name__)
 

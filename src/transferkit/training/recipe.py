@@ -24,33 +24,40 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferkit import engine, models, runs
 from transferkit._io import write_csv
 from transferkit.audit.config import DUPLICATE_THRESHOLD
-from transferkit.audit.run import audit_of_run
-from transferkit.cached_rows import CachedRows
+from transferkit.cache.activations import (
+    ViewDataset,
+    boundary_activations,
+    finetune_boundary,
+    inference_backend,
+    split_bounds,
+    training_loader,
+    training_views,
+)
+from transferkit.cache.shards import CachedRows
+from transferkit.cache.store import FeatureCache, FeatureStats
+from transferkit.commands.audit import audit_of_run
 from transferkit.config import MANY_BLOCKS, MANY_BLOCKS_FROM, TrainConfig, parse_unfreeze, unfreeze_is_auto
-from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.exclude import read_exclusions
+from transferkit.data.folders import DatasetIndex, discover
 from transferkit.data.groups import LEAK_COLUMNS, Leaks
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import image_loader, resolve_preprocessing
 from transferkit.data.registry import resolve_data_source, source_problems
 from transferkit.errors import ConfigError, RunFolderError
-from transferkit.features import FeatureCache, FeatureStats
-from transferkit.records import PhaseRecord, RunMetrics
-from transferkit.runs import RunFolder
+from transferkit.models.create import create_classifier
+from transferkit.models.folder import save_model_folder, save_trust
+from transferkit.run.folder import RunFolder, holds_work, prepare_folder
+from transferkit.run.lock import claim
+from transferkit.run.records import PhaseRecord, RunMetrics
 from transferkit.training.evaluation import PhaseInputs, evaluate_phases
-from transferkit.training.splitting import SplitFeatures, pooled_features_of, split_honestly
-from transferkit.trust import save_trust
-from transferkit.training.head import LabelledFeatures, train_head
-from transferkit.training.images import FineTuning, ImageClassifier, fit_with_lightning
+from transferkit.training.head_loop import LabelledFeatures, train_head
+from transferkit.training.lightning import FineTuning, ImageClassifier, fit_with_lightning
 from transferkit.training.phase import class_weights, create_sampler, training_loss
 from transferkit.training.progress import PhaseProgress
-from transferkit.training.activation_inputs import (
-    ViewDataset, boundary_activations, finetune_boundary, inference_backend, split_bounds, training_loader,
-    training_views,
-)
+from transferkit.training.splitting import SplitFeatures, pooled_features_of, split_honestly
+from transferkit.training.trainer_options import process_rank, trainer_options
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +118,7 @@ def resolve_run_dir(data: str | os.PathLike[str], config: TrainConfig) -> Path:
     """
     if config.output:
         return Path(config.output).absolute()
-    if engine.process_rank() != 0 and os.environ.get(RUN_DIR_ENV):
+    if process_rank() != 0 and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     name = Path(os.fspath(data)).name or "data"
     return Path("runs", f"{name}-{config.model.name.replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}").absolute()
@@ -119,31 +126,31 @@ def resolve_run_dir(data: str | os.PathLike[str], config: TrainConfig) -> Path:
 
 def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
     started = time.perf_counter()
-    trainer_options = engine.trainer_options(
+    lightning_options = trainer_options(
         config.accelerator, config.devices, config.num_nodes, config.strategy, config.precision
     )
     run_dir = resolve_run_dir(source, config)
     config = dataclasses.replace(config, output=str(run_dir))  # the caller's config stays as it was
     os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning launches
-    if engine.process_rank() != 0:  # rank zero holds the folder for the whole run
-        return _train_in(RunFolder(run_dir), source, config, resume, trainer_options, started)
-    runs.prepare_folder(run_dir)
+    if process_rank() != 0:  # rank zero holds the folder for the whole run
+        return _train_in(RunFolder(run_dir), source, config, resume, lightning_options, started)
+    prepare_folder(run_dir)
     RunFolder(run_dir).refuse_links_out()  # before any work, so a refusal loses none
-    with runs.claim(run_dir):
+    with claim(run_dir):
         if not resume and RunFolder(run_dir).config_file.exists():
-            if runs.holds_work(run_dir):
+            if holds_work(run_dir):
                 raise RunFolderError(
                     f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
                 )
             log.info("%s holds a start that failed before training; starting again", run_dir)
-        return _train_in(RunFolder(run_dir), source, config, resume, trainer_options, started)
+        return _train_in(RunFolder(run_dir), source, config, resume, lightning_options, started)
 
 
 def _train_in(
     folder: RunFolder, source: str, config: TrainConfig, resume: bool, trainer_options: dict[str, Any], started: float
 ) -> TrainResult:
     """The recipe: data, model, the head phase, fine-tuning, evaluation, the saved model."""
-    main_process = engine.process_rank() == 0
+    main_process = process_rank() == 0
     index, discovered = _prepare_index(source, config, folder, resume)
     classes = index.classes
 
@@ -151,7 +158,7 @@ def _train_in(
     L.seed_everything(config.seed, workers=True, verbose=False)
 
     def create_model() -> nn.Module:
-        return models.create_classifier(config.model, len(classes), config.data.image_size)
+        return create_classifier(config.model, len(classes), config.data.image_size)
 
     model = create_model()
     preprocessing = resolve_preprocessing(model, config.data.image_size)
@@ -246,7 +253,7 @@ def _train_in(
                          config.progress, leaky_val=leaks.images("val"))
     metrics, trust = evaluate_phases(model, progress, inputs, calibrate_on_val=config.calibrate,
                                      unknown_score=config.unknown_score, unknown_keep=config.unknown_keep)
-    models.save_model_folder(model, folder.writable(folder.model_dir), classes, preprocessing, config.model)
+    save_model_folder(model, folder.writable(folder.model_dir), classes, preprocessing, config.model)
     save_trust(folder.model_dir, trust)
     metrics.trust = trust.as_dict()
     metrics.train_seconds = round(time.perf_counter() - started, 2)
@@ -259,7 +266,7 @@ def _train_in(
         folder.writable(folder.audit_dir), split_features.in_order(index),
     ) if config.audit else ""
     if config.report:
-        from transferkit.report import write_report
+        from transferkit.reporting.report import write_report
 
         try:
             write_report([folder.root])

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.cache.passes import cached_pooled_features
+from transferkit.cache.store import FeatureStats
 from transferkit.data.folders import DatasetIndex
 from transferkit.data.groups import Leaks, find_leaks, make_groups, near_copy_pairs
-from transferkit.features import FeatureStats, cached_pooled_features
 
 log = logging.getLogger(__name__)
 

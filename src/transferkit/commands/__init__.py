@@ -1,0 +1,1 @@
+"""One public function per command: the only layer that composes the others."""

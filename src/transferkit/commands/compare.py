@@ -1,0 +1,261 @@
+"""``transferkit compare``: train one dataset several ways and set the runs side by side."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from transferkit._io import read_json, write_csv_rows, write_json
+from transferkit.config import (
+    DEFAULT_MODEL,
+    FEW_BLOCKS,
+    MANY_BLOCKS,
+    TrainConfig,
+    parse_unfreeze,
+    unfreeze_is_auto,
+)
+from transferkit.errors import ConfigError, RunFolderError, close_matches, raise_together
+from transferkit.reporting.comparison import write_comparison_figures, write_comparison_page
+from transferkit.run.comparison import Comparison
+from transferkit.run.folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+STRATEGIES = {
+    "scratch": "random initialisation, every layer trained (the seeds' 'scratch')",
+    "frozen": "ImageNet backbone frozen, a new linear head",
+    "frozen-dense": "ImageNet backbone frozen, a head with a hidden dense layer (the seeds' 'pretrain')",
+    "fine-tune": "head on frozen features, then the top blocks unfrozen (the seeds' 'fine tuning')",
+    "full": "ImageNet weights as the start, every layer trained at once (the seeds' 'initialize pretrain')",
+}
+
+
+COLUMNS = [
+    "strategy", "model", "best_val_accuracy", "test_accuracy", "macro_f1", "epochs_to_best", "epochs",
+    "wall_seconds", "features_from_cache", "trainable_parameters", "total_parameters", "run",
+]
+
+
+# Learning rates of the phases that train the backbone: random weights need a larger step than
+# pretrained ones, which a large step would wreck.
+SCRATCH_LR = 1e-3
+
+
+PRETRAINED_LR = 1e-4
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """What a strategy sets besides its own choices: the same budget for every run, and the
+    knobs of the strategies that have one."""
+
+    epochs: int
+    patience: int
+    hidden_size: int
+    unfreeze: str
+
+
+Strategy = Callable[[TrainConfig, StrategySettings], TrainConfig]
+
+
+def _head_only(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return replace(
+        config, frozen=replace(config.frozen, epochs=settings.epochs, patience=settings.patience),
+        finetune=replace(config.finetune, epochs=0),
+    )
+
+
+def _through_backbone(config: TrainConfig, settings: StrategySettings, lr: float) -> TrainConfig:
+    # Every block trains, so no layer below them stays fixed to cache activations (or views) at.
+    return replace(
+        config, frozen=replace(config.frozen, epochs=0), finetune_on="images", finetune_views=0,
+        finetune=replace(config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze="all", lr=lr),
+    )
+
+
+def scratch(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return replace(
+        _through_backbone(config, settings, SCRATCH_LR), model=replace(config.model, weights="none"), batchnorm="train"
+    )
+
+
+def frozen(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return _head_only(config, settings)
+
+
+def frozen_dense(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return replace(_head_only(config, settings), model=replace(config.model, hidden_size=settings.hidden_size))
+
+
+def fine_tune(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return replace(
+        config, frozen=replace(config.frozen, epochs=settings.epochs, patience=settings.patience),
+        finetune=replace(
+            config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze=settings.unfreeze,
+            lr=PRETRAINED_LR,
+        ),
+    )
+
+
+def full(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
+    return _through_backbone(config, settings, PRETRAINED_LR)
+
+
+STRATEGY_FUNCTIONS: dict[str, Strategy] = {
+    "scratch": scratch, "frozen": frozen, "frozen-dense": frozen_dense, "fine-tune": fine_tune, "full": full,
+}
+"""Each strategy as a function from the shared config to its run's config, in ``STRATEGIES``' order."""
+
+
+def _uncacheable(models: list[str], unfreeze: str) -> list[str]:
+    """The fine-tune strategy's models whose top cannot train on cached activations."""
+    import timm
+
+    from transferkit.models.split import boundary_index
+
+    # Before the data is read, auto may yet mean either count: refused here only where neither
+    # can be cached; where one can, the run itself says so if its count cannot.
+    counts = [FEW_BLOCKS, MANY_BLOCKS] if unfreeze_is_auto(unfreeze) else [parse_unfreeze(unfreeze)]
+    found = []
+    for name in models:
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=2)
+        except Exception:  # noqa: BLE001 - an unknown name is reported by the run itself, with suggestions
+            continue
+        if all(boundary_index(model, count) is None for count in counts):
+            blocks = f"{FEW_BLOCKS} or {MANY_BLOCKS}" if len(counts) > 1 else unfreeze
+            found.append(f"--finetune-on activations: {name} cannot train its top {blocks} blocks on cached "
+                         "activations (fine-tune strategy); use --finetune-on auto, which falls back to images")
+    return found
+
+
+def run_name(strategy: str, model: str, several_models: bool) -> str:
+    return f"{strategy}-{model.replace('/', '_')}" if several_models else strategy
+
+
+def _compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that must match to resume: whether progress bars show changes no result, so a
+    resume with its output piped (``| tee``, nohup) is the same comparison."""
+    return {**settings, "options": {k: v for k, v in settings.get("options", {}).items() if k != "progress"}}
+
+
+def _check_settings(output: Path, settings: dict[str, Any]) -> None:
+    """A comparison folder is resumed only with the settings it was started with."""
+    path = output / "comparison.json"
+    if path.is_file():
+        earlier, now = (_compared(s) for s in (read_json(path), settings))
+        if earlier != now:
+            changed = sorted(key for key in set(earlier) | set(now) if earlier.get(key) != now.get(key))
+            # Both values, since a default that changed between versions looks like "the same options".
+            differences = "; ".join(f"{key} {earlier.get(key)!r} there, {now.get(key)!r} now" for key in changed)
+            raise ConfigError([
+                f"{output} holds a comparison with other settings ({differences}); "
+                "rerun it with the same options or choose another --output"
+            ])
+    write_json(path, settings)
+
+
+def compare(
+    source: str,
+    strategies: list[str] | tuple[str, ...] = tuple(STRATEGIES),
+    models: list[str] | tuple[str, ...] = (DEFAULT_MODEL,),
+    epochs: int = 5,
+    output: str | os.PathLike[str] | None = None,
+    patience: int = 3,
+    hidden_size: int = 1024,
+    unfreeze: str = "auto",
+    options: dict[str, Any] | None = None,
+) -> Comparison:
+    """Train ``source`` with every strategy and model; write the table, figures and HTML page.
+
+    ``options`` are flat train options applied to every run (``{"data.max_per_class": 300,
+    "data.image_size": 224, ...}``, as ``TrainConfig.from_options`` takes them); each strategy
+    then sets its own phases. Rerunning with the same arguments resumes: finished runs are kept,
+    an interrupted one continues.
+    """
+    from transferkit.training.recipe import resume, train
+
+    problems = [f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}{close_matches(s, STRATEGIES)}"
+                for s in strategies if s not in STRATEGIES]
+    if not strategies:
+        problems.append("--strategies is empty; choose from " + ", ".join(STRATEGIES))
+    if not models:
+        problems.append("--models is empty; give at least one timm model name")
+    if epochs < 1:
+        problems.append(f"--epochs must be at least 1, got {epochs}")
+    if len(set(strategies)) != len(strategies) or len(set(models)) != len(models):
+        problems.append("--strategies and --models must not repeat a name")
+    try:
+        parse_unfreeze(unfreeze)
+    except ValueError:  # else only the fine-tune strategy's run would say so, after the others trained
+        problems.append(f"--unfreeze must be a block count (3), a fraction (0.3), 'all' or 'auto', got {unfreeze!r}")
+    options = dict(options or {})
+    shared = raise_together(problems, lambda: TrainConfig.from_options(options))
+    if shared.finetune_on == "activations" and "fine-tune" in strategies:
+        raise_together(_uncacheable(models, unfreeze), lambda: None)  # before any run trains, not at the fourth
+    strategy_settings = StrategySettings(epochs, patience, hidden_size, unfreeze)
+    output = Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}"
+    output = output.absolute()
+    output.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "source": source, "strategies": list(strategies), "models": list(models), "epochs": epochs,
+        "patience": patience, "hidden_size": hidden_size, "unfreeze": unfreeze, "options": options,
+    }
+    _check_settings(output, settings)
+
+    run_dirs: list[tuple[str, str, Path]] = []
+    first_run: Path | None = None
+    for model in models:
+        for strategy in strategies:
+            run_dir = output / run_name(strategy, model, len(models) > 1)
+            run_dirs.append((strategy, model, run_dir))
+            if RunFolder(run_dir).is_finished():
+                log.info("%s: finished earlier, kept", run_dir.name)
+            elif RunFolder(run_dir).is_run():
+                log.info("%s: interrupted earlier, resuming", run_dir.name)
+                resume(run_dir)
+            else:
+                config = STRATEGY_FUNCTIONS[strategy](shared, strategy_settings)
+                config = replace(config, model=replace(config.model, name=model), output=str(run_dir))
+                if first_run is not None:  # same images and splits: the first run's audit covers them all
+                    config = replace(config, data=replace(config.data, splits_from=str(first_run)), audit=False)
+                log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
+                train(source, config)
+            first_run = first_run or run_dir
+
+    rows = [_row(strategy, model, run_dir) for strategy, model, run_dir in run_dirs]
+    comparison = Comparison(output=output, rows=rows)
+    write_csv_rows(output / "comparison.csv", COLUMNS, rows)
+    figures = write_comparison_figures(comparison)
+    write_comparison_page(comparison, figures, STRATEGIES)
+    return comparison
+
+
+def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
+    metrics = RunFolder(run_dir).read_metrics()
+    if metrics is None:
+        raise RunFolderError(f"{run_dir} has not finished; rerun the comparison to finish it")
+    phases = metrics.phases
+    order = [name for name in ("frozen", "finetune") if name in phases]
+    # Epochs of the phases before the best one count: fine-tuning starts after the head's epochs.
+    epochs_before = sum(phases[name].epochs for name in order[: order.index(metrics.best_phase)])
+    return {
+        "strategy": strategy,
+        "model": model,
+        "best_val_accuracy": max(phase.best_val_acc for phase in metrics.usable_phases().values()),
+        "test_accuracy": metrics.test["accuracy"] if metrics.test is not None else None,
+        "macro_f1": metrics.judged["macro_f1"],
+        "epochs_to_best": epochs_before + phases[metrics.best_phase].best_epoch,
+        "epochs": sum(phases[name].epochs for name in order),
+        "wall_seconds": float(metrics.train_seconds),
+        # Runs after the first that freeze the same backbone read its features instead of computing them.
+        "features_from_cache": metrics.features["from_cache"] if metrics.features is not None else None,
+        "trainable_parameters": max(phases[name].trainable_parameters for name in order),
+        "total_parameters": phases[order[0]].total_parameters,
+        "run": run_dir.name,
+    }

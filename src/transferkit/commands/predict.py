@@ -1,0 +1,97 @@
+"""``transferkit predict``: labels, probabilities and the unknown answer for image files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferkit._io import not_regular_reason
+from transferkit.data.folders import image_extensions, list_image_files
+from transferkit.inference.loading import load_predictor
+from transferkit.inference.predictor import Predictor
+from transferkit.trust.records import UNKNOWN
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str]
+    probabilities: list[float]
+    unknown_score: float | None = None
+    """How unlike the training images the image is (higher is less alike); None without a score."""
+    unknown: bool = False
+    """Whether the score is above the model's threshold, with rejection on."""
+
+    @property
+    def answer(self) -> str:
+        """The top label, or ``unknown``."""
+        return UNKNOWN if self.unknown else self.labels[0]
+
+
+@dataclass
+class PredictionResult:
+    predictions: list[Prediction]
+    skipped: list[tuple[str, str]]
+
+
+def collect_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files named directly or found below the folders, in order; missing paths are skipped."""
+    extensions = image_extensions()
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            found, ignored = list_image_files(path, extensions)
+            if not found:
+                skipped.append((str(path), "folder holds no image files"))
+            files += sorted(found)
+            skipped += ignored
+        elif reason := not_regular_reason(path):  # a FIFO would hang the decoder, /dev/zero never ends
+            skipped.append((str(path), reason))
+        elif path.is_file() or path.is_symlink():  # a broken or looping link gets its reason from the decoder
+            files.append(str(path))
+        else:
+            skipped.append((str(path), "no such file or folder"))
+    return files, skipped
+
+
+def predict(
+    run: str | os.PathLike[str] | Predictor,
+    inputs: list[str | os.PathLike[str]],
+    top_k: int = 5,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    tta: bool = False,
+    progress: bool = False,
+    reject: bool = True,
+) -> PredictionResult:
+    """Top-k labels and (calibrated) probabilities for every image in ``inputs`` (files or
+    folders), with the unknown score where the model has one; with ``reject``, an image scored
+    above the model's threshold is answered ``unknown``.
+
+    Files that are not readable images are listed in ``skipped``, never fatal.
+    """
+    classifier = run if isinstance(run, Predictor) else load_predictor(run)
+    files, skipped = collect_images(inputs)
+    unreadable: dict[str, str] = {}
+    probabilities, scores = classifier.scored(
+        files, batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress, unreadable=unreadable
+    )
+    skipped += sorted(unreadable.items())
+    files = [path for path in files if path not in unreadable]
+    k = max(1, min(top_k, len(classifier.classes)))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    threshold = classifier.unknown["threshold"] if reject and classifier.unknown and scores is not None else None
+    predictions = [
+        Prediction(
+            path, [classifier.classes[i] for i in row], [float(probabilities[n, i]) for i in row],
+            unknown_score=None if scores is None else float(scores[n]),
+            unknown=threshold is not None and float(scores[n]) > threshold,  # type: ignore[index]
+        )
+        for n, (path, row) in enumerate(zip(files, order))
+    ]
+    return PredictionResult(predictions, skipped)

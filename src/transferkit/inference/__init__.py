@@ -1,0 +1,1 @@
+"""The predictor, the runtimes it runs on, and the metrics of its answers."""

@@ -1,0 +1,1 @@
+"""The report, its figures, the one HTML style and the heat maps."""

@@ -1,0 +1,96 @@
+"""The comparison's figures and page: every run's curves on one epoch axis, and the table."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+from transferkit._io import atomic_write, write_text
+from transferkit.run.comparison import Comparison
+
+
+def write_comparison_figures(comparison: Comparison) -> dict[str, Path]:
+    """Validation accuracy and loss of every run on one epoch axis, and a bar chart of accuracy."""
+    from transferkit.reporting.figures import FIGURE_DPI, pyplot
+
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    # Runs that share a frozen phase (frozen, fine-tune) draw the same or nearly the same first
+    # epochs (on activations, the fine-tune run's features are rounded through float16):
+    # distinct markers keep both visible.
+    markers = "os^Dv<>PX*"
+    for number, row in enumerate(comparison.rows):
+        history = comparison.run_folder(number).read_history()
+        x = np.arange(1, len(history) + 1)
+        label = row["run"]
+        for axis, column in ((axes[0], "val_acc"), (axes[1], "val_loss")):
+            values = [np.nan if getattr(h, column) is None else getattr(h, column) for h in history]
+            (line,) = axis.plot(x, values, marker=markers[number % len(markers)], markersize=5, fillstyle="none",
+                                label=label)
+            phases = [h.phase for h in history]
+            if "finetune" in phases and phases.index("finetune") > 0:
+                # Where a two-phase run switches from the head to fine-tuning.
+                axis.axvline(phases.index("finetune") + 0.5, color=line.get_color(), linestyle=":", linewidth=1)
+    # A run from scratch starts with losses orders of magnitude above the others.
+    axes[1].set_yscale("log")
+    for axis, title in ((axes[0], "Validation accuracy"), (axes[1], "Validation loss (cross-entropy, log scale)")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch (all phases; dotted: fine-tuning starts)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    curves = comparison.output / "curves.png"
+    atomic_write(curves, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
+    plt.close(figure)
+
+    has_test = all(row["test_accuracy"] is not None for row in comparison.rows)
+    key, split = ("test_accuracy", "test") if has_test else ("best_val_accuracy", "validation")
+    figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(comparison.rows) + 2), 4), constrained_layout=True)
+    names = [row["run"] for row in comparison.rows]
+    values = [row[key] for row in comparison.rows]
+    bars = axis.bar(names, values, color="#2e86c1")
+    for bar, value in zip(bars, values):
+        axis.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", fontsize=9)
+    axis.set_ylim(0, 1.1)
+    axis.set_ylabel(f"{split} accuracy")
+    axis.set_title(f"{split.capitalize()} accuracy by strategy")
+    axis.tick_params(axis="x", rotation=20)
+    bars_path = comparison.output / "accuracy.png"
+    atomic_write(bars_path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
+    plt.close(figure)
+    return {"curves": curves, "accuracy": bars_path}
+
+
+def write_comparison_page(comparison: Comparison, figures: dict[str, Path], descriptions: dict[str, str]) -> Path:
+    """``comparison.html``: the table, both figures embedded, and a link to each run's report."""
+    from transferkit.reporting.html import STYLE, Markup, html_image, html_table
+
+    rows = []
+    for number, row in enumerate(comparison.rows):
+        report = comparison.run_folder(number).report_file
+        link = (f'<a href="{html.escape(row["run"])}/{report.name}">{html.escape(row["run"])}</a>'
+                if report.is_file() else html.escape(row["run"]))
+        rows.append([
+            row["strategy"], row["model"], row["best_val_accuracy"], row["test_accuracy"], row["macro_f1"],
+            row["epochs_to_best"], f"{row['wall_seconds']:.1f}", row["features_from_cache"],
+            f"{row['trainable_parameters']:,} / {row['total_parameters']:,}", Markup(link),
+        ])
+    descriptions = "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>"
+        for name, text in descriptions.items() if any(r["strategy"] == name for r in comparison.rows)
+    )
+    table = html_table(["strategy", "model", "best val accuracy", "test accuracy", "macro F1", "epochs to best",
+                    "wall seconds", "features from cache", "trainable / total parameters", "run"], rows)
+    title = f"transferkit comparison: {comparison.output.name}"
+    page = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>Every run used the same split, seed, epoch budget per phase and early-stopping rule.</p>"
+        f"<ul>{descriptions}</ul>{table}"
+        f"<h2>Validation curves</h2>{html_image(figures['curves'], 'validation curves')}"
+        f"<h2>Accuracy</h2>{html_image(figures['accuracy'], 'accuracy by strategy')}</body></html>"
+    )
+    path = comparison.output / "comparison.html"
+    write_text(path, page)
+    return path

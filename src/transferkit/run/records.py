@@ -1,0 +1,150 @@
+"""The typed records of a run folder's files: ``EpochRecord`` (a row of history.csv),
+``PhaseRecord`` (a phase in progress.json and metrics.json) and ``RunMetrics`` (metrics.json).
+They write the same JSON and CSV as before they existed, so older run folders still load;
+``RunFolder`` (``run.folder``) decides where each file lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+HISTORY_COLUMNS = [
+    "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+]
+
+
+def _number(text: str, kind: type = float) -> Any:
+    return kind(text) if text != "" else None
+
+
+@dataclass
+class EpochRecord:
+    """One row of history.csv; a metric that was not measured is None (an empty cell)."""
+
+    phase: str
+    epoch: int
+    train_loss: float | None = None
+    train_acc: float | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    lr: float | None = None
+    seconds: float | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {k: "" if v is None else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> EpochRecord:
+        values = {name: _number(row[name]) for name in HISTORY_COLUMNS[2:]}
+        return cls(phase=row["phase"], epoch=int(row["epoch"]), **values)
+
+
+@dataclass
+class PhaseRecord:
+    """What a phase left behind: in progress.json while the run trains, in metrics.json after.
+
+    Fields left None are not written, so the JSON holds what is known and no more: a diverged
+    phase has no best epoch, a phase is judged on val and test only once the run is evaluated.
+    """
+
+    done: bool = False
+    best_checkpoint: str = ""
+    """Relative to the run folder."""
+    diverged: bool = False
+    best_val_loss: float | None = None
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    epochs: int | None = None
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+    trained_blocks: int | None = None
+    """Backbone blocks that trained (``--finetune-unfreeze auto`` chooses by the data); None for the head alone."""
+    fit_seconds: float | None = None
+    """Training only, on the process that recorded the phase."""
+    precision: str | None = None
+    """Lightning's precision the phase trained in ('bf16-mixed' where --precision auto found the
+    CPU's bf16 instructions; a resumed phase, that of its last part); None for the head on
+    features, always float32."""
+    val: dict[str, Any] | None = None
+    """Headline metrics of the phase's best checkpoint on the validation split."""
+    test: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PhaseRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def phases_from_dict(values: dict[str, Any]) -> dict[str, PhaseRecord]:
+    return {name: PhaseRecord.from_dict(record) for name, record in values.items()}
+
+
+@dataclass
+class RunMetrics:
+    """metrics.json of a finished run: the saved model judged on each split, and every phase."""
+
+    best_phase: str
+    phases: dict[str, PhaseRecord]
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Headline metrics of the saved model per split (val, and test where the run has one)."""
+    train_seconds: float = 0.0
+    """Wall time of the invocation that finished the run (after a resume, the resumed part)."""
+    features: dict[str, Any] | None = None
+    """How the frozen phase's features were had (FeatureStats), where it trained on features."""
+    trust: dict[str, Any] = field(default_factory=dict)
+    """The saved model's temperature and unknown threshold, as fitted on val (see ``trust``)."""
+    leaks: dict[str, Any] | None = None
+    """Near-copies of training images in val and test: ``pairs`` and ``images`` per split, where
+    any were found; a split listed there scores higher than it would on new images."""
+
+    def inflated(self, split: str) -> int:
+        """The near-copy pairs joining ``split`` to train (0: its score can be trusted that far)."""
+        return int(((self.leaks or {}).get("pairs") or {}).get(split, 0))
+
+    @property
+    def val(self) -> dict[str, Any]:
+        return self.splits["val"]
+
+    @property
+    def test(self) -> dict[str, Any] | None:
+        return self.splits.get("test")
+
+    @property
+    def judged(self) -> dict[str, Any]:
+        """The split a run is judged on: test when it has one, else validation."""
+        return self.test or self.val
+
+    def usable_phases(self) -> dict[str, PhaseRecord]:
+        """The phases that did not diverge, in training order."""
+        return {name: phase for name, phase in self.phases.items() if not phase.diverged}
+
+    def to_dict(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            **self.splits,
+            "best_phase": self.best_phase,
+            "phases": {name: phase.to_dict() for name, phase in self.phases.items()},
+            "train_seconds": self.train_seconds,
+        }
+        if self.features is not None:
+            values["features"] = self.features
+        if self.leaks is not None:
+            values["leaks"] = self.leaks
+        values.update(self.trust)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunMetrics:
+        return cls(
+            best_phase=values["best_phase"],
+            phases=phases_from_dict(values["phases"]),
+            splits={split: values[split] for split in ("val", "test") if split in values},
+            train_seconds=values.get("train_seconds", 0.0),
+            features=values.get("features"),
+            leaks=values.get("leaks"),
+            trust={key: values[key] for key in ("calibration", "unknown") if key in values},
+        )

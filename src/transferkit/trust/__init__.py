@@ -1,0 +1,1 @@
+"""What makes a probability and an unknown answer trustworthy: temperature and unknown scores."""
