@@ -71,7 +71,7 @@ LOOKUP = """
 import json, logging, sys
 import numpy as np
 from pathlib import Path
-from transferkit.features import FeatureCache
+from transferkit.cache.store import FeatureCache
 sys.path.insert(0, {tests!r})
 from test_features import first_byte_features as last_byte
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
