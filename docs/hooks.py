@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from mkdocs.structure.files import File, Files
 
 PAGE = "reference/cli.md"
 # argparse wraps to the terminal's width; a fixed one makes the page the same on every machine.
-HELP_COLUMNS = "100"
+HELP_COLUMNS = "80"
 
 
 def on_files(files: Files, config: Any) -> Files:
@@ -32,6 +33,11 @@ def on_files(files: Files, config: Any) -> Files:
 def cli_page() -> str:
     from transferkit.cli.handlers import COMMANDS
 
+    top = help_of([])
+    # In the order the top-level help lists them; any command it does not list still gets its section.
+    listed = re.search(r"\{([\w,-]+)\}", top)
+    order = listed.group(1).split(",") if listed else []
+    commands = [*order, *(name for name in COMMANDS if name not in order)]
     parts = [
         "# Command line",
         "",
@@ -41,10 +47,10 @@ def cli_page() -> str:
         "drift apart.",
         "",
         "```text",
-        help_of([]).rstrip(),
+        top.rstrip(),
         "```",
     ]
-    for name in COMMANDS:
+    for name in commands:
         parts += ["", f"## {name}", "", "```text", help_of([name]).rstrip(), "```"]
     parts += ["", "## Flat keys of TrainConfig.from_options", "", FLAT_KEYS_INTRO, "", *flat_key_table()]
     return "\n".join(parts) + "\n"
