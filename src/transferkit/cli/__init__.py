@@ -14,6 +14,8 @@ from typing import Any, NoReturn
 from transferkit.cli import console
 from transferkit.cli.handlers import COMMANDS
 from transferkit.cli.options import (
+    DESCRIPTION,
+    add_program_options,
     audit_parser,
     calibrate_parser,
     compare_parser,
@@ -70,7 +72,8 @@ def main(argv: Sequence[str] | None = None, *, ends_process: bool = False) -> in
     everything alive when the heavy imports are done, and when the command ends, is kept for
     good (``gc.freeze``): the cyclic collector then no longer walks the half million objects of
     torch, Lightning and their imports, during a train or in the interpreter's last collections."""
-    parser = _Parser(prog="transferkit", description=__doc__)
+    parser = _Parser(prog="transferkit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_program_options(parser)
     subparsers = parser.add_subparsers(dest="command", required=True)
     train_parser(subparsers)
     compare_parser(subparsers)
