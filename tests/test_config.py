@@ -147,3 +147,27 @@ def test_an_unknown_key_or_a_wrong_type_is_one_line_naming_it_and_the_file(
         f"error: {experiment}: report must be true or false, got 'maybe'",
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_takes_the_files_data_and_model_and_sets_the_phases_itself(tmp_path: Path, tiny_weights: Path) -> None:
+    import yaml
+
+    from conftest import make_folder
+
+    data = make_folder(tmp_path / "data", per_class=8)
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump({
+        "data": {"source": str(data), "image_size": 64, "num_workers": 0},
+        "model": {"name": "test_efficientnet", "weights": str(tiny_weights)},
+        "frozen": {"epochs": 9}, "batchnorm": "train", "output": str(tmp_path / "elsewhere"),
+        "report": False, "audit": False, "progress": False,
+    }))
+
+    assert main(["compare", "--config", str(experiment), "--strategies", "frozen", "--epochs", "1",
+                 "--output", str(tmp_path / "comparison")]) == 0
+
+    record = yaml.safe_load((tmp_path / "comparison" / "frozen" / "config.yaml").read_text())
+    assert (record["model"]["name"], record["data"]["image_size"], record["data"]["source"]) == (
+        "test_efficientnet", 64, str(data))
+    assert record["frozen"]["epochs"] == 1 and record["batchnorm"] == "frozen", "the strategy's, not the file's"
+    assert not (tmp_path / "elsewhere").exists()

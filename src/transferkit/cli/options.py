@@ -46,11 +46,16 @@ CONFIG_HELP = ("read options from a YAML file shaped like a run folder's config.
                "when DATA is not given); flags given as well override it")
 
 
-def add_program_options(parser: argparse.ArgumentParser) -> None:
-    """What the program itself answers, before any command."""
+def add_commands(parser: argparse.ArgumentParser) -> Any:
+    """``--version`` and every command's parser, in the order ``--help`` lists them; the subparsers."""
     from transferkit import __version__
 
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in (train_parser, compare_parser, audit_parser, evaluate_parser, calibrate_parser, predict_parser,
+                report_parser, export_parser, serve_parser, summary_parser):
+        add(subparsers)
+    return subparsers
 
 
 def _flag(prefix: str, name: str) -> str:
