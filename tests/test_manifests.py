@@ -171,3 +171,18 @@ def test_a_manifest_whose_rows_of_a_class_all_name_missing_files_is_refused(tmp_
 
     with pytest.raises(DataError, match=r"labels with no usable images in .*labels\.csv: red \(2 rows, no image found\)"):
         discover(write_csv(tmp_path / "labels.csv", ["path", "label"], rows))
+
+
+def test_a_group_column_keeps_each_group_on_one_side_even_where_near_copies_are_not_grouped(tmp_path: Path) -> None:
+    listed = make_images(tmp_path, per_class=12)
+    # Four shots per group: a random cut of 24 images into 0.5 / 0.5 parts all but surely parts some.
+    rows = [[path, label, f"patient{i // 4}"] for i, (path, label) in enumerate(listed)]
+    manifest = write_csv(tmp_path / "labels.csv", ["path", "label", "group"], rows)
+
+    index = discover(manifest, split=(0.5, 0.5, 0.0), seed=0)
+
+    side = {path: name for name, items in index.splits.items() for path, _ in items}
+    for first in range(0, len(listed), 4):
+        assert len({side[str(tmp_path / path)] for path, _ in listed[first:first + 4]}) == 1
+    assert index.groups[str(tmp_path / listed[0][0])] == "patient0"
+    assert set(index.counts()) == {"train", "val"}

@@ -52,10 +52,10 @@ class DatasetIndex:
             present = {label for _, label in self.splits[split]}
             missing = [self.classes[k] for k in range(len(self.classes)) if k not in present]
             if missing:
-                where = "rows of those labels" if self.layout == "manifest" else "images to those class folders"
+                fix = "images of them to the manifest" if self.layout == "manifest" else "images to those class folders"
                 raise DataError(
                     f"after skipping {len(reasons)} unreadable, duplicate or excluded files, the {split} split has no "
-                    f"images of {', '.join(missing)}; add readable {where}"
+                    f"images of {', '.join(missing)}; add readable {fix}"
                 )
 
     def find_duplicates(self) -> None:

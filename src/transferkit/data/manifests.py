@@ -230,8 +230,11 @@ def read_manifest_index(
             carved = carve_validation(splits, split, seed, classes)
     groups = {row.path: row.group for row in rows if row.group}
     root = source if source.is_dir() else source.parent
-    return DatasetIndex(root=root, classes=classes, splits=finish_splits(splits, max_per_class, seed),
-                        skipped=skipped, layout="manifest", carved=carved, groups=groups)
+    index = DatasetIndex(root=root, classes=classes, splits=finish_splits(splits, max_per_class, seed),
+                         skipped=skipped, layout="manifest", carved=carved, groups=groups)
+    if groups and carved:
+        index.carve_by_groups({}, seed, max_per_class)  # the user's groups hold, --split-groups none or not
+    return index
 
 
 def _check_labels(source: Path, listed: list[Row], rows: list[Row]) -> None:
