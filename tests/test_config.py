@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import make_folder
 
 from transferkit.cli import main
 from transferkit.config import DataConfig, TrainConfig, parse_unfreeze
@@ -71,17 +74,11 @@ def _tiny_flags(weights: Path) -> list[str]:
 
 
 def _history(run: Path) -> list[dict[str, str]]:
-    import csv
-
     with (run / "history.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
 
 
 def test_a_run_folders_config_file_trains_the_same_run_again(tmp_path: Path, tiny_weights: Path) -> None:
-    import yaml
-
-    from conftest import make_folder
-
     data = make_folder(tmp_path / "data", per_class=12)
     first, again = tmp_path / "first", tmp_path / "again"
     # Not the defaults: the file must carry the seed, the split and the phases, not luck.
@@ -110,10 +107,6 @@ def test_a_run_folders_config_file_trains_the_same_run_again(tmp_path: Path, tin
 
 
 def test_flags_override_the_config_file_and_the_rest_of_it_stands(tmp_path: Path, tiny_weights: Path) -> None:
-    import yaml
-
-    from conftest import make_folder
-
     data = make_folder(tmp_path / "data", per_class=8)
     experiment = tmp_path / "experiment.yaml"
     experiment.write_text(yaml.safe_dump({
@@ -150,10 +143,6 @@ def test_an_unknown_key_or_a_wrong_type_is_one_line_naming_it_and_the_file(
 
 
 def test_compare_takes_the_files_data_and_model_and_sets_the_phases_itself(tmp_path: Path, tiny_weights: Path) -> None:
-    import yaml
-
-    from conftest import make_folder
-
     data = make_folder(tmp_path / "data", per_class=8)
     experiment = tmp_path / "experiment.yaml"
     experiment.write_text(yaml.safe_dump({

@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import COLOURS, make_image, tiny_config
 from test_audit import tiny_audit_options
+
 from transferkit import train
 from transferkit.audit.config import AuditConfig
 from transferkit.cli import main

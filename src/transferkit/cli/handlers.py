@@ -9,8 +9,8 @@ import sys
 import time
 from typing import Any
 
-from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
 from transferkit.cli.config_file import TRAIN_OPTIONS, option_types, read_config_file
+from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
 from transferkit.config import DEFAULT_MODEL, TrainConfig
 from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError, raise_together
