@@ -265,3 +265,20 @@ def test_train_with_relative_paths_then_evaluate_from_elsewhere(
     monkeypatch.chdir(elsewhere)
     assert main(["evaluate", str(run_dir), "--split", "val", "--no-progress"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_version_and_the_top_level_help_speak_to_a_user(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert capsys.readouterr().out == f"transferkit {pyproject['project']['version']}\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert description.startswith("Train an image classifier on your own images")
+    assert "dataclass" not in text and "public function" not in text
+    assert "transferkit train photos/" in text and "--config" in text

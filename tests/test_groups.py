@@ -183,7 +183,7 @@ def test_audit_splits_as_train_does_and_finds_no_leak_the_groups_prevent(tmp_pat
 
 
 def test_max_per_class_still_bounds_each_split_cut_by_groups(tmp_path: Path) -> None:
-    from transferkit.data.folders import DatasetIndex
+    from transferkit.data.index import DatasetIndex
 
     items = [(f"/data/{name}/{i}.png", label) for label, name in enumerate(("a", "b")) for i in range(30)]
     index = DatasetIndex(root=Path("/data"), classes=["a", "b"], splits={"train": items[:48], "val": items[48:]},

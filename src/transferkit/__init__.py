@@ -28,7 +28,7 @@ _EXPORTS = {
     "ConfigError": "errors",
     "DataConfig": "config",
     "DataError": "errors",
-    "DatasetIndex": "data.folders",
+    "DatasetIndex": "data.index",
     "ModelConfig": "config",
     "PhaseConfig": "config",
     "Predictor": "inference.predictor",
@@ -68,7 +68,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from transferkit.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig
-    from transferkit.data.folders import DatasetIndex, discover
+    from transferkit.data.folders import discover
+    from transferkit.data.index import DatasetIndex
     from transferkit.data.registry import list_datasets, resolve_data_source
     from transferkit.errors import ConfigError, DataError, RunFolderError, TransferkitError, WeightsUnavailableError
     from transferkit.inference.predictor import Predictor

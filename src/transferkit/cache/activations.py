@@ -31,7 +31,7 @@ from transferkit.cache.store import (
     output_row_shape,
 )
 from transferkit.config import TrainConfig
-from transferkit.data.folders import DatasetIndex
+from transferkit.data.index import DatasetIndex
 from transferkit.data.transforms import AugmentedView
 from transferkit.errors import ConfigError
 from transferkit.inference.predictor import Forward, create_forward, default_backend, run_forward

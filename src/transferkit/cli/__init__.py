@@ -13,18 +13,7 @@ from typing import Any, NoReturn
 
 from transferkit.cli import console
 from transferkit.cli.handlers import COMMANDS
-from transferkit.cli.options import (
-    audit_parser,
-    calibrate_parser,
-    compare_parser,
-    evaluate_parser,
-    export_parser,
-    predict_parser,
-    report_parser,
-    serve_parser,
-    summary_parser,
-    train_parser,
-)
+from transferkit.cli.options import DESCRIPTION, add_commands
 from transferkit.errors import ConfigError, TransferkitError
 
 
@@ -70,18 +59,8 @@ def main(argv: Sequence[str] | None = None, *, ends_process: bool = False) -> in
     everything alive when the heavy imports are done, and when the command ends, is kept for
     good (``gc.freeze``): the cyclic collector then no longer walks the half million objects of
     torch, Lightning and their imports, during a train or in the interpreter's last collections."""
-    parser = _Parser(prog="transferkit", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    train_parser(subparsers)
-    compare_parser(subparsers)
-    audit_parser(subparsers)
-    evaluate_parser(subparsers)
-    calibrate_parser(subparsers)
-    predict_parser(subparsers)
-    report_parser(subparsers)
-    export_parser(subparsers)
-    serve_parser(subparsers)
-    summary_parser(subparsers)
+    parser = _Parser(prog="transferkit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = add_commands(parser)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         subparsers.choices[args.command].unknown_options(unknown)

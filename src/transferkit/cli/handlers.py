@@ -9,8 +9,9 @@ import sys
 import time
 from typing import Any
 
+from transferkit.cli.config_file import TRAIN_OPTIONS, option_types, read_config_file
 from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
-from transferkit.config import TrainConfig
+from transferkit.config import DEFAULT_MODEL, TrainConfig
 from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError, raise_together
 from transferkit.run.folder import RunFolder
@@ -19,6 +20,18 @@ from transferkit.run.folder import RunFolder
 def _train_config(source: str | None, options: dict[str, Any]) -> TrainConfig:
     """The config the flags describe; a missing DATA is reported with every other problem."""
     return raise_together(source_problems(source), lambda: TrainConfig.from_options(options))
+
+
+def _with_config_file(
+    args: argparse.Namespace, options: dict[str, Any], accepted: dict[str, str]
+) -> tuple[str | None, dict[str, Any]]:
+    """DATA and the options, the flags' over ``--config``'s where it is given."""
+    if not args.config:
+        return args.source, options
+    from transferkit.audit.config import AuditConfig
+
+    source, from_file = read_config_file(args.config, accepted, option_types(TrainConfig, AuditConfig))
+    return args.source or source, {**from_file, **options}
 
 
 def _how_to_finish(output: str | None) -> str:
@@ -31,15 +44,18 @@ def _run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # before the imports: torch and Lightning take seconds
     from transferkit.training.recipe import resolve_run_dir, resume, train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose")}
+    if args.resume and args.config:
+        raise ConfigError([f"--resume finishes a run with its own config; drop --config {args.config}"])
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose", "config")}
+    source, options = _with_config_file(args, options, TRAIN_OPTIONS)
     # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
     options.setdefault("progress", sys.stderr.isatty())
-    config = None if args.resume else _train_config(args.source, options)
+    config = None if args.resume else _train_config(source, options)
     if config is not None:  # named here, so that a stopped run can say where it is
-        config = dataclasses.replace(config, output=str(resolve_run_dir(args.source, config)))
+        config = dataclasses.replace(config, output=str(resolve_run_dir(source, config)))
     output = args.resume if config is None else config.output
     try:
-        result = resume(args.resume) if config is None else train(args.source, config)
+        result = resume(args.resume) if config is None else train(source, config)
     except KeyboardInterrupt as interrupt:
         print(f"\ninterrupted; {_how_to_finish(output)}", file=sys.stderr)
         return exit_status(interrupt)
@@ -54,17 +70,24 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_compare(args: argparse.Namespace) -> int:
     from transferkit.commands.compare import compare
 
-    own = {"command", "verbose", "strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size"}
+    own = {"command", "verbose", "strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size",
+           "config"}
     options = {k: v for k, v in vars(args).items() if k not in own and k != "source"}
+    # Each strategy sets the phases, the batch norm and the run folders; a file's say in them is left out.
+    accepted = {key: kind for key, kind in TRAIN_OPTIONS.items()
+                if key not in ("output", "batchnorm", "data.splits_from", "model.hidden_size")}
+    source, options = _with_config_file(args, options, accepted)
+    models = args.models or options.pop("model.name", None) or DEFAULT_MODEL
+    options.pop("model.name", None)
     options.setdefault("progress", sys.stderr.isatty())
-    problems = source_problems(args.source)
+    problems = source_problems(source)
     if problems:
         raise ConfigError(problems)
     try:
         comparison = compare(
-            args.source,
+            source,
             strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-            models=[m.strip() for m in args.models.split(",") if m.strip()],
+            models=[m.strip() for m in models.split(",") if m.strip()],
             epochs=args.epochs, output=args.output, patience=args.patience, hidden_size=args.hidden_size,
             unfreeze=args.unfreeze, options=options,
         )
@@ -80,13 +103,16 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from transferkit.audit.config import AuditConfig
+    from transferkit.audit.config import DATA_SKIP, MODEL_SKIP, AuditConfig
     from transferkit.commands.audit import audit
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "verbose")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "verbose", "config")}
+    skipped = {f"data.{name}" for name in DATA_SKIP} | {f"model.{name}" for name in MODEL_SKIP} | {"output"}
+    accepted = {key: kind for key, kind in option_types(AuditConfig).items() if key not in skipped}
+    source, options = _with_config_file(args, options, accepted)
     options.setdefault("progress", sys.stderr.isatty())
-    config = raise_together(source_problems(args.source), lambda: AuditConfig.from_options(options))
-    result = audit(args.source, config)
+    config = raise_together(source_problems(source), lambda: AuditConfig.from_options(options))
+    result = audit(source, config)
     print_skipped(result.skipped)
     print(result.line())
     for health in result.health:

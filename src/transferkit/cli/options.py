@@ -27,6 +27,37 @@ SECTIONS: list[tuple[type, str, str]] = [
 TOP_LEVEL_SKIP = {"data", "model", "frozen", "finetune"}
 
 
+DESCRIPTION = """\
+Train an image classifier on your own images, starting from a pretrained model, and check it
+before you trust it.
+
+Give it a folder with one sub-folder of images per class, or a CSV file of image paths and
+labels. `transferkit train DATA` trains a new final layer on the pretrained model's features,
+then fine-tunes the top of the model, and writes a run folder with the model, its scores on
+images it never trained on, and report.html. `predict`, `evaluate`, `serve` and `export` use the
+trained model; `audit` finds mislabelled, duplicated and odd images before you train; `compare`
+trains several ways side by side.
+
+  transferkit train photos/                # photos/cat/*.jpg, photos/dog/*.jpg
+  transferkit predict runs/<run> new.jpg
+  transferkit train --config runs/<run>/config.yaml   # train that run again
+"""
+CONFIG_HELP = ("read options from a YAML file shaped like a run folder's config.yaml (its data.source is DATA "
+               "when DATA is not given); flags given as well override it")
+
+
+def add_commands(parser: argparse.ArgumentParser) -> Any:
+    """``--version`` and every command's parser, in the order ``--help`` lists them; the subparsers."""
+    from transferkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in (train_parser, compare_parser, audit_parser, evaluate_parser, calibrate_parser, predict_parser,
+                report_parser, export_parser, serve_parser, summary_parser):
+        add(subparsers)
+    return subparsers
+
+
 def _flag(prefix: str, name: str) -> str:
     return f"--{prefix}{name.replace('_', '-')}"
 
@@ -83,7 +114,7 @@ def _add_fields(
 def train_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
-        help="train a classifier on an image folder or a registered dataset",
+        help="train a classifier on an image folder, a manifest (CSV or JSON Lines) or a registered dataset",
         description="Two phases: a new head on frozen backbone features, then fine-tuning the top blocks.",
     )
     # DATA is optional here only because --resume takes the run's own; without it, it is required.
@@ -99,6 +130,7 @@ def train_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "--frozen-epochs and --finetune-epochs override it (default: "
                              f"{defaults.frozen.epochs} frozen, {defaults.finetune.epochs} fine-tuning)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run from its folder")
+    parser.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return parser
 
@@ -113,13 +145,14 @@ def compare_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated strategies (default: {','.join(STRATEGIES)})")
-    parser.add_argument("--models", default=DEFAULT_MODEL, help=f"comma-separated timm model names (default: {DEFAULT_MODEL})")
+    parser.add_argument("--models", help=f"comma-separated timm model names (default: --config's model.name, else {DEFAULT_MODEL})")
     parser.add_argument("--epochs", type=int, default=5, help="epochs for every phase of every run (default: 5)")
     parser.add_argument("--patience", type=int, default=3,
                         help="every phase stops after this many epochs without a lower validation loss (default: 3)")
     parser.add_argument("--unfreeze", default="auto",
                         help="blocks the fine-tune strategy unfreezes, as --finetune-unfreeze (default: auto)")
     parser.add_argument("--output", metavar="DIR", help="comparison folder (default: runs/compare-<data>)")
+    parser.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP + "; its phases are the strategies' own")
     parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
     defaults = TrainConfig()
     _add_fields(parser, DataConfig, "", "data", defaults.data, skip=frozenset({"splits_from"}))
@@ -143,6 +176,7 @@ def audit_parser(subparsers: Any) -> None:
     _add_fields(parser, DataConfig, "", "data", defaults.data, skip=DATA_SKIP)
     _add_fields(parser, ModelConfig, "", "model", defaults.model, skip=MODEL_SKIP)
     _add_fields(parser, AuditConfig, "", "", defaults, skip=frozenset({"data", "model"}))
+    parser.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP + "; the keys the audit has no use for are left out")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
 
 

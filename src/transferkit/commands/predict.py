@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit._io import not_regular_reason
-from transferkit.data.folders import image_extensions, list_image_files
+from transferkit.data.folders import list_image_files
+from transferkit.data.images import image_extensions
 from transferkit.inference.loading import load_predictor
 from transferkit.inference.predictor import Predictor
 from transferkit.trust.records import UNKNOWN

@@ -204,6 +204,22 @@ def make_groups(
     return {path: names.get(int(component[i]), f"g{component[i]}") for i, path in enumerate(paths)}
 
 
+def given_groups(paths: Sequence[str], keys: dict[str, str], identical: Iterable[Sequence[tuple[str, str, int]]]) -> dict[str, str]:
+    """Each path's group as a manifest's group column gives it (``keys``; a path without one is a
+    group of its own), byte-identical files joined as ``make_groups`` joins them."""
+    row = {path: i for i, path in enumerate(paths)}
+    first: dict[str, int] = {}
+    edges = [(first.setdefault(f"key:{keys[path]}", i), i) for i, path in enumerate(paths) if keys.get(path)]
+    edges += [(row[a], row[b]) for group in identical for (_, a, _), (_, b, _) in zip(group, group[1:])
+              if a in row and b in row]
+    component = connected_groups(len(paths), edges)
+    names: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        if keys.get(path):
+            names.setdefault(int(component[i]), keys[path])
+    return {path: names.get(int(component[i]), f"g{component[i]}") for i, path in enumerate(paths)}
+
+
 def _unchained(component: np.ndarray, identical: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
     """``component``, with each group that holds more than half of a class's images cut back to
     its byte-identical files: such a chain says the features cannot tell the class's images apart

@@ -25,6 +25,12 @@ MAX_IMAGE_PIXELS = 64_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def image_extensions() -> set[str]:
+    """Every file extension Pillow decodes (``.jpg``, ``.png``, ``.webp`` ...), lower case."""
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit, 32-bit integer and floating-point images scaled to 8 bits; a plain convert would
     clip at 255, and turn a float image in [0, 1] (the usual scientific TIFF) black."""

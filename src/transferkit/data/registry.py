@@ -26,7 +26,8 @@ from transferkit.errors import DataError, close_matches
 log = logging.getLogger(__name__)
 
 DATA_HELP = (
-    "an image folder (DATA/<class>/* or DATA/{train,val[,test]}/<class>/*) or the name of a registered dataset"
+    "an image folder (DATA/<class>/* or DATA/{train,val[,test]}/<class>/*), a manifest (a .csv or .jsonl file "
+    "of path,label[,split]; a folder with Hugging Face imagefolder's metadata.csv) or a registered dataset's name"
 )
 DATA_REQUIRED = "DATA is required: give an image folder or a registered dataset name"
 
@@ -131,14 +132,13 @@ def mirror_folders(data_mirror: str | os.PathLike[str] | None) -> list[Path]:
 def resolve_data_source(
     source: str, data_mirror: str | os.PathLike[str] | None = None, download: bool = True
 ) -> Path:
-    """An existing folder is used as is; a registered name is found in a mirror or downloaded."""
+    """An existing folder or manifest file is used as is; a registered name is found in a mirror
+    or downloaded."""
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() or path.is_file():
         return path
     spec = REGISTRY.get(source)
     if spec is None:
-        if path.exists():
-            raise DataError(f"{path} is a file; expected a folder of class folders (DATA/<class>/<image>)")
         raise DataError(
             f"{source!r} is neither a folder nor a registered dataset "
             f"({', '.join(list_datasets())}).{close_matches(source, REGISTRY)}"

@@ -15,7 +15,7 @@ from transferkit.run.lock import LOCK_FILE, training_process
 from transferkit.run.records import HISTORY_COLUMNS, EpochRecord, PhaseRecord, RunMetrics, phases_from_dict
 
 if TYPE_CHECKING:
-    from transferkit.data.folders import DatasetIndex
+    from transferkit.data.index import DatasetIndex
 
 def default_split(split_names: Iterable[str]) -> str:
     """The split a run is judged on: test when the run has one, else validation."""
@@ -265,7 +265,7 @@ class RunFolder:
 
     def read_index(self, root: Path) -> DatasetIndex:
         """The split this run wrote: the same images, classes, skipped files and duplicates."""
-        from transferkit.data.folders import DatasetIndex
+        from transferkit.data.index import DatasetIndex
 
         needed = (self.splits_file, self.classes_file, self.skipped_file)
         missing = [path.name for path in needed if not path.is_file()]
@@ -284,7 +284,7 @@ class RunFolder:
 
     def read_splits(self, classes: list[str]) -> dict[str, list[tuple[str, int]]]:
         """Each split's (path, label) items, in the order the run wrote them."""
-        from transferkit.data.folders import DatasetIndex
+        from transferkit.data.index import DatasetIndex
 
         if not self.splits_file.is_file():
             raise RunFolderError(f"{self.root} is not a finished run folder: {self.splits_file} is missing")

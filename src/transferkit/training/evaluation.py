@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from transferkit.cache.shards import CachedRows
-from transferkit.data.folders import DatasetIndex
+from transferkit.data.index import DatasetIndex
 from transferkit.inference.metrics import (
     compute_metrics,
     evaluation_from_probabilities,

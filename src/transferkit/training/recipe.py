@@ -40,7 +40,8 @@ from transferkit.cache.store import FeatureCache, FeatureStats
 from transferkit.commands.audit import audit_of_run
 from transferkit.config import MANY_BLOCKS, MANY_BLOCKS_FROM, TrainConfig, parse_unfreeze, unfreeze_is_auto
 from transferkit.data.exclude import read_exclusions
-from transferkit.data.folders import DatasetIndex, discover
+from transferkit.data.folders import discover
+from transferkit.data.index import DatasetIndex
 from transferkit.data.groups import LEAK_COLUMNS, Leaks
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import image_loader, resolve_preprocessing

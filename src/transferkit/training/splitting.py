@@ -17,7 +17,7 @@ import numpy as np
 
 from transferkit.cache.passes import cached_pooled_features
 from transferkit.cache.store import FeatureStats
-from transferkit.data.folders import DatasetIndex
+from transferkit.data.index import DatasetIndex
 from transferkit.data.groups import Leaks, find_leaks, make_groups, near_copy_pairs
 
 log = logging.getLogger(__name__)
