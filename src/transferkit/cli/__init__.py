@@ -60,6 +60,26 @@ class _Parser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {', '.join(described)}")
 
 
+COMMAND_PARSERS = (
+    train_parser, compare_parser, audit_parser, evaluate_parser, calibrate_parser, predict_parser, report_parser,
+    export_parser, serve_parser, summary_parser,
+)
+"""Each command's options, in the order ``transferkit --help`` lists the commands."""
+
+
+def _import_lightning(ends_process: bool) -> None:
+    """Lightning sets its loggers to INFO when imported: import it first, so they are quieted after."""
+    if ends_process:
+        # Its imports make over half a million objects that live as long as the process; a
+        # collection during them would walk them all, and the little garbage they leave is frozen with them.
+        gc.disable()
+    try:
+        import lightning  # noqa: F401
+    finally:
+        if ends_process:
+            gc.enable()
+
+
 def command() -> int:
     """The ``transferkit`` program: :func:`main` in a process that ends when it returns."""
     return main(ends_process=True)
@@ -72,16 +92,8 @@ def main(argv: Sequence[str] | None = None, *, ends_process: bool = False) -> in
     torch, Lightning and their imports, during a train or in the interpreter's last collections."""
     parser = _Parser(prog="transferkit", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    train_parser(subparsers)
-    compare_parser(subparsers)
-    audit_parser(subparsers)
-    evaluate_parser(subparsers)
-    calibrate_parser(subparsers)
-    predict_parser(subparsers)
-    report_parser(subparsers)
-    export_parser(subparsers)
-    serve_parser(subparsers)
-    summary_parser(subparsers)
+    for add_parser in COMMAND_PARSERS:
+        add_parser(subparsers)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         subparsers.choices[args.command].unknown_options(unknown)
@@ -89,17 +101,7 @@ def main(argv: Sequence[str] | None = None, *, ends_process: bool = False) -> in
     console.stop_on_sigterm()
     try:
         if args.command in ("train", "compare"):
-            if ends_process:
-                # Lightning's imports (torch and all) make over half a million objects that live as
-                # long as the process, and every full collection during them walks them all again.
-                # The cyclic garbage they leave (12,000 of 726,000 objects) stays, frozen with them.
-                gc.disable()
-            try:
-                # Lightning sets its loggers to INFO when imported: import it first, then quiet them.
-                import lightning  # noqa: F401
-            finally:
-                if ends_process:
-                    gc.enable()
+            _import_lightning(ends_process)
         if ends_process:
             gc.freeze()
         console.quiet_libraries(getattr(args, "verbose", False))
