@@ -257,7 +257,7 @@ import json, sys
 from pathlib import Path
 from transferkit.data.folders import discover
 from transferkit.data.images import UnreadableImage, load_image, read_image
-from transferkit.evaluate import collect_images
+from transferkit.commands.predict import collect_images
 
 root = Path(sys.argv[1])
 pipe, zero = root / "red" / "pipe.jpg", root / "red" / "zero.jpg"

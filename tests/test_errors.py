@@ -52,7 +52,7 @@ def test_a_run_still_training_says_to_wait_and_a_stopped_one_how_to_resume(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys
             from pathlib import Path
-            from transferkit.runs import claim
+            from transferkit.run.lock import claim
             with claim(Path({str(run_dir)!r})):
                 print("claimed", flush=True)
                 sys.stdin.read()
