@@ -7,7 +7,8 @@ import pytest
 from conftest import make_folder, tiny_config
 from PIL import Image
 
-from transferkit import config, train
+from transferkit import train
+from transferkit.training import config  # where --finetune-unfreeze auto reads its thresholds
 from transferkit.models.freeze import unfreeze_top
 from transferkit._io import read_csv_rows
 from transferkit.cli import main

@@ -64,9 +64,7 @@ def current_umask() -> int:
     return mask
 
 
-# File names on Linux are bytes, not always valid UTF-8; Python carries the odd bytes as lone
-# surrogates, and this error handler writes them back as the same bytes, so a listed path still
-# opens the file instead of the write failing.
+# A Linux file name's bytes that are not UTF-8 are written back as the same bytes, so a listed path still opens.
 PATH_ERRORS = "surrogateescape"
 
 

@@ -1,5 +1,8 @@
 """One typed dataclass per stage. Every field's ``help`` becomes the CLI's ``--help``.
 
+``TrainConfig`` composes the sections that live beside what they configure (``data.config``,
+``models.config``, ``training.config``); every name stays importable from here.
+
 Problems are collected and raised together (``ConfigError``) so a user fixes them in one go,
 and each names the flag to change. The data a run trains on is not part of its config: it is
 ``train``'s first parameter (``transferkit.train("photos/", TrainConfig())``), so a config holds
@@ -15,174 +18,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transferkit.data.config import DataConfig, help_text
-from transferkit.errors import ConfigError, close_matches, raise_together
+from transferkit.errors import ConfigError, close_matches, non_finite_problems, raise_together
+from transferkit.models.config import DEFAULT_MODEL, GLOBAL_POOLS, ModelConfig
+from transferkit.training.config import (
+    AUGMENTATIONS,
+    FEW_BLOCKS,
+    MANY_BLOCKS,
+    MANY_BLOCKS_FROM,
+    MAX_LR,
+    OPTIMIZERS,
+    SCHEDULERS,
+    PhaseConfig,
+    default_finetune_phase,
+    default_frozen_phase,
+    parse_unfreeze,
+    unfreeze_is_auto,
+)
 from transferkit.training.trainer_options import lightning_option_problems, parse_devices
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
-SCHEDULERS = ("cosine", "step", "plateau", "constant")
-AUGMENTATIONS = ("none", "light", "strong")
+__all__ = [
+    "AUGMENTATIONS", "BATCHNORM_POLICIES", "CLASS_BALANCE", "DEFAULT_MODEL", "FEW_BLOCKS", "FINETUNE_INPUTS",
+    "GLOBAL_POOLS", "MANY_BLOCKS", "MANY_BLOCKS_FROM", "MAX_LR", "MAX_SEED", "OPTIMIZERS", "SCHEDULERS",
+    "UNKNOWN_SCORES", "DataConfig", "ModelConfig", "PhaseConfig", "TrainConfig", "default_finetune_phase",
+    "default_frozen_phase", "parse_unfreeze", "unfreeze_is_auto",
+]
+
 CLASS_BALANCE = ("none", "weight", "sample")
 BATCHNORM_POLICIES = ("frozen", "train")
 FINETUNE_INPUTS = ("auto", "activations", "images")
-GLOBAL_POOLS = ("avg", "max", "avgmax")
 UNKNOWN_SCORES = ("msp", "energy", "knn", "none")
-# --finetune-unfreeze auto: how many top backbone blocks fine-tuning trains. Six cost twice the
-# fine-tuning time of three and 2.3x the activations (EfficientNet-Lite0 at 256 px), and paid only
-# from a few thousand training images (benchmarks/finetune_inputs.py, activations-4-bf16 against
-# -unfreeze6, means of seeds 42, 1, 2): cifar10 (41,670 training images) test 0.8986 against 0.8757
-# (seed 42), chest X-rays (4,346) val 0.9770 against 0.9713 and test 0.8007 against 0.7922, but
-# tf_flowers (2,934) 0.9357 against 0.9366 in 138 s against 85 s, hymenoptera (244) 0.9564 against
-# 0.9542 (one image of 153 over the three seeds). cifar10_subset (4,170; seed 42, by hand) gained
-# 2.5 points. The line sits in the gap between the sizes measured to gain and not.
-FEW_BLOCKS, MANY_BLOCKS, MANY_BLOCKS_FROM = 3, 6, 4_000
-
-
-def _non_finite(section: Any, flag_prefix: str = "") -> list[str]:
-    """NaN or infinity in any number of ``section``: every range check below compares false
-    with NaN, so ``--split nan,0.5,0.5`` would pass them all and train on two images."""
-    found = []
-    for spec in dataclasses.fields(section):
-        value = getattr(section, spec.name)
-        numbers = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
-            shown = ",".join(map(str, numbers)) if isinstance(value, tuple) else value
-            found.append(f"--{flag_prefix}{spec.name.replace('_', '-')} must be a finite number, got {shown}")
-    return found
-
-
 MAX_SEED = 2**32 - 1  # NumPy's and Lightning's seeding take unsigned 32-bit seeds
-MAX_LR = 1e30
-"""Beyond it an optimizer's step overflows float32 (Adam divides the rate by 0.1 on its first step)
-and fails mid-phase with a traceback; a large rate below it diverges, which train reports in one line."""
-
-
-@dataclass
-class ModelConfig:
-    name: str = field(default=DEFAULT_MODEL, metadata=help_text("any timm model name", flag="--model"))
-    weights: str | None = field(
-        default=None,
-        metadata=help_text(
-            "pretrained weights: default = embedded (EfficientNet-Lite) or timm's hub/cache; "
-            "a .pth/.safetensors file; local-dir:FOLDER (timm layout); or 'none' for random init"
-        ),
-    )
-    drop_rate: float = field(default=0.2, metadata=help_text("dropout before the classifier"))
-    hidden_size: int | None = field(
-        default=None,
-        metadata=help_text("add a hidden dense layer of this width to the head (e.g. 1024)"),
-    )
-    global_pool: str = field(default="avg", metadata=help_text(f"pooling: {', '.join(GLOBAL_POOLS)}"))
-
-    def problems(self) -> list[str]:
-        found = _non_finite(self)
-        if math.isfinite(self.drop_rate) and not 0 <= self.drop_rate < 1:
-            found.append(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
-        if self.hidden_size is not None and self.hidden_size < 1:
-            found.append(f"--hidden-size must be at least 1, got {self.hidden_size}")
-        if self.global_pool not in GLOBAL_POOLS:
-            found.append(f"--global-pool must be one of {', '.join(GLOBAL_POOLS)}, got {self.global_pool!r}")
-        return found
-
-    @property
-    def pretrained(self) -> bool:
-        return (self.weights or "").lower() not in ("none", "random", "scratch")
-
-
-@dataclass
-class PhaseConfig:
-    epochs: int = field(default=0, metadata=help_text("epochs (0 skips the phase)"))
-    lr: float = field(default=1e-3, metadata=help_text("peak learning rate"))
-    optimizer: str = field(default="adamw", metadata=help_text(f"one of {', '.join(OPTIMIZERS)}"))
-    weight_decay: float = field(default=1e-2, metadata=help_text("decoupled weight decay (not on norms and biases)"))
-    scheduler: str = field(
-        default="cosine",
-        metadata=help_text("cosine (with warm-up), step (x0.1 every third of the phase), plateau, constant"),
-    )
-    warmup_epochs: float = field(default=0.0, metadata=help_text("linear warm-up length, in epochs"))
-    augment: str = field(default="none", metadata=help_text(f"augmentation: {', '.join(AUGMENTATIONS)}"))
-    patience: int = field(
-        default=3, metadata=help_text("stop after this many epochs without a lower validation loss")
-    )
-    unfreeze: str = field(
-        default="all",
-        metadata=help_text(
-            "backbone blocks to train: N top blocks, a fraction like 0.3, 'all', or 'auto' "
-            f"({FEW_BLOCKS}, {MANY_BLOCKS} from {MANY_BLOCKS_FROM:,} training images)"
-        ),
-    )
-    head_lr_multiplier: float = field(
-        default=1.0,
-        metadata=help_text("the head's learning rate as a multiple of lr while backbone blocks train with it"),
-    )
-
-    def problems(self, flag_prefix: str) -> list[str]:
-        p = flag_prefix
-        found = _non_finite(self, f"{p}-")
-        if self.epochs < 0:
-            found.append(f"--{p}-epochs must be 0 or more, got {self.epochs}")
-        if math.isfinite(self.lr) and not 0 < self.lr <= MAX_LR:
-            found.append(f"--{p}-lr must be above 0 and at most {MAX_LR:g}, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            found.append(f"--{p}-optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.scheduler not in SCHEDULERS:
-            found.append(f"--{p}-scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.augment not in AUGMENTATIONS:
-            found.append(f"--{p}-augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
-        if math.isfinite(self.weight_decay) and self.weight_decay < 0:
-            found.append(f"--{p}-weight-decay must be 0 or more, got {self.weight_decay}")
-        if math.isfinite(self.warmup_epochs) and self.warmup_epochs < 0:
-            found.append(f"--{p}-warmup-epochs must be 0 or more, got {self.warmup_epochs}")
-        if math.isfinite(self.head_lr_multiplier) and self.head_lr_multiplier <= 0:
-            found.append(f"--{p}-head-lr-multiplier must be above 0, got {self.head_lr_multiplier}")
-        if self.patience < 1:
-            found.append(f"--{p}-patience must be at least 1, got {self.patience}")
-        try:
-            parse_unfreeze(self.unfreeze)
-        except ValueError:
-            found.append(
-                f"--{p}-unfreeze must be a block count (3), a fraction (0.3), 'all' or 'auto', got {self.unfreeze!r}"
-            )
-        return found
-
-
-def unfreeze_is_auto(spec: str) -> bool:
-    return str(spec).strip().lower() == "auto"
-
-
-def parse_unfreeze(spec: str, train_images: int | None = None) -> int | float | None:
-    """'all' -> None, '3' -> 3 blocks, '0.3' -> 30% of the blocks, 'auto' -> by the training
-    set's size (``train_images``; unknown counts as small)."""
-    spec = str(spec).strip().lower()
-    if spec == "auto":
-        return MANY_BLOCKS if train_images is not None and train_images >= MANY_BLOCKS_FROM else FEW_BLOCKS
-    if spec == "all":
-        return None
-    if spec.isdigit():
-        return int(spec)
-    fraction = float(spec)
-    if not 0 < fraction <= 1:
-        raise ValueError(spec)
-    return fraction
-
-
-def default_frozen_phase() -> PhaseConfig:
-    # The head trains on cached features, so many cheap epochs cost seconds.
-    return PhaseConfig(
-        epochs=30, lr=1e-3, weight_decay=1e-2, augment="none", patience=5, unfreeze="0", warmup_epochs=1.0
-    )
-
-
-def default_finetune_phase() -> PhaseConfig:
-    # Four epochs, now that an epoch on cached activations costs a fifth of one on images: against
-    # two, mean val accuracy over seeds 42, 1, 2 (benchmarks/finetune_inputs.py, activations-4)
-    # tf_flowers 0.9366 against 0.9303 (every seed up), hymenoptera 0.9542 against 0.9521, chest
-    # X-rays 0.9713 against 0.9705 (test split 0.7895 against 0.7879); a cold run 1.4x as long.
-    # Patience 4, as measured.
-    # Half an epoch of warm-up eases the just-unfrozen blocks in (DEVELOPERS.md has the runs).
-    return PhaseConfig(
-        epochs=4, lr=1e-4, weight_decay=1e-2, augment="light", patience=4, unfreeze="auto", warmup_epochs=0.5
-    )
 
 
 @dataclass
@@ -258,7 +123,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]
-        found = _non_finite(self) + self.data.problems() + self.model.problems()
+        found = non_finite_problems(self) + self.data.problems() + self.model.problems()
         found += self.frozen.problems("frozen") + self.finetune.problems("finetune")
         if self.class_balance not in CLASS_BALANCE:
             found.append(f"--class-balance must be one of {', '.join(CLASS_BALANCE)}, got {self.class_balance!r}")
@@ -326,8 +191,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_record(self, source: str) -> dict[str, Any]:
-        """What a run folder saves: these values with the data source first in ``data``, the
-        layout config.yaml has had since format 1, so earlier run folders still resume."""
+        """What a run folder saves: these values with the data source first in ``data``."""
         values = self.to_dict()
         values["data"] = {"source": source, **values["data"]}
         return values

@@ -79,3 +79,19 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
     """' Did you mean: a, b, c?' or '' when nothing is close."""
     matches = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
     return f" Did you mean: {', '.join(matches)}?" if matches else ""
+
+
+def non_finite_problems(section: object, flag_prefix: str = "") -> list[str]:
+    """NaN or infinity in any number of a config ``section``: every range check compares false
+    with NaN, so ``--split nan,0.5,0.5`` would pass them all and train on two images."""
+    import dataclasses
+    import math
+
+    found = []
+    for spec in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(section, spec.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
+            shown = ",".join(map(str, numbers)) if isinstance(value, tuple) else value
+            found.append(f"--{flag_prefix}{spec.name.replace('_', '-')} must be a finite number, got {shown}")
+    return found

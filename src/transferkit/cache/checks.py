@@ -1,8 +1,8 @@
 """Whether a feature cache's shard may be used, and what becomes of one that may not.
 
-Nothing read from disk is trusted. A shard must be a regular file (``shards.open_shard``),
-its headers must fit in its size (``shards.locate_shard``), the rows a run reads must have
-the CRC-32 the zip recorded (``shards.check_rows``), and they must be of the type, shape
+Nothing read from disk is trusted. A shard must be a regular file (``shard_file.open_shard``),
+its headers must fit in its size (``shard_file.locate_shard``), the rows a run reads must have
+the CRC-32 the zip recorded (``shard_file.check_rows``), and they must be of the type, shape
 and fingerprint this run's model gives. One that is not is moved aside once
 (``*.unreadable``) with one warning, and the cache computes its rows again, so a run on a
 damaged or foreign cache ends as a run on a clean one does. Temporary shards a killed writer
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit._io import NotRegularFile
-from transferkit.cache.shards import DamagedShard, ShardRows, check_rows, locate_shard, open_shard
+from transferkit.cache.shard_file import DamagedShard, ShardRows, check_rows, locate_shard, open_shard
 
 log = logging.getLogger("transferkit.cache")  # one logger for the cache: users filter on it
 
@@ -88,7 +88,7 @@ class ShardChecks:
                       shard, error)
 
     def locate(self, shard: Path, row_shape: tuple[int, ...] | None) -> tuple[np.ndarray, ShardRows] | None:
-        """``shards.locate_shard``, or None for a shard that is gone or cannot be used; a
+        """``shard_file.locate_shard``, or None for a shard that is gone or cannot be used; a
         damaged shard, or one of rows another model gave, is moved aside."""
         try:
             digests, rows = locate_shard(shard)

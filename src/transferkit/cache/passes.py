@@ -1,4 +1,4 @@
-"""Passes of a backbone over images whose outputs the cache keeps: pooled features, and the row shape a model gives."""
+"""Passes of a backbone over images whose outputs the cache keeps: pooled features, through the store."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The persistent cache of backbone outputs (pooled features, boundary activations, views): one folder per model and preprocessing, rows keyed by each image's content."""
+"""The persistent cache of backbone outputs (pooled features, boundary activations, views): one
+folder per model and preprocessing, rows keyed by each image's content."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,11 @@ import numpy as np
 
 from transferkit._io import atomic_write, cache_home, content_digests, update_with_tensors
 from transferkit.cache.checks import ShardChecks, warn_once
-from transferkit.cache.shards import CachedRows, OpenFiles, ShardRows, row_shape_of, write_shard
+from transferkit.cache.compaction import COMPACT_AT, merge_shards, remove_shards
+from transferkit.cache.shard_file import DIGEST_BYTES, ShardRows, write_shard
+from transferkit.cache.shards import CachedRows, OpenFiles, row_shape_of
 
 log = logging.getLogger("transferkit.cache")  # one logger for the cache: users filter on it
-
-
-DIGEST_BYTES = 32
-
-
-COMPACT_AT = 8
-"""Shards under ``CHUNK`` rows a folder may hold before they are merged: every run that computes
-something adds one, and every run reads them all. Full chunks stay as they are: their number
-grows with the images, not the runs, and merging them rewrote every row (cifar10's 60,000
-activations, 1.4 GB, on the run after the one that computed them)."""
-
 
 CHUNK = 4096
 """Images computed and stored as one shard: what a killed pass can lose at most."""
@@ -39,10 +31,6 @@ CHUNK = 4096
 Compute = Callable[[list[str], dict[str, bytes]], np.ndarray]
 """Features of each path, one row per path in order; it records in the dict the SHA-256 of the
 bytes each row was computed from (``extract_features(..., digests=)`` does)."""
-
-
-class _MergeReadError(Exception):
-    """A shard being merged could not be read: not the folder refusing the merged one."""
 
 
 class _ShapeChanged(Exception):
@@ -135,8 +123,8 @@ class FeatureCache:
             if located is not None:
                 usable.append(located)
         partial = [(digests, rows) for digests, rows in usable if rows.rows < CHUNK]
-        if compact and len(partial) > COMPACT_AT and self._merge(partial):
-            self._remove([rows.path for _, rows in partial])
+        if compact and len(partial) > COMPACT_AT and merge_shards(partial, self.checks, self._write):
+            remove_shards([rows.path for _, rows in partial])
             return self._index(wanted, files, compact=False)
         sources: list[ShardRows | np.ndarray] = []
         found: dict[bytes, tuple[int, int]] = {}
@@ -153,54 +141,6 @@ class FeatureCache:
             found.update((digest, (len(sources), row)) for digest, row in here)
             sources.append(rows)
         return sources, found
-
-    def _merge(self, shards: list[tuple[np.ndarray, ShardRows]]) -> bool:
-        """One shard of the rows of ``shards``, each digest once (two cold runs store the same
-        images twice), written a block at a time; False where it could not be written. The
-        merged shard is in place before any shard it replaces goes, so nothing is lost to a
-        kill; two runs compacting at once leave two shards, both correct. The shards are read one
-        after another, each open only while read, so no limit on open files stops a merge."""
-        digests = np.concatenate([digests for digests, _ in shards])
-        _, first = np.unique(digests, axis=0, return_index=True)
-        keep = np.sort(first)  # in the shards' order, so each shard's kept rows come together
-        source_of = np.concatenate([np.full(rows.rows, i, np.int32) for i, (_, rows) in enumerate(shards)])[keep]
-        row_of = np.concatenate([np.arange(rows.rows) for _, rows in shards])[keep]
-        row_shape = shards[0][1].row_shape
-
-        def blocks() -> Iterator[np.ndarray]:
-            for i, (_, rows) in enumerate(shards):
-                kept = row_of[source_of == i]
-                if not len(kept):
-                    continue
-                files = OpenFiles()
-                try:
-                    descriptor = self.checks.open(rows)
-                    if descriptor is None:
-                        raise _MergeReadError(f"{rows.path.name} is gone or unusable")
-                    files.descriptors[0] = descriptor
-                    one = CachedRows(row_shape, self.dtype, [rows], files, np.zeros(len(kept), np.int32), kept)
-                    for start in range(0, len(kept), 256):
-                        yield one.read(np.arange(start, min(start + 256, len(kept))))
-                except OSError as error:  # a reading error, not the folder refusing the merged shard
-                    raise _MergeReadError(error) from error
-                finally:
-                    files.close()
-
-        try:
-            written = self._write(digests[keep], blocks(), len(keep), row_shape) is not None
-        except _MergeReadError as error:  # merged or removed by another run already
-            log.info("feature cache: not merging the shards of %s (%s)", self.folder, error)
-            return False
-        if written:
-            log.info("feature cache: merged %d shards of %s into one (%d images)", len(shards), self.folder, len(keep))
-        return written
-
-    def _remove(self, shards: list[Path]) -> None:
-        for shard in shards:
-            try:
-                shard.unlink(missing_ok=True)
-            except OSError as error:  # another user's shard in a sticky shared folder: a duplicate, no more
-                log.info("feature cache: could not remove merged shard %s (%s)", shard, error)
 
     def _write(
         self, digests: np.ndarray, blocks: Iterable[np.ndarray], rows: int, row_shape: tuple[int, ...]

@@ -49,6 +49,19 @@ class _Parser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {', '.join(described)}")
 
 
+def _import_lightning(ends_process: bool) -> None:
+    """Lightning sets its loggers to INFO when imported: import it first, so they are quieted after."""
+    if ends_process:
+        # Its imports make over half a million objects that live as long as the process; a
+        # collection during them would walk them all, and the little garbage they leave is frozen with them.
+        gc.disable()
+    try:
+        import lightning  # noqa: F401
+    finally:
+        if ends_process:
+            gc.enable()
+
+
 def command() -> int:
     """The ``transferkit`` program: :func:`main` in a process that ends when it returns."""
     return main(ends_process=True)
@@ -68,17 +81,7 @@ def main(argv: Sequence[str] | None = None, *, ends_process: bool = False) -> in
     console.stop_on_sigterm()
     try:
         if args.command in ("train", "compare"):
-            if ends_process:
-                # Lightning's imports (torch and all) make over half a million objects that live as
-                # long as the process, and every full collection during them walks them all again.
-                # The cyclic garbage they leave (12,000 of 726,000 objects) stays, frozen with them.
-                gc.disable()
-            try:
-                # Lightning sets its loggers to INFO when imported: import it first, then quiet them.
-                import lightning  # noqa: F401
-            finally:
-                if ends_process:
-                    gc.enable()
+            _import_lightning(ends_process)
         if ends_process:
             gc.freeze()
         console.quiet_libraries(getattr(args, "verbose", False))

@@ -123,30 +123,12 @@ def audit_index(
 ) -> AuditResult:
     """The audit of a ``DatasetIndex`` (train passes its own, and its features, and how they were
     had where this audit computed them), written to ``output``."""
-    import torch
-
-    from transferkit.cache.passes import cached_pooled_features
-    from transferkit.cache.store import FeatureStats
-    from transferkit.data.loaders import resolve_preprocessing
-    from transferkit.inference.predictor import default_backend
-    from transferkit.models.create import create_classifier
-
     started = time.perf_counter()
     classes = index.classes
     entries = [(split, path, label) for split, items in index.splits.items() for path, label in items]
     paths = [path for _, path, _ in entries]
     labels = np.array([label for _, _, label in entries], dtype=np.int64)
-    if features is None:
-        model = create_classifier(config.model, len(classes), config.data.image_size)
-        preprocessing = resolve_preprocessing(model, config.data.image_size)
-        features, stats = cached_pooled_features(
-            model, paths, preprocessing, config.model.global_pool,
-            backend=default_backend("cuda" if torch.cuda.is_available() else "cpu"), cache_dir=config.cache_dir,
-            num_workers=config.data.resolved_num_workers(), progress=config.progress,
-        )
-    else:
-        stats = feature_stats or FeatureStats(images=len(paths), from_cache=len(paths), seconds=0.0)
-    features = np.asarray(features, dtype=np.float32)
+    features, stats = _audit_features(paths, len(classes), config, features, feature_stats)
 
     timings: dict[str, float] = {"features": round(stats.seconds, 2)}
     clock = time.perf_counter()
@@ -168,24 +150,13 @@ def audit_index(
 
     images = ImageScores(paths, [split for split, _, _ in entries], labels, probabilities, issues.quality,
                          issues.suggested, scores)
-    findings = _label_findings(images, issues.ranked, classes)
-    findings += _pair_findings(images, pairs, index.duplicates, classes)
-    flagged = np.argsort(-scores, kind="stable")
-    findings += [
-        Finding("outlier", paths[i], images.splits[i], classes[labels[i]], float(scores[i]))
-        for i in flagged if scores[i] > cut
-    ]
-    findings.sort(key=lambda finding: KINDS.index(finding.kind))  # stable: each kind keeps its ranking
-
+    findings = _all_findings(images, issues.ranked, pairs, index.duplicates, classes, cut)
     issues_per_class = np.bincount(labels[issues.ranked], minlength=len(classes))
     health, imbalance = class_health(classes, index.counts(), issues.noise_rate, issues_per_class)
-    counts = {kind: sum(f.kind == kind for f in findings) for kind in KINDS}
-    counts["near_duplicate_pairs"] = counts["label_conflict"] + counts["leakage"] + counts["near_duplicate"]
-    counts["identical_groups"] = len(index.duplicates)
     timings["total"] = round(time.perf_counter() - started, 2)
     summary = {
         "data": str(index.root), "model": config.model.name, "images": len(paths), "classes": classes,
-        "counts": counts, "skipped": len(index.skipped),
+        "counts": _counts(findings, index.duplicates), "skipped": len(index.skipped),
         "duplicate_threshold": config.duplicate_threshold, "neighbours": config.neighbours,
         "principal_components": None if components is None else components.shape[1],
         "regularisation": fitted.regularisation, "out_of_sample_log_loss": round(fitted.log_loss, 4),
@@ -197,6 +168,53 @@ def audit_index(
     write_audit(result, html=config.html)
     log.info("%s; written to %s", result.line(), output)
     return result
+
+
+def _audit_features(
+    paths: list[str], num_classes: int, config: AuditConfig, features: np.ndarray | None, feature_stats: Any,
+) -> tuple[np.ndarray, Any]:
+    """The pooled features of ``paths`` as float32 and how they were had: those given, else the feature cache's."""
+    import torch
+
+    from transferkit.cache.passes import cached_pooled_features
+    from transferkit.cache.store import FeatureStats
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.inference.predictor import default_backend
+    from transferkit.models.create import create_classifier
+
+    if features is None:
+        model = create_classifier(config.model, num_classes, config.data.image_size)
+        preprocessing = resolve_preprocessing(model, config.data.image_size)
+        features, stats = cached_pooled_features(
+            model, paths, preprocessing, config.model.global_pool,
+            backend=default_backend("cuda" if torch.cuda.is_available() else "cpu"), cache_dir=config.cache_dir,
+            num_workers=config.data.resolved_num_workers(), progress=config.progress,
+        )
+    else:
+        stats = feature_stats or FeatureStats(images=len(paths), from_cache=len(paths), seconds=0.0)
+    return np.asarray(features, dtype=np.float32), stats
+
+
+def _all_findings(
+    images: ImageScores, ranked: np.ndarray, pairs: Any, duplicates: Any, classes: list[str], cut: float,
+) -> list[Finding]:
+    """Label issues, near-copy pairs and outliers above ``cut``, grouped by kind, each kind in its ranking."""
+    findings = _label_findings(images, ranked, classes)
+    findings += _pair_findings(images, pairs, duplicates, classes)
+    flagged = np.argsort(-images.outlier_score, kind="stable")
+    findings += [
+        Finding("outlier", images.paths[i], images.splits[i], classes[images.labels[i]], float(images.outlier_score[i]))
+        for i in flagged if images.outlier_score[i] > cut
+    ]
+    findings.sort(key=lambda finding: KINDS.index(finding.kind))  # stable: each kind keeps its ranking
+    return findings
+
+
+def _counts(findings: list[Finding], duplicates: Any) -> dict[str, int]:
+    counts = {kind: sum(f.kind == kind for f in findings) for kind in KINDS}
+    counts["near_duplicate_pairs"] = counts["label_conflict"] + counts["leakage"] + counts["near_duplicate"]
+    counts["identical_groups"] = len(duplicates)
+    return counts
 
 
 def _label_findings(images: ImageScores, ranked: np.ndarray, classes: list[str]) -> list[Finding]:

@@ -36,13 +36,10 @@ def calibrate(
     import numpy as np
     import torch
 
-    from transferkit.data.folders import read_labelled_folder
     from transferkit.inference.loading import saved_classes_and_preprocessing
     from transferkit.inference.predictor import create_forward, default_backend, run_forward
     from transferkit.models.create import PooledFeatures, classify_pooled
     from transferkit.models.folder import load_model, save_trust
-    from transferkit.run.folder import run_split_items
-    from transferkit.trust.records import METHODS
     from transferkit.trust.temperature import fit_calibration
     from transferkit.trust.unknown import fit_rejection
 
@@ -53,22 +50,8 @@ def calibrate(
     model, config = load_model(folder)
     classes, preprocessing = saved_classes_and_preprocessing(model, config, folder)
     old = _old_trust(folder, config)
-    method = unknown_score or (old.rejection.method if old.rejection else "knn")
-    keep = unknown_keep if unknown_keep is not None else (old.rejection.keep if old.rejection else 0.95)
-    problems = []
-    if method not in METHODS:
-        problems.append(f"--unknown-score must be one of {', '.join(METHODS)}, got {method!r}")
-    if not 0 < keep <= 1:
-        problems.append(f"--unknown-keep must be in (0, 1], got {keep}")
-    if problems:
-        raise ConfigError(problems)
-    if data is None:
-        _, items = run_split_items(run_folder.root, "val", classes)
-        skipped: list[tuple[str, str]] = []
-        fitted_on = "val"
-    else:
-        items, skipped = read_labelled_folder(Path(data), classes)
-        fitted_on = str(data)
+    method, keep = _unknown_settings(old, unknown_score, unknown_keep)
+    items, skipped, fitted_on = _labelled_items(run_folder, data, classes)
     forward = create_forward(PooledFeatures(model), preprocessing["input_size"], default_backend("cpu"))
 
     def pooled(paths: list[str], unreadable: dict[str, str] | None = None) -> torch.Tensor:
@@ -89,15 +72,49 @@ def calibrate(
         saved = _saved_bank(folder, model.num_features) if kept_knn else None
         trust.bank = saved if saved is not None else _training_bank(run_folder, classes, pooled)
     trust.rejection = fit_rejection(method, keep, torch.from_numpy(logits / trust.temperature), features,
-                                              trust.bank, fitted_on)
+                                    trust.bank, fitted_on)
     save_trust(folder, trust)
+    _record_in_run(run_folder, trust)
+    return trust, skipped
+
+
+def _unknown_settings(old: Trust, unknown_score: str | None, unknown_keep: float | None) -> tuple[str, float]:
+    """The unknown score and share to fit: those asked for, else the model's own, else knn and 0.95."""
+    from transferkit.trust.records import METHODS
+
+    method = unknown_score or (old.rejection.method if old.rejection else "knn")
+    keep = unknown_keep if unknown_keep is not None else (old.rejection.keep if old.rejection else 0.95)
+    problems = []
+    if method not in METHODS:
+        problems.append(f"--unknown-score must be one of {', '.join(METHODS)}, got {method!r}")
+    if not 0 < keep <= 1:
+        problems.append(f"--unknown-keep must be in (0, 1], got {keep}")
+    if problems:
+        raise ConfigError(problems)
+    return method, keep
+
+
+def _labelled_items(
+    run_folder: RunFolder, data: str | os.PathLike[str] | None, classes: list[str],
+) -> tuple[list[tuple[str, int]], list[tuple[str, str]], str]:
+    """(items, skipped files, what they are) to fit on: the folder ``data``, else the run's val split."""
+    from transferkit.data.folders import read_labelled_folder
+    from transferkit.run.folder import run_split_items
+
+    if data is None:
+        return run_split_items(run_folder.root, "val", classes)[1], [], "val"
+    items, skipped = read_labelled_folder(Path(data), classes)
+    return items, skipped, str(data)
+
+
+def _record_in_run(run_folder: RunFolder, trust: Trust) -> None:
+    """The run's metrics say what its model now carries; its exports, which do not, are named."""
     metrics = run_folder.read_metrics()
-    if metrics is not None:  # the run's record of its model says what the model now carries
+    if metrics is not None:
         metrics.trust = trust.as_dict()
         run_folder.write_metrics(metrics)
     if run_folder.export_dir.is_dir():
         log.warning("exports in %s still carry the old temperature and threshold; export again", run_folder.export_dir)
-    return trust, skipped
 
 
 def _old_trust(folder: Path, config: dict[str, Any]) -> Trust:

@@ -36,21 +36,7 @@ def evaluate(
     """
     run_dir = Path(run)
     classifier = load_predictor(run_dir)
-    if data is None:
-        if is_onnx_file(run_dir):
-            raise DataError(f"{run_dir} is a model file without data splits; give a labelled folder DATA to evaluate on")
-        split, items = run_split_items(run_dir, split, classifier.classes)
-        skipped: list[tuple[str, str]] = []
-        name = split
-    else:
-        root = Path(data)
-        if split is not None:
-            folders = split_folders(root) if root.is_dir() else {}
-            if split not in folders:
-                raise DataError(f"{root} has no {split} folder; point at a folder of class folders or drop --split")
-            root = folders[split]
-        items, skipped = read_labelled_folder(root, classifier.classes)
-        name = root.name
+    name, items, skipped = _labelled_items(run_dir, data, split, classifier.classes)
     unreadable: dict[str, str] = {}
     probabilities, scores = classifier.scored(
         [path for path, _ in items], batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress,
@@ -77,3 +63,23 @@ def evaluate(
     home = RunFolder(run_dir.parent if is_onnx_file(run_dir) else run_dir)
     evaluation.write(Path(output) if output else home.writable(home.evaluation_dir(name + ("-tta" if tta else ""))))
     return evaluation
+
+
+def _labelled_items(
+    run_dir: Path, data: str | os.PathLike[str] | None, split: str | None, classes: list[str],
+) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
+    """(the evaluation's name, its (path, label) items, the files skipped): the run's own split
+    without ``data``, else the labelled folder ``data`` (its ``split`` folder where one is named)."""
+    if data is None:
+        if is_onnx_file(run_dir):
+            raise DataError(f"{run_dir} is a model file without data splits; give a labelled folder DATA to evaluate on")
+        split, items = run_split_items(run_dir, split, classes)
+        return split, items, []
+    root = Path(data)
+    if split is not None:
+        folders = split_folders(root) if root.is_dir() else {}
+        if split not in folders:
+            raise DataError(f"{root} has no {split} folder; point at a folder of class folders or drop --split")
+        root = folders[split]
+    items, skipped = read_labelled_folder(root, classes)
+    return root.name, items, skipped

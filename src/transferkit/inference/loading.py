@@ -19,10 +19,12 @@ from transferkit.inference.predictor import (
 )
 from transferkit.models.metadata import FieldError, check_classes, check_preprocessing, shown
 from transferkit.run.folder import is_onnx_file, model_folder
+from transferkit.run.records import saved_preprocessing
 from transferkit.trust.records import Rejection
 
 if TYPE_CHECKING:
     from torch import nn
+
 
 def predictor_metadata(predictor: Predictor) -> dict[str, Any]:
     """What an exported file carries so it can be used alone: class names, preprocessing, origin."""
@@ -101,13 +103,9 @@ def load_run_model(path: str | os.PathLike[str]) -> tuple[nn.Module, Predictor]:
 def saved_classes_and_preprocessing(
     model: nn.Module, config: dict[str, Any], folder: Path,
 ) -> tuple[list[str], dict[str, Any]]:
-    """The class names and preprocessing a model ``folder``'s ``config.json`` names (the backbone's
-    own preprocessing where an older folder names none), checked against ``model``."""
-    from transferkit.data.loaders import resolve_preprocessing
-
+    """The class names and preprocessing a model ``folder``'s ``config.json`` names, checked against ``model``."""
     try:
-        preprocessing = (config.get("transferkit") or {}).get("preprocessing") or resolve_preprocessing(model)
-        preprocessing = check_preprocessing(preprocessing, "transferkit.preprocessing")
+        preprocessing = check_preprocessing(saved_preprocessing(config, model), "transferkit.preprocessing")
         names = config.get("label_names") or [str(i) for i in range(config["num_classes"])]
         classes = check_classes(names, config["num_classes"], "label_names")
     except FieldError as error:
@@ -131,4 +129,4 @@ def load_predictor(path: str | os.PathLike[str], device: str | None = None) -> P
 
 
 load_classifier = load_predictor
-"""The name README documented before ``Predictor``; kept so that code written against it runs."""
+"""An earlier name of ``load_predictor``, kept so that code written against it runs."""

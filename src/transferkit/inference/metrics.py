@@ -106,11 +106,6 @@ def compute_metrics(
         normalized = np.nan_to_num(confusion / confusion.sum(axis=1, keepdims=True))
     bins = reliability_bins(probabilities, targets)
     label_probability, losses = label_losses(probabilities, targets)
-
-    off_diagonal = [
-        (int(confusion[t, p]), t, p) for t in labels for p in labels if t != p and confusion[t, p] > 0
-    ]
-    off_diagonal.sort(key=lambda item: (-item[0], item[1], item[2]))
     result: dict[str, Any] = {
         "images": int(len(targets)),
         "accuracy": float(sk.accuracy_score(targets, predictions)),
@@ -132,25 +127,41 @@ def compute_metrics(
         ],
         "confusion_matrix": confusion.tolist(),
         "confusion_matrix_normalized": normalized.round(6).tolist(),
-        "most_confused": [
-            {"label": classes[t], "predicted": classes[p], "count": count} for count, t, p in off_diagonal[:MOST_CONFUSED]
-        ],
+        "most_confused": _most_confused(confusion, classes),
         "reliability": bins,
     }
     if paths is not None:
-        worst = np.argsort(-losses, kind="stable")[:HIGHEST_LOSS]
-        result["highest_loss"] = [
-            {
-                "path": paths[i],
-                "label": classes[targets[i]],
-                "predicted": classes[predictions[i]],
-                "confidence": float(probabilities[i, predictions[i]]),
-                "label_probability": float(label_probability[i]),
-                "loss": float(losses[i]),
-            }
-            for i in worst
-        ]
+        result["highest_loss"] = _highest_loss(paths, classes, targets, probabilities, label_probability, losses)
     return result
+
+
+def _most_confused(confusion: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
+    """The most frequent (label, predicted) mistakes, most first, ties in class order."""
+    labels = range(len(classes))
+    off_diagonal = [
+        (int(confusion[t, p]), t, p) for t in labels for p in labels if t != p and confusion[t, p] > 0
+    ]
+    off_diagonal.sort(key=lambda item: (-item[0], item[1], item[2]))
+    return [{"label": classes[t], "predicted": classes[p], "count": count} for count, t, p in off_diagonal[:MOST_CONFUSED]]
+
+
+def _highest_loss(
+    paths: list[str], classes: list[str], targets: np.ndarray, probabilities: np.ndarray,
+    label_probability: np.ndarray, losses: np.ndarray,
+) -> list[dict[str, Any]]:
+    """The images with the highest log loss, highest first."""
+    predictions = probabilities.argmax(axis=1)
+    return [
+        {
+            "path": paths[i],
+            "label": classes[targets[i]],
+            "predicted": classes[predictions[i]],
+            "confidence": float(probabilities[i, predictions[i]]),
+            "label_probability": float(label_probability[i]),
+            "loss": float(losses[i]),
+        }
+        for i in np.argsort(-losses, kind="stable")[:HIGHEST_LOSS]
+    ]
 
 
 HEADLINE_METRICS = (

@@ -32,7 +32,7 @@ ONNX_OUTPUT = "logits"
 ONNX_METADATA_KEY = "transferkit"
 ONNX_OPSET = 17
 ONNX_CACHE_KEEP = 16
-"""Exports kept in the cache folder, the most recently used first (about 14 MB each for the default)."""
+"""Exports kept in the cache folder, the most recently used first."""
 
 
 def create_session(model: str | os.PathLike[str] | bytes) -> Any:
@@ -99,9 +99,8 @@ def export_digest(module: nn.Module, input_size: tuple[int, ...]) -> str:
 def cached_session(module: nn.Module, input_size: tuple[int, ...]) -> Any | None:
     """An ONNX Runtime session of ``module``; None if ONNX cannot express it.
 
-    The export (0.4 s for the default backbone, seconds for larger ones, on every predict,
-    evaluate and feature pass) is kept in the cache folder and reused while the module and its
-    weights are the same.
+    The export, otherwise paid on every predict, evaluate and feature pass, is kept in the
+    cache folder and reused while the module and its weights are the same.
     """
     try:
         path = onnx_cache_folder() / f"{export_digest(module, input_size)}.onnx"

@@ -47,10 +47,9 @@ def preprocessed_batches(
     ``transform``: when given, what each decoded image and the SHA-256 of its file's bytes give in
     place of the evaluation transform (``data.loaders.AugmentedView``: a view seeded by the content).
 
-    Threads, not processes: Pillow's decoder and resize and NumPy's arithmetic release the GIL
-    (measured 670 img/s with 2 threads against 564 img/s for a 2-process DataLoader on
-    tf_flowers), and there is no process start-up. At most two batches are in flight, so a
-    slow model never makes the images pile up in memory.
+    Threads, not processes: Pillow's decoder and resize and NumPy's arithmetic release the GIL,
+    and there is no process start-up (benchmarks/RESULTS.md, "Measurements behind defaults").
+    At most two batches are in flight, so a slow model never makes the images pile up in memory.
     """
     min_side = resize_side(preprocessing)
 
@@ -173,7 +172,7 @@ CPU where ONNX cannot express the module); "cpu" and "cuda" are eager PyTorch on
 
 
 def default_backend(device: str) -> str:
-    """ONNX Runtime on CPU (4x eager PyTorch for EfficientNet-Lite0 on 2 cores), eager PyTorch on a GPU."""
+    """ONNX Runtime on CPU (several times eager PyTorch's speed there), eager PyTorch on a GPU."""
     return "onnx" if device == "cpu" else device
 
 

@@ -45,49 +45,9 @@ def create_classifier(config: ModelConfig, num_classes: int, image_size: int | N
     if not config.pretrained:
         model = timm.create_model(config.name, pretrained=False, num_classes=num_classes, **head_args)
     elif weights and weights.startswith("local-dir:"):
-        folder = Path(weights[len("local-dir:") :]).expanduser()
-        if not (folder / "config.json").is_file():
-            raise WeightsUnavailableError(
-                f"{folder} is not a timm model folder: expected {folder}/config.json and model.safetensors"
-            )
-        # Architecture options the weights need (MobileNetV2's pad_type="same") travel with the
-        # model, so the saved run folder rebuilds the same network.
-        source = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        architecture_args = {
-            k: v for k, v in (source.get("model_args") or {}).items()
-            if k not in ("num_classes", "global_pool", "in_chans", "drop_rate")
-        }
-        model = timm.create_model(
-            f"local-dir:{folder}", pretrained=True, num_classes=num_classes, **architecture_args, **head_args
-        )
-        model.pretrained_cfg = {**model.pretrained_cfg, "architecture_args": architecture_args}
+        model = _from_local_dir(Path(weights[len("local-dir:") :]).expanduser(), num_classes, head_args)
     elif weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsUnavailableError(
-                f"weights file {path} not found; pass --weights with a .pth/.safetensors state dict, "
-                "--weights local-dir:FOLDER, or --weights none to train from scratch"
-            )
-        try:
-            model = timm.create_model(
-                config.name,
-                pretrained=True,
-                pretrained_cfg_overlay={"file": str(path)},
-                num_classes=num_classes,
-                **head_args,
-            )
-        except Exception as error:  # not a state dict, a pickle that would run code, a wrong model
-            text = str(error)
-            if refused := refused_pickle(error):
-                reason = f"holds pickled code, refused: {refused}"
-            elif "state_dict" in text:  # a real state dict of another architecture: say what does not fit
-                reason = " ".join(text.split())[:200]
-            else:
-                reason = "not a PyTorch or safetensors weights file"
-            raise WeightsUnavailableError(
-                f"--weights {path} cannot be loaded as weights of {config.name} ({reason}); pass a .pth or "
-                ".safetensors state dict of that architecture (tensors only: pickled code is refused)"
-            ) from None
+        model = _from_weights_file(config.name, Path(weights).expanduser(), num_classes, head_args)
     elif (embedded := embedded_weights_file(config.name)) is not None:
         model = timm.create_model(config.name, pretrained=False, **head_args)
         model.load_state_dict(load_embedded_state_dict(model, embedded))
@@ -101,6 +61,59 @@ def create_classifier(config: ModelConfig, num_classes: int, image_size: int | N
     if config.hidden_size:
         replace_classifier(model, create_head(model.num_features, num_classes, config.hidden_size, config.drop_rate))
     return model
+
+
+def _from_local_dir(folder: Path, num_classes: int, head_args: dict[str, Any]) -> nn.Module:
+    """``--weights local-dir:FOLDER``: a timm model folder, its architecture options kept with the model."""
+    import timm
+
+    if not (folder / "config.json").is_file():
+        raise WeightsUnavailableError(
+            f"{folder} is not a timm model folder: expected {folder}/config.json and model.safetensors"
+        )
+    # Architecture options the weights need (MobileNetV2's pad_type="same") travel with the
+    # model, so the saved run folder rebuilds the same network.
+    source = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    architecture_args = {
+        k: v for k, v in (source.get("model_args") or {}).items()
+        if k not in ("num_classes", "global_pool", "in_chans", "drop_rate")
+    }
+    model = timm.create_model(
+        f"local-dir:{folder}", pretrained=True, num_classes=num_classes, **architecture_args, **head_args
+    )
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture_args": architecture_args}
+    return model
+
+
+def _from_weights_file(name: str, path: Path, num_classes: int, head_args: dict[str, Any]) -> nn.Module:
+    """``--weights FILE``: a state dict of ``name``'s architecture; anything else refused in one line."""
+    import timm
+
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights file {path} not found; pass --weights with a .pth/.safetensors state dict, "
+            "--weights local-dir:FOLDER, or --weights none to train from scratch"
+        )
+    try:
+        return timm.create_model(
+            name,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path)},
+            num_classes=num_classes,
+            **head_args,
+        )
+    except Exception as error:  # not a state dict, a pickle that would run code, a wrong model
+        text = str(error)
+        if refused := refused_pickle(error):
+            reason = f"holds pickled code, refused: {refused}"
+        elif "state_dict" in text:  # a real state dict of another architecture: say what does not fit
+            reason = " ".join(text.split())[:200]
+        else:
+            reason = "not a PyTorch or safetensors weights file"
+        raise WeightsUnavailableError(
+            f"--weights {path} cannot be loaded as weights of {name} ({reason}); pass a .pth or "
+            ".safetensors state dict of that architecture (tensors only: pickled code is refused)"
+        ) from None
 
 
 def _fit_input_size(model: nn.Module, image_size: int) -> None:

@@ -79,9 +79,8 @@ def forward_top(model: nn.Module, activations: torch.Tensor, boundary: int, pre_
 
 def forward_head(model: nn.Module, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
     """timm's ``forward_head`` on channels-last feature maps, with their gradient handed back
-    channels-last too. Pooling's backward yields a broadcast gradient, and the last batch norm's
-    backward on CPU takes 9x as long on that as on channels-last (23 against 2.5 ms for
-    EfficientNet-Lite0's 1280 x 8 x 8 maps, batch 32): about 8% of a fine-tuning step."""
+    channels-last too: pooling's backward yields a broadcast gradient, on which the last batch
+    norm's backward is several times slower on CPU (benchmarks/RESULTS.md, "Measurements behind defaults")."""
     if features.requires_grad and features.dim() == 4 and features.is_contiguous(memory_format=torch.channels_last):
         features = _ChannelsLastGradient.apply(features)
     return model.forward_head(features, pre_logits=pre_logits)

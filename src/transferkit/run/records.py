@@ -1,14 +1,84 @@
-"""The typed records of a run folder's files: ``EpochRecord`` (a row of history.csv),
-``PhaseRecord`` (a phase in progress.json and metrics.json) and ``RunMetrics`` (metrics.json).
-They write the same JSON and CSV as before they existed, so older run folders still load;
-``RunFolder`` (``run.folder``) decides where each file lives.
+"""The typed records of a run folder's files: the run's config (config.yaml), ``EpochRecord``
+(a row of history.csv), ``PhaseRecord`` (a phase in progress.json and metrics.json) and
+``RunMetrics`` (metrics.json); ``RunFolder`` (``run.folder``) decides where each file lives.
+
+Every allowance for a folder an earlier transferkit wrote is here, so it is dropped in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from transferkit.config import TrainConfig
+from transferkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+RUN_FORMAT_VERSION = 1
+"""config.yaml's layout: a folder of another version is refused rather than misread."""
+
+
+class DamagedRecord(ValueError):
+    """A record that cannot be read as what it should hold; the message says why."""
+
+
+class OtherFormat(ValueError):
+    """A record of another format version than this transferkit reads."""
+
+
+def config_yaml(source: str, config: TrainConfig) -> str:
+    """config.yaml: the data source first in ``data``, the format version last."""
+    import yaml
+
+    values = json.loads(json.dumps(config.to_record(source)))
+    values["format_version"] = RUN_FORMAT_VERSION
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def config_from_yaml(content: bytes) -> tuple[str, TrainConfig]:
+    """``config_yaml``'s inverse (see ``config_from_record``); damaged YAML is a ``DamagedRecord``."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(content.decode("utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise DamagedRecord(" ".join(str(error).split())[:160]) from None
+    return config_from_record(values)
+
+
+def config_from_record(values: Any) -> tuple[str, TrainConfig]:
+    """config.yaml's values read back: the data source and the config; ``DamagedRecord`` for values
+    that cannot be one, ``OtherFormat`` for another version's, ``ConfigError`` for options this one refuses."""
+    if not isinstance(values, dict):
+        raise DamagedRecord("not a mapping of options")
+    values = dict(values)
+    if "format_version" not in values:  # written last: a file cut short loses it
+        raise DamagedRecord("no format_version")
+    version = values.pop("format_version")
+    if version != RUN_FORMAT_VERSION:
+        raise OtherFormat(f"format version {version!r}, this transferkit reads {RUN_FORMAT_VERSION}")
+    # Written before --finetune-on existed, when every run fine-tuned on images: a resumed run
+    # goes on as it started, whatever the default is now.
+    values.setdefault("finetune_on", "images")
+    try:
+        return TrainConfig.from_record(values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # a section that is not a mapping, a value of the wrong kind
+        raise DamagedRecord(str(error)) from None
+
+
+def saved_preprocessing(config: dict[str, Any], model: nn.Module) -> Any:
+    """The preprocessing a model folder's config.json names, unchecked; the backbone's own where
+    the folder names none (a plain timm folder, or one an earlier transferkit wrote)."""
+    from transferkit.data.loaders import resolve_preprocessing
+
+    return (config.get("transferkit") or {}).get("preprocessing") or resolve_preprocessing(model)
 
 HISTORY_COLUMNS = [
     "phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
@@ -78,6 +148,11 @@ class PhaseRecord:
     def from_dict(cls, values: dict[str, Any]) -> PhaseRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def default_split(split_names: Iterable[str]) -> str:
+    """The split a run is judged on: test when the run has one, else validation."""
+    return "test" if "test" in split_names else "val"
 
 
 def phases_from_dict(values: dict[str, Any]) -> dict[str, PhaseRecord]:

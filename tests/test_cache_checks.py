@@ -25,7 +25,7 @@ import torch
 
 from conftest import TINY_MODEL, make_folder, tiny_config
 from transferkit import train
-from test_features import first_byte_features as last_byte  # the stand-in backbone test_features uses
+from test_cache_store import first_byte_features as last_byte  # the stand-in backbone test_cache_store uses
 from transferkit.cache.store import FeatureCache
 from transferkit.cache.passes import cached_pooled_features
 
@@ -73,7 +73,7 @@ import numpy as np
 from pathlib import Path
 from transferkit.cache.store import FeatureCache
 sys.path.insert(0, {tests!r})
-from test_features import first_byte_features as last_byte
+from test_cache_store import first_byte_features as last_byte
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 paths = {paths!r}
 features, stats = FeatureCache(Path({folder!r})).features(paths, last_byte)
