@@ -96,6 +96,6 @@ def warn_of_leaks(leaks: Leaks, *, carved: set[str], grouped: bool, group_by: st
         fixes.append(f"move the {' and '.join(given)} copies into train, or leave them out with --exclude leaks.csv")
     where = " and ".join(f"{count} to {split}" for split, count in counts.items())
     log.warning(
-        "near-copy pairs (cosine similarity >= %.2f) join train %s, listed in leaks.csv: those scores read "
-        "higher than on new images; %s", leaks.threshold, where, "; ".join(fixes),
+        "near-copy pairs (cosine similarity >= %.2f, or each other's distinctly nearest image) join train %s, "
+        "listed in leaks.csv: those scores read higher than on new images; %s", leaks.threshold, where, "; ".join(fixes),
     )
