@@ -136,11 +136,11 @@ def table(rows: list[dict[str, object]]) -> str:
 
 def pooled_features(root: Path, cache: str | None) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Every image's pooled features with the default model, as train computes them before its split."""
+    from transferkit.cache.passes import cached_pooled_features
     from transferkit.config import ModelConfig
     from transferkit.data.folders import discover
     from transferkit.data.loaders import resolve_preprocessing
-    from transferkit.features import cached_pooled_features
-    from transferkit.models import create_classifier
+    from transferkit.models.create import create_classifier
 
     index = discover(root)
     paths = [path for items in index.splits.values() for path, _ in items]

@@ -160,7 +160,7 @@ def write_page(result: AuditResult) -> None:
         f"<h1>{html.escape(title)}</h1>",
         f'<p>{html.escape(result.line())}. Model {html.escape(result.summary["model"])}; '
         f'near-copies from cosine similarity {result.summary["duplicate_threshold"]}, or from {DISTINCT_FLOOR} for two '
-        "images each other's distinctly nearest. Nothing was moved or deleted: '
+        "images each other's distinctly nearest. Nothing was moved or deleted: "
         "filter audit.csv and train with <code>--exclude</code> to leave images out.</p>",
         '<h2 id="summary">Summary</h2>' + overview,
         _health_section(result),

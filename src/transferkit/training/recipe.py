@@ -187,7 +187,8 @@ def _train_in(
     def images(split: str, augment: str = "none") -> Any:
         training = split == "train"
         return image_loader(
-            val_items if split == "val" else index.splits[split], preprocessing, config.data.batch_size, workers, augment=augment,
+            val_items if split == "val" else index.splits[split], preprocessing, config.data.batch_size, workers,
+            augment=augment,
             sampler=sampler if training else None,
         )
 
