@@ -185,7 +185,7 @@ def test_audit_splits_as_train_does_and_finds_no_leak_the_groups_prevent(tmp_pat
 
 
 def test_compare_trains_every_run_on_the_groups_train_makes(tmp_path: Path, tiny_weights: Path) -> None:
-    from transferkit.compare import compare
+    from transferkit.commands.compare import compare
 
     data = near_copy_folder(tmp_path / "data")
     trained = splits_of(train(data, quick_config(tmp_path / "run", tiny_weights)).run_dir)
