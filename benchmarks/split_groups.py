@@ -3,7 +3,7 @@ training folder holds near-copies?
 
     python benchmarks/split_groups.py copies [--seed 0] [--train-seed 42] [--head-only] [--cache-dir DIR]
                                                                  # cifar10_subset with altered copies
-    python benchmarks/split_groups.py chest [--python-path ../main/src] [--train-seed 42]
+    python benchmarks/split_groups.py chest [--python-path ../main/src | --head-only] [--train-seed 42]
                                                                  # chest_xray_pneumonia, this checkout (and another)
     python benchmarks/split_groups.py similarity [--cache-dir DIR]  # what tells a copy from a neighbour
 
@@ -15,7 +15,8 @@ has a validation accuracy near the official test folder's; a random one overstat
 
 ``chest``: the default ``train`` of chest_xray_pneumonia (validation carved from train/, the
 official test/ kept), with this checkout and, with ``--python-path``, another (main before the
-change). Every run trains in a fresh process with an empty feature cache, so the wall times
+change); with ``--head-only``, this checkout's grouped split against ``--split-groups none``, the
+head alone on one feature cache. Every run trains in a fresh process with an empty feature cache, so the wall times
 compare first runs.
 
 ``similarity``: the cosine similarity of every true copy pair (known by construction) against
@@ -215,7 +216,8 @@ def main() -> None:
     parser.add_argument("--python-path", help="chest: also train with this checkout's src (e.g. ../main/src)")
     parser.add_argument("--python-path-label", default="main", help="the row name of --python-path's run")
     parser.add_argument("--head-only", action="store_true",
-                        help="copies: --finetune-epochs 0 (the head on cached features), both runs on one feature cache")
+                        help="--finetune-epochs 0 (the head on cached features), both runs on one feature cache; chest: "
+                             "the grouped split against --split-groups none")
     parser.add_argument("--cache-dir", help="a feature cache kept between runs: wall times "
                                             "are then not those of a first run")
     arguments = parser.parse_args()
@@ -244,6 +246,14 @@ def main() -> None:
             found.append(train(str(data), f"copies: default (near-copies grouped){suffix}", quick, None, cache, seed))
             found.append(train(str(data), f"copies: --split-groups none{suffix}", ["--split-groups", "none", *quick],
                                None, cache, seed))
+    elif arguments.head_only:  # this checkout's random split against its grouped one, on one feature cache
+        with tempfile.TemporaryDirectory() as cache:
+            cache = arguments.cache_dir or cache
+            quick = ["--finetune-epochs", "0"]
+            found.append(train("chest_xray_pneumonia", "default (near-copies grouped), --finetune-epochs 0", quick, None,
+                               cache, seed))
+            found.append(train("chest_xray_pneumonia", "--split-groups none, --finetune-epochs 0",
+                               ["--split-groups", "none", *quick], None, cache, seed))
     else:
         if arguments.python_path:
             found.append(train("chest_xray_pneumonia", f"default, {arguments.python_path_label}", [],
