@@ -1,9 +1,11 @@
 """Honest validation (issue 34): does the carved validation split still tell the truth when the
 training folder holds near-copies?
 
-    python benchmarks/split_groups.py copies [--seed 0] [--head-only]  # cifar10_subset with altered copies
-    python benchmarks/split_groups.py chest [--python-path ../main/src]
+    python benchmarks/split_groups.py copies [--seed 0] [--train-seed 42] [--head-only] [--cache-dir DIR]
+                                                                 # cifar10_subset with altered copies
+    python benchmarks/split_groups.py chest [--python-path ../main/src | --head-only] [--train-seed 42]
                                                                  # chest_xray_pneumonia, this checkout (and another)
+    python benchmarks/split_groups.py similarity [--cache-dir DIR]  # what tells a copy from a neighbour
 
 ``copies``: every cifar10_subset training image gets a slightly altered copy beside it (shifted
 by one pixel in a seeded direction, re-encoded as JPEG at a seeded quality from 85 to 95), made
@@ -13,8 +15,15 @@ has a validation accuracy near the official test folder's; a random one overstat
 
 ``chest``: the default ``train`` of chest_xray_pneumonia (validation carved from train/, the
 official test/ kept), with this checkout and, with ``--python-path``, another (main before the
-change). Every run trains in a fresh process with an empty feature cache, so the wall times
+change); with ``--head-only``, this checkout's grouped split against ``--split-groups none``, the
+head alone on one feature cache. Every run trains in a fresh process with an empty feature cache, so the wall times
 compare first runs.
+
+``similarity``: the cosine similarity of every true copy pair (known by construction) against
+every image's nearest non-copy, and how many images the near-copy rule (``audit.checks``:
+the threshold, or each other's distinct nearest) joins on cifar10_subset with copies and on
+the real folders (hymenoptera, tf_flowers, chest_xray_pneumonia, cifar10_subset as published),
+where few are copies.
 
 Rows accumulate in benchmarks/split_groups.json; the table in RESULTS.md is rebuilt from them.
 """
@@ -62,7 +71,19 @@ def make_copies(source: Path, target: Path, seed: int) -> Path:
     return target
 
 
-def train(data: str, label: str, options: list[str], python_path: str | None, cache: str | None = None) -> dict[str, object]:
+def copies_across(run_dir: Path) -> int | None:
+    """Altered copies whose original is in another split, read from the run's splits.csv: every
+    copy is known by its name, whatever the similarity search found."""
+    with (run_dir / "splits.csv").open(newline="") as handle:
+        split_of = {row["path"]: row["split"] for row in csv.DictReader(handle)}
+    copies = [path for path in split_of if path.endswith("_copy.jpg")]
+    if not copies:
+        return None
+    return sum(split_of[path] != split_of.get(path[: -len("_copy.jpg")] + ".jpg") for path in copies)
+
+
+def train(data: str, label: str, options: list[str], python_path: str | None, cache: str | None = None,
+          seed: int = 42) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as work:
         run_dir = Path(work) / "run"
         cache = cache or str(Path(work) / "cache")
@@ -72,7 +93,7 @@ def train(data: str, label: str, options: list[str], python_path: str | None, ca
         started = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "transferkit.cli", "train", data, "--data-mirror", str(MIRROR),
-             "--output", str(run_dir), "--no-progress", "--no-report", "--cache-dir", cache,
+             "--output", str(run_dir), "--no-progress", "--no-report", "--cache-dir", cache, "--seed", str(seed),
              *options],
             check=True, stdout=subprocess.DEVNULL, env=env,
         )
@@ -81,9 +102,10 @@ def train(data: str, label: str, options: list[str], python_path: str | None, ca
         audit = json.loads((run_dir / "audit" / "audit.json").read_text())
         with (run_dir / "audit" / "audit.csv").open(newline="") as handle:
             audit_rows = list(csv.DictReader(handle))
+        across = copies_across(run_dir)
     calibration = metrics.get("calibration", {})
     return {
-        "data": Path(data).name, "run": label, "date": str(date.today()), "cpu": cpu_name(),
+        "data": Path(data).name, "run": label, "seed": seed, "date": str(date.today()), "cpu": cpu_name(),
         "val_accuracy": metrics["val"]["accuracy"], "test_accuracy": (metrics.get("test") or {}).get("accuracy"),
         "val_ece_before": calibration.get("ece_before"), "val_ece_after": calibration.get("ece_after"),
         "test_ece": (metrics.get("test") or {}).get("expected_calibration_error"),
@@ -92,51 +114,154 @@ def train(data: str, label: str, options: list[str], python_path: str | None, ca
         "leaking_pairs": audit["counts"].get("leakage", 0),
         "identical_across": sum(row["kind"] == "leakage" and row["identical"] == "yes" for row in audit_rows),
         "near_copy_pairs_with_train": (metrics.get("leaks") or {}).get("pairs"),
+        "copy_pairs_across": across,
         "train_seconds": metrics["train_seconds"], "wall_seconds": round(wall, 1),
     }
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    header = ("| data | run | val acc | test acc | val - test | ECE before / after (val) | test ECE | fitted on |"
-              " pairs across splits (audit: identical + near) | train s | wall s | CPU | date |")
-    lines = [header, "|" + "---|" * 13]
+    header = ("| data | run | seed | val acc | test acc | val - test | ECE before / after (val) | test ECE | fitted on |"
+              " pairs across splits (audit: identical + near) | copies across (by name) | train s | wall s | CPU | date |")
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
         gap = (r["val_accuracy"] - r["test_accuracy"]) if r["test_accuracy"] is not None else None
+        across = r.get("copy_pairs_across")
         lines.append(
-            f"| {r['data']} | {r['run']} | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {gap:+.4f} | "
+            f"| {r['data']} | {r['run']} | {r.get('seed', 42)} | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {gap:+.4f} | "
             f"{r['val_ece_before']:.4f} / {r['val_ece_after']:.4f} | {r['test_ece']:.4f} | {r['calibration_images']} | "
-            f"{r['identical_across']} + {r['leaking_pairs'] - r['identical_across']} | {r['train_seconds']} | {r['wall_seconds']} | {r['cpu']} | {r['date']} |"
+            f"{r['identical_across']} + {r['leaking_pairs'] - r['identical_across']} | {'' if across is None else across} | "
+            f"{r['train_seconds']} | {r['wall_seconds']} | {r['cpu']} | {r['date']} |"
+        )
+    return "\n".join(lines)
+
+
+def pooled_features(root: Path, cache: str | None) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Every image's pooled features with the default model, as train computes them before its split."""
+    from transferkit.cache.passes import cached_pooled_features
+    from transferkit.config import ModelConfig
+    from transferkit.data.folders import discover
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.models.create import create_classifier
+
+    index = discover(root)
+    paths = [path for items in index.splits.values() for path, _ in items]
+    labels = np.array([label for items in index.splits.values() for _, label in items])
+    model = create_classifier(ModelConfig(), len(index.classes))
+    features, _ = cached_pooled_features(model, paths, resolve_preprocessing(model), "avg", "onnx", cache, 2, False)
+    return np.asarray(features, dtype=np.float32), paths, labels
+
+
+def similarity(data: str, root: Path, cache: str | None) -> dict[str, object]:
+    """The copy pairs' similarities against the nearest non-copies, and what the near-copy rule joins."""
+    from transferkit.audit.checks import nearest_neighbours
+    from transferkit.audit.config import DUPLICATE_THRESHOLD
+    from transferkit.data.groups import NEIGHBOURS, connected_groups, near_copy_pairs
+
+    features, paths, labels = pooled_features(root, cache)
+    row = {path: i for i, path in enumerate(paths)}
+    partner = np.full(len(paths), -1)
+    for i, path in enumerate(paths):
+        if path.endswith("_copy.jpg"):
+            original = row[path[: -len("_copy.jpg")] + ".jpg"]
+            partner[i], partner[original] = original, i
+    similarities, neighbours = nearest_neighbours(features, NEIGHBOURS)
+    # each image's most similar neighbour that is not its own copy (or original)
+    others = np.where(neighbours == partner[:, None], -np.inf, similarities).max(axis=1)
+    pairs = near_copy_pairs(features, DUPLICATE_THRESHOLD)
+    group = connected_groups(len(paths), [(i, j) for i, j, _ in pairs])
+    sizes = np.bincount(group)
+    result: dict[str, object] = {
+        "data": data, "images": len(paths), "date": str(date.today()), "cpu": cpu_name(),
+        "nearest_other": {f"p{q}": round(float(np.percentile(others, q)), 4) for q in (50, 99, 99.9, 100)},
+        "pairs": len(pairs), "pairs_from_threshold": sum(s >= DUPLICATE_THRESHOLD for _, _, s in pairs),
+        "cross_class_pairs": sum(int(labels[i] != labels[j]) for i, j, _ in pairs),
+        "images_grouped": int((sizes[group] > 1).sum()), "largest_group": int(sizes.max()),
+    }
+    copies = np.flatnonzero(partner > np.arange(len(paths)))
+    if len(copies):
+        unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+        copy_similarity = (unit[copies] * unit[partner[copies]]).sum(axis=1)
+        result["copies"] = len(copies)
+        result["copy_similarity"] = {f"p{q}": round(float(np.percentile(copy_similarity, q)), 4) for q in (0, 1, 5, 50)}
+        result["copies_from_threshold"] = int((copy_similarity >= DUPLICATE_THRESHOLD).sum())
+        result["copies_grouped"] = int((group[copies] == group[partner[copies]]).sum())
+        # the copies grouped count as found, not as non-copies joined
+        result["images_grouped"] -= 2 * result["copies_grouped"]
+    return result
+
+
+def similarity_table(rows: list[dict[str, object]]) -> str:
+    header = ("| data | images | copy pairs: similarity min / p1 / p5 / median | copies >= 0.95 | copies grouped |"
+              " nearest non-copy: median / p99 / p99.9 / max | pairs found | of them >= 0.95 | cross-class |"
+              " non-copy images grouped | largest group | CPU | date |")
+    lines = [header, "|" + "---|" * 13]
+    for r in rows:
+        copy = r.get("copy_similarity")
+        copies = " / ".join(f"{copy[k]:.3f}" for k in ("p0", "p1", "p5", "p50")) if copy else "no copies"
+        other = " / ".join(f"{r['nearest_other'][k]:.3f}" for k in ("p50", "p99", "p99.9", "p100"))
+        lines.append(
+            f"| {r['data']} | {r['images']} | {copies} | {r.get('copies_from_threshold', '')} | "
+            f"{'' if 'copies' not in r else str(r['copies_grouped']) + ' / ' + str(r['copies'])} | {other} | {r['pairs']} | "
+            f"{r['pairs_from_threshold']} | {r['cross_class_pairs']} | {r['images_grouped']} ({r['images_grouped'] / r['images']:.1%}) | "
+            f"{r['largest_group']} | {r['cpu']} | {r['date']} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["copies", "chest"])
+    parser.add_argument("experiment", choices=["copies", "chest", "similarity"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the copies' shifts and JPEG qualities")
+    parser.add_argument("--train-seed", type=int, default=42, help="train --seed: the split's and the head's")
     parser.add_argument("--python-path", help="chest: also train with this checkout's src (e.g. ../main/src)")
     parser.add_argument("--python-path-label", default="main", help="the row name of --python-path's run")
     parser.add_argument("--head-only", action="store_true",
-                        help="copies: --finetune-epochs 0 (the head on cached features), both runs on one feature cache")
+                        help="--finetune-epochs 0 (the head on cached features), both runs on one feature cache; chest: "
+                             "the grouped split against --split-groups none")
+    parser.add_argument("--cache-dir", help="a feature cache kept between runs: wall times "
+                                            "are then not those of a first run")
     arguments = parser.parse_args()
+    copies = Path(f"/tmp/cifar10_copies-{arguments.seed}")
+    if arguments.experiment == "similarity":
+        make_copies(MIRROR / "cifar10_subset", copies, arguments.seed)
+        raw = HERE / "split_groups_similarity.json"
+        found = [similarity(copies.name, copies, arguments.cache_dir)]
+        found += [similarity(name, MIRROR / name, arguments.cache_dir)
+                  for name in ("cifar10_subset", "hymenoptera", "tf_flowers", "chest_xray_pneumonia")]
+        for row in found:
+            print(json.dumps(row))
+        raw.write_text(json.dumps(found, indent=1) + "\n")
+        write_section("split_groups_similarity", "Honest validation: what tells a near-copy from a neighbour (issue 34)",
+                      similarity_table(found))
+        return
     rows = json.loads(RAW.read_text()) if RAW.exists() else []
     found = []
+    seed = arguments.train_seed
     if arguments.experiment == "copies":
-        data = make_copies(MIRROR / "cifar10_subset", Path(f"/tmp/cifar10_copies-{arguments.seed}"), arguments.seed)
+        data = make_copies(MIRROR / "cifar10_subset", copies, arguments.seed)
         quick = ["--finetune-epochs", "0"] if arguments.head_only else []
         suffix = ", --finetune-epochs 0" if arguments.head_only else ""
         with tempfile.TemporaryDirectory() as cache:  # the second run reads the first's features
-            found.append(train(str(data), f"copies: default (near-copies grouped){suffix}", quick, None, cache))
+            cache = arguments.cache_dir or cache
+            found.append(train(str(data), f"copies: default (near-copies grouped){suffix}", quick, None, cache, seed))
             found.append(train(str(data), f"copies: --split-groups none{suffix}", ["--split-groups", "none", *quick],
-                               None, cache))
+                               None, cache, seed))
+    elif arguments.head_only:  # this checkout's random split against its grouped one, on one feature cache
+        with tempfile.TemporaryDirectory() as cache:
+            cache = arguments.cache_dir or cache
+            quick = ["--finetune-epochs", "0"]
+            found.append(train("chest_xray_pneumonia", "default (near-copies grouped), --finetune-epochs 0", quick, None,
+                               cache, seed))
+            found.append(train("chest_xray_pneumonia", "--split-groups none, --finetune-epochs 0",
+                               ["--split-groups", "none", *quick], None, cache, seed))
     else:
         if arguments.python_path:
             found.append(train("chest_xray_pneumonia", f"default, {arguments.python_path_label}", [],
-                               arguments.python_path))
-        found.append(train("chest_xray_pneumonia", "default, near-copies grouped", [], None))
+                               arguments.python_path, arguments.cache_dir, seed))
+        found.append(train("chest_xray_pneumonia", "default, near-copies grouped", [], None, arguments.cache_dir, seed))
     for row in found:
         print(json.dumps(row))
-    keyed = {(r["data"], r["run"]): r for r in rows + found}
+    keyed = {(r["data"], r["run"], r.get("seed", 42)): r for r in rows + found}
     RAW.write_text(json.dumps(list(keyed.values()), indent=1) + "\n")
     write_section("split_groups", "Honest validation: near-copies kept on one side of the split (issue 34)",
                   table(list(keyed.values())))

@@ -204,6 +204,30 @@ def test_near_duplicate_pairs_are_listed_once_most_similar_first() -> None:
     assert pairs[1][2] == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_copy_below_the_threshold_is_found_where_it_stands_out_from_its_neighbours() -> None:
+    rng = np.random.default_rng(0)
+
+    def around(centre: np.ndarray, similarity: float) -> np.ndarray:
+        """A unit vector at exactly ``similarity`` cosine from the unit ``centre``."""
+        other = rng.normal(size=centre.shape)
+        other -= (other @ centre) * centre
+        return similarity * centre + np.sqrt(1 - similarity**2) * other / np.linalg.norm(other)
+
+    spread = rng.normal(size=(40, 64))  # scenes of their own: far from each other
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    copy = around(spread[0], 0.9)  # an altered copy: 0.9 from its original, far from the rest
+    dense = rng.normal(size=64)
+    dense /= np.linalg.norm(dense)
+    crowd = np.stack([around(dense, 0.96) for _ in range(6)])  # shots alike: each about 0.92 from every other
+    features = np.vstack([spread, copy, crowd]).astype(np.float32)
+
+    similarities, neighbours = nearest_neighbours(features, k=5)
+    pairs = near_duplicate_pairs(similarities, neighbours, threshold=0.95)
+
+    assert (0, 40, pytest.approx(0.9, abs=1e-4)) in pairs
+    assert not [pair for pair in pairs if pair[0] >= 41], "a crowd of look-alikes is no set of copies"
+
+
 def test_the_search_on_principal_components_finds_the_exact_neighbours_of_clustered_features(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

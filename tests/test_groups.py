@@ -144,7 +144,7 @@ def test_copies_in_a_given_val_folder_are_reported_and_left_out_of_calibration(
             make_scene(data / "val" / name / f"val{i:02d}.png", seed=5000 + 100 * k + i)
         for i in range(3):  # the user's val folder holds copies of training images
             copied.append(make_scene(data / "val" / name / f"copy{i:02d}.png", seed=100 * k + i, nudged=True))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert main(["train", str(data), "--output", str(tmp_path / "run"), "--model", "test_efficientnet",
                      "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0", "--frozen-epochs", "1",
                      "--finetune-epochs", "0", "--no-progress", "--no-audit", "--report"]) == 0
@@ -158,6 +158,8 @@ def test_copies_in_a_given_val_folder_are_reported_and_left_out_of_calibration(
     assert metrics["leaks"]["pairs"] == {"val": len(leaks)}
     assert metrics["calibration"]["images"] == 66 - len(leaky)
     assert metrics["unknown"]["images"] == 66 - len(leaky)
+    assert f"early stopping, the best phase, the temperature and the unknown threshold read the {66 - len(leaky)} " \
+           "of 66 validation images" in caplog.text
     printed = capsys.readouterr().out
     assert f"validation accuracy of the saved model: {metrics['val']['accuracy']:.4f}" in printed
     assert f"(inflated: {len(leaks)} near-copy pairs with train, in leaks.csv)" in printed
@@ -180,6 +182,24 @@ def test_audit_splits_as_train_does_and_finds_no_leak_the_groups_prevent(tmp_pat
     assert dict(zip(result.images.paths, result.images.splits)) == trained
     assert result.of_kind("leakage") == []
     assert len(result.of_kind("near_duplicate")) == 24  # each copy beside its original, within one split
+
+
+def test_compare_trains_every_run_on_the_groups_train_makes(tmp_path: Path, tiny_weights: Path) -> None:
+    from transferkit.commands.compare import compare
+
+    data = near_copy_folder(tmp_path / "data")
+    trained = splits_of(train(data, quick_config(tmp_path / "run", tiny_weights)).run_dir)
+    options = {"data.image_size": 64, "data.num_workers": 0, "model.weights": str(tiny_weights), "progress": False,
+               "report": False, "cache_dir": str(tmp_path / "cache")}
+    compare(str(data), strategies=["frozen", "frozen-dense"], models=["test_efficientnet"], epochs=1,
+            output=tmp_path / "comparison", hidden_size=8, options=options)
+    for name in ("frozen", "frozen-dense"):
+        assert splits_of(tmp_path / "comparison" / name) == trained, name
+    sides: dict[str, set[str]] = {}
+    for split, group in trained.values():
+        sides.setdefault(group, set()).add(split)
+    assert len(sides) == 24 and all(len(splits) == 1 for splits in sides.values())
+    assert {split for split, _ in trained.values()} >= {"train", "val"}
 
 
 def test_max_per_class_still_bounds_each_split_cut_by_groups(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ class AuditConfig:
     folds: int = field(default=5, metadata=help_text("folds of the out-of-sample predictions behind the label issues"))
     duplicate_threshold: float = field(
         default=DUPLICATE_THRESHOLD,
-        metadata=help_text("cosine similarity of two images' features from which they are reported as near-copies"),
+        metadata=help_text("cosine similarity of two images' features from which they are reported as near-copies (two "
+                           "images each other's distinctly nearest are, from 0.8)"),
     )
     neighbours: int = field(
         default=10, metadata=help_text("nearest images looked at per image for near-copies")

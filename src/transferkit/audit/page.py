@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import write_text
+from transferkit.audit.checks import DISTINCT_FLOOR
 from transferkit.audit.findings import AuditResult, Finding
 
 SHOWN = 60
@@ -158,7 +159,8 @@ def write_page(result: AuditResult) -> None:
     body = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p>{html.escape(result.line())}. Model {html.escape(result.summary["model"])}; '
-        f'near-copies from cosine similarity {result.summary["duplicate_threshold"]}. Nothing was moved or deleted: '
+        f'near-copies from cosine similarity {result.summary["duplicate_threshold"]}, or from {DISTINCT_FLOOR} for two '
+        "images each other's distinctly nearest. Nothing was moved or deleted: "
         "filter audit.csv and train with <code>--exclude</code> to leave images out.</p>",
         '<h2 id="summary">Summary</h2>' + overview,
         _health_section(result),

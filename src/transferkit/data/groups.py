@@ -44,8 +44,9 @@ def regex_groups(paths: Sequence[str], root: Path, pattern: str) -> list[str]:
 
 
 def near_copy_pairs(features: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """Pairs (i, j, similarity) of near-copies among ``features``' rows: the audit's search, with its
-    neighbours and its principal components above 20,000 images, so both find the same pairs."""
+    """Pairs (i, j, similarity) of near-copies among ``features``' rows: the audit's search and rule
+    (``threshold``, or each other's distinct nearest), with its neighbours and its principal
+    components above 20,000 images, so the split, the leak check and the audit find the same pairs."""
     from transferkit.audit.checks import near_duplicate_pairs, nearest_neighbours, principal_components
 
     features = np.asarray(features, dtype=np.float32)

@@ -10,7 +10,7 @@ cached inputs reads the images again."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,11 +36,6 @@ from transferkit.trust.unknown import fit_rejection, training_bank, unknown_scor
 
 log = logging.getLogger(__name__)
 
-MIN_FIT_IMAGES = 50
-"""Fewer validation images without a near-copy than this cannot fit a temperature or a 95% threshold
-to better than a few points, so all of them are used, with a warning."""
-
-
 @dataclass
 class PhaseInputs:
     """Where each split's pooled features come from for a phase: the cache it trained on, or the images."""
@@ -53,8 +48,9 @@ class PhaseInputs:
     backend: str
     num_workers: int
     progress_bar: bool
-    leaky_val: set[str] = field(default_factory=set)
-    """Validation images with a near-copy in train: the temperature and the threshold are fitted without them."""
+    val_rows: np.ndarray | None = None
+    """The validation rows with no near-copy in train (``clean_val_rows``), which the temperature and
+    the threshold are fitted on; None: all of them."""
 
     def pooled(self, model: nn.Module, phase: str, split: str, rows: np.ndarray | None = None) -> torch.Tensor:
         """The pooled features of ``split`` (only ``rows`` of it, where given) under ``model``."""
@@ -99,7 +95,7 @@ def evaluate_phases(
                 compute_metrics(softmax(logits[split]), index.targets(split), index.classes)
             ))
     trust = Trust()
-    fit = _fit_rows(index.splits.get("val", []), inputs.leaky_val)
+    fit = inputs.val_rows if inputs.val_rows is not None else np.arange(len(index.splits.get("val", [])))
     if calibrate_on_val and len(logits.get("val", ())):
         trust.calibration = fit_calibration(logits["val"][fit], np.array(index.targets("val"))[fit], "val")
     if unknown_score != "none" and len(logits.get("val", ())):
@@ -122,22 +118,6 @@ def evaluate_phases(
         evaluation.write(progress.folder.writable(progress.folder.evaluation_dir(split)))
         metrics.splits[split] = headline(evaluation.metrics)
     return metrics, trust
-
-
-def _fit_rows(items: list[tuple[str, int]], leaky: set[str]) -> np.ndarray:
-    """The validation rows the temperature and the unknown threshold are fitted on: those without a
-    near-copy in train, whose confidence is the model's on new images, where enough remain."""
-    rows = np.array([row for row, (path, _) in enumerate(items) if path not in leaky], dtype=np.int64)
-    if len(rows) == len(items):
-        return rows
-    if len(rows) < MIN_FIT_IMAGES:
-        log.warning("only %d of %d validation images have no near-copy in train (fewer than %d): the temperature "
-                    "and the unknown threshold are fitted on all %d, copies included", len(rows), len(items),
-                    MIN_FIT_IMAGES, len(items))
-        return np.arange(len(items), dtype=np.int64)
-    log.info("the temperature and the unknown threshold are fitted on the %d of %d validation images with no "
-             "near-copy in train", len(rows), len(items))
-    return rows
 
 
 def _fit_rejection(

@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from transferkit._io import write_csv
 from transferkit.audit.config import DUPLICATE_THRESHOLD
@@ -57,7 +57,7 @@ from transferkit.training.head_loop import LabelledFeatures, train_head
 from transferkit.training.lightning import FineTuning, ImageClassifier, fit_with_lightning
 from transferkit.training.phase import class_weights, create_sampler, training_loss
 from transferkit.training.progress import PhaseProgress
-from transferkit.training.splitting import SplitFeatures, pooled_features_of, split_honestly
+from transferkit.training.splitting import SplitFeatures, clean_val_rows, pooled_features_of, split_honestly
 from transferkit.training.trainer_options import process_rank, trainer_options
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,8 @@ def _train_in(
     if main_process:
         _write_index(index, leaks, folder, config.data.drop_duplicates)
     targets = index.targets("train")
+    val_rows = clean_val_rows(index.splits.get("val", []), leaks.images("val"))
+    val_items = [index.splits.get("val", [])[row] for row in val_rows]
     # Saved once the data and the model are usable: a bad folder, model name or weights file
     # leaves no half-made run, so the same command can simply run again.
     if main_process:
@@ -186,7 +188,8 @@ def _train_in(
     def images(split: str, augment: str = "none") -> Any:
         training = split == "train"
         return image_loader(
-            index.splits[split], preprocessing, config.data.batch_size, workers, augment=augment,
+            val_items if split == "val" else index.splits[split], preprocessing, config.data.batch_size, workers,
+            augment=augment,
             sampler=sampler if training else None,
         )
 
@@ -205,7 +208,7 @@ def _train_in(
         phase = config.finetune
         finetuning = FineTuning("finetune", phase, unfreeze, config.batchnorm)
         train_batches = training_loader([cached["train"], *views], targets, sampler, config.data.batch_size)
-        val = ViewDataset([cached["val"]], torch.tensor(index.targets("val")))
+        val = Subset(ViewDataset([cached["val"]], torch.tensor(index.targets("val"))), val_rows.tolist())
         val_batches = DataLoader(val, config.data.batch_size)
         return lambda resume_from: fit_with_lightning(
             ImageClassifier(model, loss, finetuning, boundary, phase.augment), train_batches, val_batches,
@@ -228,9 +231,9 @@ def _train_in(
         if head_on_features:
             array, feature_stats = split_features.in_order(index), split_features.stats
             features = {split: torch.from_numpy(array[bounds]) for split, bounds in split_bounds(index).items()}
-            train_split, val_split = (
-                LabelledFeatures(features[split], torch.tensor(index.targets(split))) for split in ("train", "val")
-            )
+            train_split = LabelledFeatures(features["train"], torch.tensor(targets))
+            chosen = torch.from_numpy(val_rows)
+            val_split = LabelledFeatures(features["val"][chosen], torch.tensor(index.targets("val"))[chosen])
 
             def on_features(resume_from: Path | None) -> PhaseRecord:
                 return train_head(
@@ -251,7 +254,7 @@ def _train_in(
         return TrainResult(run_dir=folder.root, classes=classes, counts=index.counts(), metrics={})
 
     inputs = PhaseInputs(index, preprocessing, features, boundary, cached, inference_backend(config), workers,
-                         config.progress, leaky_val=leaks.images("val"))
+                         config.progress, val_rows=val_rows)
     metrics, trust = evaluate_phases(model, progress, inputs, calibrate_on_val=config.calibrate,
                                      unknown_score=config.unknown_score, unknown_keep=config.unknown_keep)
     save_model_folder(model, folder.writable(folder.model_dir), classes, preprocessing, config.model)

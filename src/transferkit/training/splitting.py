@@ -22,6 +22,10 @@ from transferkit.data.groups import Leaks, find_leaks, make_groups, near_copy_pa
 
 log = logging.getLogger(__name__)
 
+MIN_CLEAN_VAL_IMAGES = 50
+"""Fewer validation images without a near-copy than this cannot fit a temperature or a 95% threshold
+to better than a few points, nor stop early on a steady loss, so all of them are used, with a warning."""
+
 
 @dataclass
 class SplitFeatures:
@@ -96,6 +100,22 @@ def warn_of_leaks(leaks: Leaks, *, carved: set[str], grouped: bool, group_by: st
         fixes.append(f"move the {' and '.join(given)} copies into train, or leave them out with --exclude leaks.csv")
     where = " and ".join(f"{count} to {split}" for split, count in counts.items())
     log.warning(
-        "near-copy pairs (cosine similarity >= %.2f) join train %s, listed in leaks.csv: those scores read "
-        "higher than on new images; %s", leaks.threshold, where, "; ".join(fixes),
+        "near-copy pairs (cosine similarity >= %.2f, or each other's distinctly nearest image) join train %s, "
+        "listed in leaks.csv: those scores read higher than on new images; %s", leaks.threshold, where, "; ".join(fixes),
     )
+
+
+def clean_val_rows(items: list[tuple[str, int]], leaky: set[str]) -> np.ndarray:
+    """The validation rows the model is chosen on (early stopping, the best phase) and calibrated on
+    (temperature, unknown threshold): those without a near-copy in train, where enough remain."""
+    rows = np.array([row for row, (path, _) in enumerate(items) if path not in leaky], dtype=np.int64)
+    if len(rows) == len(items):
+        return rows
+    if len(rows) < MIN_CLEAN_VAL_IMAGES:
+        log.warning("only %d of %d validation images have no near-copy in train (fewer than %d): early stopping, "
+                    "the best phase, the temperature and the unknown threshold read all %d, copies included",
+                    len(rows), len(items), MIN_CLEAN_VAL_IMAGES, len(items))
+        return np.arange(len(items), dtype=np.int64)
+    log.info("early stopping, the best phase, the temperature and the unknown threshold read the %d of %d "
+             "validation images with no near-copy in train", len(rows), len(items))
+    return rows
