@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,41 @@ def test_evaluate_with_flip_tta_on_the_runs_own_test_split(trained_run: Path) ->
 
 def test_classifier_loads_from_the_run_or_its_model_folder(trained_run: Path) -> None:
     assert load_predictor(trained_run).classes == load_predictor(trained_run / "model").classes == ["blue", "green", "red"]
+
+
+def test_a_runs_model_folder_is_evaluated_on_the_runs_split_and_a_lone_one_asks_for_data(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from_run = evaluate(trained_run, split="test")
+    from_model = evaluate(trained_run / "model", split="test")
+    assert from_model.paths == from_run.paths
+    np.testing.assert_allclose(from_model.probabilities, from_run.probabilities, atol=1e-6)
+    assert not (trained_run / "model" / "evaluation").exists(), "evaluations go to the run, not into the model"
+
+    alone = tmp_path / "shipped"
+    shutil.copytree(trained_run / "model", alone)
+    assert main(["evaluate", str(alone)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and message.endswith(f"transferkit evaluate {alone} DATA")
+    folder = make_folder(tmp_path / "field", per_class=2, classes=("blue", "red"))
+    assert evaluate(alone, folder).metrics["images"] == 4
+
+
+def test_results_read_well_in_a_notebook_and_as_dataframes(trained_run: Path, tmp_path: Path) -> None:
+    evaluation = evaluate(trained_run, split="test")
+    assert len(repr(evaluation)) < 200 and "accuracy" in repr(evaluation)
+    table = evaluation.to_pandas()
+    written = read_csv_rows(trained_run / "evaluation" / "test" / "predictions.csv")
+    assert list(table["path"]) == [row["path"] for row in written]
+    assert list(table["predicted"]) == [row["predicted"] for row in written]
+    np.testing.assert_allclose(table[["p_blue", "p_green", "p_red"]].to_numpy(), evaluation.probabilities)
+    page = evaluation._repr_html_()
+    assert "Confusion matrix" in page and page.count("<tr>") >= 1 + len(evaluation.classes)
+
+    images = [make_image(tmp_path / f"{i}.png", COLOURS["green"], seed=i) for i in range(3)]
+    result = predict(trained_run, [*images, tmp_path / "missing.png"], top_k=2)
+    assert len(result) == 3 and result[0].path == str(images[0]) and len(result.skipped) == 1
+    assert [p.answer for p in result] == list(result.to_pandas()["answer"])
+    assert list(result.to_pandas().columns[:6]) == ["path", "answer", "unknown_score", "unknown", "label_1", "probability_1"]
+    assert "3 images" in repr(result) and "1 skipped" in repr(result)
+    assert result._repr_html_().count("<tr>") == 4

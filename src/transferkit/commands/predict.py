@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +37,50 @@ class Prediction:
 
 @dataclass
 class PredictionResult:
+    """Every image's prediction, in the order given, and the files that could not be read."""
+
     predictions: list[Prediction]
     skipped: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def __getitem__(self, index: int) -> Prediction:
+        return self.predictions[index]
+
+    def __iter__(self) -> Iterator[Prediction]:
+        return iter(self.predictions)
+
+    def __repr__(self) -> str:
+        answers = Counter(prediction.answer for prediction in self.predictions)
+        shown = ", ".join(f"{answer} {count}" for answer, count in answers.most_common(5))
+        return f"PredictionResult({len(self)} images: {shown}; {len(self.skipped)} skipped)"
+
+    def to_pandas(self) -> Any:
+        """One row per image: path, answer, unknown score and whether it is unknown, then each
+        label with its probability, most likely first (the columns of ``predict --format csv``)."""
+        import pandas as pd
+
+        rows = []
+        for prediction in self.predictions:
+            row: dict[str, Any] = {"path": prediction.path, "answer": prediction.answer,
+                                   "unknown_score": prediction.unknown_score, "unknown": prediction.unknown}
+            for rank, (label, probability) in enumerate(zip(prediction.labels, prediction.probabilities), 1):
+                row[f"label_{rank}"], row[f"probability_{rank}"] = label, probability
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the first 20 images' answers and top probabilities."""
+        from html import escape
+
+        rows = "".join(
+            f"<tr><td>{escape(Path(p.path).name)}</td><td>{escape(p.answer)}</td><td>{p.probabilities[0]:.1%}</td></tr>"
+            for p in self.predictions[:20]
+        )
+        more = f"<p>and {len(self) - 20} more</p>" if len(self) > 20 else ""
+        return (f"<table><tr><th>image</th><th>answer</th><th>top probability</th></tr>{rows}</table>{more}"
+                f"<p>{len(self.skipped)} files skipped</p>")
 
 
 def collect_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[str], list[tuple[str, str]]]:

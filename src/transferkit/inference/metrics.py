@@ -188,6 +188,37 @@ class Evaluation:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     output: Path | None = None
 
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                          for key, value in headline(self.metrics).items() if key in ("images", "accuracy", "macro_f1"))
+        return f"Evaluation({self.name!r}: {shown}{f', written to {self.output}' if self.output else ''})"
+
+    def to_pandas(self) -> Any:
+        """One row per image: its path, label, prediction, confidence, loss and every class's probability."""
+        import pandas as pd
+
+        predicted = self.probabilities.argmax(axis=1)
+        label_probability, losses = label_losses(self.probabilities, self.targets)
+        table = pd.DataFrame({
+            "path": self.paths, "label": [self.classes[t] for t in self.targets],
+            "predicted": [self.classes[p] for p in predicted], "confidence": self.probabilities.max(axis=1),
+            "label_probability": label_probability, "loss": losses,
+        })
+        return table.join(pd.DataFrame(self.probabilities, columns=[f"p_{name}" for name in self.classes]))
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the headline metrics and the confusion matrix (rows: label, columns: prediction)."""
+        from html import escape
+
+        metrics = "".join(f"<tr><th>{escape(key)}</th><td>{value:.4f}</td></tr>" if isinstance(value, float)
+                          else f"<tr><th>{escape(key)}</th><td>{escape(str(value))}</td></tr>"
+                          for key, value in headline(self.metrics).items() if value is not None)
+        header = "".join(f"<th>{escape(name)}</th>" for name in self.classes)
+        rows = "".join(f"<tr><th>{escape(name)}</th>{''.join(f'<td>{count}</td>' for count in counts)}</tr>"
+                       for name, counts in zip(self.classes, self.metrics.get("confusion_matrix", [])))
+        return (f"<b>Evaluation on {escape(self.name)}</b><table>{metrics}</table>"
+                f"<p>Confusion matrix (rows: label, columns: prediction)</p><table><tr><th></th>{header}</tr>{rows}</table>")
+
     def write(self, folder: Path) -> None:
         """The metrics and the predictions (one row per image) in ``folder``."""
         folder.mkdir(parents=True, exist_ok=True)
