@@ -29,7 +29,7 @@ def _how_to_finish(output: str | None) -> str:
 
 def _run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # before the imports: torch and Lightning take seconds
-    from transferkit.training.recipe import resolve_run_dir, resume, train
+    from transferkit.commands.train import resolve_run_dir, resume, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose")}
     # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
