@@ -1,7 +1,8 @@
-"""Phases on images or cached activations, on Lightning: one module that trains a timm classifier whatever the phase,
-and one callback, ``FineTuning``, that owns what differs between phases (in the style of
-Lightning's ``BaseFinetuning``): which blocks train, the batch-norm policy, the optimizer's
-parameter groups and each step's learning rate."""
+"""Phases on images or cached activations, on Lightning: one module that trains a timm
+classifier through its top (``WholeModel`` on images, ``AboveBoundary`` on cached activations),
+one callback, ``FineTuning``, that owns what differs between phases (in the style of Lightning's
+``BaseFinetuning``: which blocks train, batch norm, parameter groups, each step's learning rate),
+and ``History``, the phase's bookkeeping."""
 
 from __future__ import annotations
 
