@@ -9,7 +9,14 @@ from typing import Any
 from torch import nn
 
 from transferkit.cache.activations import finetune_boundary, views_read
-from transferkit.config import MANY_BLOCKS, MANY_BLOCKS_FROM, PhaseConfig, TrainConfig, parse_unfreeze, unfreeze_is_auto
+from transferkit.config import (
+    MANY_BLOCKS,
+    MANY_BLOCKS_FROM,
+    PhaseConfig,
+    TrainConfig,
+    parse_unfreeze,
+    unfreeze_is_auto,
+)
 from transferkit.data.folders import DatasetIndex
 
 log = logging.getLogger(__name__)
