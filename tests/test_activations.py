@@ -77,6 +77,23 @@ def test_a_step_on_images_channels_last_has_the_loss_and_gradients_of_the_whole_
     assert_same_step(loss_and_gradients(module.model, module(images)), whole, 1e-5)
 
 
+def test_the_module_on_activations_gives_the_whole_models_logits_and_saves_its_weights_by_their_names(
+    tmp_path: Path,
+) -> None:
+    from transferkit.training.lightning import AboveBoundary, FineTuning, ImageClassifier
+
+    model = created("test_efficientnet").eval()
+    boundary = boundary_index(model, 2)
+    assert boundary is not None
+    images = torch.randn(4, 3, 64, 64)
+    finetuning = FineTuning("finetune", tiny_config(tmp_path, tmp_path).finetune, 2, "frozen")
+    module = ImageClassifier(model, torch.nn.CrossEntropyLoss(), finetuning, AboveBoundary(model, boundary, "strong"))
+    with torch.no_grad():
+        logits = module(forward_bottom(model, images, boundary).half())
+        assert torch.allclose(logits, model(images), atol=2e-2), "float16 activations, no augmentation outside training"
+    assert set(module.state_dict()) == {f"model.{name}" for name in model.state_dict()}, "a resume loads either kind"
+
+
 def classifier_and_whole_step(tmp_path: Path) -> tuple[Any, torch.Tensor, tuple[float, dict[str, torch.Tensor]]]:
     """A fine-tuning module whose top two blocks train, a batch of images, and the loss and
     gradients of one step through the plain model in float32."""
