@@ -272,6 +272,8 @@ def _fit(trainer: L.Trainer, module: ImageClassifier, train: DataLoader, val: Da
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        # An earlier transferkit's checkpoint holds EarlyStopping's state; History keeps it now.
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
         try:
             trainer.fit(module, train, val, ckpt_path=resume_from, weights_only=True)
         except SystemExit:
