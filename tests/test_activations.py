@@ -77,6 +77,23 @@ def test_a_step_on_images_channels_last_has_the_loss_and_gradients_of_the_whole_
     assert_same_step(loss_and_gradients(module.model, module(images)), whole, 1e-5)
 
 
+def test_the_module_on_activations_gives_the_whole_models_logits_and_saves_its_weights_by_their_names(
+    tmp_path: Path,
+) -> None:
+    from transferkit.training.lightning import AboveBoundary, FineTuning, ImageClassifier
+
+    model = created("test_efficientnet").eval()
+    boundary = boundary_index(model, 2)
+    assert boundary is not None
+    images = torch.randn(4, 3, 64, 64)
+    finetuning = FineTuning("finetune", tiny_config(tmp_path, tmp_path).finetune, 2, "frozen")
+    module = ImageClassifier(model, torch.nn.CrossEntropyLoss(), finetuning, AboveBoundary(model, boundary, "strong"))
+    with torch.no_grad():
+        logits = module(forward_bottom(model, images, boundary).half())
+        assert torch.allclose(logits, model(images), atol=2e-2), "float16 activations, no augmentation outside training"
+    assert set(module.state_dict()) == {f"model.{name}" for name in model.state_dict()}, "a resume loads either kind"
+
+
 def classifier_and_whole_step(tmp_path: Path) -> tuple[Any, torch.Tensor, tuple[float, dict[str, torch.Tensor]]]:
     """A fine-tuning module whose top two blocks train, a batch of images, and the loss and
     gradients of one step through the plain model in float32."""
@@ -330,9 +347,8 @@ def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_
     from transferkit.data.folders import discover
     from transferkit.data.loaders import resolve_preprocessing
     from transferkit.run.folder import RunFolder
-    from transferkit.cache.activations import (
-        ViewDataset, boundary_activations, finetune_boundary, training_loader, training_views)
-    from transferkit.training.lightning import FineTuning, ImageClassifier, fit_with_lightning
+    from transferkit.cache import activations
+    from transferkit.training.lightning import AboveBoundary, FineTuning, ImageClassifier, fit_with_lightning
     from transferkit.training.phase import EpochSampler
 
     config = tiny_config(tmp_path / "run", tiny_weights, **{
@@ -341,9 +357,10 @@ def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_
     index = discover(image_folder, seed=0)
     model = create_classifier(config.model, 2, 64)
     preprocessing = resolve_preprocessing(model, 64)
-    boundary = finetune_boundary(model, 2, config, preprocessing, index)
-    cached, _ = boundary_activations(model, boundary, index, preprocessing, config)
-    views = [cached["train"], *training_views(model, boundary, index, preprocessing, config)]
+    boundary = activations.finetune_boundary(model, 2, config, preprocessing, index)
+    run = activations.ActivationPass.of(config)
+    cached, _ = activations.boundary_activations(model, boundary, index, preprocessing, run)
+    views = [cached["train"], *activations.training_views(model, boundary, index, preprocessing, 2, run)]
     where = {row.numpy().tobytes(): (view, i) for view, rows in enumerate(views) for i, row in enumerate(rows)}
     assert len(where) == 3 * len(cached["train"]), "every view of every image differs"
     received: dict[int, list[tuple[int, int]]] = {}
@@ -354,11 +371,11 @@ def test_each_fine_tuning_epoch_trains_on_the_next_view(image_folder: Path, tmp_
             received.setdefault(trainer.current_epoch, []).extend(where[row.numpy().tobytes()] for row in batch[0])
 
     targets = index.targets("train")
-    val = ViewDataset([cached["val"]], torch.tensor(index.targets("val")))
+    val = activations.ViewDataset([cached["val"]], torch.tensor(index.targets("val")))
     fit_with_lightning(
         ImageClassifier(model, torch.nn.CrossEntropyLoss(), Recording("finetune", config.finetune, 2, "frozen"),
-                        boundary, "none"),
-        training_loader(views, targets, EpochSampler(len(targets), seed=0), 16),
+                        AboveBoundary(model, boundary, "none")),
+        activations.training_loader(views, targets, EpochSampler(len(targets), seed=0), 16),
         torch.utils.data.DataLoader(val, 16), folder=RunFolder(tmp_path / "run"), name="finetune", resume_from=None,
         trainer_options=trainer_options("cpu", "1", 1, "auto", "32-true"), progress_bar=False,
     )

@@ -34,7 +34,7 @@ _EXPORTS = {
     "Predictor": "inference.predictor",
     "RunFolderError": "errors",
     "TrainConfig": "config",
-    "TrainResult": "training.recipe",
+    "TrainResult": "commands.train",
     "TransferkitError": "errors",
     "WeightsUnavailableError": "errors",
     "create_app": "commands.serve_app",
@@ -46,9 +46,9 @@ _EXPORTS = {
     "load_config": "run.folder",
     "load_model": "models.folder",
     "resolve_data_source": "data.registry",
-    "resume": "training.recipe",
+    "resume": "commands.train",
     "summarize": "commands.summary",
-    "train": "training.recipe",
+    "train": "commands.train",
     "write_report": "reporting.report",
 }
 __all__ = sorted([*_EXPORTS, "AuditConfig", "AuditResult", "audit", "calibrate", "Comparison", "compare", "Evaluation", "ExportResult", "PredictionResult", "compute_metrics", "evaluate", "export", "predict"])
@@ -80,4 +80,4 @@ if TYPE_CHECKING:
     from transferkit.commands.serve_app import create_app
     from transferkit.commands.summary import summarize
     from transferkit.run.folder import load_config
-    from transferkit.training.recipe import TrainResult, resume, train
+    from transferkit.commands.train import TrainResult, resume, train

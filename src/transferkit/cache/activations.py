@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,37 @@ from transferkit.training.phase import EpochSampler
 log = logging.getLogger(__name__)
 
 
-def inference_backend(config: TrainConfig) -> str:
-    wants_gpu = config.accelerator in ("auto", "gpu", "cuda")
+def inference_backend(accelerator: str) -> str:
+    """The backend a pass over images runs on for Lightning's ``accelerator`` choice."""
+    wants_gpu = accelerator in ("auto", "gpu", "cuda")
     return default_backend("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def boundary_cache_folder(model: nn.Module, boundary: int, preprocessing: dict[str, Any], config: TrainConfig) -> Path:
+@dataclass(frozen=True)
+class ActivationPass:
+    """Where the activations are cached and how a pass computes the missing ones."""
+
+    cache_dir: str | None
+    global_pool: str
+    """The backbone's pooling, part of the cache's key."""
+    backend: str
+    num_workers: int
+    progress_bar: bool
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> ActivationPass:
+        return cls(config.cache_dir, config.model.global_pool, inference_backend(config.accelerator),
+                   config.data.resolved_num_workers(), config.progress)
+
+
+def boundary_cache_folder(
+    model: nn.Module, boundary: int, preprocessing: dict[str, Any], cache_dir: str | None, global_pool: str
+) -> Path:
     """The feature-cache folder of the activations at ``boundary``, keyed like the backbone's
     features and by the layer below the boundary."""
     layer = layer_sequence(model)[boundary - 1][0]  # type: ignore[index]
-    digest = backbone_digest(model, preprocessing, config.model.global_pool)
-    return feature_cache_folder(config.cache_dir) / f"{digest}-after-{layer}"
+    digest = backbone_digest(model, preprocessing, global_pool)
+    return feature_cache_folder(cache_dir) / f"{digest}-after-{layer}"
 
 
 def split_bounds(index: DatasetIndex) -> dict[str, slice]:
@@ -64,11 +85,11 @@ def split_bounds(index: DatasetIndex) -> dict[str, slice]:
     return result
 
 
-def views_read(config: TrainConfig) -> int:
-    """How many of the ``--finetune-views`` views fine-tuning reads: epoch e reads view
+def views_read(views: int, epochs: int) -> int:
+    """How many of ``views`` (``--finetune-views``) fine-tuning's ``epochs`` read: epoch e reads view
     e mod (N + 1), so E epochs read views 1 to E - 1 at most, and a view no epoch reads is neither
     computed nor counted in the budget (with 2 epochs, 2 views read 1)."""
-    return min(config.finetune_views, max(config.finetune.epochs - 1, 0))
+    return min(views, max(epochs - 1, 0))
 
 
 def finetune_boundary(
@@ -91,7 +112,7 @@ def finetune_boundary(
         else:
             reason = f"the blocks that train do not start at a layer of {type(model).__name__}'s sequence"
     else:
-        read = views_read(config)
+        read = views_read(config.finetune_views, config.finetune.epochs)
         rows = sum(len(items) for items in index.splits.values()) + read * len(index.splits["train"])
         size = rows * activation_bytes(model, boundary, preprocessing["input_size"]) / 1e9
         if size > config.activation_cache_gb:
@@ -108,7 +129,7 @@ def finetune_boundary(
 
 
 def boundary_activations(
-    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig,
+    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], run: ActivationPass,
     pooled: FeatureCache | None = None,
 ) -> tuple[dict[str, CachedRows], FeatureStats]:
     """The activations at ``boundary`` of every split's images, float16, from the persistent
@@ -116,34 +137,28 @@ def boundary_activations(
     it had. The pass that computes the others stores their pooled features in ``pooled`` (the
     backbone's feature cache) too, so the backbone's bottom runs once per image."""
     paths = [path for items in index.splits.values() for path, _ in items]
-    rows, stats = _cached_activations(model, boundary, paths, preprocessing, config, view=0, pooled=pooled)
+    rows, stats = _cached_activations(model, boundary, paths, preprocessing, run, view=0, pooled=pooled)
     return {split: rows.subset(bounds.start, bounds.stop) for split, bounds in split_bounds(index).items()}, stats
 
 
 def training_views(
-    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], config: TrainConfig
+    model: nn.Module, boundary: int, index: DatasetIndex, preprocessing: dict[str, Any], views: int,
+    run: ActivationPass,
 ) -> list[CachedRows]:
-    """Views 1 to ``views_read(config)`` of the training images' activations at ``boundary``,
-    one ``CachedRows`` each, rows in the order of the training split; each from its own cache folder."""
+    """Views 1 to ``views`` of the training images' activations at ``boundary``, one
+    ``CachedRows`` each, rows in the order of the training split; each from its own cache folder."""
     paths = [path for path, _ in index.splits["train"]]
-    read = views_read(config)
-    if read < config.finetune_views:
-        log.info("--finetune-views %d: %d fine-tuning epochs read %d of them; only those are computed",
-                 config.finetune_views, config.finetune.epochs, read)
-    return [
-        _cached_activations(model, boundary, paths, preprocessing, config, view)[0]
-        for view in range(1, read + 1)
-    ]
+    return [_cached_activations(model, boundary, paths, preprocessing, run, view)[0] for view in range(1, views + 1)]
 
 
 def _cached_activations(
-    model: nn.Module, boundary: int, paths: list[str], preprocessing: dict[str, Any], config: TrainConfig, view: int,
+    model: nn.Module, boundary: int, paths: list[str], preprocessing: dict[str, Any], run: ActivationPass, view: int,
     pooled: FeatureCache | None = None,
 ) -> tuple[CachedRows, FeatureStats]:
     """The activations of view ``view`` (0: the image itself) of every path, computed a chunk at a
     time where the cache lacks them, each chunk's pooled features stored in ``pooled`` beside them;
     a killed pass keeps every chunk it stored. They stay in the cache's files, read as needed."""
-    folder = boundary_cache_folder(model, boundary, preprocessing, config)
+    folder = boundary_cache_folder(model, boundary, preprocessing, run.cache_dir, run.global_pool)
     transform = None
     if view:
         spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
@@ -157,10 +172,10 @@ def _cached_activations(
     def compute(missing: list[str], digests: dict[str, bytes]) -> Any:
         if not forward:
             module = Bottom(model, boundary) if pooled is None else BottomAndPooled(model, boundary)
-            forward.append(create_forward(module, preprocessing["input_size"], inference_backend(config)))
+            forward.append(create_forward(module, preprocessing["input_size"], run.backend))
         outputs = run_forward(
-            forward[0], missing, preprocessing, num_workers=config.data.resolved_num_workers(),
-            progress=config.progress, description=kind, digests=digests, transform=transform,
+            forward[0], missing, preprocessing, num_workers=run.num_workers,
+            progress=run.progress_bar, description=kind, digests=digests, transform=transform,
         )
         if pooled is None:
             return outputs

@@ -42,7 +42,7 @@ def _how_to_finish(output: str | None) -> str:
 
 def _run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # before the imports: torch and Lightning take seconds
-    from transferkit.training.recipe import resolve_run_dir, resume, train
+    from transferkit.commands.train import resolve_run_dir, resume, train
 
     if args.resume and args.config:
         raise ConfigError([f"--resume finishes a run with its own config; drop --config {args.config}"])

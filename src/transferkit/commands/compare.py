@@ -178,7 +178,7 @@ def compare(
     then sets its own phases. Rerunning with the same arguments resumes: finished runs are kept,
     an interrupted one continues.
     """
-    from transferkit.training.recipe import resume, train
+    from transferkit.commands.train import resume, train
 
     problems = [f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}{close_matches(s, STRATEGIES)}"
                 for s in strategies if s not in STRATEGIES]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -223,3 +224,19 @@ class RunMetrics:
             leaks=values.get("leaks"),
             trust={key: values[key] for key in ("calibration", "unknown") if key in values},
         )
+
+
+def legacy_phase_state(saved: dict[str, Any] | None, rows: list[EpochRecord], epochs_done: int) -> dict[str, Any]:
+    """A phase's bookkeeping state (``training.bookkeeping``) for a checkpoint an earlier transferkit
+    wrote: from its History state ``saved`` (``epochs`` and the ``best`` row), else from the phase's
+    ``rows`` of history.csv up to the ``epochs_done`` the checkpoint holds."""
+    if saved is not None:
+        epochs_done = int(saved["epochs"])
+        best = EpochRecord.from_row({k: str(v) for k, v in saved["best"].items()}) if saved["best"] else None
+    else:
+        finite = [r for r in rows if r.epoch <= epochs_done and r.val_loss is not None and math.isfinite(r.val_loss)]
+        best = min(finite, key=lambda r: r.val_loss) if finite else None  # type: ignore[arg-type, return-value]
+    best_epoch = best.epoch if best else 0
+    return {"epochs_done": epochs_done, "best_val_loss": best.val_loss if best else math.inf,
+            "best_val_acc": best.val_acc if best else 0.0, "best_epoch": best_epoch,
+            "epochs_without_improvement": epochs_done - best_epoch}

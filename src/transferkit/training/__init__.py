@@ -1,3 +1,4 @@
-"""Training: ``recipe`` reads top to bottom (data, features, the head phase, fine-tuning,
-evaluation, the saved model); ``head_loop`` is the plain loop on cached features, ``lightning`` the
-Lightning module and fine-tuning policy for phases on images, ``phase`` what both share."""
+"""Training: ``recipe`` is the fit (the head phase, then fine-tuning) as ``plan`` decides it;
+``head_loop`` is the plain loop on cached features, ``lightning`` the Lightning module and callbacks
+for phases on images or activations, ``bookkeeping`` the epochs' record both keep, ``phase`` the
+schedule, sampler and loss both share."""

@@ -1,15 +1,9 @@
-"""The head on cached pooled features: a plain PyTorch loop.
-
-One linear layer on tensors already in memory needs nothing of Lightning, whose per-step cost
-was most of the phase. A checkpoint holds the head alone (the backbone is the pretrained one,
-unchanged: saving it cost more than training the head) and what a resumed phase needs to
-continue as if never stopped: optimizer, schedule, early-stopping state and the random
-generators. Each epoch's state is kept in memory and written at most every
-``SAVE_EVERY_SECONDS``, at the phase's end and on a stop (Ctrl-C, SIGTERM); a SIGKILL loses at
-most those seconds, which the resume trains again to the same result. Every process of a
-multi-process run trains the same head on the same features, rather than sharing the work: it
-is milliseconds, splitting it would only add communication, and every process needs the head
-to fine-tune from.
+"""The head on cached pooled features: a plain PyTorch loop, since one linear layer on tensors
+in memory needs nothing of Lightning. A checkpoint holds the head alone (the backbone is the
+pretrained one) and what a resumed phase needs to continue as if never stopped: optimizer,
+schedule, bookkeeping and the random generators. Checkpoints are written at most every
+``SAVE_EVERY_SECONDS``, at the phase's end and on a stop (Ctrl-C, SIGTERM). Every process of a
+multi-process run trains the same head: it takes milliseconds, and every process fine-tunes from it.
 """
 
 from __future__ import annotations
@@ -17,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,20 +24,20 @@ from transferkit.config import PhaseConfig
 from transferkit.models.create import classifier_path, classify_pooled
 from transferkit.models.freeze import freeze_backbone, parameter_groups
 from transferkit.run.folder import RunFolder
-from transferkit.run.records import EpochRecord, PhaseRecord
+from transferkit.run.records import PhaseRecord
+from transferkit.training.bookkeeping import PhaseBookkeeping
 from transferkit.training.checkpoints import (
     collect_random_state,
     load_checkpoint,
     restore_random_state,
     save_checkpoint,
 )
-from transferkit.training.phase import EpochSampler, Schedule, log_trainable, record_epoch, set_learning_rates
+from transferkit.training.phase import EpochSampler, Schedule, log_trainable, set_learning_rates
 
 log = logging.getLogger(__name__)
 
 SAVE_EVERY_SECONDS = 5.0
-"""How often the head's checkpoints may be written: its epochs take milliseconds, and two fsync'd
-files an epoch made a disk busy with other work, not the training, the phase's cost."""
+"""How often the head's checkpoints may be written: its epochs take milliseconds, two fsync'd files far longer."""
 
 
 @dataclass
@@ -68,7 +63,7 @@ def train_head(
     drop_rate: float,
     folder: RunFolder,
     name: str,
-    resume_from: str | None,
+    resume_from: str | os.PathLike[str] | None,
     write: bool,
 ) -> PhaseRecord:
     """Train ``model``'s head on ``train`` for ``phase.epochs``, keep the epoch with the lowest
@@ -79,81 +74,79 @@ def train_head(
     which gives the same head in seconds without reading a file rank zero may be replacing.
     Returns with the best epoch's head in ``model``.
     """
-    from timm.optim import create_optimizer_v2
-
-    # The head trains beside its features, on the CPU, in milliseconds an epoch; a feature pass
-    # on a GPU leaves the model there (eager forward functions move the module they run).
+    # The head trains beside its features, on the CPU; a feature pass on a GPU leaves the model there.
     model.cpu()
     freeze_backbone(model)
-    trainable, total = log_trainable(name, model)
+    parameters = log_trainable(name, model)
     head = model.get_classifier()
-
-    def classify(features: torch.Tensor) -> torch.Tensor:
-        return classify_pooled(model, features, drop_rate)
-
-    optimizer = create_optimizer_v2(
-        parameter_groups(model, phase.lr, phase.weight_decay),
-        opt=phase.optimizer, lr=phase.lr, weight_decay=phase.weight_decay,
-    )
+    optimizer = _head_optimizer(model, phase)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     schedule = Schedule.for_phase(phase, steps_per_epoch)
-    progress = _Progress()
+    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience, write)
     if resume_from and write:
-        progress = _restore(resume_from, model, optimizer, schedule)
+        _restore(resume_from, model, optimizer, schedule, bookkeeping)
     best_head = None
     started = time.perf_counter()
     with _Saver(folder, name, enabled=write) as saver:
-        for epoch in range(progress.epochs_done, phase.epochs):
+        for epoch in range(bookkeeping.epochs_done, phase.epochs):
             epoch_started = time.perf_counter()
-            head.train()
             sampler.set_epoch(epoch)
-            loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
-            for step_in_epoch, indices in enumerate(sampler.order().split(batch_size)):
-                lr = schedule.lr_at(epoch * steps_per_epoch + step_in_epoch)
-                set_learning_rates(optimizer, lr)
-                x, y = train.features[indices], train.targets[indices]
-                logits = classify(x)
-                batch_loss = loss(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                optimizer.step()
-                loss_sum += batch_loss.detach() * len(y)
-                correct += (logits.argmax(dim=1) == y).sum()
-            head.eval()
-            with torch.no_grad():
-                val_logits = classify(val.features)
-                val_loss = float(F.cross_entropy(val_logits, val.targets))
-                val_acc = float((val_logits.argmax(dim=1) == val.targets).float().mean())
+            batches = sampler.order().split(batch_size)
+            train_loss, train_acc, lr = _train_epoch(model, drop_rate, optimizer, schedule, epoch * steps_per_epoch,
+                                                     loss, train, batches)
+            val_loss, val_acc = _validate(model, drop_rate, val)
             schedule.end_epoch(val_loss)
-            if write:
-                record_epoch(folder, EpochRecord(
-                    phase=name, epoch=epoch + 1, train_loss=round(float(loss_sum) / len(train), 6),
-                    train_acc=round(float(correct) / len(train), 6), val_loss=round(val_loss, 6),
-                    val_acc=round(val_acc, 6), lr=lr, seconds=round(time.perf_counter() - epoch_started, 3),
-                ), phase.epochs)
-            stop = progress.end_epoch(val_loss, val_acc, phase.patience)
-            improved = progress.best_epoch == epoch + 1
-            if improved:
+            stop = bookkeeping.end_epoch(train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                                         val_acc=val_acc, lr=lr, seconds=time.perf_counter() - epoch_started)
+            if bookkeeping.improved:
                 best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
             if write:
-                saver.update(_checkpoint(model, optimizer, schedule, progress), improved)
+                saver.update(_checkpoint(model, optimizer, schedule, bookkeeping), bookkeeping.improved)
             if stop:
                 break
     if best_head is None:  # resumed past its best epoch: rank zero wrote it before the stop
         best_head = _head_state(model, load_checkpoint(folder.checkpoint(name, "best")))
     head.load_state_dict(best_head)
-    return PhaseRecord(
-        done=True,
-        best_checkpoint=str(folder.checkpoint(name, "best").relative_to(folder.root)),
-        diverged=not math.isfinite(progress.best_val_loss),
-        best_val_loss=round(progress.best_val_loss, 6) if math.isfinite(progress.best_val_loss) else None,
-        best_val_acc=round(progress.best_val_acc, 6) if math.isfinite(progress.best_val_loss) else None,
-        best_epoch=progress.best_epoch if math.isfinite(progress.best_val_loss) else None,
-        epochs=progress.epochs_done,
-        trainable_parameters=trainable,
-        total_parameters=total,
-        fit_seconds=round(time.perf_counter() - started, 3),
-    )
+    best_checkpoint = str(folder.checkpoint(name, "best").relative_to(folder.root))
+    return bookkeeping.phase_record(best_checkpoint, parameters, time.perf_counter() - started)
+
+
+def _head_optimizer(model: nn.Module, phase: PhaseConfig) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    groups = parameter_groups(model, phase.lr, phase.weight_decay)
+    return create_optimizer_v2(groups, opt=phase.optimizer, lr=phase.lr, weight_decay=phase.weight_decay)
+
+
+def _train_epoch(
+    model: nn.Module, drop_rate: float, optimizer: torch.optim.Optimizer, schedule: Schedule, first_step: int,
+    loss: nn.Module, train: LabelledFeatures, batches: tuple[torch.Tensor, ...],
+) -> tuple[float, float, float]:
+    """One pass over ``batches`` of ``train``'s rows, from step ``first_step`` of the phase: the
+    mean training loss, the accuracy and the last step's learning rate."""
+    model.get_classifier().train()
+    loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+    lr = schedule.lr_at(first_step)
+    for step, indices in enumerate(batches, start=first_step):
+        lr = schedule.lr_at(step)
+        set_learning_rates(optimizer, lr)
+        x, y = train.features[indices], train.targets[indices]
+        logits = classify_pooled(model, x, drop_rate)
+        batch_loss = loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss.backward()
+        optimizer.step()
+        loss_sum += batch_loss.detach() * len(y)
+        correct += (logits.argmax(dim=1) == y).sum()
+    return float(loss_sum) / len(train), float(correct) / len(train), lr
+
+
+def _validate(model: nn.Module, drop_rate: float, val: LabelledFeatures) -> tuple[float, float]:
+    model.get_classifier().eval()
+    with torch.no_grad():
+        logits = classify_pooled(model, val.features, drop_rate)
+        loss = float(F.cross_entropy(logits, val.targets))
+        return loss, float((logits.argmax(dim=1) == val.targets).float().mean())
 
 
 class _Saver:
@@ -194,31 +187,8 @@ class _Saver:
         self.saved_at = time.monotonic()
 
 
-@dataclass
-class _Progress:
-    """Epochs done and early stopping, as Lightning's ModelCheckpoint and EarlyStopping keep them:
-    the first epoch is always a best one; a non-finite validation loss ends the phase."""
-
-    epochs_done: int = 0
-    best_val_loss: float = math.inf
-    best_val_acc: float = 0.0
-    best_epoch: int = 0
-    epochs_without_improvement: int = 0
-
-    def end_epoch(self, val_loss: float, val_acc: float, patience: int) -> bool:
-        """Record an epoch; whether the phase stops after it."""
-        self.epochs_done += 1
-        if self.best_epoch == 0 or val_loss < self.best_val_loss:
-            self.best_epoch, self.best_val_acc = self.epochs_done, val_acc
-            self.best_val_loss = val_loss if math.isfinite(val_loss) else math.inf
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
-        return not math.isfinite(val_loss) or self.epochs_without_improvement >= patience
-
-
 def _checkpoint(
-    model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule, progress: _Progress
+    model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule, bookkeeping: PhaseBookkeeping
 ) -> dict[str, object]:
     prefix = f"model.{classifier_path(model)}."
     return {
@@ -227,7 +197,7 @@ def _checkpoint(
         # A copy: the optimizer's moments change in place, and this state may be written epochs later.
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "schedule": schedule.state_dict(),
-        "progress": vars(progress).copy(),
+        "progress": bookkeeping.state_dict(),
         "rng_states": collect_random_state(),
     }
 
@@ -237,13 +207,16 @@ def _head_state(model: nn.Module, checkpoint: dict[str, Any]) -> dict[str, torch
     return {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
-def _restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule) -> _Progress:
+def _restore(
+    path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+    bookkeeping: PhaseBookkeeping,
+) -> None:
     checkpoint = load_checkpoint(path)
     if "progress" not in checkpoint:
         log.warning("%s was written by an earlier transferkit; the phase starts again", path)
-        return _Progress()
+        return
     model.get_classifier().load_state_dict(_head_state(model, checkpoint))
     optimizer.load_state_dict(checkpoint["optimizer"])
     schedule.load_state_dict(checkpoint["schedule"])
     restore_random_state(checkpoint["rng_states"])
-    return _Progress(**checkpoint["progress"])
+    bookkeeping.load_state_dict(checkpoint["progress"])

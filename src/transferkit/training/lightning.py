@@ -1,21 +1,21 @@
-"""Phases on images or cached activations, on Lightning: one module that trains a timm classifier whatever the phase,
-and one callback, ``FineTuning``, that owns what differs between phases (in the style of
-Lightning's ``BaseFinetuning``): which blocks train, the batch-norm policy, the optimizer's
-parameter groups and each step's learning rate."""
+"""Phases on images or cached activations, on Lightning: one module that trains a timm
+classifier through its top (``WholeModel`` on images, ``AboveBoundary`` on cached activations),
+one callback, ``FineTuning``, that owns what differs between phases (in the style of Lightning's
+``BaseFinetuning``: which blocks train, batch norm, parameter groups, each step's learning rate),
+and ``History``, the phase's bookkeeping."""
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -32,7 +32,8 @@ from transferkit.models.freeze import (
 )
 from transferkit.models.split import forward_head, forward_top
 from transferkit.run.folder import RunFolder
-from transferkit.run.records import EpochRecord, PhaseRecord
+from transferkit.run.records import PhaseRecord, legacy_phase_state
+from transferkit.training.bookkeeping import PhaseBookkeeping
 from transferkit.training.checkpoints import (
     SafeCheckpointIO,
     collect_random_state,
@@ -40,7 +41,7 @@ from transferkit.training.checkpoints import (
     model_state,
     restore_random_state,
 )
-from transferkit.training.phase import Schedule, log_trainable, record_epoch, set_learning_rates
+from transferkit.training.phase import Schedule, log_trainable, set_learning_rates
 from transferkit.training.precision import DepthwiseInFloat32
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ class FineTuning(L.Callback):
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         self.freeze_before_training(module.model)
-        # Convolutions on CPU run 1.6x faster forward and backward with weights and inputs both
-        # channels-last (EfficientNet-Lite0's top three blocks, batch 32); inputs alone gain nothing.
+        # CPU convolutions are faster with weights and inputs both channels-last; inputs alone gain nothing.
         module.model.to(memory_format=torch.channels_last)
 
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
@@ -112,32 +112,56 @@ class FineTuning(L.Callback):
         self.schedule.load_state_dict(state_dict)
 
 
-class ImageClassifier(L.LightningModule):
-    """A timm classifier trained on images, or on the cached activations at ``boundary`` (see
-    ``activations``) with ``augment`` applied in activation space; ``finetuning`` decides what trains."""
+class Top(Protocol):
+    """What a phase's inputs go through to logits: the whole model, or its part above a boundary."""
 
-    def __init__(
-        self, model: nn.Module, loss: nn.Module, finetuning: FineTuning, boundary: int | None = None,
-        augment: str = "none",
-    ):
+    def __call__(self, inputs: torch.Tensor, training: bool) -> torch.Tensor: ...
+
+
+class WholeModel:
+    """Images to logits through the whole classifier (augmented by their loader)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, images: torch.Tensor, training: bool) -> torch.Tensor:
+        features = self.model.forward_features(images.contiguous(memory_format=torch.channels_last))
+        return forward_head(self.model, features)
+
+
+class AboveBoundary:
+    """Cached activations at ``boundary`` (see ``models.split``) to logits through the layers above
+    it, augmented in activation space as ``augment`` says while training."""
+
+    def __init__(self, model: nn.Module, boundary: int, augment: str = "none"):
+        self.model = model
+        self.boundary = boundary
+        self.augment = augment
+
+    def __call__(self, activations: torch.Tensor, training: bool) -> torch.Tensor:
+        if training:
+            activations = augment(activations, self.augment)
+        return forward_top(self.model, activations.float().contiguous(memory_format=torch.channels_last), self.boundary)
+
+
+class ImageClassifier(L.LightningModule):
+    """A timm classifier trained through ``top`` (the whole model on images by default);
+    ``finetuning`` decides what trains. Not a submodule, ``top`` leaves checkpoints naming the
+    weights ``model.*``."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, finetuning: FineTuning, top: Top | None = None):
         super().__init__()
         self.model = model
         self.loss = loss
         self.finetuning = finetuning
-        self.boundary = boundary
-        self.augment = augment
+        self.top = top if top is not None else WholeModel(model)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.boundary is None:
-            features = self.model.forward_features(inputs.contiguous(memory_format=torch.channels_last))
-            return forward_head(self.model, features)
-        return forward_top(
-            self.model, inputs.float().contiguous(memory_format=torch.channels_last), self.boundary
-        )
+        return self.top(inputs, training=False)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        images, targets = batch
-        logits = self(images)
+        inputs, targets = batch
+        logits = self.top(inputs, training=stage == "train")
         loss = self.loss(logits, targets) if stage == "train" else F.cross_entropy(logits, targets)
         accuracy = (logits.argmax(dim=1) == targets).float().mean()
         on_step = stage == "train"
@@ -147,10 +171,7 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
-        inputs, targets = batch
-        if self.boundary is not None:
-            inputs = augment(inputs, self.augment)
-        return self._step((inputs, targets), "train")
+        return self._step(batch, "train")
 
     def validation_step(self, batch: Any, batch_index: int) -> None:
         self._step(batch, "val")
@@ -170,51 +191,42 @@ class ImageClassifier(L.LightningModule):
 
 
 class History(L.Callback):
-    """history.csv's row and the console's line for each epoch of ``phase``, and the epoch with
-    the lowest validation loss so far (kept in the checkpoint, so a resumed phase knows it)."""
+    """The phase's ``PhaseBookkeeping`` fed each epoch's metrics; it also stops the phase after
+    ``patience`` epochs without a lower validation loss. Its state travels in the checkpoint."""
 
-    def __init__(self, folder: RunFolder, phase: str):
-        self.folder = folder
-        self.phase = phase
+    def __init__(self, bookkeeping: PhaseBookkeeping):
+        self.bookkeeping = bookkeeping
         self.started = 0.0
-        self.epochs = 0
-        self.best: EpochRecord | None = None
-        self.complete = True
-        """False once resumed from a checkpoint without this state (an earlier transferkit wrote it)."""
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self.bookkeeping.write = trainer.is_global_zero
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
-
-        def value(name: str) -> float | None:
-            return round(float(metrics[name]), 6) if name in metrics else None
-
         group = trainer.optimizers[0].param_groups[0]
-        record = EpochRecord(
-            phase=self.phase, epoch=trainer.current_epoch + 1,
-            train_loss=value("train_loss_epoch"), train_acc=value("train_acc_epoch"),
-            val_loss=value("val_loss"), val_acc=value("val_acc"),
-            lr=group["lr"] / group.get("lr_scale", 1.0), seconds=round(time.perf_counter() - self.started, 3),
+        stop = self.bookkeeping.end_epoch(
+            train_loss=float(metrics["train_loss_epoch"]) if "train_loss_epoch" in metrics else None,
+            train_acc=float(metrics["train_acc_epoch"]) if "train_acc_epoch" in metrics else None,
+            val_loss=float(metrics["val_loss"]), val_acc=float(metrics["val_acc"]),
+            lr=group["lr"] / group.get("lr_scale", 1.0), seconds=time.perf_counter() - self.started,
         )
-        self.epochs += 1
-        if record.val_loss is not None and math.isfinite(record.val_loss):
-            if self.best is None or record.val_loss < self.best.val_loss:  # type: ignore[operator]
-                self.best = record
-        if trainer.is_global_zero:
-            record_epoch(self.folder, record, trainer.max_epochs or 0)
+        trainer.should_stop = trainer.should_stop or stop
 
     def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self.complete = self.state_key in checkpoint.get("callbacks", {})
+        saved = checkpoint.get("callbacks", {}).get(self.state_key)
+        if saved is None or "epochs_done" not in saved:
+            rows = [r for r in self.bookkeeping.folder.read_history() if r.phase == self.bookkeeping.phase]
+            self.bookkeeping.load_state_dict(legacy_phase_state(saved, rows, int(checkpoint["epoch"]) + 1))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "best": self.best.as_row() if self.best else None}
+        return self.bookkeeping.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epochs = state_dict["epochs"]
-        best = state_dict["best"]
-        self.best = EpochRecord.from_row({k: str(v) for k, v in best.items()}) if best else None
+        if "epochs_done" in state_dict:  # else an earlier transferkit's, read in on_load_checkpoint
+            self.bookkeeping.load_state_dict(state_dict)
 
 
 def fit_with_lightning(
@@ -233,22 +245,35 @@ def fit_with_lightning(
     ``trainer_options`` are Lightning's accelerator, devices, strategy and precision."""
     phase = module.finetuning.phase
     checkpoint = ModelCheckpoint(
-        dirpath=folder.writable(folder.checkpoints_dir), filename=RunFolder.checkpoint_stem(name, "best"), monitor="val_loss",
-        mode="min", save_top_k=1, save_last=True, enable_version_counter=False,
+        dirpath=folder.writable(folder.checkpoints_dir), filename=RunFolder.checkpoint_stem(name, "best"),
+        monitor="val_loss", mode="min", save_top_k=1, save_last=True, enable_version_counter=False,
     )
     checkpoint.CHECKPOINT_NAME_LAST = RunFolder.checkpoint_stem(name, "last")
-    history = History(folder, name)
+    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience)
     trainer = L.Trainer(
-        max_epochs=phase.epochs,
-        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=phase.patience), history,
-                   DepthwiseInFloat32()],
+        max_epochs=phase.epochs, callbacks=[checkpoint, History(bookkeeping), DepthwiseInFloat32()],
         logger=False, enable_model_summary=False, enable_progress_bar=progress_bar, num_sanity_val_steps=0,
         log_every_n_steps=1, default_root_dir=folder.root, plugins=[SafeCheckpointIO()], **trainer_options,
     )
     started = time.perf_counter()
+    _fit(trainer, module, train, val, resume_from)
+    if not bookkeeping.diverged:
+        # Every process, after Lightning's last barrier: the next phase starts from these weights.
+        module.model.load_state_dict(model_state(load_checkpoint(checkpoint.best_model_path)))
+    return bookkeeping.phase_record(
+        str(Path(checkpoint.best_model_path).relative_to(folder.root)), module.finetuning.parameters,
+        time.perf_counter() - started, trained_blocks=module.finetuning.trained_blocks,
+        precision=str(trainer.precision),
+    )
+
+
+def _fit(trainer: L.Trainer, module: ImageClassifier, train: DataLoader, val: DataLoader,
+         resume_from: Path | None) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        # An earlier transferkit's checkpoint holds EarlyStopping's state; History keeps it now.
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
         try:
             trainer.fit(module, train, val, ckpt_path=resume_from, weights_only=True)
         except SystemExit:
@@ -257,24 +282,3 @@ def fit_with_lightning(
             raise Interrupted(signal.SIGTERM if trainer.received_sigterm else signal.SIGINT) from None
     if trainer.interrupted:
         raise Interrupted(signal.SIGTERM if trainer.received_sigterm else signal.SIGINT)
-    # Lightning scores a NaN validation loss as infinite; EarlyStopping ends the phase there.
-    score = checkpoint.best_model_score
-    diverged = score is None or not math.isfinite(float(score))
-    best, epochs = history.best, history.epochs
-    if not history.complete and trainer.is_global_zero:
-        rows = [e for e in folder.read_history() if e.phase == name and e.val_loss is not None]
-        finite = [e for e in rows if math.isfinite(e.val_loss)]  # type: ignore[arg-type]
-        best, epochs = min(finite, key=lambda e: e.val_loss) if finite else None, len(rows)  # type: ignore[arg-type, return-value]
-    if not diverged:
-        # Every process, after Lightning's last barrier: the next phase starts from these weights.
-        module.model.load_state_dict(model_state(load_checkpoint(checkpoint.best_model_path)))
-    return PhaseRecord(
-        done=True, best_checkpoint=str(Path(checkpoint.best_model_path).relative_to(folder.root)), diverged=diverged,
-        best_val_loss=None if diverged or best is None else best.val_loss,
-        best_val_acc=None if diverged or best is None else best.val_acc,
-        best_epoch=None if diverged or best is None else best.epoch,
-        epochs=epochs, trainable_parameters=module.finetuning.parameters[0],
-        total_parameters=module.finetuning.parameters[1], trained_blocks=module.finetuning.trained_blocks,
-        fit_seconds=round(time.perf_counter() - started, 3),
-        precision=str(trainer.precision),
-    )

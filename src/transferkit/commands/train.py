@@ -1,0 +1,293 @@
+"""``train`` and ``resume``: the run folder and its lock, the data index, the model, the fit
+(``training.recipe``), then the evaluation, the saved model, the audit and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit._io import write_csv
+from transferkit.audit.config import DUPLICATE_THRESHOLD
+from transferkit.cache.activations import ActivationPass, boundary_activations, split_bounds, training_views
+from transferkit.cache.shards import CachedRows
+from transferkit.cache.store import FeatureCache
+from transferkit.commands.audit import audit_of_run
+from transferkit.config import TrainConfig
+from transferkit.data.exclude import read_exclusions
+from transferkit.data.folders import DatasetIndex, discover
+from transferkit.data.groups import LEAK_COLUMNS, Leaks
+from transferkit.data.images import scan_images
+from transferkit.data.loaders import resolve_preprocessing
+from transferkit.data.registry import resolve_data_source, source_problems
+from transferkit.errors import ConfigError, RunFolderError
+from transferkit.models.create import create_classifier
+from transferkit.models.folder import save_model_folder, save_trust
+from transferkit.run.folder import RunFolder, holds_work, prepare_folder
+from transferkit.run.lock import claim
+from transferkit.run.records import RunMetrics
+from transferkit.training.evaluation import PhaseInputs, evaluate_phases
+from transferkit.training.phase import class_weights, create_sampler, training_loss
+from transferkit.training.plan import FitPlan
+from transferkit.training.progress import PhaseProgress
+from transferkit.training.recipe import FitInputs, fine_tune
+from transferkit.training.splitting import SplitFeatures, clean_val_rows, pooled_features_of, split_honestly
+from transferkit.training.trainer_options import process_rank, trainer_options
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run reports; everything is also in ``run_dir``."""
+
+    run_dir: Path
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    metrics: dict[str, Any]
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    best_phase: str = ""
+    duplicates: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Counts of identical-image groups: groups, across_splits, across_classes."""
+    audit: str = ""
+    """The audit's one-line summary (``--audit``), else empty."""
+
+    @property
+    def model_dir(self) -> Path:
+        return RunFolder(self.run_dir).model_dir
+
+    @property
+    def run_metrics(self) -> RunMetrics:
+        """``metrics`` as typed records (rank zero of a multi-process run has them)."""
+        return RunMetrics.from_dict(self.metrics)
+
+
+def train(data: str | os.PathLike[str], config: TrainConfig | None = None) -> TrainResult:
+    """Train a classifier on ``data`` as ``config`` says (default: ``TrainConfig()``) and write
+    the run folder (``config.output``, else ``resolve_run_dir``'s choice).
+
+    ``data`` is an image folder (``DATA/<class>/*`` or ``DATA/{train,val[,test]}/<class>/*``) or
+    the name of a registered dataset.
+    """
+    problems = source_problems(data)
+    if problems:
+        raise ConfigError(problems)
+    return _train(os.fspath(data), config if config is not None else TrainConfig(), resume=False)
+
+
+def resume(run_dir: str | Path) -> TrainResult:
+    """Finish an interrupted run from its folder: finished phases are skipped and an interrupted
+    phase continues from its last checkpoint."""
+    source, config = RunFolder(run_dir).read_record()
+    return _train(source, config, resume=True)
+
+
+def resolve_run_dir(data: str | os.PathLike[str], config: TrainConfig) -> Path:
+    """The folder a train of ``data`` writes: ``config.output``, else ``runs/<data>-<model>-<time>``.
+
+    Absolute, because Lightning reports checkpoint paths absolute and they are stored relative.
+    Every process of a multi-process run (launched by Lightning with the same command line, or
+    by torchrun or SLURM) resolves the folder rank zero named with its own clock.
+    """
+    if config.output:
+        return Path(config.output).absolute()
+    if process_rank() != 0 and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    name = Path(os.fspath(data)).name or "data"
+    return Path("runs", f"{name}-{config.model.name.replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}").absolute()
+
+
+def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
+    started = time.perf_counter()
+    lightning_options = trainer_options(
+        config.accelerator, config.devices, config.num_nodes, config.strategy, config.precision
+    )
+    run_dir = resolve_run_dir(source, config)
+    config = dataclasses.replace(config, output=str(run_dir))  # the caller's config stays as it was
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning launches
+    if process_rank() != 0:  # rank zero holds the folder for the whole run
+        return _train_in(RunFolder(run_dir), source, config, resume, lightning_options, started)
+    prepare_folder(run_dir)
+    RunFolder(run_dir).refuse_links_out()  # before any work, so a refusal loses none
+    with claim(run_dir):
+        if not resume and RunFolder(run_dir).config_file.exists():
+            if holds_work(run_dir):
+                raise RunFolderError(
+                    f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --output"
+                )
+            log.info("%s holds a start that failed before training; starting again", run_dir)
+        return _train_in(RunFolder(run_dir), source, config, resume, lightning_options, started)
+
+
+def _train_in(
+    folder: RunFolder, source: str, config: TrainConfig, resume: bool, lightning_options: dict[str, Any],
+    started: float,
+) -> TrainResult:
+    """The data, the model and its plan, the fit; rank zero then evaluates and saves."""
+    main_process = process_rank() == 0
+    index, discovered = _prepare_index(source, config, folder, resume)
+    # The new head's initialisation draws from the global generator: seed before building it.
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    create_model = functools.partial(create_classifier, config.model, len(index.classes), config.data.image_size)
+    model = create_model()
+    preprocessing = resolve_preprocessing(model, config.data.image_size)
+    plan = FitPlan.decide(config, model, preprocessing, index, lightning_options)
+    activation_pass = ActivationPass.of(config)
+    split_features, leaks, activations = _split_on_features(
+        index, discovered, model, preprocessing, plan.boundary, config, activation_pass
+    )
+    if main_process:
+        _write_index(index, leaks, folder, config.data.drop_duplicates)
+        # Saved once the data and the model are usable: a bad folder, model name or weights file
+        # leaves no half-made run, so the same command can simply run again.
+        folder.write_config(source, config)
+    val_rows = clean_val_rows(index.splits.get("val", []), leaks.images("val"))
+    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model, model=model)
+    inputs = _fit_inputs(model, plan, index, preprocessing, split_features, activations, progress, config,
+                         activation_pass, val_rows)
+    fine_tune(model, plan, inputs, progress)
+    if not main_process:
+        # Another process of a multi-process run: rank zero evaluates and writes the results.
+        return TrainResult(run_dir=folder.root, classes=index.classes, counts=index.counts(), metrics={})
+    phase_inputs = PhaseInputs(index, preprocessing, inputs.features, plan.boundary, inputs.activations,
+                               activation_pass.backend, plan.num_workers, config.progress,
+                               val_rows=val_rows)
+    metrics = _evaluate_and_save(model, progress, phase_inputs, config, folder)
+    metrics.train_seconds = round(time.perf_counter() - started, 2)
+    metrics.leaks = leaks.summary()
+    if plan.head_on_features:
+        metrics.features = split_features.stats.as_dict()
+    folder.write_metrics(metrics)
+    audit_line = audit_of_run(
+        index, config.data, config.model, config.seed, config.cache_dir, config.progress,
+        folder.writable(folder.audit_dir), split_features.in_order(index),
+    ) if config.audit else ""
+    if config.report:
+        _write_report(folder)
+    return TrainResult(
+        run_dir=folder.root, classes=index.classes, counts=index.counts(), metrics=metrics.to_dict(),
+        skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(), audit=audit_line,
+    )
+
+
+def _fit_inputs(
+    model: nn.Module, plan: FitPlan, index: DatasetIndex, preprocessing: dict[str, Any], split_features: SplitFeatures,
+    activations: dict[str, CachedRows], progress: PhaseProgress, config: TrainConfig, activation_pass: ActivationPass,
+    val_rows: np.ndarray,
+) -> FitInputs:
+    """The loss, the sampler and the cached inputs of the split as it now stands."""
+    targets = index.targets("train")
+    weights = class_weights(targets, len(index.classes)) if config.class_balance == "weight" else None
+    loss = training_loss(config.label_smoothing, weights)
+    sampler = create_sampler(targets, len(index.classes), config.seed, config.class_balance)
+    plan.log_unfreeze(len(targets))
+    if plan.boundary is not None and not activations:  # every row in the cache by now: this only cuts it by the new split
+        activations, _ = boundary_activations(model, plan.boundary, index, preprocessing, activation_pass)
+    views: list[CachedRows] = []  # of the training images (--finetune-views)
+    if plan.boundary is not None and not progress.finished("finetune"):
+        if plan.views < config.finetune_views:
+            log.info("--finetune-views %d: %d fine-tuning epochs read %d of them; only those are computed",
+                     config.finetune_views, config.finetune.epochs, plan.views)
+        views = training_views(model, plan.boundary, index, preprocessing, plan.views, activation_pass)
+    features: dict[str, torch.Tensor] = {}
+    if plan.head_on_features:
+        array = split_features.in_order(index)
+        features = {split: torch.from_numpy(array[bounds]) for split, bounds in split_bounds(index).items()}
+    return FitInputs(index, preprocessing, loss, sampler, features, activations, views, val_rows)
+
+
+def _evaluate_and_save(
+    model: nn.Module, progress: PhaseProgress, inputs: PhaseInputs, config: TrainConfig, folder: RunFolder
+) -> RunMetrics:
+    """Every phase judged, the best one's weights, temperature and threshold saved as the run's model."""
+    metrics, trust = evaluate_phases(model, progress, inputs, calibrate_on_val=config.calibrate,
+                                     unknown_score=config.unknown_score, unknown_keep=config.unknown_keep)
+    save_model_folder(model, folder.writable(folder.model_dir), inputs.index.classes, inputs.preprocessing,
+                      config.model)
+    save_trust(folder.model_dir, trust)
+    metrics.trust = trust.as_dict()
+    return metrics
+
+
+def _write_report(folder: RunFolder) -> None:
+    from transferkit.reporting.report import write_report
+
+    try:
+        write_report([folder.root])
+    except Exception as error:  # noqa: BLE001 - the model is saved; `transferkit report` can try again
+        log.warning("the report could not be written (%s); the run is complete, try `transferkit report %s`",
+                    error, folder.root)
+
+
+def _split_on_features(
+    index: DatasetIndex, discovered: bool, model: nn.Module, preprocessing: dict[str, Any], boundary: int | None,
+    config: TrainConfig, activation_pass: ActivationPass,
+) -> tuple[SplitFeatures, Leaks, dict[str, CachedRows]]:
+    """Every image's pooled features, then the split cut again by groups (where it was carved now)
+    and checked for near-copies across it; the boundary activations where the split stood."""
+    activation_stats, activations = None, {}
+    if boundary is not None:
+        pooled = FeatureCache.for_backbone(model, preprocessing, config.model.global_pool, config.cache_dir)
+        activations, activation_stats = boundary_activations(model, boundary, index, preprocessing, activation_pass,
+                                                             pooled)
+    order = {name: list(items) for name, items in index.splits.items()}
+    features = pooled_features_of(index, model, preprocessing, config.model.global_pool, activation_pass.backend,
+                                  config.cache_dir, config.data.resolved_num_workers(), config.progress)
+    if activation_stats is not None:
+        # The pass's own: counted as this run's work, not as read from the cache.
+        computed = activation_stats.images - activation_stats.from_cache
+        reused = min(computed, features.stats.from_cache)
+        if reused:
+            features.stats = dataclasses.replace(features.stats, from_cache=features.stats.from_cache - reused,
+                                                 seconds=features.stats.seconds + activation_stats.seconds)
+    leaks = split_honestly(index, features, carve=discovered, split_groups=config.data.split_groups,
+                           group_by=config.data.group_by, threshold=DUPLICATE_THRESHOLD, seed=config.seed,
+                           max_per_class=config.data.max_per_class)
+    return features, leaks, activations if index.splits == order else {}
+
+
+def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming: bool) -> tuple[DatasetIndex, bool]:
+    """The run's images and, when they were found now (not resumed, not ``--splits-from``), True:
+    their split may still be cut again by groups."""
+    root = resolve_data_source(source, config.data.data_mirror, config.data.download)
+    if resuming and folder.has_index():
+        return folder.read_index(root), False
+    discovered = not config.data.splits_from
+    if config.data.splits_from:
+        index = RunFolder(config.data.splits_from).read_index(root)
+    else:
+        index = discover(root, config.data.split, config.seed, config.data.max_per_class)
+        paths = [path for items in index.splits.values() for path, _ in items]
+        index.drop(scan_images(paths, config.data.resolved_num_workers()))
+        index.find_duplicates()
+        if config.data.drop_duplicates:
+            index.drop_duplicates()
+    if config.data.exclude:
+        index.drop(read_exclusions(config.data.exclude, index.root, {path for items in index.splits.values() for path, _ in items}))
+    return index, discovered
+
+
+def _write_index(index: DatasetIndex, leaks: Leaks, folder: RunFolder, drop_duplicates: bool) -> None:
+    if index.duplicates:
+        kinds = index.duplicate_kinds()
+        log.warning(
+            "%d groups of identical images (%d across splits, %d under two classes), listed in %s%s",
+            kinds["groups"], kinds["across_splits"], kinds["across_classes"], folder.duplicates_file.name,
+            "; dropping them" if drop_duplicates else "; --drop-duplicates drops them",
+        )
+    if index.skipped:
+        log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
+    folder.write_index(index)
+    write_csv(folder.leaks_file, LEAK_COLUMNS, leaks.rows())

@@ -1,0 +1,88 @@
+"""A phase's record of its epochs, kept the same way by the head loop and by Lightning's ``History``
+callback: history.csv's rows and the console's lines, the best epoch, patience, the ``PhaseRecord``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transferkit.run.folder import RunFolder
+from transferkit.run.records import EpochRecord, PhaseRecord
+from transferkit.training.phase import record_epoch
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+class PhaseBookkeeping:
+    """Epochs done, the epoch with the lowest validation loss and early stopping, as Lightning's
+    ModelCheckpoint and EarlyStopping judge them: the first epoch is always a best one, a later one
+    is if its loss is lower, and a non-finite validation loss ends the phase. Only a ``write``
+    process (rank zero) writes history rows."""
+
+    def __init__(self, folder: RunFolder, phase: str, epochs: int, patience: int, write: bool = True):
+        self.folder = folder
+        self.phase = phase
+        self.planned_epochs = epochs
+        self.patience = patience
+        self.write = write
+        self.epochs_done = 0
+        self.best_val_loss = math.inf
+        self.best_val_acc = 0.0
+        self.best_epoch = 0
+        self.epochs_without_improvement = 0
+
+    def end_epoch(
+        self, *, train_loss: float | None, train_acc: float | None, val_loss: float, val_acc: float, lr: float,
+        seconds: float,
+    ) -> bool:
+        """Record an epoch (its row in history.csv, its line on the console); whether the phase stops after it."""
+        self.epochs_done += 1
+        if self.write:
+            record_epoch(self.folder, EpochRecord(
+                phase=self.phase, epoch=self.epochs_done, train_loss=rounded(train_loss),
+                train_acc=rounded(train_acc), val_loss=rounded(val_loss), val_acc=rounded(val_acc), lr=lr,
+                seconds=round(seconds, 3),
+            ), self.planned_epochs)
+        if self.best_epoch == 0 or val_loss < self.best_val_loss:
+            self.best_epoch, self.best_val_acc = self.epochs_done, val_acc
+            self.best_val_loss = val_loss if math.isfinite(val_loss) else math.inf
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return not math.isfinite(val_loss) or self.epochs_without_improvement >= self.patience
+
+    @property
+    def improved(self) -> bool:
+        """Whether the last epoch recorded is the best so far."""
+        return self.best_epoch == self.epochs_done
+
+    @property
+    def diverged(self) -> bool:
+        return not math.isfinite(self.best_val_loss)
+
+    def phase_record(self, best_checkpoint: str, parameters: tuple[int, int], fit_seconds: float, *,
+                     trained_blocks: int | None = None, precision: str | None = None) -> PhaseRecord:
+        """The phase's record once it ends; ``parameters`` is (trainable, total)."""
+        usable = not self.diverged
+        return PhaseRecord(
+            done=True, best_checkpoint=best_checkpoint, diverged=self.diverged,
+            best_val_loss=rounded(self.best_val_loss) if usable else None,
+            best_val_acc=rounded(self.best_val_acc) if usable else None,
+            best_epoch=self.best_epoch if usable else None, epochs=self.epochs_done,
+            trainable_parameters=parameters[0], total_parameters=parameters[1], trained_blocks=trained_blocks,
+            fit_seconds=round(fit_seconds, 3), precision=precision,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs_done": self.epochs_done, "best_val_loss": self.best_val_loss,
+                "best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch,
+                "epochs_without_improvement": self.epochs_without_improvement}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs_done = int(state["epochs_done"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.best_val_acc = float(state["best_val_acc"])
+        self.best_epoch = int(state["best_epoch"])
+        self.epochs_without_improvement = int(state["epochs_without_improvement"])
