@@ -32,19 +32,30 @@ class PhaseBookkeeping:
         self.best_val_acc = 0.0
         self.best_epoch = 0
         self.epochs_without_improvement = 0
+        self.pending: EpochRecord | None = None
 
     def end_epoch(
         self, *, train_loss: float | None, train_acc: float | None, val_loss: float, val_acc: float, lr: float,
         seconds: float,
     ) -> bool:
-        """Record an epoch (its row in history.csv, its line on the console); whether the phase stops after it."""
+        """Record an epoch and show it (its row in history.csv, its line on the console); whether
+        the phase stops after it."""
+        stop = self.record(train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+                           lr=lr, seconds=seconds)
+        self.publish()
+        return stop
+
+    def record(
+        self, *, train_loss: float | None, train_acc: float | None, val_loss: float, val_acc: float, lr: float,
+        seconds: float,
+    ) -> bool:
+        """Count an epoch without showing it yet, so that a loop can keep its state first: a stop
+        after its line appears then always finds the epoch in the checkpoint."""
         self.epochs_done += 1
-        if self.write:
-            record_epoch(self.folder, EpochRecord(
-                phase=self.phase, epoch=self.epochs_done, train_loss=rounded(train_loss),
-                train_acc=rounded(train_acc), val_loss=rounded(val_loss), val_acc=rounded(val_acc), lr=lr,
-                seconds=round(seconds, 3),
-            ), self.planned_epochs)
+        self.pending = EpochRecord(
+            phase=self.phase, epoch=self.epochs_done, train_loss=rounded(train_loss), train_acc=rounded(train_acc),
+            val_loss=rounded(val_loss), val_acc=rounded(val_acc), lr=lr, seconds=round(seconds, 3),
+        )
         if self.best_epoch == 0 or val_loss < self.best_val_loss:
             self.best_epoch, self.best_val_acc = self.epochs_done, val_acc
             self.best_val_loss = val_loss if math.isfinite(val_loss) else math.inf
@@ -52,6 +63,12 @@ class PhaseBookkeeping:
         else:
             self.epochs_without_improvement += 1
         return not math.isfinite(val_loss) or self.epochs_without_improvement >= self.patience
+
+    def publish(self) -> None:
+        """The recorded epoch's history row and console line (rank zero only)."""
+        if self.write and self.pending is not None:
+            record_epoch(self.folder, self.pending, self.planned_epochs)
+        self.pending = None
 
     @property
     def improved(self) -> bool:

@@ -96,12 +96,14 @@ def train_head(
                                                      loss, train, batches)
             val_loss, val_acc = _validate(model, drop_rate, val)
             schedule.end_epoch(val_loss)
-            stop = bookkeeping.end_epoch(train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-                                         val_acc=val_acc, lr=lr, seconds=time.perf_counter() - epoch_started)
+            stop = bookkeeping.record(train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                                      val_acc=val_acc, lr=lr, seconds=time.perf_counter() - epoch_started)
             if bookkeeping.improved:
                 best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            if write:
-                saver.update(_checkpoint(model, optimizer, schedule, bookkeeping), bookkeeping.improved)
+            if write:  # kept before the epoch's line shows: a stop that sees the line finds the epoch saved
+                saver.keep(_checkpoint(model, optimizer, schedule, bookkeeping), bookkeeping.improved)
+            bookkeeping.publish()
+            saver.save_if_due()  # nothing is kept where another process writes
             if stop:
                 break
     if best_head is None:  # resumed past its best epoch: rank zero wrote it before the stop
@@ -169,11 +171,13 @@ class _Saver:
         if kind is None or issubclass(kind, KeyboardInterrupt):
             self.save()
 
-    def update(self, state: dict[str, object], improved: bool) -> None:
-        """``state`` after an epoch, the best one so far if ``improved``."""
+    def keep(self, state: dict[str, object], improved: bool) -> None:
+        """``state`` after an epoch, the best one so far if ``improved``, held for the next save."""
         self.last = state
         if improved:
             self.best = state
+
+    def save_if_due(self) -> None:
         if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
             self.save()
 
