@@ -15,7 +15,8 @@ from conftest import render_in_chromium
 from transferkit.cli import main
 from transferkit.reporting.figures import plot_confusion_matrix
 from transferkit.reporting.explain import grad_cam_available
-from transferkit.reporting.report import FIGURES, PHOTO_GRIDS, most_confused_rows, read_run, write_figures
+from transferkit.reporting.report import read_run
+from transferkit.reporting.run_figures import FIGURES, PHOTO_GRIDS, most_confused_rows, write_figures
 
 SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)
 
