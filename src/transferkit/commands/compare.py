@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,16 @@ log = logging.getLogger(__name__)
 
 
 STRATEGIES = {
-    "scratch": "random initialisation, every layer trained (the seeds' 'scratch')",
+    "scratch": "no pretrained weights: every layer starts random and trains (the baseline transfer is measured against)",
     "frozen": "ImageNet backbone frozen, a new linear head",
-    "frozen-dense": "ImageNet backbone frozen, a head with a hidden dense layer (the seeds' 'pretrain')",
-    "fine-tune": "head on frozen features, then the top blocks unfrozen (the seeds' 'fine tuning')",
-    "full": "ImageNet weights as the start, every layer trained at once (the seeds' 'initialize pretrain')",
+    "frozen-dense": "ImageNet backbone frozen, a head with a hidden dense layer",
+    "fine-tune": "head on frozen features, then the top blocks unfrozen",
+    "full": "ImageNet weights as the start, every layer trained at once",
 }
 
 
 COLUMNS = [
-    "strategy", "model", "best_val_accuracy", "test_accuracy", "macro_f1", "epochs_to_best", "epochs",
+    "strategy", "model", "best_val_accuracy", "saved_val_accuracy", "test_accuracy", "macro_f1", "epochs_to_best", "epochs",
     "wall_seconds", "features_from_cache", "trainable_parameters", "total_parameters", "run",
 ]
 
@@ -178,8 +179,36 @@ def compare(
     then sets its own phases. Rerunning with the same arguments resumes: finished runs are kept,
     an interrupted one continues.
     """
-    from transferkit.training.recipe import resume, train
+    options = dict(options or {})
+    shared = _checked_config(strategies, models, epochs, unfreeze, options)
+    output = (Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}").absolute()
+    output.mkdir(parents=True, exist_ok=True)
+    _check_settings(output, {
+        "source": source, "strategies": list(strategies), "models": list(models), "epochs": epochs,
+        "patience": patience, "hidden_size": hidden_size, "unfreeze": unfreeze, "options": options,
+    })
+    settings = StrategySettings(epochs, patience, hidden_size, unfreeze)
+    run_dirs = [(strategy, model, output / run_name(strategy, model, len(models) > 1))
+                for model in models for strategy in strategies]
+    first_run: Path | None = None
+    for strategy, model, run_dir in sorted(run_dirs, key=lambda run: run[0] == "scratch"):
+        _train_one(source, strategy, model, run_dir, STRATEGY_FUNCTIONS[strategy](shared, settings), first_run)
+        first_run = first_run or run_dir
 
+    rows = [_row(strategy, model, run_dir) for strategy, model, run_dir in run_dirs]
+    comparison = Comparison(output=output, rows=rows)
+    write_csv_rows(output / "comparison.csv", COLUMNS, rows)
+    recommended = recommendation(comparison)
+    write_comparison_page(comparison, write_comparison_figures(comparison), STRATEGIES, recommended)
+    log.info("%s", recommended)
+    return comparison
+
+
+def _checked_config(
+    strategies: list[str] | tuple[str, ...], models: list[str] | tuple[str, ...], epochs: int, unfreeze: str,
+    options: dict[str, Any],
+) -> TrainConfig:
+    """The config every run shares, once the comparison's own arguments are acceptable."""
     problems = [f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}{close_matches(s, STRATEGIES)}"
                 for s in strategies if s not in STRATEGIES]
     if not strategies:
@@ -194,46 +223,82 @@ def compare(
         parse_unfreeze(unfreeze)
     except ValueError:  # else only the fine-tune strategy's run would say so, after the others trained
         problems.append(f"--unfreeze must be a block count (3), a fraction (0.3), 'all' or 'auto', got {unfreeze!r}")
-    options = dict(options or {})
     shared = raise_together(problems, lambda: TrainConfig.from_options(options))
     if shared.finetune_on == "activations" and "fine-tune" in strategies:
-        raise_together(_uncacheable(models, unfreeze), lambda: None)  # before any run trains, not at the fourth
-    strategy_settings = StrategySettings(epochs, patience, hidden_size, unfreeze)
-    output = Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}"
-    output = output.absolute()
-    output.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "source": source, "strategies": list(strategies), "models": list(models), "epochs": epochs,
-        "patience": patience, "hidden_size": hidden_size, "unfreeze": unfreeze, "options": options,
-    }
-    _check_settings(output, settings)
+        raise_together(_uncacheable(list(models), unfreeze), lambda: None)  # before any run trains, not at the fourth
+    return shared
 
-    run_dirs: list[tuple[str, str, Path]] = []
-    first_run: Path | None = None
-    for model in models:
-        for strategy in strategies:
-            run_dir = output / run_name(strategy, model, len(models) > 1)
-            run_dirs.append((strategy, model, run_dir))
-            if RunFolder(run_dir).is_finished():
-                log.info("%s: finished earlier, kept", run_dir.name)
-            elif RunFolder(run_dir).is_run():
-                log.info("%s: interrupted earlier, resuming", run_dir.name)
-                resume(run_dir)
-            else:
-                config = STRATEGY_FUNCTIONS[strategy](shared, strategy_settings)
-                config = replace(config, model=replace(config.model, name=model), output=str(run_dir))
-                if first_run is not None:  # same images and splits: the first run's audit covers them all
-                    config = replace(config, data=replace(config.data, splits_from=str(first_run)), audit=False)
-                log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
-                train(source, config)
-            first_run = first_run or run_dir
 
-    rows = [_row(strategy, model, run_dir) for strategy, model, run_dir in run_dirs]
-    comparison = Comparison(output=output, rows=rows)
-    write_csv_rows(output / "comparison.csv", COLUMNS, rows)
-    figures = write_comparison_figures(comparison)
-    write_comparison_page(comparison, figures, STRATEGIES)
-    return comparison
+def _train_one(source: str, strategy: str, model: str, run_dir: Path, config: TrainConfig, first_run: Path | None) -> None:
+    """Train, resume or keep one run. The first run sets the split and audits the images; a
+    scratch run never goes first, as its random features would audit and group nothing real."""
+    from transferkit.training.recipe import resume, train
+
+    folder = RunFolder(run_dir)
+    with epoch_lines_of(strategy):
+        if folder.is_finished():
+            log.info("%s: finished earlier, kept", run_dir.name)
+        elif folder.is_run():
+            log.info("%s: interrupted earlier, resuming", run_dir.name)
+            resume(run_dir)
+        else:
+            config = replace(config, model=replace(config.model, name=model), output=str(run_dir))
+            if first_run is not None:  # same images and splits: the first run's audit covers them all
+                config = replace(config, data=replace(config.data, splits_from=str(first_run)), audit=False)
+            elif strategy == "scratch":  # only scratch was asked for: no pretrained features to audit with
+                config = replace(config, audit=False)
+            log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
+            train(source, config)
+
+
+EVERY_LAYER = frozenset({"scratch", "full"})
+"""Strategies whose one phase trains every layer: their epochs are not fine-tuning a pretrained top."""
+
+
+class _StrategyPrefix(logging.Filter):
+    """Each epoch line starts with the strategy it belongs to; a phase that trains every layer says so."""
+
+    def __init__(self, strategy: str):
+        super().__init__()
+        self.strategy = strategy
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = record.getMessage()
+        if self.strategy in EVERY_LAYER and line.startswith("finetune"):
+            line = "all     " + line[len("finetune"):]
+        record.msg, record.args = f"{self.strategy:<12} {line}", None
+        return True
+
+
+@contextlib.contextmanager
+def epoch_lines_of(strategy: str) -> Iterator[None]:
+    """While ``strategy`` trains, its epoch lines (the ``transferkit.epochs`` log) name it."""
+    epochs = logging.getLogger("transferkit.epochs")
+    prefix = _StrategyPrefix(strategy)
+    epochs.addFilter(prefix)
+    try:
+        yield
+    finally:
+        epochs.removeFilter(prefix)
+
+
+def recommendation(comparison: Comparison) -> str:
+    """The strategy to use, chosen on the saved models' validation accuracy, with the step one
+    validation image makes: runs within one image of the best are tied, and the fastest wins."""
+    rows = [row for row in comparison.rows if row["saved_val_accuracy"] is not None]
+    if not rows:
+        return "no run finished with a validation accuracy; nothing to recommend"
+    images = comparison.run_folder(0).read_splits(comparison.run_folder(0).classes()).get("val", [])
+    step = 1 / max(len(images), 1)
+    best = max(row["saved_val_accuracy"] for row in rows)
+    tied = [row for row in rows if row["saved_val_accuracy"] >= best - step - 1e-9]
+    chosen = min(tied, key=lambda row: row["wall_seconds"])
+    others = [row["run"] for row in tied if row is not chosen]
+    line = (f"Recommended: {chosen['run']} (validation accuracy {chosen['saved_val_accuracy']:.1%}, "
+            f"{chosen['wall_seconds']:.0f} s). {len(images):,} validation images resolve {100 * step:.3g}-point steps")
+    if others:
+        return line + f"; {', '.join(others)} came within one image of the best, so the fastest of them is recommended."
+    return line + "; no other run came within one image of it."
 
 
 def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
@@ -247,7 +312,10 @@ def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
     return {
         "strategy": strategy,
         "model": model,
-        "best_val_accuracy": max(phase.best_val_acc for phase in metrics.usable_phases().values()),
+        # The curve's peak; the saved model is the lowest validation loss's epoch, whose accuracy can be lower.
+        "best_val_accuracy": max((h.val_acc for h in RunFolder(run_dir).read_history() if h.val_acc is not None),
+                                 default=None),
+        "saved_val_accuracy": phases[metrics.best_phase].best_val_acc,
         "test_accuracy": metrics.test["accuracy"] if metrics.test is not None else None,
         "macro_f1": metrics.judged["macro_f1"],
         "epochs_to_best": epochs_before + phases[metrics.best_phase].best_epoch,
