@@ -18,7 +18,7 @@ figure{margin:0}figcaption,.note{color:#444;max-width:48rem}
 .headline{font-size:1.25rem;margin:.2rem 0 .4rem}.warning{color:#9a5b00;font-weight:bold}
 .run{border-top:3px solid #2e86c1;margin-top:2.5rem}.muted{color:#777}.inflated,.bad{color:#b03a2e}
 .inflated{font-weight:bold}.path{font-size:.75rem;color:#555;word-break:break-all;max-width:18rem;text-align:left}
-.strip{display:flex;gap:2px}.strip img,td img{display:block}details{margin:.5rem 0}summary{cursor:pointer}
+.findings td,.findings th{text-align:left}.strip{display:flex;gap:2px}.strip img,td img{display:block}details{margin:.5rem 0}summary{cursor:pointer}
 """
 
 
