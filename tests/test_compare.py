@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import SHARED_DATASETS, TINY_MODEL, make_folder
 from transferkit.cli import main
-from transferkit.commands.compare import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings, compare
+from transferkit.commands.compare import compare
+from transferkit.commands.strategies import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings
 from transferkit.config import TrainConfig
 from transferkit.errors import ConfigError
 

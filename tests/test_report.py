@@ -18,7 +18,7 @@ from transferkit import train
 from transferkit.cli import main
 from transferkit.reporting.figures import GRID_IMAGES, plot_confusion_matrix, plot_training_curves
 from transferkit.reporting.explain import grad_cam_available
-from transferkit.reporting.report import read_run
+from transferkit.reporting.run_summary import read_run
 from transferkit.reporting.run_figures import FIGURES, PHOTO_GRIDS, most_confused_rows, write_figures
 
 SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)

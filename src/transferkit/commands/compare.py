@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transferkit._io import read_json, write_csv_rows, write_json
+from transferkit.commands.strategies import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings
 from transferkit.config import (
     DEFAULT_MODEL,
     FEW_BLOCKS,
@@ -20,97 +21,17 @@ from transferkit.config import (
     unfreeze_is_auto,
 )
 from transferkit.errors import ConfigError, RunFolderError, close_matches, raise_together
-from transferkit.reporting.comparison import write_comparison_figures, write_comparison_page
+from transferkit.reporting.comparison import recommendation, write_comparison_figures, write_comparison_page
 from transferkit.run.comparison import Comparison
 from transferkit.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 
-STRATEGIES = {
-    "scratch": "no pretrained weights: every layer starts random and trains (the baseline transfer is measured against)",
-    "frozen": "ImageNet backbone frozen, a new linear head",
-    "frozen-dense": "ImageNet backbone frozen, a head with a hidden dense layer",
-    "fine-tune": "head on frozen features, then the top blocks unfrozen",
-    "full": "ImageNet weights as the start, every layer trained at once",
-}
-
-
 COLUMNS = [
     "strategy", "model", "best_val_accuracy", "saved_val_accuracy", "test_accuracy", "macro_f1", "epochs_to_best", "epochs",
     "wall_seconds", "features_from_cache", "trainable_parameters", "total_parameters", "run",
 ]
-
-
-# Learning rates of the phases that train the backbone: random weights need a larger step than
-# pretrained ones, which a large step would wreck.
-SCRATCH_LR = 1e-3
-
-
-PRETRAINED_LR = 1e-4
-
-
-@dataclass(frozen=True)
-class StrategySettings:
-    """What a strategy sets besides its own choices: the same budget for every run, and the
-    knobs of the strategies that have one."""
-
-    epochs: int
-    patience: int
-    hidden_size: int
-    unfreeze: str
-
-
-Strategy = Callable[[TrainConfig, StrategySettings], TrainConfig]
-
-
-def _head_only(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return replace(
-        config, frozen=replace(config.frozen, epochs=settings.epochs, patience=settings.patience),
-        finetune=replace(config.finetune, epochs=0),
-    )
-
-
-def _through_backbone(config: TrainConfig, settings: StrategySettings, lr: float) -> TrainConfig:
-    # Every block trains, so no layer below them stays fixed to cache activations (or views) at.
-    return replace(
-        config, frozen=replace(config.frozen, epochs=0), finetune_on="images", finetune_views=0,
-        finetune=replace(config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze="all", lr=lr),
-    )
-
-
-def scratch(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return replace(
-        _through_backbone(config, settings, SCRATCH_LR), model=replace(config.model, weights="none"), batchnorm="train"
-    )
-
-
-def frozen(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return _head_only(config, settings)
-
-
-def frozen_dense(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return replace(_head_only(config, settings), model=replace(config.model, hidden_size=settings.hidden_size))
-
-
-def fine_tune(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return replace(
-        config, frozen=replace(config.frozen, epochs=settings.epochs, patience=settings.patience),
-        finetune=replace(
-            config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze=settings.unfreeze,
-            lr=PRETRAINED_LR,
-        ),
-    )
-
-
-def full(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return _through_backbone(config, settings, PRETRAINED_LR)
-
-
-STRATEGY_FUNCTIONS: dict[str, Strategy] = {
-    "scratch": scratch, "frozen": frozen, "frozen-dense": frozen_dense, "fine-tune": fine_tune, "full": full,
-}
-"""Each strategy as a function from the shared config to its run's config, in ``STRATEGIES``' order."""
 
 
 def _uncacheable(models: list[str], unfreeze: str) -> list[str]:
@@ -280,25 +201,6 @@ def epoch_lines_of(strategy: str) -> Iterator[None]:
         yield
     finally:
         epochs.removeFilter(prefix)
-
-
-def recommendation(comparison: Comparison) -> str:
-    """The strategy to use, chosen on the saved models' validation accuracy, with the step one
-    validation image makes: runs within one image of the best are tied, and the fastest wins."""
-    rows = [row for row in comparison.rows if row["saved_val_accuracy"] is not None]
-    if not rows:
-        return "no run finished with a validation accuracy; nothing to recommend"
-    images = comparison.run_folder(0).read_splits(comparison.run_folder(0).classes()).get("val", [])
-    step = 1 / max(len(images), 1)
-    best = max(row["saved_val_accuracy"] for row in rows)
-    tied = [row for row in rows if row["saved_val_accuracy"] >= best - step - 1e-9]
-    chosen = min(tied, key=lambda row: row["wall_seconds"])
-    others = [row["run"] for row in tied if row is not chosen]
-    line = (f"Recommended: {chosen['run']} (validation accuracy {chosen['saved_val_accuracy']:.1%}, "
-            f"{chosen['wall_seconds']:.0f} s). {len(images):,} validation images resolve {100 * step:.3g}-point steps")
-    if others:
-        return line + f"; {', '.join(others)} came within one image of the best, so the fastest of them is recommended."
-    return line + "; no other run came within one image of it."
 
 
 def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:

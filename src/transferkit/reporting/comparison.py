@@ -123,3 +123,22 @@ def write_comparison_page(
     path = comparison.output / "comparison.html"
     write_text(path, html_page(title, body))
     return path
+
+
+def recommendation(comparison: Comparison) -> str:
+    """The strategy to use, chosen on the saved models' validation accuracy, with the step one
+    validation image makes: runs within one image of the best are tied, and the fastest wins."""
+    rows = [row for row in comparison.rows if row["saved_val_accuracy"] is not None]
+    if not rows:
+        return "no run finished with a validation accuracy; nothing to recommend"
+    images = comparison.run_folder(0).read_splits(comparison.run_folder(0).classes()).get("val", [])
+    step = 1 / max(len(images), 1)
+    best = max(row["saved_val_accuracy"] for row in rows)
+    tied = [row for row in rows if row["saved_val_accuracy"] >= best - step - 1e-9]
+    chosen = min(tied, key=lambda row: row["wall_seconds"])
+    others = [row["run"] for row in tied if row is not chosen]
+    line = (f"Recommended: {chosen['run']} (validation accuracy {chosen['saved_val_accuracy']:.1%}, "
+            f"{chosen['wall_seconds']:.0f} s). {len(images):,} validation images resolve {100 * step:.3g}-point steps")
+    if others:
+        return line + f"; {', '.join(others)} came within one image of the best, so the fastest of them is recommended."
+    return line + "; no other run came within one image of it."

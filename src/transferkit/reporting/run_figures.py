@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transferkit._io import atomic_write
 from transferkit.reporting.figures import (
@@ -21,10 +21,8 @@ from transferkit.reporting.figures import (
     pyplot,
     sample_rows,
 )
+from transferkit.reporting.run_summary import RunSummary
 from transferkit.run.folder import RunFolder
-
-if TYPE_CHECKING:
-    from transferkit.reporting.report import RunSummary
 
 log = logging.getLogger(__name__)
 
