@@ -4,6 +4,7 @@ figure whose texts are drawn as written."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,8 @@ NAME_CHARACTERS = 28
 
 
 def short_name(path: str) -> str:
-    name = Path(path).name
+    # A name that is not valid UTF-8 (lone surrogates) is drawn with a replacement character: the fonts have no glyph for it.
+    name = os.fsencode(Path(path).name).decode("utf-8", "replace")
     if len(name) <= NAME_CHARACTERS:
         return name
     half = (NAME_CHARACTERS - 1) // 2

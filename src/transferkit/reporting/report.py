@@ -95,7 +95,7 @@ def _audit_section(run_dir: Path) -> str:
     page = found.with_name("audit.html")
     if not page.is_file():
         return f'<p id="audit">{line} (audit/audit.json beside this report has them)</p>'
-    embedded = html.escape(page.read_text(encoding="utf-8"), quote=True)
+    embedded = html.escape(page.read_text(encoding="utf-8", errors="surrogateescape"), quote=True)
     return (f'<details id="audit"><summary>{line} Open to see the audit page.</summary>'
             f'<iframe title="data audit" srcdoc="{embedded}" style="width:100%;height:80vh;border:1px solid #ddd">'
             "</iframe></details>")
