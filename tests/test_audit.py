@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ from conftest import COLOURS, make_folder, make_image, render_in_chromium, tiny_
 from transferkit import train
 from transferkit._io import read_csv_rows
 from transferkit.audit.config import AuditConfig
+from transferkit.audit.page import TYPICAL
 from transferkit.commands.audit import audit
 from transferkit.audit.checks import near_duplicate_pairs, nearest_neighbours, outlier_scores
 from transferkit.cli import main
@@ -381,9 +383,34 @@ def test_the_page_is_self_contained_and_shows_each_finding_beside_what_to_compar
         assert f'id="{section}"' in page
     suspect = page.split('id="label_issues"')[1].split('id="duplicates"')[0]
     assert 'alt="suspect blue"' in suspect and 'alt="typical blue"' in suspect and 'alt="typical red"' in suspect
+    assert "Label quality is the probability that a model which never saw the image gives it its label" in suspect
     pairs = page.split('id="duplicates"')[1].split('id="outliers"')[0]
     assert "green_misfiled.jpg" in pairs and "green_001.jpg" in pairs and "identical bytes" in pairs
-    assert "screenshot.png" in page.split('id="outliers"')[1]
+    outliers = page.split('id="outliers"')[1]
+    assert "screenshot.png" in outliers and "The outlier score is how far an image&#x27;s features lie" in outliers
+    median = float(np.median(list(map(float, (r["outlier_score"] for r in read_csv_rows(everything_found / "scores.csv"))))))
+    assert f"the median image here scores {median:.3f}" in outliers
+
+
+def test_each_classes_typical_images_are_shown_once_not_on_every_row(tmp_path: Path, tiny_weights: Path) -> None:
+    from transferkit.audit.page import OUTLIERS_OPEN
+
+    data = make_folder(tmp_path / "data", per_class=15, classes=("blue", "green", "red"))
+    for n in range(OUTLIERS_OPEN + 3):  # more odd images than the section shows open
+        stripes = np.zeros((40, 40, 3), np.uint8)
+        stripes[n % 4::4 + n % 3] = 255 - 10 * n
+        Image.fromarray(stripes).save(data / "green" / f"screenshot{n}.png")
+    result = audit(data, AuditConfig.from_options(tiny_audit_options(tmp_path / "audit", tiny_weights)))
+    outliers = result.html_file.read_text(encoding="utf-8").split('id="outliers"')[1]
+    flagged = result.of_kind("outlier")
+    assert len(flagged) > OUTLIERS_OPEN, "the test needs more outliers than are shown open"
+    opened, folded = outliers.split('id="more_outliers"')
+    assert opened.count('alt="outlier ') == OUTLIERS_OPEN, "the most unusual shown open, in score order"
+    shown = re.findall(r'alt="outlier [a-z]+" title="([^"]+)"', opened)
+    assert shown == [f.path for f in flagged[:OUTLIERS_OPEN]], "the most unusual first"
+    assert f"{len(flagged) - OUTLIERS_OPEN} more, less unusual" in folded
+    for colour in ("blue", "green", "red"):
+        assert outliers.count(f'alt="typical {colour}"') <= TYPICAL, f"{colour}'s typical images repeat"
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
@@ -416,7 +443,9 @@ def test_train_audits_its_own_images_and_the_report_links_the_audit(
     line = next(text for text in printed.splitlines() if text.startswith("audit of 37 images:"))
     assert str(run_dir / "audit" / "audit.html") in line
     page = (run_dir / "report.html").read_text()
-    assert 'id="audit"' in page and (run_dir / "audit" / "audit.html").resolve().as_uri() in page
+    assert 'id="audit"' in page and "file://" not in page, "the report is mailed alone: the audit is embedded"
+    embedded = html.unescape(page.split('srcdoc="')[1].split('"')[0])
+    assert embedded == (run_dir / "audit" / "audit.html").read_text(encoding="utf-8")
 
     assert main(["train", str(data), *options[:-3], "--output", str(tmp_path / "quiet"), "--no-audit"]) == 0
     assert not (tmp_path / "quiet" / "audit").exists()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import signal
 import subprocess
@@ -13,7 +14,8 @@ from PIL import Image
 
 from conftest import SHARED_DATASETS, TINY_MODEL, make_folder
 from transferkit.cli import main
-from transferkit.commands.compare import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings, compare
+from transferkit.commands.compare import compare
+from transferkit.commands.strategies import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings
 from transferkit.config import TrainConfig
 from transferkit.errors import ConfigError
 
@@ -87,9 +89,86 @@ def comparison_folder(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Pa
     root = tmp_path_factory.mktemp("compare")
     data = make_folder(root / "data", per_class=20, classes=("blue", "green", "red"))
     output = root / "comparison"
-    compare(str(data), models=[TINY_MODEL], epochs=2, output=output, hidden_size=32, unfreeze="2",
-            options=fixture_options(output, tiny_weights))
+    lines = EpochLines()
+    epochs = logging.getLogger("transferkit.epochs")
+    epochs.addHandler(lines)
+    level = epochs.level
+    epochs.setLevel(logging.INFO)  # as the CLI sets it
+    try:
+        compare(str(data), models=[TINY_MODEL], epochs=2, output=output, hidden_size=32, unfreeze="2",
+                options=fixture_options(output, tiny_weights))
+    finally:
+        epochs.removeHandler(lines)
+        epochs.setLevel(level)
+    (root / "epoch_lines.txt").write_text("\n".join(lines.said))
     return output
+
+
+class EpochLines(logging.Handler):
+    """The epoch lines as the console prints them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(record.getMessage())
+
+
+def test_each_epoch_line_names_its_strategy_and_scratch_never_says_finetune(comparison_folder: Path) -> None:
+    said = (comparison_folder.parent / "epoch_lines.txt").read_text().splitlines()
+    by_strategy = {name: [line for line in said if line.split()[0] == name] for name in STRATEGIES}
+    assert sum(map(len, by_strategy.values())) == len(said), "every line starts with its strategy"
+    for name, lines in by_strategy.items():
+        history = read_rows(comparison_folder / name / "history.csv")
+        assert len(lines) == len(history), name
+    assert all(line.split()[1] == "all" for line in by_strategy["scratch"] + by_strategy["full"])
+    assert {line.split()[1] for line in by_strategy["fine-tune"]} == {"frozen", "finetune"}
+
+
+def test_the_images_are_audited_with_pretrained_features_not_the_scratch_runs(comparison_folder: Path) -> None:
+    assert not (comparison_folder / "scratch" / "audit").exists(), "random features find nothing real"
+    assert (comparison_folder / "frozen" / "audit" / "audit.json").is_file()
+    splits = {name: (comparison_folder / name / "splits.csv").read_text() for name in STRATEGIES}
+    assert len(set(splits.values())) == 1
+
+
+def test_peak_val_accuracy_is_the_curves_peak_and_the_saved_models_is_its_starred_epoch(comparison_folder: Path) -> None:
+    from transferkit.reporting.comparison import plot_comparison_curves
+    from transferkit.run.comparison import Comparison
+
+    rows = read_rows(comparison_folder / "comparison.csv")
+    for row in rows:
+        history = read_rows(comparison_folder / row["run"] / "history.csv")
+        accuracies = [float(h["val_acc"]) for h in history]
+        assert float(row["best_val_accuracy"]) == pytest.approx(max(accuracies))
+        assert float(row["saved_val_accuracy"]) == pytest.approx(accuracies[int(row["epochs_to_best"]) - 1])
+    typed = [{**row, "epochs_to_best": int(row["epochs_to_best"])} for row in rows]
+    figure = plot_comparison_curves(Comparison(comparison_folder, typed))
+    curves = [line for line in figure.axes[0].get_lines() if line.get_label() in {r["run"] for r in rows}]
+    assert len({(line.get_marker(), line.get_linestyle()) for line in curves}) == len(rows), "no two curves alike"
+    stars = [line for line in figure.axes[0].get_lines() if line.get_marker() == "*"]
+    assert sorted(float(s.get_ydata()[0]) for s in stars) == pytest.approx(sorted(float(r["saved_val_accuracy"]) for r in rows))
+
+
+def test_the_page_recommends_a_strategy_and_says_what_its_validation_images_resolve(comparison_folder: Path) -> None:
+    page = (comparison_folder / "comparison.html").read_text()
+    validation = [r for r in read_rows(comparison_folder / "frozen" / "splits.csv") if r["split"] == "val"]
+    recommended = re.search(r'id="recommendation">Recommended: ([\w-]+) \(validation accuracy ([\d.]+)%', page)
+    assert recommended and recommended.group(1) in STRATEGIES
+    rows = {row["run"]: row for row in read_rows(comparison_folder / "comparison.csv")}
+    best = max(float(row["saved_val_accuracy"]) for row in rows.values())
+    chosen = float(rows[recommended.group(1)]["saved_val_accuracy"])
+    assert chosen >= best - 1 / len(validation) - 1e-9, "the recommendation is the best, or within one image of it"
+    assert f"{len(validation)} validation images resolve {100 / len(validation):.3g}-point steps" in page
+    assert "seeds" not in page
+
+
+def test_compare_help_says_what_each_strategy_is(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    said = capsys.readouterr().out
+    assert "seeds" not in said and "no pretrained weights" in said
 
 
 def test_every_strategy_trains_what_it_says_on_one_split(comparison_folder: Path) -> None:
@@ -210,5 +289,5 @@ def test_pretrained_strategies_beat_scratch_on_hymenoptera(tmp_path: Path) -> No
         output=tmp_path / "comparison",
         options={"data.max_per_class": 40, "data.image_size": 160, "progress": False, "report": False},
     )
-    accuracy = {row["strategy"]: row["best_val_accuracy"] for row in comparison.rows}
+    accuracy = {row["strategy"]: row["saved_val_accuracy"] for row in comparison.rows}
     assert accuracy["frozen"] >= 0.85 and accuracy["frozen"] > accuracy["scratch"] + 0.2

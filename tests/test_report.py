@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import base64
+import datetime
+import html
 import io
 import re
 import shutil
@@ -11,11 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import render_in_chromium
+from conftest import make_folder, render_in_chromium, tiny_config
+from transferkit import train
 from transferkit.cli import main
-from transferkit.reporting.figures import plot_confusion_matrix
+from transferkit.reporting.figures import GRID_IMAGES, plot_confusion_matrix, plot_training_curves
 from transferkit.reporting.explain import grad_cam_available
-from transferkit.reporting.report import FIGURES, PHOTO_GRIDS, most_confused_rows, read_run, write_figures
+from transferkit.reporting.run_summary import read_run
+from transferkit.reporting.run_figures import FIGURES, PHOTO_GRIDS, most_confused_rows, write_figures
 
 SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)
 
@@ -174,3 +178,84 @@ def coarse_colours(path: Path) -> int:
         pixels = np.asarray(picture.convert("RGB")) // 32
     _, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
     return int((counts >= 0.0005 * counts.sum()).sum())
+
+
+def page_text(page: str) -> str:
+    """The page's words as a reader sees them: tags dropped, entities decoded, spaces joined."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+
+
+def test_the_report_opens_with_a_headline_and_a_real_title(trained_run: Path) -> None:
+    page = (trained_run / "report.html").read_text(encoding="utf-8")
+    run = read_run(trained_run)
+    accuracy, images = run.evaluation["accuracy"], run.evaluation["images"]
+    words = {"val": "validation", "test": "test"}[run.split]
+    said = f"blue, green and red, test_efficientnet, {accuracy:.1%} on {images} {words} images"
+    trained = datetime.date.fromtimestamp((trained_run / "metrics.json").stat().st_mtime).isoformat()
+    assert f"<title>{said}</title>" in page
+    first = page_text(page.split('id="headline"')[0] + page.split('id="headline"')[1].split("</p>")[0])
+    assert "Image classifier: blue, green and red" in first and f"{said} (trained {trained})" in first
+    assert page.index('id="headline"') < page.index('id="metrics"'), "the headline comes first"
+
+
+def test_the_report_reads_alone_with_no_link_to_a_file(trained_run: Path) -> None:
+    page = (trained_run / "report.html").read_text(encoding="utf-8")
+    assert "file://" not in page and str(trained_run.resolve()) + "/" not in page.split('id="data"')[0]
+
+
+def test_the_configuration_shows_the_split_the_run_really_used(trained_run: Path, tmp_path: Path, tiny_weights: Path) -> None:
+    carved = page_text((trained_run / "report.html").read_text(encoding="utf-8").split('id="configuration"')[1])
+    assert "split: 'carved at random: 80% train, 16% val, 4% test'" in carved
+
+    for split in ("train", "val"):
+        make_folder(tmp_path / "data" / split, per_class=8 if split == "train" else 3, classes=("blue", "red"))
+    run_dir = tmp_path / "run"
+    train(tmp_path / "data", tiny_config(run_dir, tiny_weights, report=True))
+    page = page_text((run_dir / "report.html").read_text(encoding="utf-8"))
+    assert "split: the folder's own train/ and val/ folders (--split not used)" in page
+    assert "0.8 - 0.16" not in page and "- 0.04" not in page
+    # 6 validation images: the unknown threshold rests on them, and the report says it cannot be trusted.
+    warning = re.search(r'<p id="threshold" class="warning">([^<]+)</p>', (run_dir / "report.html").read_text())
+    assert warning and "rests on 6 validation images" in html.unescape(warning.group(1))
+    assert "too few to trust: at least 100 are needed" in html.unescape(warning.group(1))
+
+
+def test_the_reliability_diagram_has_a_plain_sentence_with_the_runs_numbers(trained_run: Path) -> None:
+    page = page_text((trained_run / "report.html").read_text(encoding="utf-8"))
+    assert "when the model says 80%, it is right 80% of the time" in page
+    run = read_run(trained_run)
+    sure = [r for r in run.predictions if float(r["confidence"]) >= 0.9]
+    if sure:
+        right = sum(r["label"] == r["predicted"] for r in sure)
+        assert f"of the {len(sure)} images it was at least 90% sure of, it got {right} right" in page
+
+
+def test_the_highest_loss_images_carry_their_file_names(trained_run: Path) -> None:
+    page = (trained_run / "report.html").read_text(encoding="utf-8")
+    table = page.split('id="highest_loss_files"')[1].split("</table>")[0]
+    worst = read_run(trained_run).evaluation["highest_loss"]
+    assert worst and all(html.escape(row["path"]) in table for row in worst[:GRID_IMAGES])
+
+
+def test_no_two_texts_of_the_training_curves_overlap() -> None:
+    """The fine-tuning line is named in the axis label: a label beside it met the ticks."""
+    from matplotlib.text import Text
+
+    history = [{"phase": "frozen" if e < 6 else "finetune", "train_acc": 0.5 + e / 40, "val_acc": 0.5 + e / 50,
+                "train_loss": 1 - e / 20, "val_loss": 1 - e / 25} for e in range(10)]
+    figure = plot_training_curves(history)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    drawn = [t for t in figure.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    for axis in figure.axes:  # tick labels past the view limits are kept by matplotlib but never drawn
+        for ticks, (low, high) in ((axis.xaxis, axis.get_xlim()), (axis.yaxis, axis.get_ylim())):
+            drawn = [t for t in drawn if not any(t is tick.label1 and not low <= tick.get_loc() <= high
+                                                 for tick in ticks.get_major_ticks())]
+    boxes = [t.get_window_extent(renderer) for t in drawn]
+    assert not [(a, b) for n, a in enumerate(boxes) for b in boxes[n + 1:] if a.overlaps(b)]
+    legends = {t for axis in figure.axes for t in axis.get_legend().get_texts()}
+    inside = [t.get_text() for t in drawn for axis in figure.axes
+              if t not in legends and t.get_window_extent(renderer).overlaps(axis.get_window_extent(renderer))
+              and t not in axis.get_xticklabels() + axis.get_yticklabels() and t is not axis.title]
+    assert inside == [], "no text drawn over the curves or the axis line"
+    assert "fine-tuning starts" in figure.axes[0].get_xlabel()

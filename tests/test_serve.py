@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -102,52 +103,112 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
-def test_the_page_shows_the_predicted_class_of_an_uploaded_image(server: str, trained_run: Path, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def browser_page(server: str, *arguments: str) -> Iterator[Any]:
+    """Debian's chromium on the serve page, the model's description loaded."""
     from playwright.sync_api import sync_playwright
 
-    image = val_images(trained_run)[0]
-    expected = predict(trained_run, [image], top_k=2).predictions[0]
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox", *arguments])
         page = browser.new_page()
         page.goto(server)
         page.wait_for_function("document.getElementById('about').textContent.includes('3 classes')")
-        page.set_input_files("#file", image)
-        page.wait_for_selector("#predictions li")
-        labels = page.locator("#predictions .label").all_inner_texts()
-        shown = page.locator("#predictions .probability").first.inner_text()
-        said = page.locator("#answer").inner_text()
-        assert page.locator("#preview").evaluate("img => img.complete && img.naturalWidth > 0")
-        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-        browser.close()
+        try:
+            yield page
+        finally:
+            browser.close()
 
-    assert labels == expected.labels
-    assert shown == f"{100 * expected.probabilities[0]:.1f}%"
-    assert said == (expected.labels[0] if not expected.unknown else f"none of these (unknown score {expected.unknown_score:.3f})")
-    assert Image.open(tmp_path / "page.png").size[0] > 300
+
+def cards(page: Any, count: int) -> list[dict[str, Any]]:
+    """What each result card shows once ``count`` of them are answered."""
+    page.wait_for_function(f"document.querySelectorAll('#results .card .bars, #results .card .error').length >= {count}")
+    return page.eval_on_selector_all("#results .card", """cards => cards.map(card => ({
+        file: card.querySelector('.file').textContent,
+        answer: card.querySelector('.answer').textContent,
+        labels: [...card.querySelectorAll('.bars .label')].map(l => l.textContent),
+        percents: [...card.querySelectorAll('.bars .probability')].map(l => l.textContent),
+        bar_colours: [...card.querySelectorAll('.bars .bar')].map(b => getComputedStyle(b).backgroundColor),
+        text: card.innerText,
+        pictures: [...card.querySelectorAll('img')].map(i => i.complete && i.naturalWidth > 0),
+    }))""")
+
+
+GREEN, GREY, AMBER = "rgb(27, 158, 85)", "rgb(181, 181, 181)", "rgb(211, 154, 44)"
 
 
 @pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
-def test_the_page_says_none_of_these_for_an_image_unlike_the_training_images(server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
+def test_the_page_classifies_several_images_at_once_each_in_its_own_card(server: str, trained_run: Path) -> None:
+    images = val_images(trained_run)[:3]
+    expected = predict(trained_run, images, top_k=2).predictions
+    with browser_page(server) as page:
+        page.set_input_files("#file", images)
+        shown = cards(page, 3)
+        camera_offered = page.locator("#camera").is_visible()
 
+    assert [c["file"] for c in shown] == [Path(p).name for p in images]
+    for card, reference in zip(shown, expected):
+        assert card["labels"] == reference.labels
+        assert card["percents"][0] == f"{100 * reference.probabilities[0]:.1f}%"
+        assert card["pictures"] == [True], "the image, drawn as the model frames it"
+        if not reference.unknown:
+            assert card["answer"].startswith(reference.labels[0])
+            assert card["bar_colours"][0] == (GREEN if reference.probabilities[0] >= 0.6 else AMBER)
+    assert not camera_offered, "no camera button where the browser has no camera"
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_an_abstention_says_not_one_of_the_classes_with_grey_bars_and_no_score(server: str, tmp_path: Path) -> None:
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
     expected = post(server, ("noise.png", noise.read_bytes())).json()["predictions"][0]
     assert expected["answer"] == "unknown"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        page = browser.new_page()
-        page.goto(server)
+    with browser_page(server) as page:
         page.set_input_files("#file", str(noise))
-        page.wait_for_selector("#predictions li")
-        said = page.locator("#answer").inner_text()
-        bars = page.locator("#predictions .label").all_inner_texts()
-        browser.close()
+        (card,) = cards(page, 1)
 
-    assert said == f"none of these (unknown score {expected['unknown_score']:.3f})"
-    assert bars == [t["label"] for t in expected["top_k"]]  # what the classes alone would say, still shown
+    assert card["answer"] == "None of these: not one of: blue, green, red"
+    assert card["labels"] == [t["label"] for t in expected["top_k"]]  # what it would say if forced, still shown
+    assert set(card["bar_colours"]) == {GREY}, "no green bar contradicts the abstention"
+    assert "score" not in card["text"] and f"{expected['unknown_score']:.3f}" not in card["text"]
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_a_refused_upload_shows_its_reason_and_no_broken_picture(server: str, trained_run: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"hello, not a picture")
+    good = val_images(trained_run)[0]
+    with browser_page(server) as page:
+        page.set_input_files("#file", [str(notes), good])
+        refused, answered = cards(page, 2)
+
+    assert "notes.png: not an image in any format Pillow reads" in refused["answer"]
+    assert refused["pictures"] == [] and refused["labels"] == []
+    assert answered["pictures"] == [True] and len(answered["labels"]) == 2
+
+
+def test_heat_map_and_preview_frame_the_image_alike(server: str, tmp_path: Path) -> None:
+    """The page's frame shows the centre square the model crops; the heat map is drawn over the
+    same square, so the two line up (a wide image's left and right thirds are outside both)."""
+    pytest.importorskip("pytorch_grad_cam")
+    if chromium() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    wide = np.zeros((60, 180, 3), np.uint8)
+    wide[:, :60], wide[:, 60:120], wide[:, 120:] = COLOURS["red"], COLOURS["green"], COLOURS["blue"]
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    with browser_page(server) as page:
+        page.check("#explain")
+        page.set_input_files("#file", str(path))
+        cards(page, 1)
+        page.wait_for_function("(() => { const h = document.querySelector('.heatmap');"
+                               " return h && h.complete && h.naturalWidth > 0; })()")
+        frame = Image.open(io.BytesIO(page.locator(".frame").screenshot())).convert("RGB")
+        heat = page.locator(".heatmap").bounding_box()
+        box = page.locator(".frame").bounding_box()
+
+    shown = np.asarray(frame.resize((30, 30)), dtype=int)
+    assert np.abs(shown[:, [2, 15, 27]] - np.array(COLOURS["green"])).mean() < 30, "only the centre third is framed"
+    assert (heat["width"], heat["height"]) == (box["width"], box["height"]) and heat["x"] > box["x"]
 
 
 def decoded_data_url(url: str) -> Image.Image:
@@ -204,30 +265,36 @@ def test_a_server_of_an_exported_model_says_heat_maps_need_the_run_folder(traine
 @pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_the_page_shows_the_heat_map_beside_the_bars_when_toggled(server: str, trained_run: Path) -> None:
     pytest.importorskip("pytorch_grad_cam")
-    from playwright.sync_api import sync_playwright
-
     image = val_images(trained_run)[0]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        page = browser.new_page()
-        page.goto(server)
+    with browser_page(server) as page:
         page.wait_for_selector("#explain-toggle", state="visible")
         page.set_input_files("#file", image)
-        page.wait_for_selector("#predictions li")
-        hidden_before = page.locator("#heatmap").is_hidden()
+        cards(page, 1)
+        hidden_before = page.locator(".heatmap").count() == 0
         page.check("#explain")  # asks again for the same image, with its heat map
-        page.wait_for_function("(() => { const h = document.getElementById('heatmap');"
-                               " return !h.hidden && h.complete && h.naturalWidth > 0; })()")
-        heat = page.locator("#heatmap").bounding_box()
-        bars = page.locator("#predictions").bounding_box()
-        labels = page.locator("#predictions .label").all_inner_texts()
-        page.uncheck("#explain")
-        page.wait_for_function("document.getElementById('heatmap').hidden")
-        browser.close()
+        page.wait_for_function("(() => { const h = document.querySelector('.heatmap');"
+                               " return h && h.complete && h.naturalWidth > 0; })()")
+        heat = page.locator(".heatmap").bounding_box()
+        bars = page.locator(".bars").bounding_box()
+        labels = page.locator(".bars .label").all_inner_texts()
 
     assert hidden_before
     assert heat["width"] > 100 and heat["x"] + heat["width"] <= bars["x"]  # beside the bars, to their left
     assert labels == predict(trained_run, [image], top_k=2).predictions[0].labels
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_a_browser_with_a_camera_can_classify_a_photo_taken_on_the_page(server: str) -> None:
+    # Chromium's fake camera (a test pattern), allowed without asking.
+    with browser_page(server, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream") as page:
+        page.wait_for_selector("#camera", state="visible")
+        page.click("#camera")
+        page.wait_for_function("document.getElementById('video').videoWidth > 0")
+        page.click("#snap")
+        (card,) = cards(page, 1)
+
+    assert card["file"].startswith("camera-") and card["file"].endswith(".jpg")
+    assert len(card["labels"]) == 2 and card["pictures"] == [True]
 
 
 def free_port() -> int:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transferkit._io import read_json, write_csv_rows, write_json
+from transferkit.commands.strategies import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings
 from transferkit.config import (
     DEFAULT_MODEL,
     FEW_BLOCKS,
@@ -19,97 +21,17 @@ from transferkit.config import (
     unfreeze_is_auto,
 )
 from transferkit.errors import ConfigError, RunFolderError, close_matches, raise_together
-from transferkit.reporting.comparison import write_comparison_figures, write_comparison_page
+from transferkit.reporting.comparison import recommendation, write_comparison_figures, write_comparison_page
 from transferkit.run.comparison import Comparison
 from transferkit.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 
-STRATEGIES = {
-    "scratch": "random initialisation, every layer trained (the seeds' 'scratch')",
-    "frozen": "ImageNet backbone frozen, a new linear head",
-    "frozen-dense": "ImageNet backbone frozen, a head with a hidden dense layer (the seeds' 'pretrain')",
-    "fine-tune": "head on frozen features, then the top blocks unfrozen (the seeds' 'fine tuning')",
-    "full": "ImageNet weights as the start, every layer trained at once (the seeds' 'initialize pretrain')",
-}
-
-
 COLUMNS = [
-    "strategy", "model", "best_val_accuracy", "test_accuracy", "macro_f1", "epochs_to_best", "epochs",
+    "strategy", "model", "best_val_accuracy", "saved_val_accuracy", "test_accuracy", "macro_f1", "epochs_to_best", "epochs",
     "wall_seconds", "features_from_cache", "trainable_parameters", "total_parameters", "run",
 ]
-
-
-# Learning rates of the phases that train the backbone: random weights need a larger step than
-# pretrained ones, which a large step would wreck.
-SCRATCH_LR = 1e-3
-
-
-PRETRAINED_LR = 1e-4
-
-
-@dataclass(frozen=True)
-class StrategySettings:
-    """What a strategy sets besides its own choices: the same budget for every run, and the
-    knobs of the strategies that have one."""
-
-    epochs: int
-    patience: int
-    hidden_size: int
-    unfreeze: str
-
-
-Strategy = Callable[[TrainConfig, StrategySettings], TrainConfig]
-
-
-def _head_only(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return replace(
-        config, frozen=replace(config.frozen, epochs=settings.epochs, patience=settings.patience),
-        finetune=replace(config.finetune, epochs=0),
-    )
-
-
-def _through_backbone(config: TrainConfig, settings: StrategySettings, lr: float) -> TrainConfig:
-    # Every block trains, so no layer below them stays fixed to cache activations (or views) at.
-    return replace(
-        config, frozen=replace(config.frozen, epochs=0), finetune_on="images", finetune_views=0,
-        finetune=replace(config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze="all", lr=lr),
-    )
-
-
-def scratch(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return replace(
-        _through_backbone(config, settings, SCRATCH_LR), model=replace(config.model, weights="none"), batchnorm="train"
-    )
-
-
-def frozen(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return _head_only(config, settings)
-
-
-def frozen_dense(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return replace(_head_only(config, settings), model=replace(config.model, hidden_size=settings.hidden_size))
-
-
-def fine_tune(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return replace(
-        config, frozen=replace(config.frozen, epochs=settings.epochs, patience=settings.patience),
-        finetune=replace(
-            config.finetune, epochs=settings.epochs, patience=settings.patience, unfreeze=settings.unfreeze,
-            lr=PRETRAINED_LR,
-        ),
-    )
-
-
-def full(config: TrainConfig, settings: StrategySettings) -> TrainConfig:
-    return _through_backbone(config, settings, PRETRAINED_LR)
-
-
-STRATEGY_FUNCTIONS: dict[str, Strategy] = {
-    "scratch": scratch, "frozen": frozen, "frozen-dense": frozen_dense, "fine-tune": fine_tune, "full": full,
-}
-"""Each strategy as a function from the shared config to its run's config, in ``STRATEGIES``' order."""
 
 
 def _uncacheable(models: list[str], unfreeze: str) -> list[str]:
@@ -178,8 +100,36 @@ def compare(
     then sets its own phases. Rerunning with the same arguments resumes: finished runs are kept,
     an interrupted one continues.
     """
-    from transferkit.commands.train import resume, train
+    options = dict(options or {})
+    shared = _checked_config(strategies, models, epochs, unfreeze, options)
+    output = (Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}").absolute()
+    output.mkdir(parents=True, exist_ok=True)
+    _check_settings(output, {
+        "source": source, "strategies": list(strategies), "models": list(models), "epochs": epochs,
+        "patience": patience, "hidden_size": hidden_size, "unfreeze": unfreeze, "options": options,
+    })
+    settings = StrategySettings(epochs, patience, hidden_size, unfreeze)
+    run_dirs = [(strategy, model, output / run_name(strategy, model, len(models) > 1))
+                for model in models for strategy in strategies]
+    first_run: Path | None = None
+    for strategy, model, run_dir in sorted(run_dirs, key=lambda run: run[0] == "scratch"):
+        _train_one(source, strategy, model, run_dir, STRATEGY_FUNCTIONS[strategy](shared, settings), first_run)
+        first_run = first_run or run_dir
 
+    rows = [_row(strategy, model, run_dir) for strategy, model, run_dir in run_dirs]
+    comparison = Comparison(output=output, rows=rows)
+    write_csv_rows(output / "comparison.csv", COLUMNS, rows)
+    recommended = recommendation(comparison)
+    write_comparison_page(comparison, write_comparison_figures(comparison), STRATEGIES, recommended)
+    log.info("%s", recommended)
+    return comparison
+
+
+def _checked_config(
+    strategies: list[str] | tuple[str, ...], models: list[str] | tuple[str, ...], epochs: int, unfreeze: str,
+    options: dict[str, Any],
+) -> TrainConfig:
+    """The config every run shares, once the comparison's own arguments are acceptable."""
     problems = [f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}{close_matches(s, STRATEGIES)}"
                 for s in strategies if s not in STRATEGIES]
     if not strategies:
@@ -194,46 +144,63 @@ def compare(
         parse_unfreeze(unfreeze)
     except ValueError:  # else only the fine-tune strategy's run would say so, after the others trained
         problems.append(f"--unfreeze must be a block count (3), a fraction (0.3), 'all' or 'auto', got {unfreeze!r}")
-    options = dict(options or {})
     shared = raise_together(problems, lambda: TrainConfig.from_options(options))
     if shared.finetune_on == "activations" and "fine-tune" in strategies:
-        raise_together(_uncacheable(models, unfreeze), lambda: None)  # before any run trains, not at the fourth
-    strategy_settings = StrategySettings(epochs, patience, hidden_size, unfreeze)
-    output = Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}"
-    output = output.absolute()
-    output.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "source": source, "strategies": list(strategies), "models": list(models), "epochs": epochs,
-        "patience": patience, "hidden_size": hidden_size, "unfreeze": unfreeze, "options": options,
-    }
-    _check_settings(output, settings)
+        raise_together(_uncacheable(list(models), unfreeze), lambda: None)  # before any run trains, not at the fourth
+    return shared
 
-    run_dirs: list[tuple[str, str, Path]] = []
-    first_run: Path | None = None
-    for model in models:
-        for strategy in strategies:
-            run_dir = output / run_name(strategy, model, len(models) > 1)
-            run_dirs.append((strategy, model, run_dir))
-            if RunFolder(run_dir).is_finished():
-                log.info("%s: finished earlier, kept", run_dir.name)
-            elif RunFolder(run_dir).is_run():
-                log.info("%s: interrupted earlier, resuming", run_dir.name)
-                resume(run_dir)
-            else:
-                config = STRATEGY_FUNCTIONS[strategy](shared, strategy_settings)
-                config = replace(config, model=replace(config.model, name=model), output=str(run_dir))
-                if first_run is not None:  # same images and splits: the first run's audit covers them all
-                    config = replace(config, data=replace(config.data, splits_from=str(first_run)), audit=False)
-                log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
-                train(source, config)
-            first_run = first_run or run_dir
 
-    rows = [_row(strategy, model, run_dir) for strategy, model, run_dir in run_dirs]
-    comparison = Comparison(output=output, rows=rows)
-    write_csv_rows(output / "comparison.csv", COLUMNS, rows)
-    figures = write_comparison_figures(comparison)
-    write_comparison_page(comparison, figures, STRATEGIES)
-    return comparison
+def _train_one(source: str, strategy: str, model: str, run_dir: Path, config: TrainConfig, first_run: Path | None) -> None:
+    """Train, resume or keep one run. The first run sets the split and audits the images; a
+    scratch run never goes first, as its random features would audit and group nothing real."""
+    from transferkit.commands.train import resume, train
+
+    folder = RunFolder(run_dir)
+    with epoch_lines_of(strategy):
+        if folder.is_finished():
+            log.info("%s: finished earlier, kept", run_dir.name)
+        elif folder.is_run():
+            log.info("%s: interrupted earlier, resuming", run_dir.name)
+            resume(run_dir)
+        else:
+            config = replace(config, model=replace(config.model, name=model), output=str(run_dir))
+            if first_run is not None:  # same images and splits: the first run's audit covers them all
+                config = replace(config, data=replace(config.data, splits_from=str(first_run)), audit=False)
+            elif strategy == "scratch":  # only scratch was asked for: no pretrained features to audit with
+                config = replace(config, audit=False)
+            log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
+            train(source, config)
+
+
+EVERY_LAYER = frozenset({"scratch", "full"})
+"""Strategies whose one phase trains every layer: their epochs are not fine-tuning a pretrained top."""
+
+
+class _StrategyPrefix(logging.Filter):
+    """Each epoch line starts with the strategy it belongs to; a phase that trains every layer says so."""
+
+    def __init__(self, strategy: str):
+        super().__init__()
+        self.strategy = strategy
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = record.getMessage()
+        if self.strategy in EVERY_LAYER and line.startswith("finetune"):
+            line = "all     " + line[len("finetune"):]
+        record.msg, record.args = f"{self.strategy:<12} {line}", None
+        return True
+
+
+@contextlib.contextmanager
+def epoch_lines_of(strategy: str) -> Iterator[None]:
+    """While ``strategy`` trains, its epoch lines (the ``transferkit.epochs`` log) name it."""
+    epochs = logging.getLogger("transferkit.epochs")
+    prefix = _StrategyPrefix(strategy)
+    epochs.addFilter(prefix)
+    try:
+        yield
+    finally:
+        epochs.removeFilter(prefix)
 
 
 def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
@@ -247,7 +214,10 @@ def _row(strategy: str, model: str, run_dir: Path) -> dict[str, Any]:
     return {
         "strategy": strategy,
         "model": model,
-        "best_val_accuracy": max(phase.best_val_acc for phase in metrics.usable_phases().values()),
+        # The curve's peak; the saved model is the lowest validation loss's epoch, whose accuracy can be lower.
+        "best_val_accuracy": max((h.val_acc for h in RunFolder(run_dir).read_history() if h.val_acc is not None),
+                                 default=None),
+        "saved_val_accuracy": phases[metrics.best_phase].best_val_acc,
         "test_accuracy": metrics.test["accuracy"] if metrics.test is not None else None,
         "macro_f1": metrics.judged["macro_f1"],
         "epochs_to_best": epochs_before + phases[metrics.best_phase].best_epoch,

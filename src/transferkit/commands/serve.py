@@ -9,7 +9,8 @@ import os
 import socket
 from typing import Any
 
-from transferkit.commands.serve_app import RETRY_AFTER_SECONDS, ServeLimits, create_app
+from transferkit.commands.serve_app import create_app
+from transferkit.commands.serve_limits import RETRY_AFTER_SECONDS, ServeLimits
 from transferkit.errors import ConfigError
 from transferkit.inference.predictor import Predictor
 

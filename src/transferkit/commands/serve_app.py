@@ -1,22 +1,24 @@
 """The web app of ``transferkit serve``: a page to drop images on and a REST API, bounded against hostile clients."""
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations as objects,
-# and ``Request`` is imported inside create_app so that FastAPI stays an optional dependency.
+# and FastAPI is imported inside the functions that use it so that it stays an optional dependency.
 import asyncio
+import contextlib
 import ctypes
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from importlib import resources
 from typing import IO, Any
 
 import numpy as np
 
+from transferkit.commands.serve_limits import RETRY_AFTER_SECONDS, ServeLimits, bounded_receive
 from transferkit.data.images import UnreadableImage, load_image, preprocess_image, resize_side
-from transferkit.errors import ConfigError, ModelOutputError, TransferkitError
+from transferkit.errors import ModelOutputError, TransferkitError
 from transferkit.inference.loading import load_predictor
 from transferkit.inference.predictor import Predictor
 from transferkit.trust.records import UNKNOWN
@@ -31,47 +33,6 @@ memory stays that of 16 images whatever ``max_files`` is"""
 
 EXPLAIN_BATCH_SIZE = 4
 """images per heat-map pass: a backward pass keeps every activation, several times a forward's memory"""
-
-
-RETRY_AFTER_SECONDS = 1
-
-
-# Multipart framing adds a few hundred bytes per file to the files themselves.
-FRAMING_BYTES_PER_FILE = 4096
-
-
-@dataclass
-class ServeLimits:
-    top_k: int = 5
-    """labels returned per image unless the request asks for another number (?top_k=N)"""
-    max_file_bytes: int = 10 * 1024 * 1024
-    """largest accepted file"""
-    max_files: int = 16
-    """most files in one request"""
-    max_pixels: int = 40_000_000
-    """most pixels in one image (width x height, read from the header before decoding)"""
-    max_queued: int = 8
-    """most prediction requests admitted at once (uploading, waiting or being classified); more
-    are answered 503 with a Retry-After header"""
-    max_connections: int = 512
-    """most open connections (uvicorn's limit_concurrency): requests beyond it are answered 503
-    and further connections are closed at once, so file descriptors cannot run out"""
-    header_timeout: float = 10.0
-    """seconds a connection has to send its request line and headers before it is closed"""
-    body_timeout: float = 60.0
-    """seconds a prediction request has to upload its files before it is answered 408"""
-    keep_alive_timeout: float = 5.0
-    """seconds an idle keep-alive connection stays open"""
-
-    def __post_init__(self) -> None:
-        problems = [f"serve limit {field.name} must be above 0, got {getattr(self, field.name)}"
-                    for field in fields(self) if not getattr(self, field.name) > 0]
-        if problems:
-            raise ConfigError(problems)
-
-    @property
-    def max_request_bytes(self) -> int:
-        return self.max_files * (self.max_file_bytes + FRAMING_BYTES_PER_FILE)
 
 
 def _memory_releaser() -> Callable[[], object]:
@@ -99,59 +60,170 @@ def _require_fastapi() -> None:
         ) from None
 
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+class Classifier:
+    """The model side of the app: decoding, batched inference, heat maps and answers. All of it
+    runs on one thread: the runtime already spreads one forward pass over every core, so parallel
+    requests would only multiply the decoded images and the runtime's working memory, which it
+    keeps once grown."""
+
+    def __init__(self, model: "str | os.PathLike[str] | Predictor", limits: ServeLimits, reject: bool):
+        self.model = model
+        self.predictor = model if isinstance(model, Predictor) else load_predictor(model)
+        self.limits = limits
+        self.reject = reject
+        self.explain_refusal = _explain_refusal(model, self.predictor)
+        self.explainer: Any = None  # the torch model, loaded by the first request that asks for heat maps
+        unknown = self.predictor.unknown
+        self.threshold = unknown["threshold"] if reject and unknown else None
+        self.side = resize_side(self.predictor.preprocessing)
+        self.release_memory = _memory_releaser()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="transferkit-predict")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.predictor.classes
+
+    def describe(self) -> dict[str, Any]:
+        predictor = self.predictor
+        return {
+            "classes": predictor.classes,
+            "num_classes": len(predictor.classes),
+            "architecture": predictor.info.get("architecture"),
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in predictor.preprocessing.items()},
+            "calibration": predictor.info.get("calibration"),
+            "unknown": {**predictor.unknown, "reject": self.reject} if predictor.unknown else None,
+            "limits": asdict(self.limits),
+            "explain": self.explain_refusal is None,
+        }
+
+    def preprocessed(self, name: str, file: IO[bytes]) -> np.ndarray:
+        """One image as the model's input; the decoded picture is dropped as soon as it is resized."""
+        from fastapi import HTTPException
+
+        try:
+            image = load_image(file, min_side=self.side, max_pixels=self.limits.max_pixels)
+            return preprocess_image(image, self.predictor.preprocessing)
+        except UnreadableImage as error:
+            if error.too_large:
+                raise HTTPException(413, f"{name}: {error}; send a smaller image") from None
+            raise HTTPException(415, f"{name}: {error}") from None
+
+    def classify(self, files: list[tuple[str, IO[bytes]]], explain: bool) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        """Class probabilities, unknown scores (None without a score) and, with ``explain``, each
+        image's heat map of its top class."""
+        from fastapi import HTTPException
+
+        try:
+            inputs = [self.preprocessed(name, file) for name, file in files]
+            try:
+                outputs = [self.predictor.scored_batch(np.stack(inputs[i:i + BATCH_SIZE]))
+                           for i in range(0, len(inputs), BATCH_SIZE)]
+            except ModelOutputError as error:
+                raise HTTPException(500, str(error)) from None
+            probabilities = np.concatenate([batch for batch, _ in outputs])
+            scores = None if outputs[0][1] is None else np.concatenate([scored for _, scored in outputs])
+            return probabilities, scores, self.heatmaps(inputs, probabilities) if explain else []
+        finally:
+            self.release_memory()
+
+    def heatmaps(self, inputs: list[np.ndarray], probabilities: np.ndarray) -> list[str]:
+        if self.explainer is None:
+            from transferkit.reporting.explain import load_explainer
+
+            self.explainer = load_explainer(self.model)  # type: ignore[arg-type]
+        return [url for i in range(0, len(inputs), EXPLAIN_BATCH_SIZE)
+                for url in _heatmap_urls(self.explainer, inputs[i:i + EXPLAIN_BATCH_SIZE],
+                                         probabilities[i:i + EXPLAIN_BATCH_SIZE])]
+
+    def answers(self, names: list[str], probabilities: np.ndarray, scores: np.ndarray | None, k: int,
+                heatmaps: list[str]) -> list[dict[str, Any]]:
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        found = []
+        for n, (name, row, ranked) in enumerate(zip(names, probabilities, order)):
+            score = None if scores is None else float(scores[n])
+            unknown = self.threshold is not None and score is not None and score > self.threshold
+            found.append({
+                "filename": name,
+                "answer": UNKNOWN if unknown else self.classes[ranked[0]],
+                "unknown": unknown,
+                **({"unknown_score": score} if score is not None else {}),
+                "top_k": [{"label": self.classes[i], "probability": float(row[i])} for i in ranked],
+                **({"heatmap": heatmaps[n]} if heatmaps else {}),
+            })
+        return found
 
 
-def _bounded_receive(receive: Receive, limits: ServeLimits) -> Receive:
-    """``receive`` that refuses a body once it passes the request limit or the upload deadline.
+class Admission:
+    """At most ``max_queued`` prediction requests admitted at once; the next is told to retry."""
 
-    The bytes are counted as they arrive, so a chunked upload, which declares no length, is
-    refused as early as one that declares too much, before the form parser spools it to disk.
-    """
+    def __init__(self, limits: ServeLimits):
+        self.limits = limits
+        self.admitted = 0
+
+    @contextlib.contextmanager
+    def ticket(self) -> Iterator[None]:
+        from fastapi import HTTPException
+
+        if self.admitted >= self.limits.max_queued:
+            raise HTTPException(503, f"busy: {self.limits.max_queued} requests are already waiting; "
+                                     f"retry in {RETRY_AFTER_SECONDS} s",
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"})
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+
+def checked_top_k(classifier: Classifier, top_k: int | None, explain: bool, declared_bytes: int) -> int:
+    """The labels to return per image, once the request's own options and length are acceptable."""
     from fastapi import HTTPException
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limits.body_timeout
-    received = 0
-    # The refused body is left unread: closing the connection stops the client sending it.
-    close = {"Connection": "close"}
-
-    async def bounded() -> dict[str, Any]:
-        nonlocal received
-        try:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            raise HTTPException(408, f"the upload took over {limits.body_timeout:g} s; send it again",
-                                headers=close) from None
-        received += len(message.get("body", b""))
-        if received > limits.max_request_bytes:
-            raise HTTPException(413, f"request of over {limits.max_request_bytes:,} bytes is over the limit of "
-                                     f"{limits.max_files} files of {limits.max_file_bytes:,} bytes", headers=close)
-        return message
-
-    return bounded
+    limits, classes = classifier.limits, classifier.classes
+    k = min(limits.top_k, len(classes)) if top_k is None else top_k
+    if not 1 <= k <= len(classes):
+        raise HTTPException(422, f"top_k must be between 1 and {len(classes)}, got {k}")
+    if explain and classifier.explain_refusal is not None:
+        raise HTTPException(422, classifier.explain_refusal)
+    if declared_bytes > limits.max_request_bytes:
+        raise HTTPException(413, f"request of {declared_bytes:,} bytes is over the limit of "
+                                 f"{limits.max_files} files of {limits.max_file_bytes:,} bytes",
+                            headers={"Connection": "close"})
+    return k
 
 
-def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | None = None, reject: bool = True) -> Any:
+async def classify_uploads(request: Any, classifier: Classifier, k: int, explain: bool) -> list[dict[str, Any]]:
+    """Read the request's files within the limits and classify them on the worker thread."""
+    from fastapi import HTTPException, Request
+
+    limits = classifier.limits
+    bounded = Request(request.scope, bounded_receive(request.receive, limits))
+    async with bounded.form(max_files=limits.max_files, max_fields=100) as form:
+        uploads = [value for _, value in form.multi_items() if not isinstance(value, str)]
+        if not uploads:
+            raise HTTPException(
+                400, "no image in the request; send files as multipart/form-data, e.g. curl -F file=@photo.jpg"
+            )
+        names = [upload.filename or "upload" for upload in uploads]
+        for name, upload in zip(names, uploads):
+            if (upload.size or 0) > limits.max_file_bytes:
+                raise HTTPException(413, f"{name} is over the {limits.max_file_bytes:,}-byte limit")
+        files = [(name, upload.file) for name, upload in zip(names, uploads)]
+        found = await asyncio.get_running_loop().run_in_executor(classifier.worker, classifier.classify, files, explain)
+    return classifier.answers(names, *found[:2], k, found[2])
+
+
+def create_app(model: "str | os.PathLike[str] | Predictor", limits: ServeLimits | None = None, reject: bool = True) -> Any:
     """The FastAPI application for a run folder, an exported ``.onnx`` file or a Predictor. With
     ``reject``, an image the model scores above its unknown threshold is answered ``unknown``."""
     _require_fastapi()
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    predictor = model if isinstance(model, Predictor) else load_predictor(model)
-    explain_refusal = _explain_refusal(model, predictor)
-    explainers: list[Any] = []  # the torch model, loaded by the first request that asks for heat maps
-    limits = limits or ServeLimits()
+    classifier = Classifier(model, limits or ServeLimits(), reject)
+    admission = Admission(classifier.limits)
     page = resources.files("transferkit").joinpath("static/serve.html").read_text(encoding="utf-8")
     app = FastAPI(title="transferkit", summary="image classification", version="1")
-    # One thread does all decoding and inference: the runtime already spreads one forward pass
-    # over every core, so parallel requests would only multiply the decoded images and the
-    # runtime's working memory, which it keeps once grown.
-    worker = ThreadPoolExecutor(1, thread_name_prefix="transferkit-predict")
-    admitted = 0
-    side = resize_side(predictor.preprocessing)
-    release_memory = _memory_releaser()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
@@ -168,110 +240,13 @@ def create_app(model: str | os.PathLike[str] | Predictor, limits: ServeLimits | 
 
     @app.get("/model")
     def describe() -> dict[str, Any]:
-        return {
-            "classes": predictor.classes,
-            "num_classes": len(predictor.classes),
-            "architecture": predictor.info.get("architecture"),
-            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in predictor.preprocessing.items()},
-            "calibration": predictor.info.get("calibration"),
-            "unknown": {**predictor.unknown, "reject": reject} if predictor.unknown else None,
-            "limits": asdict(limits),
-            "explain": explain_refusal is None,
-        }
-
-    def preprocessed(name: str, file: IO[bytes]) -> np.ndarray:
-        """One image as the model's input; the decoded picture is dropped as soon as it is resized."""
-        try:
-            return preprocess_image(load_image(file, min_side=side, max_pixels=limits.max_pixels),
-                                    predictor.preprocessing)
-        except UnreadableImage as error:
-            if error.too_large:
-                raise HTTPException(413, f"{name}: {error}; send a smaller image") from None
-            raise HTTPException(415, f"{name}: {error}") from None
-
-    def classify(
-        files: list[tuple[str, IO[bytes]]], explain: bool
-    ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-        """Class probabilities, unknown scores (None without a score) and, with ``explain``, each
-        image's heat map of its top class."""
-        try:
-            inputs = [preprocessed(name, file) for name, file in files]
-            try:
-                outputs = [predictor.scored_batch(np.stack(inputs[i:i + BATCH_SIZE]))
-                           for i in range(0, len(inputs), BATCH_SIZE)]
-            except ModelOutputError as error:
-                raise HTTPException(500, str(error)) from None
-            probabilities = np.concatenate([batch for batch, _ in outputs])
-            scores = None if outputs[0][1] is None else np.concatenate([scored for _, scored in outputs])
-            if not explain:
-                return probabilities, scores, []
-            if not explainers:
-                from transferkit.reporting.explain import load_explainer
-
-                explainers.append(load_explainer(model))  # type: ignore[arg-type]
-            return probabilities, scores, [
-                url for i in range(0, len(inputs), EXPLAIN_BATCH_SIZE)
-                for url in _heatmap_urls(explainers[0], inputs[i:i + EXPLAIN_BATCH_SIZE],
-                                         probabilities[i:i + EXPLAIN_BATCH_SIZE])
-            ]
-        finally:
-            release_memory()
-
-    threshold = predictor.unknown["threshold"] if reject and predictor.unknown else None
-
-    def answer(name: str, probabilities: np.ndarray, score: float | None, ranked: np.ndarray) -> dict[str, Any]:
-        unknown = threshold is not None and score is not None and score > threshold
-        return {
-            "filename": name,
-            "answer": UNKNOWN if unknown else predictor.classes[ranked[0]],
-            "unknown": unknown,
-            **({"unknown_score": score} if score is not None else {}),
-            "top_k": [{"label": predictor.classes[i], "probability": float(probabilities[i])} for i in ranked],
-        }
+        return classifier.describe()
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int | None = None, explain: bool = False) -> dict[str, Any]:
-        nonlocal admitted
-        k = min(limits.top_k, len(predictor.classes)) if top_k is None else top_k
-        if not 1 <= k <= len(predictor.classes):
-            raise HTTPException(422, f"top_k must be between 1 and {len(predictor.classes)}, got {k}")
-        if explain and explain_refusal is not None:
-            raise HTTPException(422, explain_refusal)
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > limits.max_request_bytes:
-            raise HTTPException(413, f"request of {declared:,} bytes is over the limit of "
-                                     f"{limits.max_files} files of {limits.max_file_bytes:,} bytes",
-                                headers={"Connection": "close"})
-        if admitted >= limits.max_queued:
-            raise HTTPException(503, f"busy: {limits.max_queued} requests are already waiting; "
-                                     f"retry in {RETRY_AFTER_SECONDS} s",
-                                headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"})
-        admitted += 1
-        try:
-            bounded = Request(request.scope, _bounded_receive(request.receive, limits))
-            async with bounded.form(max_files=limits.max_files, max_fields=100) as form:
-                uploads = [value for _, value in form.multi_items() if not isinstance(value, str)]
-                if not uploads:
-                    raise HTTPException(
-                        400, "no image in the request; send files as multipart/form-data, e.g. curl -F file=@photo.jpg"
-                    )
-                names = [upload.filename or "upload" for upload in uploads]
-                for name, upload in zip(names, uploads):
-                    if (upload.size or 0) > limits.max_file_bytes:
-                        raise HTTPException(413, f"{name} is over the {limits.max_file_bytes:,}-byte limit")
-                files = [(name, upload.file) for name, upload in zip(names, uploads)]
-                probabilities, scores, heatmaps = await asyncio.get_running_loop().run_in_executor(
-                    worker, classify, files, explain)
-        finally:
-            admitted -= 1
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        answers = [
-            answer(name, row, None if scores is None else float(scores[n]), ranked)
-            for n, (name, row, ranked) in enumerate(zip(names, probabilities, order))
-        ]
-        for found, heatmap in zip(answers, heatmaps):
-            found["heatmap"] = heatmap
-        return {"predictions": answers}
+        k = checked_top_k(classifier, top_k, explain, int(request.headers.get("content-length") or 0))
+        with admission.ticket():
+            return {"predictions": await classify_uploads(request, classifier, k, explain)}
 
     return app
 

@@ -4,7 +4,9 @@ figure whose texts are drawn as written."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,13 +67,11 @@ def plot_training_curves(history: list[dict[str, Any]]) -> Any:
     for axis, metric, title in ((axes[0], "acc", "Accuracy"), (axes[1], "loss", "Loss (cross-entropy)")):
         axis.plot(epochs, column(f"train_{metric}"), marker="o", markersize=3, label="train")
         axis.plot(epochs, column(f"val_{metric}"), marker="o", markersize=3, label="validation")
-        if "finetune" in phases and phases.index("finetune") > 0:
-            start = phases.index("finetune") + 0.5
-            axis.axvline(start, color="grey", linestyle="--", linewidth=1)
-            axis.annotate("fine-tuning starts", (start, 0.02), xycoords=("data", "axes fraction"),
-                          xytext=(4, 0), textcoords="offset points", va="bottom", fontsize=8, color="grey")
+        both = "finetune" in phases and phases.index("finetune") > 0
+        if both:  # the line is explained in the axis label: a text beside it met the ticks or the curves
+            axis.axvline(phases.index("finetune") + 0.5, color="grey", linestyle="--", linewidth=1)
         axis.set_title(title)
-        axis.set_xlabel("epoch (both phases)")
+        axis.set_xlabel("epoch (both phases; dashed line: fine-tuning starts)" if both else "epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(title.split(" ")[0].lower())
         axis.grid(alpha=0.3)
@@ -179,13 +179,16 @@ def _thumbnail(path: str, side: int) -> Any:
 
 
 @_literal
-def plot_image_grid(rows: list[dict[str, Any]], title: str, pictures: list[np.ndarray | None] | None = None) -> Any:
+def plot_image_grid(
+    rows: list[dict[str, Any]], title: str, pictures: list[np.ndarray | None] | None = None, file_names: bool = False,
+) -> Any:
     """Images with true and predicted labels; wrong predictions in red with a red frame.
-    ``pictures``: what to draw for each row (a heat-map overlay) instead of its image file."""
+    ``pictures``: what to draw for each row (a heat-map overlay) instead of its image file;
+    ``file_names``: each caption also names its file, so a user can find and fix it."""
     plt = pyplot()
     columns = 4
     lines = max(1, -(-len(rows) // columns))
-    figure, axes = plt.subplots(lines, columns, figsize=(columns * 2.7, lines * 3.0), squeeze=False,
+    figure, axes = plt.subplots(lines, columns, figsize=(columns * 2.7, lines * (3.3 if file_names else 3.0)), squeeze=False,
                                 constrained_layout=True)
     for axis in axes.flat:
         axis.axis("off")
@@ -200,8 +203,9 @@ def plot_image_grid(rows: list[dict[str, Any]], title: str, pictures: list[np.nd
         except Exception:  # a file removed since training: keep the caption, show no picture
             axis.text(0.5, 0.5, "image unavailable", ha="center", va="center", transform=axis.transAxes)
         wrong = row["label"] != row["predicted"]
+        name = f"\n{short_name(row['path'])}" if file_names else ""
         axis.set_title(
-            f"true: {row['label']}\npred: {row['predicted']} ({float(row['confidence']):.0%})",
+            f"true: {row['label']}\npred: {row['predicted']} ({float(row['confidence']):.0%}){name}",
             fontsize=9, color=WRONG if wrong else RIGHT,
         )
         if wrong:
@@ -211,6 +215,19 @@ def plot_image_grid(rows: list[dict[str, Any]], title: str, pictures: list[np.nd
                 spine.set_linewidth(3)
     figure.suptitle(title)
     return figure
+
+
+NAME_CHARACTERS = 28
+"""A file name longer than this is shortened in the middle, to fit under a 2.7-inch picture."""
+
+
+def short_name(path: str) -> str:
+    # A name that is not valid UTF-8 (lone surrogates) is drawn with a replacement character: the fonts have no glyph for it.
+    name = os.fsencode(Path(path).name).decode("utf-8", "replace")
+    if len(name) <= NAME_CHARACTERS:
+        return name
+    half = (NAME_CHARACTERS - 1) // 2
+    return name[:half] + "…" + name[-half:]
 
 
 def sample_rows(predictions: list[dict[str, Any]], count: int = GRID_IMAGES, seed: int = 0) -> list[dict[str, Any]]:

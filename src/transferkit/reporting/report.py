@@ -1,196 +1,32 @@
-"""The self-contained HTML report of one run, or of several side by side.
-
-The plot functions (``reporting.figures``) take plain data and return a matplotlib figure;
-``write_figures`` saves them (charts as PNG, grids of photos as JPEG), ``write_report`` embeds
-them in one HTML file that needs no server."""
+"""The self-contained HTML report of one run, or of several side by side: a headline, the
+metrics, the trust records, the figures (``reporting.run_figures``), the data and the
+configuration, in one file that needs no server and no other file."""
 
 from __future__ import annotations
 
 import html
-import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferkit._io import atomic_write, read_csv_rows, read_json, write_text
-from transferkit.reporting.figures import (
-    FIGURE_DPI,
-    GRID_IMAGES,
-    literal_text,
-    plot_confusion_matrix,
-    plot_image_grid,
-    plot_per_class_f1,
-    plot_reliability,
-    plot_training_curves,
-    pyplot,
-    sample_rows,
+import yaml
+
+from transferkit._io import read_csv_rows, read_json, write_text
+from transferkit.reporting.figures import GRID_IMAGES
+from transferkit.reporting.html import Markup, html_image, html_page, html_table
+from transferkit.reporting.run_figures import write_figures
+from transferkit.reporting.run_summary import RunSummary, read_run
+from transferkit.reporting.sentences import (
+    SPLIT_WORDS,
+    class_phrase,
+    headline,
+    model_name,
+    reliability_sentence,
+    split_used,
+    threshold_note,
 )
-from transferkit.reporting.html import STYLE, Markup, html_image, html_table
 from transferkit.run.folder import RunFolder
-from transferkit.run.records import EpochRecord, PhaseRecord, RunMetrics
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunSummary:
-    """What the report shows about one run, read from its folder."""
-
-    run_dir: Path
-    config_text: str
-    classes: list[str]
-    counts: dict[str, dict[str, int]]
-    skipped: list[tuple[str, str]]
-    history: list[EpochRecord]
-    train_metrics: RunMetrics | None
-    """None for a run that has not finished training."""
-    split: str
-    evaluation: dict[str, Any]
-    predictions: list[dict[str, Any]]
-
-
-def read_run(run_dir: str | os.PathLike[str]) -> RunSummary:
-    """Everything the report needs; evaluates the run's default split if not done yet."""
-    from transferkit.commands.evaluate import evaluate
-    from transferkit.run.folder import default_split
-
-    folder = RunFolder(run_dir)
-    classes = folder.classes()
-    counts: dict[str, dict[str, int]] = {}
-    for split, items in folder.read_splits(classes).items():
-        counts[split] = {name: 0 for name in classes}
-        for _, label in items:
-            counts[split][classes[label]] += 1
-    split = default_split(counts)
-    if not folder.has_evaluation(split):
-        evaluate(folder.root, split=split)
-    evaluation, predictions = folder.read_evaluation(split)
-    return RunSummary(
-        run_dir=folder.root,
-        config_text=folder.config_text(),
-        classes=classes,
-        counts=counts,
-        skipped=folder.skipped(),
-        history=folder.read_history(),
-        train_metrics=folder.read_metrics(),
-        split=split,
-        evaluation=evaluation,
-        predictions=predictions,
-    )
-
-
-FIGURES = ("training_curves", "per_class_f1", "confusion_matrix", "reliability", "sample_predictions", "highest_loss")
-
-
-# Grids of photos (four per run, most of the report's size): as PNG 1.7-2 MB each and 0.9 s to
-# save, half of it in the PNG encoder; as JPEG 0.3 MB and 0.4 s, with no visible loss.
-PHOTO_GRIDS = ("sample_predictions", "highest_loss", "highest_loss_heatmaps", "most_confused_heatmaps")
-
-
-JPEG_QUALITY = 90
-
-
-def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path]:
-    """Every figure of a run in ``folder`` (default RUN/figures); returns name -> path."""
-    plt = pyplot()
-    run_folder = RunFolder(run.run_dir)
-    folder = folder or run_folder.writable(run_folder.figures_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics = run.evaluation
-    builders = {
-        "training_curves": lambda: plot_training_curves([e.as_row() for e in run.history]) if run.history else None,
-        "per_class_f1": lambda: plot_per_class_f1(metrics, run.split),
-        "confusion_matrix": lambda: plot_confusion_matrix(metrics, run.classes, run.split),
-        "reliability": lambda: plot_reliability(metrics, run.split),
-        "sample_predictions": lambda: plot_image_grid(
-            sample_rows(run.predictions), f"Sample predictions, {run.split} split"
-        ),
-        "highest_loss": lambda: plot_image_grid(
-            metrics.get("highest_loss", [])[:GRID_IMAGES], f"Highest-loss images, {run.split} split"
-        ),
-    }
-    builders.update(_heatmap_builders(run))
-    written = {}
-    for name, build in builders.items():
-        figure = build()
-        if figure is None:
-            continue
-        photos = name in PHOTO_GRIDS
-        path = folder / f"{name}.{'jpg' if photos else 'png'}"
-        options = {"format": "jpeg", "pil_kwargs": {"quality": JPEG_QUALITY}} if photos else {"format": "png"}
-        with literal_text():  # tick labels are laid out again when drawn
-            _lay_out_once(figure)
-            atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, **options))
-        if photos:  # a folder drawn before grids were JPEG keeps no stale PNG of the grid
-            path.with_suffix(".png").unlink(missing_ok=True)
-        plt.close(figure)
-        written[name] = path
-    return written
-
-
-def most_confused_rows(run: RunSummary, count: int = GRID_IMAGES) -> list[dict[str, Any]]:
-    """The images behind the most-confused pairs table, pair by pair, most confident first."""
-    rows: list[dict[str, Any]] = []
-    for pair in run.evaluation.get("most_confused", []):
-        found = [r for r in run.predictions if (r["label"], r["predicted"]) == (pair["label"], pair["predicted"])]
-        rows += sorted(found, key=lambda r: -float(r["confidence"]))
-    return rows[:count]
-
-
-def _lay_out_once(figure: Any) -> None:
-    """Place the axes now, at the saved resolution, and keep them there. With its layout engine
-    still set, ``savefig`` draws the whole figure twice, once only to lay it out, and a grid's
-    sixteen pictures are resampled each time; the file comes out the same."""
-    figure.set_dpi(FIGURE_DPI)
-    engine = figure.get_layout_engine()
-    if engine is not None:
-        engine.execute(figure)
-        # None alone installs whatever engine a matplotlibrc asks for (``figure.autolayout``),
-        # which would lay the figure out again, or refuse to, next to a colorbar.
-        with pyplot().rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
-            figure.set_layout_engine(None)
-
-
-def _heatmap_builders(run: RunSummary) -> dict[str, Callable[[], Any]]:
-    """Heat-map versions of the highest-loss and most-confused grids: where the model found the
-    label it predicted. Only with grad-cam installed; none for a grid with no images."""
-    from transferkit.reporting.explain import (
-        ExplainUnavailable,
-        grad_cam_available,
-        heat_overlay,
-        load_explainer,
-    )
-
-    if not grad_cam_available():
-        return {}
-    grids = {
-        "highest_loss_heatmaps": (run.evaluation.get("highest_loss", [])[:GRID_IMAGES], "Highest-loss images"),
-        "most_confused_heatmaps": (most_confused_rows(run), "Most-confused images"),
-    }
-    explainers: list[Any] = []  # loaded once, by the first grid drawn
-    # The most-confused images are mostly among the highest-loss ones: each is explained once
-    # (a backward pass per image is most of these grids' cost, a few seconds of every train).
-    explained: dict[str, Any] = {}
-
-    def build(rows: list[dict[str, Any]], title: str) -> Any:
-        if not explainers:
-            try:
-                explainers.append(load_explainer(run.run_dir))
-            except ExplainUnavailable as error:  # a backbone without a map to hook: the report goes on without
-                log.info("no heat-map grids in the report: %s", error)
-                explainers.append(None)
-        if explainers[0] is None:
-            return None
-        missing = [r["path"] for r in rows if r["path"] not in explained]
-        for e in explainers[0].explain(missing, unreadable={}):
-            explained[e.path] = heat_overlay(e.image, e.heatmap)
-        return plot_image_grid(rows, f"{title}, {run.split} split: where the model found its prediction "
-                                     f"(red; {explainers[0].method})", [explained.get(r["path"]) for r in rows])
-
-    return {name: (lambda rows=rows, title=title: build(rows, title)) for name, (rows, title) in grids.items() if rows}
-
+from transferkit.run.records import PhaseRecord
 
 HEADLINE = [
     ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"),
@@ -220,18 +56,6 @@ def _phase_rows(phases: dict[str, PhaseRecord]) -> list[list[Any]]:
     return rows
 
 
-def _audit_link(run_dir: Path) -> str:
-    """The audit ``train --audit`` wrote, in one line with a link, where there is one."""
-    from transferkit.audit.findings import summary_line
-
-    page = RunFolder(run_dir).audit_dir / "audit.html"
-    found = page.with_name("audit.json")
-    if not found.is_file():
-        return ""
-    link = f'<a href="{html.escape(page.resolve().as_uri())}">audit.html</a>' if page.is_file() else "audit.json"
-    return f'<p id="audit">Data: {html.escape(summary_line(read_json(found)))} (see {link}).</p>'
-
-
 SHOWN_LEAKS = 8
 
 
@@ -259,8 +83,28 @@ def _leak_section(run: RunSummary) -> str:
             + html_table(["image", "split", "its near-copy in train", "similarity"], rows) + "</div>")
 
 
-def _trust_section(metrics: dict[str, Any]) -> str:
-    """The temperature and the unknown threshold, as the evaluation saw them."""
+def _audit_section(run_dir: Path) -> str:
+    """The audit ``train --audit`` wrote: its one-line summary, and its whole page embedded in a
+    fold, so the report still shows it when mailed without the run folder."""
+    from transferkit.audit.findings import summary_line
+
+    found = RunFolder(run_dir).audit_dir / "audit.json"
+    if not found.is_file():
+        return ""
+    line = f"Data: {html.escape(summary_line(read_json(found)))}."
+    page = found.with_name("audit.html")
+    if not page.is_file():
+        return f'<p id="audit">{line} (audit/audit.json beside this report has them)</p>'
+    embedded = html.escape(page.read_text(encoding="utf-8", errors="surrogateescape"), quote=True)
+    return (f'<details id="audit"><summary>{line} Open to see the audit page.</summary>'
+            f'<iframe title="data audit" srcdoc="{embedded}" style="width:100%;height:80vh;border:1px solid #ddd">'
+            "</iframe></details>")
+
+
+def _trust_section(run: RunSummary) -> str:
+    """The temperature and the unknown threshold, as the evaluation saw them, and how many
+    validation images the threshold rests on."""
+    metrics = run.evaluation
     calibration, unknown = metrics.get("calibration"), metrics.get("unknown")
     if not calibration and not unknown:
         return ""
@@ -272,15 +116,56 @@ def _trust_section(metrics: dict[str, Any]) -> str:
     if unknown:
         rows += [[f"unknown score ({unknown['method']}) threshold", unknown["threshold"]],
                  ["images answered unknown", f"{unknown['unknown']} of {unknown['images']}"]]
-    return '<h3 id="trust">Calibration and "none of these"</h3>' + html_table(["", "value"], rows)
+    note, too_few = threshold_note(run.rejection)
+    said = f'<p id="threshold" class="{"warning" if too_few else "note"}">{html.escape(note)}</p>' if note else ""
+    return '<h3 id="trust">Calibration and "none of these"</h3>' + html_table(["", "value"], rows) + said
 
 
-def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
+CAPTIONS = {
+    "training_curves": "Training curves", "per_class_f1": "F1 per class", "confusion_matrix": "Confusion matrix",
+    "reliability": "Reliability diagram", "sample_predictions": "Sample predictions",
+    "highest_loss": "Highest-loss images",
+    "highest_loss_heatmaps": "Highest-loss images: heat maps",
+    "most_confused_heatmaps": "Most-confused images: heat maps",
+}
+
+
+def _figures_section(run: RunSummary, figures: dict[str, Path]) -> str:
+    notes = {
+        "reliability": reliability_sentence(run.predictions),
+        "highest_loss": "The images the model got most wrong, often a wrong label or an unusual photo; "
+                        "the table below gives their files.",
+    }
+    parts = ['<h2 id="figures">Figures</h2>']
+    for name, path in figures.items():
+        parts.append(f'<h3 id="{name}">{CAPTIONS[name]}</h3>' + html_image(path, CAPTIONS[name], notes.get(name, "")))
+        if name == "highest_loss":
+            rows = [[r["path"], r["label"], r["predicted"], float(r["confidence"])]
+                    for r in run.evaluation.get("highest_loss", [])[:GRID_IMAGES]]
+            parts.append('<div id="highest_loss_files">'
+                         + html_table(["file", "true class", "predicted", "confidence"], rows) + "</div>")
+    return "\n".join(parts)
+
+
+def _configuration_section(run: RunSummary) -> str:
+    """config.yaml, with the split the run really used in place of fractions that were not."""
+    config = run.config
+    data = config.get("data") or {}
+    if "split" in data:
+        data["split"] = split_used(config, run.split_paths)
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True) if data else run.config_text
+    return f'<h2 id="configuration">Configuration</h2><pre>{html.escape(text)}</pre>'
+
+
+def _run_section(run: RunSummary, figures: dict[str, Path]) -> str:
     metrics = run.evaluation
-    parts = [f'<section class="run" id="{html.escape(run.run_dir.name)}"><h1>{html.escape(title)}</h1>',
-             f'<p class="muted">run folder: {html.escape(str(run.run_dir.resolve()))}; '
-             f"judged on the <b>{run.split}</b> split</p>"]
-    parts.append(_audit_link(run.run_dir))
+    said = headline(run.classes, run.model, metrics, run.split, run.trained)
+    parts = [(f'<section class="run" id="{html.escape(run.run_dir.name)}">'
+              f"<h1>Image classifier: {html.escape(class_phrase(run.classes))}</h1>"),
+             f'<p class="headline" id="headline">{html.escape(said)}{_inflated(run, run.split)}</p>',
+             (f'<p class="muted">run folder {html.escape(run.run_dir.name)}; every figure and table below is judged '
+              f"on the {SPLIT_WORDS.get(run.split, run.split)} split unless it says otherwise</p>")]
+    parts.append(_audit_section(run.run_dir))
     parts.append(_leak_section(run))
     parts.append(f'<h2 id="metrics">Metrics ({run.split} split){_inflated(run, run.split)}</h2>')
     parts.append(html_table(["metric", "value"], [list(r) for r in _headline_rows(metrics)]))
@@ -288,11 +173,11 @@ def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
         ["class", "precision", "recall", "F1", "support"],
         [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in metrics["per_class"]],
     ))
-    parts.append(_trust_section(metrics))
+    parts.append(_trust_section(run))
     if metrics.get("most_confused"):
         parts.append("<h3>Most confused pairs</h3>")
         parts.append(html_table(["true class", "predicted as", "images"],
-                            [[r["label"], r["predicted"], r["count"]] for r in metrics["most_confused"]]))
+                                [[r["label"], r["predicted"], r["count"]] for r in metrics["most_confused"]]))
     if run.train_metrics is not None and run.train_metrics.phases:
         parts.append('<h2 id="phases">Frozen features against fine-tuning</h2>')
         parts.append(f'<p>The saved model comes from the <b>{html.escape(run.train_metrics.best_phase)}</b> '
@@ -302,31 +187,25 @@ def _run_section(run: RunSummary, figures: dict[str, Path], title: str) -> str:
              "val accuracy", "val macro F1", "test accuracy", "test macro F1"],
             _phase_rows(run.train_metrics.phases),
         ))
-    parts.append('<h2 id="figures">Figures</h2>')
-    captions = {
-        "training_curves": "Training curves", "per_class_f1": "F1 per class", "confusion_matrix": "Confusion matrix",
-        "reliability": "Reliability diagram", "sample_predictions": "Sample predictions",
-        "highest_loss": "Highest-loss images",
-        "highest_loss_heatmaps": "Highest-loss images: heat maps",
-        "most_confused_heatmaps": "Most-confused images: heat maps",
-    }
-    for name, path in figures.items():
-        parts.append(f'<h3 id="{name}">{captions[name]}</h3>' + html_image(path, captions[name]))
-    parts.append('<h2 id="data">Data</h2>')
+    parts.append(_figures_section(run, figures))
+    parts.append(_data_section(run))
+    parts.append(_configuration_section(run))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _data_section(run: RunSummary) -> str:
     splits = list(run.counts)
-    parts.append(html_table(
+    parts = ['<h2 id="data">Data</h2>', html_table(
         ["class", *splits],
         [[name, *(run.counts[s].get(name, 0) for s in splits)] for name in run.classes]
         + [["all classes", *(sum(run.counts[s].values()) for s in splits)]],
-    ))
+    )]
     if run.skipped:
         parts.append(f"<p>{len(run.skipped)} files skipped as unreadable:</p>")
         parts.append(html_table(["file", "reason"], [[path, reason] for path, reason in run.skipped[:200]]))
     else:
         parts.append("<p>No files were skipped.</p>")
-    parts.append('<h2 id="configuration">Configuration</h2>')
-    parts.append(f"<pre>{html.escape(run.config_text)}</pre>")
-    parts.append("</section>")
     return "\n".join(parts)
 
 
@@ -336,15 +215,9 @@ def _comparison_section(runs: list[RunSummary]) -> str:
     values = [dict(_headline_rows(run.evaluation)) for run in runs]
     rows = [[label, *(v.get(label) for v in values)] for label in keys]
     rows.insert(0, ["split", *(run.split for run in runs)])
-    rows.append(["model", *(_model_name(run) for run in runs)])
+    rows.append(["model", *(model_name(run.model) for run in runs)])
     rows.append(["train seconds", *(run.train_metrics and run.train_metrics.train_seconds for run in runs)])
     return '<section id="comparison"><h1>Runs side by side</h1>' + html_table(["", *names], rows) + "</section>"
-
-
-def _model_name(run: RunSummary) -> str:
-    import yaml
-
-    return str((yaml.safe_load(run.config_text) or {}).get("model", {}).get("name"))
 
 
 def write_report(runs: list[str | os.PathLike[str]], output: str | os.PathLike[str] | None = None) -> Path:
@@ -357,13 +230,11 @@ def write_report(runs: list[str | os.PathLike[str]], output: str | os.PathLike[s
     if len(summaries) > 1:
         sections.append(_comparison_section(summaries))
     for summary in summaries:
-        figures = write_figures(summary)
-        sections.append(_run_section(summary, figures, f"Run {summary.run_dir.name}"))
-    title = "transferkit report: " + ", ".join(s.run_dir.name for s in summaries)
-    page = (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
-    )
+        sections.append(_run_section(summary, write_figures(summary)))
+    if len(summaries) == 1:
+        title = headline(summaries[0].classes, summaries[0].model, summaries[0].evaluation, summaries[0].split, None)
+    else:
+        title = "transferkit report: " + ", ".join(s.run_dir.name for s in summaries)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text(output, page)
+    write_text(output, html_page(title, "".join(sections)))
     return output
