@@ -78,8 +78,10 @@ def _leak_section(run: RunSummary) -> str:
              Markup(thumbs.img(row["paired_path"], alt="train")), float(row["similarity"])]
             for row in leaks[:SHOWN_LEAKS]]
     return (f'<div id="leaks"><p class="inflated">Near-copy pairs (cosine similarity &ge; '
-            f'{metrics.leaks["threshold"]:.2f}) join train {counts}: those scores read higher than on new images, and '
-            "the best phase was chosen on them. The most similar pairs (every pair in leaks.csv):</p>"
+            f'{metrics.leaks["threshold"]:.2f}, or each other\'s distinctly nearest image) join train {counts}: '
+            "those scores read higher than on new images. Early stopping, the best phase and the calibration "
+            "left those validation images out where at least 50 others remained. "
+            "The most similar pairs (every pair in leaks.csv):</p>"
             + html_table(["image", "split", "its near-copy in train", "similarity"], rows) + "</div>")
 
 
