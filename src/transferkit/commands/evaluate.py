@@ -10,7 +10,7 @@ from transferkit.data.folders import read_labelled_folder, split_folders
 from transferkit.errors import DataError
 from transferkit.inference.loading import load_predictor
 from transferkit.inference.metrics import Evaluation, evaluation_from_probabilities, unknown_share
-from transferkit.run.folder import RunFolder, is_onnx_file, run_split_items
+from transferkit.run.folder import RunFolder, is_exported_file, run_split_items
 from transferkit.trust.temperature import before_and_after, uncalibrated_probabilities
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,12 @@ def evaluate(
     fine); a folder holding train/val/test folders is read at ``split`` (default test).
     Without ``data``, the run's own ``split`` is used (default: test, else val). The metrics
     and one row per image are written to ``output`` (default ``RUN/evaluation/<name>``).
-    ``run`` may also be an exported ``.onnx`` file, which then needs ``data``.
+    ``run`` may also be an exported file (any format ``transferkit export`` writes), which then needs ``data``.
     """
     run_dir = Path(run)
     classifier = load_predictor(run_dir)
     if data is None:
-        if is_onnx_file(run_dir):
+        if is_exported_file(run_dir):
             raise DataError(f"{run_dir} is a model file without data splits; give a labelled folder DATA to evaluate on")
         split, items = run_split_items(run_dir, split, classifier.classes)
         skipped: list[tuple[str, str]] = []
@@ -74,6 +74,6 @@ def evaluate(
     if scores is not None and classifier.unknown:
         evaluation.metrics["unknown"] = unknown_share(scores, classifier.unknown)
     # An exported file keeps its evaluations beside it, as a run keeps them in its folder.
-    home = RunFolder(run_dir.parent if is_onnx_file(run_dir) else run_dir)
+    home = RunFolder(run_dir.parent if is_exported_file(run_dir) else run_dir)
     evaluation.write(Path(output) if output else home.writable(home.evaluation_dir(name + ("-tta" if tta else ""))))
     return evaluation
