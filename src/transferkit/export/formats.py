@@ -46,7 +46,9 @@ class Format:
         return not self.missing(self.needs(quantize))
 
     def default_file(self, quantize: str | None = None) -> str:
-        return f"model{'.' + quantize if quantize else ''}{self.suffix}"
+        # A bare model.pt could be any torch file; the default name says what it holds.
+        suffix = ".torchscript.pt" if self.name == "torchscript" else self.suffix
+        return f"model{'.' + quantize if quantize else ''}{suffix}"
 
     def sidecars(self, path: Path) -> list[Path]:
         """Files the format keeps beside ``path`` (OpenVINO's weights)."""
@@ -62,7 +64,7 @@ FORMATS: dict[str, Format] = {
                      "pip install 'transferkit[litert]'"),
     "executorch": Format("executorch", ".pte", ("executorch",), ("executorch",), "pip install 'transferkit[executorch]'"),
     "pt2": Format("pt2", ".pt2", ("torch",), ("torch",), "pip install torch"),
-    "torchscript": Format("torchscript", ".torchscript.pt", ("torch",), ("torch",), "pip install torch",
+    "torchscript": Format("torchscript", ".pt", ("torch",), ("torch",), "pip install torch",
                           deprecated="torch.jit is deprecated upstream; use --format pt2 or executorch"),
 }
 
@@ -99,11 +101,7 @@ def format_of_file(path: str | os.PathLike[str]) -> Format | None:
     name = Path(path).name.lower()
     if not Path(path).is_file():
         return None
-    # The longest suffix first: ``.torchscript.pt`` before any shorter one.
-    for chosen in sorted(FORMATS.values(), key=lambda f: -len(f.suffix)):
-        if name.endswith(chosen.suffix):
-            return chosen
-    return None
+    return next((chosen for chosen in FORMATS.values() if name.endswith(chosen.suffix)), None)
 
 
 def load_exported(path: str | os.PathLike[str]) -> object:
