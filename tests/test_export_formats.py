@@ -4,6 +4,7 @@ with the command that installs it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import serving
+from conftest import run_cli_without_torch, serving
 from test_export import val_paths
 from transferkit.cli import main
 from transferkit.commands.evaluate import evaluate
@@ -68,6 +69,13 @@ def test_each_format_agrees_with_the_model_in_its_own_runtime_and_is_a_complete_
 
     evaluation = evaluate(result.path, trained_run.parent / "data", output=result.path.parent / f"eval-{format}")
     assert evaluation.metrics["images"] == 60 and [Path(p).name for p, _ in evaluation.skipped] == ["truncated.jpg"]
+
+    if format in ("openvino", "litert"):  # their runtimes need no torch, so neither does the file
+        completed = run_cli_without_torch(["predict", str(result.path), paths[0], "--format", "json", "--top-k", "1"])
+        assert completed.returncode == 0, completed.stderr
+        answered_alone = json.loads(completed.stdout)["predictions"][0]
+        assert answered_alone["answer"] == expected.predictions[0].answer
+        assert answered_alone["unknown_score"] == pytest.approx(expected.predictions[0].unknown_score, abs=1e-4)
 
     image = Path(paths[0]).read_bytes()
     with serving(create_app(result.path)) as url:
