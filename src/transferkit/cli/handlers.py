@@ -211,6 +211,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     options = {"batch_size": args.batch_size, "progress": args.progress, "max_accuracy_drop": args.max_accuracy_drop}
     if args.format == "all":
+        if args.quantize:
+            raise ConfigError(["--format all writes float and int8 of every installed format; drop --quantize"])
         outcome = export_all(args.run, output=args.output, **options)
         print(export_table(outcome.results))
         for name, reason in outcome.failed.items():
