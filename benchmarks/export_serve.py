@@ -32,7 +32,7 @@ import requests
 from _results import cpu_name, write_section
 from _serving import wait_until_serving
 from transferkit._io import read_csv_rows
-from transferkit.commands.export import ExportResult, export
+from transferkit.commands.export import ExportResult, export_all
 from transferkit.export.formats import FORMATS
 from transferkit.inference.loading import load_predictor
 from transferkit.inference.predictor import preprocessed_batches
@@ -84,23 +84,25 @@ def serve_latency(model: Path, images: list[bytes], count: int, port: int) -> di
     return {"p50_ms": 1000 * statistics.median(single)}
 
 
-def variant_rows(run: Path, work: Path, images: np.ndarray, count: int) -> list[tuple[str, ExportResult, dict]]:
-    """The alternatives the defaults were chosen over, each exported with one setting changed."""
+def variant_rows(run: Path, work: Path, rows: list, images: np.ndarray, count: int) -> list[tuple[str, ExportResult, dict]]:
+    """The alternatives the defaults were chosen over, each with one setting changed."""
     from transferkit.export import onnx as onnx_export
 
-    rows = []
+    variants = []
     defaults = (onnx_export.STATIC_OPS, onnx_export.ACTIVATIONS)
     for label, ops, activations in [("ONNX int8 S8S8", defaults[0], "QInt8"), ("ONNX int8 U8S8, every op", None, "QUInt8")]:
         onnx_export.STATIC_OPS, onnx_export.ACTIVATIONS = ops, activations
         try:
-            result = export(run, quantize="int8", output=work / f"variant-{len(rows)}.onnx", max_accuracy_drop=100)
+            outcome = export_all(run, work / f"variant-{len(variants)}", choices=[("onnx", "int8")], max_accuracy_drop=100)
         finally:
             onnx_export.STATIC_OPS, onnx_export.ACTIVATIONS = defaults
-        rows.append((label, result, runtime_latency(load_predictor(result.path).forward, images, count)))
-    result = export(run, format="openvino", output=work / "variant-openvino.xml")
-    rows.append(("OpenVINO float, default precision", result,
-                 runtime_latency(openvino_default_precision(result.path), images, count)))
-    return rows
+        for result in outcome.results:
+            variants.append((label, result, runtime_latency(load_predictor(result.path).forward, images, count)))
+    openvino = next((result for label, result, _, _ in rows if label == "OpenVINO float"), None)
+    if openvino is not None:  # the same file, compiled at OpenVINO's own default precision
+        variants.append(("OpenVINO float, default precision", openvino,
+                         runtime_latency(openvino_default_precision(openvino.path), images, count)))
+    return variants
 
 
 def openvino_default_precision(path: Path) -> Any:
@@ -126,23 +128,25 @@ def main() -> None:
     rows: list[tuple[str, ExportResult | None, dict, dict | None]] = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
+        installed = [(name, quantize) for name, quantize in CHOICES if FORMATS[name].installed(quantize)]
         for name, quantize in CHOICES:
-            chosen = FORMATS[name]
-            if not chosen.installed(quantize):
-                print(f"{name} {quantize or ''}: not installed ({chosen.install})", flush=True)
-                continue
+            if (name, quantize) not in installed:
+                print(f"{name} {quantize or ''}: not installed ({FORMATS[name].install})", flush=True)
+        started = time.perf_counter()
+        outcome = export_all(args.run, work, choices=installed, max_accuracy_drop=100)
+        print(f"exported {len(outcome.results)} files in {time.perf_counter() - started:.0f} s; failed: {outcome.failed}",
+              flush=True)
+        for result in outcome.results:
             label = {"onnx": "ONNX", "openvino": "OpenVINO", "litert": "LiteRT", "executorch": "ExecuTorch",
-                     "pt2": "torch.export", "torchscript": "TorchScript"}[name] + (f" {quantize}" if quantize else " float")
-            started = time.perf_counter()
-            result = export(args.run, format=name, quantize=quantize, output=work / chosen.default_file(quantize),
-                            max_accuracy_drop=100)
-            took = time.perf_counter() - started
+                     "pt2": "torch.export", "torchscript": "TorchScript"}[result.format]
+            label += f" {result.quantize}" if result.quantize else " float"
             timing = runtime_latency(load_predictor(result.path).forward, images, args.requests)
-            served = serve_latency(result.path, jpegs, args.requests, args.port) if name in ("onnx", "openvino") else None
-            print(f"{label}: {result.as_dict()} {timing} served {served} ({took:.0f} s)", flush=True)
+            served = (serve_latency(result.path, jpegs, args.requests, args.port)
+                      if result.format in ("onnx", "openvino") else None)
+            print(f"{label}: {result.as_dict()} {timing} served {served}", flush=True)
             rows.append((label, result, timing, served))
         if args.variants:
-            for label, result, timing in variant_rows(args.run, work, images, args.requests):
+            for label, result, timing in variant_rows(args.run, work, rows, images, args.requests):
                 print(f"{label}: {result.as_dict()} {timing}", flush=True)
                 rows.append((label, result, timing, None))
         eager = runtime_latency(load_eager(args.run), images, args.requests)

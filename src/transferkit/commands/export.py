@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -245,9 +246,11 @@ def export_all(
     num_workers: int | None = None,
     progress: bool = False,
     max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    choices: Sequence[tuple[str, str | None]] = ALL_CHOICES,
 ) -> ExportAll:
-    """Every installed format (``formats.ALL_CHOICES``) into the folder ``output`` (default
-    ``RUN/export``), each checked as ``export`` checks one; a format that fails is named, not fatal."""
+    """Every installed (format, quantisation) of ``choices`` (default ``formats.ALL_CHOICES``) into
+    the folder ``output`` (default ``RUN/export``), each checked as ``export`` checks one, against
+    one eager pass over the validation split; a format that fails is named, not fatal."""
     folder = _run_folder(run)
     target = Path(output) if output else folder.writable(folder.export_dir)
     if target.exists() and not target.is_dir():
@@ -255,7 +258,7 @@ def export_all(
     _check_output(target / "model.onnx")
     reference = _Reference(folder.root, batch_size, num_workers, progress)
     outcome = ExportAll([], {}, {})
-    for name, quantize in ALL_CHOICES:
+    for name, quantize in choices:
         chosen = FORMATS[name]
         label = name + (f" {quantize}" if quantize else "")
         if not chosen.installed(quantize):
