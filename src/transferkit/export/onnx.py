@@ -95,8 +95,8 @@ ACTIVATIONS = "QUInt8"
 
 def quantize_dynamic_int8(path: Path) -> None:
     """Dynamic int8 quantisation of the weights in place, after ORT's recommended pre-processing.
-    Its convolutions become ``ConvInteger``, which has no fast depthwise kernel: 7x slower than
-    float on a 2-core CPU (benchmarks/RESULTS.md), so it is a named choice, not the default."""
+    Its convolutions become ``ConvInteger``, which has no fast depthwise kernel: about 10x slower
+    than float on a 2-core CPU (benchmarks/RESULTS.md), so it is a named choice, not the default."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
