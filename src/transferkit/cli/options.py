@@ -245,21 +245,14 @@ def export_parser(subparsers: Any) -> None:
 
     parser = subparsers.add_parser(
         "export", help="export a run's model to ONNX, OpenVINO, LiteRT, ExecuTorch or torch.export, float or int8",
-        description="Export a run's model, run the file in its own runtime on the validation split and keep it "
-                    "only if it agrees with the model.",
+        description="Export a run's model; the file is run in its own runtime on the validation split and kept only if it agrees.",
     )
     parser.add_argument("run", metavar="RUN", help="run folder")
-    parser.add_argument("--format", choices=[*FORMATS, "all"], default="onnx",
-                        help="file format; all: every installed format, float and int8 (default: onnx; "
-                             "torchscript is deprecated upstream)")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS,
-                        help="int8: static int8 calibrated on training images, faster than float (onnx, openvino); "
-                             "int8-dynamic: dynamic int8 weights, smaller but slower (onnx)")
-    parser.add_argument("--output", metavar="FILE",
-                        help="file to write, a folder with --format all (default: RUN/export/model.<format>)")
+    parser.add_argument("--format", choices=[*FORMATS, "all"], default="onnx", help="file format; all: every installed one (default: onnx)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="int8: static, calibrated on training images (onnx, openvino); int8-dynamic: weights only (onnx)")
+    parser.add_argument("--output", metavar="FILE", help="file to write, a folder with --format all (default: RUN/export/model.<format>)")
     parser.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
-                        help=f"refuse a file whose validation accuracy is more than POINTS below the model's "
-                             f"(default: {MAX_ACCURACY_DROP:g})")
+                        help=f"refuse a file more than POINTS less accurate than the model (default: {MAX_ACCURACY_DROP:g})")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch in the check (default: 64)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
