@@ -1,5 +1,6 @@
-"""The ONNX file of a scored classifier: float, static int8 (the default int8: faster than float)
-or dynamic int8 (kept for the record: smaller, but slower than float on a CPU)."""
+"""The ONNX file of a scored classifier: float, static int8 (the default int8: activations and
+weights in int8, calibrated on training images) or dynamic int8 (kept for the record: weights
+only, about 10x slower than float on a CPU)."""
 
 from __future__ import annotations
 
