@@ -46,9 +46,10 @@ def test_onnx_export_matches_the_eager_model_and_carries_its_metadata(trained_ru
         assert outputs.shape == (batch, 3), "the batch axis is dynamic"
 
 
-def test_int8_export_is_smaller_and_stays_close(trained_run: Path, tmp_path: Path) -> None:
+def test_dynamic_int8_export_is_smaller_and_stays_close(trained_run: Path, tmp_path: Path) -> None:
     float_result = export(trained_run, output=tmp_path / "model.onnx")
-    int8 = export(trained_run, quantize="int8", output=tmp_path / "model.int8.onnx")
+    # The tiny run has 9 validation images: one of them is 11 points.
+    int8 = export(trained_run, quantize="int8-dynamic", output=tmp_path / "model.int8.onnx", max_accuracy_drop=12)
 
     assert int8.size_bytes < 0.5 * float_result.size_bytes
     # Dynamic int8's tolerance here: probabilities within 0.25, and accuracy within one
@@ -106,7 +107,7 @@ def test_onnx_predict_runs_without_torch_or_timm(trained_run: Path, tmp_path: Pa
 
 def test_export_problems_are_one_line_each(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(trained_run), "--format", "torchscript", "--quantize", "int8"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --quantize int8 works on ONNX only; use --format onnx"
+    assert capsys.readouterr().err.strip() == "error: --quantize int8 works with --format onnx or openvino, not torchscript"
 
     assert main(["export", str(tmp_path)]) == 2
     assert "is not a finished run folder" in capsys.readouterr().err

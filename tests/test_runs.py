@@ -21,7 +21,7 @@ from conftest import make_folder
 from transferkit.training.checkpoints import checkpoint_problem
 from transferkit.errors import RunFolderError
 from transferkit.run.records import PhaseRecord
-from transferkit.run.folder import RunFolder, is_onnx_file, model_folder
+from transferkit.run.folder import RunFolder, is_exported_file, model_folder
 from transferkit import resume
 
 
@@ -419,7 +419,9 @@ def test_a_run_folder_says_what_it_holds(trained_run: Path, tmp_path: Path) -> N
     assert empty.read_progress() == {} and empty.read_metrics() is None and empty.read_history() == []
     (tmp_path / "model.onnx").write_bytes(b"")
     (tmp_path / "folder.onnx").mkdir()
-    assert is_onnx_file(tmp_path / "model.onnx") and not is_onnx_file(tmp_path / "folder.onnx")
+    (tmp_path / "model.tflite").write_bytes(b"")
+    assert is_exported_file(tmp_path / "model.onnx") and is_exported_file(tmp_path / "model.tflite")
+    assert not is_exported_file(tmp_path / "folder.onnx") and not is_exported_file(tmp_path / "splits.csv")
     with pytest.raises(RunFolderError, match="is not a run folder: .*config.yaml is missing"):
         empty.read_config()
     with pytest.raises(RunFolderError, match="has no splits.csv, classes.json, skipped.csv; --splits-from"):

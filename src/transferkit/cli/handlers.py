@@ -207,17 +207,30 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from transferkit.commands.export import export
+    from transferkit.commands.export import export, export_all, export_table
 
-    result = export(args.run, format=args.format, quantize=args.quantize, output=args.output,
-                    batch_size=args.batch_size, progress=args.progress)
-    print(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.format}{'-' + result.quantize if result.quantize else ''})")
-    print(f"checked on {result.images} validation images against the eager float model:")
+    options = {"batch_size": args.batch_size, "progress": args.progress, "max_accuracy_drop": args.max_accuracy_drop}
+    if args.format == "all":
+        if args.quantize:
+            raise ConfigError(["--format all writes float and int8 of every installed format; drop --quantize"])
+        outcome = export_all(args.run, output=args.output, **options)
+        print(export_table(outcome.results))
+        for name, reason in outcome.failed.items():
+            print(f"{name}: not written: {reason}")
+        for name, install in outcome.missing.items():
+            print(f"{name}: not installed here ({install})")
+        return 1 if outcome.failed else 0
+    result = export(args.run, format=args.format, quantize=args.quantize, output=args.output, **options)
+    print(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.name})")
+    print(f"checked in its own runtime on {result.images} validation images against the eager float model:")
     print(f"  max |probability difference|  {result.max_abs_diff:.2e}")
     if result.max_score_diff is not None:
         print(f"  max |unknown score difference|  {result.max_score_diff:.2e}")
     change = result.accuracy - result.reference_accuracy
     print(f"  accuracy  exported {result.accuracy:.4f}  eager {result.reference_accuracy:.4f}  change {change:+.4f}")
+    if result.unknown_agreement is not None:
+        print(f"  unknown answer agrees on {result.unknown_agreement:.2%} of images (threshold refitted on the "
+              f"file's own scores: {result.threshold:.4g})")
     return 0
 
 

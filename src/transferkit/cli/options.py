@@ -185,7 +185,7 @@ def evaluate_parser(subparsers: Any) -> None:
         "evaluate", help="metrics of a trained run on one of its splits or on a labelled folder",
         description="Metrics of a run's model; writes metrics.json and predictions.csv.",
     )
-    parser.add_argument("run", metavar="RUN", help="run folder, or an exported .onnx file (which needs DATA)")
+    parser.add_argument("run", metavar="RUN", help="run folder, or an exported model file (which needs DATA)")
     parser.add_argument("data", metavar="DATA", nargs="?", help="labelled folder DATA/<class>/*; default: the run's own split")
     parser.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate (default: test, else val)")
     parser.add_argument("--output", metavar="DIR", help="folder for metrics.json and predictions.csv (default: RUN/evaluation/<name>)")
@@ -204,7 +204,7 @@ def predict_parser(subparsers: Any) -> None:
         "predict", help="top-k labels for images or folders of images",
         description="Top-k labels with probabilities for every image; unreadable files are listed and skipped.",
     )
-    parser.add_argument("run", metavar="RUN", help="run folder, its model/ folder, or an exported .onnx file")
+    parser.add_argument("run", metavar="RUN", help="run folder, its model/ folder, or an exported model file")
     parser.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
@@ -241,16 +241,18 @@ def report_parser(subparsers: Any) -> None:
 
 
 def export_parser(subparsers: Any) -> None:
-    from transferkit.commands.export import FORMATS, QUANTIZATIONS
+    from transferkit.commands.export import FORMATS, MAX_ACCURACY_DROP, QUANTIZATIONS
 
     parser = subparsers.add_parser(
-        "export", help="export a run's model to ONNX (float or int8) or TorchScript",
-        description="Export a run's model and check the file against the eager model on the validation split.",
+        "export", help="export a run's model to ONNX, OpenVINO, LiteRT, ExecuTorch or torch.export, float or int8",
+        description="Export a run's model; the file is run in its own runtime on the validation split and kept only if it agrees.",
     )
     parser.add_argument("run", metavar="RUN", help="run folder")
-    parser.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="dynamic int8 quantisation of the weights (ONNX only)")
-    parser.add_argument("--output", metavar="FILE", help="file to write (default: RUN/export/model[.int8].onnx or model.torchscript.pt)")
+    parser.add_argument("--format", choices=[*FORMATS, "all"], default="onnx", help="file format; all: every installed one (default: onnx)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="int8: static, calibrated on training images (onnx, openvino); int8-dynamic: weights only (onnx)")
+    parser.add_argument("--output", metavar="FILE", help="file to write, a folder with --format all (default: RUN/export/model.<format>)")
+    parser.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
+                        help=f"refuse a file more than POINTS less accurate than the model (default: {MAX_ACCURACY_DROP:g})")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch in the check (default: 64)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
@@ -260,10 +262,10 @@ def serve_parser(subparsers: Any) -> None:
 
     defaults = ServeLimits()
     parser = subparsers.add_parser(
-        "serve", help="a web page and REST API for a run or an exported .onnx file",
+        "serve", help="a web page and REST API for a run or an exported model file",
         description="GET / (a page to drop an image on), POST /predict, GET /model, GET /health.",
     )
-    parser.add_argument("model", metavar="RUN_OR_ONNX", help="run folder or exported .onnx file")
+    parser.add_argument("model", metavar="RUN_OR_FILE", help="run folder or exported model file (.onnx, .xml, .tflite, .pte, .pt2)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help=f"labels per image (default: {defaults.top_k})")

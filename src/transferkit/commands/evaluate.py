@@ -10,7 +10,7 @@ from transferkit.data.folders import read_labelled_folder, split_folders
 from transferkit.errors import DataError
 from transferkit.inference.loading import load_predictor
 from transferkit.inference.metrics import Evaluation, evaluation_from_probabilities, unknown_share
-from transferkit.run.folder import RunFolder, is_model_folder, is_onnx_file, run_split_items
+from transferkit.run.folder import RunFolder, is_model_folder, is_exported_file, run_split_items
 from transferkit.trust.temperature import before_and_after, uncalibrated_probabilities
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,12 @@ def evaluate(
     fine); a folder holding train/val/test folders is read at ``split`` (default test).
     Without ``data``, the run's own ``split`` is used (default: test, else val). The metrics
     and one row per image are written to ``output`` (default ``RUN/evaluation/<name>``).
-    ``run`` may also be a run's model folder (judged on the run's splits) or an exported ``.onnx``
-    file or a model folder on its own, which then need ``data``.
+    ``run`` may also be a run's model folder (judged on the run's splits) or a file ``transferkit export``
+    wrote, or a model folder on its own, which then need ``data``.
     """
     run_dir = Path(run)
     # An exported file keeps its evaluations beside it, as a run keeps them in its folder.
-    home = RunFolder(run_dir.parent) if is_onnx_file(run_dir) else RunFolder.containing(run_dir)
+    home = RunFolder(run_dir.parent) if is_exported_file(run_dir) else RunFolder.containing(run_dir)
     classifier = load_predictor(run_dir)
     name, items, skipped = _labelled_items(run_dir, home.root, data, split, classifier.classes)
     unreadable: dict[str, str] = {}
@@ -72,7 +72,7 @@ def _labelled_items(
     """(the evaluation's name, its (path, label) items, the files skipped): the run's own split
     without ``data``, else the labelled folder ``data`` (its ``split`` folder where one is named)."""
     if data is None:
-        if is_onnx_file(run_dir) or (is_model_folder(run_dir) and home == run_dir):
+        if is_exported_file(run_dir) or (is_model_folder(run_dir) and home == run_dir):
             raise DataError(f"{run_dir} is a model without its run's splits; give a labelled folder to evaluate "
                             f"on: transferkit evaluate {run_dir} DATA")
         split, items = run_split_items(home, split, classes)

@@ -255,9 +255,9 @@ def _explain_refusal(model: Any, predictor: Predictor) -> str | None:
     """Why this server cannot draw heat maps, or None when it can. Asked once, at start: a
     backbone without a map to hook is refused with a 422, not a 500 after a model load per request."""
     from transferkit.reporting.explain import ExplainUnavailable, grad_cam_available, target_layer
-    from transferkit.run.folder import is_onnx_file
+    from transferkit.run.folder import is_exported_file
 
-    if isinstance(model, Predictor) or is_onnx_file(model):
+    if isinstance(model, Predictor) or is_exported_file(model):
         return "heat maps need the torch model: serve the run folder instead of an exported file"
     if not grad_cam_available():
         return "heat maps need the grad-cam package: pip install 'transferkit[explain]' where the server runs"

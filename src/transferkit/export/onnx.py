@@ -1,45 +1,114 @@
-"""The ONNX file of a scored classifier, float or int8."""
+"""The ONNX file of a scored classifier: float, static int8 (the default int8: activations and
+weights in int8, calibrated on training images) or dynamic int8 (kept for the record: weights
+only, about 10x slower than float on a CPU)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from transferkit._io import atomic_write
-from transferkit.inference.onnx_runtime import ONNX_METADATA_KEY, export_onnx
+import numpy as np
+
+from transferkit.inference.onnx_runtime import ONNX_INPUT, ONNX_METADATA_KEY, export_onnx
 
 
-def write_onnx(model: Any, metadata: dict[str, Any], path: Path, quantize: str | None) -> None:
+def write(module: Any, metadata: dict[str, Any], path: Path, calibration: list[np.ndarray] | None,
+          quantize: str | None) -> None:
+    """``module`` as ONNX at ``path`` (written in place: the caller writes to a temporary name)."""
+    export_onnx(module, metadata["preprocessing"]["input_size"], path)
+    if quantize == "int8":
+        quantize_static_int8(path, calibration or [])
+    elif quantize == "int8-dynamic":
+        quantize_dynamic_int8(path)
+    write_metadata(path, metadata)
+
+
+def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
     import onnx
 
-    def write(tmp: Path) -> None:
-        export_onnx(model, metadata["preprocessing"]["input_size"], tmp)
-        if quantize == "int8":
-            quantize_int8(tmp)
-        proto = onnx.load(str(tmp))
-        onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata)})
-        onnx.save(proto, str(tmp))
-
-    atomic_write(path, write)
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata)})
+    onnx.save(proto, str(path))
 
 
-def quantize_int8(path: Path) -> None:
-    """Dynamic int8 quantisation of the weights in place, after ORT's recommended pre-processing
-    (shape inference and graph optimisation)."""
+def load(path: Path) -> Any:
+    from transferkit.inference.loading import load_onnx_predictor
+
+    return load_onnx_predictor(path)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    # The quantiser logs a warning on the root logger for every shape tensor it rightly skips.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_static_int8(path: Path, calibration: list[np.ndarray]) -> None:
+    """Static int8 in place: QDQ, weights int8 per channel, activations uint8 (U8S8, the faster on
+    x86 with VNNI: measured against S8S8 in benchmarks/RESULTS.md), MinMax ranges of the
+    ``calibration`` batches (training images, never the validation images that score the file).
+
+    Only the convolutions and the operations between them are quantised: the head and the
+    unknown score (a softmax, a normalised product with the training features, a top-k) stay
+    float, so the score keeps its resolution for a threshold set on it."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {ONNX_INPUT: batch}
+
+    with _quiet_root_logger(), tempfile.TemporaryDirectory() as work:
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(path), str(prepared))
+        quantize_static(
+            str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType[ACTIVATIONS], weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=STATIC_OPS,
+        )
+
+
+STATIC_OPS: list[str] | None = ["Conv", "Add", "Mul", "Sigmoid", "HardSigmoid", "Clip", "Relu", "GlobalAveragePool",
+                                 "ReduceMean"]
+"""What static int8 quantises: a CNN backbone's operations (see ``quantize_static_int8``); None is every one."""
+
+ACTIVATIONS = "QUInt8"
+"""Static int8's activation type (ONNX Runtime's QuantType): U8S8, measured faster than S8S8 here."""
+
+
+def quantize_dynamic_int8(path: Path) -> None:
+    """Dynamic int8 quantisation of the weights in place, after ORT's recommended pre-processing.
+    Its convolutions become ``ConvInteger``, which has no fast depthwise kernel: about 10x slower
+    than float on a 2-core CPU (benchmarks/RESULTS.md), so it is a named choice, not the default."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    root = logging.getLogger()
-    level = root.level
-    # The quantiser logs a warning on the root logger for every shape tensor it rightly skips.
-    root.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory() as work:
-            prepared = Path(work) / "prepared.onnx"
-            quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
-            quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
+    with _quiet_root_logger(), tempfile.TemporaryDirectory() as work:
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+        quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8)
+
+
+def read_metadata(path: Path) -> Any:
+    import onnx
+
+    found = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(found[ONNX_METADATA_KEY]) if ONNX_METADATA_KEY in found else None

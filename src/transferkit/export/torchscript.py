@@ -1,4 +1,5 @@
-"""TorchScript (deprecated upstream, kept while it is not the default)."""
+"""TorchScript (deprecated upstream: ``torch.jit`` gives way to ``torch.export``, see
+``export/pt2.py``); kept for C++ libtorch and older mobile runtimes while it is not the default."""
 
 from __future__ import annotations
 
@@ -6,29 +7,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transferkit._io import atomic_write
-from transferkit.inference.loading import predictor_from_metadata
-from transferkit.inference.predictor import Predictor, torch_forward
+import numpy as np
+
+from transferkit.errors import RunFolderError
 
 TORCHSCRIPT_METADATA_FILE = "transferkit.json"
 
 
-def write_torchscript(model: Any, metadata: dict[str, Any], path: Path) -> None:
+def write(module: Any, metadata: dict[str, Any], path: Path, calibration: list[np.ndarray] | None,
+          quantize: str | None) -> None:
     import warnings
 
     import torch
 
     size = metadata["preprocessing"]["input_size"]
     with warnings.catch_warnings(), torch.no_grad():
-        # torch.jit is deprecated upstream in favour of torch.export, but still runs everywhere
-        # TorchScript does (C++ libtorch, older mobile runtimes), which is why people ask for it.
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model.eval(), torch.zeros(1, *size))
-    extra = {TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)}
-    atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+        warnings.simplefilter("ignore")  # the deprecation warning: said once, by ``transferkit export``
+        traced = torch.jit.trace(module.eval(), torch.zeros(1, *size))
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
 
 
-def load_torchscript(path: Path) -> Predictor:
+def _load(path: Path) -> tuple[Any, Any]:
     import warnings
 
     import torch
@@ -37,4 +36,32 @@ def load_torchscript(path: Path) -> Predictor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return predictor_from_metadata(torch_forward(module, "cpu"), json.loads(extra[TORCHSCRIPT_METADATA_FILE]), str(path))
+    return module, json.loads(extra[TORCHSCRIPT_METADATA_FILE]) if extra[TORCHSCRIPT_METADATA_FILE] else None
+
+
+def read_metadata(path: Path) -> Any:
+    return _load(path)[1]
+
+
+def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    import warnings
+
+    import torch
+
+    module, _ = _load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(module, str(path), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
+
+
+def load(path: Path) -> Any:
+    from transferkit.inference.loading import predictor_from_metadata
+    from transferkit.inference.predictor import torch_forward
+
+    try:
+        module, metadata = _load(path)
+    except Exception as error:
+        raise RunFolderError(f"{path} is not a readable TorchScript file ({str(error).splitlines()[0]})") from None
+    if metadata is None:
+        raise RunFolderError(f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`")
+    return predictor_from_metadata(torch_forward(module, "cpu"), metadata, str(path))

@@ -18,7 +18,7 @@ from transferkit.inference.predictor import (
     torch_forward,
 )
 from transferkit.models.metadata import FieldError, check_classes, check_preprocessing, shown
-from transferkit.run.folder import is_onnx_file, model_folder
+from transferkit.run.folder import is_exported_file, model_folder
 from transferkit.run.records import saved_preprocessing
 from transferkit.trust.records import Rejection
 
@@ -116,9 +116,13 @@ def saved_classes_and_preprocessing(
 
 
 def load_predictor(path: str | os.PathLike[str], device: str | None = None) -> Predictor:
-    """A Predictor from a run folder, its ``model/`` folder, or an exported ``.onnx`` file."""
-    if is_onnx_file(path):
-        return load_onnx_predictor(path)
+    """A Predictor from a run folder, its ``model/`` folder, or an exported file (``.onnx``,
+    OpenVINO ``.xml``, ``.tflite``, ``.pte``, ``.pt2``, ``.torchscript.pt``), which runs in its
+    own runtime (ONNX Runtime, OpenVINO and LiteRT without torch)."""
+    if is_exported_file(path):
+        from transferkit.export.formats import load_exported
+
+        return load_exported(path)  # type: ignore[return-value]  # each format's load gives a Predictor
     import torch
 
     _, predictor = load_run_model(path)

@@ -230,9 +230,9 @@ def load_explainer(run: str | os.PathLike[str], method: str = DEFAULT_METHOD) ->
     """An Explainer for a run folder or its ``model/`` folder; an exported ``.onnx`` file is
     refused, since heat maps need the gradients of the torch model."""
     from transferkit.inference.loading import load_run_model
-    from transferkit.run.folder import is_onnx_file
+    from transferkit.run.folder import is_exported_file
 
-    if is_onnx_file(run):
+    if is_exported_file(run):
         raise ExplainUnavailable(f"{run} is an exported model without gradients; to explain, pass the run folder "
                                  "it was exported from")
     require_grad_cam()

@@ -47,9 +47,11 @@ MODEL_CONFIG = "config.json"
 """What makes a folder a model folder: timm's local-dir config beside the weights."""
 
 
-def is_onnx_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is an exported ``.onnx`` model file."""
-    return Path(path).suffix.lower() == ".onnx" and Path(path).is_file()
+def is_exported_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file ``transferkit export`` writes (any format, by its name)."""
+    from transferkit.export.formats import format_of_file
+
+    return format_of_file(path) is not None
 
 
 def is_model_folder(path: str | os.PathLike[str]) -> bool:
@@ -144,8 +146,9 @@ class RunFolder:
 
     def export_file(self, format: str, quantize: str | None = None) -> Path:
         """Where ``transferkit export`` writes by default."""
-        name = "model.torchscript.pt" if format == "torchscript" else f"model{'.' + quantize if quantize else ''}.onnx"
-        return self.export_dir / name
+        from transferkit.export.formats import FORMATS
+
+        return self.export_dir / FORMATS[format].default_file(quantize)
 
     # writing
     def writable(self, path: Path) -> Path:
