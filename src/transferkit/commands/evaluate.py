@@ -73,7 +73,7 @@ def _labelled_items(
     without ``data``, else the labelled folder ``data`` (its ``split`` folder where one is named)."""
     if data is None:
         if is_exported_file(run_dir) or (is_model_folder(run_dir) and home == run_dir):
-            raise DataError(f"{run_dir} is a model without its run's splits; give a labelled folder to evaluate "
+            raise DataError(f"{run_dir} is a model without its run's splits; give a labelled folder DATA to evaluate "
                             f"on: transferkit evaluate {run_dir} DATA")
         split, items = run_split_items(home, split, classes)
         return split, items, []
