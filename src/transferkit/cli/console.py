@@ -14,13 +14,28 @@ import warnings
 from typing import Any
 
 from transferkit.errors import Interrupted
-from transferkit.training.console import StdoutHandler, summary_lines
+from transferkit.training.console import LIGHTNING_LOGGERS, StdoutHandler, summary_lines
 
+
+
+class _Plain(logging.Formatter):
+    """A warning as 'warning: MESSAGE', an error as 'error: MESSAGE', anything else as the message alone."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
 
 
 def quiet_libraries(verbose: bool) -> None:
+    """The console: the epoch lines and the summary on stdout, warnings on stderr as 'warning: ...';
+    ``--verbose`` adds every step, named by its logger, and Lightning's own lines."""
     level = logging.INFO if verbose else logging.WARNING
+    existing = list(logging.getLogger().handlers)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # only the handler made here: one a host (a test, an application) set up stays as it is
+        for handler in [h for h in logging.getLogger().handlers if h not in existing]:
+            handler.setFormatter(_Plain())
+            handler.setLevel(logging.WARNING)
     # DEBUG under --verbose: training.console then lets Lightning's own lines through.
     logging.getLogger("transferkit").setLevel(logging.DEBUG if verbose else logging.INFO)
     # The epoch lines are the run's console output, not diagnostics: bare, on stdout, like the summary.
@@ -28,7 +43,7 @@ def quiet_libraries(verbose: bool) -> None:
     epochs.propagate = False
     if not epochs.handlers:
         epochs.addHandler(StdoutHandler())
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
+    for name in LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(level)
     if not verbose:
         warnings.filterwarnings("ignore")

@@ -4,6 +4,7 @@ summary where nobody set up logging, and nothing of Lightning's that the user di
 from __future__ import annotations
 
 import contextlib
+import shlex
 import logging
 import sys
 import time
@@ -11,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from transferkit.reporting.sentences import threshold_note
 from transferkit.run.folder import RunFolder
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
@@ -113,7 +115,7 @@ def summary_lines(result: Any, command_seconds: float) -> list[str]:
         lines.append(f"skipped {len(result.skipped)} unreadable, non-image or duplicate files "
                      f"(see {folder.skipped_file})")
     if result.audit:
-        lines.append(f"{result.audit} (see {folder.audit_dir / 'audit.html'})")
+        lines.append(result.audit)
     best = metrics.phases[metrics.best_phase]
     lines.append(f"best validation accuracy: {best.best_val_acc:.4f} ({metrics.best_phase} phase, epoch "
                  f"{best.best_epoch}){inflated_mark(metrics, 'val')}")
@@ -128,13 +130,21 @@ def summary_lines(result: Any, command_seconds: float) -> list[str]:
                      f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after "
                      f"({calibration['images']} validation images)")
     if unknown:
-        lines.append(f"answers unknown above a {unknown['method']} score of {unknown['threshold']:.4g} "
-                     f"(keeps {unknown['kept']:.1%} of validation images)")
+        note, too_few = threshold_note(unknown)
+        lines.append(f'answers "none of these" above a {unknown["method"]} score of {unknown["threshold"]:.4g}, '
+                     f'keeping {unknown["kept"]:.1%} of the {unknown["images"]} validation images it rests on')
+        if too_few:
+            lines.append(f"warning: {note}")
     # train_seconds runs from reading the data to the saved model: the imports come before it,
     # the audit and the report after.
     lines.append(f"wall time: {command_seconds:.1f} s (from reading the data to the saved model: "
                  f"{metrics.train_seconds:.1f} s)")
-    lines.append(f"run folder: {result.run_dir}")
+    if folder.report_file.is_file():
+        lines.append(f"report: {folder.report_file}")
+    audit = folder.audit_dir / "audit.html"
+    lines.append(f"run folder: {result.run_dir}" + (f" (audit: {audit.relative_to(folder.root)})" if audit.is_file() else ""))
+    run = shlex.quote(str(result.run_dir))
+    lines.append(f"next: transferkit predict {run} IMAGES  |  transferkit export {run}  |  transferkit serve {run}")
     return lines
 
 
