@@ -4,7 +4,9 @@ history.csv, and resumes a phase whose checkpoint an earlier transferkit wrote."
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,52 @@ def test_a_phase_an_earlier_transferkit_checkpointed_resumes_with_its_best_epoch
     bookkeeping.load_state_dict(legacy_phase_state(saved, rows, epochs_done=3))
     assert (bookkeeping.epochs_done, bookkeeping.best_epoch, bookkeeping.best_val_loss) == (3, 2, 0.4)
     assert feed(bookkeeping, [0.42, 0.39]) == [4], "one more epoch without a lower loss ends patience 2"
+
+
+class Lines(logging.Handler):
+    """The console's epoch lines, as a person reading it would get them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def epoch_lines() -> Iterator[list[str]]:
+    handler, logger = Lines(), logging.getLogger("transferkit.epochs")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_quick_epochs_show_every_few_and_say_where_patience_stopped_the_phase(
+    tmp_path: Path, epoch_lines: list[str]
+) -> None:
+    bookkeeping = PhaseBookkeeping(RunFolder(tmp_path), "frozen", epochs=30, patience=5)
+    losses = [1.0 - 0.05 * epoch for epoch in range(14)] + [0.9] * 10  # best at epoch 14, stopped at 19
+    assert feed(bookkeeping, losses)[-1] == 19
+    assert len(RunFolder(tmp_path).read_history()) == 19, "history.csv keeps every epoch"
+    assert [line.split()[1] for line in epoch_lines[:-1]] == ["1/30", "5/30", "10/30", "15/30", "19/30"]
+    assert epoch_lines[-1] == "frozen   stopped early: no better validation loss for 5 epochs (best epoch 14)"
+    # Columns line up across phases and epoch counts: 'val loss' starts at the same place on every line.
+    assert len({line.index("val loss") for line in epoch_lines[:-1]}) == 1
+
+
+def test_slow_or_few_epochs_each_get_a_line_and_a_phase_that_ran_out_says_nothing_more(
+    tmp_path: Path, epoch_lines: list[str]
+) -> None:
+    few = PhaseBookkeeping(RunFolder(tmp_path), "finetune", epochs=4, patience=4)
+    feed(few, [0.5, 0.4, 0.3, 0.2])
+    slow = PhaseBookkeeping(RunFolder(tmp_path), "frozen", epochs=30, patience=30)
+    for epoch in range(3):
+        slow.end_epoch(train_loss=1.0, train_acc=0.5, val_loss=0.5 - epoch / 10, val_acc=0.5, lr=1e-3, seconds=2.5)
+    assert [line.split()[:2] for line in epoch_lines] == [
+        ["finetune", "1/4"], ["finetune", "2/4"], ["finetune", "3/4"], ["finetune", "4/4"],
+        ["frozen", "1/30"], ["frozen", "2/30"], ["frozen", "3/30"]]
+    assert epoch_lines[0].index("val loss") == epoch_lines[-1].index("val loss")

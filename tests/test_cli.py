@@ -206,33 +206,51 @@ def test_unusable_files_and_folders_are_one_line_errors(
     assert "metrics.json is damaged" in error
 
 
-def test_train_piped_to_a_file_prints_one_line_per_epoch_and_no_progress_bar(tmp_path: Path, tiny_weights: Path) -> None:
+def test_train_piped_to_a_file_prints_a_short_log_that_ends_with_where_to_go_next(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
     data = make_folder(tmp_path / "data", per_class=12)
+    run_dir = tmp_path / "run"
+    # 40 quick head epochs at a rate that overshoots: patience ends the phase early.
     process = subprocess.run(
-        [sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(tmp_path / "run"),
+        [sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
          "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
-         "--frozen-epochs", "6", "--frozen-patience", "6", "--finetune-epochs", "2", "--no-report"],
+         "--frozen-epochs", "40", "--frozen-patience", "2", "--frozen-lr", "0.5", "--finetune-epochs", "2"],
         capture_output=True, text=True, timeout=300,
     )
     assert process.returncode == 0, process.stderr
     lines = process.stdout.splitlines()
     epoch_line = re.compile(
         r"^(frozen  |finetune) +\d+/\d+  train loss \d\.\d{4} acc \d\.\d{4}  val loss \d\.\d{4} acc \d\.\d{4}  "
-        r"lr \d\.\d\de-\d\d  \d+\.\d s$"
+        r"lr \d\.\d\de-\d\d +\d+\.\d s$"
     )
     epochs = [line for line in lines if epoch_line.match(line)]
-    history = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()[1:]
-    assert [line.split()[:2] for line in epochs] == [[row.split(",")[0], f"{row.split(',')[1]}/{6 if row.startswith('frozen') else 2}"] for row in history]
-    assert lines[len(epochs)] == "" and lines[-1] == f"run folder: {tmp_path / 'run'}", "epoch lines, then the summary"
+    history = [row.split(",")[:2] for row in (run_dir / "history.csv").read_text().strip().splitlines()[1:]]
+    frozen = [epoch for phase, epoch in history if phase == "frozen"]
+    assert len(frozen) < 40, "the overshooting head stops early"
+    shown = [line.split()[1] for line in epochs if line.startswith("frozen")]
+    assert len(shown) <= 7 and shown[0] == "1/40" and shown[-1] == f"{frozen[-1]}/40", "quick epochs: every few, and the last"
+    assert [line.split()[1] for line in epochs if line.startswith("finetune")] == ["1/2", "2/2"]
+    best = json.loads((run_dir / "progress.json").read_text())["phases"]["frozen"]["best_epoch"]
+    assert f"frozen   stopped early: no better validation loss for 2 epochs (best epoch {best})" in lines
+    assert {len(line[:line.index("val loss")]) for line in epochs} == {len(epochs[0][:epochs[0].index("val loss")])}, \
+        "columns line up"
+    assert f"report: {run_dir / 'report.html'}" in lines and (run_dir / "report.html").is_file()
+    assert f"run folder: {run_dir} (audit: audit/audit.html)" in lines
+    assert lines[-1] == f"next: transferkit predict {run_dir} IMAGES  |  transferkit export {run_dir}  |  transferkit serve {run_dir}"
+    assert any("validation images it rests on" in line for line in lines)
     # The wall time is the whole command's: more than the training the metrics time, which starts
     # after the imports (seconds of torch and Lightning).
-    wall, to_model = map(float, re.fullmatch(
-        r"wall time: (\d+\.\d) s \(from reading the data to the saved model: (\d+\.\d) s\)", lines[-2]).groups())
-    assert wall > to_model == round(json.loads((tmp_path / "run" / "metrics.json").read_text())["train_seconds"], 1)
-    # Not a terminal: no bar redrawn with carriage returns, on either stream.
-    assert "\r" not in process.stdout + process.stderr and "it/s" not in process.stdout + process.stderr
-    # 3 of them warnings the tiny backbone earns: it sees every noise image of a colour as a near-copy
-    assert len(lines) + len(process.stderr.splitlines()) < 33
+    wall, to_model = map(float, re.search(
+        r"wall time: (\d+\.\d) s \(from reading the data to the saved model: (\d+\.\d) s\)", process.stdout).groups())
+    assert wall > to_model == round(json.loads((run_dir / "metrics.json").read_text())["train_seconds"], 1)
+    # Not a terminal: no bar redrawn with carriage returns, on either stream; no logger names, no Lightning.
+    everything = process.stdout + process.stderr
+    assert "\r" not in everything and "it/s" not in everything
+    assert "INFO" not in everything and "transferkit." not in everything and "GPU available" not in everything
+    assert all(line.startswith("warning: ") for line in process.stderr.splitlines()), process.stderr
+    assert "explained" not in everything
+    assert len(lines) + len(process.stderr.splitlines()) <= 25
 
 
 def test_bad_data_folder_is_a_one_line_error(tmp_path: Path) -> None:

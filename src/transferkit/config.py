@@ -187,6 +187,16 @@ class TrainConfig:
                 target[name] = value
         return raise_together(found, lambda: cls.from_dict(values))
 
+    def with_options(self, options: Mapping[str, Any]) -> TrainConfig:
+        """This config with flat overrides, as ``from_options`` takes them; ``epochs`` sets each
+        phase that ``options`` does not."""
+        if not options:
+            return self
+        flat = _flat(self.to_dict())
+        if "epochs" in options:
+            flat = {key: value for key, value in flat.items() if key not in ("frozen.epochs", "finetune.epochs")}
+        return self.from_options({**flat, **options})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -224,3 +234,14 @@ class TrainConfig:
                     section["split"] = tuple(section["split"])
                 parts[name] = kind(**section)
         return cls(**parts)
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"frozen": {"epochs": 3}}`` as ``{"frozen.epochs": 3}``, the keys ``from_options`` takes."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

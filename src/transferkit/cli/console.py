@@ -11,38 +11,39 @@ import signal
 import sys
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transferkit.errors import Interrupted
-from transferkit.run.folder import RunFolder
-
-if TYPE_CHECKING:
-    from transferkit.run.records import RunMetrics
+from transferkit.training.console import LIGHTNING_LOGGERS, StdoutHandler, summary_lines
 
 
-class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stdout`` is when a line is logged, not the stream of the first
-    call: ``main`` may run many times in one process (tests, notebooks) with stdout replaced."""
 
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stdout
+class _Plain(logging.Formatter):
+    """A warning as 'warning: MESSAGE', an error as 'error: MESSAGE', anything else as the message alone."""
 
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
 
 
 def quiet_libraries(verbose: bool) -> None:
+    """The console: the epoch lines and the summary on stdout, warnings on stderr as 'warning: ...';
+    ``--verbose`` adds every step, named by its logger, and Lightning's own lines."""
     level = logging.INFO if verbose else logging.WARNING
+    existing = list(logging.getLogger().handlers)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transferkit").setLevel(logging.INFO)
+    if not verbose:  # only the handler made here: one a host (a test, an application) set up stays as it is
+        for handler in [h for h in logging.getLogger().handlers if h not in existing]:
+            handler.setFormatter(_Plain())
+            handler.setLevel(logging.WARNING)
+    # DEBUG under --verbose: training.console then lets Lightning's own lines through.
+    logging.getLogger("transferkit").setLevel(logging.DEBUG if verbose else logging.INFO)
     # The epoch lines are the run's console output, not diagnostics: bare, on stdout, like the summary.
     epochs = logging.getLogger("transferkit.epochs")
     epochs.propagate = False
     if not epochs.handlers:
-        epochs.addHandler(_StdoutHandler())
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
+        epochs.addHandler(StdoutHandler())
+    for name in LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(level)
     if not verbose:
         warnings.filterwarnings("ignore")
@@ -89,54 +90,7 @@ def exit_status(interrupt: KeyboardInterrupt) -> int:
 
 
 def print_train_summary(result: Any, command_seconds: float) -> None:
-    metrics = result.run_metrics
-    print(f"\nclasses ({len(result.classes)}): {', '.join(result.classes)}")
-    for split, counts in result.counts.items():
-        print(f"  {split:<5} {sum(counts.values()):>6} images  " + "  ".join(f"{k}={v}" for k, v in counts.items()))
-    train_counts = result.counts["train"]
-    largest, smallest = max(train_counts, key=train_counts.get), min(train_counts, key=train_counts.get)
-    ratio = train_counts[largest] / max(1, train_counts[smallest])
-    if ratio >= 1.5:
-        balanced = RunFolder(result.run_dir).read_config().class_balance != "none"
-        hint = "" if balanced else "; --class-balance weight or sample evens it out"
-        print(f"class imbalance: {largest} has {ratio:.1f}x the training images of {smallest}{hint}")
-    folder = RunFolder(result.run_dir)
-    duplicates = result.duplicates
-    if duplicates.get("groups"):
-        print(f"{duplicates['groups']} groups of identical images ({duplicates['across_splits']} across splits, "
-              f"{duplicates['across_classes']} under two classes; see {folder.duplicates_file})")
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} unreadable, non-image or duplicate files "
-              f"(see {folder.skipped_file})")
-    if result.audit:
-        print(f"{result.audit} (see {folder.audit_dir / 'audit.html'})")
-    best = metrics.phases[metrics.best_phase]
-    print(f"best validation accuracy: {best.best_val_acc:.4f} ({metrics.best_phase} phase, epoch {best.best_epoch})"
-          f"{inflated_mark(metrics, 'val')}")
-    print(f"validation accuracy of the saved model: {metrics.val['accuracy']:.4f}  macro F1: {metrics.val['macro_f1']:.4f}"
-          f"{inflated_mark(metrics, 'val')}")
-    if metrics.test is not None:
-        print(f"test accuracy: {metrics.test['accuracy']:.4f}  macro F1: {metrics.test['macro_f1']:.4f}"
-              f"{inflated_mark(metrics, 'test')}")
-    calibration, unknown = metrics.trust.get("calibration"), metrics.trust.get("unknown")
-    if calibration:
-        print(f"calibrated: temperature {calibration['temperature']:.3f}, validation ECE "
-              f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after "
-              f"({calibration['images']} validation images)")
-    if unknown:
-        print(f"answers unknown above a {unknown['method']} score of {unknown['threshold']:.4g} "
-              f"(keeps {unknown['kept']:.1%} of validation images)")
-    # train_seconds runs from reading the data to the saved model: the imports come before it,
-    # the audit and the report after.
-    print(f"wall time: {command_seconds:.1f} s (from reading the data to the saved model: "
-          f"{metrics.train_seconds:.1f} s)")
-    print(f"run folder: {result.run_dir}")
-
-
-def inflated_mark(metrics: RunMetrics, split: str) -> str:
-    """' (inflated: N near-copy pairs with train)' after a split's score that near-copies lift, else ''."""
-    pairs = metrics.inflated(split)
-    return f"  (inflated: {pairs:,} near-copy pairs with train, in leaks.csv)" if pairs else ""
+    print("\n".join(summary_lines(result, command_seconds)))
 
 
 def print_metrics(metrics: dict[str, Any], title: str) -> None:

@@ -169,7 +169,7 @@ def _train_one(source: str, strategy: str, model: str, run_dir: Path, config: Tr
             elif strategy == "scratch":  # only scratch was asked for: no pretrained features to audit with
                 config = replace(config, audit=False)
             log.info("%s: training (%s)", run_dir.name, STRATEGIES[strategy])
-            train(source, config)
+            train(source, config, progress=False)  # the comparison prints its own table
 
 
 EVERY_LAYER = frozenset({"scratch", "full"})

@@ -36,8 +36,10 @@ from transferkit.models.folder import save_model_folder, save_trust
 from transferkit.run.folder import RunFolder, holds_work, prepare_folder
 from transferkit.run.lock import claim
 from transferkit.run.records import RunMetrics
+from transferkit.run.result import TrainResult
 from transferkit.training.evaluation import PhaseInputs, evaluate_phases
 from transferkit.training.phase import class_weights, create_sampler, training_loss
+from transferkit.training.console import console
 from transferkit.training.plan import FitPlan
 from transferkit.training.progress import PhaseProgress
 from transferkit.training.recipe import FitInputs, fine_tune
@@ -49,49 +51,41 @@ log = logging.getLogger(__name__)
 RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
 
 
-@dataclasses.dataclass
-class TrainResult:
-    """What a finished run reports; everything is also in ``run_dir``."""
-
-    run_dir: Path
-    classes: list[str]
-    counts: dict[str, dict[str, int]]
-    metrics: dict[str, Any]
-    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    best_phase: str = ""
-    duplicates: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Counts of identical-image groups: groups, across_splits, across_classes."""
-    audit: str = ""
-    """The audit's one-line summary (``--audit``), else empty."""
-
-    @property
-    def model_dir(self) -> Path:
-        return RunFolder(self.run_dir).model_dir
-
-    @property
-    def run_metrics(self) -> RunMetrics:
-        """``metrics`` as typed records (rank zero of a multi-process run has them)."""
-        return RunMetrics.from_dict(self.metrics)
-
-
-def train(data: str | os.PathLike[str], config: TrainConfig | None = None) -> TrainResult:
-    """Train a classifier on ``data`` as ``config`` says (default: ``TrainConfig()``) and write
-    the run folder (``config.output``, else ``resolve_run_dir``'s choice).
+def train(
+    data: str | os.PathLike[str], config: TrainConfig | None = None, *, epochs: int | None = None,
+    model: str | None = None, output: str | os.PathLike[str] | None = None, seed: int | None = None,
+    options: dict[str, Any] | None = None, progress: bool = True,
+) -> TrainResult:
+    """Train a classifier on ``data`` and write the run folder (``output``, else
+    ``runs/<data>-<model>-<time>``): ``transferkit.train("photos/", epochs=3)``.
 
     ``data`` is an image folder (``DATA/<class>/*`` or ``DATA/{train,val[,test]}/<class>/*``) or
-    the name of a registered dataset.
+    the name of a registered dataset. ``config`` (default: ``TrainConfig()``) is the whole
+    configuration; ``epochs`` (both phases' most, as ``--epochs``), ``model`` (a timm name),
+    ``output``, ``seed`` and ``options`` (any ``TrainConfig.from_options`` key, e.g.
+    ``{"finetune.lr": 1e-4}``) change it. ``progress`` shows the epoch lines and a summary where
+    logging is not set up (see ``training.console``).
     """
     problems = source_problems(data)
     if problems:
         raise ConfigError(problems)
-    return _train(os.fspath(data), config if config is not None else TrainConfig(), resume=False)
+    overrides = {key: value for key, value in (("epochs", epochs), ("model.name", model), ("seed", seed),
+                                               ("output", output and os.fspath(output))) if value is not None}
+    config = (config or TrainConfig()).with_options({**overrides, **(options or {})})
+    with console(progress) as show:
+        result = _train(os.fspath(data), config, resume=False)
+        show(result)
+    return result
 
 
-def resume(run_dir: str | Path) -> TrainResult:
+def resume(run_dir: str | Path, *, progress: bool = True) -> TrainResult:
     """Finish an interrupted run from its folder: finished phases are skipped and an interrupted
     phase continues from its last checkpoint."""
     source, config = RunFolder(run_dir).read_record()
-    return _train(source, config, resume=True)
+    with console(progress) as show:
+        result = _train(source, config, resume=True)
+        show(result)
+    return result
 
 
 def resolve_run_dir(data: str | os.PathLike[str], config: TrainConfig) -> Path:

@@ -8,7 +8,13 @@ from typing import Any
 
 from transferkit.run.folder import RunFolder
 from transferkit.run.records import EpochRecord, PhaseRecord
-from transferkit.training.phase import record_epoch
+from transferkit.training.phase import epoch_log, format_stop, record_epoch
+
+
+SLOW_EPOCH_SECONDS = 1.0
+"""Epochs at least this long each get a line; quicker ones (the head on cached features) every few."""
+LINES_PER_PHASE = 6
+"""About how many lines a phase of quick epochs shows on the console."""
 
 
 def rounded(value: float | None) -> float | None:
@@ -33,6 +39,7 @@ class PhaseBookkeeping:
         self.best_epoch = 0
         self.epochs_without_improvement = 0
         self.pending: EpochRecord | None = None
+        self.stopping = False
 
     def end_epoch(
         self, *, train_loss: float | None, train_acc: float | None, val_loss: float, val_acc: float, lr: float,
@@ -62,12 +69,21 @@ class PhaseBookkeeping:
             self.epochs_without_improvement = 0
         else:
             self.epochs_without_improvement += 1
-        return not math.isfinite(val_loss) or self.epochs_without_improvement >= self.patience
+        self.stopping = not math.isfinite(val_loss) or self.epochs_without_improvement >= self.patience
+        return self.stopping
 
     def publish(self) -> None:
-        """The recorded epoch's history row and console line (rank zero only)."""
+        """The recorded epoch's history row and console line (rank zero only): every epoch's line
+        where epochs are slow or few, else the first, every few, and the last, then why the phase
+        stopped where patience ended it."""
         if self.write and self.pending is not None:
-            record_epoch(self.folder, self.pending, self.planned_epochs)
+            last = self.stopping or self.epochs_done >= self.planned_epochs
+            every = -(-self.planned_epochs // LINES_PER_PHASE)
+            shown = (self.planned_epochs <= 2 * LINES_PER_PHASE or (self.pending.seconds or 0) >= SLOW_EPOCH_SECONDS
+                     or self.epochs_done == 1 or self.epochs_done % every == 0 or last)
+            record_epoch(self.folder, self.pending, self.planned_epochs, shown)
+            if self.stopping and self.epochs_done < self.planned_epochs and math.isfinite(self.pending.val_loss or 0):
+                epoch_log.info(format_stop(self.phase, self.patience, self.best_epoch))
         self.pending = None
 
     @property

@@ -141,22 +141,29 @@ def log_trainable(phase: str, model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def record_epoch(folder: RunFolder, record: EpochRecord, epochs: int) -> None:
-    """history.csv's row and the console's line for one epoch (rank zero only)."""
+def record_epoch(folder: RunFolder, record: EpochRecord, epochs: int, shown: bool = True) -> None:
+    """history.csv's row and, where ``shown``, the console's line for one epoch (rank zero only)."""
     folder.write_epoch(record)
-    epoch_log.info(format_epoch(record, epochs))
+    if shown:
+        epoch_log.info(format_epoch(record, epochs))
 
 
 def format_epoch(record: EpochRecord, epochs: int | None) -> str:
-    """``frozen    3/30  train loss 0.4127 acc 0.8934  val loss 0.3018 acc 0.9346  lr 9.71e-04  0.1 s``"""
+    """``frozen     3/30  train loss 0.4127 acc 0.8934  val loss 0.3018 acc 0.9346  lr 9.71e-04    0.1 s``:
+    the columns of every phase's lines line up."""
 
     def number(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "-"
 
-    width = len(str(epochs or record.epoch))
     return (
-        f"{record.phase:<8} {record.epoch:>{width}}/{epochs or '?'}  "
+        f"{record.phase:<8} {f'{record.epoch}/{epochs or chr(63)}':>7}  "
         f"train loss {number(record.train_loss)} acc {number(record.train_acc)}  "
         f"val loss {number(record.val_loss)} acc {number(record.val_acc)}  "
-        f"lr {record.lr or 0:.2e}  {record.seconds or 0:.1f} s"
+        f"lr {record.lr or 0:.2e}  {record.seconds or 0:>5.1f} s"
     )
+
+
+def format_stop(phase: str, patience: int, best_epoch: int) -> str:
+    """The line after a phase that patience ended before its last epoch."""
+    return (f"{phase:<8} stopped early: no better validation loss for {patience} epoch{'s' if patience > 1 else ''} "
+            f"(best epoch {best_epoch})")
