@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from conftest import make_folder
-from transferkit.training.checkpoints import checkpoint_problem
-from transferkit.errors import RunFolderError
+from transferkit.cli.console import stop_on_sigterm
+from transferkit.training.checkpoints import checkpoint_problem, save_checkpoint
+from transferkit.errors import Interrupted, RunFolderError
 from transferkit.run.records import PhaseRecord
 from transferkit.run.folder import RunFolder, is_exported_file, model_folder
 from transferkit import resume
@@ -185,6 +186,27 @@ def test_a_full_disk_while_checkpointing_leaves_only_whole_checkpoints_and_resum
     result = resume(run_dir)
     assert result.metrics["phases"]["finetune"]["epochs"] == 2
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+class _StopWhileSerialised:
+    """Sends this process SIGTERM from inside ``torch.save``, where a real stop can land."""
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return int, (0,)
+
+
+def test_a_stop_while_a_checkpoint_is_serialised_writes_it_whole_then_stops(tmp_path: Path) -> None:
+    # Raised inside torch.save a stop came out as its RuntimeError, so the head's loop did not
+    # keep its last epoch and a resume redid two (a CI run caught it).
+    stop_on_sigterm()
+    try:
+        with pytest.raises(Interrupted):
+            save_checkpoint({"weights": torch.ones(3), "stop": _StopWhileSerialised()}, tmp_path / "last.ckpt")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["weights"].tolist() == [1.0, 1.0, 1.0]
+    assert not leftovers(tmp_path)
 
 
 def test_a_failing_write_names_the_file_it_was_writing_not_its_temporary_file(tmp_path: Path) -> None:

@@ -8,10 +8,12 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import stat
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +45,28 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         raise OSError(error.errno, error.strerror, os.fspath(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def stops_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM take effect when the block ends, not inside it: raised inside a C++
+    library's callback a stop comes out as that library's RuntimeError (``torch.save`` reports
+    "unexpected pos"), and the code that keeps work on a stop never sees it."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # Only the main thread runs handlers, and one installed outside Python cannot be put back.
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    received: list[int] = []
+    for signum in previous:
+        signal.signal(signum, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:  # delivered again, now to the handlers the block held it from
+            signal.raise_signal(received[0])
 
 
 _umask_lock = threading.Lock()

@@ -21,7 +21,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
-from transferkit._io import atomic_write
+from transferkit._io import atomic_write, stops_held
 from transferkit.errors import refused_pickle
 
 
@@ -79,11 +79,11 @@ def restore_random_state(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write ``checkpoint`` so that ``path`` always holds a whole one."""
+    """Write ``checkpoint`` so that ``path`` always holds a whole one; a stop asked meanwhile
+    takes effect once it is written, so the work it holds is kept."""
     # Serialised in memory first, as Lightning does: a failing write is then the OSError of a
     # plain file write (ENOSPC names the file), not torch's stream-writer RuntimeError.
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as handle:
@@ -91,7 +91,9 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
             handle.flush()
             os.fsync(handle.fileno())  # the rename must not overtake the data on a power cut
 
-    atomic_write(path, write)
+    with stops_held():
+        torch.save(checkpoint, buffer)
+        atomic_write(path, write)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
