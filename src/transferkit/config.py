@@ -31,6 +31,7 @@ from transferkit.training.config import (
     PhaseConfig,
     default_finetune_phase,
     default_frozen_phase,
+    logger_problems,
     parse_unfreeze,
     unfreeze_is_auto,
 )
@@ -120,6 +121,11 @@ class TrainConfig:
         "audit the run's images at the end (label issues, near-copies, outliers; RUN/audit, seconds on cached features)"))
     progress: bool = field(default=True, metadata=help_text("show progress bars"))
     report: bool = field(default=True, metadata=help_text("write figures and report.html at the end"))
+    logger: str = field(default="none", metadata=help_text(
+        "experiment tracking through Lightning's loggers, several comma-separated: csv, tensorboard, mlflow, "
+        "wandb (config, every epoch of both phases, final metrics, model and figures; files in RUN/logs)"))
+    mlflow_uri: str | None = field(default=None, metadata=help_text(
+        "MLflow tracking URI for --logger mlflow; unset: a SQLite store in the run folder, sqlite:///RUN/logs/mlflow.db"))
 
     def __post_init__(self) -> None:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]
@@ -157,6 +163,7 @@ class TrainConfig:
                 f"--devices must be auto, a count of 1 or more (-1 for all) or a list like 0,1, got {self.devices!r}"
             )
         found += lightning_option_problems(self.accelerator, self.strategy, self.precision)
+        found += logger_problems(self.logger, self.mlflow_uri)
         if found:
             raise ConfigError(found)
 

@@ -38,6 +38,7 @@ from transferkit.run.lock import claim
 from transferkit.run.records import RunMetrics
 from transferkit.run.result import TrainResult
 from transferkit.training.evaluation import PhaseInputs, evaluate_phases
+from transferkit.training.loggers import create_loggers, finished_when_done, log_results, missing_packages
 from transferkit.training.phase import class_weights, create_sampler, training_loss
 from transferkit.training.console import console
 from transferkit.training.plan import FitPlan
@@ -108,6 +109,8 @@ def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
     lightning_options = trainer_options(
         config.accelerator, config.devices, config.num_nodes, config.strategy, config.precision
     )
+    if missing_packages(config.logger):  # before any work, as the Lightning options
+        raise ConfigError(missing_packages(config.logger))
     run_dir = resolve_run_dir(source, config)
     config = dataclasses.replace(config, output=str(run_dir))  # the caller's config stays as it was
     os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning launches
@@ -148,32 +151,38 @@ def _train_in(
         # leaves no half-made run, so the same command can simply run again.
         folder.write_config(source, config)
     val_rows = clean_val_rows(index.splits.get("val", []), leaks.images("val"))
-    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model, model=model)
+    loggers = create_loggers(config.logger, folder.writable(folder.logs_dir), folder.root.name, config.mlflow_uri,
+                             config.to_record(source)) if main_process else []
+    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model, model=model, loggers=loggers)
     inputs = _fit_inputs(model, plan, index, preprocessing, split_features, activations, progress, config,
                          activation_pass, val_rows)
-    fine_tune(model, plan, inputs, progress)
-    if not main_process:
-        # Another process of a multi-process run: rank zero evaluates and writes the results.
-        return TrainResult(run_dir=folder.root, classes=index.classes, counts=index.counts(), metrics={})
-    phase_inputs = PhaseInputs(index, preprocessing, inputs.features, plan.boundary, inputs.activations,
-                               activation_pass.backend, plan.num_workers, config.progress,
-                               val_rows=val_rows)
-    metrics = _evaluate_and_save(model, progress, phase_inputs, config, folder)
-    metrics.train_seconds = round(time.perf_counter() - started, 2)
-    metrics.leaks = leaks.summary()
-    if plan.head_on_features:
-        metrics.features = split_features.stats.as_dict()
-    folder.write_metrics(metrics)
-    audit_line = audit_of_run(
-        index, config.data, config.model, config.seed, config.cache_dir, config.progress,
-        folder.writable(folder.audit_dir), split_features.in_order(index),
-    ) if config.audit else ""
-    if config.report:
-        _write_report(folder)
-    return TrainResult(
-        run_dir=folder.root, classes=index.classes, counts=index.counts(), metrics=metrics.to_dict(),
-        skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(), audit=audit_line,
-    )
+    with finished_when_done(loggers):  # the trackers' run marked finished, failed or killed
+        fine_tune(model, plan, inputs, progress)
+        if not main_process:
+            # Another process of a multi-process run: rank zero evaluates and writes the results.
+            return TrainResult(run_dir=folder.root, classes=index.classes, counts=index.counts(), metrics={})
+        phase_inputs = PhaseInputs(index, preprocessing, inputs.features, plan.boundary, inputs.activations,
+                                   activation_pass.backend, plan.num_workers, config.progress,
+                                   val_rows=val_rows)
+        metrics = _evaluate_and_save(model, progress, phase_inputs, config, folder)
+        metrics.train_seconds = round(time.perf_counter() - started, 2)
+        metrics.leaks = leaks.summary()
+        if plan.head_on_features:
+            metrics.features = split_features.stats.as_dict()
+        folder.write_metrics(metrics)
+        audit_line = audit_of_run(
+            index, config.data, config.model, config.seed, config.cache_dir, config.progress,
+            folder.writable(folder.audit_dir), split_features.in_order(index),
+        ) if config.audit else ""
+        if config.report:
+            _write_report(folder)
+        log_results(loggers, metrics.to_dict(), [folder.metrics_file, folder.config_file, folder.history_file,
+                                                  folder.report_file], [folder.model_dir, folder.figures_dir])
+        return TrainResult(
+            run_dir=folder.root, classes=index.classes, counts=index.counts(), metrics=metrics.to_dict(),
+            skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(),
+            audit=audit_line,
+        )
 
 
 def _fit_inputs(

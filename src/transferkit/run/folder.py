@@ -129,6 +129,7 @@ class RunFolder:
     report_file = _File("report.html")
     audit_dir = _File("audit")
     """What ``train --audit`` writes: audit.csv, audit.json, scores.csv and audit.html of the run's images."""
+    logs_dir = _File("logs")  # what --logger writes: csv/, tensorboard/, mlflow.db, run-ids.json
     export_dir = _File("export")
     """What ``transferkit export`` writes by default (see ``export_file``)."""
 

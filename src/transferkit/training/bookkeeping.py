@@ -3,11 +3,14 @@ callback: history.csv's rows and the console's lines, the best epoch, patience, 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from transferkit.run.folder import RunFolder
 from transferkit.run.records import EpochRecord, PhaseRecord
+from transferkit.training.loggers import log_epoch, stops_held
 from transferkit.training.phase import epoch_log, format_stop, record_epoch
 
 
@@ -25,10 +28,12 @@ class PhaseBookkeeping:
     """Epochs done, the epoch with the lowest validation loss and early stopping, as Lightning's
     ModelCheckpoint and EarlyStopping judge them: the first epoch is always a best one, a later one
     is if its loss is lower, and a non-finite validation loss ends the phase. Only a ``write``
-    process (rank zero) writes history rows."""
+    process (rank zero) writes history rows, and sends them to the run's ``loggers`` (``--logger``)."""
 
-    def __init__(self, folder: RunFolder, phase: str, epochs: int, patience: int, write: bool = True):
+    def __init__(self, folder: RunFolder, phase: str, epochs: int, patience: int, write: bool = True,
+                 loggers: Sequence[Any] = ()):
         self.folder = folder
+        self.loggers = loggers
         self.phase = phase
         self.planned_epochs = epochs
         self.patience = patience
@@ -73,15 +78,17 @@ class PhaseBookkeeping:
         return self.stopping
 
     def publish(self) -> None:
-        """The recorded epoch's history row and console line (rank zero only): every epoch's line
-        where epochs are slow or few, else the first, every few, and the last, then why the phase
-        stopped where patience ended it."""
+        """The recorded epoch's history row, logger metrics and console line (rank zero only):
+        every epoch's line where epochs are slow or few, else the first, every few, and the last,
+        then why the phase stopped where patience ended it."""
         if self.write and self.pending is not None:
             last = self.stopping or self.epochs_done >= self.planned_epochs
             every = -(-self.planned_epochs // LINES_PER_PHASE)
             shown = (self.planned_epochs <= 2 * LINES_PER_PHASE or (self.pending.seconds or 0) >= SLOW_EPOCH_SECONDS
                      or self.epochs_done == 1 or self.epochs_done % every == 0 or last)
-            record_epoch(self.folder, self.pending, self.planned_epochs, shown)
+            with stops_held() if self.loggers else contextlib.nullcontext():
+                record_epoch(self.folder, self.pending, self.planned_epochs, shown)
+                log_epoch(self.loggers, self.pending)
             if self.stopping and self.epochs_done < self.planned_epochs and math.isfinite(self.pending.val_loss or 0):
                 epoch_log.info(format_stop(self.phase, self.patience, self.best_epoch))
         self.pending = None

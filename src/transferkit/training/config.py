@@ -1,5 +1,5 @@
-"""The options of one training phase (``--frozen-*``, ``--finetune-*``) and their defaults;
-``config`` holds the two phases with the other sections."""
+"""The options of one training phase (``--frozen-*``, ``--finetune-*``) and their defaults, and
+the ``--logger`` names; ``config`` holds the two phases with the other sections."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from transferkit.data.config import help_text
-from transferkit.errors import non_finite_problems
+from transferkit.errors import close_matches, non_finite_problems
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 SCHEDULERS = ("cosine", "step", "plateau", "constant")
@@ -74,6 +74,30 @@ class PhaseConfig:
                 f"--{p}-unfreeze must be a block count (3), a fraction (0.3), 'all' or 'auto', got {self.unfreeze!r}"
             )
         return found
+
+
+INSTALL_LOGGER = {
+    "csv": "",
+    "tensorboard": "pip install 'transferkit[tensorboard]'",
+    "mlflow": "pip install 'transferkit[mlflow]'",
+    "wandb": "pip install wandb",
+}
+"""Every ``--logger``, with the command that installs what it needs (csv needs nothing more)."""
+
+
+def parse_loggers(text: str | None) -> list[str]:
+    """``"tensorboard,mlflow"`` -> ``["tensorboard", "mlflow"]``; ``none`` or empty -> none."""
+    names = [part.strip().lower() for part in str(text or "").split(",") if part.strip()]
+    return [] if names == ["none"] else list(dict.fromkeys(names))
+
+
+def logger_problems(text: str | None, mlflow_uri: str | None) -> list[str]:
+    names = list(INSTALL_LOGGER)
+    found = [f"--logger {name!r} is not one of none, {', '.join(names)}.{close_matches(name, names)}"
+             for name in parse_loggers(text) if name not in names]
+    if mlflow_uri and "mlflow" not in parse_loggers(text):
+        found.append(f"--mlflow-uri {mlflow_uri} is for --logger mlflow, which is not chosen; add it to --logger")
+    return found
 
 
 def unfreeze_is_auto(spec: str) -> bool:

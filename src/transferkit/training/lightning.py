@@ -10,6 +10,7 @@ import logging
 import signal
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -166,8 +167,9 @@ class ImageClassifier(L.LightningModule):
         accuracy = (logits.argmax(dim=1) == targets).float().mean()
         on_step = stage == "train"
         for name, value in (("loss", loss), ("acc", accuracy)):
+            # The loggers get the epoch's history row from History, in the head loop's names.
             self.log(f"{stage}_{name}", value, prog_bar=True, on_step=on_step, on_epoch=True,
-                     batch_size=len(targets), sync_dist=True)
+                     batch_size=len(targets), sync_dist=True, logger=False)
         return loss
 
     def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
@@ -239,21 +241,23 @@ def fit_with_lightning(
     resume_from: Path | None,
     trainer_options: dict[str, Any],
     progress_bar: bool,
+    loggers: Sequence[Any] = (),
 ) -> PhaseRecord:
     """Train ``module`` for its phase's epochs on Lightning, keep the epoch with the lowest
     validation loss as ``<name>-best.ckpt``, stop after ``phase.patience`` epochs without one.
-    ``trainer_options`` are Lightning's accelerator, devices, strategy and precision."""
+    ``trainer_options`` are Lightning's accelerator, devices, strategy and precision; the trainer
+    gets ``loggers``, to which ``History`` sends each epoch as the head loop does."""
     phase = module.finetuning.phase
     checkpoint = ModelCheckpoint(
         dirpath=folder.writable(folder.checkpoints_dir), filename=RunFolder.checkpoint_stem(name, "best"),
         monitor="val_loss", mode="min", save_top_k=1, save_last=True, enable_version_counter=False,
     )
     checkpoint.CHECKPOINT_NAME_LAST = RunFolder.checkpoint_stem(name, "last")
-    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience)
+    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience, loggers=loggers)
     trainer = L.Trainer(
         max_epochs=phase.epochs, callbacks=[checkpoint, History(bookkeeping), DepthwiseInFloat32()],
-        logger=False, enable_model_summary=False, enable_progress_bar=progress_bar, num_sanity_val_steps=0,
-        log_every_n_steps=1, default_root_dir=folder.root, plugins=[SafeCheckpointIO()], **trainer_options,
+        logger=list(loggers) or False, enable_model_summary=False, enable_progress_bar=progress_bar,
+        num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=folder.root, plugins=[SafeCheckpointIO()], **trainer_options,
     )
     started = time.perf_counter()
     _fit(trainer, module, train, val, resume_from)

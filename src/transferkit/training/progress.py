@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,13 +27,16 @@ class PhaseProgress:
     ``create_pretrained`` builds the model as it was before any phase (the pretrained backbone
     under a new head): a head-only checkpoint of the features phase, loaded after fine-tuning
     changed the backbone, goes back under it. A checkpoint whose weights do not fit ``model``
-    (another run's, with other classes) counts as damaged.
+    (another run's, with other classes) counts as damaged. ``loggers`` (``--logger``) get every
+    phase's epochs.
     """
 
     def __init__(
-        self, folder: RunFolder, write: bool, create_pretrained: Callable[[], nn.Module], model: nn.Module
+        self, folder: RunFolder, write: bool, create_pretrained: Callable[[], nn.Module], model: nn.Module,
+        loggers: Sequence[Any] = (),
     ):
         self.folder = folder
+        self.loggers = loggers
         self.write = write
         self.create_pretrained = create_pretrained
         self.shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
