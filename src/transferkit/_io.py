@@ -49,9 +49,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 @contextmanager
 def stops_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM take effect when the block ends, not inside it: raised inside a C++
-    library's callback a stop comes out as that library's RuntimeError (``torch.save`` reports
-    "unexpected pos"), and the code that keeps work on a stop never sees it."""
+    """Ctrl-C and SIGTERM take effect when the block ends, not inside it, for work that must be
+    whole or not at all (a checkpoint, an epoch's history row and its logger metrics). Raised inside
+    a C++ library's callback a stop would come out as that library's RuntimeError (``torch.save``
+    reports "unexpected pos"), and the code that keeps work on a stop would never see it."""
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     # Only the main thread runs handlers, and one installed outside Python cannot be put back.
     if threading.current_thread() is not threading.main_thread() or None in previous.values():

@@ -3,16 +3,15 @@ callback: history.csv's rows and the console's lines, the best epoch, patience, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
 
+from transferkit._io import stops_held
 from transferkit.run.folder import RunFolder
 from transferkit.run.records import EpochRecord, PhaseRecord
-from transferkit.training.loggers import log_epoch, stops_held
+from transferkit.training.loggers import log_epoch
 from transferkit.training.phase import epoch_log, format_stop, record_epoch
-
 
 SLOW_EPOCH_SECONDS = 1.0
 """Epochs at least this long each get a line; quicker ones (the head on cached features) every few."""
@@ -86,7 +85,7 @@ class PhaseBookkeeping:
             every = -(-self.planned_epochs // LINES_PER_PHASE)
             shown = (self.planned_epochs <= 2 * LINES_PER_PHASE or (self.pending.seconds or 0) >= SLOW_EPOCH_SECONDS
                      or self.epochs_done == 1 or self.epochs_done % every == 0 or last)
-            with stops_held() if self.loggers else contextlib.nullcontext():
+            with stops_held():  # the row and the loggers hold the same epochs
                 record_epoch(self.folder, self.pending, self.planned_epochs, shown)
                 log_epoch(self.loggers, self.pending)
             if self.stopping and self.epochs_done < self.planned_epochs and math.isfinite(self.pending.val_loss or 0):

@@ -14,8 +14,6 @@ import importlib.util
 import json
 import logging
 import math
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,28 +105,6 @@ def log_epoch(loggers: Sequence[Any], record: EpochRecord) -> None:
     for logger in loggers:
         logger.log_metrics(metrics, step=record.epoch)
         logger.save()
-
-
-@contextlib.contextmanager
-def stops_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait for the block to end (an epoch's history row and logger metrics,
-    milliseconds), so a stop never leaves an epoch in history.csv, and in its checkpoint, that a
-    logger lacks; the handlers found are back before the held signal is raised again."""
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.getsignal(number) for number in held}
-    if threading.current_thread() is not threading.main_thread() or None in previous.values():
-        yield  # only the main thread sets handlers; a handler set outside Python cannot be put back
-        return
-    received: list[int] = []
-    for number in held:
-        signal.signal(number, lambda number, frame: received.append(number))
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        for number in received[:1]:
-            signal.raise_signal(number)
 
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
