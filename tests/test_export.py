@@ -161,3 +161,29 @@ def test_the_onnx_export_is_reused_until_the_weights_change(monkeypatch: pytest.
     for path in exports():
         path.write_bytes(b"not a model any more")
     assert np.allclose(through_onnx(), eager(), atol=1e-5), "a damaged cache file is exported again"
+
+
+def test_static_int8_stores_the_knn_training_features_in_int8_and_is_about_4x_smaller(tmp_path: Path) -> None:
+    from transferkit.export import onnx as onnx_export
+    from transferkit.trust.unknown import ScoredClassifier, normalized_bank
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_MODEL, num_classes=3).eval()
+    # A knn bank as large against the weights as a real run's (2,934 x 1,280 against EfficientNet-Lite0's 3.4M).
+    bank = normalized_bank(torch.rand(2000, model.num_features))
+    module = ScoredClassifier(model, 1.5, "knn", bank, 10).eval()
+    metadata = {"preprocessing": {"input_size": [3, 64, 64]}}
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((8, 3, 64, 64)).astype(np.float32) for _ in range(4)]
+    onnx_export.write(module, metadata, tmp_path / "float.onnx", None, None)
+    onnx_export.write(module, metadata, tmp_path / "int8.onnx", calibration, "int8")
+
+    float_size, int8_size = ((tmp_path / name).stat().st_size for name in ("float.onnx", "int8.onnx"))
+    assert int8_size < 0.35 * float_size, f"{int8_size} bytes against {float_size}"
+    int8_types = [i.data_type for i in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer if i.dims == [model.num_features, 2000]]
+    assert int8_types == [onnx.TensorProto.INT8]
+    with torch.no_grad():
+        _, eager_scores = module(torch.from_numpy(calibration[0]))
+    _, int8_scores = session_forward(ort.InferenceSession(str(tmp_path / "int8.onnx")))(calibration[0])
+    # int8 activations move the score by about 1e-2; the bank's rounding adds about 1e-3.
+    assert np.abs(int8_scores - eager_scores.numpy()).max() < 0.05
