@@ -163,6 +163,44 @@ def test_the_onnx_export_is_reused_until_the_weights_change(monkeypatch: pytest.
     assert np.allclose(through_onnx(), eager(), atol=1e-5), "a damaged cache file is exported again"
 
 
+def test_a_file_that_does_not_apply_the_models_temperature_is_refused(trained_run: Path, tmp_path: Path) -> None:
+    import copy
+
+    from transferkit.export import onnx as onnx_export
+    from transferkit.export.parity import ExportCheckError, check_temperature, compare
+    from transferkit.inference.loading import load_run_model, predictor_from_metadata, predictor_metadata
+    from transferkit.inference.predictor import torch_forward
+
+    _, model = load_run_model(trained_run)
+    paths = val_paths(trained_run)
+
+    def with_temperature(temperature: float) -> torch.nn.Module:
+        module = copy.deepcopy(model.module).eval()
+        module.temperature.fill_(temperature)
+        return module
+
+    # The model as calibrated at T=2 (the tiny run's own 9 images keep T=1, which no check can tell from none).
+    eager = predictor_from_metadata(torch_forward(with_temperature(2.0), "cpu"), predictor_metadata(model), "eager")
+    expected, _ = eager.scored(paths)
+    for temperature, kept in [(2.0, True), (1.0, False), (6.0, False)]:
+        path = tmp_path / f"t{temperature:g}.onnx"
+        onnx_export.write(with_temperature(temperature), predictor_metadata(model), path, None, None)
+        actual, _ = load_predictor(path).scored(paths)
+        parity = compare(expected, None, actual, None, np.zeros(len(paths)), reference_temperature=2.0)
+        # Accuracy cannot tell: dividing the logits by any temperature keeps every top class.
+        assert parity.accuracy == parity.reference_accuracy
+        assert parity.temperature == pytest.approx(temperature, rel=1e-3)
+        if kept:
+            check_temperature(parity, "the file")
+            check_temperature(parity, "the file", quantized=True)
+        else:
+            with pytest.raises(ExportCheckError, match=f"temperature of {temperature:.3f}, not the model's 2.000"):
+                check_temperature(parity, "the file")
+        if temperature == 1.0:  # int8 rounding may move the scale, never back to none at all
+            with pytest.raises(ExportCheckError):
+                check_temperature(parity, "the file", quantized=True)
+
+
 def test_static_int8_stores_the_knn_training_features_in_int8_and_is_about_4x_smaller(tmp_path: Path) -> None:
     from transferkit.export import onnx as onnx_export
     from transferkit.trust.unknown import ScoredClassifier, normalized_bank
@@ -187,3 +225,24 @@ def test_static_int8_stores_the_knn_training_features_in_int8_and_is_about_4x_sm
     _, int8_scores = session_forward(ort.InferenceSession(str(tmp_path / "int8.onnx")))(calibration[0])
     # int8 activations move the score by about 1e-2; the bank's rounding adds about 1e-3.
     assert np.abs(int8_scores - eager_scores.numpy()).max() < 0.05
+
+
+def test_an_int8_file_that_moves_answers_says_so_in_one_warning_line(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transferkit.export.parity import AGREEMENT_WARNING, PROBABILITY_MOVE_WARNING
+
+    def warnings() -> list[str]:
+        found = [record.getMessage() for record in caplog.records if "moves a class probability" in record.getMessage()]
+        caplog.clear()
+        return found
+
+    export(trained_run, output=tmp_path / "model.onnx")
+    assert warnings() == [], "a float file agrees with its model"
+    # The tiny run's 9 validation images: one unknown answer that changes is 11% of them.
+    result = export(trained_run, quantize="int8", output=tmp_path / "model.int8.onnx", max_accuracy_drop=100)
+    moved = result.max_abs_diff > PROBABILITY_MOVE_WARNING or result.unknown_agreement < AGREEMENT_WARNING
+    assert moved, "the tiny int8 file changes at least one unknown answer"
+    [line] = warnings()
+    assert f"up to {result.max_abs_diff:.2f}" in line and f"agrees on {result.unknown_agreement:.1%}" in line
+    assert "ship the float file" in line
