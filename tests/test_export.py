@@ -246,3 +246,31 @@ def test_an_int8_file_that_moves_answers_says_so_in_one_warning_line(
     [line] = warnings()
     assert f"up to {result.max_abs_diff:.2f}" in line and f"agrees on {result.unknown_agreement:.1%}" in line
     assert "ship the float file" in line
+
+
+def test_same_padding_is_fixed_for_the_input_size_so_the_file_stops_computing_it(tmp_path: Path) -> None:
+    import collections
+    import copy
+
+    from transferkit.export import onnx as onnx_export
+    from transferkit.export.padding import fix_same_padding
+
+    torch.manual_seed(0)
+    # The padding of timm's tf_ models (EfficientNet-Lite among them), which the file works out per call.
+    model = timm.create_model(TINY_MODEL, num_classes=3, pad_type="same").eval()
+    fixed = fix_same_padding(copy.deepcopy(model), (3, 64, 64))
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.equal(fixed(images), model(images))
+
+    def optimised_ops(module: torch.nn.Module, name: str) -> collections.Counter[str]:
+        path = tmp_path / f"{name}.onnx"
+        onnx_export.write(module, {"preprocessing": {"input_size": [3, 64, 64]}}, path, [images.numpy()], "int8")
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.optimised.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+    dynamic, static = optimised_ops(model, "dynamic"), optimised_ops(fixed, "fixed")
+    assert dynamic["Shape"] > 0 and static["Shape"] == 0, "no padding arithmetic left at run time"
+    assert sum(static.values()) < sum(dynamic.values()) / 2

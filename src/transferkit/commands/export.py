@@ -16,7 +16,13 @@ import numpy as np
 from transferkit.errors import ConfigError, RunFolderError, TransferkitError
 from transferkit.export.formats import ALL_CHOICES, FORMATS, QUANTIZATIONS, Format, check_choice
 from transferkit.export.parity import (
-    ExportCheckError, Parity, check_accuracy, check_temperature, compare, moved_warning, refit_unknown,
+    ExportCheckError,
+    Parity,
+    check_accuracy,
+    check_temperature,
+    compare,
+    moved_warning,
+    refit_unknown,
 )
 from transferkit.inference.loading import load_run_model, predictor_metadata
 from transferkit.inference.predictor import Predictor, preprocessed_batches
@@ -93,9 +99,12 @@ class _Reference:
 
         import torch
 
+        from transferkit.export.padding import fix_same_padding
+
         _, self.predictor = load_run_model(run_dir)
         # Eager inference keeps the weights channels-last; exporters (XNNPACK's layout pass) expect them as stored.
         self.module = copy.deepcopy(self.predictor.module).eval().to(memory_format=torch.contiguous_format)
+        fix_same_padding(self.module, tuple(self.predictor.preprocessing["input_size"]))
         self.run_dir = run_dir
         self.options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
         _, items = run_split_items(run_dir, "val", self.predictor.classes)

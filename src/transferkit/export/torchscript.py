@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-
 TORCHSCRIPT_METADATA_FILE = "transferkit.json"
 
 
