@@ -106,7 +106,8 @@ def check_temperature(parity: Parity, what: str, quantized: bool = False) -> Non
     (a temperature keeps every top class), so a file without it would pass with wrong probabilities.
 
     A ``quantized`` file's logits shrink or grow with int8's rounding (by 30% on the tiny test
-    model), so it is refused only where its implied temperature is nearer none (1) than the model's."""
+    model, under 1% on tf_flowers: benchmarks/RESULTS.md), so it is refused only where its implied
+    temperature is nearer none (1) than the model's."""
     implied, model = parity.temperature, parity.reference_temperature
     if implied is None or model is None:
         return
