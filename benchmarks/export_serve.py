@@ -3,15 +3,16 @@ runtime: size, parity with the eager model, accuracy change, unknown agreement, 
 latency (p50 / p95) and batch-16 throughput; then the served latency of the ONNX files and the
 run folder through ``transferkit serve``.
 
-    python benchmarks/export_serve.py RUN [--requests 100] [--variants]
+    python benchmarks/export_serve.py RUN [--requests 100] [--variants | --int8]
 
 Each export goes to a temporary folder and is checked by ``transferkit.commands.export`` on the
 run's validation split, in its own runtime. Latency: preprocessed images (the run's validation
 images, so the runtimes see real activations) through the Predictor's forward, batch 1 and
 batch 16, after a warm-up. ``--variants`` adds ONNX static int8 with int8 activations (S8S8) and
 with every operation quantised, and OpenVINO float at its default precision (bfloat16 on a CPU
-that has it), to show why the defaults are what they are. The table between the markers in
-benchmarks/RESULTS.md is replaced.
+that has it), to show why the defaults are what they are. ``--int8`` times only ONNX and OpenVINO,
+float and int8, without serving, into its own section (int8 against float). The table between the
+markers in benchmarks/RESULTS.md is replaced.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from transferkit.inference.predictor import preprocessed_batches
 
 HERE = Path(__file__).parent
 BATCH = 16
+INT8_CHOICES = [("onnx", None), ("onnx", "int8"), ("openvino", None), ("openvino", "int8")]
 CHOICES = [("onnx", None), ("onnx", "int8"), ("onnx", "int8-dynamic"), ("openvino", None), ("openvino", "int8"),
            ("litert", None), ("executorch", None), ("pt2", None), ("torchscript", None)]
 
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="single-image calls per file (default: 100)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--variants", action="store_true", help="also the settings the defaults were chosen over")
+    parser.add_argument("--int8", action="store_true", help="only ONNX and OpenVINO, float and int8, not served")
     args = parser.parse_args()
 
     val = [row["path"] for row in read_csv_rows(args.run / "splits.csv") if row["split"] == "val"]
@@ -128,8 +131,9 @@ def main() -> None:
     rows: list[tuple[str, ExportResult | None, dict, dict | None]] = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        installed = [(name, quantize) for name, quantize in CHOICES if FORMATS[name].installed(quantize)]
-        for name, quantize in CHOICES:
+        choices = INT8_CHOICES if args.int8 else CHOICES
+        installed = [(name, quantize) for name, quantize in choices if FORMATS[name].installed(quantize)]
+        for name, quantize in choices:
             if (name, quantize) not in installed:
                 print(f"{name} {quantize or ''}: not installed ({FORMATS[name].install})", flush=True)
         started = time.perf_counter()
@@ -142,20 +146,22 @@ def main() -> None:
             label += f" {result.quantize}" if result.quantize else " float"
             timing = runtime_latency(load_predictor(result.path).forward, images, args.requests)
             served = (serve_latency(result.path, jpegs, args.requests, args.port)
-                      if result.format in ("onnx", "openvino") else None)
+                      if result.format in ("onnx", "openvino") and not args.int8 else None)
             print(f"{label}: {result.as_dict()} {timing} served {served}", flush=True)
             rows.append((label, result, timing, served))
         if args.variants:
             for label, result, timing in variant_rows(args.run, work, rows, images, args.requests):
                 print(f"{label}: {result.as_dict()} {timing}", flush=True)
                 rows.append((label, result, timing, None))
-        eager = runtime_latency(load_eager(args.run), images, args.requests)
-        rows.append(("eager PyTorch (run folder)", None, eager, serve_latency(args.run, jpegs, args.requests, args.port)))
+        if not args.int8:
+            eager = runtime_latency(load_eager(args.run), images, args.requests)
+            rows.append(("eager PyTorch (run folder)", None, eager,
+                         serve_latency(args.run, jpegs, args.requests, args.port)))
 
     checked = next(result for _, result, _, _ in rows if result is not None)
     lines = [
         f"Measured {datetime.date.today()} on {cpu_name()} (`python benchmarks/export_serve.py {args.run}"
-        f"{' --variants' if args.variants else ''}`), on {checked.images} validation images; eager float accuracy "
+        f"{' --variants' if args.variants else ''}{' --int8' if args.int8 else ''}`), on {checked.images} validation images; eager float accuracy "
         f"{checked.reference_accuracy:.4f}. Each file is checked in its own runtime; latency is that runtime's forward "
         f"on preprocessed validation images: {args.requests} single images (p50 / p95) and batches of {BATCH}; "
         "served (ONNX, OpenVINO and the run folder): p50 of single-image requests end to end through `transferkit serve` on loopback. Unknown "
@@ -176,9 +182,26 @@ def main() -> None:
                      f"{served['p50_ms']:.1f} |" if served else
                      f"| {name} | {size} | {parity} | {accuracy} | {change} | {agreement} | {timing['p50_ms']:.1f} | "
                      f"{timing['p95_ms']:.1f} | {timing['batch_images_per_s']:.0f} | |")
+    lines += ["", *int8_ratios(rows)]
     table = "\n".join(lines)
-    write_section("export_serve", "Export and serving", table)
+    if args.int8:
+        write_section("export_int8", "int8 against float", table)
+    else:
+        write_section("export_serve", "Export and serving", table)
     print(table)
+
+
+def int8_ratios(rows: list) -> list[str]:
+    """One line per runtime with a float and an int8 file: how much faster and smaller int8 is."""
+    found = {name: (result, timing) for name, result, timing, _ in rows}
+    lines = []
+    for runtime in ("ONNX", "OpenVINO"):
+        if f"{runtime} float" in found and f"{runtime} int8" in found:
+            (float_file, slow), (int8_file, fast) = found[f"{runtime} float"], found[f"{runtime} int8"]
+            lines.append(f"{runtime} int8 against {runtime} float: {slow['p50_ms'] / fast['p50_ms']:.2f}x faster at "
+                         f"batch 1 (p50), {fast['batch_images_per_s'] / slow['batch_images_per_s']:.2f}x at batch "
+                         f"{BATCH}, {float_file.size_bytes / int8_file.size_bytes:.2f}x smaller.")
+    return lines
 
 
 def load_eager(run: Path) -> Any:

@@ -161,3 +161,116 @@ def test_the_onnx_export_is_reused_until_the_weights_change(monkeypatch: pytest.
     for path in exports():
         path.write_bytes(b"not a model any more")
     assert np.allclose(through_onnx(), eager(), atol=1e-5), "a damaged cache file is exported again"
+
+
+def test_a_file_that_does_not_apply_the_models_temperature_is_refused(trained_run: Path, tmp_path: Path) -> None:
+    import copy
+
+    from transferkit.export import onnx as onnx_export
+    from transferkit.export.parity import ExportCheckError, check_temperature, compare
+    from transferkit.inference.loading import load_run_model, predictor_from_metadata, predictor_metadata
+    from transferkit.inference.predictor import torch_forward
+
+    _, model = load_run_model(trained_run)
+    paths = val_paths(trained_run)
+
+    def with_temperature(temperature: float) -> torch.nn.Module:
+        module = copy.deepcopy(model.module).eval()
+        module.temperature.fill_(temperature)
+        return module
+
+    # The model as calibrated at T=2 (the tiny run's own 9 images keep T=1, which no check can tell from none).
+    eager = predictor_from_metadata(torch_forward(with_temperature(2.0), "cpu"), predictor_metadata(model), "eager")
+    expected, _ = eager.scored(paths)
+    for temperature, kept in [(2.0, True), (1.0, False), (6.0, False)]:
+        path = tmp_path / f"t{temperature:g}.onnx"
+        onnx_export.write(with_temperature(temperature), predictor_metadata(model), path, None, None)
+        actual, _ = load_predictor(path).scored(paths)
+        parity = compare(expected, None, actual, None, np.zeros(len(paths)), reference_temperature=2.0)
+        # Accuracy cannot tell: dividing the logits by any temperature keeps every top class.
+        assert parity.accuracy == parity.reference_accuracy
+        assert parity.temperature == pytest.approx(temperature, rel=1e-3)
+        if kept:
+            check_temperature(parity, "the file")
+            check_temperature(parity, "the file", quantized=True)
+        else:
+            with pytest.raises(ExportCheckError, match=f"temperature of {temperature:.3f}, not the model's 2.000"):
+                check_temperature(parity, "the file")
+        if temperature == 1.0:  # int8 rounding may move the scale, never back to none at all
+            with pytest.raises(ExportCheckError):
+                check_temperature(parity, "the file", quantized=True)
+
+
+def test_static_int8_stores_the_knn_training_features_in_int8_and_is_about_4x_smaller(tmp_path: Path) -> None:
+    from transferkit.export import onnx as onnx_export
+    from transferkit.trust.unknown import ScoredClassifier, normalized_bank
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_MODEL, num_classes=3).eval()
+    # A knn bank as large against the weights as a real run's (2,934 x 1,280 against EfficientNet-Lite0's 3.4M).
+    bank = normalized_bank(torch.rand(2000, model.num_features))
+    module = ScoredClassifier(model, 1.5, "knn", bank, 10).eval()
+    metadata = {"preprocessing": {"input_size": [3, 64, 64]}}
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((8, 3, 64, 64)).astype(np.float32) for _ in range(4)]
+    onnx_export.write(module, metadata, tmp_path / "float.onnx", None, None)
+    onnx_export.write(module, metadata, tmp_path / "int8.onnx", calibration, "int8")
+
+    float_size, int8_size = ((tmp_path / name).stat().st_size for name in ("float.onnx", "int8.onnx"))
+    assert int8_size < 0.35 * float_size, f"{int8_size} bytes against {float_size}"
+    int8_types = [i.data_type for i in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer if i.dims == [model.num_features, 2000]]
+    assert int8_types == [onnx.TensorProto.INT8]
+    with torch.no_grad():
+        _, eager_scores = module(torch.from_numpy(calibration[0]))
+    _, int8_scores = session_forward(ort.InferenceSession(str(tmp_path / "int8.onnx")))(calibration[0])
+    # int8 activations move the score by about 1e-2; the bank's rounding adds about 1e-3.
+    assert np.abs(int8_scores - eager_scores.numpy()).max() < 0.05
+
+
+def test_an_int8_file_that_moves_answers_says_so_in_one_warning_line(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transferkit.export.parity import AGREEMENT_WARNING, PROBABILITY_MOVE_WARNING
+
+    def warnings() -> list[str]:
+        found = [record.getMessage() for record in caplog.records if "moves a class probability" in record.getMessage()]
+        caplog.clear()
+        return found
+
+    export(trained_run, output=tmp_path / "model.onnx")
+    assert warnings() == [], "a float file agrees with its model"
+    # The tiny run's 9 validation images: one unknown answer that changes is 11% of them.
+    result = export(trained_run, quantize="int8", output=tmp_path / "model.int8.onnx", max_accuracy_drop=100)
+    moved = result.max_abs_diff > PROBABILITY_MOVE_WARNING or result.unknown_agreement < AGREEMENT_WARNING
+    assert moved, "the tiny int8 file changes at least one unknown answer"
+    [line] = warnings()
+    assert f"up to {result.max_abs_diff:.2f}" in line and f"agrees on {result.unknown_agreement:.1%}" in line
+    assert "ship the float file" in line
+
+
+def test_same_padding_is_fixed_for_the_input_size_so_the_file_stops_computing_it(tmp_path: Path) -> None:
+    import collections
+    import copy
+
+    from transferkit.export import onnx as onnx_export
+    from transferkit.export.padding import fix_same_padding
+
+    torch.manual_seed(0)
+    # The padding of timm's tf_ models (EfficientNet-Lite among them), which the file works out per call.
+    model = timm.create_model(TINY_MODEL, num_classes=3, pad_type="same").eval()
+    fixed = fix_same_padding(copy.deepcopy(model), (3, 64, 64))
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.equal(fixed(images), model(images))
+
+    def optimised_ops(module: torch.nn.Module, name: str) -> collections.Counter[str]:
+        path = tmp_path / f"{name}.onnx"
+        onnx_export.write(module, {"preprocessing": {"input_size": [3, 64, 64]}}, path, [images.numpy()], "int8")
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.optimised.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+    dynamic, static = optimised_ops(model, "dynamic"), optimised_ops(fixed, "fixed")
+    assert dynamic["Shape"] > 0 and static["Shape"] == 0, "no padding arithmetic left at run time"
+    assert sum(static.values()) < sum(dynamic.values()) / 2

@@ -226,8 +226,8 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"  max |probability difference|  {result.max_abs_diff:.2e}")
     if result.max_score_diff is not None:
         print(f"  max |unknown score difference|  {result.max_score_diff:.2e}")
-    change = result.accuracy - result.reference_accuracy
-    print(f"  accuracy  exported {result.accuracy:.4f}  eager {result.reference_accuracy:.4f}  change {change:+.4f}")
+    print(f"  accuracy  exported {result.accuracy:.4f}  eager {result.reference_accuracy:.4f}  "
+          f"change {result.accuracy_change:+.4f}")
     if result.unknown_agreement is not None:
         print(f"  unknown answer agrees on {result.unknown_agreement:.2%} of images (threshold refitted on the "
               f"file's own scores: {result.threshold:.4g})")

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,15 @@ import numpy as np
 
 from transferkit.errors import ConfigError, RunFolderError, TransferkitError
 from transferkit.export.formats import ALL_CHOICES, FORMATS, QUANTIZATIONS, Format, check_choice
-from transferkit.export.parity import ExportCheckError, Parity, check_accuracy, compare, refit_unknown
+from transferkit.export.parity import (
+    ExportCheckError,
+    Parity,
+    check_accuracy,
+    check_temperature,
+    compare,
+    moved_warning,
+    refit_unknown,
+)
 from transferkit.inference.loading import load_run_model, predictor_metadata
 from transferkit.inference.predictor import Predictor, preprocessed_batches
 from transferkit.run.folder import RunFolder, run_split_items
@@ -32,29 +40,18 @@ MAX_ACCURACY_DROP = 1.0
 """Points of validation accuracy an exported file may lose against its model before it is refused."""
 
 
-@dataclass
-class ExportResult:
+@dataclass(kw_only=True)
+class ExportResult(Parity):
+    """The file written and its parity record (``export.parity.Parity``) against the eager model."""
+
     path: Path
     format: str
     quantize: str | None
     size_bytes: int
     """The file's size, with OpenVINO's weights file beside it."""
-    images: int
-    """Validation images the export was checked on."""
-    max_abs_diff: float
-    """Largest difference of any class probability between the export and the eager model."""
-    accuracy: float
-    reference_accuracy: float
-    """The eager float model's accuracy on the same images."""
-    max_score_diff: float | None = None
-    """Largest difference of the unknown score, where the model has one."""
-    unknown_agreement: float | None = None
-    """Share of validation images the file and the model both answer unknown or both answer a class."""
-    threshold: float | None = None
-    """The file's unknown threshold, refitted on its own validation scores."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "path": str(self.path)}
+        return {**super().as_dict(), "path": str(self.path)}
 
     @property
     def name(self) -> str:
@@ -102,9 +99,12 @@ class _Reference:
 
         import torch
 
+        from transferkit.export.padding import fix_same_padding
+
         _, self.predictor = load_run_model(run_dir)
         # Eager inference keeps the weights channels-last; exporters (XNNPACK's layout pass) expect them as stored.
         self.module = copy.deepcopy(self.predictor.module).eval().to(memory_format=torch.contiguous_format)
+        fix_same_padding(self.module, tuple(self.predictor.preprocessing["input_size"]))
         self.run_dir = run_dir
         self.options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
         _, items = run_split_items(run_dir, "val", self.predictor.classes)
@@ -167,8 +167,13 @@ class _Reference:
                     writer.write_metadata(written, metadata)
                 threshold, reference_threshold = metadata["unknown"]["threshold"], self.predictor.unknown["threshold"]
             parity = compare(self.expected, self.expected_scores, actual, actual_scores, self.targets,
-                             reference_threshold, threshold)
-            check_accuracy(parity, max_accuracy_drop, f"the {chosen.name}{' ' + quantize if quantize else ''} export")
+                             reference_threshold, threshold, self.predictor.temperature)
+            what = f"the {chosen.name}{' ' + quantize if quantize else ''} export"
+            check_accuracy(parity, max_accuracy_drop, what)
+            check_temperature(parity, what, quantized=quantize is not None)
+            warning = moved_warning(parity, what)
+            if warning:
+                log.warning("%s", warning)
             # The weights first: the model file, last, is what makes the pair look complete.
             for part, target in [*zip(chosen.sidecars(written), chosen.sidecars(path)), (written, path)]:
                 os.replace(part, target)
@@ -179,11 +184,7 @@ class _Reference:
 
 def _result(path: Path, chosen: Format, quantize: str | None, parity: Parity) -> ExportResult:
     size = sum(part.stat().st_size for part in [path, *chosen.sidecars(path)] if part.is_file())
-    return ExportResult(
-        path=path, format=chosen.name, quantize=quantize, size_bytes=size, images=parity.images,
-        max_abs_diff=parity.max_abs_diff, accuracy=parity.accuracy, reference_accuracy=parity.reference_accuracy,
-        max_score_diff=parity.max_score_diff, unknown_agreement=parity.unknown_agreement, threshold=parity.threshold,
-    )
+    return ExportResult(**vars(parity), path=path, format=chosen.name, quantize=quantize, size_bytes=size)
 
 
 def _run_folder(run: str | os.PathLike[str]) -> RunFolder:
@@ -281,5 +282,5 @@ def export_table(results: list[ExportResult]) -> str:
     for result in results:
         agreement = f"{result.unknown_agreement:.4f}" if result.unknown_agreement is not None else ""
         lines.append(f"| {result.name} | {result.path.name} | {result.size_bytes / 1e6:.2f} | {result.max_abs_diff:.1e} | "
-                     f"{result.accuracy:.4f} | {result.accuracy - result.reference_accuracy:+.4f} | {agreement} |")
+                     f"{result.accuracy:.4f} | {result.accuracy_change:+.4f} | {agreement} |")
     return "\n".join(lines)

@@ -42,13 +42,19 @@ def write(module: Any, metadata: dict[str, Any], path: Path, calibration: list[n
     path.write_bytes(program.buffer)
 
 
-def read_metadata(path: Path) -> Any:
+def _load(path: Path) -> tuple[Any, Any]:
+    """(the program's forward method, its metadata record or None)."""
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(str(path))
+    method = program.load_method("forward")
     if ONNX_METADATA_KEY not in program.method_names:
-        return None
-    return json.loads(program.load_method(ONNX_METADATA_KEY).execute([])[0])
+        return method, None
+    return method, json.loads(program.load_method(ONNX_METADATA_KEY).execute([])[0])
+
+
+def read_metadata(path: Path) -> Any:
+    return _load(path)[1]
 
 
 def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
@@ -65,18 +71,11 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
 
 def load(path: Path) -> Any:
     import torch
-    from executorch.runtime import Runtime
 
+    from transferkit.export.formats import read_exported
     from transferkit.inference.loading import predictor_from_metadata
 
-    try:
-        program = Runtime.get().load_program(str(path))
-        method = program.load_method("forward")
-    except Exception as error:
-        raise RunFolderError(f"{path} is not a readable ExecuTorch program ({str(error).splitlines()[0]})") from None
-    if ONNX_METADATA_KEY not in program.method_names:
-        raise RunFolderError(f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`")
-    metadata = json.loads(program.load_method(ONNX_METADATA_KEY).execute([])[0])
+    method, metadata = read_exported(path, "ExecuTorch program", _load)
     lock = threading.Lock()  # a loaded method runs one call at a time
 
     def forward(batch: np.ndarray) -> Any:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from transferkit.errors import ConfigError, RunFolderError
 
@@ -114,3 +116,15 @@ def load_exported(path: str | os.PathLike[str]) -> object:
     if missing:
         raise RunFolderError(f"{path} is a {chosen.name} file; running it needs {', '.join(missing)}: {chosen.install}")
     return chosen.module().load(Path(path))
+
+
+def read_exported(path: Path, kind: str, read: Callable[[Path], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """``read(path)`` -> (the loaded program, its metadata record), refusing in one line a file the
+    runtime cannot read (``kind`` names what it should be) or one that carries no record."""
+    try:
+        program, metadata = read(path)
+    except Exception as error:
+        raise RunFolderError(f"{path} is not a readable {kind} ({str(error).splitlines()[0]})") from None
+    if metadata is None:
+        raise RunFolderError(f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`")
+    return program, metadata

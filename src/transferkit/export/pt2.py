@@ -10,8 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import RunFolderError
-
 METADATA_FILE = "transferkit.json"
 
 
@@ -52,14 +50,10 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
 def load(path: Path) -> Any:
     import torch
 
+    from transferkit.export.formats import read_exported
     from transferkit.inference.loading import predictor_from_metadata
 
-    try:
-        exported, metadata = _load(path)
-    except Exception as error:
-        raise RunFolderError(f"{path} is not a readable torch.export program ({str(error).splitlines()[0]})") from None
-    if metadata is None:
-        raise RunFolderError(f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`")
+    exported, metadata = read_exported(path, "torch.export program", _load)
     module = exported.module()  # an exported module refuses .eval(): it was traced in eval mode
 
     def forward(batch: np.ndarray) -> Any:

@@ -9,8 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import RunFolderError
-
 TORCHSCRIPT_METADATA_FILE = "transferkit.json"
 
 
@@ -55,13 +53,9 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
 
 
 def load(path: Path) -> Any:
+    from transferkit.export.formats import read_exported
     from transferkit.inference.loading import predictor_from_metadata
     from transferkit.inference.predictor import torch_forward
 
-    try:
-        module, metadata = _load(path)
-    except Exception as error:
-        raise RunFolderError(f"{path} is not a readable TorchScript file ({str(error).splitlines()[0]})") from None
-    if metadata is None:
-        raise RunFolderError(f"{path} carries no class names or preprocessing; export it with `transferkit export RUN`")
+    module, metadata = read_exported(path, "TorchScript file", _load)
     return predictor_from_metadata(torch_forward(module, "cpu"), metadata, str(path))
