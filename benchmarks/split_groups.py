@@ -155,7 +155,7 @@ def similarity(data: str, root: Path, cache: str | None) -> dict[str, object]:
     """The copy pairs' similarities against the nearest non-copies, and what the near-copy rule joins."""
     from transferkit.audit.checks import nearest_neighbours
     from transferkit.audit.config import DUPLICATE_THRESHOLD
-    from transferkit.data.groups import NEIGHBOURS, connected_groups, near_copy_pairs
+    from transferkit.data.groups import NEIGHBOURS, SPLIT_DISTINCT_RATIO, connected_groups, near_copy_pairs
 
     features, paths, labels = pooled_features(root, cache)
     row = {path: i for i, path in enumerate(paths)}
@@ -167,7 +167,7 @@ def similarity(data: str, root: Path, cache: str | None) -> dict[str, object]:
     similarities, neighbours = nearest_neighbours(features, NEIGHBOURS)
     # each image's most similar neighbour that is not its own copy (or original)
     others = np.where(neighbours == partner[:, None], -np.inf, similarities).max(axis=1)
-    pairs = near_copy_pairs(features, DUPLICATE_THRESHOLD)
+    pairs, = near_copy_pairs(features, DUPLICATE_THRESHOLD, (SPLIT_DISTINCT_RATIO,))
     group = connected_groups(len(paths), [(i, j) for i, j, _ in pairs])
     sizes = np.bincount(group)
     result: dict[str, object] = {

@@ -191,23 +191,28 @@ DISTINCT_FLOOR = 0.8
 "nearest" that is no copy, whatever the ratio."""
 
 
-def near_duplicate_pairs(similarities: np.ndarray, indices: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+def near_duplicate_pairs(
+    similarities: np.ndarray, indices: np.ndarray, threshold: float, ratio: float = DISTINCT_RATIO
+) -> list[tuple[int, int, float]]:
     """Pairs (i, j, similarity) with i < j whose cosine similarity is at least ``threshold``, or
-    that are each other's distinct nearest image (``DISTINCT_RATIO``), each pair once, the most
-    similar first."""
+    that are each other's distinct nearest image (by ``ratio``), each pair once, the most similar
+    first."""
     rows, columns = np.nonzero(similarities >= threshold)
     pairs: dict[tuple[int, int], float] = {}
     for row, column in zip(rows, columns):
         i, j = sorted((int(row), int(indices[row, column])))
         pairs[(i, j)] = max(pairs.get((i, j), -1.0), float(similarities[row, column]))
-    for i, j in distinct_nearest_pairs(similarities, indices):
+    for i, j in distinct_nearest_pairs(similarities, indices, ratio):
         pairs.setdefault((i, j), float(similarities[i, 0]))
     return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda pair: (-pair[2], pair[0], pair[1]))
 
 
-def distinct_nearest_pairs(similarities: np.ndarray, indices: np.ndarray) -> list[tuple[int, int]]:
+def distinct_nearest_pairs(
+    similarities: np.ndarray, indices: np.ndarray, ratio: float = DISTINCT_RATIO
+) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, of images that are each other's nearest, at least ``DISTINCT_FLOOR``
-    similar, and much nearer each other than to any third image (``DISTINCT_RATIO``)."""
+    similar, and much nearer each other than to any third image (their distance at most ``ratio``
+    of the next-nearest's)."""
     if similarities.shape[1] < 2:  # no next-nearest image to compare with
         return []
     nearest, closest, next_closest = indices[:, 0], similarities[:, 0], similarities[:, 1]
@@ -215,7 +220,7 @@ def distinct_nearest_pairs(similarities: np.ndarray, indices: np.ndarray) -> lis
     first = np.flatnonzero((nearest[nearest] == rows) & (rows < nearest) & (closest >= DISTINCT_FLOOR))
     second = nearest[first]
     farther = np.maximum(next_closest[first], next_closest[second])
-    keep = 1 - closest[first] <= DISTINCT_RATIO * (1 - farther)
+    keep = 1 - closest[first] <= ratio * (1 - farther)
     return [(int(i), int(j)) for i, j in zip(first[keep], second[keep])]
 
 

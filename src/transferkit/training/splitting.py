@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.audit.checks import DISTINCT_RATIO
 from transferkit.cache.passes import cached_pooled_features
 from transferkit.cache.store import FeatureStats
+from transferkit.data.groups import SPLIT_DISTINCT_RATIO, Leaks, find_leaks, make_groups, near_copy_pairs
 from transferkit.data.index import DatasetIndex
-from transferkit.data.groups import Leaks, find_leaks, make_groups, near_copy_pairs
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,13 @@ def split_honestly(
     test, which is logged as one warning."""
     started = time.perf_counter()
     paths = index_paths(index)
-    found = near_copy_pairs(features.of(paths), threshold)
+    # The split joins more than the leak check reports: a pair joined in vain costs it nothing.
+    joined, found = near_copy_pairs(features.of(paths), threshold, (SPLIT_DISTINCT_RATIO, DISTINCT_RATIO))
     pairs = [(paths[i], paths[j], similarity) for i, j, similarity in found]
     grouped = carve and bool(index.carved) and (split_groups != "none" or bool(group_by))
     if grouped:
         labels = [label for items in index.splits.values() for _, label in items]
-        groups = make_groups(paths, labels, index.root, group_by, found, index.duplicates, index.classes)
+        groups = make_groups(paths, labels, index.root, group_by, joined, index.duplicates, index.classes)
         index.carve_by_groups(groups, seed, max_per_class)
         if len(set(groups.values())) < len(groups):
             log.info("split by %s: %d images in %d groups, %.1f s", f"--group-by {group_by!r}" if group_by else "near-copies",
