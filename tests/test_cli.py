@@ -300,3 +300,25 @@ def test_version_and_the_top_level_help_speak_to_a_user(capsys: pytest.CaptureFi
     assert description.startswith("Train an image classifier on your own images")
     assert "dataclass" not in text and "public function" not in text
     assert "transferkit train photos/" in text and "--config" in text
+
+
+def test_inference_commands_piped_draw_no_bar_unless_asked(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")  # calibrate writes into the run
+    data = make_folder(tmp_path / "data", per_class=6, classes=("blue", "green", "red"))
+
+    def piped(*arguments: str) -> str:
+        # Several batches of 4: a bar would be drawn, were it on.
+        process = subprocess.run([sys.executable, "-m", "transferkit.cli", *arguments, "--batch-size", "4"],
+                                 capture_output=True, text=True, timeout=300)
+        assert process.returncode == 0, process.stderr
+        return process.stdout + process.stderr
+
+    for arguments in (["predict", str(run_dir), str(data)],
+                      ["evaluate", str(run_dir), str(data), "--output", str(tmp_path / "evaluation")],
+                      ["calibrate", str(run_dir), str(data)]):
+        everything = piped(*arguments)
+        assert "\r" not in everything and "batch/s" not in everything, (arguments, everything)
+    # Asked for, the bar is drawn even into a pipe.
+    assert "batch/s" in piped("predict", str(run_dir), str(data), "--progress")

@@ -192,11 +192,16 @@ def evaluate_parser(subparsers: Any) -> None:
     _add_inference_options(parser)
 
 
+def add_progress(parser: argparse.ArgumentParser) -> None:
+    # None until resolved: a bar is for a person watching, and a pipe or a log file would get carriage returns.
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show progress bars (default: on when stderr is a terminal)")
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="average each image with its mirror image")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on inputs larger than one batch")
+    add_progress(parser)
 
 
 def predict_parser(subparsers: Any) -> None:
@@ -228,7 +233,7 @@ def calibrate_parser(subparsers: Any) -> None:
     parser.add_argument("--unknown-score", choices=methods, help="the unknown score (default: the model's own, else knn)")
     parser.add_argument("--unknown-keep", type=float, help="share of DATA's images the threshold keeps (default: the model's own, else 0.95)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    add_progress(parser)
 
 
 def report_parser(subparsers: Any) -> None:
@@ -254,7 +259,7 @@ def export_parser(subparsers: Any) -> None:
     parser.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
                         help=f"refuse a file more than POINTS less accurate than the model (default: {MAX_ACCURACY_DROP:g})")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch in the check (default: 64)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    add_progress(parser)
 
 
 def serve_parser(subparsers: Any) -> None:
