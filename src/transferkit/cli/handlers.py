@@ -170,11 +170,12 @@ def _run_predict(args: argparse.Namespace) -> int:
 
         writer = csv.writer(sys.stdout)
         k = len(result.predictions[0].labels) if result.predictions else args.top_k
-        scores = ["unknown_score"] if scored else []
+        scores = ["unknown_score", "unknown"] if scored else []  # the columns of PredictionResult.to_pandas()
         writer.writerow(["path", "answer", *scores,
                          *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability"))])
         for p in result.predictions:
-            score = [f"{p.unknown_score:.6f}"] if p.unknown_score is not None else [""] * len(scores)
+            score = ([f"{p.unknown_score:.6f}", "true" if p.unknown else "false"] if p.unknown_score is not None
+                     else [""] * len(scores))
             writer.writerow([p.path, p.answer, *score, *(v for l, q in zip(p.labels, p.probabilities) for v in (l, f"{q:.6f}"))])
     else:
         width = max([len(p.path) for p in result.predictions] + [5])
