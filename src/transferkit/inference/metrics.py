@@ -224,16 +224,13 @@ class Evaluation:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the headline metrics and the confusion matrix (rows: label, columns: prediction)."""
-        from html import escape
+        from transferkit._notebook import facts_table, rows_table, view
 
-        metrics = "".join(f"<tr><th>{escape(key)}</th><td>{value:.4f}</td></tr>" if isinstance(value, float)
-                          else f"<tr><th>{escape(key)}</th><td>{escape(str(value))}</td></tr>"
-                          for key, value in headline(self.metrics).items() if value is not None)
-        header = "".join(f"<th>{escape(name)}</th>" for name in self.classes)
-        rows = "".join(f"<tr><th>{escape(name)}</th>{''.join(f'<td>{count}</td>' for count in counts)}</tr>"
-                       for name, counts in zip(self.classes, self.metrics.get("confusion_matrix", [])))
-        return (f"<b>Evaluation on {escape(self.name)}</b><table>{metrics}</table>"
-                f"<p>Confusion matrix (rows: label, columns: prediction)</p><table><tr><th></th>{header}</tr>{rows}</table>")
+        facts = [(key, value) for key, value in headline(self.metrics).items() if value is not None]
+        matrix = [[name, *counts] for name, counts in zip(self.classes, self.metrics.get("confusion_matrix", []))]
+        return view(f"Evaluation on {self.name}", facts_table(facts),
+                    "<p>Confusion matrix (rows: label, columns: prediction)</p>",
+                    rows_table(["", *self.classes], matrix, shown=len(matrix)))
 
     def write(self, folder: Path) -> None:
         """The metrics and the predictions (one row per image) in ``folder``."""
