@@ -322,3 +322,11 @@ def test_inference_commands_piped_draw_no_bar_unless_asked(trained_run: Path, tm
         assert "\r" not in everything and "batch/s" not in everything, (arguments, everything)
     # Asked for, the bar is drawn even into a pipe.
     assert "batch/s" in piped("predict", str(run_dir), str(data), "--progress")
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "audit", "evaluate", "predict", "calibrate", "export"])
+def test_every_progress_flag_says_it_is_on_only_for_a_terminal(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "--progress, --no-progress" in said and "(default: on when stderr is a terminal)" in said

@@ -98,7 +98,7 @@ def _add_fields(
                 dest=dest,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
-                help=f"{help_text} (default: {'on' if default else 'off'})",
+                help=f"{help_text} (default: {spec.metadata.get('cli_default') or ('on' if default else 'off')})",
             )
             continue
         group.add_argument(
