@@ -330,3 +330,38 @@ def test_every_progress_flag_says_it_is_on_only_for_a_terminal(command: str, cap
         main([command, "--help"])
     said = " ".join(capsys.readouterr().out.split())
     assert "--progress, --no-progress" in said and "(default: on when stderr is a terminal)" in said
+
+
+def test_train_on_a_terminal_shows_a_bar_with_the_time_left_on_each_fine_tuning_epoch(tmp_path: Path, tiny_weights: Path) -> None:
+    import os
+    import pty
+
+    data = make_folder(tmp_path / "data", per_class=24)
+    # A pseudo-terminal: stdout and stderr are a terminal, as for a person at a shell.
+    parent, child = pty.openpty()
+    environment = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(tmp_path / "run"),
+         "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
+         "--batch-size", "8", "--frozen-epochs", "2", "--finetune-epochs", "2", "--finetune-unfreeze", "2",
+         "--no-report", "--no-audit"],
+        stdin=child, stdout=child, stderr=child, env=environment,
+    )
+    os.close(child)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(parent)
+    assert process.wait(timeout=300) == 0, seen.decode(errors="replace")[-2000:]
+    screen = seen.decode(errors="replace")
+    # Each fine-tuning epoch: Lightning's (Rich) bar with the time spent and the time left (0:00:02 • 0:00:05),
+    # then its epoch line as when piped.
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    assert re.search(r"Epoch 0/1 +━+.* \d+/5 \d:\d\d:\d\d • \d:\d\d:\d\d", plain), plain[-3000:]
+    assert re.search(r"finetune +1/2  train loss", plain) and re.search(r"finetune +2/2  train loss", plain)
