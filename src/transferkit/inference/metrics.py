@@ -226,7 +226,7 @@ class Evaluation:
         """Jupyter's view: the headline metrics and the confusion matrix (rows: label, columns: prediction)."""
         from transferkit._notebook import facts_table, rows_table, view
 
-        facts = [(key, value) for key, value in headline(self.metrics).items() if value is not None]
+        facts = [(key, value) for key, value in headline(self.metrics).items() if value not in (None, {})]
         matrix = [[name, *counts] for name, counts in zip(self.classes, self.metrics.get("confusion_matrix", []))]
         return view(f"Evaluation on {self.name}", facts_table(facts),
                     "<p>Confusion matrix (rows: label, columns: prediction)</p>",
