@@ -449,3 +449,29 @@ def test_train_audits_its_own_images_and_the_report_links_the_audit(
 
     assert main(["train", str(data), *options[:-3], "--output", str(tmp_path / "quiet"), "--no-audit"]) == 0
     assert not (tmp_path / "quiet" / "audit").exists()
+
+
+def test_the_audit_reads_well_in_a_notebook_and_as_a_dataframe(tmp_path: Path, tiny_weights: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=12, classes=("blue", "green", "red"))
+    make_image(data / "blue" / "was_red.jpg", COLOURS["red"], seed=800)
+    result = audit(data, AuditConfig.from_options(tiny_audit_options(tmp_path / "audit", tiny_weights)))
+
+    assert len(repr(result)) < 300 and result.line() in repr(result)
+    table = result.to_pandas()
+    scores = read_csv_rows(result.output / "scores.csv")
+    assert list(table.columns[:6]) == list(scores[0])
+    assert list(table["path"]) == [row["path"] for row in scores]
+    assert np.allclose(table["label_quality"], [float(row["label_quality"]) for row in scores], atol=1e-6)
+    assert np.allclose(table[["p_blue", "p_green", "p_red"]].sum(axis=1), 1, atol=1e-5)
+    findings = dict(zip(table["path"], table["findings"]))
+    for row in read_csv_rows(result.csv_file):
+        for path in filter(None, (row["path"], row["paired_path"])):
+            assert row["kind"] in findings[path].split(", "), (row, findings[path])
+    assert sum(bool(kinds) for kinds in table["findings"]) >= 1
+
+    page = result._repr_html_()
+    assert html.escape(result.line()) in page
+    assert all(f"<th>{name}</th>" in page for name in result.classes)
+    first = result.findings[0]
+    assert f"<td>{first.kind}</td><td>{html.escape(Path(first.path).name)}</td>" in page
+    assert page.count("<tr>") == len(result.classes) + 1 + min(len(result.findings), 20)

@@ -300,3 +300,68 @@ def test_version_and_the_top_level_help_speak_to_a_user(capsys: pytest.CaptureFi
     assert description.startswith("Train an image classifier on your own images")
     assert "dataclass" not in text and "public function" not in text
     assert "transferkit train photos/" in text and "--config" in text
+
+
+def test_inference_commands_piped_draw_no_bar_unless_asked(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")  # calibrate writes into the run
+    data = make_folder(tmp_path / "data", per_class=6, classes=("blue", "green", "red"))
+
+    def piped(*arguments: str) -> str:
+        # Several batches of 4: a bar would be drawn, were it on.
+        process = subprocess.run([sys.executable, "-m", "transferkit.cli", *arguments, "--batch-size", "4"],
+                                 capture_output=True, text=True, timeout=300)
+        assert process.returncode == 0, process.stderr
+        return process.stdout + process.stderr
+
+    for arguments in (["predict", str(run_dir), str(data)],
+                      ["evaluate", str(run_dir), str(data), "--output", str(tmp_path / "evaluation")],
+                      ["calibrate", str(run_dir), str(data)]):
+        everything = piped(*arguments)
+        assert "\r" not in everything and "batch/s" not in everything, (arguments, everything)
+    # Asked for, the bar is drawn even into a pipe.
+    assert "batch/s" in piped("predict", str(run_dir), str(data), "--progress")
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "audit", "evaluate", "predict", "calibrate", "export"])
+def test_every_progress_flag_says_it_is_on_only_for_a_terminal(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "--progress, --no-progress" in said and "(default: on when stderr is a terminal)" in said
+
+
+def test_train_on_a_terminal_shows_a_bar_with_the_time_left_on_each_fine_tuning_epoch(tmp_path: Path, tiny_weights: Path) -> None:
+    import os
+    import pty
+
+    data = make_folder(tmp_path / "data", per_class=24)
+    # A pseudo-terminal: stdout and stderr are a terminal, as for a person at a shell.
+    parent, child = pty.openpty()
+    environment = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(tmp_path / "run"),
+         "--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
+         "--batch-size", "8", "--frozen-epochs", "2", "--finetune-epochs", "2", "--finetune-unfreeze", "2",
+         "--no-report", "--no-audit"],
+        stdin=child, stdout=child, stderr=child, env=environment,
+    )
+    os.close(child)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(parent)
+    assert process.wait(timeout=300) == 0, seen.decode(errors="replace")[-2000:]
+    screen = seen.decode(errors="replace")
+    # Each fine-tuning epoch: Lightning's (Rich) bar with the time spent and the time left (0:00:02 • 0:00:05),
+    # then its epoch line as when piped.
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    assert re.search(r"Epoch 0/1 +━+.* \d+/5 \d:\d\d:\d\d • \d:\d\d:\d\d", plain), plain[-3000:]
+    assert re.search(r"finetune +1/2  train loss", plain) and re.search(r"finetune +2/2  train loss", plain)

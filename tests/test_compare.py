@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,6 +19,7 @@ from transferkit.commands.compare import compare
 from transferkit.commands.strategies import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings
 from transferkit.config import TrainConfig
 from transferkit.errors import ConfigError
+from transferkit.run.comparison import Comparison
 
 
 def tiny_run_options(weights: Path) -> dict[str, object]:
@@ -85,7 +87,7 @@ def test_activations_for_a_model_that_cannot_cache_them_is_refused_before_any_ru
 
 
 @pytest.fixture(scope="module")
-def comparison_folder(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
+def compared(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Comparison:
     root = tmp_path_factory.mktemp("compare")
     data = make_folder(root / "data", per_class=20, classes=("blue", "green", "red"))
     output = root / "comparison"
@@ -95,13 +97,18 @@ def comparison_folder(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Pa
     level = epochs.level
     epochs.setLevel(logging.INFO)  # as the CLI sets it
     try:
-        compare(str(data), models=[TINY_MODEL], epochs=2, output=output, hidden_size=32, unfreeze="2",
-                options=fixture_options(output, tiny_weights))
+        comparison = compare(str(data), models=[TINY_MODEL], epochs=2, output=output, hidden_size=32, unfreeze="2",
+                             options=fixture_options(output, tiny_weights))
     finally:
         epochs.removeHandler(lines)
         epochs.setLevel(level)
     (root / "epoch_lines.txt").write_text("\n".join(lines.said))
-    return output
+    return comparison
+
+
+@pytest.fixture(scope="module")
+def comparison_folder(compared: Comparison) -> Path:
+    return compared.output
 
 
 class EpochLines(logging.Handler):
@@ -291,3 +298,18 @@ def test_pretrained_strategies_beat_scratch_on_hymenoptera(tmp_path: Path) -> No
     )
     accuracy = {row["strategy"]: row["saved_val_accuracy"] for row in comparison.rows}
     assert accuracy["frozen"] >= 0.85 and accuracy["frozen"] > accuracy["scratch"] + 0.2
+
+
+def test_the_comparison_reads_well_in_a_notebook_and_as_a_dataframe(compared: Comparison) -> None:
+    import pandas as pd
+
+    assert len(repr(compared)) < 200 and all(row["strategy"] in repr(compared) for row in compared.rows)
+    table = compared.to_pandas()
+    written = pd.read_csv(compared.output / "comparison.csv")
+    assert list(table.columns) == list(written.columns)
+    assert list(table["strategy"]) == list(written["strategy"])
+    assert np.allclose(table["saved_val_accuracy"], written["saved_val_accuracy"], atol=1e-6)
+    page = compared._repr_html_()
+    assert page.count("<tr>") == 1 + len(compared.rows)
+    assert all(f"<td>{row['strategy']}</td>" in page for row in compared.rows)
+    assert page.count("data:image/png;base64,") == 1, "the validation curves"

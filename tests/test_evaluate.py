@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from sklearn import metrics as sk
 from torchmetrics.classification import MulticlassCalibrationError
 
@@ -153,7 +154,9 @@ def test_predict_writes_csv_with_one_row_per_image(trained_run: Path, tmp_path: 
     images = [make_image(tmp_path / f"{i}.png", COLOURS["blue"], seed=i) for i in range(3)]
     assert main(["predict", str(trained_run / "model"), *map(str, images), "--format", "csv", "--top-k", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "path,answer,unknown_score,label_1,probability_1"
+    assert lines[0] == "path,answer,unknown_score,unknown,label_1,probability_1"
+    for line, prediction in zip(lines[1:], predict(trained_run, images, top_k=1)):
+        assert line.split(",")[1:4] == [prediction.answer, f"{prediction.unknown_score:.6f}", str(prediction.unknown).lower()]
     assert [line.split(",")[0] for line in lines[1:]] == [str(p) for p in images]
 
 
@@ -169,7 +172,7 @@ def test_evaluate_on_a_labelled_folder_with_some_of_the_classes(trained_run: Pat
     expected_accuracy = float((probabilities.argmax(axis=1) == evaluation.targets).mean())
     assert written["accuracy"] == pytest.approx(expected_accuracy)
     rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "path,label,predicted,confidence,label_probability,loss" and len(rows) == 13
+    assert rows[0] == "path,label,predicted,confidence,label_probability,loss,unknown_score,unknown" and len(rows) == 13
 
 
 def test_evaluate_rejects_class_folders_the_model_does_not_know(
@@ -237,3 +240,22 @@ def test_results_read_well_in_a_notebook_and_as_dataframes(trained_run: Path, tm
     assert list(result.to_pandas().columns[:6]) == ["path", "answer", "unknown_score", "unknown", "label_1", "probability_1"]
     assert "3 images" in repr(result) and "1 skipped" in repr(result)
     assert result._repr_html_().count("<tr>") == 4
+
+
+def test_predictions_csv_says_which_images_were_answered_unknown(trained_run: Path, tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "field", per_class=6, classes=("blue", "green", "red"))
+    # Photos unlike any training image, filed under a class: the ones "none of these" is for.
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(folder / "blue" / f"noise_{i}.png")
+
+    evaluation = evaluate(trained_run, folder, output=tmp_path / "out")
+
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    rows = read_csv_rows(tmp_path / "out" / "predictions.csv")
+    threshold = load_predictor(trained_run).unknown["threshold"]
+    assert [row["unknown"] for row in rows] == ["true" if float(row["unknown_score"]) > threshold else "false" for row in rows]
+    answered = sum(row["unknown"] == "true" for row in rows)
+    assert answered == written["unknown"]["unknown"] > 0
+    assert any(row["unknown"] == "true" for row in rows if "noise_" in row["path"])
+    assert list(evaluation.to_pandas()["unknown"]) == [row["unknown"] == "true" for row in rows]

@@ -16,10 +16,10 @@ from PIL import Image
 from conftest import make_folder, render_in_chromium, tiny_config
 from transferkit import train
 from transferkit.cli import main
-from transferkit.reporting.figures import GRID_IMAGES, plot_confusion_matrix, plot_training_curves
+from transferkit.reporting.figures import GRID_IMAGES, plot_confusion_matrix, plot_image_grid, plot_training_curves
 from transferkit.reporting.explain import grad_cam_available
 from transferkit.reporting.run_summary import read_run
-from transferkit.reporting.run_figures import FIGURES, PHOTO_GRIDS, most_confused_rows, write_figures
+from transferkit.reporting.run_figures import FIGURES, PHOTO_GRIDS, grid_rows, most_confused_rows, write_figures
 
 SECTIONS = ("metrics", "phases", "figures", "data", "configuration", *FIGURES)
 
@@ -259,3 +259,28 @@ def test_no_two_texts_of_the_training_curves_overlap() -> None:
               and t not in axis.get_xticklabels() + axis.get_yticklabels() and t is not axis.title]
     assert inside == [], "no text drawn over the curves or the axis line"
     assert "fine-tuning starts" in figure.axes[0].get_xlabel()
+
+
+def test_the_image_grids_mark_the_images_answered_unknown(tmp_path: Path, tiny_weights: Path) -> None:
+    # A threshold that keeps half of the validation images: the report's grids hold abstentions.
+    data = make_folder(tmp_path / "data", per_class=16, classes=("blue", "green", "red"))
+    run_dir = tmp_path / "run"
+    train(data, tiny_config(run_dir, tiny_weights, report=True, unknown_keep=0.5, **{"data.split": (0.5, 0.5, 0.0)}))
+
+    run = read_run(run_dir)
+    assert run.split == "val"
+    answered = {row["path"]: row["unknown"] == "true" for row in run.predictions}
+    assert 0 < sum(answered.values()) < len(answered)
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    for name, rows in grid_rows(run).items():
+        badged = [row for row in rows if answered[row["path"]]]
+        figure = plot_image_grid(rows, name)
+        drawn = [text.get_text() for axis in figure.axes for text in axis.texts]
+        assert drawn.count("answered unknown") == len(badged), name
+        if badged:
+            assert html.escape(f'{len(badged)} of these {len(rows)} images are badged "answered unknown"') in page
+    table = page.split('id="highest_loss_files"')[1].split("</table>")[0]
+    for row in grid_rows(run)["highest_loss"]:
+        cells = re.search(rf"<td>{re.escape(html.escape(row['path']))}</td>(.*?)</tr>", table).group(1)
+        answer = re.findall(r"<td>([^<]*)</td>", cells)[-1]
+        assert answer == ("unknown" if answered[row["path"]] else row["predicted"])

@@ -119,7 +119,8 @@ class TrainConfig:
     unknown_keep: float = field(default=0.95, metadata=help_text("share of val images the unknown threshold keeps"))
     audit: bool = field(default=True, metadata=help_text(
         "audit the run's images at the end (label issues, near-copies, outliers; RUN/audit, seconds on cached features)"))
-    progress: bool = field(default=True, metadata=help_text("show progress bars"))
+    progress: bool = field(default=True, metadata=help_text(
+        "show progress bars", cli_default="on when stderr is a terminal"))
     report: bool = field(default=True, metadata=help_text("write figures and report.html at the end"))
     logger: str = field(default="none", metadata=help_text(
         "experiment tracking through Lightning's loggers, several comma-separated: csv, tensorboard, mlflow, "

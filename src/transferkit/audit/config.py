@@ -46,7 +46,8 @@ class AuditConfig:
         default=None,
         metadata=help_text("feature cache folder (default: $TRANSFERKIT_CACHE/features, else ~/.cache/transferkit/features)"),
     )
-    progress: bool = field(default=True, metadata=help_text("show a progress bar while features are computed"))
+    progress: bool = field(default=True, metadata=help_text(
+        "show a progress bar while features are computed", cli_default="on when stderr is a terminal"))
     html: bool = field(default=True, metadata=help_text("write audit.html with thumbnails of what was found"))
 
     def __post_init__(self) -> None:

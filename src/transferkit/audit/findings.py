@@ -79,6 +79,39 @@ class AuditResult:
     def html_file(self) -> Path:
         return self.output / "audit.html"
 
+    def __repr__(self) -> str:
+        return f"AuditResult({str(self.output)!r}: {self.line()})"
+
+    def to_pandas(self) -> Any:
+        """One row per image audited, as scores.csv (split, label, label quality: lower is worse, the
+        class the audit suggests, outlier score: higher is worse), then the kinds of finding that
+        name it and every class's out-of-sample probability."""
+        import pandas as pd
+
+        kinds: dict[str, list[str]] = {}
+        for finding in self.findings:
+            for path in filter(None, (finding.path, finding.paired_path)):
+                if finding.kind not in kinds.setdefault(path, []):
+                    kinds[path].append(finding.kind)
+        images = self.images
+        table = pd.DataFrame({  # scores.csv's columns, then the findings
+            "path": images.paths, "split": images.splits, "label": [self.classes[k] for k in images.labels],
+            "label_quality": images.label_quality, "suggested_label": [self.classes[k] for k in images.suggested],
+            "outlier_score": images.outlier_score, "findings": [", ".join(kinds.get(path, [])) for path in images.paths],
+        })
+        return table.join(pd.DataFrame(images.probabilities, columns=[f"p_{name}" for name in self.classes]))
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the summary, each class's health and the findings in audit.csv's order."""
+        from transferkit._notebook import cell, facts_table, rows_table, view
+
+        health = [(item.name, "; ".join(item.problems) or "fine") for item in self.health]
+        rows = [[finding.kind, Path(finding.path).name, finding.label, finding.suggested_label or finding.paired_label,
+                 finding.score] for finding in self.findings]
+        return view(self.line(), facts_table(health),
+                    rows_table(["finding", "image", "label", "suggested or paired label", "score"], rows),
+                    f"<p>every finding: {cell(self.csv_file)}; with thumbnails: {cell(self.html_file)}</p>")
+
     def of_kind(self, kind: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.kind == kind]
 

@@ -34,6 +34,11 @@ def _with_config_file(
     return args.source or source, {**from_file, **options}
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """--progress as given, else on only where a person watches stderr (as train decides it)."""
+    return sys.stderr.isatty() if args.progress is None else bool(args.progress)
+
+
 def _how_to_finish(output: str | None) -> str:
     if output and RunFolder(output).is_run():
         return f"finish the run with: transferkit train --resume {output}"
@@ -128,7 +133,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     evaluation = evaluate(
         args.run, args.data, split=args.split, output=args.output, tta=args.tta,
-        batch_size=args.batch_size, progress=args.progress,
+        batch_size=args.batch_size, progress=_progress(args),
     )
     print_skipped(evaluation.skipped)
     print_metrics(evaluation.metrics, f"{evaluation.name}: {evaluation.metrics['images']} images")
@@ -147,7 +152,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     # Loaded before predicting, so a .onnx input or a missing grad-cam fails before any work.
     explainer = load_explainer(args.run) if args.explain else None
     result = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
-                     progress=args.progress, reject=args.reject)
+                     progress=_progress(args), reject=args.reject)
     print_skipped(result.skipped)
     scored = any(p.unknown_score is not None for p in result.predictions)
     if args.format == "json":
@@ -165,11 +170,12 @@ def _run_predict(args: argparse.Namespace) -> int:
 
         writer = csv.writer(sys.stdout)
         k = len(result.predictions[0].labels) if result.predictions else args.top_k
-        scores = ["unknown_score"] if scored else []
+        scores = ["unknown_score", "unknown"] if scored else []  # the columns of PredictionResult.to_pandas()
         writer.writerow(["path", "answer", *scores,
                          *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability"))])
         for p in result.predictions:
-            score = [f"{p.unknown_score:.6f}"] if p.unknown_score is not None else [""] * len(scores)
+            score = ([f"{p.unknown_score:.6f}", "true" if p.unknown else "false"] if p.unknown_score is not None
+                     else [""] * len(scores))
             writer.writerow([p.path, p.answer, *score, *(v for l, q in zip(p.labels, p.probabilities) for v in (l, f"{q:.6f}"))])
     else:
         width = max([len(p.path) for p in result.predictions] + [5])
@@ -190,7 +196,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from transferkit.commands.calibrate import calibrate
 
     trust, skipped = calibrate(args.run, args.data, unknown_score=args.unknown_score, unknown_keep=args.unknown_keep,
-                                 batch_size=args.batch_size, progress=args.progress)
+                                 batch_size=args.batch_size, progress=_progress(args))
     print_skipped(skipped)
     calibration, rejection = trust.calibration, trust.rejection
     assert calibration is not None and rejection is not None  # recalibrate fits both
@@ -209,7 +215,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from transferkit.commands.export import export, export_all, export_table
 
-    options = {"batch_size": args.batch_size, "progress": args.progress, "max_accuracy_drop": args.max_accuracy_drop}
+    options = {"batch_size": args.batch_size, "progress": _progress(args), "max_accuracy_drop": args.max_accuracy_drop}
     if args.format == "all":
         if args.quantize:
             raise ConfigError(["--format all writes float and int8 of every installed format; drop --quantize"])

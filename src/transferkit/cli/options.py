@@ -98,7 +98,7 @@ def _add_fields(
                 dest=dest,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
-                help=f"{help_text} (default: {'on' if default else 'off'})",
+                help=f"{help_text} (default: {spec.metadata.get('cli_default') or ('on' if default else 'off')})",
             )
             continue
         group.add_argument(
@@ -189,14 +189,16 @@ def evaluate_parser(subparsers: Any) -> None:
     parser.add_argument("data", metavar="DATA", nargs="?", help="labelled folder DATA/<class>/*; default: the run's own split")
     parser.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate (default: test, else val)")
     parser.add_argument("--output", metavar="DIR", help="folder for metrics.json and predictions.csv (default: RUN/evaluation/<name>)")
-    _add_inference_options(parser)
+    _add_batch_options(parser, tta=True)
 
 
-def _add_inference_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tta", action="store_true", help="average each image with its mirror image")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on inputs larger than one batch")
+def _add_batch_options(parser: argparse.ArgumentParser, batches: str = "images per batch", tta: bool = False) -> None:
+    if tta:
+        parser.add_argument("--tta", action="store_true", help="average each image with its mirror image")
+    parser.add_argument("--batch-size", type=int, default=64, help=f"{batches} (default: 64)")
+    # None until the handler resolves it: a bar is for a person watching, never for a pipe or a log file.
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show progress bars (default: on when stderr is a terminal)")
 
 
 def predict_parser(subparsers: Any) -> None:
@@ -213,7 +215,7 @@ def predict_parser(subparsers: Any) -> None:
     parser.add_argument("--explain", metavar="DIR",
                         help="also write a heat-map overlay PNG per image into DIR: where the model found its top "
                              "label (needs the run folder and pip install 'transferkit[explain]')")
-    _add_inference_options(parser)
+    _add_batch_options(parser, tta=True)
 
 
 def calibrate_parser(subparsers: Any) -> None:
@@ -227,8 +229,7 @@ def calibrate_parser(subparsers: Any) -> None:
     parser.add_argument("data", metavar="DATA", nargs="?", help="labelled folder DATA/<class>/*; default: the run's validation split")
     parser.add_argument("--unknown-score", choices=methods, help="the unknown score (default: the model's own, else knn)")
     parser.add_argument("--unknown-keep", type=float, help="share of DATA's images the threshold keeps (default: the model's own, else 0.95)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    _add_batch_options(parser)
 
 
 def report_parser(subparsers: Any) -> None:
@@ -253,8 +254,7 @@ def export_parser(subparsers: Any) -> None:
     parser.add_argument("--output", metavar="FILE", help="file to write, a folder with --format all (default: RUN/export/model.<format>)")
     parser.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
                         help=f"refuse a file more than POINTS less accurate than the model (default: {MAX_ACCURACY_DROP:g})")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch in the check (default: 64)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    _add_batch_options(parser, "images per batch in the check")
 
 
 def serve_parser(subparsers: Any) -> None:

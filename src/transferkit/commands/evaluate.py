@@ -9,7 +9,7 @@ from pathlib import Path
 from transferkit.data.folders import read_labelled_folder, split_folders
 from transferkit.errors import DataError
 from transferkit.inference.loading import load_predictor
-from transferkit.inference.metrics import Evaluation, evaluation_from_probabilities, unknown_share
+from transferkit.inference.metrics import Evaluation, evaluation_from_probabilities
 from transferkit.run.folder import RunFolder, is_model_folder, is_exported_file, run_split_items
 from transferkit.trust.temperature import before_and_after, uncalibrated_probabilities
 
@@ -61,7 +61,7 @@ def evaluate(
             classifier.temperature, calibration["fitted_on"],
         )
     if scores is not None and classifier.unknown:
-        evaluation.metrics["unknown"] = unknown_share(scores, classifier.unknown)
+        evaluation.judge_unknown(scores, classifier.unknown)
     evaluation.write(Path(output) if output else home.writable(home.evaluation_dir(name + ("-tta" if tta else ""))))
     return evaluation
 

@@ -71,16 +71,12 @@ class PredictionResult:
         return pd.DataFrame(rows)
 
     def _repr_html_(self) -> str:
-        """Jupyter's view: the first 20 images' answers and top probabilities."""
-        from html import escape
+        """Jupyter's view: the first images' answers and top probabilities."""
+        from transferkit._notebook import rows_table, view
 
-        rows = "".join(
-            f"<tr><td>{escape(Path(p.path).name)}</td><td>{escape(p.answer)}</td><td>{p.probabilities[0]:.1%}</td></tr>"
-            for p in self.predictions[:20]
-        )
-        more = f"<p>and {len(self) - 20} more</p>" if len(self) > 20 else ""
-        return (f"<table><tr><th>image</th><th>answer</th><th>top probability</th></tr>{rows}</table>{more}"
-                f"<p>{len(self.skipped)} files skipped</p>")
+        rows = [[Path(p.path).name, p.answer, f"{p.probabilities[0]:.1%}"] for p in self.predictions]
+        return view(f"Predictions for {len(self)} images", rows_table(["image", "answer", "top probability"], rows),
+                    f"<p>{len(self.skipped)} files skipped</p>")
 
 
 def collect_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[str], list[tuple[str, str]]]:

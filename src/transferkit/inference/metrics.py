@@ -20,7 +20,8 @@ TOP_K = (3, 5)
 CALIBRATION_BINS = 15
 MOST_CONFUSED = 10
 HIGHEST_LOSS = 16
-PREDICTION_COLUMNS = ["path", "label", "predicted", "confidence", "label_probability", "loss"]
+PREDICTION_COLUMNS = ["path", "label", "predicted", "confidence", "label_probability", "loss", "unknown_score", "unknown"]
+"""``unknown_score`` and ``unknown`` (true: the image is answered "none of these") are empty for a model without a score."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -187,6 +188,19 @@ class Evaluation:
     metrics: dict[str, Any]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     output: Path | None = None
+    unknown_scores: np.ndarray | None = None
+    """Each image's unknown score; None for a model without one."""
+    unknown: np.ndarray | None = None
+    """Whether each image is answered unknown (its score above the model's threshold)."""
+
+    def judge_unknown(self, scores: np.ndarray, record: dict[str, Any]) -> None:
+        """Each image's unknown score and answer under the model's unknown ``record``, and their share in the metrics."""
+        self.unknown_scores = np.asarray(scores, dtype=np.float64)
+        self.unknown = self.unknown_scores > record["threshold"]
+        self.metrics["unknown"] = unknown_share(self.unknown_scores, record)
+        answered = dict(zip(self.paths, self.unknown.tolist()))
+        for row in self.metrics.get("highest_loss", []):  # so the report's grid can mark the abstentions
+            row["unknown"] = answered[row["path"]]
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
@@ -194,7 +208,8 @@ class Evaluation:
         return f"Evaluation({self.name!r}: {shown}{f', written to {self.output}' if self.output else ''})"
 
     def to_pandas(self) -> Any:
-        """One row per image: its path, label, prediction, confidence, loss and every class's probability."""
+        """One row per image: its path, label, prediction, confidence, loss, unknown score and answer
+        (None without a score) and every class's probability."""
         import pandas as pd
 
         predicted = self.probabilities.argmax(axis=1)
@@ -203,21 +218,19 @@ class Evaluation:
             "path": self.paths, "label": [self.classes[t] for t in self.targets],
             "predicted": [self.classes[p] for p in predicted], "confidence": self.probabilities.max(axis=1),
             "label_probability": label_probability, "loss": losses,
+            "unknown_score": self.unknown_scores, "unknown": self.unknown,
         })
         return table.join(pd.DataFrame(self.probabilities, columns=[f"p_{name}" for name in self.classes]))
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the headline metrics and the confusion matrix (rows: label, columns: prediction)."""
-        from html import escape
+        from transferkit._notebook import facts_table, rows_table, view
 
-        metrics = "".join(f"<tr><th>{escape(key)}</th><td>{value:.4f}</td></tr>" if isinstance(value, float)
-                          else f"<tr><th>{escape(key)}</th><td>{escape(str(value))}</td></tr>"
-                          for key, value in headline(self.metrics).items() if value is not None)
-        header = "".join(f"<th>{escape(name)}</th>" for name in self.classes)
-        rows = "".join(f"<tr><th>{escape(name)}</th>{''.join(f'<td>{count}</td>' for count in counts)}</tr>"
-                       for name, counts in zip(self.classes, self.metrics.get("confusion_matrix", [])))
-        return (f"<b>Evaluation on {escape(self.name)}</b><table>{metrics}</table>"
-                f"<p>Confusion matrix (rows: label, columns: prediction)</p><table><tr><th></th>{header}</tr>{rows}</table>")
+        facts = [(key, value) for key, value in headline(self.metrics).items() if value not in (None, {})]
+        matrix = [[name, *counts] for name, counts in zip(self.classes, self.metrics.get("confusion_matrix", []))]
+        return view(f"Evaluation on {self.name}", facts_table(facts),
+                    "<p>Confusion matrix (rows: label, columns: prediction)</p>",
+                    rows_table(["", *self.classes], matrix, shown=len(matrix)))
 
     def write(self, folder: Path) -> None:
         """The metrics and the predictions (one row per image) in ``folder``."""
@@ -227,10 +240,13 @@ class Evaluation:
         predictions = self.probabilities.argmax(axis=1)
         label_probability, losses = label_losses(self.probabilities, self.targets)
 
+        scores = [""] * len(self.paths) if self.unknown_scores is None else [f"{s:.6f}" for s in self.unknown_scores]
+        answers = [""] * len(self.paths) if self.unknown is None else ["true" if u else "false" for u in self.unknown]
         rows = (
-            [path, self.classes[label], self.classes[predicted], f"{row[predicted]:.6f}", f"{probability:.6f}", f"{loss:.6f}"]
-            for path, label, predicted, row, probability, loss in zip(
-                self.paths, self.targets, predictions, self.probabilities, label_probability, losses
+            [path, self.classes[label], self.classes[predicted], f"{row[predicted]:.6f}", f"{probability:.6f}",
+             f"{loss:.6f}", score, answer]
+            for path, label, predicted, row, probability, loss, score, answer in zip(
+                self.paths, self.targets, predictions, self.probabilities, label_probability, losses, scores, answers
             )
         )
         write_csv(predictions_file, PREDICTION_COLUMNS, rows)

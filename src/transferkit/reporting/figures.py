@@ -11,10 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.reporting.sentences import UNKNOWN_BADGE, answered_unknown
+
 FIGURE_DPI = 110
 GRID_IMAGES = 16
 WRONG = "#c0392b"
 RIGHT = "#1e8449"
+ABSTAINED = "#555555"  # grey, as the serve page greys the bars of an image it answers "none of these"
 
 
 def pyplot() -> Any:
@@ -208,6 +211,9 @@ def plot_image_grid(
             f"true: {row['label']}\npred: {row['predicted']} ({float(row['confidence']):.0%}){name}",
             fontsize=9, color=WRONG if wrong else RIGHT,
         )
+        if answered_unknown(row):  # the class above is what it would have said; a user is told "none of these"
+            axis.text(0.03, 0.97, UNKNOWN_BADGE, transform=axis.transAxes, ha="left", va="top", fontsize=8,
+                      color="white", bbox={"boxstyle": "round,pad=0.3", "facecolor": ABSTAINED, "edgecolor": "none"})
         if wrong:
             axis.axis("on")
             for spine in axis.spines.values():

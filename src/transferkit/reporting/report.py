@@ -12,12 +12,13 @@ from typing import Any
 import yaml
 
 from transferkit._io import read_csv_rows, read_json, write_text
-from transferkit.reporting.figures import GRID_IMAGES
 from transferkit.reporting.html import Markup, html_image, html_page, html_table
-from transferkit.reporting.run_figures import write_figures
+from transferkit.reporting.run_figures import grid_rows, write_figures
 from transferkit.reporting.run_summary import RunSummary, read_run
 from transferkit.reporting.sentences import (
     SPLIT_WORDS,
+    abstention_sentence,
+    answered_unknown,
     class_phrase,
     headline,
     model_name,
@@ -27,6 +28,7 @@ from transferkit.reporting.sentences import (
 )
 from transferkit.run.folder import RunFolder
 from transferkit.run.records import PhaseRecord
+from transferkit.trust.records import UNKNOWN
 
 HEADLINE = [
     ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"),
@@ -133,19 +135,22 @@ CAPTIONS = {
 
 
 def _figures_section(run: RunSummary, figures: dict[str, Path]) -> str:
+    grids = grid_rows(run)
     notes = {
         "reliability": reliability_sentence(run.predictions),
         "highest_loss": "The images the model got most wrong, often a wrong label or an unusual photo; "
                         "the table below gives their files.",
     }
+    for name in ("sample_predictions", "highest_loss"):
+        notes[name] = " ".join(filter(None, [notes.get(name, ""), abstention_sentence(grids[name])]))
     parts = ['<h2 id="figures">Figures</h2>']
     for name, path in figures.items():
         parts.append(f'<h3 id="{name}">{CAPTIONS[name]}</h3>' + html_image(path, CAPTIONS[name], notes.get(name, "")))
         if name == "highest_loss":
-            rows = [[r["path"], r["label"], r["predicted"], float(r["confidence"])]
-                    for r in run.evaluation.get("highest_loss", [])[:GRID_IMAGES]]
+            rows = [[r["path"], r["label"], r["predicted"], float(r["confidence"]),
+                     UNKNOWN if answered_unknown(r) else r["predicted"]] for r in grids[name]]
             parts.append('<div id="highest_loss_files">'
-                         + html_table(["file", "true class", "predicted", "confidence"], rows) + "</div>")
+                         + html_table(["file", "true class", "predicted", "confidence", "answer"], rows) + "</div>")
     return "\n".join(parts)
 
 

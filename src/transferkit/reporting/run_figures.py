@@ -51,10 +51,10 @@ def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path
         "confusion_matrix": lambda: plot_confusion_matrix(metrics, run.classes, run.split),
         "reliability": lambda: plot_reliability(metrics, run.split),
         "sample_predictions": lambda: plot_image_grid(
-            sample_rows(run.predictions), f"Sample predictions, {run.split} split"
+            grid_rows(run)["sample_predictions"], f"Sample predictions, {run.split} split"
         ),
         "highest_loss": lambda: plot_image_grid(
-            metrics.get("highest_loss", [])[:GRID_IMAGES], f"Highest-loss images, {run.split} split", file_names=True
+            grid_rows(run)["highest_loss"], f"Highest-loss images, {run.split} split", file_names=True
         ),
     }
     builders.update(_heatmap_builders(run))
@@ -74,6 +74,12 @@ def write_figures(run: RunSummary, folder: Path | None = None) -> dict[str, Path
         plt.close(figure)
         written[name] = path
     return written
+
+
+def grid_rows(run: RunSummary) -> dict[str, list[dict[str, Any]]]:
+    """The images of the two photo grids, so the report's words about them name the same images."""
+    return {"sample_predictions": sample_rows(run.predictions),
+            "highest_loss": run.evaluation.get("highest_loss", [])[:GRID_IMAGES]}
 
 
 def most_confused_rows(run: RunSummary, count: int = GRID_IMAGES) -> list[dict[str, Any]]:
@@ -112,7 +118,7 @@ def _heatmap_builders(run: RunSummary) -> dict[str, Callable[[], Any]]:
     if not grad_cam_available():
         return {}
     grids = {
-        "highest_loss_heatmaps": (run.evaluation.get("highest_loss", [])[:GRID_IMAGES], "Highest-loss images"),
+        "highest_loss_heatmaps": (grid_rows(run)["highest_loss"], "Highest-loss images"),
         "most_confused_heatmaps": (most_confused_rows(run), "Most-confused images"),
     }
     explainers: list[Any] = []  # loaded once, by the first grid drawn

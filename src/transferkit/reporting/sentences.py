@@ -57,6 +57,23 @@ def reliability_sentence(predictions: list[dict[str, Any]], sure: float = 0.9) -
     return text
 
 
+UNKNOWN_BADGE = "answered unknown"
+
+
+def answered_unknown(row: dict[str, Any]) -> bool:
+    """Whether an image was answered "none of these": a bool in metrics.json, true/false/empty in predictions.csv."""
+    return str(row.get("unknown", "")).lower() == "true"
+
+
+def abstention_sentence(rows: list[dict[str, Any]]) -> str:
+    """What the "answered unknown" badge on a grid's pictures means; empty when none is badged."""
+    badged = sum(answered_unknown(row) for row in rows)
+    if not badged:
+        return ""
+    return (f'{badged} of these {len(rows)} images are badged "{UNKNOWN_BADGE}": their unknown score is above the '
+            '"none of these" threshold, so a user of the model is told "none of these" instead of the class shown.')
+
+
 def images_needed(keep: float) -> int:
     """Validation images for ``ABOVE_THRESHOLD`` of them to lie above a threshold that keeps ``keep``."""
     return math.ceil(ABOVE_THRESHOLD / max(1 - keep, 1e-9) - 1e-9)

@@ -29,6 +29,28 @@ class Comparison:
         """The run folder of row ``number``."""
         return RunFolder(self.output / self.rows[number]["run"])
 
+    def __repr__(self) -> str:
+        runs = ", ".join(f"{row['strategy']} {_number(row['saved_val_accuracy'])}" for row in self.rows)
+        return f"Comparison({str(self.output)!r}: val accuracy {runs})"
+
+    def to_pandas(self) -> Any:
+        """comparison.csv: one row per run."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the table and the validation curves of every run."""
+        from transferkit._notebook import png, rows_table, view
+
+        header = ["strategy", "model", "best val acc", "saved val acc", "test acc", "macro F1", "epochs to best",
+                  "wall s"]
+        rows = [[row["strategy"], row["model"], row["best_val_accuracy"], row["saved_val_accuracy"],
+                 row["test_accuracy"], row["macro_f1"], row["epochs_to_best"], round(row["wall_seconds"], 1)]
+                for row in self.rows]
+        return view(f"Comparison of {len(self.rows)} runs", rows_table(header, rows, shown=len(rows)),
+                    png(self.output / "curves.png", "validation curves"))
+
     def table(self) -> str:
         header = ["strategy", "model", "best val acc", "test acc", "macro F1", "epochs to best", "wall s",
                   "cached features", "trainable / total params"]

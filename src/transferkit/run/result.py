@@ -49,8 +49,7 @@ class TrainResult:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the headline metrics, and the training curves where the run drew them."""
-        import base64
-        from html import escape
+        from transferkit._notebook import facts_table, png, view
 
         rows = [("run folder", str(self.run_dir)), ("classes", ", ".join(self.classes))]
         if self.metrics:
@@ -60,8 +59,5 @@ class TrainResult:
                      ("val accuracy", f"{metrics.val['accuracy']:.4f}"), ("val macro F1", f"{metrics.val['macro_f1']:.4f}")]
             if metrics.test is not None:
                 rows += [("test accuracy", f"{metrics.test['accuracy']:.4f}")]
-        table = "".join(f"<tr><th>{escape(key)}</th><td>{escape(value)}</td></tr>" for key, value in rows)
         curves = RunFolder(self.run_dir).figures_dir / "training_curves.png"
-        image = (f'<img alt="training curves" src="data:image/png;base64,{base64.b64encode(curves.read_bytes()).decode()}">'
-                 if curves.is_file() else "")
-        return f"<b>Training run</b><table>{table}</table>{image}"
+        return view("Training run", facts_table(rows), png(curves, "training curves"))

@@ -23,7 +23,6 @@ from transferkit.inference.metrics import (
     compute_metrics,
     evaluation_from_probabilities,
     headline,
-    unknown_share,
 )
 from transferkit.inference.predictor import create_forward, exact_float32, run_forward, softmax
 from transferkit.models.create import PooledFeatures, classify_pooled
@@ -110,7 +109,7 @@ def evaluate_phases(
         if trust.rejection is not None:
             scores = unknown_scores(trust.rejection.method, torch.from_numpy(logits[split] / trust.temperature),
                                               pooled[split], trust.bank)
-            evaluation.metrics["unknown"] = unknown_share(scores.numpy(), trust.rejection.as_dict())
+            evaluation.judge_unknown(scores.numpy(), trust.rejection.as_dict())
         if trust.calibration is not None:
             evaluation.metrics["calibration"] = before_and_after(
                 softmax(logits[split]), evaluation.targets, trust.temperature, trust.calibration.fitted_on
