@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transferkit.data.config import DataConfig, help_text
+from transferkit.data.config import VIEW_POLICIES, DataConfig, help_text
 from transferkit.errors import ConfigError, close_matches, non_finite_problems, raise_together
 from transferkit.models.config import DEFAULT_MODEL, GLOBAL_POOLS, ModelConfig
 from transferkit.training.config import (
@@ -89,6 +89,14 @@ class TrainConfig:
             "e mod (N+1), view 0 being the image itself"
         ),
     )
+    finetune_view_policy: str = field(
+        default="light",
+        metadata=help_text(
+            "how --finetune-views are drawn: light (random crop and mirror), randaugment (then timm's RandAugment "
+            f"{VIEW_POLICIES['randaugment']}) or trivialaugment (then one timm RandAugment op at a uniform "
+            "magnitude, as TrivialAugment)"
+        ),
+    )
     activation_cache_gb: float = field(
         default=20.0,
         metadata=help_text("largest size of a run's cached activations, views included, in GB of disk (read from "
@@ -136,6 +144,9 @@ class TrainConfig:
         elif self.finetune_views and self.finetune_on == "images":
             found.append(f"--finetune-views {self.finetune_views} needs fine-tuning on activations; "
                          "drop --finetune-on images (the default, auto, uses them where it can)")
+        if self.finetune_view_policy not in VIEW_POLICIES:
+            found.append(f"--finetune-view-policy must be one of {', '.join(VIEW_POLICIES)}, "
+                         f"got {self.finetune_view_policy!r}")
         if self.unknown_score not in UNKNOWN_SCORES:
             found.append(f"--unknown-score must be one of {', '.join(UNKNOWN_SCORES)}, got {self.unknown_score!r}")
         if math.isfinite(self.unknown_keep) and not 0 < self.unknown_keep <= 1:
