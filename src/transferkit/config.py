@@ -31,6 +31,7 @@ from transferkit.training.config import (
     PhaseConfig,
     default_finetune_phase,
     default_frozen_phase,
+    lr_is_auto,
     parse_unfreeze,
     unfreeze_is_auto,
 )
@@ -40,7 +41,7 @@ __all__ = [
     "AUGMENTATIONS", "BATCHNORM_POLICIES", "CLASS_BALANCE", "DEFAULT_MODEL", "FEW_BLOCKS", "FINETUNE_INPUTS",
     "GLOBAL_POOLS", "MANY_BLOCKS", "MANY_BLOCKS_FROM", "MAX_LR", "MAX_SEED", "OPTIMIZERS", "SCHEDULERS",
     "UNKNOWN_SCORES", "DataConfig", "ModelConfig", "PhaseConfig", "TrainConfig", "default_finetune_phase",
-    "default_frozen_phase", "parse_unfreeze", "unfreeze_is_auto",
+    "default_frozen_phase", "lr_is_auto", "parse_unfreeze", "unfreeze_is_auto",
 ]
 
 CLASS_BALANCE = ("none", "weight", "sample")

@@ -69,8 +69,19 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected fractions like 0.8,0.16,0.04, got {text!r}") from None
 
 
+def _number_or_auto(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _converter(kind: Any) -> Any:
     text = str(kind)
+    if text == "float | str":
+        return _number_or_auto
     if "tuple" in text:
         return _fractions
     if "int" in text:

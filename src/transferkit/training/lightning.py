@@ -170,6 +170,11 @@ class ImageClassifier(L.LightningModule):
                      batch_size=len(targets), sync_dist=True)
         return loss
 
+    def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+        # Here as well as in FineTuning: Lightning's lr_find swaps the trainer's callbacks for its own,
+        # and its sweep should see the batch norm the phase trains with.
+        set_batchnorm_mode(self.model, self.finetuning.batchnorm)
+
     def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
         return self._step(batch, "train")
 
