@@ -90,6 +90,16 @@ class TrainConfig:
             "e mod (N+1), view 0 being the image itself"
         ),
     )
+    finetune_mixup: float = field(
+        default=0.0,
+        metadata=help_text("fine-tuning mixes each training batch by timm's Mixup with this alpha (0: off), on images "
+                           "or on cached activations (manifold mixup), with soft targets"),
+    )
+    finetune_cutmix: float = field(
+        default=0.0,
+        metadata=help_text("fine-tuning on images cuts and pastes between images by timm's CutMix with this alpha "
+                           "(0: off); with mixup too, each batch gets one of them"),
+    )
     finetune_view_policy: str = field(
         default="light",
         metadata=help_text(
@@ -145,6 +155,7 @@ class TrainConfig:
         elif self.finetune_views and self.finetune_on == "images":
             found.append(f"--finetune-views {self.finetune_views} needs fine-tuning on activations; "
                          "drop --finetune-on images (the default, auto, uses them where it can)")
+        found += _mixing_problems(self)
         if self.finetune_view_policy not in VIEW_POLICIES:
             found.append(f"--finetune-view-policy must be one of {', '.join(VIEW_POLICIES)}, "
                          f"got {self.finetune_view_policy!r}")
@@ -246,6 +257,19 @@ class TrainConfig:
                     section["split"] = tuple(section["split"])
                 parts[name] = kind(**section)
         return cls(**parts)
+
+
+def _mixing_problems(config: TrainConfig) -> list[str]:
+    found = [f"--finetune-{name} must be 0 or more, got {value}" for name, value in
+             (("mixup", config.finetune_mixup), ("cutmix", config.finetune_cutmix)) if math.isfinite(value) and value < 0]
+    mixes = config.finetune_mixup > 0 or config.finetune_cutmix > 0
+    if mixes and config.class_balance == "weight":
+        found.append("--class-balance weight does not combine with --finetune-mixup or --finetune-cutmix (soft targets "
+                     "carry no class weights); --class-balance sample balances the batches instead")
+    if config.finetune_cutmix > 0 and config.finetune_on == "activations":
+        found.append("--finetune-cutmix needs fine-tuning on images (a box on an activation map cuts whole objects); "
+                     "use --finetune-mixup on activations, or --finetune-on images")
+    return found
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

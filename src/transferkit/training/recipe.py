@@ -27,6 +27,7 @@ from transferkit.data.loaders import image_loader
 from transferkit.run.records import PhaseRecord
 from transferkit.training.head_loop import LabelledFeatures, train_head
 from transferkit.training.lightning import AboveBoundary, FineTuning, ImageClassifier, fit_with_lightning
+from transferkit.training.mixing import create_mixing
 from transferkit.training.lr_find import MIN_LR, suggestion, sweep_head, sweep_with_lightning, write_sweep_plot
 from transferkit.training.phase import EpochSampler, epoch_log
 from transferkit.training.plan import FitPlan
@@ -161,16 +162,20 @@ def _lightning_inputs(
     phase: PhaseConfig = getattr(plan, name)
     unfreeze = plan.unfreeze if name == "finetune" else 0
     finetuning = FineTuning(name, phase, unfreeze, plan.batchnorm)
+    classes = len(inputs.index.classes)
     if name == "finetune" and plan.boundary is not None:
         targets = inputs.index.targets("train")
         train = training_loader([inputs.activations["train"], *inputs.views], targets, inputs.sampler, plan.batch_size)
         val = Subset(ViewDataset([inputs.activations["val"]], torch.tensor(inputs.index.targets("val"))),
                      inputs.val_rows.tolist())
         top = AboveBoundary(model, plan.boundary, phase.augment)
-        return ImageClassifier(model, inputs.loss, finetuning, top), train, DataLoader(val, plan.batch_size)
+        mixing = create_mixing(plan.mixup, plan.cutmix, plan.label_smoothing, classes, on_images=False)
+        return ImageClassifier(model, inputs.loss, finetuning, top, mixing), train, DataLoader(val, plan.batch_size)
     splits, preprocessing = inputs.index.splits, inputs.preprocessing
     train = image_loader(splits["train"], preprocessing, plan.batch_size, plan.num_workers, augment=phase.augment,
                          sampler=inputs.sampler)
     val_items = [splits["val"][row] for row in inputs.val_rows]
     val = image_loader(val_items, preprocessing, plan.batch_size, plan.num_workers)
-    return ImageClassifier(model, inputs.loss, finetuning), train, val
+    mixing = create_mixing(plan.mixup, plan.cutmix, plan.label_smoothing, classes, on_images=True) \
+        if name == "finetune" else None
+    return ImageClassifier(model, inputs.loss, finetuning, mixing=mixing), train, val
