@@ -84,3 +84,15 @@ def test_lr_takes_a_number_or_auto(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["train", str(data), "--frozen-lr", "quick"])
     assert "expected a number or auto, got 'quick'" in capsys.readouterr().err
+
+
+def test_a_head_trained_on_images_is_swept_by_lightning(tmp_path: Path, tiny_weights: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=10)
+    # An augmented head phase cannot read cached features: it trains, and is swept, on images.
+    run = train(data, tiny_config(tmp_path / "run", tiny_weights, **{"frozen.lr": "auto", "frozen.augment": "light",
+                                                                      "frozen.epochs": 1, "finetune.epochs": 0}))
+    rate = RunFolder(run.run_dir).read_config().frozen.lr
+    assert isinstance(rate, float) and MIN_LR <= rate <= MAX_LR
+    assert (run.run_dir / "figures" / "lr-find-frozen.png").is_file()
+    assert not (run.run_dir / "figures" / "lr-find-finetune.png").exists(), "a phase with no epochs is not swept"
+    assert [row.phase for row in RunFolder(run.run_dir).read_history()] == ["frozen"]
