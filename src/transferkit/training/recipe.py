@@ -27,8 +27,8 @@ from transferkit.data.loaders import image_loader
 from transferkit.run.records import PhaseRecord
 from transferkit.training.head_loop import LabelledFeatures, train_head
 from transferkit.training.lightning import AboveBoundary, FineTuning, ImageClassifier, fit_with_lightning
-from transferkit.training.mixing import create_mixing
 from transferkit.training.lr_find import MIN_LR, suggestion, sweep_head, sweep_with_lightning, write_sweep_plot
+from transferkit.training.mixing import create_mixing
 from transferkit.training.phase import EpochSampler, epoch_log
 from transferkit.training.plan import FitPlan
 from transferkit.training.progress import PhaseProgress
