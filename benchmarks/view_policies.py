@@ -52,7 +52,8 @@ def table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row_cpu(row), row["variant"]), []).append(row)
-    for (dataset, cpu, variant), mine in sorted(groups.items()):
+    order = ["none", "light", "randaugment", "trivialaugment"]
+    for (dataset, cpu, variant), mine in sorted(groups.items(), key=lambda item: (item[0][:2], order.index(item[0][2]))):
         shown = "none (default)" if variant == "none" else f"3, {variant}"
         lines.append(f"| {dataset} | {cpu} | {shown} | {','.join(str(r['seed']) for r in mine)} | "
                      f"{statistics.mean(r['val_accuracy'] for r in mine):.4f} | "
