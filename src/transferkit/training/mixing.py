@@ -40,11 +40,14 @@ class Mixing:
         return torch.cat([mixed, inputs[even:]]), torch.cat([soft, whole[even:]])
 
 
-def create_mixing(mixup: float, cutmix: float, label_smoothing: float, num_classes: int, on_images: bool) -> Mixing | None:
+def create_mixing(
+    mixup: float, cutmix: float, label_smoothing: float, num_classes: int, on_images: bool
+) -> Mixing | None:
     """The mixing of fine-tuning's batches (``--finetune-mixup``, ``--finetune-cutmix``), or None
     where it mixes nothing: CutMix only on images."""
     if cutmix > 0 and not on_images:
-        log.info("--finetune-cutmix is not used: fine-tuning reads cached activations (--finetune-on images cuts images)")
+        log.info("--finetune-cutmix is not used: fine-tuning reads cached activations "
+                 "(--finetune-on images cuts images)")
         cutmix = 0.0
     if mixup <= 0 and cutmix <= 0:
         return None

@@ -119,7 +119,9 @@ def finetune_phase(
     return _fit_lightning("finetune", model, plan, inputs, progress, resume_from)
 
 
-def resolve_auto_lr(name: str, model: nn.Module, plan: FitPlan, inputs: FitInputs, progress: PhaseProgress) -> PhaseConfig:
+def resolve_auto_lr(
+    name: str, model: nn.Module, plan: FitPlan, inputs: FitInputs, progress: PhaseProgress
+) -> PhaseConfig:
     """Phase ``name`` with its ``auto`` learning rate swept and chosen (``training.lr_find``), the
     sweep's plot in the run's figures and the rate written into its config.yaml."""
     L.seed_everything(plan.seed, workers=True, verbose=False)  # the same sweep in every run
@@ -138,7 +140,8 @@ def resolve_auto_lr(name: str, model: nn.Module, plan: FitPlan, inputs: FitInput
         path = folder.writable(folder.figures_dir) / f"lr-find-{name}.png"
         write_sweep_plot(finder, name, rate, path)
         source, config = folder.read_record()
-        folder.write_config(source, dataclasses.replace(config, **{name: dataclasses.replace(phase, lr=rate)}))
+        found = dataclasses.replace(getattr(config, name), lr=rate)
+        folder.write_config(source, dataclasses.replace(config, **{name: found}))
         epoch_log.info("%s: learning rate %.2e found by the lr finder (%d rates swept from %.0e; plot: %s)",
                        name, rate, len(finder.results["lr"]), finder.lr_min, path)
     return dataclasses.replace(phase, lr=rate)
