@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from torch.nn import functional as F
 
 from conftest import tiny_config
@@ -293,19 +295,67 @@ def test_a_view_is_the_light_augmentation_drawn_from_the_image_content(tmp_path:
     assert 0 < mirrored < 8
 
 
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_a_timm_policy_draws_other_views_the_same_for_the_same_image_and_view(policy: str) -> None:
+    from PIL import Image
+
+    from transferkit.data.transforms import AugmentedView
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    preprocessing = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    digest = bytes(range(32))
+    light = [AugmentedView(preprocessing, view)(image, digest) for view in range(1, 9)]
+    drawn = [AugmentedView(preprocessing, view, policy)(image, digest) for view in range(1, 9)]
+    assert all(v.shape == (3, 32, 32) and np.isfinite(v).all() for v in drawn)
+    assert all(np.array_equal(v, AugmentedView(preprocessing, k, policy)(image, digest)) for k, v in zip(range(1, 9), drawn))
+    # RandAugment applies each of its two ops with probability 0.5: some views stay the light ones.
+    assert any(not np.array_equal(a, b) for a, b in zip(light, drawn)), "timm's ops change views"
+    assert all(a.shape == b.shape for a, b in zip(light, drawn))
+    # The policy's draws leave the process's own generators where they were.
+    random.seed(7)
+    np.random.seed(7)
+    AugmentedView(preprocessing, 1, policy)(image, digest)
+    assert (random.random(), np.random.random()) == (random.Random(7).random(), np.random.RandomState(7).random_sample())
+
+
+def test_the_view_policy_changes_the_cached_views_and_is_recorded(
+    image_folder: Path, tmp_path: Path, tiny_weights: Path, feature_cache: Path
+) -> None:
+    options = {"finetune_on": "activations", "finetune_views": 1, "finetune.epochs": 2, "finetune.patience": 2,
+               "frozen.epochs": 0}
+    train(image_folder, tiny_config(tmp_path / "light", tiny_weights, **options))
+    run = train(image_folder, tiny_config(tmp_path / "rand", tiny_weights, **options, finetune_view_policy="randaugment"))
+    light, rand = (next(p for p in feature_cache.iterdir() if p.name.endswith(spec)) for spec in
+                   (_spec("light"), _spec("randaugment")))
+    light_rows, rand_rows = cached_rows(light), cached_rows(rand)
+    assert light_rows.keys() == rand_rows.keys()
+    assert sum(not np.array_equal(light_rows[d], rand_rows[d]) for d in light_rows) > len(light_rows) // 2
+    assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["finetune_view_policy"] == "randaugment"
+    with pytest.raises(ConfigError, match="--finetune-view-policy must be one of light, randaugment, trivialaugment"):
+        tiny_config(tmp_path, tiny_weights, finetune_view_policy="autoaugment")
+
+
+def _spec(policy: str) -> str:
+    import hashlib
+
+    from transferkit.data.transforms import view_spec
+
+    return hashlib.sha256(view_spec(policy).encode()).hexdigest()[:12]
+
+
 def test_views_are_cached_once_the_same_in_every_run_and_read_by_a_rerun(
     image_folder: Path, tmp_path: Path, tiny_weights: Path, feature_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import hashlib
 
-    from transferkit.data.transforms import AugmentedView
+    from transferkit.data.transforms import view_spec
 
     # Three epochs read the plain activations, then view 1, then view 2.
     options = {"finetune_on": "activations", "finetune_views": 2, "finetune.epochs": 3, "finetune.patience": 3,
                "frozen.epochs": 0}
     first = train(image_folder, tiny_config(tmp_path / "first", tiny_weights, **options))
     trained = sum(first.counts["train"].values())
-    spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
+    spec = hashlib.sha256(view_spec("light").encode()).hexdigest()[:12]
     plain = next(p for p in feature_cache.iterdir() if "-after-" in p.name and "-view" not in p.name)
     folders = sorted(p for p in feature_cache.iterdir() if "-view" in p.name)
     assert [p.name for p in folders] == [f"{plain.name}-view{k}-{spec}" for k in (1, 2)]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transferkit.data.config import DataConfig, help_text
+from transferkit.data.config import VIEW_POLICIES, DataConfig, help_text
 from transferkit.errors import ConfigError, close_matches, non_finite_problems, raise_together
 from transferkit.models.config import DEFAULT_MODEL, GLOBAL_POOLS, ModelConfig
 from transferkit.training.config import (
@@ -32,6 +32,7 @@ from transferkit.training.config import (
     default_finetune_phase,
     default_frozen_phase,
     logger_problems,
+    lr_is_auto,
     parse_unfreeze,
     unfreeze_is_auto,
 )
@@ -41,7 +42,7 @@ __all__ = [
     "AUGMENTATIONS", "BATCHNORM_POLICIES", "CLASS_BALANCE", "DEFAULT_MODEL", "FEW_BLOCKS", "FINETUNE_INPUTS",
     "GLOBAL_POOLS", "MANY_BLOCKS", "MANY_BLOCKS_FROM", "MAX_LR", "MAX_SEED", "OPTIMIZERS", "SCHEDULERS",
     "UNKNOWN_SCORES", "DataConfig", "ModelConfig", "PhaseConfig", "TrainConfig", "default_finetune_phase",
-    "default_frozen_phase", "parse_unfreeze", "unfreeze_is_auto",
+    "default_frozen_phase", "lr_is_auto", "parse_unfreeze", "unfreeze_is_auto",
 ]
 
 CLASS_BALANCE = ("none", "weight", "sample")
@@ -88,6 +89,24 @@ class TrainConfig:
             "with fine-tuning on activations: also cache the activations of N views of every training image "
             "(the light augmentation's random crop and mirror, the same in every run); epoch e trains on view "
             "e mod (N+1), view 0 being the image itself"
+        ),
+    )
+    finetune_mixup: float = field(
+        default=0.0,
+        metadata=help_text("fine-tuning mixes each training batch by timm's Mixup with this alpha (0: off), on images "
+                           "or on cached activations (manifold mixup), with soft targets"),
+    )
+    finetune_cutmix: float = field(
+        default=0.0,
+        metadata=help_text("fine-tuning on images cuts and pastes between images by timm's CutMix with this alpha "
+                           "(0: off); with mixup too, each batch gets one of them"),
+    )
+    finetune_view_policy: str = field(
+        default="light",
+        metadata=help_text(
+            "how --finetune-views are drawn: light (random crop and mirror), randaugment (then timm's RandAugment "
+            f"{VIEW_POLICIES['randaugment']}) or trivialaugment (then one timm RandAugment op at a uniform "
+            "magnitude, as TrivialAugment)"
         ),
     )
     activation_cache_gb: float = field(
@@ -143,6 +162,10 @@ class TrainConfig:
         elif self.finetune_views and self.finetune_on == "images":
             found.append(f"--finetune-views {self.finetune_views} needs fine-tuning on activations; "
                          "drop --finetune-on images (the default, auto, uses them where it can)")
+        found += _mixing_problems(self)
+        if self.finetune_view_policy not in VIEW_POLICIES:
+            found.append(f"--finetune-view-policy must be one of {', '.join(VIEW_POLICIES)}, "
+                         f"got {self.finetune_view_policy!r}")
         if self.unknown_score not in UNKNOWN_SCORES:
             found.append(f"--unknown-score must be one of {', '.join(UNKNOWN_SCORES)}, got {self.unknown_score!r}")
         if math.isfinite(self.unknown_keep) and not 0 < self.unknown_keep <= 1:
@@ -242,6 +265,19 @@ class TrainConfig:
                     section["split"] = tuple(section["split"])
                 parts[name] = kind(**section)
         return cls(**parts)
+
+
+def _mixing_problems(config: TrainConfig) -> list[str]:
+    found = [f"--finetune-{name} must be 0 or more, got {value}" for name, value in
+             (("mixup", config.finetune_mixup), ("cutmix", config.finetune_cutmix)) if math.isfinite(value) and value < 0]
+    mixes = config.finetune_mixup > 0 or config.finetune_cutmix > 0
+    if mixes and config.class_balance == "weight":
+        found.append("--class-balance weight does not combine with --finetune-mixup or --finetune-cutmix (soft targets "
+                     "carry no class weights); --class-balance sample balances the batches instead")
+    if config.finetune_cutmix > 0 and config.finetune_on == "activations":
+        found.append("--finetune-cutmix needs fine-tuning on images (a box on an activation map cuts whole objects); "
+                     "use --finetune-mixup on activations, or --finetune-on images")
+    return found
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Fine-tuning's cached inputs: where a run's backbone splits, the boundary activations of every
 image, and the activations of augmented views of the training images, from the persistent cache.
 
-View k of a training image (``--finetune-views``) is ``data.loaders.AugmentedView``: the light
-augmentation's random crop and mirror drawn from the image's content digest and k, so it is the
-same in every run and cached like the plain activations, in a folder of its own named by the
-backbone, the boundary, k and the augmentation's spec. Epoch e trains on view e mod (N + 1),
+View k of a training image (``--finetune-views``) is ``data.transforms.AugmentedView``: the light
+augmentation's random crop and mirror, then timm's RandAugment under ``--finetune-view-policy``,
+drawn from the image's content digest and k, so it is the same in every run and cached like the
+plain activations, in a folder of its own named by the backbone, the boundary, k and the
+augmentation's spec. Epoch e trains on view e mod (N + 1),
 view 0 being the plain activations; the view is a function of the epoch alone, so a resumed run
 reads what a run never stopped would have.
 """
@@ -59,11 +60,13 @@ class ActivationPass:
     backend: str
     num_workers: int
     progress_bar: bool
+    view_policy: str = "light"
+    """How views of the training images are drawn (``--finetune-view-policy``)."""
 
     @classmethod
     def of(cls, config: TrainConfig) -> ActivationPass:
         return cls(config.cache_dir, config.model.global_pool, inference_backend(config.accelerator),
-                   config.data.resolved_num_workers(), config.progress)
+                   config.data.resolved_num_workers(), config.progress, config.finetune_view_policy)
 
 
 def boundary_cache_folder(
@@ -161,8 +164,9 @@ def _cached_activations(
     folder = boundary_cache_folder(model, boundary, preprocessing, run.cache_dir, run.global_pool)
     transform = None
     if view:
-        spec = hashlib.sha256(AugmentedView.spec.encode()).hexdigest()[:12]
-        folder, transform = folder.with_name(f"{folder.name}-view{view}-{spec}"), AugmentedView(preprocessing, view)
+        transform = AugmentedView(preprocessing, view, run.view_policy)
+        spec = hashlib.sha256(transform.spec.encode()).hexdigest()[:12]
+        folder = folder.with_name(f"{folder.name}-view{view}-{spec}")
     kind = f"activations (view {view})" if view else "activations and features" if pooled else "activations"
     # Every row a cache hit still gets its shape checked against what this model gives.
     row_shape = output_row_shape(Bottom(model, boundary), preprocessing["input_size"])

@@ -15,6 +15,7 @@ from transferkit.config import (
     PhaseConfig,
     TrainConfig,
 )
+from transferkit.cli.values import converter
 from transferkit.data.registry import DATA_HELP
 
 # (dataclass, flag prefix, TrainConfig attribute)
@@ -62,24 +63,6 @@ def _flag(prefix: str, name: str) -> str:
     return f"--{prefix}{name.replace('_', '-')}"
 
 
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected fractions like 0.8,0.16,0.04, got {text!r}") from None
-
-
-def _converter(kind: Any) -> Any:
-    text = str(kind)
-    if "tuple" in text:
-        return _fractions
-    if "int" in text:
-        return int
-    if "float" in text:
-        return float
-    return str
-
-
 def _add_fields(
     parser: argparse.ArgumentParser, kind: type, prefix: str, dest_prefix: str, defaults: Any,
     skip: frozenset[str] = frozenset(),
@@ -104,7 +87,7 @@ def _add_fields(
         group.add_argument(
             spec.metadata.get("flag") or _flag(prefix, spec.name),
             dest=dest,
-            type=_converter(spec.type),
+            type=converter(spec.type),
             metavar=spec.name.upper(),
             default=argparse.SUPPRESS,
             help=f"{help_text} (default: {shown})",

@@ -15,6 +15,15 @@ from typing import Any
 SPLIT_GROUPS = ("near-copies", "none")
 """near-copies: near-identical and byte-identical images share a side of a carved split; none: at random."""
 
+VIEW_POLICIES = {
+    "light": "",
+    "randaugment": "rand-m9-mstd0.5",
+    "trivialaugment": "rand-n1-m10-mstd101-inc1-p1.0",
+}
+"""``--finetune-view-policy``: after the light crop and mirror, nothing more, or timm's RandAugment
+with this config string (``trivialaugment``: one op a view at a uniformly drawn magnitude, as
+TrivialAugment draws it, in timm's RandAugment terms)."""
+
 
 def help_text(text: str, **kwargs: Any) -> dict[str, Any]:
     """A field's metadata: ``help`` becomes the option's ``--help``; ``flag`` renames the option."""

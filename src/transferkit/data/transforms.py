@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import math
+import random as pyrandom
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from transferkit.data.config import VIEW_POLICIES
 from transferkit.data.images import RESAMPLING, normalize_image, preprocess_image
 
 if TYPE_CHECKING:
@@ -74,27 +77,61 @@ def create_transform(preprocessing: dict[str, Any], augment: str = "none") -> An
 
 
 class AugmentedView:
-    """View ``view`` of an image: the ``light`` preset's random-resized crop and mirror, drawn by
-    a generator seeded with the image's content digest and ``view``, so a file gives the same
-    view in every run and the view's activations can be cached. ``spec`` names what decides it.
-    The crop is drawn as torchvision's ``RandomResizedCrop.get_params`` draws it, from a generator
-    of its own: that one reads the process-wide generator, which threads share."""
+    """View ``view`` of an image: the ``light`` preset's random-resized crop and mirror, then the
+    ``policy``'s timm RandAugment where it has one, drawn by generators seeded with the image's
+    content digest and ``view``, so a file gives the same view in every run and the view's
+    activations can be cached. ``spec`` names what decides it. The crop is drawn as torchvision's
+    ``RandomResizedCrop.get_params`` draws it, from a generator of its own: that one reads the
+    process-wide generator, which threads share."""
 
-    spec = f"light-crop scale={LIGHT_CROP_SCALE} ratio={CROP_RATIO} mirror=0.5 seed=sha256+view v1"
-
-    def __init__(self, preprocessing: dict[str, Any], view: int):
+    def __init__(self, preprocessing: dict[str, Any], view: int, policy: str = "light"):
         self.preprocessing = preprocessing
         self.view = view
+        self.policy = policy
+        self.spec = view_spec(policy)
+        self.rand_augment = None
+        if VIEW_POLICIES[policy]:
+            from timm.data.auto_augment import rand_augment_transform
+
+            mean = tuple(round(255 * m) for m in preprocessing["mean"])  # what a shifted image's edges are filled with
+            self.rand_augment = rand_augment_transform(VIEW_POLICIES[policy], {"img_mean": mean})
 
     def __call__(self, image: Image.Image, digest: bytes) -> np.ndarray:
-        random = np.random.default_rng([int.from_bytes(digest, "big"), self.view])
+        seed = [int.from_bytes(digest, "big"), self.view]
+        random = np.random.default_rng(seed)
         left, top, width, height = crop_box(image.size, random)
         size = self.preprocessing["input_size"][-1]
         resample = RESAMPLING[self.preprocessing.get("interpolation", "bilinear")]
         image = image.crop((left, top, left + width, top + height)).resize((size, size), resample)
         if random.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.rand_augment is not None:
+            image = _seeded(self.rand_augment, image.convert("RGB"), int(random.integers(2**32)))
         return normalize_image(image, self.preprocessing)
+
+
+def view_spec(policy: str) -> str:
+    """What decides a view under ``policy``: part of its cache folder's name."""
+    light = f"light-crop scale={LIGHT_CROP_SCALE} ratio={CROP_RATIO} mirror=0.5 seed=sha256+view v1"
+    return light if policy == "light" else f"{light} timm={VIEW_POLICIES[policy]}"
+
+
+_GLOBAL_RANDOM = threading.Lock()
+
+
+def _seeded(transform: Any, image: Image.Image, seed: int) -> Image.Image:
+    """``transform(image)`` with Python's and NumPy's global generators (timm's RandAugment draws
+    from them) seeded with ``seed``, then put back as they were: the caller's draws stay its own,
+    and the lock keeps the feature pass's threads from drawing from each other's seeds."""
+    with _GLOBAL_RANDOM:
+        python_state, numpy_state = pyrandom.getstate(), np.random.get_state()
+        pyrandom.seed(seed)
+        np.random.seed(seed)
+        try:
+            return transform(image)
+        finally:
+            pyrandom.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def crop_box(image_size: tuple[int, int], random: np.random.Generator) -> tuple[int, int, int, int]:

@@ -22,7 +22,9 @@ MAX_LR = 1e30
 @dataclass
 class PhaseConfig:
     epochs: int = field(default=0, metadata=help_text("epochs (0 skips the phase)"))
-    lr: float = field(default=1e-3, metadata=help_text("peak learning rate"))
+    lr: float | str = field(default=1e-3, metadata=help_text(
+        "peak learning rate, or auto: Lightning's learning-rate finder sweeps the phase first and picks it "
+        "(the sweep's plot in RUN/figures/lr-find-<phase>.png, the rate in config.yaml)"))
     optimizer: str = field(default="adamw", metadata=help_text(f"one of {', '.join(OPTIMIZERS)}"))
     weight_decay: float = field(default=1e-2, metadata=help_text("decoupled weight decay (not on norms and biases)"))
     scheduler: str = field(
@@ -51,7 +53,9 @@ class PhaseConfig:
         found = non_finite_problems(self, f"{p}-")
         if self.epochs < 0:
             found.append(f"--{p}-epochs must be 0 or more, got {self.epochs}")
-        if math.isfinite(self.lr) and not 0 < self.lr <= MAX_LR:
+        if isinstance(self.lr, str) and not lr_is_auto(self.lr) or isinstance(self.lr, bool):
+            found.append(f"--{p}-lr must be a number or auto, got {self.lr!r}")
+        elif not lr_is_auto(self.lr) and math.isfinite(self.lr) and not 0 < self.lr <= MAX_LR:
             found.append(f"--{p}-lr must be above 0 and at most {MAX_LR:g}, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             found.append(f"--{p}-optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
@@ -98,6 +102,10 @@ def logger_problems(text: str | None, mlflow_uri: str | None) -> list[str]:
     if mlflow_uri and "mlflow" not in parse_loggers(text):
         found.append(f"--mlflow-uri {mlflow_uri} is for --logger mlflow, which is not chosen; add it to --logger")
     return found
+
+
+def lr_is_auto(lr: float | str) -> bool:
+    return isinstance(lr, str) and lr.strip().lower() == "auto"
 
 
 def unfreeze_is_auto(spec: str) -> bool:

@@ -80,7 +80,7 @@ def train_head(
     freeze_backbone(model)
     parameters = log_trainable(name, model)
     head = model.get_classifier()
-    optimizer = _head_optimizer(model, phase)
+    optimizer = create_head_optimizer(model, phase)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     schedule = Schedule.for_phase(phase, steps_per_epoch)
     bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience, write, loggers)
@@ -114,7 +114,7 @@ def train_head(
     return bookkeeping.phase_record(best_checkpoint, parameters, time.perf_counter() - started)
 
 
-def _head_optimizer(model: nn.Module, phase: PhaseConfig) -> torch.optim.Optimizer:
+def create_head_optimizer(model: nn.Module, phase: PhaseConfig) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
     groups = parameter_groups(model, phase.lr, phase.weight_decay)

@@ -43,6 +43,7 @@ from transferkit.training.checkpoints import (
     restore_random_state,
 )
 from transferkit.training.phase import Schedule, log_trainable, set_learning_rates
+from transferkit.training.mixing import Mixing
 from transferkit.training.precision import DepthwiseInFloat32
 
 log = logging.getLogger(__name__)
@@ -150,20 +151,27 @@ class ImageClassifier(L.LightningModule):
     ``finetuning`` decides what trains. Not a submodule, ``top`` leaves checkpoints naming the
     weights ``model.*``."""
 
-    def __init__(self, model: nn.Module, loss: nn.Module, finetuning: FineTuning, top: Top | None = None):
+    def __init__(self, model: nn.Module, loss: nn.Module, finetuning: FineTuning, top: Top | None = None,
+                 mixing: Mixing | None = None):
         super().__init__()
         self.model = model
         self.loss = loss
         self.finetuning = finetuning
         self.top = top if top is not None else WholeModel(model)
+        self.mixing = mixing
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.top(inputs, training=False)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         inputs, targets = batch
-        logits = self.top(inputs, training=stage == "train")
-        loss = self.loss(logits, targets) if stage == "train" else F.cross_entropy(logits, targets)
+        if stage == "train" and self.mixing is not None:
+            inputs, soft_targets = self.mixing(inputs, targets)
+            logits = self.top(inputs, training=True)
+            loss = self.mixing.loss(logits, soft_targets)
+        else:
+            logits = self.top(inputs, training=stage == "train")
+            loss = self.loss(logits, targets) if stage == "train" else F.cross_entropy(logits, targets)
         accuracy = (logits.argmax(dim=1) == targets).float().mean()
         on_step = stage == "train"
         for name, value in (("loss", loss), ("acc", accuracy)):
@@ -171,6 +179,11 @@ class ImageClassifier(L.LightningModule):
             self.log(f"{stage}_{name}", value, prog_bar=True, on_step=on_step, on_epoch=True,
                      batch_size=len(targets), sync_dist=True, logger=False)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+        # Here as well as in FineTuning: Lightning's lr_find swaps the trainer's callbacks for its own,
+        # and its sweep should see the batch norm the phase trains with.
+        set_batchnorm_mode(self.model, self.finetuning.batchnorm)
 
     def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -47,6 +47,11 @@ class FitPlan:
     trainer_options: dict[str, Any]
     """Lightning's accelerator, devices, strategy and precision."""
     progress_bar: bool
+    mixup: float = 0.0
+    """Fine-tuning's mixup alpha (``--finetune-mixup``; 0: none)."""
+    cutmix: float = 0.0
+    """Fine-tuning's CutMix alpha on images (``--finetune-cutmix``; 0: none)."""
+    label_smoothing: float = 0.0
 
     @classmethod
     def decide(
@@ -66,7 +71,8 @@ class FitPlan:
             head_on_features=config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none",
             batchnorm=config.batchnorm, seed=config.seed, batch_size=config.data.batch_size,
             drop_rate=config.model.drop_rate, num_workers=config.data.resolved_num_workers(),
-            trainer_options=trainer_options, progress_bar=config.progress,
+            trainer_options=trainer_options, progress_bar=config.progress, mixup=config.finetune_mixup,
+            cutmix=config.finetune_cutmix, label_smoothing=config.label_smoothing,
         )
 
     def log_unfreeze(self, training_images: int) -> None:

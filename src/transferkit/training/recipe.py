@@ -6,6 +6,7 @@ activations below the unfrozen blocks or on images (both on Lightning)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,13 +21,15 @@ from torch.utils.data import DataLoader, Subset
 
 from transferkit.cache.activations import ViewDataset, training_loader
 from transferkit.cache.shards import CachedRows
-from transferkit.config import PhaseConfig
+from transferkit.config import PhaseConfig, default_finetune_phase, default_frozen_phase, lr_is_auto
 from transferkit.data.folders import DatasetIndex
 from transferkit.data.loaders import image_loader
 from transferkit.run.records import PhaseRecord
 from transferkit.training.head_loop import LabelledFeatures, train_head
 from transferkit.training.lightning import AboveBoundary, FineTuning, ImageClassifier, fit_with_lightning
-from transferkit.training.phase import EpochSampler
+from transferkit.training.lr_find import MIN_LR, suggestion, sweep_head, sweep_with_lightning, write_sweep_plot
+from transferkit.training.mixing import create_mixing
+from transferkit.training.phase import EpochSampler, epoch_log
 from transferkit.training.plan import FitPlan
 from transferkit.training.progress import PhaseProgress
 
@@ -82,11 +85,14 @@ def run_phase(
         progress.load_last_usable(model)
         log.info("phase %s already finished; reusing its best checkpoint", name)
         return
+    phase: PhaseConfig = getattr(plan, name)
+    if lr_is_auto(phase.lr):
+        phase = resolve_auto_lr(name, model, plan, inputs, progress)
+        plan = dataclasses.replace(plan, **{name: phase})
     # Seeded again, so that a phase draws the same shuffles, augmentations and dropout masks
     # whether the phase before it ran in this process or in an earlier one.
     L.seed_everything(plan.seed, workers=True, verbose=False)
     record = fit(model, plan, inputs, progress, progress.resume_from(name))
-    phase: PhaseConfig = getattr(plan, name)
     progress.record(name, record, f"--{name}-lr", phase.lr)
     if record.diverged:  # a fit leaves its best weights in the model; these are not usable
         progress.load_last_usable(model)
@@ -97,7 +103,7 @@ def head_phase(
 ) -> PhaseRecord:
     """The head alone on the frozen backbone: on cached pooled features in a plain loop, else on images."""
     if not plan.head_on_features:
-        return _on_images(model, "frozen", plan.frozen, 0, plan, inputs, progress, resume_from)
+        return _fit_lightning("frozen", model, plan, inputs, progress, resume_from)
     return train_head(
         model, plan.frozen, inputs.labelled("train"), inputs.labelled("val"), loss=inputs.loss,
         sampler=inputs.sampler, batch_size=plan.batch_size, drop_rate=plan.drop_rate, folder=progress.folder,
@@ -110,32 +116,69 @@ def finetune_phase(
 ) -> PhaseRecord:
     """The top ``plan.unfreeze`` blocks with the head: on their cached input activations at
     ``plan.boundary`` (one view an epoch in turn), else on images."""
-    if plan.boundary is None:
-        return _on_images(model, "finetune", plan.finetune, plan.unfreeze, plan, inputs, progress, resume_from)
-    finetuning = FineTuning("finetune", plan.finetune, plan.unfreeze, plan.batchnorm)
-    targets = inputs.index.targets("train")
-    train = training_loader([inputs.activations["train"], *inputs.views], targets, inputs.sampler, plan.batch_size)
-    val = Subset(ViewDataset([inputs.activations["val"]], torch.tensor(inputs.index.targets("val"))),
-                 inputs.val_rows.tolist())
-    top = AboveBoundary(model, plan.boundary, plan.finetune.augment)
+    return _fit_lightning("finetune", model, plan, inputs, progress, resume_from)
+
+
+def resolve_auto_lr(
+    name: str, model: nn.Module, plan: FitPlan, inputs: FitInputs, progress: PhaseProgress
+) -> PhaseConfig:
+    """Phase ``name`` with its ``auto`` learning rate swept and chosen (``training.lr_find``), the
+    sweep's plot in the run's figures and the rate written into its config.yaml."""
+    L.seed_everything(plan.seed, workers=True, verbose=False)  # the same sweep in every run
+    phase: PhaseConfig = dataclasses.replace(getattr(plan, name), lr=MIN_LR)  # where the sweep starts
+    plan = dataclasses.replace(plan, **{name: phase})
+    if name == "frozen" and plan.head_on_features:
+        finder = sweep_head(model, phase, inputs.labelled("train"), inputs.loss, inputs.sampler, plan.batch_size,
+                            plan.drop_rate)
+    else:
+        module, train, _ = _lightning_inputs(name, model, plan, inputs)
+        finder = sweep_with_lightning(module, train, plan.trainer_options, plan.progress_bar)
+    fallback = getattr(default_frozen_phase() if name == "frozen" else default_finetune_phase(), "lr")
+    rate = suggestion(finder, fallback, name)
+    if progress.write:
+        folder = progress.folder
+        path = folder.writable(folder.figures_dir) / f"lr-find-{name}.png"
+        write_sweep_plot(finder, name, rate, path)
+        source, config = folder.read_record()
+        found = dataclasses.replace(getattr(config, name), lr=rate)
+        folder.write_config(source, dataclasses.replace(config, **{name: found}))
+        epoch_log.info("%s: learning rate %.2e found by the lr finder (%d rates swept from %.0e; plot: %s)",
+                       name, rate, len(finder.results["lr"]), finder.lr_min, path)
+    return dataclasses.replace(phase, lr=rate)
+
+
+def _fit_lightning(
+    name: str, model: nn.Module, plan: FitPlan, inputs: FitInputs, progress: PhaseProgress, resume_from: Path | None
+) -> PhaseRecord:
+    module, train, val = _lightning_inputs(name, model, plan, inputs)
     return fit_with_lightning(
-        ImageClassifier(model, inputs.loss, finetuning, top), train, DataLoader(val, plan.batch_size),
-        folder=progress.folder, name="finetune", resume_from=resume_from, trainer_options=plan.trainer_options,
-        progress_bar=plan.progress_bar, loggers=progress.loggers,
+        module, train, val, folder=progress.folder, name=name, resume_from=resume_from,
+        trainer_options=plan.trainer_options, progress_bar=plan.progress_bar, loggers=progress.loggers,
     )
 
 
-def _on_images(
-    model: nn.Module, name: str, phase: PhaseConfig, unfreeze: int | float | None, plan: FitPlan, inputs: FitInputs,
-    progress: PhaseProgress, resume_from: Path | None,
-) -> PhaseRecord:
-    module = ImageClassifier(model, inputs.loss, FineTuning(name, phase, unfreeze, plan.batchnorm))
+def _lightning_inputs(
+    name: str, model: nn.Module, plan: FitPlan, inputs: FitInputs
+) -> tuple[ImageClassifier, DataLoader, DataLoader]:
+    """Phase ``name`` on Lightning: the module and its training and validation batches, on the
+    cached activations at ``plan.boundary`` (fine-tuning, one view an epoch in turn) or on images."""
+    phase: PhaseConfig = getattr(plan, name)
+    unfreeze = plan.unfreeze if name == "finetune" else 0
+    finetuning = FineTuning(name, phase, unfreeze, plan.batchnorm)
+    classes = len(inputs.index.classes)
+    if name == "finetune" and plan.boundary is not None:
+        targets = inputs.index.targets("train")
+        train = training_loader([inputs.activations["train"], *inputs.views], targets, inputs.sampler, plan.batch_size)
+        val = Subset(ViewDataset([inputs.activations["val"]], torch.tensor(inputs.index.targets("val"))),
+                     inputs.val_rows.tolist())
+        top = AboveBoundary(model, plan.boundary, phase.augment)
+        mixing = create_mixing(plan.mixup, plan.cutmix, plan.label_smoothing, classes, on_images=False)
+        return ImageClassifier(model, inputs.loss, finetuning, top, mixing), train, DataLoader(val, plan.batch_size)
     splits, preprocessing = inputs.index.splits, inputs.preprocessing
     train = image_loader(splits["train"], preprocessing, plan.batch_size, plan.num_workers, augment=phase.augment,
                          sampler=inputs.sampler)
     val_items = [splits["val"][row] for row in inputs.val_rows]
     val = image_loader(val_items, preprocessing, plan.batch_size, plan.num_workers)
-    return fit_with_lightning(
-        module, train, val, folder=progress.folder, name=name, resume_from=resume_from,
-        trainer_options=plan.trainer_options, progress_bar=plan.progress_bar, loggers=progress.loggers,
-    )
+    mixing = create_mixing(plan.mixup, plan.cutmix, plan.label_smoothing, classes, on_images=True) \
+        if name == "finetune" else None
+    return ImageClassifier(model, inputs.loss, finetuning, mixing=mixing), train, val
