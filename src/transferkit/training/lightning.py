@@ -239,17 +239,19 @@ def fit_with_lightning(
     resume_from: Path | None,
     trainer_options: dict[str, Any],
     progress_bar: bool,
+    deadline: float | None = None,
 ) -> PhaseRecord:
     """Train ``module`` for its phase's epochs on Lightning, keep the epoch with the lowest
     validation loss as ``<name>-best.ckpt``, stop after ``phase.patience`` epochs without one.
-    ``trainer_options`` are Lightning's accelerator, devices, strategy and precision."""
+    ``trainer_options`` are Lightning's accelerator, devices, strategy and precision. No epoch
+    starts that would end past ``deadline`` (``time.perf_counter()``), but the first."""
     phase = module.finetuning.phase
     checkpoint = ModelCheckpoint(
         dirpath=folder.writable(folder.checkpoints_dir), filename=RunFolder.checkpoint_stem(name, "best"),
         monitor="val_loss", mode="min", save_top_k=1, save_last=True, enable_version_counter=False,
     )
     checkpoint.CHECKPOINT_NAME_LAST = RunFolder.checkpoint_stem(name, "last")
-    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience)
+    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience, deadline=deadline)
     trainer = L.Trainer(
         max_epochs=phase.epochs, callbacks=[checkpoint, History(bookkeeping), DepthwiseInFloat32()],
         logger=False, enable_model_summary=False, enable_progress_bar=progress_bar, num_sanity_val_steps=0,

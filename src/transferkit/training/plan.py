@@ -47,11 +47,13 @@ class FitPlan:
     trainer_options: dict[str, Any]
     """Lightning's accelerator, devices, strategy and precision."""
     progress_bar: bool
+    deadline: float | None = None
+    """``--time-limit`` as a ``time.perf_counter()`` time: no epoch starts that would end past it."""
 
     @classmethod
     def decide(
         cls, config: TrainConfig, model: nn.Module, preprocessing: dict[str, Any], index: DatasetIndex,
-        trainer_options: dict[str, Any],
+        trainer_options: dict[str, Any], deadline: float | None = None,
     ) -> FitPlan:
         """The plan for ``model`` on ``index`` as first split: the unfrozen blocks and the boundary
         hardly move when groups cut the split again, and the pass that caches the activations
@@ -66,7 +68,7 @@ class FitPlan:
             head_on_features=config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none",
             batchnorm=config.batchnorm, seed=config.seed, batch_size=config.data.batch_size,
             drop_rate=config.model.drop_rate, num_workers=config.data.resolved_num_workers(),
-            trainer_options=trainer_options, progress_bar=config.progress,
+            trainer_options=trainer_options, progress_bar=config.progress, deadline=deadline,
         )
 
     def log_unfreeze(self, training_images: int) -> None:

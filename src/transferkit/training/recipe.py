@@ -101,7 +101,7 @@ def head_phase(
     return train_head(
         model, plan.frozen, inputs.labelled("train"), inputs.labelled("val"), loss=inputs.loss,
         sampler=inputs.sampler, batch_size=plan.batch_size, drop_rate=plan.drop_rate, folder=progress.folder,
-        name="frozen", resume_from=resume_from, write=progress.write,
+        name="frozen", resume_from=resume_from, write=progress.write, deadline=plan.deadline,
     )
 
 
@@ -121,7 +121,7 @@ def finetune_phase(
     return fit_with_lightning(
         ImageClassifier(model, inputs.loss, finetuning, top), train, DataLoader(val, plan.batch_size),
         folder=progress.folder, name="finetune", resume_from=resume_from, trainer_options=plan.trainer_options,
-        progress_bar=plan.progress_bar,
+        progress_bar=plan.progress_bar, deadline=plan.deadline,
     )
 
 
@@ -137,5 +137,5 @@ def _on_images(
     val = image_loader(val_items, preprocessing, plan.batch_size, plan.num_workers)
     return fit_with_lightning(
         module, train, val, folder=progress.folder, name=name, resume_from=resume_from,
-        trainer_options=plan.trainer_options, progress_bar=plan.progress_bar,
+        trainer_options=plan.trainer_options, progress_bar=plan.progress_bar, deadline=plan.deadline,
     )
