@@ -38,11 +38,10 @@ from transferkit.run.lock import claim
 from transferkit.run.records import RunMetrics
 from transferkit.run.result import TrainResult
 from transferkit.training.evaluation import PhaseInputs, evaluate_phases
-from transferkit.training.phase import class_weights, create_sampler, training_loss
+from transferkit.training.phase import class_weights, create_sampler, epoch_log, training_loss
 from transferkit.training.console import console
-from transferkit.training.estimate import Estimate, choose_preset, describe, estimate_run
-from transferkit.training.phase import epoch_log
-from transferkit.training.presets import AUTO, DEFAULT_PRESET, format_minutes, parse_duration
+from transferkit.training.estimate import describe, estimate_run, resolve_preset
+from transferkit.training.presets import AUTO, DEFAULT_PRESET
 from transferkit.training.plan import FitPlan
 from transferkit.training.progress import PhaseProgress
 from transferkit.training.recipe import FitInputs, fine_tune
@@ -68,16 +67,16 @@ def train(
     configuration; ``epochs`` (both phases' most, as ``--epochs``), ``model`` (a timm name),
     ``output``, ``seed`` and ``options`` (any ``TrainConfig.from_options`` key, e.g.
     ``{"finetune.lr": 1e-4}``) change it; ``preset`` (``fast``, ``balanced``, ``best``, ``auto``)
-    sets its bundle of options under every other one given, and ``time_limit`` (``"20m"``) picks
-    the preset (where none is given) and stops a phase before an epoch that would end past it. ``progress`` shows the epoch lines and a summary where
-    logging is not set up (see ``training.console``).
+    sets its options under every other one, and ``time_limit`` (``"20m"``) picks it where none is
+    given and stops a phase before an epoch that would end past it. ``progress`` shows the epoch
+    lines and a summary where logging is not set up (see ``training.console``).
     """
     problems = source_problems(data)
     if problems:
         raise ConfigError(problems)
     base = config or TrainConfig()
     if time_limit is not None and preset is None and base.preset == DEFAULT_PRESET:
-        preset = AUTO  # as on the command line: a limit without a preset lets the data choose
+        preset = AUTO  # as on the command line: a limit alone lets the data choose
     overrides = {key: value for key, value in (("epochs", epochs), ("model.name", model), ("seed", seed),
                                                ("output", output and os.fspath(output)), ("preset", preset),
                                                ("time_limit", time_limit)) if value is not None}
@@ -143,17 +142,15 @@ def _train_in(
     main_process = process_rank() == 0
     index, discovered = _prepare_index(source, config, folder, resume)
     counts = {split: len(items) for split, items in index.splits.items()}
-    config, estimates = _resolve_preset(config, counts, len(index.classes), started)
+    config, estimates = resolve_preset(config, counts, len(index.classes), time.perf_counter() - started)
     # The new head's initialisation draws from the global generator: seed before building it.
     L.seed_everything(config.seed, workers=True, verbose=False)
     create_model = functools.partial(create_classifier, config.model, len(index.classes), config.data.image_size)
     model = create_model()
     preprocessing = resolve_preprocessing(model, config.data.image_size)
     if main_process:
-        estimate = estimates.get(config.preset) or estimate_run(config, model, preprocessing["input_size"], counts)
-        epoch_log.info(describe(estimate, config.preset))
-    deadline = started + parse_duration(config.time_limit) if config.time_limit else None
-    plan = FitPlan.decide(config, model, preprocessing, index, lightning_options, deadline)
+        epoch_log.info(describe(estimates.get(config.preset) or estimate_run(config, model, preprocessing, counts)))
+    plan = FitPlan.decide(config, model, preprocessing, index, lightning_options, started)
     activation_pass = ActivationPass.of(config)
     split_features, leaks, activations = _split_on_features(
         index, discovered, model, preprocessing, plan.boundary, config, activation_pass
@@ -190,24 +187,6 @@ def _train_in(
         run_dir=folder.root, classes=index.classes, counts=index.counts(), metrics=metrics.to_dict(),
         skipped=index.skipped, best_phase=metrics.best_phase, duplicates=index.duplicate_kinds(), audit=audit_line,
     )
-
-
-def _resolve_preset(
-    config: TrainConfig, counts: dict[str, int], num_classes: int, started: float
-) -> tuple[TrainConfig, dict[str, Estimate]]:
-    """``config`` with ``--preset auto`` resolved: the most accurate preset whose estimate fits what
-    is left of ``--time-limit`` (``fast`` without one), and the estimates made."""
-    if config.preset != AUTO:
-        return config, {}
-    if not config.time_limit:
-        return config.with_options({"preset": DEFAULT_PRESET}), {}
-    left = parse_duration(config.time_limit) - (time.perf_counter() - started)
-    chosen, estimates = choose_preset(config, left, counts, num_classes,
-                                      lambda model, classes: create_classifier(model, classes, config.data.image_size))
-    said = ", ".join(f"{name} {format_minutes(estimate.seconds)}" for name, estimate in estimates.items())
-    epoch_log.info("--time-limit %s: preset %s (%s)%s", config.time_limit, chosen.preset, said,
-                   "" if estimates[chosen.preset].seconds <= left else "; none fits, so phases stop at the limit")
-    return chosen, estimates
 
 
 def _fit_inputs(

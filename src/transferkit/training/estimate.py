@@ -12,7 +12,11 @@ import torch
 from torch import nn
 
 from transferkit.config import TrainConfig, parse_unfreeze
+from transferkit.data.loaders import resolve_preprocessing
+from transferkit.models.create import create_classifier
 from transferkit.models.freeze import backbone_blocks, count_unfrozen
+from transferkit.training.phase import epoch_log
+from transferkit.training.presets import AUTO, DEFAULT_PRESET, PRESETS, format_minutes, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ class Estimate:
     seconds: float
     seconds_per_image: float
     """One eager forward of the whole backbone, measured here."""
+    preset: str
     images: int
     trained_blocks: int
     blocks: int
@@ -58,12 +63,12 @@ def forward_seconds(model: nn.Module, input_size: tuple[int, ...]) -> float:
 
 
 def estimate_run(
-    config: TrainConfig, model: nn.Module, input_size: tuple[int, ...], counts: dict[str, int],
+    config: TrainConfig, model: nn.Module, preprocessing: dict[str, Any], counts: dict[str, int],
     seconds_per_image: float | None = None,
 ) -> Estimate:
     """The seconds ``config`` takes on ``model`` with ``counts`` images per split, where no
     feature is cached yet (a cached run is quicker); ``seconds_per_image`` is measured where not given."""
-    per_image = seconds_per_image if seconds_per_image is not None else forward_seconds(model, input_size)
+    per_image = seconds_per_image or forward_seconds(model, preprocessing["input_size"])
     train, val = counts.get("train", 0), counts.get("val", 0)
     images = sum(counts.values())
     blocks = len(backbone_blocks(model))
@@ -79,35 +84,39 @@ def estimate_run(
         passes += epochs * share * (TRAINING_STEP * train + val)
     if not config.feature_cache or config.frozen.augment != "none":  # the head trains on images
         passes += config.frozen.epochs * (IMAGE_TRAINING_STEP * train + EVALUATION * val)
-    return Estimate(OVERHEAD_SECONDS + passes * per_image, per_image, images, trained, blocks, views)
+    return Estimate(OVERHEAD_SECONDS + passes * per_image, per_image, config.preset, images, trained, blocks, views)
 
 
-def describe(estimate: Estimate, preset: str) -> str:
+def describe(estimate: Estimate) -> str:
     """The console's line before training."""
-    from transferkit.training.presets import format_minutes
-
     tuned = (f"fine-tuning {estimate.trained_blocks} of {estimate.blocks} blocks"
              + (f" on {estimate.views} cached views" if estimate.views else "")) if estimate.trained_blocks else "the head alone"
-    return (f"estimated time: {format_minutes(estimate.seconds)} on this machine (preset {preset}: "
+    return (f"estimated time: {format_minutes(estimate.seconds)} on this machine (preset {estimate.preset}: "
             f"{estimate.images:,} images, {tuned}, {estimate.seconds_per_image * 1000:.0f} ms an image "
             "measured; less where the features are cached)")
 
 
-def choose_preset(
-    config: TrainConfig, limit_seconds: float, counts: dict[str, int], num_classes: int,
-    create: Any,
+def resolve_preset(
+    config: TrainConfig, counts: dict[str, int], num_classes: int, seconds_spent: float
 ) -> tuple[TrainConfig, dict[str, Estimate]]:
-    """``config`` under the most accurate preset whose estimate fits ``limit_seconds`` (``fast``
-    where none does), and each preset's estimate; ``create(model_config, num_classes)`` builds a model."""
-    from transferkit.data.loaders import resolve_preprocessing
-    from transferkit.training.presets import PRESETS
-
+    """``config`` with ``--preset auto`` resolved: the most accurate preset whose estimate fits
+    what ``seconds_spent`` left of ``--time-limit`` (``fast`` where none does, or without a
+    limit), said in one line; and the estimates made, by preset."""
+    if config.preset != AUTO:
+        return config, {}
+    if not config.time_limit:
+        return config.with_options({"preset": DEFAULT_PRESET}), {}
+    left = parse_duration(config.time_limit) - seconds_spent
     estimates: dict[str, Estimate] = {}
+    chosen = config.with_options({"preset": DEFAULT_PRESET})
     for name in reversed(list(PRESETS)):  # the most accurate first
         candidate = config.with_options({"preset": name})
-        model = create(candidate.model, num_classes)
-        input_size = resolve_preprocessing(model, candidate.data.image_size)["input_size"]
-        estimates[name] = estimate_run(candidate, model, input_size, counts)
-        if estimates[name].seconds <= limit_seconds:
-            return candidate, estimates
-    return config.with_options({"preset": "fast"}), estimates
+        model = create_classifier(candidate.model, num_classes, candidate.data.image_size)
+        estimates[name] = estimate_run(candidate, model, resolve_preprocessing(model, candidate.data.image_size), counts)
+        if estimates[name].seconds <= left:
+            chosen = candidate
+            break
+    said = ", ".join(f"{name} {format_minutes(estimate.seconds)}" for name, estimate in estimates.items())
+    epoch_log.info("--time-limit %s: preset %s (%s)%s", config.time_limit, chosen.preset, said,
+                   "" if estimates[chosen.preset].seconds <= left else "; none fits, so phases stop at the limit")
+    return chosen, estimates

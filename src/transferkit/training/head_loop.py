@@ -64,17 +64,15 @@ def train_head(
     folder: RunFolder,
     name: str,
     resume_from: str | os.PathLike[str] | None,
-    write: bool,
-    deadline: float | None = None,
+    write: bool, deadline: float | None = None,
 ) -> PhaseRecord:
     """Train ``model``'s head on ``train`` for ``phase.epochs``, keep the epoch with the lowest
     validation loss as ``<name>-best.ckpt``, stop after ``phase.patience`` epochs without one.
 
     Only a ``write`` process (rank zero) writes checkpoints and history, and only it resumes
     from ``resume_from``, a checkpoint of this phase: another process trains from the start,
-    which gives the same head in seconds without reading a file rank zero may be replacing.
-    No epoch starts that would end past ``deadline`` (``time.perf_counter()``), but the first.
-    Returns with the best epoch's head in ``model``.
+    which gives the same head in seconds without reading a file rank zero may be replacing. No epoch
+    but the first starts that would end past ``deadline``; the best epoch's head ends in ``model``.
     """
     # The head trains beside its features, on the CPU; a feature pass on a GPU leaves the model there.
     model.cpu()

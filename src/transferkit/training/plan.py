@@ -18,6 +18,7 @@ from transferkit.config import (
     unfreeze_is_auto,
 )
 from transferkit.data.folders import DatasetIndex
+from transferkit.training.presets import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,12 @@ class FitPlan:
     @classmethod
     def decide(
         cls, config: TrainConfig, model: nn.Module, preprocessing: dict[str, Any], index: DatasetIndex,
-        trainer_options: dict[str, Any], deadline: float | None = None,
+        trainer_options: dict[str, Any], started: float | None = None,
     ) -> FitPlan:
         """The plan for ``model`` on ``index`` as first split: the unfrozen blocks and the boundary
         hardly move when groups cut the split again, and the pass that caches the activations
-        also gives every image's pooled features for that cut."""
+        also gives every image's pooled features for that cut. ``--time-limit`` runs from
+        ``started`` (``time.perf_counter()``)."""
         unfreeze = parse_unfreeze(config.finetune.unfreeze, len(index.targets("train")))
         fine_tunes = config.finetune.epochs > 0
         boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if fine_tunes else None
@@ -68,7 +70,8 @@ class FitPlan:
             head_on_features=config.frozen.epochs > 0 and config.feature_cache and config.frozen.augment == "none",
             batchnorm=config.batchnorm, seed=config.seed, batch_size=config.data.batch_size,
             drop_rate=config.model.drop_rate, num_workers=config.data.resolved_num_workers(),
-            trainer_options=trainer_options, progress_bar=config.progress, deadline=deadline,
+            trainer_options=trainer_options, progress_bar=config.progress,
+            deadline=started + parse_duration(config.time_limit) if config.time_limit and started is not None else None,
         )
 
     def log_unfreeze(self, training_images: int) -> None:
