@@ -139,11 +139,12 @@ def main() -> None:
     parser.add_argument("--presets", default="fast,balanced,best")
     parser.add_argument("--cache-dir", help="one feature cache for every run (default: a fresh one per run)")
     parser.add_argument("--mirror", default=str(HERE.parents[1] / "shared" / "datasets"))
+    parser.add_argument("--table-only", action="store_true", help="rebuild the section from presets.json, train nothing")
     args = parser.parse_args()
     sys.path.insert(0, str(SRC))
     key = lambda r: (r["dataset"], r["preset"], r["seed"], r["cache"], row_cpu(r))  # noqa: E731
     results = {key(r): r for r in json.loads(RAW.read_text())} if RAW.exists() else {}
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in () if args.table_only else (int(s) for s in args.seeds.split(",")):
         for name in args.datasets.split(","):
             for preset in args.presets.split(","):
                 row = run(name, preset, seed, args.mirror, args.cache_dir)
