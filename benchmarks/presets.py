@@ -69,7 +69,12 @@ def run(dataset: str, preset: str, seed: int, mirror: str, cache_dir: str | None
         "accuracy": metrics[split]["accuracy"], "val_accuracy": metrics["val"]["accuracy"],
         "best_phase": metrics["best_phase"], "wall_seconds": round(wall, 1),
         "estimate_seconds": estimate_seconds(done.stdout),
+        "forward_ms": float(found.group(1)) if (found := re.search(r"(\d+) ms an image through the backbone", done.stdout)) else None,
         "features_from_cache": features.get("from_cache"), "images": features.get("images"),
+        # Where the time went, to calibrate training/estimate.py against: the feature and activation
+        # pass, each phase's training, and the command's other seconds (imports, evaluation, saving).
+        "feature_seconds": features.get("seconds"), "train_seconds": metrics.get("train_seconds"),
+        "fit_seconds": {name: phase.get("fit_seconds") for name, phase in metrics.get("phases", {}).items()},
     }
 
 

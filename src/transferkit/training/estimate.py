@@ -1,5 +1,6 @@
-"""How long a train will take on this machine, said before it starts: the images, the passes the
-config makes over them, and the backbone's speed measured here on a few batches."""
+"""How long a train will take, said before it starts: the images, the passes the config makes over
+them, and each pass's seconds per image, calibrated on 2 cores for the embedded backbones and, for
+any other, scaled by its forward against the default backbone's, measured here back to back."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit.config import TrainConfig, parse_unfreeze
+from transferkit.config import DEFAULT_MODEL, TrainConfig, parse_unfreeze
 from transferkit.data.loaders import resolve_preprocessing
 from transferkit.models.create import create_classifier
 from transferkit.models.freeze import backbone_blocks, count_unfrozen
@@ -20,15 +21,20 @@ from transferkit.training.presets import AUTO, DEFAULT_PRESET, PRESETS, format_m
 
 log = logging.getLogger(__name__)
 
-# Each pass's cost in eager no-grad forwards of the whole backbone per image, fitted on this
-# project's 2-core runs (benchmarks/RESULTS.md, "Quality presets"): the cache pass runs on ONNX
-# Runtime and decodes JPEGs; a training step is a forward and a backward through the unfrozen top.
-CACHE_PASS = 0.45
-TRAINING_STEP = 3.0
-IMAGE_TRAINING_STEP = 2.2
-EVALUATION = 1.0
+# Seconds per image on a quiet 2-core machine: (the cache pass: decoded, through the backbone on ONNX
+# Runtime, features and activations written; one image through one unfrozen block for one epoch of
+# fine-tuning on cached activations, val included). Lite0 from tf_flowers' cold runs with 3 and 6
+# blocks (benchmarks/RESULTS.md, finetune_inputs, AMD rows); Lite2 at Lite0's times its measured
+# ratios (2.4x, 1.2x; benchmarks/presets.json, hymenoptera seed 1); Lite1 between, not measured.
+CALIBRATED = {
+    "tf_efficientnet_lite0": (0.0089, 0.0008),
+    "tf_efficientnet_lite1": (0.0150, 0.0009),
+    "tf_efficientnet_lite2": (0.0214, 0.00096),
+}
+IMAGE_EPOCH = 1.5
+"""Fine-tuning on images, per image and epoch, in cache passes (a decode, a forward, a backward of the top)."""
 OVERHEAD_SECONDS = 12.0
-"""The model, the index, the head phase, calibration and the saved folder: seconds whatever the data."""
+"""The imports, the model, the index, the head phase, calibration and the saved folder."""
 MEASURED_IMAGES = 8
 
 
@@ -37,8 +43,8 @@ class Estimate:
     """A run's duration as it is planned, in seconds, and what it rests on."""
 
     seconds: float
-    seconds_per_image: float
-    """One eager forward of the whole backbone, measured here."""
+    cache_seconds: float
+    """One image's cache pass, calibrated or scaled from the default backbone's."""
     preset: str
     images: int
     trained_blocks: int
@@ -62,38 +68,49 @@ def forward_seconds(model: nn.Module, input_size: tuple[int, ...]) -> float:
     return best / MEASURED_IMAGES
 
 
+def pass_seconds(name: str, model: nn.Module, input_size: tuple[int, ...], blocks: int) -> tuple[float, float]:
+    """(cache pass, block-epoch) seconds per image for backbone ``name``: calibrated, or the default
+    backbone's scaled by the two forwards measured now (the same load slows both)."""
+    if name in CALIBRATED:
+        return CALIBRATED[name]
+    import timm
+
+    reference = timm.create_model(DEFAULT_MODEL, pretrained=False, num_classes=2)
+    scale = forward_seconds(model, input_size) / forward_seconds(reference, (3, 256, 256))
+    cache, block_epoch = CALIBRATED[DEFAULT_MODEL]
+    return cache * scale, block_epoch * scale * len(backbone_blocks(reference)) / max(blocks, 1)
+
+
 def estimate_run(
     config: TrainConfig, model: nn.Module, preprocessing: dict[str, Any], counts: dict[str, int],
-    seconds_per_image: float | None = None,
 ) -> Estimate:
     """The seconds ``config`` takes on ``model`` with ``counts`` images per split, where no
-    feature is cached yet (a cached run is quicker); ``seconds_per_image`` is measured where not given."""
-    per_image = seconds_per_image or forward_seconds(model, preprocessing["input_size"])
+    feature is cached yet (a cached run is quicker)."""
     train, val = counts.get("train", 0), counts.get("val", 0)
     images = sum(counts.values())
     blocks = len(backbone_blocks(model))
+    cache, block_epoch = pass_seconds(config.model.name, model, preprocessing["input_size"], blocks)
     epochs = config.finetune.epochs
     trained = count_unfrozen(blocks, parse_unfreeze(config.finetune.unfreeze, train)) if epochs else 0
     on_images = config.finetune_on == "images" or trained >= blocks
     views = 0 if on_images or not epochs else min(config.finetune_views, max(epochs - 1, 0))
-    share = trained / max(blocks, 1)
-    passes = CACHE_PASS * (images + views * train) + EVALUATION * (images - train)
+    seconds = OVERHEAD_SECONDS + cache * (images + views * train + images - train)
     if on_images:
-        passes += epochs * (IMAGE_TRAINING_STEP * (1 + share) * train + EVALUATION * val)
+        seconds += epochs * IMAGE_EPOCH * cache * (train + val)
     else:
-        passes += epochs * share * (TRAINING_STEP * train + val)
+        seconds += epochs * trained * block_epoch * (train + val)
     if not config.feature_cache or config.frozen.augment != "none":  # the head trains on images
-        passes += config.frozen.epochs * (IMAGE_TRAINING_STEP * train + EVALUATION * val)
-    return Estimate(OVERHEAD_SECONDS + passes * per_image, per_image, config.preset, images, trained, blocks, views)
+        seconds += config.frozen.epochs * IMAGE_EPOCH * cache * (train + val)
+    return Estimate(seconds, cache, config.preset, images, trained, blocks, views)
 
 
 def describe(estimate: Estimate) -> str:
     """The console's line before training."""
     tuned = (f"fine-tuning {estimate.trained_blocks} of {estimate.blocks} blocks"
              + (f" on {estimate.views} cached views" if estimate.views else "")) if estimate.trained_blocks else "the head alone"
-    return (f"estimated time: {format_minutes(estimate.seconds)} on this machine (preset {estimate.preset}: "
-            f"{estimate.images:,} images, {tuned}, {estimate.seconds_per_image * 1000:.0f} ms an image "
-            "measured; less where the features are cached)")
+    return (f"estimated time: {format_minutes(estimate.seconds)} (preset {estimate.preset}: {estimate.images:,} "
+            f"images, {tuned}; {estimate.cache_seconds * 1000:.0f} ms an image through the backbone, as measured on "
+            "2 cores; less where the features are cached)")
 
 
 def resolve_preset(
