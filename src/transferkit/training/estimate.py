@@ -21,15 +21,16 @@ from transferkit.training.presets import AUTO, DEFAULT_PRESET, PRESETS, format_m
 
 log = logging.getLogger(__name__)
 
-# Seconds per image on a quiet 2-core machine: (the cache pass: decoded, through the backbone on ONNX
-# Runtime, features and activations written; one image through one unfrozen block for one epoch of
-# fine-tuning on cached activations, val included). Lite0 from tf_flowers' cold runs with 3 and 6
-# blocks (benchmarks/RESULTS.md, finetune_inputs, AMD rows); Lite2 at Lite0's times its measured
-# ratios (2.4x, 1.2x; benchmarks/presets.json, hymenoptera seed 1); Lite1 between, not measured.
+# Seconds per image on the shared 2-core Xeon the presets were measured on (the cache pass: decoded,
+# through the backbone on ONNX Runtime, features and activations written; one image through one
+# unfrozen block for one epoch of fine-tuning on cached activations, val included), from
+# benchmarks/presets.json's feature_seconds and fit_seconds on hymenoptera, seed 1; Lite1 between, not
+# measured. They held on tf_flowers (fast: said 479 s, took 422); a quiet machine is faster (the AMD
+# rows of finetune_inputs fine-tuned tf_flowers 10x as fast), so a limit errs on the safe side.
 CALIBRATED = {
-    "tf_efficientnet_lite0": (0.0089, 0.0008),
-    "tf_efficientnet_lite1": (0.0150, 0.0009),
-    "tf_efficientnet_lite2": (0.0214, 0.00096),
+    "tf_efficientnet_lite0": (0.030, 0.0076),
+    "tf_efficientnet_lite1": (0.048, 0.0083),
+    "tf_efficientnet_lite2": (0.072, 0.0091),
 }
 IMAGE_EPOCH = 1.5
 """Fine-tuning on images, per image and epoch, in cache passes (a decode, a forward, a backward of the top)."""
