@@ -78,22 +78,41 @@ def run(dataset: str, preset: str, seed: int, mirror: str, cache_dir: str | None
     }
 
 
+def current_estimate(dataset: str, preset: str, mirror: str) -> float | None:
+    """What the estimate line says now for ``preset`` on ``dataset``'s folder splits (rows keep the
+    line their own version said, which changed while the rates were calibrated)."""
+    from transferkit.config import TrainConfig
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.models.create import create_classifier
+    from transferkit.training.estimate import estimate_run
+
+    root = Path(mirror) / dataset
+    counts = {split.name: sum(1 for path in split.rglob("*") if path.is_file())
+              for split in sorted(root.iterdir()) if split.is_dir()} if root.is_dir() else {}
+    if not counts:
+        return None
+    config = TrainConfig.from_options({"preset": preset})
+    model = create_classifier(config.model, 2)
+    return estimate_run(config, model, resolve_preprocessing(model), counts).seconds
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], mirror: str) -> str:
     from transferkit.training.presets import PRESETS
 
     lines = [
         f"Measured with `python benchmarks/presets.py` (whole `transferkit train --preset P` commands, audit and "
         "report off in every row; `empty`: a fresh feature cache for every run, `shared`: one cache across runs). "
-        "Means over the seeds listed; ratio: wall time over `fast`'s on the same dataset, CPU and cache. "
+        "Means over the seeds listed; x fast: wall time over `fast`'s on the same dataset, CPU and cache; estimate: "
+        "what the line before training says with today's rates (each row's own line is in presets.json). "
         "Recipes (options over the defaults): "
         + "; ".join(f"`{name}`: " + (", ".join(f"{key}={value}" for key, value in options.items()) or "the defaults")
                     for name, options in PRESETS.items()) + ".",
         "",
-        "| dataset | split | preset | cache | seeds | accuracy (mean) | min-max | wall time (s) | x fast | estimate said (s) | CPU |",
+        "| dataset | split | preset | cache | seeds | accuracy (mean) | min-max | wall time (s) | x fast | estimate (s) | CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
@@ -103,11 +122,11 @@ def table(rows: list[dict]) -> str:
     for (dataset, cpu, cache, preset), mine in groups.items():
         accuracies = [r["accuracy"] for r in mine]
         wall, fast = means[(dataset, cpu, cache, preset)], means.get((dataset, cpu, cache, "fast"))
-        estimates = [r["estimate_seconds"] for r in mine if r.get("estimate_seconds") is not None]
+        estimate = current_estimate(dataset, preset, mirror)
         lines.append(
             f"| {dataset} | {mine[0]['split']} | {preset} | {cache} | {','.join(str(r['seed']) for r in mine)} | "
             f"{_mean(accuracies):.4f} | {min(accuracies):.4f}-{max(accuracies):.4f} | {wall:.1f} | "
-            f"{f'{wall / fast:.2f}' if fast else ''} | {f'{_mean(estimates):.0f}' if estimates else ''} | {cpu} |"
+            f"{f'{wall / fast:.2f}' if fast else ''} | {f'{estimate:.0f}' if estimate else ''} | {cpu} |"
         )
     return "\n".join(lines) + "\n\n" + plot(groups)
 
@@ -158,8 +177,9 @@ def main() -> None:
                 RAW.write_text(json.dumps(list(results.values()), indent=1) + "\n")
     order = {"fast": 0, "balanced": 1, "best": 2}
     rows = sorted(results.values(), key=lambda r: (r["dataset"], r["cache"], order.get(r["preset"], 9), r["seed"]))
-    write_section("presets", "Quality presets", table(rows))
-    print(table(rows))
+    text = table(rows, args.mirror)
+    write_section("presets", "Quality presets", text)
+    print(text)
 
 
 if __name__ == "__main__":
