@@ -21,17 +21,19 @@ from transferkit.training.presets import AUTO, DEFAULT_PRESET, PRESETS, format_m
 
 log = logging.getLogger(__name__)
 
-# Seconds per image on the shared 2-core Xeon the presets were measured on (the cache pass: decoded,
-# through the backbone on ONNX Runtime, features and activations written; one image through one
-# unfrozen block for one epoch of fine-tuning on cached activations, val included), from
-# benchmarks/presets.json's feature_seconds and fit_seconds on hymenoptera, seed 1; Lite1 between, not
-# measured. They held on tf_flowers (fast: said 479 s, took 422); a quiet machine is faster (the AMD
-# rows of finetune_inputs fine-tuned tf_flowers 10x as fast), so a limit errs on the safe side.
+# Seconds per image on a 2-core Xeon (the cache pass: decoded, through the backbone on ONNX Runtime,
+# features and activations written; one image through one unfrozen block for one epoch of fine-tuning
+# on cached activations, val included), fitted on benchmarks/presets.json's least loaded `balanced`
+# runs (tf_flowers seed 42, hymenoptera seed 2: fit_seconds and train_seconds); Lite2 at Lite0's times
+# the ratios measured on hymenoptera seed 1 (2.4x, 1.2x); Lite1 between, not measured. The same
+# commands ran up to 4x as long while the machine was shared with other work.
 CALIBRATED = {
-    "tf_efficientnet_lite0": (0.030, 0.0076),
-    "tf_efficientnet_lite1": (0.048, 0.0083),
-    "tf_efficientnet_lite2": (0.072, 0.0091),
+    "tf_efficientnet_lite0": (0.0113, 0.00112),
+    "tf_efficientnet_lite1": (0.019, 0.00123),
+    "tf_efficientnet_lite2": (0.027, 0.00134),
 }
+EPOCH_SECONDS = 5.0
+"""A fine-tuning epoch's seconds whatever its images: Lightning's loops, validation set-up, checkpoints."""
 IMAGE_EPOCH = 1.5
 """Fine-tuning on images, per image and epoch, in cache passes (a decode, a forward, a backward of the top)."""
 OVERHEAD_SECONDS = 12.0
@@ -97,11 +99,11 @@ def estimate_run(
     views = 0 if on_images or not epochs else min(config.finetune_views, max(epochs - 1, 0))
     seconds = OVERHEAD_SECONDS + cache * (images + views * train + images - train)
     if on_images:
-        seconds += epochs * IMAGE_EPOCH * cache * (train + val)
+        seconds += epochs * (EPOCH_SECONDS + IMAGE_EPOCH * cache * (train + val))
     else:
-        seconds += epochs * trained * block_epoch * (train + val)
+        seconds += epochs * (EPOCH_SECONDS + trained * block_epoch * (train + val))
     if not config.feature_cache or config.frozen.augment != "none":  # the head trains on images
-        seconds += config.frozen.epochs * IMAGE_EPOCH * cache * (train + val)
+        seconds += config.frozen.epochs * (EPOCH_SECONDS + IMAGE_EPOCH * cache * (train + val))
     return Estimate(seconds, cache, config.preset, images, trained, blocks, views)
 
 
