@@ -59,7 +59,7 @@ class TrainConfig:
     finetune: PhaseConfig = field(default_factory=default_finetune_phase)
     preset: str = field(default=DEFAULT_PRESET, metadata=help_text(
         "a named bundle of options: fast (the defaults), balanced, best (a larger backbone, longer fine-tuning; "
-        "about 2-5x fast's time), or auto (with --time-limit: the best whose estimate fits; the default there); "
+        "1.3-3.6x fast's time in benchmarks/RESULTS.md), or auto (with --time-limit: the best whose estimate fits; the default there); "
         "an option given as well, or in --config, overrides the preset's"))
     time_limit: str | None = field(default=None, metadata=help_text(
         "most wall time, e.g. 20m, 90s, 1.5h: picks the preset (auto), and a phase that would run past it stops "
