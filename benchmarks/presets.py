@@ -104,7 +104,7 @@ def table(rows: list[dict], mirror: str) -> str:
     from transferkit.training.presets import PRESETS
 
     lines = [
-        f"Measured with `python benchmarks/presets.py` (whole `transferkit train --preset P` commands, audit and "
+        "Measured with `python benchmarks/presets.py` (whole `transferkit train --preset P` commands, audit and "
         "report off in every row; `empty`: a fresh feature cache for every run, `shared`: one cache across runs). "
         "Means over the seeds listed; x fast: wall time over `fast`'s on the same dataset, CPU and cache; estimate: "
         "what the line before training says with today's rates (each row's own line is in presets.json). "
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="rebuild the section from presets.json, train nothing")
     args = parser.parse_args()
     sys.path.insert(0, str(SRC))
-    key = lambda r: (r["dataset"], r["preset"], r["seed"], r["cache"], row_cpu(r))  # noqa: E731
+    key = lambda r: (r["dataset"], r["preset"], r["seed"], r["cache"], row_cpu(r))
     results = {key(r): r for r in json.loads(RAW.read_text())} if RAW.exists() else {}
     for seed in () if args.table_only else (int(s) for s in args.seeds.split(",")):
         for name in args.datasets.split(","):

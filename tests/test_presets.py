@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_folder, make_image, COLOURS, tiny_config
+from conftest import COLOURS, make_folder, make_image, tiny_config
 
 from transferkit import predict, train
 from transferkit.cli import main

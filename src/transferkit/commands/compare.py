@@ -20,10 +20,10 @@ from transferkit.config import (
     unfreeze_is_auto,
 )
 from transferkit.errors import ConfigError, RunFolderError, close_matches, raise_together
-from transferkit.training.presets import AUTO, DEFAULT_PRESET
 from transferkit.reporting.comparison import recommendation, write_comparison_figures, write_comparison_page
 from transferkit.run.comparison import Comparison
 from transferkit.run.folder import RunFolder
+from transferkit.training.presets import AUTO, DEFAULT_PRESET
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ from transferkit.run.folder import RunFolder, holds_work, prepare_folder
 from transferkit.run.lock import claim
 from transferkit.run.records import RunMetrics
 from transferkit.run.result import TrainResult
-from transferkit.training.evaluation import PhaseInputs, evaluate_phases
-from transferkit.training.phase import class_weights, create_sampler, epoch_log, training_loss
 from transferkit.training.console import console
 from transferkit.training.estimate import describe, estimate_run, resolve_preset
-from transferkit.training.presets import AUTO, DEFAULT_PRESET
+from transferkit.training.evaluation import PhaseInputs, evaluate_phases
+from transferkit.training.phase import class_weights, create_sampler, epoch_log, training_loss
 from transferkit.training.plan import FitPlan
+from transferkit.training.presets import AUTO, DEFAULT_PRESET
 from transferkit.training.progress import PhaseProgress
 from transferkit.training.recipe import FitInputs, fine_tune
 from transferkit.training.splitting import SplitFeatures, clean_val_rows, pooled_features_of, split_honestly
