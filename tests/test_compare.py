@@ -127,6 +127,9 @@ def test_each_epoch_line_names_its_strategy_and_scratch_never_says_finetune(comp
     by_strategy = {name: [line for line in said if line.split()[0] == name] for name in STRATEGIES}
     assert sum(map(len, by_strategy.values())) == len(said), "every line starts with its strategy"
     for name, lines in by_strategy.items():
+        # Each run says its estimated time once, before its first epoch; then one line an epoch.
+        assert "estimated time: about " in lines[0] and not any("estimated time" in line for line in lines[1:]), name
+        by_strategy[name] = lines = lines[1:]
         history = read_rows(comparison_folder / name / "history.csv")
         assert len(lines) == len(history), name
     assert all(line.split()[1] == "all" for line in by_strategy["scratch"] + by_strategy["full"])

@@ -36,6 +36,7 @@ from transferkit.training.config import (
     parse_unfreeze,
     unfreeze_is_auto,
 )
+from transferkit.training.presets import AUTO, DEFAULT_PRESET, PRESET_NAMES, parse_duration, preset_options
 from transferkit.training.trainer_options import lightning_option_problems, parse_devices
 
 __all__ = [
@@ -58,6 +59,13 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     frozen: PhaseConfig = field(default_factory=default_frozen_phase)
     finetune: PhaseConfig = field(default_factory=default_finetune_phase)
+    preset: str = field(default=DEFAULT_PRESET, metadata=help_text(
+        "a named bundle of options: fast (the defaults), balanced, best (a larger backbone, longer fine-tuning; "
+        "1.3-3.6x fast's time in benchmarks/RESULTS.md), or auto (with --time-limit: the best whose estimate fits; the default there); "
+        "an option given as well, or in --config, overrides the preset's"))
+    time_limit: str | None = field(default=None, metadata=help_text(
+        "most wall time, e.g. 20m, 90s, 1.5h: picks the preset (auto), and a phase that would run past it stops "
+        "at an epoch's end, keeping its best epoch so far"))
     output: str | None = field(
         default=None, metadata=help_text("run folder; default: runs/<data>-<model>-<time>")
     )
@@ -151,6 +159,14 @@ class TrainConfig:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]
         found = non_finite_problems(self) + self.data.problems() + self.model.problems()
         found += self.frozen.problems("frozen") + self.finetune.problems("finetune")
+        if self.preset not in PRESET_NAMES:
+            found.append(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}"
+                         f"{close_matches(self.preset, list(PRESET_NAMES))}")
+        if self.time_limit is not None:
+            try:
+                parse_duration(self.time_limit)
+            except ValueError:
+                found.append(f"--time-limit must be a duration like 20m, 90s or 1.5h, got {self.time_limit!r}")
         if self.class_balance not in CLASS_BALANCE:
             found.append(f"--class-balance must be one of {', '.join(CLASS_BALANCE)}, got {self.class_balance!r}")
         if math.isfinite(self.activation_cache_gb) and self.activation_cache_gb < 0:
@@ -195,13 +211,16 @@ class TrainConfig:
     def from_options(cls, options: Mapping[str, Any]) -> TrainConfig:
         """The defaults with flat overrides named like the flags: ``{"frozen.epochs": 10, "seed": 0}``
         for ``--frozen-epochs 10 --seed 0``; ``{"epochs": 3}`` (``--epochs 3``) is both phases' most
-        epochs, where ``frozen.epochs`` or ``finetune.epochs`` is not given. Unknown keys and invalid
-        values are raised together."""
+        epochs, where ``frozen.epochs`` or ``finetune.epochs`` is not given. ``{"preset": "best"}``
+        sets that preset's options under the others given. Unknown keys and invalid values are
+        raised together."""
         values = cls().to_dict()
         known = [f"{key}.{name}" for key, section in values.items() if isinstance(section, dict) for name in section]
         known += [key for key, value in values.items() if not isinstance(value, dict)] + ["epochs"]
         found = []
-        options = dict(options)
+        # A preset is the base every option given overrides; a time limit alone lets the data choose it.
+        options = {"preset": AUTO if options.get("time_limit") else DEFAULT_PRESET, **options}
+        options = {**preset_options(str(options["preset"])), **options}
         if "epochs" in options:
             # A shorthand, not a field: the config keeps each phase's own count, so a resumed run reads them.
             both = options.pop("epochs")
@@ -220,10 +239,14 @@ class TrainConfig:
 
     def with_options(self, options: Mapping[str, Any]) -> TrainConfig:
         """This config with flat overrides, as ``from_options`` takes them; ``epochs`` sets each
-        phase that ``options`` does not."""
+        phase that ``options`` does not. A new ``preset`` replaces the values the old one set and
+        keeps those changed from it."""
         if not options:
             return self
         flat = _flat(self.to_dict())
+        if "preset" in options:
+            before = _flat(TrainConfig.from_options({"preset": self.preset}).to_dict())
+            flat = {key: value for key, value in flat.items() if before.get(key) != value}
         if "epochs" in options:
             flat = {key: value for key, value in flat.items() if key not in ("frozen.epochs", "finetune.epochs")}
         return self.from_options({**flat, **options})

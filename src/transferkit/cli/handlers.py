@@ -11,7 +11,7 @@ from typing import Any
 
 from transferkit.cli.config_file import TRAIN_OPTIONS, option_types, read_config_file
 from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
-from transferkit.config import DEFAULT_MODEL, TrainConfig
+from transferkit.config import TrainConfig
 from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError, raise_together
 from transferkit.run.folder import RunFolder
@@ -82,7 +82,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     accepted = {key: kind for key, kind in TRAIN_OPTIONS.items()
                 if key not in ("output", "batchnorm", "data.splits_from", "model.hidden_size")}
     source, options = _with_config_file(args, options, accepted)
-    models = args.models or options.pop("model.name", None) or DEFAULT_MODEL
+    models = args.models or options.pop("model.name", None)  # else the preset's, else the default
     options.pop("model.name", None)
     options.setdefault("progress", sys.stderr.isatty())
     problems = source_problems(source)
@@ -92,7 +92,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         comparison = compare(
             source,
             strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-            models=[m.strip() for m in models.split(",") if m.strip()],
+            models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
             epochs=args.epochs, output=args.output, patience=args.patience, hidden_size=args.hidden_size,
             unfreeze=args.unfreeze, options=options,
         )

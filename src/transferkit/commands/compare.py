@@ -13,7 +13,6 @@ from typing import Any
 from transferkit._io import read_json, write_csv_rows, write_json
 from transferkit.commands.strategies import STRATEGIES, STRATEGY_FUNCTIONS, StrategySettings
 from transferkit.config import (
-    DEFAULT_MODEL,
     FEW_BLOCKS,
     MANY_BLOCKS,
     TrainConfig,
@@ -24,6 +23,7 @@ from transferkit.errors import ConfigError, RunFolderError, close_matches, raise
 from transferkit.reporting.comparison import recommendation, write_comparison_figures, write_comparison_page
 from transferkit.run.comparison import Comparison
 from transferkit.run.folder import RunFolder
+from transferkit.training.presets import AUTO, DEFAULT_PRESET
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _check_settings(output: Path, settings: dict[str, Any]) -> None:
 def compare(
     source: str,
     strategies: list[str] | tuple[str, ...] = tuple(STRATEGIES),
-    models: list[str] | tuple[str, ...] = (DEFAULT_MODEL,),
+    models: list[str] | tuple[str, ...] | None = None,
     epochs: int = 5,
     output: str | os.PathLike[str] | None = None,
     patience: int = 3,
@@ -97,10 +97,17 @@ def compare(
 
     ``options`` are flat train options applied to every run (``{"data.max_per_class": 300,
     "data.image_size": 224, ...}``, as ``TrainConfig.from_options`` takes them); each strategy
-    then sets its own phases. Rerunning with the same arguments resumes: finished runs are kept,
-    an interrupted one continues.
+    then sets its own phases. ``{"preset": "best"}`` gives every run that preset's options but the
+    phases, and its model where ``models`` (default: the options' model, else ``DEFAULT_MODEL``) is
+    not given; a ``time_limit`` there is each run's own. Rerunning with the same arguments resumes:
+    finished runs are kept, an interrupted one continues.
     """
     options = dict(options or {})
+    if options.get("time_limit"):  # every strategy under one preset: the limit only stops phases
+        options.setdefault("preset", DEFAULT_PRESET)
+    if not models:
+        models = [TrainConfig.from_options({k: v for k, v in options.items() if k in ("preset", "model.name")}
+                                           if options.get("preset") != AUTO else {}).model.name]
     shared = _checked_config(strategies, models, epochs, unfreeze, options)
     output = (Path(output) if output else Path("runs") / f"compare-{Path(source).name or 'data'}").absolute()
     output.mkdir(parents=True, exist_ok=True)
@@ -144,6 +151,9 @@ def _checked_config(
         parse_unfreeze(unfreeze)
     except ValueError:  # else only the fine-tune strategy's run would say so, after the others trained
         problems.append(f"--unfreeze must be a block count (3), a fraction (0.3), 'all' or 'auto', got {unfreeze!r}")
+    if options.get("preset") == AUTO:
+        problems.append("--preset auto chooses per run, and compare trains every strategy alike; give --preset "
+                        "fast, balanced or best (--time-limit then stops each run's phases at it)")
     shared = raise_together(problems, lambda: TrainConfig.from_options(options))
     if shared.finetune_on == "activations" and "fine-tune" in strategies:
         raise_together(_uncacheable(list(models), unfreeze), lambda: None)  # before any run trains, not at the fourth

@@ -37,11 +37,13 @@ from transferkit.run.folder import RunFolder, holds_work, prepare_folder
 from transferkit.run.lock import claim
 from transferkit.run.records import RunMetrics
 from transferkit.run.result import TrainResult
+from transferkit.training.console import console
+from transferkit.training.estimate import describe, estimate_run, resolve_preset
 from transferkit.training.evaluation import PhaseInputs, evaluate_phases
 from transferkit.training.loggers import create_loggers, finished_when_done, log_results, missing_packages
-from transferkit.training.phase import class_weights, create_sampler, training_loss
-from transferkit.training.console import console
+from transferkit.training.phase import class_weights, create_sampler, epoch_log, training_loss
 from transferkit.training.plan import FitPlan
+from transferkit.training.presets import AUTO, DEFAULT_PRESET
 from transferkit.training.progress import PhaseProgress
 from transferkit.training.recipe import FitInputs, fine_tune
 from transferkit.training.splitting import SplitFeatures, clean_val_rows, pooled_features_of, split_honestly
@@ -55,7 +57,8 @@ RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
 def train(
     data: str | os.PathLike[str], config: TrainConfig | None = None, *, epochs: int | None = None,
     model: str | None = None, output: str | os.PathLike[str] | None = None, seed: int | None = None,
-    options: dict[str, Any] | None = None, progress: bool = True,
+    options: dict[str, Any] | None = None, progress: bool = True, preset: str | None = None,
+    time_limit: str | None = None,
 ) -> TrainResult:
     """Train a classifier on ``data`` and write the run folder (``output``, else
     ``runs/<data>-<model>-<time>``): ``transferkit.train("photos/", epochs=3)``.
@@ -64,15 +67,21 @@ def train(
     the name of a registered dataset. ``config`` (default: ``TrainConfig()``) is the whole
     configuration; ``epochs`` (both phases' most, as ``--epochs``), ``model`` (a timm name),
     ``output``, ``seed`` and ``options`` (any ``TrainConfig.from_options`` key, e.g.
-    ``{"finetune.lr": 1e-4}``) change it. ``progress`` shows the epoch lines and a summary where
-    logging is not set up (see ``training.console``).
+    ``{"finetune.lr": 1e-4}``) change it; ``preset`` (``fast``, ``balanced``, ``best``, ``auto``)
+    sets its options under every other one, and ``time_limit`` (``"20m"``) picks it where none is
+    given and stops a phase before an epoch that would end past it. ``progress`` shows the epoch
+    lines and a summary where logging is not set up (see ``training.console``).
     """
     problems = source_problems(data)
     if problems:
         raise ConfigError(problems)
+    base = config or TrainConfig()
+    if time_limit is not None and preset is None and base.preset == DEFAULT_PRESET:
+        preset = AUTO  # as on the command line: a limit alone lets the data choose
     overrides = {key: value for key, value in (("epochs", epochs), ("model.name", model), ("seed", seed),
-                                               ("output", output and os.fspath(output))) if value is not None}
-    config = (config or TrainConfig()).with_options({**overrides, **(options or {})})
+                                               ("output", output and os.fspath(output)), ("preset", preset),
+                                               ("time_limit", time_limit)) if value is not None}
+    config = base.with_options({**overrides, **(options or {})})
     with console(progress) as show:
         result = _train(os.fspath(data), config, resume=False)
         show(result)
@@ -135,12 +144,16 @@ def _train_in(
     """The data, the model and its plan, the fit; rank zero then evaluates and saves."""
     main_process = process_rank() == 0
     index, discovered = _prepare_index(source, config, folder, resume)
+    counts = {split: len(items) for split, items in index.splits.items()}
+    config, estimates = resolve_preset(config, counts, len(index.classes), time.perf_counter() - started)
     # The new head's initialisation draws from the global generator: seed before building it.
     L.seed_everything(config.seed, workers=True, verbose=False)
     create_model = functools.partial(create_classifier, config.model, len(index.classes), config.data.image_size)
     model = create_model()
     preprocessing = resolve_preprocessing(model, config.data.image_size)
-    plan = FitPlan.decide(config, model, preprocessing, index, lightning_options)
+    if main_process:
+        epoch_log.info(describe(estimates.get(config.preset) or estimate_run(config, model, preprocessing, counts)))
+    plan = FitPlan.decide(config, model, preprocessing, index, lightning_options, started)
     activation_pass = ActivationPass.of(config)
     split_features, leaks, activations = _split_on_features(
         index, discovered, model, preprocessing, plan.boundary, config, activation_pass

@@ -138,6 +138,8 @@ class PhaseRecord:
     """Lightning's precision the phase trained in ('bf16-mixed' where --precision auto found the
     CPU's bf16 instructions; a resumed phase, that of its last part); None for the head on
     features, always float32."""
+    stopped_at_time_limit: bool | None = None
+    """True where ``--time-limit`` ended the phase before its epochs; None otherwise."""
     val: dict[str, Any] | None = None
     """Headline metrics of the phase's best checkpoint on the validation split."""
     test: dict[str, Any] | None = None

@@ -4,6 +4,7 @@ callback: history.csv's rows and the console's lines, the best epoch, patience, 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from transferkit._io import stops_held
 from transferkit.run.folder import RunFolder
 from transferkit.run.records import EpochRecord, PhaseRecord
 from transferkit.training.loggers import log_epoch
-from transferkit.training.phase import epoch_log, format_stop, record_epoch
+from transferkit.training.phase import epoch_log, format_stop, format_time_limit_stop, record_epoch
 
 SLOW_EPOCH_SECONDS = 1.0
 """Epochs at least this long each get a line; quicker ones (the head on cached features) every few."""
@@ -26,11 +27,13 @@ def rounded(value: float | None) -> float | None:
 class PhaseBookkeeping:
     """Epochs done, the epoch with the lowest validation loss and early stopping, as Lightning's
     ModelCheckpoint and EarlyStopping judge them: the first epoch is always a best one, a later one
-    is if its loss is lower, and a non-finite validation loss ends the phase. Only a ``write``
-    process (rank zero) writes history rows, and sends them to the run's ``loggers`` (``--logger``)."""
+    is if its loss is lower, and a non-finite validation loss ends the phase. An epoch that would end
+    past ``deadline`` (``time.perf_counter()``'s clock; ``--time-limit``), by the last one's length,
+    is not started. Only a ``write`` process (rank zero) writes history rows, and sends them to the
+    run's ``loggers`` (``--logger``)."""
 
     def __init__(self, folder: RunFolder, phase: str, epochs: int, patience: int, write: bool = True,
-                 loggers: Sequence[Any] = ()):
+                 loggers: Sequence[Any] = (), deadline: float | None = None):
         self.folder = folder
         self.loggers = loggers
         self.phase = phase
@@ -44,6 +47,8 @@ class PhaseBookkeeping:
         self.epochs_without_improvement = 0
         self.pending: EpochRecord | None = None
         self.stopping = False
+        self.deadline = deadline
+        self.time_limited = False
 
     def end_epoch(
         self, *, train_loss: float | None, train_acc: float | None, val_loss: float, val_acc: float, lr: float,
@@ -74,6 +79,9 @@ class PhaseBookkeeping:
         else:
             self.epochs_without_improvement += 1
         self.stopping = not math.isfinite(val_loss) or self.epochs_without_improvement >= self.patience
+        if (not self.stopping and self.deadline is not None and self.epochs_done < self.planned_epochs
+                and time.perf_counter() + seconds > self.deadline):
+            self.stopping = self.time_limited = True
         return self.stopping
 
     def publish(self) -> None:
@@ -88,7 +96,9 @@ class PhaseBookkeeping:
             with stops_held():  # the row and the loggers hold the same epochs
                 record_epoch(self.folder, self.pending, self.planned_epochs, shown)
                 log_epoch(self.loggers, self.pending)
-            if self.stopping and self.epochs_done < self.planned_epochs and math.isfinite(self.pending.val_loss or 0):
+            if self.time_limited:
+                epoch_log.info(format_time_limit_stop(self.phase, self.epochs_done, self.planned_epochs, self.best_epoch))
+            elif self.stopping and self.epochs_done < self.planned_epochs and math.isfinite(self.pending.val_loss or 0):
                 epoch_log.info(format_stop(self.phase, self.patience, self.best_epoch))
         self.pending = None
 
@@ -111,7 +121,7 @@ class PhaseBookkeeping:
             best_val_acc=rounded(self.best_val_acc) if usable else None,
             best_epoch=self.best_epoch if usable else None, epochs=self.epochs_done,
             trainable_parameters=parameters[0], total_parameters=parameters[1], trained_blocks=trained_blocks,
-            fit_seconds=round(fit_seconds, 3), precision=precision,
+            fit_seconds=round(fit_seconds, 3), precision=precision, stopped_at_time_limit=self.time_limited or None,
         )
 
     def state_dict(self) -> dict[str, Any]:

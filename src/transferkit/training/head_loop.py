@@ -65,15 +65,16 @@ def train_head(
     folder: RunFolder,
     name: str,
     resume_from: str | os.PathLike[str] | None,
-    write: bool, loggers: Sequence[Any] = (),
+    write: bool, loggers: Sequence[Any] = (), deadline: float | None = None,
 ) -> PhaseRecord:
     """Train ``model``'s head on ``train`` for ``phase.epochs``, keep the epoch with the lowest
     validation loss as ``<name>-best.ckpt``, stop after ``phase.patience`` epochs without one.
 
     Only a ``write`` process (rank zero) writes checkpoints and history, and only it resumes
     from ``resume_from``, a checkpoint of this phase: another process trains from the start,
-    which gives the same head in seconds without reading a file rank zero may be replacing.
-    Returns with the best epoch's head in ``model``; every epoch also goes to ``loggers``.
+    which gives the same head in seconds without reading a file rank zero may be replacing. No epoch
+    but the first starts that would end past ``deadline``; the best epoch's head ends in ``model``,
+    and every epoch also goes to ``loggers``.
     """
     # The head trains beside its features, on the CPU; a feature pass on a GPU leaves the model there.
     model.cpu()
@@ -83,7 +84,7 @@ def train_head(
     optimizer = create_head_optimizer(model, phase)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     schedule = Schedule.for_phase(phase, steps_per_epoch)
-    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience, write, loggers)
+    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience, write, loggers, deadline)
     if resume_from and write:
         _restore(resume_from, model, optimizer, schedule, bookkeeping)
     best_head = None

@@ -255,18 +255,20 @@ def fit_with_lightning(
     trainer_options: dict[str, Any],
     progress_bar: bool,
     loggers: Sequence[Any] = (),
+    deadline: float | None = None,
 ) -> PhaseRecord:
     """Train ``module`` for its phase's epochs on Lightning, keep the epoch with the lowest
     validation loss as ``<name>-best.ckpt``, stop after ``phase.patience`` epochs without one.
     ``trainer_options`` are Lightning's accelerator, devices, strategy and precision; the trainer
-    gets ``loggers``, to which ``History`` sends each epoch as the head loop does."""
+    gets ``loggers``, to which ``History`` sends each epoch as the head loop does. No epoch starts
+    that would end past ``deadline`` (``time.perf_counter()``), but the first."""
     phase = module.finetuning.phase
     checkpoint = ModelCheckpoint(
         dirpath=folder.writable(folder.checkpoints_dir), filename=RunFolder.checkpoint_stem(name, "best"),
         monitor="val_loss", mode="min", save_top_k=1, save_last=True, enable_version_counter=False,
     )
     checkpoint.CHECKPOINT_NAME_LAST = RunFolder.checkpoint_stem(name, "last")
-    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience, loggers=loggers)
+    bookkeeping = PhaseBookkeeping(folder, name, phase.epochs, phase.patience, loggers=loggers, deadline=deadline)
     trainer = L.Trainer(
         max_epochs=phase.epochs, callbacks=[checkpoint, History(bookkeeping), DepthwiseInFloat32()],
         logger=list(loggers) or False, enable_model_summary=False, enable_progress_bar=progress_bar,

@@ -163,6 +163,12 @@ def format_epoch(record: EpochRecord, epochs: int | None) -> str:
     )
 
 
+def format_time_limit_stop(phase: str, epochs_done: int, planned: int, best_epoch: int) -> str:
+    """The line after a phase that ``--time-limit`` ended before its last epoch."""
+    return (f"{phase:<8} stopped at the time limit after {epochs_done} of {planned} epochs: another would end past "
+            f"it (keeping the best epoch, {best_epoch})")
+
+
 def format_stop(phase: str, patience: int, best_epoch: int) -> str:
     """The line after a phase that patience ended before its last epoch."""
     return (f"{phase:<8} stopped early: no better validation loss for {patience} epoch{'s' if patience > 1 else ''} "

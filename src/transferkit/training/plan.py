@@ -18,6 +18,7 @@ from transferkit.config import (
     unfreeze_is_auto,
 )
 from transferkit.data.folders import DatasetIndex
+from transferkit.training.presets import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,18 @@ class FitPlan:
     cutmix: float = 0.0
     """Fine-tuning's CutMix alpha on images (``--finetune-cutmix``; 0: none)."""
     label_smoothing: float = 0.0
+    deadline: float | None = None
+    """``--time-limit`` as a ``time.perf_counter()`` time: no epoch starts that would end past it."""
 
     @classmethod
     def decide(
         cls, config: TrainConfig, model: nn.Module, preprocessing: dict[str, Any], index: DatasetIndex,
-        trainer_options: dict[str, Any],
+        trainer_options: dict[str, Any], started: float | None = None,
     ) -> FitPlan:
         """The plan for ``model`` on ``index`` as first split: the unfrozen blocks and the boundary
         hardly move when groups cut the split again, and the pass that caches the activations
-        also gives every image's pooled features for that cut."""
+        also gives every image's pooled features for that cut. ``--time-limit`` runs from
+        ``started`` (``time.perf_counter()``)."""
         unfreeze = parse_unfreeze(config.finetune.unfreeze, len(index.targets("train")))
         fine_tunes = config.finetune.epochs > 0
         boundary = finetune_boundary(model, unfreeze, config, preprocessing, index) if fine_tunes else None
@@ -73,6 +77,7 @@ class FitPlan:
             drop_rate=config.model.drop_rate, num_workers=config.data.resolved_num_workers(),
             trainer_options=trainer_options, progress_bar=config.progress, mixup=config.finetune_mixup,
             cutmix=config.finetune_cutmix, label_smoothing=config.label_smoothing,
+            deadline=started + parse_duration(config.time_limit) if config.time_limit and started is not None else None,
         )
 
     def log_unfreeze(self, training_images: int) -> None:

@@ -107,7 +107,7 @@ def head_phase(
     return train_head(
         model, plan.frozen, inputs.labelled("train"), inputs.labelled("val"), loss=inputs.loss,
         sampler=inputs.sampler, batch_size=plan.batch_size, drop_rate=plan.drop_rate, folder=progress.folder,
-        name="frozen", resume_from=resume_from, write=progress.write, loggers=progress.loggers,
+        name="frozen", resume_from=resume_from, write=progress.write, loggers=progress.loggers, deadline=plan.deadline,
     )
 
 
@@ -154,6 +154,7 @@ def _fit_lightning(
     return fit_with_lightning(
         module, train, val, folder=progress.folder, name=name, resume_from=resume_from,
         trainer_options=plan.trainer_options, progress_bar=plan.progress_bar, loggers=progress.loggers,
+        deadline=plan.deadline,
     )
 
 
