@@ -3,10 +3,8 @@
 ``TrainConfig`` composes the sections that live beside what they configure (``data.config``,
 ``models.config``, ``training.config``); every name stays importable from here.
 
-Problems are collected and raised together (``ConfigError``) so a user fixes them in one go,
-and each names the flag to change. The data a run trains on is not part of its config: it is
-``train``'s first parameter (``transferkit.train("photos/", TrainConfig())``), so a config holds
-only how to train and has no required value disguised as a default.
+Problems are raised together (``ConfigError``), each naming its flag, so a user fixes them in one
+go. The data is ``train``'s first parameter, not config: a config holds only how to train.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from transferkit.training.config import (
     default_frozen_phase,
     logger_problems,
     lr_is_auto,
+    mixing_problems,
     parse_unfreeze,
     unfreeze_is_auto,
 )
@@ -178,7 +177,7 @@ class TrainConfig:
         elif self.finetune_views and self.finetune_on == "images":
             found.append(f"--finetune-views {self.finetune_views} needs fine-tuning on activations; "
                          "drop --finetune-on images (the default, auto, uses them where it can)")
-        found += _mixing_problems(self)
+        found += mixing_problems(self.finetune_mixup, self.finetune_cutmix, self.class_balance, self.finetune_on)
         if self.finetune_view_policy not in VIEW_POLICIES:
             found.append(f"--finetune-view-policy must be one of {', '.join(VIEW_POLICIES)}, "
                          f"got {self.finetune_view_policy!r}")
@@ -288,19 +287,6 @@ class TrainConfig:
                     section["split"] = tuple(section["split"])
                 parts[name] = kind(**section)
         return cls(**parts)
-
-
-def _mixing_problems(config: TrainConfig) -> list[str]:
-    found = [f"--finetune-{name} must be 0 or more, got {value}" for name, value in
-             (("mixup", config.finetune_mixup), ("cutmix", config.finetune_cutmix)) if math.isfinite(value) and value < 0]
-    mixes = config.finetune_mixup > 0 or config.finetune_cutmix > 0
-    if mixes and config.class_balance == "weight":
-        found.append("--class-balance weight does not combine with --finetune-mixup or --finetune-cutmix (soft targets "
-                     "carry no class weights); --class-balance sample balances the batches instead")
-    if config.finetune_cutmix > 0 and config.finetune_on == "activations":
-        found.append("--finetune-cutmix needs fine-tuning on images (a box on an activation map cuts whole objects); "
-                     "use --finetune-mixup on activations, or --finetune-on images")
-    return found
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

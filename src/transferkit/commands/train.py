@@ -33,6 +33,7 @@ from transferkit.data.registry import resolve_data_source, source_problems
 from transferkit.errors import ConfigError, RunFolderError
 from transferkit.models.create import create_classifier
 from transferkit.models.folder import save_model_folder, save_trust
+from transferkit.reporting.report import write_report_of_run
 from transferkit.run.folder import RunFolder, holds_work, prepare_folder
 from transferkit.run.lock import claim
 from transferkit.run.records import RunMetrics
@@ -188,7 +189,7 @@ def _train_in(
             folder.writable(folder.audit_dir), split_features.in_order(index),
         ) if config.audit else ""
         if config.report:
-            _write_report(folder)
+            write_report_of_run(folder.root)
         log_results(loggers, metrics.to_dict(), [folder.metrics_file, folder.config_file, folder.history_file,
                                                   folder.report_file], [folder.model_dir, folder.figures_dir])
         return TrainResult(
@@ -235,16 +236,6 @@ def _evaluate_and_save(
     save_trust(folder.model_dir, trust)
     metrics.trust = trust.as_dict()
     return metrics
-
-
-def _write_report(folder: RunFolder) -> None:
-    from transferkit.reporting.report import write_report
-
-    try:
-        write_report([folder.root])
-    except Exception as error:  # noqa: BLE001 - the model is saved; `transferkit report` can try again
-        log.warning("the report could not be written (%s); the run is complete, try `transferkit report %s`",
-                    error, folder.root)
 
 
 def _split_on_features(

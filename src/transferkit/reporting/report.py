@@ -5,6 +5,7 @@ configuration, in one file that needs no server and no other file."""
 from __future__ import annotations
 
 import html
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,13 @@ def write_report(runs: list[str | os.PathLike[str]], output: str | os.PathLike[s
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text(output, html_page(title, "".join(sections)))
     return output
+
+
+def write_report_of_run(run: Path) -> None:
+    """The report at the end of a train; a failure is a warning, since the model is saved by then
+    and `transferkit report` can try again."""
+    try:
+        write_report([run])
+    except Exception as error:  # noqa: BLE001 - drawing must never cost the finished run
+        logging.getLogger(__name__).warning(
+            "the report could not be written (%s); the run is complete, try `transferkit report %s`", error, run)

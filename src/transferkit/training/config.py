@@ -141,3 +141,16 @@ def default_finetune_phase() -> PhaseConfig:
     return PhaseConfig(
         epochs=4, lr=1e-4, weight_decay=1e-2, augment="light", patience=4, unfreeze="auto", warmup_epochs=0.5
     )
+
+
+def mixing_problems(mixup: float, cutmix: float, class_balance: str, finetune_on: str) -> list[str]:
+    """What is wrong with ``--finetune-mixup`` / ``--finetune-cutmix`` beside the other options."""
+    found = [f"--finetune-{name} must be 0 or more, got {value}" for name, value in
+             (("mixup", mixup), ("cutmix", cutmix)) if math.isfinite(value) and value < 0]
+    if (mixup > 0 or cutmix > 0) and class_balance == "weight":
+        found.append("--class-balance weight does not combine with --finetune-mixup or --finetune-cutmix (soft targets "
+                     "carry no class weights); --class-balance sample balances the batches instead")
+    if cutmix > 0 and finetune_on == "activations":
+        found.append("--finetune-cutmix needs fine-tuning on images (a box on an activation map cuts whole objects); "
+                     "use --finetune-mixup on activations, or --finetune-on images")
+    return found

@@ -68,13 +68,12 @@ def train_head(
     write: bool, loggers: Sequence[Any] = (), deadline: float | None = None,
 ) -> PhaseRecord:
     """Train ``model``'s head on ``train`` for ``phase.epochs``, keep the epoch with the lowest
-    validation loss as ``<name>-best.ckpt``, stop after ``phase.patience`` epochs without one.
+    validation loss as ``<name>-best.ckpt``, stop after ``phase.patience`` epochs without one, or
+    before one that would end past ``deadline`` (the first always runs); each goes to ``loggers``.
 
-    Only a ``write`` process (rank zero) writes checkpoints and history, and only it resumes
-    from ``resume_from``, a checkpoint of this phase: another process trains from the start,
-    which gives the same head in seconds without reading a file rank zero may be replacing. No epoch
-    but the first starts that would end past ``deadline``; the best epoch's head ends in ``model``,
-    and every epoch also goes to ``loggers``.
+    Only a ``write`` process (rank zero) writes checkpoints and history, and only it resumes from
+    ``resume_from``: another process trains from the start, which gives the same head in seconds
+    without reading a file rank zero may be replacing. Returns with the best epoch's head in ``model``.
     """
     # The head trains beside its features, on the CPU; a feature pass on a GPU leaves the model there.
     model.cpu()

@@ -1,8 +1,7 @@
-"""Phases on images or cached activations, on Lightning: one module that trains a timm
-classifier through its top (``WholeModel`` on images, ``AboveBoundary`` on cached activations),
-one callback, ``FineTuning``, that owns what differs between phases (in the style of Lightning's
-``BaseFinetuning``: which blocks train, batch norm, parameter groups, each step's learning rate),
-and ``History``, the phase's bookkeeping."""
+"""Phases on images or cached activations, on Lightning: one module that trains a timm classifier
+through its top (``WholeModel`` on images, ``AboveBoundary`` on cached activations), one callback,
+``FineTuning``, that owns what differs between phases (as Lightning's ``BaseFinetuning``: which
+blocks train, batch norm, parameter groups, each step's learning rate), and ``History``."""
 
 from __future__ import annotations
 
@@ -42,22 +41,20 @@ from transferkit.training.checkpoints import (
     model_state,
     restore_random_state,
 )
-from transferkit.training.phase import Schedule, log_trainable, set_learning_rates
 from transferkit.training.mixing import Mixing
+from transferkit.training.phase import Schedule, log_trainable, set_learning_rates
 from transferkit.training.precision import DepthwiseInFloat32
 
 log = logging.getLogger(__name__)
 
 
 class FineTuning(L.Callback):
-    """What trains in a phase on images and how fast.
-
-    Before training, the backbone is frozen but for its top ``unfreeze`` blocks (0: the head
-    alone; None: all). Before every step, the modules go back to training mode with batch norm
-    under ``batchnorm`` (Lightning restores the modes it found around validation) and every
-    parameter group gets the schedule's rate times its ``lr_scale``. The optimizer holds the
-    trainable parameters only. The schedule's state travels in the checkpoint.
-    """
+    """What trains in a phase on images and how fast. Before training, the backbone is frozen but
+    for its top ``unfreeze`` blocks (0: the head alone; None: all). Before every step, the modules
+    go back to training mode with batch norm under ``batchnorm`` (Lightning restores the modes it
+    found around validation) and every parameter group gets the schedule's rate times its
+    ``lr_scale``. The optimizer holds the trainable parameters only; the schedule travels in the
+    checkpoint."""
 
     def __init__(self, name: str, phase: PhaseConfig, unfreeze: int | float | None, batchnorm: str):
         self.name = name
@@ -257,11 +254,9 @@ def fit_with_lightning(
     loggers: Sequence[Any] = (),
     deadline: float | None = None,
 ) -> PhaseRecord:
-    """Train ``module`` for its phase's epochs on Lightning, keep the epoch with the lowest
-    validation loss as ``<name>-best.ckpt``, stop after ``phase.patience`` epochs without one.
-    ``trainer_options`` are Lightning's accelerator, devices, strategy and precision; the trainer
-    gets ``loggers``, to which ``History`` sends each epoch as the head loop does. No epoch starts
-    that would end past ``deadline`` (``time.perf_counter()``), but the first."""
+    """Train ``module`` for its phase's epochs on Lightning (``trainer_options``: accelerator, devices,
+    strategy, precision), keep the best epoch as ``<name>-best.ckpt``, end the phase where its
+    ``PhaseBookkeeping`` says (patience, ``deadline``); ``History`` sends each epoch to ``loggers``."""
     phase = module.finetuning.phase
     checkpoint = ModelCheckpoint(
         dirpath=folder.writable(folder.checkpoints_dir), filename=RunFolder.checkpoint_stem(name, "best"),
@@ -272,7 +267,8 @@ def fit_with_lightning(
     trainer = L.Trainer(
         max_epochs=phase.epochs, callbacks=[checkpoint, History(bookkeeping), DepthwiseInFloat32()],
         logger=list(loggers) or False, enable_model_summary=False, enable_progress_bar=progress_bar,
-        num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=folder.root, plugins=[SafeCheckpointIO()], **trainer_options,
+        num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=folder.root, plugins=[SafeCheckpointIO()],
+        **trainer_options,
     )
     started = time.perf_counter()
     _fit(trainer, module, train, val, resume_from)
