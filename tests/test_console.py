@@ -51,8 +51,9 @@ def test_a_train_from_python_shows_epochs_and_a_summary_and_nothing_of_lightning
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = done.stdout.splitlines()
-    assert [line.split()[:2] for line in out[:4]] == [["frozen", "1/2"], ["frozen", "2/2"],
-                                                      ["finetune", "1/2"], ["finetune", "2/2"]], done.stdout
+    assert out[0].startswith("estimated time: about "), done.stdout  # said before any work
+    assert [line.split()[:2] for line in out[1:5]] == [["frozen", "1/2"], ["frozen", "2/2"],
+                                                       ["finetune", "1/2"], ["finetune", "2/2"]], done.stdout
     assert any(line.startswith("best validation accuracy:") for line in out)
     for noise in ("GPU available", "TPU available", "Tip", "Checkpoint directory", "deprecated", "eval mode",
                   "Trainer.fit", "Automatic Mixed Precision"):

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_MODEL, make_folder, tiny_config
 from PIL import Image
 
-from conftest import TINY_MODEL, make_folder, tiny_config
 from transferkit import train
 from transferkit.cli import main
 from transferkit.config import ModelConfig, PhaseConfig, TrainConfig
 from transferkit.errors import ConfigError
-from transferkit.run.folder import RunFolder
 from transferkit.models.create import classifier_path, create_classifier
+from transferkit.run.folder import RunFolder
 from transferkit.training.head_loop import LabelledFeatures
-from transferkit.training.lr_find import MAX_LR, MIN_LR, STEPS, suggestion, sweep_head, sweep_with_lightning
 from transferkit.training.lightning import FineTuning, ImageClassifier
+from transferkit.training.lr_find import MAX_LR, MIN_LR, STEPS, suggestion, sweep_head, sweep_with_lightning
 from transferkit.training.phase import EpochSampler
 
 
@@ -29,8 +29,13 @@ def test_auto_sweeps_both_phases_records_the_rates_and_draws_the_sweeps(
     tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = make_folder(tmp_path / "data", per_class=20)
-    with caplog.at_level(logging.INFO, logger="transferkit.epochs"):  # the console's epoch lines
-        run = train(data, tiny_config(tmp_path / "run", tiny_weights, **{"frozen.lr": "auto", "finetune.lr": "auto"}))
+    epochs = logging.getLogger("transferkit.epochs")  # the console's lines, wherever a handler sends them
+    epochs.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="transferkit.epochs"):
+            run = train(data, tiny_config(tmp_path / "run", tiny_weights, **{"frozen.lr": "auto", "finetune.lr": "auto"}))
+    finally:
+        epochs.removeHandler(caplog.handler)
     saved = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     printed = caplog.text
     for phase in ("frozen", "finetune"):
@@ -63,17 +68,18 @@ def test_the_head_sweep_leaves_the_head_as_it_found_it_and_suggests_a_rate_in_it
     assert losses[rates.index(rate)] < losses[0], "the suggestion lies where the loss falls"
 
 
-def test_lightnings_sweep_puts_the_fine_tuned_weights_back(tiny_weights: Path) -> None:
+def test_lightnings_sweep_puts_the_fine_tuned_weights_back(tiny_weights: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_classifier(ModelConfig(name=TINY_MODEL, weights=str(tiny_weights)), num_classes=2)
     images = torch.randn(32, 3, 32, 32)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(32) % 2), batch_size=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     module = ImageClassifier(model, torch.nn.CrossEntropyLoss(), FineTuning("finetune", PhaseConfig(lr=MIN_LR), 1, "frozen"))
-    finder = sweep_with_lightning(module, loader, {"accelerator": "cpu", "devices": 1}, progress_bar=False)
+    finder = sweep_with_lightning(module, loader, {"accelerator": "cpu", "devices": 1}, False, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights and batch-norm statistics"
     assert len(finder.results["lr"]) > 10 and finder.results["lr"][0] == pytest.approx(MIN_LR)
     assert classifier_path(model)  # the head is still where checkpoints name it
+    assert not list(tmp_path.iterdir()), "the checkpoint the weights came back from is gone"
 
 
 def test_lr_takes_a_number_or_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,8 +92,12 @@ def test_lr_takes_a_number_or_auto(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "expected a number or auto, got 'quick'" in capsys.readouterr().err
 
 
-def test_a_head_trained_on_images_is_swept_by_lightning(tmp_path: Path, tiny_weights: Path) -> None:
+def test_a_head_trained_on_images_is_swept_by_lightning(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = make_folder(tmp_path / "data", per_class=10)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     # An augmented head phase cannot read cached features: it trains, and is swept, on images.
     run = train(data, tiny_config(tmp_path / "run", tiny_weights, **{"frozen.lr": "auto", "frozen.augment": "light",
                                                                       "frozen.epochs": 1, "finetune.epochs": 0}))
@@ -96,3 +106,4 @@ def test_a_head_trained_on_images_is_swept_by_lightning(tmp_path: Path, tiny_wei
     assert (run.run_dir / "figures" / "lr-find-frozen.png").is_file()
     assert not (run.run_dir / "figures" / "lr-find-finetune.png").exists(), "a phase with no epochs is not swept"
     assert [row.phase for row in RunFolder(run.run_dir).read_history()] == ["frozen"]
+    assert not list((tmp_path / "cwd").iterdir()), "the sweep's checkpoint stays in the run folder"
