@@ -169,7 +169,9 @@ def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_folder_with_each
     command = [sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
                "--model", TINY_MODEL, "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
                "--frozen-epochs", "60", "--frozen-patience", "60", "--finetune-epochs", "1", "--no-report",
-               "--no-audit", "--logger", "tensorboard,mlflow", "--mlflow-uri", uri]
+               "--no-audit", "--logger", "tensorboard,mlflow", "--mlflow-uri", uri,
+               # config.yaml then holds the rate found, not the "auto" the MLflow run started with
+               "--frozen-lr", "auto"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while process.poll() is None and time.time() < deadline and len(history(run_dir).get("frozen", [])

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from transferkit._io import read_json, write_json
 from transferkit.run.records import EpochRecord
 from transferkit.training.config import INSTALL_LOGGER, parse_loggers
 
@@ -42,14 +42,18 @@ def create_loggers(
         return []
     logs_dir.mkdir(parents=True, exist_ok=True)
     ids_file = logs_dir / "run-ids.json"
-    ids = json.loads(ids_file.read_text(encoding="utf-8")) if ids_file.is_file() else {}
-    loggers = [_create(name, logs_dir, run_name, mlflow_uri, ids.get(name)) for name in parse_loggers(text)]
-    ids = {name: logger.version for name, logger in zip(parse_loggers(text), loggers) if name in ("mlflow", "wandb")}
+    names = parse_loggers(text)
+    resumed = read_json(ids_file) if ids_file.is_file() else {}
+    loggers = [_create(name, logs_dir, run_name, mlflow_uri, resumed.get(name)) for name in names]
+    ids = {name: logger.version for name, logger in zip(names, loggers) if name in ("mlflow", "wandb")}
     if ids:
-        ids_file.write_text(json.dumps(ids), encoding="utf-8")
-    for logger in loggers:
-        logger.log_hyperparams(hparams)
-        logger.save()
+        write_json(ids_file, ids)
+    for name, logger in zip(names, loggers):
+        # A continued run keeps the values it started with: MLflow refuses a parameter logged again
+        # with another value, as an ``auto`` learning rate is once found.
+        if not resumed.get(name):
+            logger.log_hyperparams(hparams)
+            logger.save()
     return loggers
 
 
