@@ -88,13 +88,14 @@ def _batches(sampler: EpochSampler, batch_size: int) -> Any:
 
 
 def sweep_with_lightning(
-    module: ImageClassifier, train: DataLoader, trainer_options: dict[str, Any], progress_bar: bool
+    module: ImageClassifier, train: DataLoader, trainer_options: dict[str, Any], progress_bar: bool, scratch: Path
 ) -> _LRFinder:
-    """``Tuner(trainer).lr_find`` over ``module``'s phase; Lightning puts the weights back after it.
-    Without ``progress_bar``, the sweep's own bar (which Lightning always draws) goes nowhere."""
+    """``Tuner(trainer).lr_find`` over ``module``'s phase; Lightning puts the weights back after it
+    from a checkpoint it writes in ``scratch`` (the run's checkpoints folder, never the working
+    directory). Without ``progress_bar``, the sweep's own bar (which Lightning always draws) goes nowhere."""
     trainer = L.Trainer(
         max_epochs=STEPS, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=False, num_sanity_val_steps=0, plugins=[SafeCheckpointIO()],
+        enable_progress_bar=False, num_sanity_val_steps=0, plugins=[SafeCheckpointIO()], default_root_dir=scratch,
         **trainer_options,
     )
     with warnings.catch_warnings():

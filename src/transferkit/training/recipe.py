@@ -27,7 +27,13 @@ from transferkit.data.loaders import image_loader
 from transferkit.run.records import PhaseRecord
 from transferkit.training.head_loop import LabelledFeatures, train_head
 from transferkit.training.lightning import AboveBoundary, FineTuning, ImageClassifier, fit_with_lightning
-from transferkit.training.lr_find import MIN_LR, suggestion, sweep_head, sweep_with_lightning, write_sweep_plot
+from transferkit.training.lr_find import (
+    MIN_LR,
+    suggestion,
+    sweep_head,
+    sweep_with_lightning,
+    write_sweep_plot,
+)
 from transferkit.training.mixing import create_mixing
 from transferkit.training.phase import EpochSampler, epoch_log
 from transferkit.training.plan import FitPlan
@@ -132,8 +138,9 @@ def resolve_auto_lr(
                             plan.drop_rate)
     else:
         module, train, _ = _lightning_inputs(name, model, plan, inputs)
-        finder = sweep_with_lightning(module, train, plan.trainer_options, plan.progress_bar)
-    fallback = getattr(default_frozen_phase() if name == "frozen" else default_finetune_phase(), "lr")
+        checkpoints = progress.folder.writable(progress.folder.checkpoints_dir)
+        finder = sweep_with_lightning(module, train, plan.trainer_options, plan.progress_bar, checkpoints)
+    fallback = (default_frozen_phase() if name == "frozen" else default_finetune_phase()).lr
     rate = suggestion(finder, fallback, name)
     if progress.write:
         folder = progress.folder
