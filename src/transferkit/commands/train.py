@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit._io import write_csv
 from transferkit.audit.config import DUPLICATE_THRESHOLD
 from transferkit.cache.activations import ActivationPass, boundary_activations, split_bounds, training_views
 from transferkit.cache.shards import CachedRows
@@ -26,7 +25,7 @@ from transferkit.commands.audit import audit_of_run
 from transferkit.config import TrainConfig
 from transferkit.data.exclude import read_exclusions
 from transferkit.data.folders import DatasetIndex, discover
-from transferkit.data.groups import LEAK_COLUMNS, Leaks
+from transferkit.data.groups import Leaks
 from transferkit.data.images import scan_images
 from transferkit.data.loaders import resolve_preprocessing
 from transferkit.data.registry import resolve_data_source, source_problems
@@ -47,7 +46,13 @@ from transferkit.training.plan import FitPlan
 from transferkit.training.presets import AUTO, DEFAULT_PRESET
 from transferkit.training.progress import PhaseProgress
 from transferkit.training.recipe import FitInputs, fine_tune
-from transferkit.training.splitting import SplitFeatures, clean_val_rows, pooled_features_of, split_honestly
+from transferkit.training.splitting import (
+    SplitFeatures,
+    clean_val_rows,
+    pooled_features_of,
+    split_honestly,
+    write_index_of_run,
+)
 from transferkit.training.trainer_options import process_rank, trainer_options
 
 log = logging.getLogger(__name__)
@@ -76,13 +81,14 @@ def train(
     problems = source_problems(data)
     if problems:
         raise ConfigError(problems)
-    base = config or TrainConfig()
-    if time_limit is not None and preset is None and base.preset == DEFAULT_PRESET:
+    base, options = config or TrainConfig(), options or {}
+    if (time_limit or options.get("time_limit")) and (preset or options.get("preset")) is None \
+            and base.preset == DEFAULT_PRESET:
         preset = AUTO  # as on the command line: a limit alone lets the data choose
     overrides = {key: value for key, value in (("epochs", epochs), ("model.name", model), ("seed", seed),
                                                ("output", output and os.fspath(output)), ("preset", preset),
                                                ("time_limit", time_limit)) if value is not None}
-    config = base.with_options({**overrides, **(options or {})})
+    config = base.with_options({**overrides, **options})
     with console(progress) as show:
         result = _train(os.fspath(data), config, resume=False)
         show(result)
@@ -111,7 +117,8 @@ def resolve_run_dir(data: str | os.PathLike[str], config: TrainConfig) -> Path:
     if process_rank() != 0 and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     name = Path(os.fspath(data)).name or "data"
-    return Path("runs", f"{name}-{config.model.name.replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}").absolute()
+    model = AUTO if config.preset == AUTO else config.model.name.replace("/", "_")  # chosen once the data is read
+    return Path("runs", f"{name}-{model}-{datetime.now():%Y%m%d-%H%M%S}").absolute()
 
 
 def _train(source: str, config: TrainConfig, resume: bool) -> TrainResult:
@@ -160,17 +167,18 @@ def _train_in(
         index, discovered, model, preprocessing, plan.boundary, config, activation_pass
     )
     if main_process:
-        _write_index(index, leaks, folder, config.data.drop_duplicates)
+        write_index_of_run(index, leaks, folder, config.data.drop_duplicates)
         # Saved once the data and the model are usable: a bad folder, model name or weights file
         # leaves no half-made run, so the same command can simply run again.
         folder.write_config(source, config)
     val_rows = clean_val_rows(index.splits.get("val", []), leaks.images("val"))
     loggers = create_loggers(config.logger, folder.writable(folder.logs_dir), folder.root.name, config.mlflow_uri,
                              config.to_record(source)) if main_process else []
-    progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model, model=model, loggers=loggers)
-    inputs = _fit_inputs(model, plan, index, preprocessing, split_features, activations, progress, config,
-                         activation_pass, val_rows)
-    with finished_when_done(loggers):  # the trackers' run marked finished, failed or killed
+    with finished_when_done(loggers):  # the trackers' run marked finished, failed or killed, from its start
+        progress = PhaseProgress(folder, write=main_process, create_pretrained=create_model, model=model,
+                                 loggers=loggers)
+        inputs = _fit_inputs(model, plan, index, preprocessing, split_features, activations, progress, config,
+                             activation_pass, val_rows)
         fine_tune(model, plan, inputs, progress)
         if not main_process:
             # Another process of a multi-process run: rank zero evaluates and writes the results.
@@ -284,17 +292,3 @@ def _prepare_index(source: str, config: TrainConfig, folder: RunFolder, resuming
     if config.data.exclude:
         index.drop(read_exclusions(config.data.exclude, index.root, {path for items in index.splits.values() for path, _ in items}))
     return index, discovered
-
-
-def _write_index(index: DatasetIndex, leaks: Leaks, folder: RunFolder, drop_duplicates: bool) -> None:
-    if index.duplicates:
-        kinds = index.duplicate_kinds()
-        log.warning(
-            "%d groups of identical images (%d across splits, %d under two classes), listed in %s%s",
-            kinds["groups"], kinds["across_splits"], kinds["across_classes"], folder.duplicates_file.name,
-            "; dropping them" if drop_duplicates else "; --drop-duplicates drops them",
-        )
-    if index.skipped:
-        log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
-    folder.write_index(index)
-    write_csv(folder.leaks_file, LEAK_COLUMNS, leaks.rows())

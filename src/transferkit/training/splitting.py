@@ -15,11 +15,20 @@ from typing import Any
 
 import numpy as np
 
+from transferkit._io import write_csv
 from transferkit.audit.checks import DISTINCT_RATIO
 from transferkit.cache.passes import cached_pooled_features
 from transferkit.cache.store import FeatureStats
-from transferkit.data.groups import SPLIT_DISTINCT_RATIO, Leaks, find_leaks, make_groups, near_copy_pairs
+from transferkit.data.groups import (
+    LEAK_COLUMNS,
+    SPLIT_DISTINCT_RATIO,
+    Leaks,
+    find_leaks,
+    make_groups,
+    near_copy_pairs,
+)
 from transferkit.data.index import DatasetIndex
+from transferkit.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +130,18 @@ def clean_val_rows(items: list[tuple[str, int]], leaky: set[str]) -> np.ndarray:
     log.info("early stopping, the best phase, the temperature and the unknown threshold read the %d of %d "
              "validation images with no near-copy in train", len(rows), len(items))
     return rows
+
+
+def write_index_of_run(index: DatasetIndex, leaks: Leaks, folder: RunFolder, drop_duplicates: bool) -> None:
+    """splits.csv and the lists beside it (duplicates, skipped files, leaks.csv), each list said in one warning."""
+    if index.duplicates:
+        kinds = index.duplicate_kinds()
+        log.warning(
+            "%d groups of identical images (%d across splits, %d under two classes), listed in %s%s",
+            kinds["groups"], kinds["across_splits"], kinds["across_classes"], folder.duplicates_file.name,
+            "; dropping them" if drop_duplicates else "; --drop-duplicates drops them",
+        )
+    if index.skipped:
+        log.warning("skipped %d files (listed in %s)", len(index.skipped), folder.skipped_file.name)
+    folder.write_index(index)
+    write_csv(folder.leaks_file, LEAK_COLUMNS, leaks.rows())
