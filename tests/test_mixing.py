@@ -36,8 +36,9 @@ def test_a_mixed_batch_has_soft_targets_that_sum_to_one_and_mixed_inputs(count: 
     assert math.isfinite(float(mixing.loss(torch.randn(count, 3), soft)))
 
 
-def test_cutmix_applies_on_images_only() -> None:
+def test_cutmix_applies_on_images_only(caplog: pytest.LogCaptureFixture) -> None:
     assert create_mixing(0.0, 1.0, 0.1, 3, on_images=False) is None
+    assert "--finetune-cutmix is not used" in caplog.text and "--finetune-on images" in caplog.text, "said, not dropped"
     assert create_mixing(0.0, 0.0, 0.1, 3, on_images=True) is None
     assert create_mixing(0.0, 1.0, 0.1, 3, on_images=True).mix.cutmix_alpha == 1.0
 

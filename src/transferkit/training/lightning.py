@@ -225,7 +225,8 @@ class History(L.Callback):
             val_loss=float(metrics["val_loss"]), val_acc=float(metrics["val_acc"]),
             lr=group["lr"] / group.get("lr_scale", 1.0), seconds=time.perf_counter() - self.started,
         )
-        trainer.should_stop = trainer.should_stop or stop
+        # Any process's stop stops all (a time limit reads its own clock); alone, one would wait forever.
+        trainer.should_stop = trainer.should_stop or trainer.strategy.reduce_boolean_decision(stop, all=False)
 
     def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("callbacks", {}).get(self.state_key)

@@ -46,8 +46,9 @@ def create_mixing(
     """The mixing of fine-tuning's batches (``--finetune-mixup``, ``--finetune-cutmix``), or None
     where it mixes nothing: CutMix only on images."""
     if cutmix > 0 and not on_images:
-        log.info("--finetune-cutmix is not used: fine-tuning reads cached activations "
-                 "(--finetune-on images cuts images)")
+        # A warning: the user asked for CutMix, and --finetune-on auto chose activations for them.
+        log.warning("--finetune-cutmix is not used: fine-tuning reads cached activations here, where only "
+                    "--finetune-mixup applies; add --finetune-on images to cut images")
         cutmix = 0.0
     if mixup <= 0 and cutmix <= 0:
         return None
