@@ -143,3 +143,13 @@ def test_compare_gives_every_run_the_preset_but_its_phases_and_refuses_auto(
     record = yaml.safe_load((tmp_path / "compared" / "frozen" / "config.yaml").read_text())
     assert (record["preset"], record["frozen"]["epochs"], record["finetune"]["epochs"]) == ("balanced", 2, 0)
     assert record["finetune_views"] == PRESETS["balanced"]["finetune_views"]
+
+
+def test_an_option_given_beside_an_auto_preset_stays_whatever_preset_the_limit_picks() -> None:
+    # Values equal to the defaults too: --model tf_efficientnet_lite0 must not become best's Lite2.
+    config = TrainConfig.from_options({"time_limit": "1h", "model.name": "tf_efficientnet_lite0", "finetune_views": 0})
+    assert config.preset == "auto" and config.preset_overrides == ("finetune_views", "model.name")
+    for name in ("balanced", "best"):
+        chosen = config.with_options({"preset": name})
+        assert (chosen.model.name, chosen.finetune_views) == ("tf_efficientnet_lite0", 0), name
+        assert chosen.finetune.epochs == PRESETS[name]["finetune.epochs"], "the preset's own options still apply"

@@ -1,7 +1,5 @@
-"""One typed dataclass per stage. Every field's ``help`` becomes the CLI's ``--help``.
-
-``TrainConfig`` composes the sections that live beside what they configure (``data.config``,
-``models.config``, ``training.config``); every name stays importable from here.
+"""One typed dataclass per stage. Every field's ``help`` becomes the CLI's ``--help``. ``TrainConfig``
+composes the sections that live beside what they configure; every name stays importable from here.
 
 Problems are raised together (``ConfigError``), each naming its flag, so a user fixes them in one
 go. The data is ``train``'s first parameter, not config: a config holds only how to train.
@@ -15,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transferkit.data.config import VIEW_POLICIES, DataConfig, help_text
+from transferkit.data.config import VIEW_POLICIES, DataConfig, flat_options, help_text
 from transferkit.errors import ConfigError, close_matches, non_finite_problems, raise_together
 from transferkit.models.config import DEFAULT_MODEL, GLOBAL_POOLS, ModelConfig
 from transferkit.training.config import (
@@ -35,7 +33,14 @@ from transferkit.training.config import (
     parse_unfreeze,
     unfreeze_is_auto,
 )
-from transferkit.training.presets import AUTO, DEFAULT_PRESET, PRESET_NAMES, parse_duration, preset_options
+from transferkit.training.presets import (
+    AUTO,
+    DEFAULT_PRESET,
+    PRESET_NAMES,
+    parse_duration,
+    preset_keys_among,
+    preset_options,
+)
 from transferkit.training.trainer_options import lightning_option_problems, parse_devices
 
 __all__ = [
@@ -62,6 +67,7 @@ class TrainConfig:
         "a named bundle of options: fast (the defaults), balanced, best (a larger backbone, longer fine-tuning; "
         "1.3-3.6x fast's time in benchmarks/RESULTS.md), or auto (with --time-limit: the best whose estimate fits; the default there); "
         "an option given as well, or in --config, overrides the preset's"))
+    preset_overrides: tuple[str, ...] = field(default=(), metadata=help_text("a preset's options given beside it"))
     time_limit: str | None = field(default=None, metadata=help_text(
         "most wall time, e.g. 20m, 90s, 1.5h: picks the preset (auto), and a phase that would run past it stops "
         "at an epoch's end, keeping its best epoch so far"))
@@ -156,6 +162,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data.split = tuple(float(f) for f in self.data.split)  # type: ignore[assignment]
+        self.preset_overrides = tuple(self.preset_overrides)  # a list, read back from config.yaml
         found = non_finite_problems(self) + self.data.problems() + self.model.problems()
         found += self.frozen.problems("frozen") + self.finetune.problems("finetune")
         if self.preset not in PRESET_NAMES:
@@ -218,7 +225,8 @@ class TrainConfig:
         known += [key for key, value in values.items() if not isinstance(value, dict)] + ["epochs"]
         found = []
         # A preset is the base every option given overrides; a time limit alone lets the data choose it.
-        options = {"preset": AUTO if options.get("time_limit") else DEFAULT_PRESET, **options}
+        options = {"preset": AUTO if options.get("time_limit") else DEFAULT_PRESET,
+                   "preset_overrides": preset_keys_among(options), **options}
         options = {**preset_options(str(options["preset"])), **options}
         if "epochs" in options:
             # A shorthand, not a field: the config keeps each phase's own count, so a resumed run reads them.
@@ -242,13 +250,15 @@ class TrainConfig:
         keeps those changed from it."""
         if not options:
             return self
-        flat = _flat(self.to_dict())
-        if "preset" in options:
-            before = _flat(TrainConfig.from_options({"preset": self.preset}).to_dict())
-            flat = {key: value for key, value in flat.items() if before.get(key) != value}
+        flat = flat_options(self.to_dict())
+        if "preset" in options:  # the values the old preset set go, those given beside it stay
+            before = flat_options(TrainConfig.from_options({"preset": self.preset}).to_dict())
+            flat = {key: value for key, value in flat.items()
+                    if key in self.preset_overrides or before.get(key) != value}
         if "epochs" in options:
             flat = {key: value for key, value in flat.items() if key not in ("frozen.epochs", "finetune.epochs")}
-        return self.from_options({**flat, **options})
+        given = preset_keys_among([*options, *self.preset_overrides])
+        return self.from_options({**flat, **options, "preset_overrides": given})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,14 +297,3 @@ class TrainConfig:
                     section["split"] = tuple(section["split"])
                 parts[name] = kind(**section)
         return cls(**parts)
-
-
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"frozen": {"epochs": 3}}`` as ``{"frozen.epochs": 3}``, the keys ``from_options`` takes."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

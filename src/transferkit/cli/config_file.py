@@ -95,6 +95,9 @@ def _checked(value: Any, kind: str) -> Any:
         return value if isinstance(value, bool) else _Wrong("true or false")
     if isinstance(value, bool):
         return _Wrong(f"a {'number' if 'int' in kind or 'float' in kind else 'text'}, not true or false")
+    if kind.startswith("tuple[str"):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return tuple(value) if ok else _Wrong("a list of option names")
     if "tuple" in kind:
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         return tuple(float(v) for v in value) if ok else _Wrong("a list of numbers, e.g. [0.8, 0.16, 0.04]")

@@ -25,7 +25,7 @@ SECTIONS: list[tuple[type, str, str]] = [
     (PhaseConfig, "frozen-", "frozen"),
     (PhaseConfig, "finetune-", "finetune"),
 ]
-TOP_LEVEL_SKIP = {"data", "model", "frozen", "finetune"}
+TOP_LEVEL_SKIP = {"data", "model", "frozen", "finetune", "preset_overrides"}
 
 
 DESCRIPTION = """\

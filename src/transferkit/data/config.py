@@ -30,6 +30,17 @@ def help_text(text: str, **kwargs: Any) -> dict[str, Any]:
     return {"help": text, **kwargs}
 
 
+def flat_options(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"frozen": {"epochs": 3}}`` as ``{"frozen.epochs": 3}``, the keys ``from_options`` takes."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def default_num_workers() -> int:
     """Image-decoding worker processes when none are asked for: one per core, at most 8."""
     return min(os.cpu_count() or 1, 8)

@@ -6,6 +6,7 @@ their measurements are in benchmarks/RESULTS.md, "Quality presets"."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -17,12 +18,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "best": {"model.name": "tf_efficientnet_lite2", "finetune.epochs": 8, "finetune.patience": 8,
              "finetune.unfreeze": "6", "finetune_views": 2},
 }
+PRESET_KEYS = frozenset(key for options in PRESETS.values() for key in options)
+"""The options some preset sets: given beside one, they stay whichever preset is chosen."""
 AUTO = "auto"
 """With ``--time-limit``: the most accurate preset whose estimate fits; without one, ``fast``."""
 PRESET_NAMES = (*PRESETS, AUTO)
 DEFAULT_PRESET = "fast"
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def preset_keys_among(keys: Iterable[str]) -> tuple[str, ...]:
+    """The options of ``keys`` that some preset sets (``epochs`` is both phases'), which a preset
+    chosen later, as ``auto`` chooses one, must leave as given."""
+    expanded = {part for key in keys for part in (("frozen.epochs", "finetune.epochs") if key == "epochs" else (key,))}
+    return tuple(sorted(expanded & PRESET_KEYS))
 
 
 def preset_options(name: str) -> dict[str, Any]:
