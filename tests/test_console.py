@@ -54,7 +54,7 @@ def test_a_train_from_python_shows_epochs_and_a_summary_and_nothing_of_lightning
     assert out[0].startswith("estimated time: about "), done.stdout  # said before any work
     assert [line.split()[:2] for line in out[1:5]] == [["frozen", "1/2"], ["frozen", "2/2"],
                                                        ["finetune", "1/2"], ["finetune", "2/2"]], done.stdout
-    assert any(line.startswith("best validation accuracy:") for line in out)
+    assert any(line.startswith("validation accuracy of the saved model:") for line in out)
     for noise in ("GPU available", "TPU available", "Tip", "Checkpoint directory", "deprecated", "eval mode",
                   "Trainer.fit", "Automatic Mixed Precision"):
         assert noise not in done.stderr + done.stdout, done.stderr

@@ -117,10 +117,15 @@ def summary_lines(result: Any, command_seconds: float) -> list[str]:
     if result.audit:
         lines.append(result.audit)
     best = metrics.phases[metrics.best_phase]
-    lines.append(f"best validation accuracy: {best.best_val_acc:.4f} ({metrics.best_phase} phase, epoch "
-                 f"{best.best_epoch}){inflated_mark(metrics, 'val')}")
-    lines.append(f"validation accuracy of the saved model: {metrics.val['accuracy']:.4f}  macro F1: "
-                 f"{metrics.val['macro_f1']:.4f}{inflated_mark(metrics, 'val')}")
+    where = f"{metrics.best_phase} phase, epoch {best.best_epoch}"
+    saved = f"{metrics.val['accuracy']:.4f}"
+    # The best epoch's score, read in training on the validation images without copies in train: a
+    # line of its own only where it differs from the saved model's on them all.
+    same = f"{best.best_val_acc:.4f}" == saved
+    if not same:
+        lines.append(f"best validation accuracy: {best.best_val_acc:.4f} ({where}){inflated_mark(metrics, 'val')}")
+    lines.append(f"validation accuracy of the saved model: {saved}  macro F1: {metrics.val['macro_f1']:.4f}"
+                 f"{f'  ({where})' if same else ''}{inflated_mark(metrics, 'val')}")
     if metrics.test is not None:
         lines.append(f"test accuracy: {metrics.test['accuracy']:.4f}  macro F1: {metrics.test['macro_f1']:.4f}"
                      f"{inflated_mark(metrics, 'test')}")
