@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import re
 import socket
 import subprocess
@@ -19,8 +20,8 @@ import timm
 import torch
 from PIL import Image
 
-from transferkit.config import TrainConfig
 from transferkit import train
+from transferkit.config import TrainConfig
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TINY_MODEL = "test_efficientnet"
@@ -35,6 +36,12 @@ def make_image(path: Path, colour: tuple[int, int, int], seed: int, size: tuple[
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def history_rows(run_dir: Path) -> list[dict[str, str]]:
+    """A run's history.csv, one dict per epoch."""
+    with (run_dir / "history.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def make_folder(

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_folder
+from conftest import history_rows, make_folder
 
 from transferkit.cli import main
 from transferkit.config import DataConfig, TrainConfig, parse_unfreeze
@@ -73,9 +72,6 @@ def _tiny_flags(weights: Path) -> list[str]:
             "--batch-size", "16", "--frozen-lr", "0.01", "--finetune-unfreeze", "2", "--no-report", "--no-progress"]
 
 
-def _history(run: Path) -> list[dict[str, str]]:
-    with (run / "history.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_a_run_folders_config_file_trains_the_same_run_again(tmp_path: Path, tiny_weights: Path) -> None:
@@ -88,7 +84,7 @@ def test_a_run_folders_config_file_trains_the_same_run_again(tmp_path: Path, tin
     assert main(["train", "--config", str(first / "config.yaml"), "--output", str(again)]) == 0
 
     assert (again / "splits.csv").read_text() == (first / "splits.csv").read_text()
-    before, after = _history(first), _history(again)
+    before, after = history_rows(first), history_rows(again)
     assert [(row["phase"], row["epoch"]) for row in after] == [(row["phase"], row["epoch"]) for row in before]
     assert len(before) == 4
     for old, new in zip(before, after):
@@ -123,7 +119,7 @@ def test_flags_override_the_config_file_and_the_rest_of_it_stands(tmp_path: Path
     record = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (record["frozen"]["epochs"], record["seed"]) == (2, 9)
     assert (record["frozen"]["lr"], record["data"]["image_size"], record["data"]["source"]) == (0.01, 64, str(data))
-    assert [row["phase"] for row in _history(tmp_path / "run")] == ["frozen", "frozen"]
+    assert [row["phase"] for row in history_rows(tmp_path / "run")] == ["frozen", "frozen"]
 
 
 def test_an_unknown_key_or_a_wrong_type_is_one_line_naming_it_and_the_file(

@@ -1,16 +1,16 @@
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import COLOURS, make_folder, make_image, tiny_config
+from conftest import COLOURS, history_rows, make_folder, make_image, tiny_config
 
 from transferkit import predict, train
 from transferkit.cli import main
 from transferkit.config import TrainConfig
+from transferkit.data.config import flat_options
 from transferkit.errors import ConfigError
 from transferkit.training.presets import PRESETS, parse_duration
 
@@ -20,25 +20,14 @@ def _tiny_flags(weights: Path) -> list[str]:
             "--batch-size", "16", "--frozen-lr", "0.01", "--finetune-unfreeze", "2", "--no-progress", "--no-audit"]
 
 
-def _history(run: Path) -> list[dict[str, str]]:
-    with (run / "history.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
-def _flat(config: TrainConfig) -> dict[str, object]:
-    values = {}
-    for key, value in config.to_dict().items():
-        if isinstance(value, dict):
-            values.update({f"{key}.{name}": inner for name, inner in value.items()})
-        else:
-            values[key] = value
-    return values
 
 
 def test_fast_is_the_default_and_every_preset_sets_its_options_under_the_ones_given() -> None:
     assert TrainConfig.from_options({"preset": "fast"}) == TrainConfig()
     for name, options in PRESETS.items():
-        resolved = _flat(TrainConfig.from_options({"preset": name}))
+        resolved = flat_options(TrainConfig.from_options({"preset": name}).to_dict())
         assert {key: resolved[key] for key in options} == options, name
         given = TrainConfig.from_options({"preset": name, "finetune.epochs": 1, "seed": 7})
         assert (given.finetune.epochs, given.seed, given.preset) == (1, 7, name)
@@ -116,7 +105,7 @@ def test_a_very_short_time_limit_still_ends_with_a_usable_model_and_says_where_i
     # No preset given: the limit chose one, fast when none fits.
     assert "--time-limit 1s: preset fast (" in shown and "none fits, so phases stop at the limit" in shown
     assert "frozen   stopped at the time limit after " in shown and "finetune stopped at the time limit after " in shown
-    history = _history(run)
+    history = history_rows(run)
     assert 1 <= sum(row["phase"] == "frozen" for row in history) < 300
     assert 1 <= sum(row["phase"] == "finetune" for row in history) < 50
     metrics = json.loads((run / "metrics.json").read_text())

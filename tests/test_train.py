@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
 import json
 import os
@@ -18,23 +17,18 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import SHARED_DATASETS, TINY_MODEL, make_folder, tiny_config
+from conftest import SHARED_DATASETS, TINY_MODEL, history_rows, make_folder, tiny_config
 
+from transferkit import resume, train
+from transferkit.commands.evaluate import evaluate
+from transferkit.config import ModelConfig, TrainConfig
+from transferkit.errors import RunFolderError
 from transferkit.models.create import PooledFeatures, classifier_path, create_classifier
 from transferkit.models.folder import load_model
 from transferkit.models.freeze import backbone_blocks
-from transferkit.training.checkpoints import model_state
-from transferkit.config import ModelConfig, TrainConfig
-from transferkit.errors import RunFolderError
-from transferkit.commands.evaluate import evaluate
 from transferkit.run.folder import load_config
+from transferkit.training.checkpoints import model_state
 from transferkit.training.head_loop import SAVE_EVERY_SECONDS
-from transferkit import resume, train
-
-
-def history(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "history.csv").open() as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_a_run_folder_holds_everything_to_rerun_evaluate_and_reuse(
@@ -55,7 +49,7 @@ def test_a_run_folder_holds_everything_to_rerun_evaluate_and_reuse(
     assert "broken.jpg" in (run_dir / "skipped.csv").read_text()
     assert [Path(p).name for p, _ in result.skipped] == ["broken.jpg"]
 
-    rows = history(run_dir)
+    rows = history_rows(run_dir)
     assert [r["phase"] for r in rows] == ["frozen"] * 4 + ["finetune"]
     assert list(rows[0]) == ["phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
     assert all(float(r["val_loss"]) > 0 and float(r["lr"]) > 0 for r in rows)
@@ -101,7 +95,7 @@ def test_frozen_phase_reads_each_image_through_the_backbone_once(
     train(image_folder, config)
     # The one more is the blank image whose features settle the shape a cached row must have.
     assert seen["images"] == 50 + 1, "train + val + test images, once each, for 6 epochs"
-    assert len(history(tmp_path / "run")) == 6
+    assert len(history_rows(tmp_path / "run")) == 6
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "step", "plateau"])
@@ -116,7 +110,7 @@ def test_feature_cache_matches_training_through_the_backbone(
             **{"frozen.epochs": 3, "frozen.scheduler": scheduler, "finetune.epochs": 0, "feature_cache": cache,
                "model.drop_rate": 0.0},
         )
-        rows = history(train(image_folder, config).run_dir)
+        rows = history_rows(train(image_folder, config).run_dir)
         results[cache] = {name: [float(r[name]) for r in rows] for name in ("val_loss", "train_loss", "lr")}
     for name in ("val_loss", "train_loss"):
         assert results[True][name] == pytest.approx(results[False][name], abs=1e-3), name
@@ -169,7 +163,7 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
     def inside_the_phase() -> bool:
         if killed_in == "finetune":
             return last.exists()
-        return (run_dir / "history.csv").exists() and len(history(run_dir)) >= 3
+        return (run_dir / "history.csv").exists() and len(history_rows(run_dir)) >= 3
 
     while not inside_the_phase() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -179,9 +173,9 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
     if signum == signal.SIGTERM:
         # A stop writes the last finished epoch's checkpoint, whatever the interval (the row of
         # the epoch after it may be written already: it is trained again).
-        rows = len(history(run_dir))
+        rows = len(history_rows(run_dir))
         assert rows - 1 <= torch.load(last)["progress"]["epochs_done"] <= rows
-    rows_before = history(run_dir)
+    rows_before = history_rows(run_dir)
     assert rows_before[-1]["phase"] == killed_in and int(rows_before[-1]["epoch"]) < epochs[killed_in]
     assert not (run_dir / "metrics.json").exists()
 
@@ -189,7 +183,7 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
     assert len(on_activations) == (3 if unfreeze != "all" else 0), "fine-tuning ran on the inputs the case names"
 
     result = resume(run_dir)
-    rows = history(run_dir)
+    rows = history_rows(run_dir)
     if killed_in == "finetune":
         assert [r for r in rows if r["phase"] == "frozen"] == [r for r in rows_before if r["phase"] == "frozen"], (
             "the finished phase is not redone"
@@ -208,7 +202,7 @@ def test_killed_run_resumes_to_the_metrics_of_a_run_never_stopped(
     for split in ("val", "test"):
         for name in ("accuracy", "log_loss", "macro_f1"):
             assert result.metrics[split][name] == pytest.approx(uninterrupted[split][name], abs=1e-6), (split, name)
-    losses = [float(r["train_loss"]) for r in history(tmp_path / "whole")]
+    losses = [float(r["train_loss"]) for r in history_rows(tmp_path / "whole")]
     assert [float(r["train_loss"]) for r in rows] == pytest.approx(losses, abs=1e-6)
 
 
@@ -341,7 +335,7 @@ def test_the_same_seed_gives_identical_metrics_on_cpu(image_folder: Path, tmp_pa
                "data.num_workers": 2, "cache_dir": str(tmp_path / f"cache-{name}")},
         )
         metrics = train(image_folder, config).metrics
-        rows = [{k: v for k, v in row.items() if k != "seconds"} for row in history(tmp_path / name)]
+        rows = [{k: v for k, v in row.items() if k != "seconds"} for row in history_rows(tmp_path / name)]
         metrics.pop("train_seconds")
         metrics.pop("features")
         for phase in metrics["phases"].values():
@@ -379,7 +373,7 @@ def test_two_cpu_processes_split_the_data_and_rank_zero_writes_the_run(
     assert {int(state["step"]) for state in head["optimizer"]["state"].values()} == {2 * 3}
     finetune = torch.load(checkpoints / "finetune-last.ckpt", map_location="cpu", weights_only=True)
     assert finetune["global_step"] == 2 * 2
-    assert [(r["phase"], r["epoch"]) for r in history(run_dir)] == [
+    assert [(r["phase"], r["epoch"]) for r in history_rows(run_dir)] == [
         ("frozen", "1"), ("frozen", "2"), ("finetune", "1"), ("finetune", "2"),
     ], "each epoch recorded once"
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -34,9 +34,9 @@ def _with_config_file(
     return args.source or source, {**from_file, **options}
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    """--progress as given, else on only where a person watches stderr (as train decides it)."""
-    return sys.stderr.isatty() if args.progress is None else bool(args.progress)
+def _progress(given: bool | None) -> bool:
+    """--progress as given, else on only where a person watches stderr: a bar is never for a pipe or a log."""
+    return sys.stderr.isatty() if given is None else bool(given)
 
 
 def _how_to_finish(output: str | None) -> str:
@@ -54,7 +54,7 @@ def _run_train(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose", "config")}
     source, options = _with_config_file(args, options, TRAIN_OPTIONS)
     # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
-    options.setdefault("progress", sys.stderr.isatty())
+    options["progress"] = _progress(options.get("progress"))
     config = None if args.resume else _train_config(source, options)
     if config is not None:  # named here, so that a stopped run can say where it is
         config = dataclasses.replace(config, output=str(resolve_run_dir(source, config)))
@@ -84,7 +84,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     source, options = _with_config_file(args, options, accepted)
     models = args.models or options.pop("model.name", None)  # else the preset's, else the default
     options.pop("model.name", None)
-    options.setdefault("progress", sys.stderr.isatty())
+    options["progress"] = _progress(options.get("progress"))
     problems = source_problems(source)
     if problems:
         raise ConfigError(problems)
@@ -115,7 +115,7 @@ def _run_audit(args: argparse.Namespace) -> int:
     skipped = {f"data.{name}" for name in DATA_SKIP} | {f"model.{name}" for name in MODEL_SKIP} | {"output"}
     accepted = {key: kind for key, kind in option_types(AuditConfig).items() if key not in skipped}
     source, options = _with_config_file(args, options, accepted)
-    options.setdefault("progress", sys.stderr.isatty())
+    options["progress"] = _progress(options.get("progress"))
     config = raise_together(source_problems(source), lambda: AuditConfig.from_options(options))
     result = audit(source, config)
     print_skipped(result.skipped)
@@ -133,7 +133,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     evaluation = evaluate(
         args.run, args.data, split=args.split, output=args.output, tta=args.tta,
-        batch_size=args.batch_size, progress=_progress(args),
+        batch_size=args.batch_size, progress=_progress(args.progress),
     )
     print_skipped(evaluation.skipped)
     print_metrics(evaluation.metrics, f"{evaluation.name}: {evaluation.metrics['images']} images")
@@ -152,7 +152,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     # Loaded before predicting, so a .onnx input or a missing grad-cam fails before any work.
     explainer = load_explainer(args.run) if args.explain else None
     result = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
-                     progress=_progress(args), reject=args.reject)
+                     progress=_progress(args.progress), reject=args.reject)
     print_skipped(result.skipped)
     scored = any(p.unknown_score is not None for p in result.predictions)
     if args.format == "json":
@@ -196,7 +196,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from transferkit.commands.calibrate import calibrate
 
     trust, skipped = calibrate(args.run, args.data, unknown_score=args.unknown_score, unknown_keep=args.unknown_keep,
-                                 batch_size=args.batch_size, progress=_progress(args))
+                                 batch_size=args.batch_size, progress=_progress(args.progress))
     print_skipped(skipped)
     calibration, rejection = trust.calibration, trust.rejection
     assert calibration is not None and rejection is not None  # recalibrate fits both
@@ -215,7 +215,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from transferkit.commands.export import export, export_all, export_table
 
-    options = {"batch_size": args.batch_size, "progress": _progress(args), "max_accuracy_drop": args.max_accuracy_drop}
+    options = {"batch_size": args.batch_size, "progress": _progress(args.progress), "max_accuracy_drop": args.max_accuracy_drop}
     if args.format == "all":
         if args.quantize:
             raise ConfigError(["--format all writes float and int8 of every installed format; drop --quantize"])
