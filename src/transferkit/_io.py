@@ -59,15 +59,32 @@ def stops_held() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    for signum in previous:
-        signal.signal(signum, lambda signum, frame: received.append(signum))
+    with _stops_deferred():  # a stop between two swaps would leave one handler swapped for good
+        for signum in previous:
+            signal.signal(signum, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        with _stops_deferred():
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         if received:  # delivered again, now to the handlers the block held it from
             signal.raise_signal(received[0])
+
+
+@contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held by the kernel for the block, then delivered to the handlers it left
+    (where the platform can hold them: POSIX)."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 _umask_lock = threading.Lock()

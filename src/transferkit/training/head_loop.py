@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from transferkit._io import stops_held
 from transferkit.config import PhaseConfig
 from transferkit.models.create import classifier_path, classify_pooled
 from transferkit.models.freeze import freeze_backbone, parameter_groups
@@ -101,9 +102,13 @@ def train_head(
                                       val_acc=val_acc, lr=lr, seconds=time.perf_counter() - epoch_started)
             if bookkeeping.improved:
                 best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            if write:  # kept before the epoch's line shows: a stop that sees the line finds the epoch saved
-                saver.keep(_checkpoint(model, optimizer, schedule, bookkeeping), bookkeeping.improved)
-            bookkeeping.publish()
+            state = _checkpoint(model, optimizer, schedule, bookkeeping) if write else None
+            # Kept and shown together: a stop between the two would save an epoch history.csv and the
+            # loggers never get (a resume starts after it), or show one it trains again.
+            with stops_held():
+                if state is not None:
+                    saver.keep(state, bookkeeping.improved)
+                bookkeeping.publish()
             saver.save_if_due()  # nothing is kept where another process writes
             if stop:
                 break
