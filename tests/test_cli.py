@@ -365,3 +365,21 @@ def test_train_on_a_terminal_shows_a_bar_with_the_time_left_on_each_fine_tuning_
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
     assert re.search(r"Epoch 0/1 +━+.* \d+/5 \d:\d\d:\d\d • \d:\d\d:\d\d", plain), plain[-3000:]
     assert re.search(r"finetune +1/2  train loss", plain) and re.search(r"finetune +2/2  train loss", plain)
+
+
+def test_options_beside_resume_are_refused_with_the_way_to_a_run_that_takes_them(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(trained_run), "--finetune-epochs", "1", "--batch-size", "8"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert "would ignore --finetune-epochs 1 --batch-size 8: drop them" in error
+    assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()} == before, "the run is untouched"
+
+    # The way the line gives: a new run from the old one's config, with the options applied.
+    advice = error.rstrip().split("train a new run with ")[1].replace("NEW_RUN", str(tmp_path / "new"))
+    assert main(["train", *advice.split(), "--no-audit", "--no-report"]) == 0
+    history = (tmp_path / "new" / "history.csv").read_text().splitlines()
+    assert sum(line.startswith("finetune") for line in history) == 1
+    assert "batch_size: 8" in (tmp_path / "new" / "config.yaml").read_text()

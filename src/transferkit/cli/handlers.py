@@ -7,10 +7,12 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from transferkit.cli.config_file import TRAIN_OPTIONS, option_types, read_config_file
 from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
+from transferkit.cli.options import flag_for
 from transferkit.config import TrainConfig
 from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError, raise_together
@@ -49,9 +51,9 @@ def _run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # before the imports: torch and Lightning take seconds
     from transferkit.commands.train import resolve_run_dir, resume, train
 
-    if args.resume and args.config:
-        raise ConfigError([f"--resume finishes a run with its own config; drop --config {args.config}"])
     options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose", "config")}
+    if args.resume:
+        _refuse_options_beside_resume(args, options)
     source, options = _with_config_file(args, options, TRAIN_OPTIONS)
     # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
     options["progress"] = _progress(options.get("progress"))
@@ -60,7 +62,7 @@ def _run_train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, output=str(resolve_run_dir(source, config)))
     output = args.resume if config is None else config.output
     try:
-        result = resume(args.resume) if config is None else train(source, config)
+        result = resume(args.resume, progress=options["progress"]) if config is None else train(source, config)
     except KeyboardInterrupt as interrupt:
         print(f"\ninterrupted; {_how_to_finish(output)}", file=sys.stderr)
         return exit_status(interrupt)
@@ -70,6 +72,27 @@ def _run_train(args: argparse.Namespace) -> int:
     if result.metrics:  # empty on the other processes of a multi-process run
         print_train_summary(result, time.perf_counter() - started)
     return 0
+
+
+def _refuse_options_beside_resume(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """A resumed run finishes as its config.yaml says, so anything given beside --resume would be
+    dropped without a word; the user is told instead, with the way to a run that takes them."""
+    ignored = ([args.source] if args.source else []) + (["--config", args.config] if args.config else [])
+    for dest, value in options.items():
+        if dest != "progress":
+            ignored += _as_given(flag_for(dest), value)
+    if ignored:
+        given = " ".join(ignored)
+        raise ConfigError([f"--resume finishes {args.resume} as its config.yaml says and would ignore {given}: "
+                           f"drop {'it' if len(ignored) == 1 else 'them'}, or train a new run with "
+                           f"--config {Path(args.resume) / 'config.yaml'} --output NEW_RUN {given}"])
+
+
+def _as_given(flag: str, value: Any) -> list[str]:
+    """An option's words on a command line: ``--mixup 0.2``, ``--no-audit``, ``--strategies a,b``."""
+    if isinstance(value, bool):
+        return [flag if value else f"--no-{flag.removeprefix('--')}"]
+    return [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
 
 
 def _run_compare(args: argparse.Namespace) -> int:

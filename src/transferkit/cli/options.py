@@ -63,6 +63,15 @@ def _flag(prefix: str, name: str) -> str:
     return f"--{prefix}{name.replace('_', '-')}"
 
 
+def flag_for(dest: str) -> str:
+    """The flag that sets option ``dest``: ``finetune.epochs`` is ``--finetune-epochs``."""
+    section, _, name = dest.rpartition(".")
+    kind, prefix = next(((kind, prefix) for kind, prefix, attribute in SECTIONS if attribute == section),
+                        (TrainConfig, ""))
+    spec = next((field for field in dataclasses.fields(kind) if field.name == name), None)
+    return (spec.metadata.get("flag") if spec else None) or _flag(prefix, name)
+
+
 def _add_fields(
     parser: argparse.ArgumentParser, kind: type, prefix: str, dest_prefix: str, defaults: Any,
     skip: frozenset[str] = frozenset(),
