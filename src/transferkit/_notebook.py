@@ -10,6 +10,18 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+def tqdm_bar() -> Any:
+    """tqdm's notebook bar where ipywidgets can draw it, else its text bar: ``tqdm.auto`` without
+    ipywidgets warns "IProgress not found" in every cell (Lightning's progress bar chooses the same way)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm
+
+
 ROWS_SHOWN = 20
 """Rows of a table shown before "and N more": to_pandas() has them all."""
 

@@ -1,6 +1,7 @@
 """``--config FILE.yaml``: options read from a file in the schema of a run folder's ``config.yaml``
 (sections ``data``, ``model``, ``frozen``, ``finetune``, the rest at the top), so a run's own
-file trains it again. Flags given with it override the file's values."""
+file trains it again. Flags given with it override the file's values; beside ``--resume``, which
+trains as the run's own file says, none are taken."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from transferkit.cli.options import flag_for
+from transferkit.cli.values import as_words
 from transferkit.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig
 from transferkit.errors import ConfigError, close_matches
 
@@ -110,3 +113,17 @@ def _checked(value: Any, kind: str) -> Any:
 
 
 TRAIN_OPTIONS = option_types(TrainConfig)
+
+
+def resume_conflict(run_dir: str, source: str | None, config: str | None, options: dict[str, Any]) -> str | None:
+    """Why what is given beside ``--resume`` cannot be, and the way to a run that takes it: a resumed
+    run finishes as its config.yaml says, so they would be dropped without a word."""
+    ignored = ([source] if source else []) + (["--config", config] if config else [])
+    for dest, value in options.items():
+        if dest != "progress":  # how the run is shown, not what it trains
+            ignored += as_words(flag_for(dest), value)
+    if not ignored:
+        return None
+    given, own = " ".join(ignored), Path(run_dir) / "config.yaml"
+    return (f"--resume finishes {run_dir} as its config.yaml says and would ignore {given}: drop "
+            f"{'it' if len(ignored) == 1 else 'them'}, or train a new run with --config {own} --output NEW_RUN {given}")

@@ -7,12 +7,10 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from transferkit.cli.config_file import TRAIN_OPTIONS, option_types, read_config_file
+from transferkit.cli.config_file import TRAIN_OPTIONS, option_types, read_config_file, resume_conflict
 from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
-from transferkit.cli.options import flag_for
 from transferkit.config import TrainConfig
 from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError, raise_together
@@ -52,8 +50,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from transferkit.commands.train import resolve_run_dir, resume, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose", "config")}
-    if args.resume:
-        _refuse_options_beside_resume(args, options)
+    conflict = args.resume and resume_conflict(args.resume, args.source, args.config, options)
+    if conflict:
+        raise ConfigError([conflict])
     source, options = _with_config_file(args, options, TRAIN_OPTIONS)
     # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
     options["progress"] = _progress(options.get("progress"))
@@ -72,27 +71,6 @@ def _run_train(args: argparse.Namespace) -> int:
     if result.metrics:  # empty on the other processes of a multi-process run
         print_train_summary(result, time.perf_counter() - started)
     return 0
-
-
-def _refuse_options_beside_resume(args: argparse.Namespace, options: dict[str, Any]) -> None:
-    """A resumed run finishes as its config.yaml says, so anything given beside --resume would be
-    dropped without a word; the user is told instead, with the way to a run that takes them."""
-    ignored = ([args.source] if args.source else []) + (["--config", args.config] if args.config else [])
-    for dest, value in options.items():
-        if dest != "progress":
-            ignored += _as_given(flag_for(dest), value)
-    if ignored:
-        given = " ".join(ignored)
-        raise ConfigError([f"--resume finishes {args.resume} as its config.yaml says and would ignore {given}: "
-                           f"drop {'it' if len(ignored) == 1 else 'them'}, or train a new run with "
-                           f"--config {Path(args.resume) / 'config.yaml'} --output NEW_RUN {given}"])
-
-
-def _as_given(flag: str, value: Any) -> list[str]:
-    """An option's words on a command line: ``--mixup 0.2``, ``--no-audit``, ``--strategies a,b``."""
-    if isinstance(value, bool):
-        return [flag if value else f"--no-{flag.removeprefix('--')}"]
-    return [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
 
 
 def _run_compare(args: argparse.Namespace) -> int:

@@ -34,3 +34,10 @@ def converter(kind: Any) -> Any:
     if "float" in text:
         return float
     return str
+
+
+def as_words(flag: str, value: Any) -> list[str]:
+    """An option's value back as words on a command line: ``--finetune-epochs 8``, ``--no-audit``."""
+    if isinstance(value, bool):
+        return [flag if value else f"--no-{flag.removeprefix('--')}"]
+    return [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]

@@ -159,7 +159,9 @@ def resolve_data_source(
 
 def download_dataset(spec: DatasetSpec, mirror: Path) -> Path:
     """Download, verify, unpack into ``mirror/<name>``; a failure leaves no partial folder."""
-    from tqdm.auto import tqdm
+    from transferkit._notebook import tqdm_bar
+
+    tqdm = tqdm_bar()
 
     mirror.mkdir(parents=True, exist_ok=True)
     target = mirror / spec.name

@@ -98,7 +98,9 @@ def run_forward(
     """``forward`` of every image, in order, without augmentation unless ``transform`` says (a
     tuple of arrays where ``forward`` gives a tuple); see ``preprocessed_batches`` for
     ``unreadable``, ``digests`` and ``transform``."""
-    from tqdm.auto import tqdm
+    from transferkit._notebook import tqdm_bar
+
+    tqdm = tqdm_bar()
 
     workers = default_num_workers() if num_workers is None else num_workers
     batches = preprocessed_batches(paths, preprocessing, batch_size, workers, unreadable, digests, transform)

@@ -102,13 +102,7 @@ def train_head(
                                       val_acc=val_acc, lr=lr, seconds=time.perf_counter() - epoch_started)
             if bookkeeping.improved:
                 best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            state = _checkpoint(model, optimizer, schedule, bookkeeping) if write else None
-            # Kept and shown together: a stop between the two would save an epoch history.csv and the
-            # loggers never get (a resume starts after it), or show one it trains again.
-            with stops_held():
-                if state is not None:
-                    saver.keep(state, bookkeeping.improved)
-                bookkeeping.publish()
+            _keep_and_publish(saver if write else None, model, optimizer, schedule, bookkeeping)
             saver.save_if_due()  # nothing is kept where another process writes
             if stop:
                 break
@@ -117,6 +111,20 @@ def train_head(
     head.load_state_dict(best_head)
     best_checkpoint = str(folder.checkpoint(name, "best").relative_to(folder.root))
     return bookkeeping.phase_record(best_checkpoint, parameters, time.perf_counter() - started)
+
+
+def _keep_and_publish(
+    saver: _Saver | None, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+    bookkeeping: PhaseBookkeeping,
+) -> None:
+    """The epoch held for the next checkpoint and its history row and logger metrics written, both
+    or neither: a stop between them would save an epoch history.csv and the loggers never get (a
+    resume starts after it), or show one that trains again."""
+    state = _checkpoint(model, optimizer, schedule, bookkeeping) if saver is not None else None
+    with stops_held():
+        if saver is not None and state is not None:
+            saver.keep(state, bookkeeping.improved)
+        bookkeeping.publish()
 
 
 def create_head_optimizer(model: nn.Module, phase: PhaseConfig) -> torch.optim.Optimizer:
