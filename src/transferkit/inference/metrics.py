@@ -67,10 +67,9 @@ def label_losses(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.nda
     return label_probability, -np.log(np.clip(label_probability, 1e-15, None))
 
 
-def unknown_share(scores: np.ndarray, unknown: dict[str, Any]) -> dict[str, Any]:
-    """How many of these labelled (so in-distribution) images the model would answer unknown,
-    given its unknown record (method, threshold)."""
-    rejected = np.asarray(scores) > unknown["threshold"]
+def unknown_share(rejected: np.ndarray, unknown: dict[str, Any]) -> dict[str, Any]:
+    """How many of these labelled (so in-distribution) images the model answers unknown
+    (``rejected``, one bool an image), under its unknown record (method, threshold)."""
     return {"method": unknown["method"], "threshold": unknown["threshold"], "images": int(len(rejected)),
             "unknown": int(rejected.sum()), "kept": float(1 - rejected.mean()) if len(rejected) else 1.0}
 
@@ -197,7 +196,7 @@ class Evaluation:
         """Each image's unknown score and answer under the model's unknown ``record``, and their share in the metrics."""
         self.unknown_scores = np.asarray(scores, dtype=np.float64)
         self.unknown = self.unknown_scores > record["threshold"]
-        self.metrics["unknown"] = unknown_share(self.unknown_scores, record)
+        self.metrics["unknown"] = unknown_share(self.unknown, record)
         answered = dict(zip(self.paths, self.unknown.tolist()))
         for row in self.metrics.get("highest_loss", []):  # so the report's grid can mark the abstentions
             row["unknown"] = answered[row["path"]]
