@@ -5,6 +5,7 @@ any other, scaled by its forward against the default backbone's, measured here b
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,13 @@ from transferkit.models.create import create_classifier
 from transferkit.models.freeze import backbone_blocks, count_unfrozen
 from transferkit.training.phase import epoch_log
 from transferkit.training.presets import AUTO, DEFAULT_PRESET, PRESETS, format_minutes, parse_duration
+from transferkit.training.trainer_options import process_rank
 
 log = logging.getLogger(__name__)
+
+CHOSEN_PRESET_ENV = "TRANSFERKIT_CHOSEN_PRESET"
+"""The preset ``auto`` chose on rank zero: every process of a multi-process run must train the same
+recipe, and each estimate reads its own process's clock."""
 
 # Seconds per image on a 2-core Xeon (the cache pass: decoded, through the backbone on ONNX Runtime,
 # features and activations written; one image through one unfrozen block for one epoch of fine-tuning
@@ -126,6 +132,8 @@ def resolve_preset(
         return config, {}
     if not config.time_limit:
         return config.with_options({"preset": DEFAULT_PRESET}), {}
+    if process_rank() != 0 and os.environ.get(CHOSEN_PRESET_ENV):  # rank zero's choice, not this clock's
+        return config.with_options({"preset": os.environ[CHOSEN_PRESET_ENV]}), {}
     left = parse_duration(config.time_limit) - seconds_spent
     estimates: dict[str, Estimate] = {}
     chosen = config.with_options({"preset": DEFAULT_PRESET})
@@ -136,6 +144,7 @@ def resolve_preset(
         if estimates[name].seconds <= left:
             chosen = candidate
             break
+    os.environ[CHOSEN_PRESET_ENV] = chosen.preset  # for the processes Lightning launches
     said = ", ".join(f"{name} {format_minutes(estimate.seconds)}" for name, estimate in estimates.items())
     epoch_log.info("--time-limit %s: preset %s (%s)%s", config.time_limit, chosen.preset, said,
                    "" if estimates[chosen.preset].seconds <= left else "; none fits, so phases stop at the limit")
