@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,6 +25,8 @@ needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") i
                                        reason="tensorboard is not installed (pip install 'transferkit[tensorboard]')")
 needs_mlflow = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
                                   reason="mlflow is not installed (pip install 'transferkit[mlflow]')")
+needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                                 reason="wandb is not installed (pip install wandb)")
 
 
 def history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -120,6 +123,63 @@ def test_mlflow_run_in_the_run_folder_holds_the_same_and_the_model_as_artifacts(
     local = Path(client.download_artifacts(run.info.run_id, "metrics.json"))
     assert json.loads(local.read_text()) == metrics
     assert (logged_run / "logs" / "mlflow-artifacts").is_dir() and not Path("mlruns").exists()
+
+
+def wandb_records(path: Path) -> list:
+    """The records of W&B's own run file (``run-ID.wandb``), decoded with W&B's own protobuf
+    schema: its framing is LevelDB's log (32 KiB blocks of crc, length, type and data) after a
+    7-byte header, and W&B ships no reader of its own for an offline run."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block, records, pending = path.read_bytes(), 1 << 15, [], b""
+    assert data.startswith(b":W&B")
+    position = 7
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            records.append(Record.FromString(pending))
+            pending = b""
+    return records
+
+
+@needs_wandb
+def test_wandb_offline_run_holds_the_config_both_phases_epochs_and_the_final_metrics(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
+    data = make_folder(tmp_path / "data", per_class=12)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "transferkit.cli", "train", str(data), "--output", str(run_dir),
+               "--model", TINY_MODEL, "--weights", str(tiny_weights), "--image-size", "64", "--num-workers", "0",
+               "--frozen-epochs", "3", "--finetune-epochs", "2", "--no-audit", "--no-report", "--logger", "wandb"]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert process.returncode == 0, process.stderr[-2000:]  # --no-report: no report.html to upload
+
+    (run_file,) = (run_dir / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert json.loads((run_dir / "logs" / "run-ids.json").read_text())["wandb"] in run_file.name
+    records = wandb_records(run_file)
+    config_keys = {u.key or u.nested_key[0] for r in records if r.WhichOneof("record_type") == "config"
+                   for u in r.config.update}
+    assert {"data", "model", "frozen", "finetune", "seed"} <= config_keys
+    logged: dict[str, dict[int, float]] = {}
+    for record in records:
+        items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        if "trainer/global_step" in items:  # Lightning's steps, not W&B's own bookkeeping rows
+            for key, value in items.items():
+                logged.setdefault(key, {})[items["trainer/global_step"]] = value
+    for phase, epochs in history(run_dir).items():
+        assert logged[f"{phase}/val_loss"] == pytest.approx(dict(epochs)), phase
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert logged["val/accuracy"] == {0: pytest.approx(metrics["val"]["accuracy"])}
+    artifacts = [r for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert artifacts and "model/model.safetensors" in {f.path for a in artifacts for f in a.artifact.manifest.contents}
 
 
 def test_csv_logger_writes_lightnings_metrics_file_with_both_phases(logged_run: Path) -> None:

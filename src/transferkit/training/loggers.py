@@ -66,8 +66,10 @@ def _create(name: str, logs_dir: Path, run_name: str, mlflow_uri: str | None, ru
         # One folder whatever the invocation, so a resumed run is one TensorBoard run.
         return loggers.TensorBoardLogger(logs_dir, name="", version="tensorboard", default_hp_metric=False)
     if name == "wandb":
-        return loggers.WandbLogger(name=run_name, project=EXPERIMENT, save_dir=str(logs_dir), id=run_id,
-                                   resume="allow")
+        logger = loggers.WandbLogger(name=run_name, project=EXPERIMENT, save_dir=str(logs_dir), id=run_id,
+                                     resume="allow")
+        logger.experiment  # noqa: B018 - starts the run: its id is None until then, and a resume needs it
+        return logger
     uri = mlflow_uri or f"sqlite:///{(logs_dir / 'mlflow.db').absolute()}"
     _create_experiment(uri, _artifact_location(uri))
     logger = loggers.MLFlowLogger(EXPERIMENT, run_name=run_name, tracking_uri=uri, run_id=run_id)
@@ -122,6 +124,8 @@ def log_results(loggers: Sequence[Any], metrics: dict[str, Any], files: Sequence
     """The final metrics, then ``files`` and ``folders`` (the model, the figures) as artifacts where
     a logger keeps them (MLflow, W&B); TensorBoard gets the PNG figures as images."""
     final = final_metrics(metrics)
+    # A run without its report or audit has no such file: W&B's artifact refuses a missing path.
+    files, folders = [path for path in files if path.is_file()], [path for path in folders if path.is_dir()]
     for logger in loggers:
         kind = type(logger).__name__
         if kind == "TensorBoardLogger":  # its HPARAMS view pairs the config with these metrics
@@ -130,19 +134,19 @@ def log_results(loggers: Sequence[Any], metrics: dict[str, Any], files: Sequence
             logger.log_metrics(final, step=0)
         if kind == "MLFlowLogger":
             for path in files:
-                if path.is_file():
-                    logger.experiment.log_artifact(logger.run_id, str(path))
+                logger.experiment.log_artifact(logger.run_id, str(path))
             for folder in folders:
-                if folder.is_dir():
-                    logger.experiment.log_artifacts(logger.run_id, str(folder), folder.name)
+                logger.experiment.log_artifacts(logger.run_id, str(folder), folder.name)
         elif kind == "TensorBoardLogger":
             _add_figures(logger.experiment, [path for folder in folders for path in sorted(folder.glob("*.png"))])
         elif kind == "WandbLogger":
             import wandb
 
             artifact = wandb.Artifact(f"{logger.experiment.id}-run", type="model")
-            for path in (*files, *folders):
-                (artifact.add_dir if path.is_dir() else artifact.add_file)(str(path))
+            for path in files:
+                artifact.add_file(str(path))
+            for folder in folders:  # in a folder of its name, as MLflow keeps them: model/, figures/
+                artifact.add_dir(str(folder), name=folder.name)
             logger.experiment.log_artifact(artifact)
         logger.save()
 
