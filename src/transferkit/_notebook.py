@@ -10,6 +10,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+
 def tqdm_bar() -> Any:
     """tqdm's notebook bar where ipywidgets can draw it, else its text bar: ``tqdm.auto`` without
     ipywidgets warns "IProgress not found" in every cell (Lightning's progress bar chooses the same way)."""
