@@ -11,7 +11,7 @@ images, so the runtimes see real activations) through the Predictor's forward, b
 batch 16, after a warm-up. ``--variants`` adds ONNX static int8 with int8 activations (S8S8) and
 with every operation quantised, and OpenVINO float at its default precision (bfloat16 on a CPU
 that has it), to show why the defaults are what they are. ``--int8`` times only ONNX and OpenVINO,
-float and int8, without serving, into its own section (int8 against float). The table between the
+float and int8, and LiteRT float, without serving, into its own section (int8 against float). The table between the
 markers in benchmarks/RESULTS.md is replaced.
 """
 
@@ -40,7 +40,7 @@ from transferkit.inference.predictor import preprocessed_batches
 
 HERE = Path(__file__).parent
 BATCH = 16
-INT8_CHOICES = [("onnx", None), ("onnx", "int8"), ("openvino", None), ("openvino", "int8")]
+INT8_CHOICES = [("onnx", None), ("onnx", "int8"), ("openvino", None), ("openvino", "int8"), ("litert", None)]
 CHOICES = [("onnx", None), ("onnx", "int8"), ("onnx", "int8-dynamic"), ("openvino", None), ("openvino", "int8"),
            ("litert", None), ("executorch", None), ("pt2", None), ("torchscript", None)]
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="single-image calls per file (default: 100)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--variants", action="store_true", help="also the settings the defaults were chosen over")
-    parser.add_argument("--int8", action="store_true", help="only ONNX and OpenVINO, float and int8, not served")
+    parser.add_argument("--int8", action="store_true", help="only ONNX and OpenVINO (float, int8) and LiteRT float, not served")
     args = parser.parse_args()
 
     val = [row["path"] for row in read_csv_rows(args.run / "splits.csv") if row["split"] == "val"]
