@@ -274,11 +274,10 @@ def test_same_padding_is_fixed_for_the_input_size_so_the_file_stops_computing_it
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
 
-    dynamic, static = optimised_ops(model, "dynamic"), optimised_ops(fixed, "fixed")
-    assert dynamic["Shape"] > 0 and static["Shape"] == 0, "no padding arithmetic left at run time"
-    assert sum(static.values()) < sum(dynamic.values()) / 2
-    # Each fixed Pad is inside its convolution, so int8 never pads in float between a dequantise and a quantise.
-    assert dynamic["Pad"] > 0 and static["Pad"] == 0
+    # Whether fixed before the export or folded after it, no file works its padding out per call, and each
+    # Pad is inside its convolution, so int8 never pads in float between a dequantise and a quantise.
+    for ops in (optimised_ops(model, "dynamic"), optimised_ops(fixed, "fixed")):
+        assert ops["Shape"] == 0 and ops["Pad"] == 0, ops
 
     float_file = tmp_path / "fixed-float.onnx"
     onnx_export.write(fixed, {"preprocessing": {"input_size": [3, 64, 64]}}, float_file, None, None)
