@@ -46,16 +46,17 @@ def regex_groups(paths: Sequence[str], root: Path, pattern: str) -> list[str]:
 SPLIT_DISTINCT_RATIO = 0.8
 """The split's distance ratio, looser than the audit's ``DISTINCT_RATIO`` (0.6): a pair wrongly
 joined costs the split little (small groups stay stratified), a copy missed inflates the
-validation score. 0.85 and 0.9 join 1 more of cifar10_subset's 5,000 altered copies and pair
-10-16% of cifar10_subset's images, 15-30% of chest X-rays'."""
+validation score. Looser buys little: of cifar10_subset's 5,000 altered copies 0.85 joins none
+more and 0.9 one more, while grouping 10% and 16% of cifar10_subset's images, 15% and 30% of
+chest X-rays'."""
 
 SPLIT_CLUSTER = 3
 """The most nearest images the split joins to an image at once (``distinct_cluster_pairs``): an
 original, its copy and another near-copy pair of the same scene. Only the nearest one (the rule of
 each other's distinct nearest) missed 14 of cifar10_subset's 5,000 altered copies, 8 of them across
-the split: 10 pairs each other's nearest, one of them nearer a third image (ratio 0.8 to 0.97), 4
-whose original has up to 5 other images nearer than its copy. With 3, 2 of the 5,000 are missed
-(one at cosine 0.77, one at ratio 0.87), and 5.5% of cifar10_subset's images, 1.0% of
+the split: 10 pairs each other's nearest, but with a third image near one of them (ratio 0.80 to
+0.97), and 4 whose original has up to 5 other images nearer than its copy. With 3, 2 of the 5,000
+are missed (one at cosine 0.77, one at ratio 0.87), and 5.5% of cifar10_subset's images, 1.0% of
 hymenoptera's, 12.5% of tf_flowers' and 7.1% of chest X-rays' are grouped with another image, in
 groups of at most 6 (``benchmarks/split_groups.py similarity``)."""
 
@@ -63,9 +64,9 @@ groups of at most 6 (``benchmarks/split_groups.py similarity``)."""
 def distinct_cluster_pairs(
     similarities: np.ndarray, indices: np.ndarray, ratio: float = SPLIT_DISTINCT_RATIO, largest: int = SPLIT_CLUSTER
 ) -> list[tuple[int, int, float]]:
-    """Pairs (i, j, similarity), i < j, of an image and one of its m nearest (m at most ``largest``) where those
-    m stand apart: the m-th at least ``DISTINCT_FLOOR`` similar and its cosine distance at most
-    ``ratio`` of the (m+1)-th's; and the image is among j's ``largest + 1`` nearest.
+    """Pairs (i, j, similarity), i < j, of an image and one of its m nearest (m at most ``largest``)
+    where those m stand apart: the m-th at least ``DISTINCT_FLOOR`` similar and its cosine distance
+    at most ``ratio`` of the (m+1)-th's; and the image is among j's ``largest + 1`` nearest.
 
     The audit's distinct nearest pair (m = 1, seen from both) widened: a copy whose original has
     another near-copy of the scene nearer than it, or a copy nearer its original than the
