@@ -20,10 +20,10 @@ head alone on one feature cache. Every run trains in a fresh process with an emp
 compare first runs.
 
 ``similarity``: the cosine similarity of every true copy pair (known by construction) against
-every image's nearest non-copy, and how many images the near-copy rule (``audit.checks``:
-the threshold, or each other's distinct nearest) joins on cifar10_subset with copies and on
-the real folders (hymenoptera, tf_flowers, chest_xray_pneumonia, cifar10_subset as published),
-where few are copies.
+every image's nearest non-copy, and how many images the split's near-copy rule (``data.groups``:
+the threshold, or 1 to 3 nearest that stand apart) and each candidate of ``RULES`` join on
+cifar10_subset with copies and on the real folders (hymenoptera, tf_flowers,
+chest_xray_pneumonia, cifar10_subset as published), where few are copies.
 
 Rows accumulate in benchmarks/split_groups.json; the table in RESULTS.md is rebuilt from them.
 """
@@ -151,11 +151,38 @@ def pooled_features(root: Path, cache: str | None) -> tuple[np.ndarray, list[str
     return np.asarray(features, dtype=np.float32), paths, labels
 
 
+RULES = {
+    "each other's distinct nearest, ratio 0.6 (the audit)": ("nearest", 0.6),
+    "each other's distinct nearest, ratio 0.8 (the split before)": ("nearest", 0.8),
+    "each other's nearest, any ratio": ("nearest", 1.0),
+    "1 nearest apart, ratio 0.8": ("cluster", 0.8, 1),
+    "1 to 3 nearest apart, ratio 0.8 (the split)": ("cluster", 0.8, 3),
+    "1 to 3 nearest apart, ratio 0.85": ("cluster", 0.85, 3),
+    "1 to 3 nearest apart, ratio 0.9": ("cluster", 0.9, 3),
+}
+"""Candidate rules for the split's near-copies, each with the 0.95 threshold's pairs: ``nearest`` is
+the audit's rule at that distance ratio, ``cluster`` the split's ``distinct_cluster_pairs``."""
+
+
+def rule_pairs(similarities: np.ndarray, neighbours: np.ndarray, rule: tuple) -> list[tuple[int, int]]:
+    from transferkit.audit.checks import DISTINCT_RATIO, near_duplicate_pairs
+    from transferkit.audit.config import DUPLICATE_THRESHOLD
+    from transferkit.data.groups import distinct_cluster_pairs
+
+    # the cluster rule's pairs hold the audit's, as near_copy_pairs joins them
+    ratio = rule[1] if rule[0] == "nearest" else DISTINCT_RATIO
+    pairs = {(i, j) for i, j, _ in near_duplicate_pairs(similarities, neighbours, DUPLICATE_THRESHOLD, ratio)}
+    if rule[0] == "cluster":
+        pairs |= {(i, j) for i, j, _ in distinct_cluster_pairs(similarities, neighbours, rule[1], rule[2])}
+    return sorted(pairs)
+
+
 def similarity(data: str, root: Path, cache: str | None) -> dict[str, object]:
-    """The copy pairs' similarities against the nearest non-copies, and what the near-copy rule joins."""
+    """The copy pairs' similarities against the nearest non-copies, and what the split's near-copy
+    rule (and each of ``RULES``) joins."""
     from transferkit.audit.checks import nearest_neighbours
     from transferkit.audit.config import DUPLICATE_THRESHOLD
-    from transferkit.data.groups import NEIGHBOURS, SPLIT_DISTINCT_RATIO, connected_groups, near_copy_pairs
+    from transferkit.data.groups import NEIGHBOURS, connected_groups, near_copy_pairs
 
     features, paths, labels = pooled_features(root, cache)
     row = {path: i for i, path in enumerate(paths)}
@@ -167,26 +194,33 @@ def similarity(data: str, root: Path, cache: str | None) -> dict[str, object]:
     similarities, neighbours = nearest_neighbours(features, NEIGHBOURS)
     # each image's most similar neighbour that is not its own copy (or original)
     others = np.where(neighbours == partner[:, None], -np.inf, similarities).max(axis=1)
-    pairs, = near_copy_pairs(features, DUPLICATE_THRESHOLD, (SPLIT_DISTINCT_RATIO,))
-    group = connected_groups(len(paths), [(i, j) for i, j, _ in pairs])
-    sizes = np.bincount(group)
+    copies = np.flatnonzero(partner > np.arange(len(paths)))
+
+    def joins(pairs: list[tuple[int, int]]) -> dict[str, int]:
+        group = connected_groups(len(paths), pairs)
+        sizes = np.bincount(group)
+        found = int((group[copies] == group[partner[copies]]).sum())
+        # the copies grouped count as found, not as non-copies joined
+        return {"copies_grouped": found, "images_grouped": int((sizes[group] > 1).sum()) - 2 * found,
+                "largest_group": int(sizes.max()), "cross_class_pairs": sum(int(labels[i] != labels[j]) for i, j in pairs)}
+
+    pairs, _ = near_copy_pairs(features, DUPLICATE_THRESHOLD)
     result: dict[str, object] = {
         "data": data, "images": len(paths), "date": str(date.today()), "cpu": cpu_name(),
         "nearest_other": {f"p{q}": round(float(np.percentile(others, q)), 4) for q in (50, 99, 99.9, 100)},
         "pairs": len(pairs), "pairs_from_threshold": sum(s >= DUPLICATE_THRESHOLD for _, _, s in pairs),
-        "cross_class_pairs": sum(int(labels[i] != labels[j]) for i, j, _ in pairs),
-        "images_grouped": int((sizes[group] > 1).sum()), "largest_group": int(sizes.max()),
+        **joins([(i, j) for i, j, _ in pairs]),
+        "rules": {name: joins(rule_pairs(similarities, neighbours, rule)) for name, rule in RULES.items()},
     }
-    copies = np.flatnonzero(partner > np.arange(len(paths)))
     if len(copies):
         unit = features / np.linalg.norm(features, axis=1, keepdims=True)
         copy_similarity = (unit[copies] * unit[partner[copies]]).sum(axis=1)
         result["copies"] = len(copies)
         result["copy_similarity"] = {f"p{q}": round(float(np.percentile(copy_similarity, q)), 4) for q in (0, 1, 5, 50)}
         result["copies_from_threshold"] = int((copy_similarity >= DUPLICATE_THRESHOLD).sum())
-        result["copies_grouped"] = int((group[copies] == group[partner[copies]]).sum())
-        # the copies grouped count as found, not as non-copies joined
-        result["images_grouped"] -= 2 * result["copies_grouped"]
+    else:
+        for found in (result, *result["rules"].values()):
+            del found["copies_grouped"]
     return result
 
 
@@ -205,6 +239,19 @@ def similarity_table(rows: list[dict[str, object]]) -> str:
             f"{r['pairs_from_threshold']} | {r['cross_class_pairs']} | {r['images_grouped']} ({r['images_grouped'] / r['images']:.1%}) | "
             f"{r['largest_group']} | {r['cpu']} | {r['date']} |"
         )
+    # each candidate rule: copies joined, then per folder the non-copy images grouped and the largest group
+    lines += ["", ("Candidate rules for the split (each with the 0.95 threshold's pairs): copies joined of "
+                   f"{rows[0].get('copies', 0)}, then per folder non-copy images grouped (share), largest group, "
+                   "cross-class pairs."), "",
+              "| rule | " + " | ".join(r["data"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for name in rows[0].get("rules", {}):
+        cells = []
+        for r in rows:
+            found = r["rules"][name]
+            copied = f"{found['copies_grouped']} / {r['copies']} copies; " if "copies" in r else ""
+            cells.append(f"{copied}{found['images_grouped']} ({found['images_grouped'] / r['images']:.1%}), "
+                         f"largest {found['largest_group']}, {found['cross_class_pairs']} cross-class")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

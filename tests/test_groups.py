@@ -15,8 +15,7 @@ from conftest import tiny_config
 from transferkit import train
 from transferkit._io import read_csv_rows
 from transferkit.cli import main
-from transferkit.audit.checks import DISTINCT_RATIO
-from transferkit.data.groups import SPLIT_DISTINCT_RATIO, grouped_split, near_copy_pairs
+from transferkit.data.groups import connected_groups, grouped_split, near_copy_pairs
 
 
 def make_scene(path: Path, seed: int, nudged: bool = False) -> Path:
@@ -69,10 +68,25 @@ def test_the_split_joins_a_burst_pair_the_audit_would_not_call_a_copy() -> None:
     scene, *shots = np.linalg.qr(rng.normal(size=(64, 4)))[0].T  # orthonormal: the scene and three ways to vary it
     first, second, third = scene + 0.333 * shots[0], scene + 0.333 * shots[1], scene + 0.475 * shots[2]
     features = np.vstack([rng.normal(size=(200, 64)), first, second, third])
-    joined, reported = near_copy_pairs(features, 0.99, (SPLIT_DISTINCT_RATIO, DISTINCT_RATIO))
+    joined, reported = near_copy_pairs(features, 0.99)
     burst = (200, 201)  # the first and second shots
     assert burst in {(i, j) for i, j, _ in joined}, "the split keeps the two shots together"
     assert burst not in {(i, j) for i, j, _ in reported}, "the audit and the leak check stay as strict as before"
+
+
+def test_the_split_keeps_a_burst_of_four_shots_together_without_a_fifth_farther_one() -> None:
+    # Four shots of one scene, each 0.90 like the other three: no shot is distinctly nearest to any
+    # one other (a copy whose original has another copy pair of its scene nearer), but the three
+    # stand apart from the rest. A fifth shot at 0.86 to each of them has no such gap and stays alone.
+    rng = np.random.default_rng(1)
+    scene, *ways = np.linalg.qr(rng.normal(size=(64, 6)))[0].T
+    shots = [scene + ways[k] / 3 for k in range(4)] + [scene + 0.47 * ways[4]]
+    features = np.vstack([rng.normal(size=(200, 64)), *shots])
+    joined, reported = near_copy_pairs(features, 0.99)
+    group = connected_groups(len(features), [(i, j) for i, j, _ in joined])
+    assert len({group[i] for i in range(200, 204)}) == 1, "the four shots land on one side"
+    assert np.sum(group == group[200]) == 4, "the fifth shot and the random images are not drawn in"
+    assert not [pair for pair in reported if pair[0] >= 200], "the audit calls none of them a copy"
 
 
 def test_a_class_of_one_group_trains_and_is_named(caplog: pytest.LogCaptureFixture) -> None:

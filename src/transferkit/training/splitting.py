@@ -16,12 +16,10 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import write_csv
-from transferkit.audit.checks import DISTINCT_RATIO
 from transferkit.cache.passes import cached_pooled_features
 from transferkit.cache.store import FeatureStats
 from transferkit.data.groups import (
     LEAK_COLUMNS,
-    SPLIT_DISTINCT_RATIO,
     Leaks,
     find_leaks,
     make_groups,
@@ -75,7 +73,7 @@ def split_honestly(
     started = time.perf_counter()
     paths = index_paths(index)
     # The split joins more than the leak check reports: a pair joined in vain costs it nothing.
-    joined, found = near_copy_pairs(features.of(paths), threshold, (SPLIT_DISTINCT_RATIO, DISTINCT_RATIO))
+    joined, found = near_copy_pairs(features.of(paths), threshold)
     pairs = [(paths[i], paths[j], similarity) for i, j, similarity in found]
     grouped = carve and bool(index.carved) and (split_groups != "none" or bool(group_by))
     if grouped:
