@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,43 +59,59 @@ def run(dataset: str, seed: int, variant: str, lock: str | None, pythonpath: str
                    str(DATASETS / dataset), "--seed", str(seed), "--output", f"{work}/run", "--no-audit",
                    "--no-report", "--no-progress", *VARIANTS[variant]]
         with holding(lock):
-            started = time.perf_counter()
+            load = os.getloadavg()[0]
+            started, cpu_before = time.perf_counter(), _children_cpu()
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=LIMIT_S,
                            env={**os.environ, "PYTHONPATH": pythonpath})
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu_before
         metrics = json.loads(Path(work, "run", "metrics.json").read_text())
         config = yaml.safe_load(Path(work, "run", "config.yaml").read_text())
     return {"dataset": dataset, "seed": seed, "variant": variant, "cpu": cpu_name(), "date": str(date.today()),
             "val_accuracy": metrics["val"]["accuracy"], "best_phase": metrics["best_phase"],
             "frozen_lr": config["frozen"]["lr"], "finetune_lr": config["finetune"]["lr"],
-            "features": metrics.get("features"), "seconds": round(seconds, 1)}
+            "features": metrics.get("features"), "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "load_at_start": round(load, 2)}
+
+
+def _children_cpu() -> float:
+    """User and system CPU seconds of the finished child processes: less moved than wall time by
+    other sessions' work on the same cores."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"Measured {max(r['date'] for r in rows)} (`python benchmarks/lr_auto.py --lock /tmp/heavy.lock`): "
              "whole `transferkit train DATA --seed S --no-audit --no-report --no-progress` commands, warm feature "
              "cache; `auto` adds `--frozen-lr auto --finetune-lr auto`. Accuracy: the saved model's, on val. "
-             "Time: auto's wall time over fixed's on the same dataset, seed and CPU, then the mean of those ratios.",
+             "Times: auto's wall (and CPU) time over fixed's on the same dataset, seed and CPU, then the mean of those "
+             "ratios; CPU time is the command's user and system seconds, which other sessions' work on the shared "
+             "cores moves less than wall time.",
              "", "| dataset | CPU | rates | seeds | val accuracy (mean) | val accuracy (per seed) | frozen rate (per seed) "
-             "| fine-tuning rate (per seed) | wall time (s, mean) | x fixed (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| fine-tuning rate (per seed) | wall time (s, mean) | wall x fixed | CPU time (s, mean) | CPU x fixed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row_cpu(row), row["variant"]), []).append(row)
     for (dataset, cpu, variant), mine in sorted(groups.items(), key=lambda item: (item[0][:2], item[0][2] != "fixed")):
         mine.sort(key=lambda r: (r["seed"] != 42, r["seed"]))
-        fixed = {r["seed"]: r["seconds"] for r in groups.get((dataset, cpu, "fixed"), [])}
-        ratios = [r["seconds"] / fixed[r["seed"]] for r in mine if r["seed"] in fixed]
+        fixed = {r["seed"]: r for r in groups.get((dataset, cpu, "fixed"), [])}
+        wall, used = (_ratio(mine, fixed, key) for key in ("seconds", "cpu_seconds"))
         shown = "fixed (default)" if variant == "fixed" else "auto"
-        ratio = f"{statistics.mean(ratios):.2f}" if ratios else ""
         lines.append(f"| {dataset} | {cpu} | {shown} | {','.join(str(r['seed']) for r in mine)} | "
                      f"{statistics.mean(r['val_accuracy'] for r in mine):.4f} | "
                      f"{' / '.join(format(r['val_accuracy'], '.4f') for r in mine)} | "
                      f"{' / '.join(format(r['frozen_lr'], '.2e') for r in mine)} | "
                      f"{' / '.join(format(r['finetune_lr'], '.2e') for r in mine)} | "
-                     f"{statistics.mean(r['seconds'] for r in mine):.1f} | "
-                     f"{ratio} |")
+                     f"{statistics.mean(r['seconds'] for r in mine):.1f} | {wall} | "
+                     f"{statistics.mean(r['cpu_seconds'] for r in mine):.1f} | {used} |")
     return "\n".join(lines)
+
+
+def _ratio(rows: list[dict], fixed: dict[int, dict], key: str) -> str:
+    """The mean over seeds of each row's ``key`` over the fixed rates' row of its seed."""
+    ratios = [row[key] / fixed[row["seed"]][key] for row in rows if row["seed"] in fixed]
+    return f"{statistics.mean(ratios):.2f}" if ratios else ""
 
 
 def main() -> None:
