@@ -110,3 +110,7 @@ def _checked(value: Any, kind: str) -> Any:
 
 
 TRAIN_OPTIONS = option_types(TrainConfig)
+LR_FIND_SKIP = frozenset({"output", "time_limit", "calibrate", "unknown_score", "unknown_keep", "audit", "report",
+                          "logger", "mlflow_uri"})
+"""Train's options that change nothing before a phase trains: lr-find has no flag for them."""
+LR_FIND_OPTIONS = {key: kind for key, kind in TRAIN_OPTIONS.items() if key not in LR_FIND_SKIP}
