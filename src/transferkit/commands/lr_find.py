@@ -84,9 +84,9 @@ def lr_find(
     plot, table = folder / f"lr-find-{phase}.png", folder / f"lr-find-{phase}.csv"
     write_sweep_plot(finder, phase, rate, plot)
     write_sweep_table(finder, table)
-    found = getattr(finder, "_optimal_idx", None) is not None
-    return LrFindResult(phase, rate, found, list(finder.results["lr"]), list(finder.results["loss"]), folder, plot,
-                        table)
+    rates, losses = list(finder.results["lr"]), list(finder.results["loss"])
+    index = getattr(finder, "_optimal_idx", None)  # where suggestion() found the rate; None: it fell back
+    return LrFindResult(phase, rate, index is not None and rates[index] == rate, rates, losses, folder, plot, table)
 
 
 def _sweep(source: str, config: TrainConfig, phase: str) -> tuple[Any, float]:
