@@ -1,7 +1,7 @@
 """``--frozen-lr auto --finetune-lr auto`` against the fixed default rates, side by side (issue 37).
 
     python benchmarks/lr_auto.py [--datasets hymenoptera,tf_flowers] [--seeds 42,1,2] [--variants fixed,auto]
-                                 [--lock /tmp/heavy.lock] [--pythonpath src]
+                                 [--lock /tmp/heavy.lock] [--pythonpath src] [--missing]
 
 Each (dataset, seed, variant) is a whole `transferkit train DATA --seed S --no-audit --no-report
 --no-progress` command in a fresh process, reading the default feature cache (warm: every run
@@ -120,12 +120,17 @@ def main() -> None:
     parser.add_argument("--seeds", default="42,1,2")
     parser.add_argument("--variants", default="fixed,auto")
     parser.add_argument("--lock", help="a file whose lock each command holds while it runs (flock)")
+    parser.add_argument("--missing", action="store_true", help="skip the runs benchmarks/lr_auto.json already holds")
     parser.add_argument("--pythonpath", default=str(HERE.parent / "src"), help="the transferkit source to run")
     args = parser.parse_args()
     rows = json.loads(RAW.read_text()) if RAW.exists() else []
-    for dataset in args.datasets.split(","):
-        for seed in map(int, args.seeds.split(",")):
+    done = {(r["dataset"], r["seed"], r["variant"], row_cpu(r)) for r in rows} if args.missing else set()
+    # Seed by seed, so that a measurement cut short still has every dataset and variant at the seeds it reached.
+    for seed in map(int, args.seeds.split(",")):
+        for dataset in args.datasets.split(","):
             for variant in args.variants.split(","):
+                if (dataset, seed, variant, cpu_name()) in done:
+                    continue
                 row = run(dataset, seed, variant, args.lock, args.pythonpath)
                 print(row, flush=True)
                 key = (dataset, seed, variant, row["cpu"])
