@@ -37,7 +37,7 @@ def test_the_site_builds_strictly_with_every_command_and_the_public_api(tmp_path
         assert f"usage: transferkit {command} " in cli, f"the CLI reference lacks `{command} --help`"
     assert "--finetune-epochs" in cli and "finetune.epochs" in cli  # an option, and its flat key
     api = page_text((tmp_path / "site/reference/api/commands/index.html").read_text(encoding="utf-8"))
-    for name in ("train", "resume", "evaluate", "predict", "calibrate", "compare", "audit", "export", "summarize"):
+    for name in ("train", "resume", "lr_find", "evaluate", "predict", "calibrate", "compare", "audit", "export", "summarize"):
         assert re.search(rf"\b{name} \(", api), f"the API reference lacks {name}'s signature"
     config = page_text((tmp_path / "site/reference/api/config/index.html").read_text(encoding="utf-8"))
     assert "seed for the split, initialisation and shuffling" in config  # a field's --help is its docstring

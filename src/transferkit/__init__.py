@@ -44,6 +44,8 @@ _EXPORTS = {
     "load_classifier": "inference.loading",
     "load_predictor": "inference.loading",
     "load_config": "run.folder",
+    "LrFindResult": "commands.lr_find",
+    "lr_find": "commands.lr_find",
     "load_model": "models.folder",
     "resolve_data_source": "data.registry",
     "resume": "commands.train",
@@ -80,4 +82,5 @@ if TYPE_CHECKING:
     from transferkit.commands.serve_app import create_app
     from transferkit.commands.summary import summarize
     from transferkit.run.folder import load_config
+    from transferkit.commands.lr_find import LrFindResult, lr_find
     from transferkit.commands.train import TrainResult, resume, train

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None, *, ends_process: bool = False) -> in
     console.tolerate_odd_file_names()
     console.stop_on_sigterm()
     try:
-        if args.command in ("train", "compare"):
+        if args.command in ("train", "lr-find", "compare"):
             _import_lightning(ends_process)
         if ends_process:
             gc.freeze()

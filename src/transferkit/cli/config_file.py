@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from transferkit.cli.options import flag_for
 from transferkit.cli.values import as_words
 from transferkit.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig
 from transferkit.errors import ConfigError, close_matches
@@ -113,6 +112,20 @@ def _checked(value: Any, kind: str) -> Any:
 
 
 TRAIN_OPTIONS = option_types(TrainConfig)
+LR_FIND_SKIP = frozenset({"output", "time_limit", "calibrate", "unknown_score", "unknown_keep", "audit", "report",
+                          "logger", "mlflow_uri"})
+"""Train's options that change nothing before a phase trains: lr-find has no flag for them."""
+LR_FIND_OPTIONS = {key: kind for key, kind in TRAIN_OPTIONS.items() if key not in LR_FIND_SKIP}
+
+
+def flag_for(dest: str) -> str:
+    """The flag that sets option ``dest``: ``finetune.epochs`` is ``--finetune-epochs``, ``data.image_size``
+    ``--image-size`` (the phases' flags carry their name, the other sections' do not)."""
+    section, _, name = dest.rpartition(".")
+    kind = SECTIONS.get(section, TrainConfig)
+    spec = next((field for field in dataclasses.fields(kind) if field.name == name), None)
+    prefix = f"{section}-" if kind is PhaseConfig else ""
+    return (spec.metadata.get("flag") if spec else None) or f"--{prefix}{name.replace('_', '-')}"
 
 
 def resume_conflict(run_dir: str, source: str | None, config: str | None, options: dict[str, Any]) -> str | None:

@@ -125,3 +125,38 @@ def print_metrics(metrics: dict[str, Any], title: str) -> None:
 def print_skipped(skipped: list[tuple[str, str]]) -> None:
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def print_predictions(result: Any, style: str, top_k: int) -> None:
+    """``predict``'s answers on stdout as JSON, CSV (the columns of ``PredictionResult.to_pandas()``) or text."""
+    import json
+
+    scored = any(p.unknown_score is not None for p in result.predictions)
+    if style == "json":
+        print(json.dumps({
+            "predictions": [
+                {"path": p.path, "answer": p.answer, "unknown": p.unknown,
+                 **({"unknown_score": round(p.unknown_score, 6)} if p.unknown_score is not None else {}),
+                 "top_k": [{"label": l, "probability": round(q, 6)} for l, q in zip(p.labels, p.probabilities)]}
+                for p in result.predictions
+            ],
+            "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
+        }, indent=2))
+    elif style == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        k = len(result.predictions[0].labels) if result.predictions else top_k
+        scores = ["unknown_score", "unknown"] if scored else []  # the columns of PredictionResult.to_pandas()
+        writer.writerow(["path", "answer", *scores,
+                         *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability"))])
+        for p in result.predictions:
+            score = ([f"{p.unknown_score:.6f}", "true" if p.unknown else "false"] if p.unknown_score is not None
+                     else [""] * len(scores))
+            writer.writerow([p.path, p.answer, *score, *(v for l, q in zip(p.labels, p.probabilities) for v in (l, f"{q:.6f}"))])
+    else:
+        width = max([len(p.path) for p in result.predictions] + [5])
+        for p in result.predictions:
+            ranked = "  ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probabilities))
+            answer = f"unknown (score {p.unknown_score:.3f})  " if p.unknown else ""
+            print(f"{p.path:<{width}}  {answer}{ranked}")

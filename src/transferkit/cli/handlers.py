@@ -9,8 +9,21 @@ import sys
 import time
 from typing import Any
 
-from transferkit.cli.config_file import TRAIN_OPTIONS, option_types, read_config_file, resume_conflict
-from transferkit.cli.console import exit_status, os_error, print_metrics, print_skipped, print_train_summary
+from transferkit.cli.config_file import (
+    LR_FIND_OPTIONS,
+    TRAIN_OPTIONS,
+    option_types,
+    read_config_file,
+    resume_conflict,
+)
+from transferkit.cli.console import (
+    exit_status,
+    os_error,
+    print_metrics,
+    print_predictions,
+    print_skipped,
+    print_train_summary,
+)
 from transferkit.config import TrainConfig
 from transferkit.data.registry import source_problems
 from transferkit.errors import ConfigError, raise_together
@@ -22,16 +35,20 @@ def _train_config(source: str | None, options: dict[str, Any]) -> TrainConfig:
     return raise_together(source_problems(source), lambda: TrainConfig.from_options(options))
 
 
-def _with_config_file(
-    args: argparse.Namespace, options: dict[str, Any], accepted: dict[str, str]
+def _options(
+    args: argparse.Namespace, accepted: dict[str, str], own: tuple[str, ...] = ()
 ) -> tuple[str | None, dict[str, Any]]:
-    """DATA and the options, the flags' over ``--config``'s where it is given."""
-    if not args.config:
-        return args.source, options
-    from transferkit.audit.config import AuditConfig
+    """DATA and the options (the flags but ``own``) over ``--config``'s, --progress resolved."""
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "verbose", "config", *own)}
+    source = args.source
+    if args.config:
+        from transferkit.audit.config import AuditConfig
 
-    source, from_file = read_config_file(args.config, accepted, option_types(TrainConfig, AuditConfig))
-    return args.source or source, {**from_file, **options}
+        source, from_file = read_config_file(args.config, accepted, option_types(TrainConfig, AuditConfig))
+        source, options = args.source or source, {**from_file, **options}
+    # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
+    options["progress"] = _progress(options.get("progress"))
+    return source, options
 
 
 def _progress(given: bool | None) -> bool:
@@ -49,13 +66,11 @@ def _run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # before the imports: torch and Lightning take seconds
     from transferkit.commands.train import resolve_run_dir, resume, train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose", "config")}
-    conflict = args.resume and resume_conflict(args.resume, args.source, args.config, options)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "source", "resume", "verbose", "config")}
+    conflict = args.resume and resume_conflict(args.resume, args.source, args.config, given)
     if conflict:
         raise ConfigError([conflict])
-    source, options = _with_config_file(args, options, TRAIN_OPTIONS)
-    # Progress bars only for a person watching: piped to a file, the epoch lines are the whole log.
-    options["progress"] = _progress(options.get("progress"))
+    source, options = _options(args, TRAIN_OPTIONS, own=("resume",))
     config = None if args.resume else _train_config(source, options)
     if config is not None:  # named here, so that a stopped run can say where it is
         config = dataclasses.replace(config, output=str(resolve_run_dir(source, config)))
@@ -73,19 +88,25 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_lr_find(args: argparse.Namespace) -> int:
+    from transferkit.commands.lr_find import lr_find
+
+    source, options = _options(args, LR_FIND_OPTIONS, own=("phase", "output"))
+    config = _train_config(source, options)
+    print(lr_find(source, config, phase=args.phase, output=args.output).line())  # type: ignore[arg-type]
+    return 0
+
+
 def _run_compare(args: argparse.Namespace) -> int:
     from transferkit.commands.compare import compare
 
-    own = {"command", "verbose", "strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size",
-           "config"}
-    options = {k: v for k, v in vars(args).items() if k not in own and k != "source"}
+    own = ("strategies", "models", "epochs", "patience", "unfreeze", "output", "hidden_size")
     # Each strategy sets the phases, the batch norm and the run folders; a file's say in them is left out.
     accepted = {key: kind for key, kind in TRAIN_OPTIONS.items()
                 if key not in ("output", "batchnorm", "data.splits_from", "model.hidden_size")}
-    source, options = _with_config_file(args, options, accepted)
+    source, options = _options(args, accepted, own)
     models = args.models or options.pop("model.name", None)  # else the preset's, else the default
     options.pop("model.name", None)
-    options["progress"] = _progress(options.get("progress"))
     problems = source_problems(source)
     if problems:
         raise ConfigError(problems)
@@ -112,11 +133,9 @@ def _run_audit(args: argparse.Namespace) -> int:
     from transferkit.audit.config import DATA_SKIP, MODEL_SKIP, AuditConfig
     from transferkit.commands.audit import audit
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "source", "verbose", "config")}
     skipped = {f"data.{name}" for name in DATA_SKIP} | {f"model.{name}" for name in MODEL_SKIP} | {"output"}
     accepted = {key: kind for key, kind in option_types(AuditConfig).items() if key not in skipped}
-    source, options = _with_config_file(args, options, accepted)
-    options["progress"] = _progress(options.get("progress"))
+    source, options = _options(args, accepted)
     config = raise_together(source_problems(source), lambda: AuditConfig.from_options(options))
     result = audit(source, config)
     print_skipped(result.skipped)
@@ -143,8 +162,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    import json
-
     from transferkit.commands.predict import predict
     from transferkit.reporting.explain import load_explainer, write_overlays
 
@@ -155,35 +172,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     result = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta,
                      progress=_progress(args.progress), reject=args.reject)
     print_skipped(result.skipped)
-    scored = any(p.unknown_score is not None for p in result.predictions)
-    if args.format == "json":
-        print(json.dumps({
-            "predictions": [
-                {"path": p.path, "answer": p.answer, "unknown": p.unknown,
-                 **({"unknown_score": round(p.unknown_score, 6)} if p.unknown_score is not None else {}),
-                 "top_k": [{"label": l, "probability": round(q, 6)} for l, q in zip(p.labels, p.probabilities)]}
-                for p in result.predictions
-            ],
-            "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
-        }, indent=2))
-    elif args.format == "csv":
-        import csv
-
-        writer = csv.writer(sys.stdout)
-        k = len(result.predictions[0].labels) if result.predictions else args.top_k
-        scores = ["unknown_score", "unknown"] if scored else []  # the columns of PredictionResult.to_pandas()
-        writer.writerow(["path", "answer", *scores,
-                         *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability"))])
-        for p in result.predictions:
-            score = ([f"{p.unknown_score:.6f}", "true" if p.unknown else "false"] if p.unknown_score is not None
-                     else [""] * len(scores))
-            writer.writerow([p.path, p.answer, *score, *(v for l, q in zip(p.labels, p.probabilities) for v in (l, f"{q:.6f}"))])
-    else:
-        width = max([len(p.path) for p in result.predictions] + [5])
-        for p in result.predictions:
-            ranked = "  ".join(f"{l} {q:.3f}" for l, q in zip(p.labels, p.probabilities))
-            answer = f"unknown (score {p.unknown_score:.3f})  " if p.unknown else ""
-            print(f"{p.path:<{width}}  {answer}{ranked}")
+    print_predictions(result, args.format, args.top_k)
     if not result.predictions:
         print("error: no readable images among the inputs", file=sys.stderr)
         return 2
@@ -290,7 +279,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
+    "train": _run_train, "lr-find": _run_lr_find, "evaluate": _run_evaluate, "predict": _run_predict, "report": _run_report,
     "export": _run_export, "serve": _run_serve, "summary": _run_summary, "compare": _run_compare,
     "audit": _run_audit, "calibrate": _run_calibrate,
 }

@@ -15,6 +15,7 @@ from transferkit.config import (
     PhaseConfig,
     TrainConfig,
 )
+from transferkit.cli.config_file import LR_FIND_SKIP
 from transferkit.cli.values import converter
 from transferkit.data.registry import DATA_HELP
 
@@ -37,7 +38,7 @@ labels. `transferkit train DATA` trains a new final layer on the pretrained mode
 then fine-tunes the top of the model, and writes a run folder with the model, its scores on
 images it never trained on, and report.html. `predict`, `evaluate`, `serve` and `export` use the
 trained model; `audit` finds mislabelled, duplicated and odd images before you train; `compare`
-trains several ways side by side.
+trains several ways side by side; `lr-find` suggests a learning rate.
 
   transferkit train photos/                # photos/cat/*.jpg, photos/dog/*.jpg
   transferkit predict runs/<run> new.jpg
@@ -53,7 +54,7 @@ def add_commands(parser: argparse.ArgumentParser) -> Any:
 
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (train_parser, compare_parser, audit_parser, evaluate_parser, calibrate_parser, predict_parser,
+    for add in (train_parser, lr_find_parser, compare_parser, audit_parser, evaluate_parser, calibrate_parser, predict_parser,
                 report_parser, export_parser, serve_parser, summary_parser):
         add(subparsers)
     return subparsers
@@ -61,15 +62,6 @@ def add_commands(parser: argparse.ArgumentParser) -> Any:
 
 def _flag(prefix: str, name: str) -> str:
     return f"--{prefix}{name.replace('_', '-')}"
-
-
-def flag_for(dest: str) -> str:
-    """The flag that sets option ``dest``: ``finetune.epochs`` is ``--finetune-epochs``."""
-    section, _, name = dest.rpartition(".")
-    kind, prefix = next(((kind, prefix) for kind, prefix, attribute in SECTIONS if attribute == section),
-                        (TrainConfig, ""))
-    spec = next((field for field in dataclasses.fields(kind) if field.name == name), None)
-    return (spec.metadata.get("flag") if spec else None) or _flag(prefix, name)
 
 
 def _add_fields(
@@ -103,28 +95,44 @@ def _add_fields(
         )
 
 
+def _add_train_fields(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> TrainConfig:
+    """DATA (optional: --resume or --config may name it), TrainConfig's flags but ``skip``, --config, -v."""
+    parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
+    defaults = TrainConfig()
+    for kind, prefix, attribute in SECTIONS:
+        # The frozen phase trains the new head alone, whatever its unfreeze says: no flag for it.
+        fields = frozenset({"unfreeze"}) if attribute == "frozen" else frozenset()
+        _add_fields(parser, kind, prefix, attribute, getattr(defaults, attribute), skip=fields)
+    _add_fields(parser, TrainConfig, "", "", defaults, skip=skip)
+    parser.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    return defaults
+
+
 def train_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
         help="train a classifier on an image folder, a manifest (CSV or JSON Lines) or a registered dataset",
         description="Two phases: a new head on frozen backbone features, then fine-tuning the top blocks.",
     )
-    # DATA is optional here only because --resume takes the run's own; without it, it is required.
-    parser.add_argument("source", nargs="?", default=None, help=DATA_HELP, metavar="DATA")
-    defaults = TrainConfig()
-    for kind, prefix, attribute in SECTIONS:
-        # The frozen phase trains the new head alone, whatever its unfreeze says: no flag for it.
-        skip = frozenset({"unfreeze"}) if attribute == "frozen" else frozenset()
-        _add_fields(parser, kind, prefix, attribute, getattr(defaults, attribute), skip=skip)
-    _add_fields(parser, TrainConfig, "", "", defaults)
+    defaults = _add_train_fields(parser)
     parser.add_argument("--epochs", type=int, default=argparse.SUPPRESS, metavar="EPOCHS",
                         help="most epochs of both phases, each still stopped early by its patience; "
                              "--frozen-epochs and --finetune-epochs override it (default: "
                              f"{defaults.frozen.epochs} frozen, {defaults.finetune.epochs} fine-tuning)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run from its folder")
-    parser.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return parser
+
+
+def lr_find_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "lr-find", help="suggest a learning rate: a short sweep's loss against the rate, plotted",
+        description="The sweep of train's --frozen-lr auto or --finetune-lr auto with the same options (Lightning's "
+        "lr_find: 100 steps from 1e-8 to 1): prints the rate where the loss falls fastest, writes the plot and a CSV.")
+    parser.add_argument("--phase", choices=["frozen", "finetune"], default="frozen", help="frozen: the new head on "
+                        "the cached features; finetune: the top blocks, after training the head (default: frozen)")
+    parser.add_argument("--output", metavar="DIR", help="plot and CSV folder (default: runs/lr-find-<data>-<model>-<time>)")
+    _add_train_fields(parser, skip=LR_FIND_SKIP)
 
 
 def compare_parser(subparsers: Any) -> None:

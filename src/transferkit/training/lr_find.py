@@ -149,3 +149,12 @@ def write_sweep_plot(finder: _LRFinder, name: str, rate: float, path: Path) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=FIGURE_DPI, format="png"))
     pyplot().close(figure)
+
+
+def write_sweep_table(finder: _LRFinder, path: Path) -> None:
+    """The swept rates and their smoothed losses, one row each, as a CSV file."""
+    from transferkit._io import write_text
+
+    rows = [f"{rate!r},{loss!r}" for rate, loss in zip(finder.results["lr"], finder.results["loss"])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, "\n".join(["learning_rate,smoothed_loss", *rows]) + "\n")

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.tuner.lr_finder import _LRFinder
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -130,18 +131,8 @@ def resolve_auto_lr(
 ) -> PhaseConfig:
     """Phase ``name`` with its ``auto`` learning rate swept and chosen (``training.lr_find``), the
     sweep's plot in the run's figures and the rate written into its config.yaml."""
-    L.seed_everything(plan.seed, workers=True, verbose=False)  # the same sweep in every run
-    phase: PhaseConfig = dataclasses.replace(getattr(plan, name), lr=MIN_LR)  # where the sweep starts
-    plan = dataclasses.replace(plan, **{name: phase})
-    if name == "frozen" and plan.head_on_features:
-        finder = sweep_head(model, phase, inputs.labelled("train"), inputs.loss, inputs.sampler, plan.batch_size,
-                            plan.drop_rate)
-    else:
-        module, train, _ = _lightning_inputs(name, model, plan, inputs)
-        checkpoints = progress.folder.writable(progress.folder.checkpoints_dir)
-        finder = sweep_with_lightning(module, train, plan.trainer_options, plan.progress_bar, checkpoints)
-    fallback = (default_frozen_phase() if name == "frozen" else default_finetune_phase()).lr
-    rate = suggestion(finder, fallback, name)
+    finder = sweep_phase(name, model, plan, inputs, progress.folder.writable(progress.folder.checkpoints_dir))
+    rate = suggested_rate(finder, name)
     if progress.write:
         folder = progress.folder
         path = folder.writable(folder.figures_dir) / f"lr-find-{name}.png"
@@ -151,7 +142,27 @@ def resolve_auto_lr(
         folder.write_config(source, dataclasses.replace(config, **{name: found}))
         epoch_log.info("%s: learning rate %.2e found by the lr finder (%d rates swept from %.0e; plot: %s)",
                        name, rate, len(finder.results["lr"]), finder.lr_min, path)
-    return dataclasses.replace(phase, lr=rate)
+    return dataclasses.replace(getattr(plan, name), lr=rate)
+
+
+def sweep_phase(name: str, model: nn.Module, plan: FitPlan, inputs: FitInputs, scratch: Path) -> _LRFinder:
+    """The learning-rate sweep of phase ``name`` as it would train now: the head's on its cached
+    features (``sweep_head``), else Lightning's (its checkpoint kept in ``scratch``). The model's
+    weights are as they were after it."""
+    L.seed_everything(plan.seed, workers=True, verbose=False)  # the same sweep in every run
+    phase: PhaseConfig = dataclasses.replace(getattr(plan, name), lr=MIN_LR)  # where the sweep starts
+    plan = dataclasses.replace(plan, **{name: phase})
+    if name == "frozen" and plan.head_on_features:
+        return sweep_head(model, phase, inputs.labelled("train"), inputs.loss, inputs.sampler, plan.batch_size,
+                          plan.drop_rate)
+    module, train, _ = _lightning_inputs(name, model, plan, inputs)
+    return sweep_with_lightning(module, train, plan.trainer_options, plan.progress_bar, scratch)
+
+
+def suggested_rate(finder: _LRFinder, name: str) -> float:
+    """The sweep's suggestion (``lr_find.suggestion``), else phase ``name``'s default rate."""
+    fallback = (default_frozen_phase() if name == "frozen" else default_finetune_phase()).lr
+    return suggestion(finder, fallback, name)
 
 
 def _fit_lightning(
