@@ -21,7 +21,6 @@ def write(module: Any, metadata: dict[str, Any], path: Path, calibration: list[n
           quantize: str | None) -> None:
     """``module`` as ONNX at ``path`` (written in place: the caller writes to a temporary name)."""
     export_onnx(module, metadata["preprocessing"]["input_size"], path)
-    simplify(path)
     if quantize == "int8":
         quantize_static_int8(path, calibration or [])
         compress_bank(path, getattr(module, "bank", None))
@@ -159,15 +158,3 @@ def read_metadata(path: Path) -> Any:
 
     found = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
     return json.loads(found[ONNX_METADATA_KEY]) if ONNX_METADATA_KEY in found else None
-
-
-def simplify(path: Path) -> None:
-    """The exported graph simplified in place by onnxslim (Ultralytics' simplifier): constants
-    folded and each fixed 'same' ``Pad`` fused into its convolution. The exporter computes those
-    pads in a chain of Reshape, Slice and Cast that ONNX Runtime does not fold, so each Pad ran on
-    its own: 32 of float's 164 ms for a batch of 16 on EfficientNet-Lite0 (ORT's profiler), and in
-    static int8, in float between a DequantizeLinear and a QuantizeLinear, 83 of 130 ms."""
-    import onnx
-    import onnxslim
-
-    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))

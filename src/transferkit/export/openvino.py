@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import RunFolderError
-from transferkit.export.onnx import compress_bank, simplify
+from transferkit.export.onnx import compress_bank
 from transferkit.inference.onnx_runtime import ONNX_METADATA_KEY, export_onnx
 
 PRECISION_KEY = "inference_precision"
@@ -35,7 +35,6 @@ def write(module: Any, metadata: dict[str, Any], path: Path, calibration: list[n
     with tempfile.TemporaryDirectory() as work:
         onnx_file = Path(work) / "model.onnx"
         export_onnx(module, metadata["preprocessing"]["input_size"], onnx_file)
-        simplify(onnx_file)
         if quantize == "int8":
             compress_bank(onnx_file, getattr(module, "bank", None))
         model = ov.convert_model(str(onnx_file))

@@ -4,7 +4,8 @@ timm's ``Conv2dSame`` (the ``tf_`` models, EfficientNet-Lite among them) works i
 from each input's height and width, so the exported graph computes it at every call: shape
 arithmetic, a Pad between two layout transposes before each strided convolution, and the
 quantiser's int8 rounding on that arithmetic. The file's input size is fixed, so the padding is
-too: as constants, which ``export.onnx.simplify`` fuses into each ONNX convolution's own pads.
+too: as constants, which the ONNX export's simplification (``inference.onnx_runtime.simplified``) fuses
+into each convolution's own pads.
 """
 
 from __future__ import annotations

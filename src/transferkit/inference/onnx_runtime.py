@@ -60,18 +60,40 @@ def export_onnx(module: nn.Module, input_size: tuple[int, ...], target: str | os
 
     module = module.eval()
     outputs = list(getattr(module, "output_names", (ONNX_OUTPUT,)))
+    exported = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             (torch.zeros(1, *input_size),),
-            target if isinstance(target, io.BytesIO) else str(target),
+            exported,
             input_names=[ONNX_INPUT],
             output_names=outputs,
             dynamic_axes={ONNX_INPUT: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
+    model = simplified(exported.getvalue())
+    if isinstance(target, io.BytesIO):
+        target.write(model)
+    else:
+        Path(target).write_bytes(model)
+
+
+def simplified(model: bytes) -> bytes:
+    """``model`` simplified by onnxslim (Ultralytics' ONNX simplifier): its constant arithmetic
+    folded, pads fused into convolutions. The exporter writes timm's 'same' padding as shape
+    arithmetic and a Pad before each strided convolution, which ONNX Runtime runs at every call:
+    EfficientNet-Lite0's feature pass took 1.65x as long, and static int8 padded in float between
+    a dequantise and a quantise (benchmarks/RESULTS.md, "int8 against float")."""
+    import onnx
+    import onnxslim
+
+    try:
+        return onnxslim.slim(onnx.load_from_string(model)).SerializeToString()
+    except Exception as error:  # a graph onnxslim cannot take still runs as exported
+        log.info("onnxslim could not simplify the export (%s); keeping it as exported", error)
+        return model
 
 
 def onnx_cache_folder() -> Path:
@@ -81,16 +103,17 @@ def onnx_cache_folder() -> Path:
 def export_digest(module: nn.Module, input_size: tuple[int, ...]) -> str:
     """Names everything an export depends on: the module tree as printed (classes, layer
     settings), the source files of transferkit's own modules in it, the versions of torch and timm
-    (their modules' code), every tensor of its state and the input size."""
+    (their modules' code) and of onnxslim (the graph), every tensor of its state and the input size."""
     import inspect
 
+    import onnxslim
     import timm
     import torch
 
     own_files = {sys.modules[type(m).__module__] for m in module.modules() if type(m).__module__.startswith("transferkit")}
     own_code = sorted(inspect.getsource(source) for source in own_files)
     described = [type(module).__qualname__, repr(module), *own_code, str(input_size), torch.__version__,
-                 timm.__version__, str(ONNX_OPSET)]
+                 timm.__version__, onnxslim.__version__, str(ONNX_OPSET)]
     digest = hashlib.sha256("|".join(described).encode())
     update_with_tensors(digest, module.state_dict().items())
     return digest.hexdigest()[:32]
