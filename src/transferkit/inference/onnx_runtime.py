@@ -85,7 +85,8 @@ def simplified(model: bytes) -> bytes:
     folded, pads fused into convolutions. The exporter writes timm's 'same' padding as shape
     arithmetic and a Pad before each strided convolution, which ONNX Runtime runs at every call:
     EfficientNet-Lite0's feature pass took 1.65x as long, and static int8 padded in float between
-    a dequantise and a quantise (benchmarks/RESULTS.md: "int8 against float" and "Measurements behind defaults")."""
+    a dequantise and a quantise (benchmarks/RESULTS.md: "int8 against float", "Measurements behind
+    defaults")."""
     import onnx
     import onnxslim
 
