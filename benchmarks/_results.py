@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -15,6 +16,18 @@ UNRECORDED_CPU = "not recorded"
 def row_cpu(row: dict) -> str:
     """The CPU a stored row or entry was measured on."""
     return row.get("cpu", UNRECORDED_CPU)
+
+
+def run_key(row: dict) -> tuple:
+    """What one measurement is of: its dataset, seed, variant and CPU."""
+    return row["dataset"], row["seed"], row["variant"], row_cpu(row)
+
+
+def recorded(rows: list[dict], row: dict, raw: Path) -> list[dict]:
+    """``rows`` with ``row`` in place of an earlier measurement of the same run, written to ``raw``."""
+    rows = [r for r in rows if run_key(r) != run_key(row)] + [row]
+    raw.write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
 
 
 def cpu_name() -> str:

@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 import yaml
-from _results import cpu_name, row_cpu, write_section
+from _results import cpu_name, recorded, row_cpu, run_key, write_section
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "lr_auto.json"
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--pythonpath", default=str(HERE.parent / "src"), help="the transferkit source to run")
     args = parser.parse_args()
     rows = json.loads(RAW.read_text()) if RAW.exists() else []
-    done = {(r["dataset"], r["seed"], r["variant"], row_cpu(r)) for r in rows} if args.missing else set()
+    done = {run_key(r) for r in rows} if args.missing else set()
     # Seed by seed, so that a measurement cut short still has every dataset and variant at the seeds it reached.
     for seed in map(int, args.seeds.split(",")):
         for dataset in args.datasets.split(","):
@@ -133,9 +133,7 @@ def main() -> None:
                     continue
                 row = run(dataset, seed, variant, args.lock, args.pythonpath)
                 print(row, flush=True)
-                key = (dataset, seed, variant, row["cpu"])
-                rows = [r for r in rows if (r["dataset"], r["seed"], r["variant"], row_cpu(r)) != key] + [row]
-                RAW.write_text(json.dumps(rows, indent=1) + "\n")
+                rows = recorded(rows, row, RAW)
                 write_section("lr_auto", "Learning-rate finder against the fixed rates (issue 37)", table(rows))
 
 

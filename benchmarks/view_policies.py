@@ -23,7 +23,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from _results import cpu_name, row_cpu, write_section
+from _results import cpu_name, recorded, row_cpu, write_section
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "view_policies.json"
@@ -74,9 +74,7 @@ def main() -> None:
             for variant in args.variants.split(","):
                 row = run(dataset, seed, variant)
                 print(row, flush=True)
-                key = (dataset, seed, variant, row["cpu"])
-                rows = [r for r in rows if (r["dataset"], r["seed"], r["variant"], row_cpu(r)) != key] + [row]
-                RAW.write_text(json.dumps(rows, indent=1) + "\n")
+                rows = recorded(rows, row, RAW)
     write_section("view_policies", "Cached views drawn by timm's RandAugment (issue 37)", table(rows))
 
 
