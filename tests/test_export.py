@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -251,12 +252,28 @@ def test_an_int8_file_that_moves_answers_says_so_in_one_warning_line(
     assert "ship the float file" in line
 
 
+@pytest.mark.parametrize("side", [64, 72, 80])
+def test_an_export_gives_the_models_own_maps_where_same_padding_is_uneven(side: int) -> None:
+    from transferkit.inference.onnx_runtime import create_session, export_onnx
+
+    torch.manual_seed(0)
+    # At 72 and 80 px some maps have odd sides, so 'same' padding differs left and right; the
+    # simplified export once gave 2x2 maps there for the model's 3x3 (and moved pooled features in silence).
+    model = timm.create_model(TINY_MODEL, num_classes=0, global_pool="", pad_type="same").eval()
+    exported = io.BytesIO()
+    export_onnx(model, (3, side, side), exported)
+    images = np.random.default_rng(1).standard_normal((3, 3, side, side)).astype(np.float32)
+    [maps] = create_session(exported.getvalue()).run(None, {"input": images})
+    with torch.no_grad():
+        np.testing.assert_allclose(maps, model(torch.from_numpy(images)).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_same_padding_is_fixed_for_the_input_size_so_the_file_stops_computing_it(tmp_path: Path) -> None:
     import collections
     import copy
 
     from transferkit.export import onnx as onnx_export
-    from transferkit.export.padding import fix_same_padding
+    from transferkit.models.padding import fix_same_padding
 
     torch.manual_seed(0)
     # The padding of timm's tf_ models (EfficientNet-Lite among them), which the file works out per call.

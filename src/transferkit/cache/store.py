@@ -44,7 +44,9 @@ def feature_cache_folder(cache_dir: str | os.PathLike[str] | None = None) -> Pat
 
 def backbone_digest(model: Any, preprocessing: dict[str, Any], global_pool: str) -> str:
     """Names what decides an image's pooled features: architecture, backbone weights (not the
-    head, so any number of classes shares them), pooling and preprocessing."""
+    head, so any number of classes shares them), pooling, preprocessing, and the export revision
+    (features computed through a wrongly simplified export are not reused)."""
+    from transferkit.inference.onnx_runtime import EXPORT_REVISION
     from transferkit.models.create import classifier_path
 
     digest = hashlib.sha256()
@@ -53,6 +55,7 @@ def backbone_digest(model: Any, preprocessing: dict[str, Any], global_pool: str)
         "architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
         "pool": global_pool,
         "preprocessing": preprocessing,
+        "export": EXPORT_REVISION,
     }
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     update_with_tensors(digest, ((k, v) for k, v in model.state_dict().items() if not k.startswith(head_prefix)))

@@ -99,7 +99,7 @@ class _Reference:
 
         import torch
 
-        from transferkit.export.padding import fix_same_padding
+        from transferkit.models.padding import fix_same_padding
 
         _, self.predictor = load_run_model(run_dir)
         # Eager inference keeps the weights channels-last; exporters (XNNPACK's layout pass) expect them as stored.

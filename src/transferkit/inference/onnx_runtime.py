@@ -33,6 +33,9 @@ ONNX_METADATA_KEY = "transferkit"
 ONNX_OPSET = 17
 ONNX_CACHE_KEEP = 16
 """Exports kept in the cache folder, the most recently used first."""
+EXPORT_REVISION = 2
+"""Part of every export's digest: raised when the same module exports to another graph, so cached
+exports made before are not reused (2: 'same' padding fixed before the export)."""
 
 
 def create_session(model: str | os.PathLike[str] | bytes) -> Any:
@@ -55,10 +58,16 @@ def session_forward(session: Any) -> Callable[[np.ndarray], Any]:
 
 def export_onnx(module: nn.Module, input_size: tuple[int, ...], target: str | os.PathLike[str] | io.BytesIO) -> None:
     """``module`` as ONNX with a dynamic batch axis, input ``input`` and output ``logits`` (or the
-    module's own ``output_names``)."""
+    module's own ``output_names``). timm's 'same' padding is fixed for ``input_size`` first, on a
+    copy: onnxslim folds the exporter's per-call padding arithmetic wrongly where a map's side is
+    odd (EfficientNet-Lite0 at 240 px gave 7x7 maps for 8x8, Lite2 at 260 px 16x16 for 17x17)."""
+    import copy
+
     import torch
 
-    module = module.eval()
+    from transferkit.models.padding import fix_same_padding
+
+    module = fix_same_padding(copy.deepcopy(module).eval(), input_size)
     outputs = list(getattr(module, "output_names", (ONNX_OUTPUT,)))
     exported = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -73,28 +82,36 @@ def export_onnx(module: nn.Module, input_size: tuple[int, ...], target: str | os
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    model = simplified(exported.getvalue())
+    model = simplified(exported.getvalue(), input_size)
     if isinstance(target, io.BytesIO):
         target.write(model)
     else:
         Path(target).write_bytes(model)
 
 
-def simplified(model: bytes) -> bytes:
+def simplified(model: bytes, input_size: tuple[int, ...]) -> bytes:
     """``model`` simplified by onnxslim (Ultralytics' ONNX simplifier): its constant arithmetic
     folded, pads fused into convolutions. The exporter writes timm's 'same' padding as shape
     arithmetic and a Pad before each strided convolution, which ONNX Runtime runs at every call:
     EfficientNet-Lite0's feature pass took 1.65x as long, and static int8 padded in float between
     a dequantise and a quantise (benchmarks/RESULTS.md: "int8 against float", "Measurements behind
-    defaults")."""
+    defaults"). The simplified graph is kept only where it gives the exported one's outputs on a
+    random batch: a graph tool that folds wrongly must cost speed, never answers."""
     import onnx
     import onnxslim
 
     try:
-        return onnxslim.slim(onnx.load_from_string(model)).SerializeToString()
+        slim = onnxslim.slim(onnx.load_from_string(model)).SerializeToString()
     except Exception as error:  # a graph onnxslim cannot take still runs as exported
         log.info("onnxslim could not simplify the export (%s); keeping it as exported", error)
         return model
+    batch = np.random.default_rng(0).standard_normal((2, *input_size)).astype(np.float32)
+    exported, simple = (create_session(graph).run(None, {ONNX_INPUT: batch}) for graph in (model, slim))
+    if all(a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(exported, simple)):
+        return slim
+    log.warning("onnxslim's simplified export gave other outputs than the export itself; keeping the export "
+                "as it is (slower, the same answers)")
+    return model
 
 
 def onnx_cache_folder() -> Path:
@@ -114,7 +131,7 @@ def export_digest(module: nn.Module, input_size: tuple[int, ...]) -> str:
     own_files = {sys.modules[type(m).__module__] for m in module.modules() if type(m).__module__.startswith("transferkit")}
     own_code = sorted(inspect.getsource(source) for source in own_files)
     described = [type(module).__qualname__, repr(module), *own_code, str(input_size), torch.__version__,
-                 timm.__version__, onnxslim.__version__, str(ONNX_OPSET)]
+                 timm.__version__, onnxslim.__version__, str(ONNX_OPSET), str(EXPORT_REVISION)]
     digest = hashlib.sha256("|".join(described).encode())
     update_with_tensors(digest, module.state_dict().items())
     return digest.hexdigest()[:32]

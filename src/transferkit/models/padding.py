@@ -5,7 +5,8 @@ from each input's height and width, so the exported graph computes it at every c
 arithmetic, a Pad between two layout transposes before each strided convolution, and the
 quantiser's int8 rounding on that arithmetic. The file's input size is fixed, so the padding is
 too: as constants, which the ONNX export's simplification (``inference.onnx_runtime.simplified``) fuses
-into each convolution's own pads.
+into each convolution's own pads. Every ONNX export is fixed so (``inference.onnx_runtime.export_onnx``):
+onnxslim folds the per-call arithmetic wrongly where a map's side is odd.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ class FixedPadConv2d(nn.Module):
 
 def fix_same_padding(module: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
     """``module`` (changed in place) with every ``Conv2dSame`` padding as it does for one
-    ``input_size`` (C, H, W) image; the same outputs for that size, and only for it."""
+    ``input_size`` (C, H, W) image; the same outputs for that size, and only for it. Convolutions
+    fixed before are left as they are."""
     from timm.layers import Conv2dSame
     from timm.layers.padding import get_same_padding
 
-    convs = {name: child for name, child in module.named_modules() if isinstance(child, Conv2dSame)}
+    fixed = {f"{name}.conv" for name, child in module.named_modules() if isinstance(child, FixedPadConv2d)}
+    convs = {name: child for name, child in module.named_modules() if isinstance(child, Conv2dSame) and name not in fixed}
+    if not convs:
+        return module
     sizes: dict[str, tuple[int, int]] = {}
     hooks = [child.register_forward_pre_hook(lambda _, inputs, name=name: sizes.__setitem__(name, inputs[0].shape[-2:]))
              for name, child in convs.items()]
