@@ -328,8 +328,9 @@ def thumbnail_cost(data: str) -> dict[str, object]:
 
 
 def cost_table(rows: list[dict[str, object]]) -> str:
-    lines = ["| data | images | feature pass s (thumbnails kept) | thumbnails read after it s (from cache) |"
-             " thumbnails' own pass s | thumbnail alone ms / image | CPU | date |", "|" + "---|" * 8]
+    header = ("| data | images | feature pass s (thumbnails kept) | thumbnails read after it s (from cache) |"
+              " thumbnails' own pass s | thumbnail alone ms / image | CPU | date |")
+    lines = [header, "|" + "---|" * 8]
     for r in rows:
         lines.append(f"| {r['data']} | {r['images']} | {r['feature_pass']['seconds']} | "
                      f"{r['thumbnails_after_it']['seconds']} ({r['thumbnails_after_it']['from_cache']}) | "
