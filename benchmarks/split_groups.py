@@ -145,6 +145,7 @@ def pooled_features(root: Path, cache: str | None) -> tuple[np.ndarray, list[str
     """Every image's pooled features and thumbnail with the default model, as train computes them
     before its split, and how long each took."""
     from transferkit.cache.passes import cached_pooled_features, cached_thumbnails
+    from transferkit.cache.store import FeatureCache
     from transferkit.config import ModelConfig
     from transferkit.data.folders import discover
     from transferkit.data.loaders import resolve_preprocessing
@@ -156,7 +157,8 @@ def pooled_features(root: Path, cache: str | None) -> tuple[np.ndarray, list[str
     model = create_classifier(ModelConfig(), len(index.classes))
     preprocessing = resolve_preprocessing(model)
     features, feature_stats = cached_pooled_features(model, paths, preprocessing, "avg", "onnx", cache, 2, False)
-    thumbnails, thumbnail_stats = cached_thumbnails(paths, preprocessing, cache, 2)
+    folder = FeatureCache.for_backbone(model, preprocessing, "avg", cache).folder
+    thumbnails, thumbnail_stats = cached_thumbnails(paths, preprocessing, folder, 2)
     stats = {"features": feature_stats.as_dict(), "thumbnails": thumbnail_stats.as_dict()}
     return np.asarray(features, dtype=np.float32), paths, labels, thumbnails, stats
 
@@ -303,6 +305,7 @@ def thumbnail_cost(data: str) -> dict[str, object]:
     """On an empty cache: the feature pass keeping thumbnails, the thumbnails read back, a pass of
     their own into another empty cache, and ``thumbnail`` alone on 300 decoded images."""
     from transferkit.cache.passes import cached_pooled_features, cached_thumbnails
+    from transferkit.cache.store import FeatureCache
     from transferkit.config import ModelConfig
     from transferkit.data.folders import discover
     from transferkit.data.images import read_image, resize_side
@@ -317,8 +320,9 @@ def thumbnail_cost(data: str) -> dict[str, object]:
     result: dict[str, object] = {"data": data, "images": len(paths), "date": str(date.today()), "cpu": cpu_name()}
     with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
         result["feature_pass"] = cached_pooled_features(model, paths, preprocessing, "avg", "onnx", first, 2)[1].as_dict()
-        result["thumbnails_after_it"] = cached_thumbnails(paths, preprocessing, first, 2)[1].as_dict()
-        result["thumbnail_pass"] = cached_thumbnails(paths, preprocessing, second, 2)[1].as_dict()
+        features_folder = FeatureCache.for_backbone(model, preprocessing, "avg", first).folder
+        result["thumbnails_after_it"] = cached_thumbnails(paths, preprocessing, features_folder, 2)[1].as_dict()
+        result["thumbnail_pass"] = cached_thumbnails(paths, preprocessing, Path(second), 2)[1].as_dict()
     decoded = [read_image(path, resize_side(preprocessing))[0] for path in paths[:300]]
     started = time.perf_counter()
     for image in decoded:

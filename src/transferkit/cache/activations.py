@@ -189,7 +189,7 @@ def _cached_activations(
             return outputs
         below, features = outputs
         pooled.store(missing, features, digests)
-        thumbnail_cache(preprocessing, run.cache_dir).store(*tap.rows(missing, digests), digests)
+        thumbnail_cache(pooled.folder).store(*tap.rows(missing, digests), digests)
         return below
 
     return cache.rows(paths, compute)

@@ -4,12 +4,12 @@ store, and the grey thumbnails taken from the same decode."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transferkit.cache.store import FeatureCache, FeatureStats, feature_cache_folder
-from transferkit.data.images import resize_side
+from transferkit.cache.store import FeatureCache, FeatureStats
 from transferkit.data.thumbnails import THUMBNAIL_SIDE, ThumbnailTap, thumbnail
 from transferkit.inference.predictor import create_forward, run_forward
 
@@ -52,7 +52,7 @@ def cached_pooled_features(
     """``extract_features`` of every path through the persistent cache: the images a train of the
     same backbone and preprocessing has seen cost nothing."""
     cache = FeatureCache.for_backbone(model, preprocessing, global_pool, cache_dir)
-    thumbnails = thumbnail_cache(preprocessing, cache_dir)
+    thumbnails = thumbnail_cache(cache.folder)
 
     def compute(missing: list[str], digests: dict[str, bytes]) -> np.ndarray:
         tap = ThumbnailTap(preprocessing, {})
@@ -64,17 +64,15 @@ def cached_pooled_features(
     return cache.features(paths, compute)
 
 
-def thumbnail_cache(preprocessing: dict[str, Any], cache_dir: str | os.PathLike[str] | None = None) -> FeatureCache:
-    """The cache of the thumbnails of images decoded as for ``preprocessing`` (JPEGs drafted to its
-    resize side), shared by every backbone fed that size: a thumbnail from the feature pass and one
-    from ``cached_thumbnails``' own pass are then the same."""
-    name = f"thumbnails-{THUMBNAIL_SIDE}px-grey-decoded-at-{resize_side(preprocessing)}"
-    return FeatureCache(feature_cache_folder(cache_dir) / name, kind="thumbnails", row_shape=(THUMBNAIL_SIDE**2,))
+def thumbnail_cache(features_folder: Path) -> FeatureCache:
+    """The cache of the thumbnails of the images a backbone's features folder holds, in a folder
+    inside it: the decode that gives its features (JPEGs drafted to its resize side) gives them."""
+    return FeatureCache(features_folder / f"thumbnails-{THUMBNAIL_SIDE}px-grey", kind="thumbnails",
+                        row_shape=(THUMBNAIL_SIDE**2,), warns_as=features_folder)
 
 
 def cached_thumbnails(
-    paths: list[str], preprocessing: dict[str, Any], cache_dir: str | os.PathLike[str] | None = None,
-    num_workers: int | None = None,
+    paths: list[str], preprocessing: dict[str, Any], features_folder: Path, num_workers: int | None = None,
 ) -> tuple[np.ndarray, FeatureStats]:
     """The thumbnail of every path (``data.thumbnails``), in order: those the feature pass kept from
     the cache, the rest (features cached before thumbnails were kept) decoded in a pass of their own."""
@@ -83,4 +81,4 @@ def cached_thumbnails(
         return run_forward(lambda batch: batch, missing, preprocessing, num_workers=num_workers,
                            description="thumbnails", digests=digests, transform=lambda image, _: thumbnail(image))
 
-    return thumbnail_cache(preprocessing, cache_dir).features(paths, compute)
+    return thumbnail_cache(features_folder).features(paths, compute)

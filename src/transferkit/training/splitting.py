@@ -19,7 +19,7 @@ import numpy as np
 
 from transferkit._io import write_csv
 from transferkit.cache.passes import cached_pooled_features, cached_thumbnails
-from transferkit.cache.store import FeatureStats
+from transferkit.cache.store import FeatureStats, backbone_digest, feature_cache_folder
 from transferkit.data.groups import (
     LEAK_COLUMNS,
     Leaks,
@@ -68,7 +68,8 @@ def pooled_features_of(index: DatasetIndex, model: Any, preprocessing: dict[str,
                                           progress)
 
     def thumbnails(wanted: list[str]) -> np.ndarray:
-        return cached_thumbnails(wanted, preprocessing, cache_dir, num_workers)[0]
+        folder = feature_cache_folder(cache_dir) / backbone_digest(model, preprocessing, global_pool)
+        return cached_thumbnails(wanted, preprocessing, folder, num_workers)[0]
 
     return SplitFeatures({path: i for i, path in enumerate(paths)}, np.asarray(array), stats, thumbnails)
 
