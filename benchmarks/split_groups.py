@@ -6,6 +6,7 @@ training folder holds near-copies?
     python benchmarks/split_groups.py chest [--python-path ../main/src | --head-only] [--train-seed 42]
                                                                  # chest_xray_pneumonia, this checkout (and another)
     python benchmarks/split_groups.py similarity [--cache-dir DIR]  # what tells a copy from a neighbour
+    python benchmarks/split_groups.py thumbnail-cost [--data tf_flowers]  # the thumbnails' cost, cold
 
 ``copies``: every cifar10_subset training image gets a slightly altered copy beside it (shifted
 by one pixel in a seeded direction, re-encoded as JPEG at a seeded quality from 85 to 95), made
@@ -23,7 +24,12 @@ compare first runs.
 every image's nearest non-copy, and how many images the split's near-copy rule (``data.groups``:
 the threshold, or 1 to 3 nearest that stand apart) and each candidate of ``RULES`` join on
 cifar10_subset with copies and on the real folders (hymenoptera, tf_flowers,
-chest_xray_pneumonia, cifar10_subset as published), where few are copies.
+chest_xray_pneumonia, cifar10_subset as published), where few are copies; the split's rule is the
+features' pairs with the grey thumbnails' (``data.thumbnails``), against the features' alone (before).
+
+``thumbnail-cost``: on an empty cache, the feature pass (which keeps each image's thumbnail from its
+decode), the thumbnails read back, a pass of the thumbnails' own (what a cache filled before they
+were kept costs once) and the thumbnails' own arithmetic per image.
 
 Rows accumulate in benchmarks/split_groups.json; the table in RESULTS.md is rebuilt from them.
 """
@@ -135,9 +141,11 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def pooled_features(root: Path, cache: str | None) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Every image's pooled features with the default model, as train computes them before its split."""
-    from transferkit.cache.passes import cached_pooled_features
+def pooled_features(root: Path, cache: str | None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, dict]:
+    """Every image's pooled features and thumbnail with the default model, as train computes them
+    before its split, and how long each took."""
+    from transferkit.cache.passes import cached_pooled_features, cached_thumbnails
+    from transferkit.cache.store import FeatureCache
     from transferkit.config import ModelConfig
     from transferkit.data.folders import discover
     from transferkit.data.loaders import resolve_preprocessing
@@ -147,8 +155,12 @@ def pooled_features(root: Path, cache: str | None) -> tuple[np.ndarray, list[str
     paths = [path for items in index.splits.values() for path, _ in items]
     labels = np.array([label for items in index.splits.values() for _, label in items])
     model = create_classifier(ModelConfig(), len(index.classes))
-    features, _ = cached_pooled_features(model, paths, resolve_preprocessing(model), "avg", "onnx", cache, 2, False)
-    return np.asarray(features, dtype=np.float32), paths, labels
+    preprocessing = resolve_preprocessing(model)
+    features, feature_stats = cached_pooled_features(model, paths, preprocessing, "avg", "onnx", cache, 2, False)
+    folder = FeatureCache.for_backbone(model, preprocessing, "avg", cache).folder
+    thumbnails, thumbnail_stats = cached_thumbnails(paths, preprocessing, folder, 2)
+    stats = {"features": feature_stats.as_dict(), "thumbnails": thumbnail_stats.as_dict()}
+    return np.asarray(features, dtype=np.float32), paths, labels, thumbnails, stats
 
 
 RULES = {
@@ -162,6 +174,11 @@ RULES = {
 }
 """Candidate rules for the split's near-copies, each with the 0.95 threshold's pairs: ``nearest`` is
 the audit's rule at that distance ratio, ``cluster`` the split's ``distinct_cluster_pairs``."""
+
+THUMBNAIL_RULES = {f"split's features + thumbnails at {floor} alike, ratio {ratio}": (floor, ratio)
+                   for floor, ratio in ((0.9, 0.5), (0.9, 0.6), (0.9, 0.7), (0.95, 0.6), (0.8, 0.6))}
+"""Candidate thumbnail rules (``data.thumbnails.thumbnail_pairs``' floor and ratio), each joined to
+the split's features' pairs."""
 
 
 def rule_pairs(similarities: np.ndarray, neighbours: np.ndarray, rule: tuple) -> list[tuple[int, int]]:
@@ -183,8 +200,9 @@ def similarity(data: str, root: Path, cache: str | None) -> dict[str, object]:
     from transferkit.audit.checks import nearest_neighbours
     from transferkit.audit.config import DUPLICATE_THRESHOLD
     from transferkit.data.groups import NEIGHBOURS, connected_groups, near_copy_pairs
+    from transferkit.data.thumbnails import thumbnail_pairs
 
-    features, paths, labels = pooled_features(root, cache)
+    features, paths, labels, thumbnails, stats = pooled_features(root, cache)
     row = {path: i for i, path in enumerate(paths)}
     partner = np.full(len(paths), -1)
     for i, path in enumerate(paths):
@@ -205,39 +223,67 @@ def similarity(data: str, root: Path, cache: str | None) -> dict[str, object]:
                 "largest_group": int(sizes.max()), "cross_class_pairs": sum(int(labels[i] != labels[j]) for i, j in pairs)}
 
     pairs, _ = near_copy_pairs(features, DUPLICATE_THRESHOLD)
+    feature_edges = [(i, j) for i, j, _ in pairs]
+    started = time.perf_counter()
+    thumbnail_edges = [(i, j) for i, j, _ in thumbnail_pairs(thumbnails)]
+    search_seconds = time.perf_counter() - started
     result: dict[str, object] = {
-        "data": data, "images": len(paths), "date": str(date.today()), "cpu": cpu_name(),
+        "data": data, "images": len(paths), "date": str(date.today()), "cpu": cpu_name(), **stats,
+        "thumbnail_search_seconds": round(search_seconds, 2),
         "nearest_other": {f"p{q}": round(float(np.percentile(others, q)), 4) for q in (50, 99, 99.9, 100)},
         "pairs": len(pairs), "pairs_from_threshold": sum(s >= DUPLICATE_THRESHOLD for _, _, s in pairs),
-        **joins([(i, j) for i, j, _ in pairs]),
+        "thumbnail_pairs": len(thumbnail_edges),
+        "thumbnail_pairs_new": len(set(thumbnail_edges) - set(feature_edges)),
+        **joins(feature_edges + thumbnail_edges),
+        "features_alone": joins(feature_edges),
         "rules": {name: joins(rule_pairs(similarities, neighbours, rule)) for name, rule in RULES.items()},
     }
+    for name, (floor, ratio) in THUMBNAIL_RULES.items():
+        result["rules"][name] = joins(feature_edges + [(i, j) for i, j, _ in thumbnail_pairs(thumbnails, floor, ratio)])
     if len(copies):
         unit = features / np.linalg.norm(features, axis=1, keepdims=True)
         copy_similarity = (unit[copies] * unit[partner[copies]]).sum(axis=1)
         result["copies"] = len(copies)
         result["copy_similarity"] = {f"p{q}": round(float(np.percentile(copy_similarity, q)), 4) for q in (0, 1, 5, 50)}
         result["copies_from_threshold"] = int((copy_similarity >= DUPLICATE_THRESHOLD).sum())
+        centred = thumbnails - thumbnails.mean(axis=1, keepdims=True)
+        centred /= np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+        copy_thumbnail = (centred[copies] * centred[partner[copies]]).sum(axis=1)
+        result["copy_thumbnail_similarity"] = {f"p{q}": round(float(np.percentile(copy_thumbnail, q)), 4)
+                                               for q in (0, 1, 5, 50)}
     else:
-        for found in (result, *result["rules"].values()):
+        for found in (result, result["features_alone"], *result["rules"].values()):
             del found["copies_grouped"]
     return result
 
 
 def similarity_table(rows: list[dict[str, object]]) -> str:
-    header = ("| data | images | copy pairs: similarity min / p1 / p5 / median | copies >= 0.95 | copies grouped |"
-              " nearest non-copy: median / p99 / p99.9 / max | pairs found | of them >= 0.95 | cross-class |"
-              " non-copy images grouped | largest group | CPU | date |")
-    lines = [header, "|" + "---|" * 13]
+    header = ("| data | images | copy pairs: similarity min / p1 / p5 / median | copies >= 0.95 |"
+              " copy thumbnails: similarity min / p1 / p5 / median | copies grouped (features alone) |"
+              " nearest non-copy: median / p99 / p99.9 / max | feature pairs | of them >= 0.95 |"
+              " thumbnail pairs (not among the features') | cross-class |"
+              " non-copy images grouped (features alone) | largest group (features alone) |"
+              " features s (from cache) | thumbnails s (from cache) | CPU | date |")
+    lines = [header, "|" + "---|" * 17]
+
+    def quartet(values: dict | None) -> str:
+        return " / ".join(f"{values[k]:.3f}" for k in ("p0", "p1", "p5", "p50")) if values else "no copies"
+
     for r in rows:
-        copy = r.get("copy_similarity")
-        copies = " / ".join(f"{copy[k]:.3f}" for k in ("p0", "p1", "p5", "p50")) if copy else "no copies"
         other = " / ".join(f"{r['nearest_other'][k]:.3f}" for k in ("p50", "p99", "p99.9", "p100"))
+        alone = r.get("features_alone", {})
+        grouped = (f"{r['copies_grouped']} / {r['copies']} ({alone.get('copies_grouped')})" if "copies" in r else "")
+        share = f"{r['images_grouped']} ({r['images_grouped'] / r['images']:.1%})"
+        if alone:
+            share += f" ({alone['images_grouped']}, {alone['images_grouped'] / r['images']:.1%})"
+        seconds = "".join(f" | {r[kind]['seconds']} ({r[kind]['from_cache']})" if kind in r else " | "
+                          for kind in ("features", "thumbnails"))
         lines.append(
-            f"| {r['data']} | {r['images']} | {copies} | {r.get('copies_from_threshold', '')} | "
-            f"{'' if 'copies' not in r else str(r['copies_grouped']) + ' / ' + str(r['copies'])} | {other} | {r['pairs']} | "
-            f"{r['pairs_from_threshold']} | {r['cross_class_pairs']} | {r['images_grouped']} ({r['images_grouped'] / r['images']:.1%}) | "
-            f"{r['largest_group']} | {r['cpu']} | {r['date']} |"
+            f"| {r['data']} | {r['images']} | {quartet(r.get('copy_similarity'))} | {r.get('copies_from_threshold', '')} | "
+            f"{quartet(r.get('copy_thumbnail_similarity')) if 'copies' in r else ''} | {grouped} | {other} | "
+            f"{r['pairs']} | {r['pairs_from_threshold']} | "
+            f"{r.get('thumbnail_pairs', '')} ({r.get('thumbnail_pairs_new', '')}) | {r['cross_class_pairs']} | {share} | "
+            f"{r['largest_group']} ({alone.get('largest_group', '')}){seconds} | {r['cpu']} | {r['date']} |"
         )
     # each candidate rule: copies joined, then per folder the non-copy images grouped and the largest group
     lines += ["", ("Candidate rules for the split (each with the 0.95 threshold's pairs): copies joined of "
@@ -255,9 +301,51 @@ def similarity_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def thumbnail_cost(data: str) -> dict[str, object]:
+    """On an empty cache: the feature pass keeping thumbnails, the thumbnails read back, a pass of
+    their own into another empty cache, and ``thumbnail`` alone on 300 decoded images."""
+    from transferkit.cache.passes import cached_pooled_features, cached_thumbnails
+    from transferkit.cache.store import FeatureCache
+    from transferkit.config import ModelConfig
+    from transferkit.data.folders import discover
+    from transferkit.data.images import read_image, resize_side
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.data.thumbnails import thumbnail
+    from transferkit.models.create import create_classifier
+
+    index = discover(MIRROR / data)
+    paths = [path for items in index.splits.values() for path, _ in items]
+    model = create_classifier(ModelConfig(), len(index.classes))
+    preprocessing = resolve_preprocessing(model)
+    result: dict[str, object] = {"data": data, "images": len(paths), "date": str(date.today()), "cpu": cpu_name()}
+    with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
+        result["feature_pass"] = cached_pooled_features(model, paths, preprocessing, "avg", "onnx", first, 2)[1].as_dict()
+        features_folder = FeatureCache.for_backbone(model, preprocessing, "avg", first).folder
+        result["thumbnails_after_it"] = cached_thumbnails(paths, preprocessing, features_folder, 2)[1].as_dict()
+        result["thumbnail_pass"] = cached_thumbnails(paths, preprocessing, Path(second), 2)[1].as_dict()
+    decoded = [read_image(path, resize_side(preprocessing))[0] for path in paths[:300]]
+    started = time.perf_counter()
+    for image in decoded:
+        thumbnail(image)
+    result["thumbnail_ms_per_image"] = round(1000 * (time.perf_counter() - started) / len(decoded), 3)
+    return result
+
+
+def cost_table(rows: list[dict[str, object]]) -> str:
+    header = ("| data | images | feature pass s (thumbnails kept) | thumbnails read after it s (from cache) |"
+              " thumbnails' own pass s | thumbnail alone ms / image | CPU | date |")
+    lines = [header, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['data']} | {r['images']} | {r['feature_pass']['seconds']} | "
+                     f"{r['thumbnails_after_it']['seconds']} ({r['thumbnails_after_it']['from_cache']}) | "
+                     f"{r['thumbnail_pass']['seconds']} | {r['thumbnail_ms_per_image']} | {r['cpu']} | {r['date']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["copies", "chest", "similarity"])
+    parser.add_argument("experiment", choices=["copies", "chest", "similarity", "thumbnail-cost"])
+    parser.add_argument("--data", default="tf_flowers", help="thumbnail-cost: the registered folder measured")
     parser.add_argument("--seed", type=int, default=0, help="seed of the copies' shifts and JPEG qualities")
     parser.add_argument("--train-seed", type=int, default=42, help="train --seed: the split's and the head's")
     parser.add_argument("--python-path", help="chest: also train with this checkout's src (e.g. ../main/src)")
@@ -269,6 +357,15 @@ def main() -> None:
                                             "are then not those of a first run")
     arguments = parser.parse_args()
     copies = Path(f"/tmp/cifar10_copies-{arguments.seed}")
+    if arguments.experiment == "thumbnail-cost":
+        raw = HERE / "split_groups_thumbnails.json"
+        measured = [r for r in (json.loads(raw.read_text()) if raw.exists() else []) if r["data"] != arguments.data]
+        measured.append(thumbnail_cost(arguments.data))
+        print(json.dumps(measured[-1]))
+        raw.write_text(json.dumps(measured, indent=1) + "\n")
+        write_section("split_groups_thumbnails", "Honest validation: what the split's thumbnails cost (issue 34)",
+                      cost_table(measured))
+        return
     if arguments.experiment == "similarity":
         make_copies(MIRROR / "cifar10_subset", copies, arguments.seed)
         raw = HERE / "split_groups_similarity.json"

@@ -3,6 +3,7 @@ near-copies of training images in val or test are reported, whoever made the spl
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -126,6 +127,60 @@ def test_default_split_keeps_every_near_copy_with_its_original(tmp_path: Path, t
     assert read_csv_rows(tmp_path / "run" / "leaks.csv") == []
     assert "near-copy pairs" not in caplog.text
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["leaks"]["pairs"] == {}
+
+
+def make_textured_scene(path: Path, seed: int) -> Path:
+    """A 4 x 4 grid of random colours under strong pixel noise, and beside it the copy a careless
+    re-save makes: shifted by a pixel and re-encoded as a JPEG at quality 5, which smooths the noise
+    away. A tiny random backbone's features of the copy move as far as another scene's; its grey
+    thumbnail barely moves."""
+    rng = np.random.default_rng(seed)
+    grid = np.asarray(Image.fromarray(rng.integers(0, 250, (4, 4, 3)).astype(np.uint8)).resize((64, 64), Image.NEAREST))
+    pixels = np.clip(grid.astype(np.int16) + rng.integers(-120, 121, grid.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(np.roll(pixels, 1, axis=seed % 2)).save(buffer, format="JPEG", quality=5)
+    path.with_name(f"{path.stem}_copy.jpg").write_bytes(buffer.getvalue())
+    return path
+
+
+def test_the_split_keeps_a_re_encoded_copy_the_features_miss_with_its_original(
+    tmp_path: Path, tiny_weights: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from transferkit.cache.passes import cached_pooled_features, cached_thumbnails
+    from transferkit.config import ModelConfig
+    from transferkit.data.loaders import resolve_preprocessing
+    from transferkit.models.create import create_classifier
+
+    data = tmp_path / "data"
+    for k, name in enumerate(("left", "right")):
+        for i in range(12):
+            make_scene(data / name / f"scene{i:02d}.png", seed=100 * k + i)
+        for i in range(6):
+            make_textured_scene(data / name / f"textured{i}.png", seed=5000 + 100 * k + i)
+    paths = sorted(str(path) for path in data.glob("*/*"))
+    copies = [(paths.index(path.replace("_copy.jpg", ".png")), i) for i, path in enumerate(paths) if path.endswith("_copy.jpg")]
+    # what the features alone make of these copies, on the run's model, in a cache of its own
+    model = create_classifier(ModelConfig(name="test_efficientnet", weights=str(tiny_weights)), 2, 64)
+    preprocessing = resolve_preprocessing(model, 64)
+    features, _ = cached_pooled_features(model, paths, preprocessing, "avg", "cpu", tmp_path / "own-cache", 0)
+    joined, _ = near_copy_pairs(features, 0.95)
+    missed = [pair for pair in copies if pair not in {(i, j) for i, j, _ in joined}]
+    assert len(missed) >= len(copies) // 2, "half the copies are beyond the features' rule"
+    (features_folder,) = (tmp_path / "own-cache").iterdir()
+    assert cached_thumbnails(paths, preprocessing, features_folder, 0)[1].from_cache == len(paths), \
+        "the feature pass kept every thumbnail from its decode, in the backbone's folder"
+
+    with caplog.at_level(logging.INFO):
+        # fine-tuned on cached activations: the activation pass computes the features and thumbnails
+        result = train(data, quick_config(tmp_path / "run", tiny_weights, **{"finetune.epochs": 1}))
+    rows = splits_of(result.run_dir)
+    for original, copy in copies:
+        assert rows[paths[original]] == rows[paths[copy]], paths[copy]
+    assert {split for split, _ in rows.values()} >= {"train", "val"}
+    assert f"thumbnails: {len(paths)} images, {len(paths)} from the cache" in caplog.text, "no second decode pass"
+    assert read_csv_rows(result.run_dir / "leaks.csv") == []
 
 
 def test_random_split_warns_of_the_near_copies_it_puts_in_val(tmp_path: Path, tiny_weights: Path,

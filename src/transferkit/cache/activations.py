@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.cache.passes import thumbnail_cache
 from transferkit.cache.shards import CachedRows
 from transferkit.cache.store import (
     FeatureCache,
@@ -34,6 +35,7 @@ from transferkit.cache.store import (
 )
 from transferkit.config import TrainConfig
 from transferkit.data.index import DatasetIndex
+from transferkit.data.thumbnails import ThumbnailTap
 from transferkit.data.transforms import AugmentedView
 from transferkit.errors import ConfigError
 from transferkit.inference.predictor import Forward, create_forward, default_backend, run_forward
@@ -159,8 +161,9 @@ def _cached_activations(
     pooled: FeatureCache | None = None,
 ) -> tuple[CachedRows, FeatureStats]:
     """The activations of view ``view`` (0: the image itself) of every path, computed a chunk at a
-    time where the cache lacks them, each chunk's pooled features stored in ``pooled`` beside them;
-    a killed pass keeps every chunk it stored. They stay in the cache's files, read as needed."""
+    time where the cache lacks them, each chunk's pooled features stored in ``pooled`` beside them
+    (and the images' thumbnails in theirs); a killed pass keeps every chunk it stored. They stay in
+    the cache's files, read as needed."""
     folder = boundary_cache_folder(model, boundary, preprocessing, run.cache_dir, run.global_pool)
     transform = None
     if view:
@@ -177,14 +180,16 @@ def _cached_activations(
         if not forward:
             module = Bottom(model, boundary) if pooled is None else BottomAndPooled(model, boundary)
             forward.append(create_forward(module, preprocessing["input_size"], run.backend))
+        tap = ThumbnailTap(preprocessing, {}) if pooled is not None else None
         outputs = run_forward(
             forward[0], missing, preprocessing, num_workers=run.num_workers,
-            progress=run.progress_bar, description=kind, digests=digests, transform=transform,
+            progress=run.progress_bar, description=kind, digests=digests, transform=transform or tap,
         )
-        if pooled is None:
+        if pooled is None or tap is None:
             return outputs
         below, features = outputs
         pooled.store(missing, features, digests)
+        thumbnail_cache(pooled.folder).store(*tap.rows(missing, digests), digests)
         return below
 
     return cache.rows(paths, compute)

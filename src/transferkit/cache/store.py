@@ -77,9 +77,11 @@ class FeatureCache:
 
     def __init__(
         self, folder: Path, dtype: type = np.float32, kind: str = "features", row_shape: tuple[int, ...] | None = None,
-        fingerprint: str | None = None,
+        fingerprint: str | None = None, warns_as: Path | None = None,
     ):
         self.folder = folder
+        self.warns_as = warns_as or folder
+        """The folder its warnings are said once for: a folder inside another fails with it, and says so once."""
         self.dtype = np.dtype(dtype)
         """How rows are stored: boundary activations, 50 times the size of pooled features, keep float16."""
         self.kind = kind
@@ -109,7 +111,7 @@ class FeatureCache:
             self.checks.remove_stale_temporaries()
             return sorted(self.folder.glob("*.npz"))
         except OSError as error:
-            warn_once(self.folder, "list", "feature cache: cannot read %s (%s); computing every feature",
+            warn_once(self.warns_as, "list", "feature cache: cannot read %s (%s); computing every feature",
                       self.folder, error)
             return []
 
@@ -159,7 +161,7 @@ class FeatureCache:
         try:
             atomic_write(shard, write)
         except OSError as error:  # read-only, full, or not a folder at all: the features still are right
-            warn_once(self.folder, "write", "feature cache: cannot store features in %s (%s); they are "
+            warn_once(self.warns_as, "write", "feature cache: cannot store features in %s (%s); they are "
                       "computed again next run; set --cache-dir or TRANSFERKIT_CACHE to a writable folder",
                       self.folder, error)
             return None

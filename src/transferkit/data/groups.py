@@ -56,9 +56,9 @@ original, its copy and another near-copy pair of the same scene. Only the neares
 each other's distinct nearest) missed 14 of cifar10_subset's 5,000 altered copies, 8 of them across
 the split: 10 pairs each other's nearest, but with a third image near one of them (ratio 0.80 to
 0.97), and 4 whose original has up to 5 other images nearer than its copy. With 3, 2 of the 5,000
-are missed (one at cosine 0.77, one at ratio 0.87), and 5.5% of cifar10_subset's images, 1.0% of
-hymenoptera's, 12.5% of tf_flowers' and 7.1% of chest X-rays' are grouped with another image, in
-groups of at most 6 (``benchmarks/split_groups.py similarity``)."""
+are missed (one at cosine 0.77, one at ratio 0.87; ``data.thumbnails`` joins both), and 5.5% of
+cifar10_subset's images, 1.0% of hymenoptera's, 12.5% of tf_flowers' and 7.1% of chest X-rays' are
+grouped with another image, in groups of at most 6 (``benchmarks/split_groups.py similarity``)."""
 
 
 def distinct_cluster_pairs(

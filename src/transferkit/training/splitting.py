@@ -3,21 +3,23 @@ that a carved split keeps near-copies (or ``--group-by``'s groups) on one side, 
 carved or given, is checked for near-copies of training images in val and test.
 
 The features are the ones the frozen phase trains on and the audit reads (cached by content),
-so the split costs a neighbour search, not a second pass over the images.
+so the split costs a neighbour search, not a second pass over the images; the grey thumbnails
+that join the near-copies the features miss are taken from the same decode and cached beside them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from transferkit._io import write_csv
-from transferkit.cache.passes import cached_pooled_features
-from transferkit.cache.store import FeatureStats
+from transferkit.cache.passes import cached_pooled_features, cached_thumbnails
+from transferkit.cache.store import FeatureStats, backbone_digest, feature_cache_folder
 from transferkit.data.groups import (
     LEAK_COLUMNS,
     Leaks,
@@ -26,6 +28,7 @@ from transferkit.data.groups import (
     near_copy_pairs,
 )
 from transferkit.data.index import DatasetIndex
+from transferkit.data.thumbnails import thumbnail_pairs
 from transferkit.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,9 @@ class SplitFeatures:
     rows: dict[str, int]
     array: np.ndarray
     stats: FeatureStats
+    thumbnails: Callable[[list[str]], np.ndarray] | None = None
+    """The thumbnails of paths, in order, from the cache the feature pass fills: read only when a
+    split is cut by near-copies."""
 
     def of(self, paths: list[str]) -> np.ndarray:
         return self.array[[self.rows[path] for path in paths]]
@@ -60,7 +66,12 @@ def pooled_features_of(index: DatasetIndex, model: Any, preprocessing: dict[str,
     paths = index_paths(index)
     array, stats = cached_pooled_features(model, paths, preprocessing, global_pool, backend, cache_dir, num_workers,
                                           progress)
-    return SplitFeatures({path: i for i, path in enumerate(paths)}, np.asarray(array), stats)
+
+    def thumbnails(wanted: list[str]) -> np.ndarray:
+        folder = feature_cache_folder(cache_dir) / backbone_digest(model, preprocessing, global_pool)
+        return cached_thumbnails(wanted, preprocessing, folder, num_workers)[0]
+
+    return SplitFeatures({path: i for i, path in enumerate(paths)}, np.asarray(array), stats, thumbnails)
 
 
 def split_honestly(
@@ -78,6 +89,9 @@ def split_honestly(
     grouped = carve and bool(index.carved) and (split_groups != "none" or bool(group_by))
     if grouped:
         labels = [label for items in index.splits.values() for _, label in items]
+        if not group_by and features.thumbnails is not None:
+            # copies whose features moved as far as a neighbour's, told by their layout in grey
+            joined = joined + thumbnail_pairs(features.thumbnails(paths))
         groups = make_groups(paths, labels, index.root, group_by, joined, index.duplicates, index.classes)
         index.carve_by_groups(groups, seed, max_per_class)
         if len(set(groups.values())) < len(groups):
