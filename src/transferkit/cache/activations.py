@@ -180,7 +180,7 @@ def _cached_activations(
         if not forward:
             module = Bottom(model, boundary) if pooled is None else BottomAndPooled(model, boundary)
             forward.append(create_forward(module, preprocessing["input_size"], run.backend))
-        tap = ThumbnailTap(preprocessing, {}) if pooled is not None else None
+        tap = ThumbnailTap(preprocessing) if pooled is not None else None
         outputs = run_forward(
             forward[0], missing, preprocessing, num_workers=run.num_workers,
             progress=run.progress_bar, description=kind, digests=digests, transform=transform or tap,

@@ -55,7 +55,7 @@ def cached_pooled_features(
     thumbnails = thumbnail_cache(cache.folder)
 
     def compute(missing: list[str], digests: dict[str, bytes]) -> np.ndarray:
-        tap = ThumbnailTap(preprocessing, {})
+        tap = ThumbnailTap(preprocessing)
         features = extract_features(model, missing, preprocessing, backend, num_workers=num_workers,
                                     progress=progress, digests=digests, tap=tap)
         thumbnails.store(*tap.rows(missing, digests), digests)

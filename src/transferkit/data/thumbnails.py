@@ -40,9 +40,9 @@ class ThumbnailTap:
     its bytes (``preprocessed_batches``' ``transform``): one decode serves the features and the
     thumbnail."""
 
-    def __init__(self, preprocessing: dict[str, Any], thumbnails: dict[bytes, np.ndarray]):
+    def __init__(self, preprocessing: dict[str, Any]):
         self.preprocessing = preprocessing
-        self.thumbnails = thumbnails
+        self.thumbnails: dict[bytes, np.ndarray] = {}
 
     def __call__(self, image: Image.Image, digest: bytes) -> np.ndarray:
         self.thumbnails[digest] = thumbnail(image)
